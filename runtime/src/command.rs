@@ -1,0 +1,249 @@
+//! Commands: every change to control state, as a serializable value with an idempotency key.
+//!
+//! Commands go through the command log in order and are applied by [`crate::apply::apply`];
+//! this is the only path by which control state changes, so that a consensus log can replicate
+//! it unchanged.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::deployment::Deployment;
+use crate::event::Event;
+use crate::ids::{DeploymentId, Epoch, FlowRunId, LogBatchId, NodeId, TaskRunId, TransitionId};
+use crate::log_line::LogLine;
+use crate::retry::RetryPolicy;
+use crate::rules::Proposal;
+use crate::task_run::TaskRunKey;
+use crate::time::Timestamp;
+
+/// The most log lines in one command.
+pub const LOG_LINES_PER_COMMAND_MAX: usize = 10_000;
+
+/// A new flow run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewFlowRun {
+    /// Its id (chosen by the creator).
+    pub id: FlowRunId,
+    /// The flow's registered name.
+    pub flow_name: String,
+    /// Parameters, as JSON.
+    #[serde(default)]
+    pub parameters: serde_json::Value,
+    /// The deployment creating it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_id: Option<DeploymentId>,
+    /// For a subflow: the calling task run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_task_run: Option<TaskRunId>,
+    /// Creating again with this key returns the existing run
+    /// (e.g. `scheduled/{deployment}/{schedule}/{time}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// The work queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub work_queue: Option<String>,
+    /// Flow-level retries.
+    #[serde(default)]
+    pub retry_policy: RetryPolicy,
+    /// Whether a crash of its owner resumes it automatically.
+    #[serde(default = "yes")]
+    pub resume: bool,
+    /// When it is due (now when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_time: Option<Timestamp>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// A new task run (one call of a task in a flow run).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NewTaskRun {
+    /// Its id (chosen by the caller).
+    pub id: TaskRunId,
+    /// Flow run, task key and call index: creating the same key again returns the existing run.
+    pub key: TaskRunKey,
+    /// The flow run's epoch the caller holds.
+    pub epoch: Epoch,
+    /// Retries.
+    #[serde(default)]
+    pub retry_policy: RetryPolicy,
+    /// The cache key of this call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_key: Option<String>,
+    /// How long a cached result stays valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_expiration: Option<Duration>,
+    /// Run even when a cached result exists (and store the new one).
+    #[serde(default)]
+    pub refresh_cache: bool,
+    /// Tags.
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// A request to leave a terminal state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetryRequest {
+    /// The requester's id for this retry (its idempotency key).
+    pub transition_id: TransitionId,
+    /// An automatic resume after a crash (the state is named Resuming).
+    #[serde(default)]
+    pub resume: bool,
+    /// Also retry a Completed run (its old result stays in the history).
+    #[serde(default)]
+    pub force: bool,
+    /// Why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Every change to control state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create a flow run (Scheduled).
+    CreateFlowRun(NewFlowRun),
+    /// Propose a flow run's next state.
+    ProposeFlowRunState {
+        /// The run.
+        run: FlowRunId,
+        /// The proposal.
+        proposal: Proposal,
+    },
+    /// Create a task run (Pending).
+    CreateTaskRun(NewTaskRun),
+    /// Propose a task run's next state.
+    ProposeTaskRunState {
+        /// The run.
+        run: TaskRunId,
+        /// The proposal.
+        proposal: Proposal,
+    },
+    /// Take a finished flow run back to Scheduled under a new epoch.
+    RetryFlowRun {
+        /// The run.
+        run: FlowRunId,
+        /// How.
+        request: RetryRequest,
+    },
+    /// Take a finished task run back to Scheduled (when its flow run is re-run).
+    RetryTaskRun {
+        /// The run.
+        run: TaskRunId,
+        /// How.
+        request: RetryRequest,
+        /// The flow run's epoch the caller holds.
+        epoch: Epoch,
+    },
+    /// A node died: its non-terminal flow runs (and their task runs) crash, those being
+    /// cancelled end Cancelled, terminal ones are untouched.
+    MarkNodeCrashed {
+        /// The node.
+        node: NodeId,
+        /// Why (shown in the Crashed states).
+        message: String,
+        /// The idempotency key (e.g. `crash/{node}/{incarnation}`).
+        key: String,
+    },
+    /// Append log lines of one run.
+    AppendLogs {
+        /// The sender's id for the batch.
+        batch: LogBatchId,
+        /// The flow run they belong to.
+        flow_run: FlowRunId,
+        /// The lines.
+        lines: Vec<LogLine>,
+    },
+    /// Create or replace a deployment.
+    PutDeployment(Deployment),
+    /// Delete a deployment.
+    DeleteDeployment {
+        /// The deployment.
+        id: DeploymentId,
+    },
+    /// Append a user event (its id is the idempotency key).
+    AppendEvent(Event),
+}
+
+/// What makes a command idempotent: a resent command with the same key applies once.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum IdempotencyKey {
+    /// The creator's key, or the run id when there is none.
+    CreateFlowRun(String),
+    /// The task call.
+    CreateTaskRun(TaskRunKey),
+    /// A proposer's or requester's transition id.
+    Transition(TransitionId),
+    /// A node crash.
+    NodeCrash(String),
+    /// A log batch.
+    LogBatch(LogBatchId),
+    /// A deployment's content (putting the same deployment twice changes nothing).
+    Deployment(DeploymentId, Timestamp),
+    /// A deployment deletion.
+    DeleteDeployment(DeploymentId),
+    /// An event id.
+    Event(crate::ids::EventId),
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdempotencyKey::CreateFlowRun(k) => write!(f, "create-flow-run/{k}"),
+            IdempotencyKey::CreateTaskRun(k) => write!(f, "create-task-run/{k}"),
+            IdempotencyKey::Transition(t) => write!(f, "transition/{t}"),
+            IdempotencyKey::NodeCrash(k) => write!(f, "node-crash/{k}"),
+            IdempotencyKey::LogBatch(b) => write!(f, "logs/{b}"),
+            IdempotencyKey::Deployment(d, at) => write!(f, "deployment/{d}/{at}"),
+            IdempotencyKey::DeleteDeployment(d) => write!(f, "delete-deployment/{d}"),
+            IdempotencyKey::Event(e) => write!(f, "event/{e}"),
+        }
+    }
+}
+
+impl Command {
+    /// The command's idempotency key.
+    pub fn idempotency_key(&self) -> IdempotencyKey {
+        match self {
+            Command::CreateFlowRun(n) => IdempotencyKey::CreateFlowRun(
+                n.idempotency_key.clone().unwrap_or_else(|| n.id.to_string()),
+            ),
+            Command::CreateTaskRun(n) => IdempotencyKey::CreateTaskRun(n.key.clone()),
+            Command::ProposeFlowRunState { proposal, .. }
+            | Command::ProposeTaskRunState { proposal, .. } => {
+                IdempotencyKey::Transition(proposal.transition_id)
+            }
+            Command::RetryFlowRun { request, .. } | Command::RetryTaskRun { request, .. } => {
+                IdempotencyKey::Transition(request.transition_id)
+            }
+            Command::MarkNodeCrashed { key, .. } => IdempotencyKey::NodeCrash(key.clone()),
+            Command::AppendLogs { batch, .. } => IdempotencyKey::LogBatch(*batch),
+            Command::PutDeployment(d) => IdempotencyKey::Deployment(d.id, d.updated),
+            Command::DeleteDeployment { id } => IdempotencyKey::DeleteDeployment(*id),
+            Command::AppendEvent(e) => IdempotencyKey::Event(e.id),
+        }
+    }
+
+    /// A short name of the command's kind, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::CreateFlowRun(_) => "create-flow-run",
+            Command::ProposeFlowRunState { .. } => "propose-flow-run-state",
+            Command::CreateTaskRun(_) => "create-task-run",
+            Command::ProposeTaskRunState { .. } => "propose-task-run-state",
+            Command::RetryFlowRun { .. } => "retry-flow-run",
+            Command::RetryTaskRun { .. } => "retry-task-run",
+            Command::MarkNodeCrashed { .. } => "mark-node-crashed",
+            Command::AppendLogs { .. } => "append-logs",
+            Command::PutDeployment(_) => "put-deployment",
+            Command::DeleteDeployment { .. } => "delete-deployment",
+            Command::AppendEvent(_) => "append-event",
+        }
+    }
+}

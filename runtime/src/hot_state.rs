@@ -1,0 +1,232 @@
+//! The hot control state: every flow run, task run and deployment, with the indexes the rules
+//! and the reads need. Kept in memory by whoever applies commands, so reads never wait on disk.
+
+use std::collections::{BTreeSet, HashMap};
+
+use crate::deployment::Deployment;
+use crate::flow_run::FlowRun;
+use crate::ids::{DeploymentId, FlowRunId, NodeId, TaskRunId};
+use crate::state::{State, StateName, StateType};
+use crate::task_run::{TaskRun, TaskRunKey};
+use crate::time::Timestamp;
+
+/// Runs, task runs and deployments, indexed.
+#[derive(Debug, Default, Clone)]
+pub struct HotState {
+    flow_runs: HashMap<FlowRunId, FlowRun>,
+    flow_run_ids: BTreeSet<FlowRunId>,
+    flow_run_keys: HashMap<String, FlowRunId>,
+    by_state: BTreeSet<(StateType, FlowRunId)>,
+    by_deployment: BTreeSet<(DeploymentId, FlowRunId)>,
+    active_by_node: HashMap<NodeId, BTreeSet<FlowRunId>>,
+    task_runs: HashMap<TaskRunId, TaskRun>,
+    task_run_keys: HashMap<TaskRunKey, TaskRunId>,
+    tasks_by_flow: BTreeSet<(FlowRunId, TaskRunId)>,
+    cache: HashMap<String, State>,
+    deployments: HashMap<DeploymentId, Deployment>,
+    deployment_names: HashMap<String, DeploymentId>,
+}
+
+fn active_owner(run: &FlowRun) -> Option<&NodeId> {
+    if run.lifecycle.state.is_terminal() {
+        None
+    } else {
+        run.owner.as_ref()
+    }
+}
+
+impl HotState {
+    /// An empty state.
+    pub fn new() -> Self {
+        HotState::default()
+    }
+
+    /// A flow run.
+    pub fn flow_run(&self, id: &FlowRunId) -> Option<&FlowRun> {
+        self.flow_runs.get(id)
+    }
+
+    /// The flow run created with this idempotency key (or whose id is this string).
+    pub fn flow_run_by_key(&self, key: &str) -> Option<FlowRunId> {
+        self.flow_run_keys.get(key).copied()
+    }
+
+    /// Inserts or replaces a flow run, keeping the indexes.
+    pub fn put_flow_run(&mut self, run: FlowRun) {
+        if let Some(old) = self.flow_runs.get(&run.id) {
+            self.by_state.remove(&(old.lifecycle.state.kind, old.id));
+            if let Some(d) = old.deployment_id {
+                self.by_deployment.remove(&(d, old.id));
+            }
+            if let Some(n) = active_owner(old)
+                && let Some(set) = self.active_by_node.get_mut(n)
+            {
+                set.remove(&old.id);
+                if set.is_empty() {
+                    self.active_by_node.remove(n);
+                }
+            }
+        } else {
+            let key = run.idempotency_key.clone().unwrap_or_else(|| run.id.to_string());
+            self.flow_run_keys.insert(key, run.id);
+            self.flow_run_ids.insert(run.id);
+        }
+        self.by_state.insert((run.lifecycle.state.kind, run.id));
+        if let Some(d) = run.deployment_id {
+            self.by_deployment.insert((d, run.id));
+        }
+        if let Some(n) = active_owner(&run) {
+            self.active_by_node.entry(n.clone()).or_default().insert(run.id);
+        }
+        self.flow_runs.insert(run.id, run);
+    }
+
+    /// The non-terminal flow runs a node owns.
+    pub fn active_flow_runs_of(&self, node: &NodeId) -> Vec<FlowRunId> {
+        self.active_by_node
+            .get(node)
+            .map(|s| s.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// Up to `limit` flow runs in a state type, after `after` (by id).
+    pub fn flow_runs_in_state(&self, kind: StateType, after: Option<FlowRunId>, limit: usize) -> Vec<&FlowRun> {
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded((kind, a)),
+            None => std::ops::Bound::Included((kind, FlowRunId::from_bytes([0; 16]))),
+        };
+        self.by_state
+            .range((start, std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| *k == kind)
+            .take(limit)
+            .filter_map(|(_, id)| self.flow_runs.get(id))
+            .collect()
+    }
+
+    /// Up to `limit` flow runs of a deployment, after `after` (by id).
+    pub fn flow_runs_of_deployment(&self, d: DeploymentId, after: Option<FlowRunId>, limit: usize) -> Vec<&FlowRun> {
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded((d, a)),
+            None => std::ops::Bound::Included((d, FlowRunId::from_bytes([0; 16]))),
+        };
+        self.by_deployment
+            .range((start, std::ops::Bound::Unbounded))
+            .take_while(|(k, _)| *k == d)
+            .take(limit)
+            .filter_map(|(_, id)| self.flow_runs.get(id))
+            .collect()
+    }
+
+    /// Up to `limit` flow runs in id order (creation order), after `after`.
+    pub fn flow_runs_page(&self, after: Option<FlowRunId>, limit: usize) -> Vec<&FlowRun> {
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded(a),
+            None => std::ops::Bound::Unbounded,
+        };
+        self.flow_run_ids
+            .range((start, std::ops::Bound::Unbounded))
+            .take(limit)
+            .filter_map(|id| self.flow_runs.get(id))
+            .collect()
+    }
+
+    /// How many flow runs there are.
+    pub fn flow_run_count(&self) -> usize {
+        self.flow_runs.len()
+    }
+
+    /// Every flow run (no order).
+    pub fn flow_runs(&self) -> impl Iterator<Item = &FlowRun> {
+        self.flow_runs.values()
+    }
+
+    /// A task run.
+    pub fn task_run(&self, id: &TaskRunId) -> Option<&TaskRun> {
+        self.task_runs.get(id)
+    }
+
+    /// The task run of a task call.
+    pub fn task_run_by_key(&self, key: &TaskRunKey) -> Option<TaskRunId> {
+        self.task_run_keys.get(key).copied()
+    }
+
+    /// Inserts or replaces a task run, keeping the indexes and the cache.
+    pub fn put_task_run(&mut self, run: TaskRun) {
+        if !self.task_runs.contains_key(&run.id) {
+            self.task_run_keys.insert(run.key.clone(), run.id);
+            self.tasks_by_flow.insert((run.key.flow_run, run.id));
+        }
+        let s = &run.lifecycle.state;
+        if s.name == StateName::Completed
+            && let Some(k) = &s.details.cache_key
+        {
+            self.cache.insert(k.clone(), s.clone());
+        }
+        self.task_runs.insert(run.id, run);
+    }
+
+    /// The task runs of a flow run, in creation order, after `after`.
+    pub fn task_runs_of(&self, flow_run: FlowRunId, after: Option<TaskRunId>, limit: usize) -> Vec<&TaskRun> {
+        let start = match after {
+            Some(a) => std::ops::Bound::Excluded((flow_run, a)),
+            None => std::ops::Bound::Included((flow_run, TaskRunId::from_bytes([0; 16]))),
+        };
+        self.tasks_by_flow
+            .range((start, std::ops::Bound::Unbounded))
+            .take_while(|(f, _)| *f == flow_run)
+            .take(limit)
+            .filter_map(|(_, id)| self.task_runs.get(id))
+            .collect()
+    }
+
+    /// Every task run (no order).
+    pub fn task_runs(&self) -> impl Iterator<Item = &TaskRun> {
+        self.task_runs.values()
+    }
+
+    /// The cached Completed state for a cache key, if it has not expired at `now`.
+    pub fn cached(&self, key: &str, now: Timestamp) -> Option<&State> {
+        self.cache
+            .get(key)
+            .filter(|s| s.details.cache_expiration.is_none_or(|e| e > now))
+    }
+
+    /// A deployment.
+    pub fn deployment(&self, id: &DeploymentId) -> Option<&Deployment> {
+        self.deployments.get(id)
+    }
+
+    /// A deployment by name.
+    pub fn deployment_by_name(&self, name: &str) -> Option<&Deployment> {
+        self.deployment_names
+            .get(name)
+            .and_then(|id| self.deployments.get(id))
+    }
+
+    /// Every deployment (no order).
+    pub fn deployments(&self) -> impl Iterator<Item = &Deployment> {
+        self.deployments.values()
+    }
+
+    /// Inserts or replaces a deployment.
+    pub fn put_deployment(&mut self, d: Deployment) {
+        if let Some(old) = self.deployments.get(&d.id)
+            && old.name != d.name
+        {
+            self.deployment_names.remove(&old.name);
+        }
+        self.deployment_names.insert(d.name.clone(), d.id);
+        self.deployments.insert(d.id, d);
+    }
+
+    /// Removes a deployment; whether it existed.
+    pub fn delete_deployment(&mut self, id: &DeploymentId) -> bool {
+        match self.deployments.remove(id) {
+            Some(d) => {
+                self.deployment_names.remove(&d.name);
+                true
+            }
+            None => false,
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! # flotilla-runtime
+//!
+//! Flotilla's pure domain: typed ids, models (flow runs, task runs, states, deployments,
+//! schedules, work queues, concurrency limits, events, log lines), the orchestration rules,
+//! the retry policy, the commands and the deterministic `apply` that is the state machine of the
+//! control state, and the encodings of everything stored or sent.
+//!
+//! Nothing here does IO or reads the clock: time (`now`) and randomness are arguments. The
+//! actors (`flotilla-actors`) are thin shells that feed messages to these machines and carry out
+//! what they return.
+
+pub mod apply;
+pub mod codec;
+pub mod command;
+pub mod concurrency;
+pub mod deployment;
+pub mod event;
+pub mod flow_run;
+pub mod frame;
+pub mod hot_state;
+pub mod ids;
+pub mod lifecycle;
+pub mod log_line;
+pub mod retry;
+pub mod rules;
+pub mod state;
+pub mod task_run;
+pub mod time;
+pub mod view;
+pub mod work_queue;
+
+pub use apply::{ApplyContext, Outcome, Refusal, Reply, Write, apply};
+pub use command::{Command, IdempotencyKey, NewFlowRun, NewTaskRun, RetryRequest};
+pub use event::{Event, EventPayload, Resource};
+pub use flow_run::FlowRun;
+pub use hot_state::HotState;
+pub use ids::{DeploymentId, Epoch, EventId, FlowRunId, LogBatchId, LogIndex, NodeId, TaskRunId, TransitionId, WorkQueueId};
+pub use lifecycle::Lifecycle;
+pub use log_line::{LogLevel, LogLine};
+pub use retry::{RetryCondition, RetryDelay, RetryPolicy};
+pub use rules::{AbortReason, Decision, Proposal, RunKind};
+pub use state::{ResultRef, State, StateDetails, StateName, StateType};
+pub use task_run::{TaskRun, TaskRunKey};
+pub use time::Timestamp;
+pub use view::{MemState, StateView};
