@@ -9,7 +9,7 @@ use crate::command::{Command, NewFlowRun, NewTaskRun, RetryRequest};
 use crate::deployment::Deployment;
 use crate::event::{Event, EventPayload, Resource};
 use crate::flow_run::{FlowRun, NAME_LEN_MAX, TAGS_MAX};
-use crate::ids::{DeploymentId, Epoch, EventId, FlowRunId, LogBatchId, LogIndex, NodeId, TaskRunId};
+use crate::ids::{DeploymentId, Epoch, EventId, FlowRunId, LogBatchId, LogIndex, NodeId, RunId, TaskRunId};
 use crate::lifecycle::{Lifecycle, PastDecision};
 use crate::log_line::LogLine;
 use crate::rules::{self, Decision, Proposal, RetryRefusal, RuleContext, RunKind};
@@ -45,6 +45,16 @@ pub enum Write {
     DeploymentDeleted(DeploymentId),
     /// A new event (also a state-history entry when it records a state change).
     Event(Event),
+    /// A full window of a run's state history, archived (the run record keeps only the latest
+    /// entries).
+    HistoryBlock {
+        /// The run.
+        run: RunId,
+        /// The block number (0 for the oldest).
+        block: u32,
+        /// The history entries (events), oldest first.
+        events: Vec<EventId>,
+    },
     /// A new batch of log lines.
     Logs {
         /// The flow run.
@@ -285,7 +295,11 @@ impl Tx {
     }
 
     /// Records a state change as an event (the history entry) and moves the lifecycle.
-    fn enter(&mut self, lifecycle: &mut Lifecycle, resource: Resource, kind: &str, next: State, epoch: Epoch) {
+    fn enter(&mut self, run: RunId, lifecycle: &mut Lifecycle, resource: Resource, next: State, epoch: Epoch) {
+        let kind = match run {
+            RunId::Flow(_) => "flow-run",
+            RunId::Task(_) => "task-run",
+        };
         let id = self.next_event_id();
         let from = &lifecycle.state;
         let event = Event {
@@ -301,8 +315,11 @@ impl Tx {
                 epoch,
             },
         };
-        lifecycle.enter(next, id, self.at.now);
+        let archived = lifecycle.enter(next, id, self.at.now);
         self.writes.push(Write::Event(event));
+        if let Some((block, events)) = archived {
+            self.writes.push(Write::HistoryBlock { run, block, events });
+        }
     }
 
     fn first_state_event(&mut self, resource: Resource, kind: &str, state: &State, epoch: Epoch) -> EventId {
@@ -364,7 +381,7 @@ impl Tx {
             lifecycle: Lifecycle::new(state.clone()),
         };
         let ev = self.first_state_event(flow_resource(&run), "flow-run", &state, run.epoch);
-        run.lifecycle.history.push(ev);
+        let _ = run.lifecycle.record(ev);
         self.writes.insert(0, Write::FlowRun(run.id));
         view.hot_mut().put_flow_run(run.clone());
         self.done(Reply::FlowRunCreated { run: Box::new(run), created: true })
@@ -388,39 +405,38 @@ impl Tx {
             jitter_seed: jitter_seed(&proposal),
         };
         let decision = rules::propose(&run.lifecycle, &proposal, &ctx);
-        let writes_state = decision
-            .state()
-            .filter(|s| **s != run.lifecycle.state)
-            .cloned();
-        let Some(next) = writes_state else {
+        let Some(next) = decision.state().filter(|s| **s != run.lifecycle.state).cloned() else {
             return self.done(Reply::FlowRunTransition {
                 decision,
                 epoch: run.epoch,
                 run_count: run.lifecycle.run_count,
             });
         };
-        let mut run = run.clone();
-        let from = run.lifecycle.state.kind;
-        if next.kind == StateType::Pending && from == StateType::Scheduled {
-            run.owner = proposal.node.clone();
-        } else if next.kind == StateType::Scheduled && from == StateType::Pending {
-            // Given back: the next claim is a new assignment, under a new epoch.
-            run.owner = None;
-            run.epoch = run.epoch.next();
-        }
-        let resource = flow_resource(&run);
-        let epoch = run.epoch;
-        self.enter(&mut run.lifecycle, resource, "flow-run", next, epoch);
         let past = if decision.is_accept() { PastDecision::Accepted } else { PastDecision::Rejected };
-        run.lifecycle.remember(proposal.transition_id, past);
-        let reply = Reply::FlowRunTransition {
-            decision,
-            epoch: run.epoch,
-            run_count: run.lifecycle.run_count,
-        };
-        self.writes.insert(0, Write::FlowRun(id));
-        view.hot_mut().put_flow_run(run);
-        self.done(reply)
+        self.writes.push(Write::FlowRun(id));
+        let reply = view.hot_mut().update_flow_run(&id, |run| {
+            let from = run.lifecycle.state.kind;
+            if next.kind == StateType::Pending && from == StateType::Scheduled {
+                run.owner = proposal.node.clone();
+            } else if next.kind == StateType::Scheduled && from == StateType::Pending {
+                // Given back: the next claim is a new assignment, under a new epoch.
+                run.owner = None;
+                run.epoch = run.epoch.next();
+            }
+            let resource = flow_resource(run);
+            let epoch = run.epoch;
+            self.enter(RunId::Flow(run.id), &mut run.lifecycle, resource, next, epoch);
+            run.lifecycle.remember(proposal.transition_id, past);
+            Reply::FlowRunTransition {
+                decision,
+                epoch: run.epoch,
+                run_count: run.lifecycle.run_count,
+            }
+        });
+        match reply {
+            Some(r) => self.done(r),
+            None => Outcome::refused(Refusal::FlowRunNotFound(id)),
+        }
     }
 
     fn create_task_run(mut self, view: &mut impl StateView, new: NewTaskRun) -> Outcome {
@@ -463,7 +479,7 @@ impl Tx {
             lifecycle: Lifecycle::new(state.clone()),
         };
         let ev = self.first_state_event(task_resource(&run), "task-run", &state, new.epoch);
-        run.lifecycle.history.push(ev);
+        let _ = run.lifecycle.record(ev);
         self.writes.insert(0, Write::TaskRun(run.id));
         view.hot_mut().put_task_run(run.clone());
         self.done(Reply::TaskRunCreated { run: Box::new(run), created: true })
@@ -499,26 +515,29 @@ impl Tx {
         let Some(mut next) = decision.state().filter(|s| **s != run.lifecycle.state).cloned() else {
             return self.done(Reply::TaskRunTransition { decision, run_count: run.lifecycle.run_count });
         };
-        let mut run = run.clone();
         if next.name == crate::state::StateName::Completed
             && let Some(k) = &run.cache_key
         {
             next.details.cache_key = Some(k.clone());
             next.details.cache_expiration = run.cache_expiration.map(|d| now + d);
         }
-        let resource = task_resource(&run);
-        self.enter(&mut run.lifecycle, resource, "task-run", next, epoch);
         let past = if decision.is_accept() { PastDecision::Accepted } else { PastDecision::Rejected };
-        run.lifecycle.remember(proposal.transition_id, past);
-        let decision = match decision {
-            Decision::Accept(_) => Decision::Accept(run.lifecycle.state.clone()),
-            Decision::Reject(_) => Decision::Reject(run.lifecycle.state.clone()),
-            other => other,
-        };
-        let reply = Reply::TaskRunTransition { decision, run_count: run.lifecycle.run_count };
-        self.writes.insert(0, Write::TaskRun(id));
-        view.hot_mut().put_task_run(run);
-        self.done(reply)
+        self.writes.push(Write::TaskRun(id));
+        let reply = view.hot_mut().update_task_run(&id, |run| {
+            let resource = task_resource(run);
+            self.enter(RunId::Task(run.id), &mut run.lifecycle, resource, next, epoch);
+            run.lifecycle.remember(proposal.transition_id, past);
+            let decision = match decision {
+                Decision::Accept(_) => Decision::Accept(run.lifecycle.state.clone()),
+                Decision::Reject(_) => Decision::Reject(run.lifecycle.state.clone()),
+                other => other,
+            };
+            Reply::TaskRunTransition { decision, run_count: run.lifecycle.run_count }
+        });
+        match reply {
+            Some(r) => self.done(r),
+            None => Outcome::refused(Refusal::TaskRunNotFound(id)),
+        }
     }
 
     fn retry_flow(mut self, view: &mut impl StateView, id: FlowRunId, request: RetryRequest) -> Outcome {
@@ -535,17 +554,20 @@ impl Tx {
         };
         let mut next = next.with_transition(request.transition_id);
         next.message = request.message;
-        let mut run = run.clone();
-        run.epoch = run.epoch.next();
-        run.owner = None;
-        let resource = flow_resource(&run);
-        let epoch = run.epoch;
-        self.enter(&mut run.lifecycle, resource, "flow-run", next, epoch);
-        run.lifecycle.remember(request.transition_id, PastDecision::Accepted);
-        let reply = Reply::Retried { state: run.lifecycle.state.clone(), epoch };
-        self.writes.insert(0, Write::FlowRun(id));
-        view.hot_mut().put_flow_run(run);
-        self.done(reply)
+        self.writes.push(Write::FlowRun(id));
+        let reply = view.hot_mut().update_flow_run(&id, |run| {
+            run.epoch = run.epoch.next();
+            run.owner = None;
+            let resource = flow_resource(run);
+            let epoch = run.epoch;
+            self.enter(RunId::Flow(run.id), &mut run.lifecycle, resource, next, epoch);
+            run.lifecycle.remember(request.transition_id, PastDecision::Accepted);
+            Reply::Retried { state: run.lifecycle.state.clone(), epoch }
+        });
+        match reply {
+            Some(r) => self.done(r),
+            None => Outcome::refused(Refusal::FlowRunNotFound(id)),
+        }
     }
 
     fn retry_task(mut self, view: &mut impl StateView, id: TaskRunId, request: RetryRequest, epoch: Epoch) -> Outcome {
@@ -572,51 +594,56 @@ impl Tx {
         };
         let mut next = next.with_transition(request.transition_id);
         next.message = request.message;
-        let mut run = run.clone();
-        run.flow_epoch = epoch;
-        let resource = task_resource(&run);
-        self.enter(&mut run.lifecycle, resource, "task-run", next, epoch);
-        run.lifecycle.remember(request.transition_id, PastDecision::Accepted);
-        let reply = Reply::Retried { state: run.lifecycle.state.clone(), epoch };
-        self.writes.insert(0, Write::TaskRun(id));
-        view.hot_mut().put_task_run(run);
-        self.done(reply)
+        self.writes.push(Write::TaskRun(id));
+        let reply = view.hot_mut().update_task_run(&id, |run| {
+            run.flow_epoch = epoch;
+            let resource = task_resource(run);
+            self.enter(RunId::Task(run.id), &mut run.lifecycle, resource, next, epoch);
+            run.lifecycle.remember(request.transition_id, PastDecision::Accepted);
+            Reply::Retried { state: run.lifecycle.state.clone(), epoch }
+        });
+        match reply {
+            Some(r) => self.done(r),
+            None => Outcome::refused(Refusal::TaskRunNotFound(id)),
+        }
     }
 
     fn node_crashed(mut self, view: &mut impl StateView, node: &NodeId, message: &str) -> Outcome {
         let mut crashed = Vec::new();
         let mut cancelled = Vec::new();
+        let now = self.now();
         for id in view.hot().active_flow_runs_of(node) {
             let Some(run) = view.hot().flow_run(&id) else { continue };
-            let Some(next) = rules::owner_died(&run.lifecycle.state, self.now(), message) else {
+            let Some(next) = rules::owner_died(&run.lifecycle.state, now, message) else {
                 continue;
             };
-            let mut run = run.clone();
             if next.kind == StateType::Cancelled {
                 cancelled.push(id);
             } else {
                 crashed.push(id);
             }
             let epoch = run.epoch;
-            let tasks: Vec<TaskRun> = view
+            let tasks: Vec<TaskRunId> = view
                 .hot()
                 .task_runs_of(id, None, usize::MAX)
                 .into_iter()
                 .filter(|t| !t.lifecycle.state.is_terminal())
-                .cloned()
+                .map(|t| t.id)
                 .collect();
-            for mut task in tasks {
-                if let Some(tnext) = rules::owner_died(&task.lifecycle.state, self.now(), message) {
-                    let resource = task_resource(&task);
-                    self.enter(&mut task.lifecycle, resource, "task-run", tnext, epoch);
-                    self.writes.push(Write::TaskRun(task.id));
-                    view.hot_mut().put_task_run(task);
-                }
+            for task in tasks {
+                self.writes.push(Write::TaskRun(task));
+                view.hot_mut().update_task_run(&task, |t| {
+                    if let Some(tnext) = rules::owner_died(&t.lifecycle.state, now, message) {
+                        let resource = task_resource(t);
+                        self.enter(RunId::Task(t.id), &mut t.lifecycle, resource, tnext, epoch);
+                    }
+                });
             }
-            let resource = flow_resource(&run);
-            self.enter(&mut run.lifecycle, resource, "flow-run", next, epoch);
             self.writes.push(Write::FlowRun(id));
-            view.hot_mut().put_flow_run(run);
+            view.hot_mut().update_flow_run(&id, |run| {
+                let resource = flow_resource(run);
+                self.enter(RunId::Flow(run.id), &mut run.lifecycle, resource, next, epoch);
+            });
         }
         self.done(Reply::NodeCrashed { crashed, cancelled })
     }

@@ -2,6 +2,7 @@
 //! and the reads need. Kept in memory by whoever applies commands, so reads never wait on disk.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use crate::deployment::Deployment;
 use crate::flow_run::FlowRun;
@@ -13,13 +14,13 @@ use crate::time::Timestamp;
 /// Runs, task runs and deployments, indexed.
 #[derive(Debug, Default, Clone)]
 pub struct HotState {
-    flow_runs: HashMap<FlowRunId, FlowRun>,
+    flow_runs: HashMap<FlowRunId, Arc<FlowRun>>,
     flow_run_ids: BTreeSet<FlowRunId>,
     flow_run_keys: HashMap<String, FlowRunId>,
     by_state: BTreeSet<(StateType, FlowRunId)>,
     by_deployment: BTreeSet<(DeploymentId, FlowRunId)>,
     active_by_node: HashMap<NodeId, BTreeSet<FlowRunId>>,
-    task_runs: HashMap<TaskRunId, TaskRun>,
+    task_runs: HashMap<TaskRunId, Arc<TaskRun>>,
     task_run_keys: HashMap<TaskRunKey, TaskRunId>,
     tasks_by_flow: BTreeSet<(FlowRunId, TaskRunId)>,
     cache: HashMap<String, State>,
@@ -43,7 +44,12 @@ impl HotState {
 
     /// A flow run.
     pub fn flow_run(&self, id: &FlowRunId) -> Option<&FlowRun> {
-        self.flow_runs.get(id)
+        self.flow_runs.get(id).map(|r| &**r)
+    }
+
+    /// A flow run, shared (a snapshot: later changes copy it first).
+    pub fn flow_run_shared(&self, id: &FlowRunId) -> Option<Arc<FlowRun>> {
+        self.flow_runs.get(id).cloned()
     }
 
     /// The flow run created with this idempotency key (or whose id is this string).
@@ -51,34 +57,56 @@ impl HotState {
         self.flow_run_keys.get(key).copied()
     }
 
-    /// Inserts or replaces a flow run, keeping the indexes.
-    pub fn put_flow_run(&mut self, run: FlowRun) {
-        if let Some(old) = self.flow_runs.get(&run.id) {
-            self.by_state.remove(&(old.lifecycle.state.kind, old.id));
-            if let Some(d) = old.deployment_id {
-                self.by_deployment.remove(&(d, old.id));
-            }
-            if let Some(n) = active_owner(old)
-                && let Some(set) = self.active_by_node.get_mut(n)
-            {
-                set.remove(&old.id);
-                if set.is_empty() {
-                    self.active_by_node.remove(n);
-                }
-            }
-        } else {
-            let key = run.idempotency_key.clone().unwrap_or_else(|| run.id.to_string());
-            self.flow_run_keys.insert(key, run.id);
-            self.flow_run_ids.insert(run.id);
+    fn unindex(&mut self, id: &FlowRunId) {
+        let Some(old) = self.flow_runs.get(id) else { return };
+        self.by_state.remove(&(old.lifecycle.state.kind, old.id));
+        if let Some(d) = old.deployment_id {
+            self.by_deployment.remove(&(d, old.id));
         }
+        if let Some(n) = active_owner(old)
+            && let Some(set) = self.active_by_node.get_mut(n)
+        {
+            set.remove(&old.id);
+            if set.is_empty() {
+                self.active_by_node.remove(n);
+            }
+        }
+    }
+
+    fn index(&mut self, id: &FlowRunId) {
+        let Some(run) = self.flow_runs.get(id) else { return };
         self.by_state.insert((run.lifecycle.state.kind, run.id));
         if let Some(d) = run.deployment_id {
             self.by_deployment.insert((d, run.id));
         }
-        if let Some(n) = active_owner(&run) {
+        if let Some(n) = active_owner(run) {
             self.active_by_node.entry(n.clone()).or_default().insert(run.id);
         }
-        self.flow_runs.insert(run.id, run);
+    }
+
+    /// Inserts or replaces a flow run, keeping the indexes.
+    pub fn put_flow_run(&mut self, run: FlowRun) {
+        let id = run.id;
+        if self.flow_runs.contains_key(&id) {
+            self.unindex(&id);
+        } else {
+            let key = run.idempotency_key.clone().unwrap_or_else(|| run.id.to_string());
+            self.flow_run_keys.insert(key, id);
+            self.flow_run_ids.insert(id);
+        }
+        self.flow_runs.insert(id, Arc::new(run));
+        self.index(&id);
+    }
+
+    /// Changes a flow run in place, keeping the indexes (its id must not change).
+    pub fn update_flow_run<R>(&mut self, id: &FlowRunId, f: impl FnOnce(&mut FlowRun) -> R) -> Option<R> {
+        if !self.flow_runs.contains_key(id) {
+            return None;
+        }
+        self.unindex(id);
+        let r = self.flow_runs.get_mut(id).map(|run| f(Arc::make_mut(run)));
+        self.index(id);
+        r
     }
 
     /// The non-terminal flow runs a node owns.
@@ -99,7 +127,7 @@ impl HotState {
             .range((start, std::ops::Bound::Unbounded))
             .take_while(|(k, _)| *k == kind)
             .take(limit)
-            .filter_map(|(_, id)| self.flow_runs.get(id))
+            .filter_map(|(_, id)| self.flow_run(id))
             .collect()
     }
 
@@ -113,7 +141,7 @@ impl HotState {
             .range((start, std::ops::Bound::Unbounded))
             .take_while(|(k, _)| *k == d)
             .take(limit)
-            .filter_map(|(_, id)| self.flow_runs.get(id))
+            .filter_map(|(_, id)| self.flow_run(id))
             .collect()
     }
 
@@ -126,7 +154,7 @@ impl HotState {
         self.flow_run_ids
             .range((start, std::ops::Bound::Unbounded))
             .take(limit)
-            .filter_map(|id| self.flow_runs.get(id))
+            .filter_map(|id| self.flow_run(id))
             .collect()
     }
 
@@ -137,12 +165,17 @@ impl HotState {
 
     /// Every flow run (no order).
     pub fn flow_runs(&self) -> impl Iterator<Item = &FlowRun> {
-        self.flow_runs.values()
+        self.flow_runs.values().map(|r| &**r)
     }
 
     /// A task run.
     pub fn task_run(&self, id: &TaskRunId) -> Option<&TaskRun> {
-        self.task_runs.get(id)
+        self.task_runs.get(id).map(|r| &**r)
+    }
+
+    /// A task run, shared (a snapshot: later changes copy it first).
+    pub fn task_run_shared(&self, id: &TaskRunId) -> Option<Arc<TaskRun>> {
+        self.task_runs.get(id).cloned()
     }
 
     /// The task run of a task call.
@@ -150,19 +183,32 @@ impl HotState {
         self.task_run_keys.get(key).copied()
     }
 
-    /// Inserts or replaces a task run, keeping the indexes and the cache.
-    pub fn put_task_run(&mut self, run: TaskRun) {
-        if !self.task_runs.contains_key(&run.id) {
-            self.task_run_keys.insert(run.key.clone(), run.id);
-            self.tasks_by_flow.insert((run.key.flow_run, run.id));
-        }
+    fn cache_result(&mut self, id: &TaskRunId) {
+        let Some(run) = self.task_runs.get(id) else { return };
         let s = &run.lifecycle.state;
         if s.name == StateName::Completed
             && let Some(k) = &s.details.cache_key
         {
             self.cache.insert(k.clone(), s.clone());
         }
-        self.task_runs.insert(run.id, run);
+    }
+
+    /// Inserts or replaces a task run, keeping the indexes and the cache.
+    pub fn put_task_run(&mut self, run: TaskRun) {
+        let id = run.id;
+        if !self.task_runs.contains_key(&id) {
+            self.task_run_keys.insert(run.key.clone(), id);
+            self.tasks_by_flow.insert((run.key.flow_run, id));
+        }
+        self.task_runs.insert(id, Arc::new(run));
+        self.cache_result(&id);
+    }
+
+    /// Changes a task run in place, keeping the cache (its id and key must not change).
+    pub fn update_task_run<R>(&mut self, id: &TaskRunId, f: impl FnOnce(&mut TaskRun) -> R) -> Option<R> {
+        let r = self.task_runs.get_mut(id).map(|run| f(Arc::make_mut(run)))?;
+        self.cache_result(id);
+        Some(r)
     }
 
     /// The task runs of a flow run, in creation order, after `after`.
@@ -175,13 +221,13 @@ impl HotState {
             .range((start, std::ops::Bound::Unbounded))
             .take_while(|(f, _)| *f == flow_run)
             .take(limit)
-            .filter_map(|(_, id)| self.task_runs.get(id))
+            .filter_map(|(_, id)| self.task_run(id))
             .collect()
     }
 
     /// Every task run (no order).
     pub fn task_runs(&self) -> impl Iterator<Item = &TaskRun> {
-        self.task_runs.values()
+        self.task_runs.values().map(|r| &**r)
     }
 
     /// The cached Completed state for a cache key, if it has not expired at `now`.

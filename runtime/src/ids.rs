@@ -118,6 +118,24 @@ uuid_id!(
     "log batch id"
 );
 
+/// A flow run or a task run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum RunId {
+    /// A flow run.
+    Flow(FlowRunId),
+    /// A task run.
+    Task(TaskRunId),
+}
+
+impl fmt::Display for RunId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RunId::Flow(id) => write!(f, "flow-run/{id}"),
+            RunId::Task(id) => write!(f, "task-run/{id}"),
+        }
+    }
+}
+
 /// The longest node name accepted.
 pub const NODE_ID_LEN_MAX: usize = 63;
 

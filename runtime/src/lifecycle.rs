@@ -11,10 +11,12 @@ use crate::time::Timestamp;
 
 /// How many recent transition ids a run remembers, so that a resent proposal that is no longer
 /// the current one is still recognised.
-pub const RECENT_TRANSITIONS_MAX: usize = 16;
+pub const RECENT_TRANSITIONS_MAX: usize = 4;
 
-/// The longest state history a run keeps an index of; older entries stay in the event store.
-pub const HISTORY_LEN_MAX: usize = 10_000;
+/// How many history entries a run record holds; when the window is full its entries move to
+/// an archived history block (numbered from 0) and the window starts again, so that the run
+/// record keeps a bounded size however long the history grows.
+pub const HISTORY_WINDOW: usize = 8;
 
 /// How a past proposal was decided, remembered by its transition id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,9 +41,13 @@ pub struct PastTransition {
 pub struct Lifecycle {
     /// The current state.
     pub state: State,
-    /// The events that recorded each state, oldest first (the state history).
+    /// The events that recorded the latest states, oldest first (the recent window of the
+    /// state history; earlier entries are in archived blocks).
     #[serde(default)]
     pub history: Vec<EventId>,
+    /// How many history blocks were archived (each of [`HISTORY_WINDOW`] entries).
+    #[serde(default)]
+    pub archived_blocks: u32,
     /// How many times the run entered Running.
     #[serde(default)]
     pub run_count: u32,
@@ -65,6 +71,7 @@ impl Lifecycle {
         Lifecycle {
             state,
             history: Vec::new(),
+            archived_blocks: 0,
             run_count: 0,
             start_time: None,
             end_time: None,
@@ -83,10 +90,31 @@ impl Lifecycle {
         self.recent.iter().rev().find(|t| t.id == id).map(|t| t.decision)
     }
 
+    /// The length of the whole state history.
+    pub fn history_len(&self) -> usize {
+        self.archived_blocks as usize * HISTORY_WINDOW + self.history.len()
+    }
+
+    /// Appends a history entry; when the window was full, returns the archived block (its
+    /// number and entries) that the caller must store.
+    pub fn record(&mut self, event: EventId) -> Option<(u32, Vec<EventId>)> {
+        let archived = if self.history.len() >= HISTORY_WINDOW {
+            let block = self.archived_blocks;
+            self.archived_blocks = self.archived_blocks.saturating_add(1);
+            Some((block, std::mem::take(&mut self.history)))
+        } else {
+            None
+        };
+        self.history.push(event);
+        archived
+    }
+
     /// Moves to `next` at `now`, keeping the run count and timing: entering Running counts a
     /// run and starts the clock; leaving Running adds the time spent; entering a terminal state
-    /// sets the end time. `event` is the event that records the new state.
-    pub fn enter(&mut self, next: State, event: EventId, now: Timestamp) {
+    /// sets the end time. `event` is the event that records the new state; an archived history
+    /// block is returned as by [`Lifecycle::record`].
+    #[must_use = "an archived history block must be stored"]
+    pub fn enter(&mut self, next: State, event: EventId, now: Timestamp) -> Option<(u32, Vec<EventId>)> {
         if self.state.kind == StateType::Running && next.kind != StateType::Running {
             self.total_run_time += now.saturating_since(self.state.timestamp);
         }
@@ -99,11 +127,8 @@ impl Lifecycle {
         } else if self.state.kind.is_terminal() {
             self.end_time = None;
         }
-        if self.history.len() >= HISTORY_LEN_MAX {
-            self.history.remove(0);
-        }
-        self.history.push(event);
         self.state = next;
+        self.record(event)
     }
 
     /// Remembers how a proposal was decided.
@@ -128,17 +153,33 @@ mod tests {
     fn keeps_run_count_start_end_and_total_run_time() {
         let t = |s: i64| Timestamp::from_millis(s * 1000);
         let mut l = Lifecycle::new(State::of(StateType::Scheduled, t(0)));
-        l.enter(State::of(StateType::Pending, t(1)), ev(1), t(1));
-        l.enter(State::of(StateType::Running, t(2)), ev(2), t(2));
+        let _ = l.enter(State::of(StateType::Pending, t(1)), ev(1), t(1));
+        let _ = l.enter(State::of(StateType::Running, t(2)), ev(2), t(2));
         assert_eq!((l.run_count, l.start_time), (1, Some(t(2))));
-        l.enter(State::named(StateName::AwaitingRetry, t(5)), ev(3), t(5));
-        l.enter(State::named(StateName::Retrying, t(6)), ev(4), t(6));
-        l.enter(State::of(StateType::Completed, t(10)), ev(5), t(10));
+        let _ = l.enter(State::named(StateName::AwaitingRetry, t(5)), ev(3), t(5));
+        let _ = l.enter(State::named(StateName::Retrying, t(6)), ev(4), t(6));
+        let _ = l.enter(State::of(StateType::Completed, t(10)), ev(5), t(10));
         assert_eq!(l.run_count, 2);
         assert_eq!(l.start_time, Some(t(2)));
         assert_eq!(l.end_time, Some(t(10)));
         assert_eq!(l.total_run_time, Duration::from_secs(3 + 4));
         assert_eq!(l.history.len(), 5);
+    }
+
+    #[test]
+    fn the_history_window_archives_full_blocks() {
+        let mut l = Lifecycle::new(State::of(StateType::Scheduled, Timestamp::EPOCH));
+        let mut archived = Vec::new();
+        for i in 0..20u8 {
+            if let Some(block) = l.record(ev(i)) {
+                archived.push(block);
+            }
+        }
+        assert_eq!(l.history_len(), 20);
+        assert_eq!(archived.len(), 2);
+        assert_eq!(archived[0], (0, (0..8).map(ev).collect()));
+        assert_eq!(archived[1], (1, (8..16).map(ev).collect()));
+        assert_eq!(l.history, (16..20).map(ev).collect::<Vec<_>>());
     }
 
     #[test]

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use crate::event::Event;
 use crate::hot_state::HotState;
-use crate::ids::{EventId, FlowRunId, LogBatchId};
+use crate::ids::{EventId, FlowRunId, LogBatchId, RunId};
+use crate::lifecycle::Lifecycle;
 use crate::log_line::LogLine;
 
 /// The control state as `apply` sees it.
@@ -29,6 +30,8 @@ pub struct MemState {
     pub events: BTreeMap<EventId, Event>,
     /// Every log batch.
     pub logs: BTreeMap<(FlowRunId, LogBatchId), Vec<LogLine>>,
+    /// Archived history blocks.
+    pub history_blocks: BTreeMap<(RunId, u32), Vec<EventId>>,
 }
 
 impl MemState {
@@ -48,9 +51,28 @@ impl MemState {
                 crate::apply::Write::Logs { flow_run, batch, lines } => {
                     self.logs.insert((flow_run, batch), lines);
                 }
+                crate::apply::Write::HistoryBlock { run, block, events } => {
+                    self.history_blocks.insert((run, block), events);
+                }
                 _ => {}
             }
         }
+    }
+}
+
+impl MemState {
+    /// The whole state history of a run (archived blocks, then the window).
+    pub fn history(&self, run: RunId) -> Vec<EventId> {
+        let lifecycle: Option<&Lifecycle> = match run {
+            RunId::Flow(id) => self.hot.flow_run(&id).map(|r| &r.lifecycle),
+            RunId::Task(id) => self.hot.task_run(&id).map(|r| &r.lifecycle),
+        };
+        let Some(l) = lifecycle else { return Vec::new() };
+        let mut out: Vec<EventId> = (0..l.archived_blocks)
+            .flat_map(|b| self.history_blocks.get(&(run, b)).cloned().unwrap_or_default())
+            .collect();
+        out.extend_from_slice(&l.history);
+        out
     }
 }
 

@@ -80,7 +80,7 @@ impl World {
     }
 
     fn history(&self, id: FlowRunId) -> Vec<State> {
-        self.run(id).lifecycle.history.iter().map(|e| self.state.events[e].state().unwrap().clone()).collect()
+        self.state.history(crate::ids::RunId::Flow(id)).iter().map(|e| self.state.events[e].state().unwrap().clone()).collect()
     }
 }
 

@@ -340,6 +340,6 @@ fn run_count_and_timing_follow_the_states() {
     let s = d.state().unwrap().clone();
     assert_eq!(s.timestamp, t(10));
     let mut l = in_state(StateName::Pending);
-    l.enter(s, EventId::from_bytes([1; 16]), t(10));
+    let _ = l.enter(s, EventId::from_bytes([1; 16]), t(10));
     assert_eq!((l.run_count, l.start_time), (1, Some(t(10))));
 }

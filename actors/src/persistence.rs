@@ -1,0 +1,613 @@
+//! The persistence actor: the only writer of the control state.
+//!
+//! Commands that arrive while a batch is being written form the next batch (group commit). A
+//! batch is appended to the command log as one frame and made durable with one `fdatasync` (on
+//! the log thread); only then are its commands applied, answered and their events published.
+//! The state they derive is written to the store behind the log (on the store thread), which may
+//! lag by at most `store_lag_bytes_max` of log before acknowledgements wait. The store is
+//! checkpointed (made power-cut durable) from time to time, and the log is truncated up to the
+//! checkpoint. On open, the log past the store's applied index is replayed.
+
+pub mod command_log;
+pub mod config;
+pub mod error;
+pub mod kv;
+pub mod log_io;
+pub mod overlay;
+pub mod read;
+pub mod store;
+mod threads;
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use flotilla_runtime::codec::FORMAT_VERSION;
+use flotilla_runtime::{
+    Command, DeploymentId, Event, EventId, FlowRun, FlowRunId, LogIndex, Refusal, Reply, State, TaskRun, TaskRunId,
+    Timestamp,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+pub use command_log::{CommandLog, LogEntry, LogEntryRef};
+pub use config::PersistenceConfig;
+pub use error::{OpenError, PersistError};
+pub use kv::{KvError, KvOp, KvStore, MemKv, SledKv, Tree};
+pub use read::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter, StoreStats};
+pub use store::{Store, StoreJob};
+
+use log_io::DirIo;
+use threads::{LogJob, spawn_log_thread, spawn_store_thread};
+
+/// The data format version of a data directory this build writes and reads.
+pub const DATA_FORMAT: u32 = 1;
+const FORMAT_FILE: &str = "FORMAT";
+const LOCK_FILE: &str = "LOCK";
+
+/// The answer to a submitted command: the rules' reply or refusal, or a fault.
+pub type SubmitResult = Result<Result<Reply, Refusal>, PersistError>;
+
+/// Messages of the persistence actor.
+pub enum PersistenceMsg {
+    /// Apply a command once it is durable.
+    Submit(Command, RpcReplyPort<SubmitResult>),
+    /// Read the control state.
+    Read(Read, RpcReplyPort<Result<ReadReply, PersistError>>),
+    /// From the log thread: a batch is durable (or failed).
+    Logged {
+        /// The batch's last index.
+        last: LogIndex,
+        /// Ok, or the IO error.
+        result: Result<(), String>,
+    },
+    /// From the store thread: the store holds everything up to `upto`.
+    Stored {
+        /// The last index stored.
+        upto: LogIndex,
+        /// The log bytes that covered.
+        log_bytes: u64,
+        /// Ok, or the store error.
+        result: Result<(), String>,
+    },
+    /// From the store thread: the store is durable up to `upto`.
+    Checkpointed {
+        /// The last index made durable.
+        upto: LogIndex,
+    },
+    /// Periodic: hand what was applied to the store thread.
+    Tick,
+}
+
+impl ractor::Message for PersistenceMsg {}
+
+impl std::fmt::Debug for PersistenceMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PersistenceMsg::Submit(c, _) => write!(f, "Submit({})", c.kind()),
+            PersistenceMsg::Read(r, _) => write!(f, "Read({r:?})"),
+            PersistenceMsg::Logged { last, .. } => write!(f, "Logged({last})"),
+            PersistenceMsg::Stored { upto, .. } => write!(f, "Stored({upto})"),
+            PersistenceMsg::Checkpointed { upto } => write!(f, "Checkpointed({upto})"),
+            PersistenceMsg::Tick => f.write_str("Tick"),
+        }
+    }
+}
+
+/// A data directory opened and recovered, ready to start the actor on.
+pub struct OpenedStore {
+    lock: File,
+    store: Store,
+    log: CommandLog,
+    config: PersistenceConfig,
+    /// How many commands were replayed from the log on open.
+    pub replayed: usize,
+}
+
+impl std::fmt::Debug for OpenedStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenedStore")
+            .field("store", &self.store)
+            .field("replayed", &self.replayed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OpenedStore {
+    /// The recovered state.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+fn path_str(p: &Path) -> String {
+    p.display().to_string()
+}
+
+fn lock_dir(dir: &Path) -> Result<File, OpenError> {
+    let path = dir.join(LOCK_FILE);
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| OpenError::io(path_str(&path), e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(OpenError::Locked { path: path_str(&path) }),
+        Err(fs::TryLockError::Error(e)) => Err(OpenError::io(path_str(&path), e)),
+    }
+}
+
+fn check_format(dir: &Path) -> Result<(), OpenError> {
+    let path = dir.join(FORMAT_FILE);
+    match fs::read_to_string(&path) {
+        Ok(text) => {
+            let found: u32 = text
+                .trim()
+                .strip_prefix("flotilla-data-format ")
+                .and_then(|n| n.parse().ok())
+                .ok_or_else(|| OpenError::corrupt(path_str(&path), format!("unreadable format file: {:?}", text.trim())))?;
+            if found > DATA_FORMAT {
+                return Err(OpenError::NewerFormat { path: path_str(&path), found, supported: DATA_FORMAT });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if dir.join("store").exists() || dir.join("log").exists() {
+                return Err(OpenError::corrupt(path_str(&path), "missing, but the directory holds data"));
+            }
+            let mut f = File::create(&path).map_err(|e| OpenError::io(path_str(&path), e))?;
+            writeln!(f, "flotilla-data-format {DATA_FORMAT}")
+                .and_then(|()| f.sync_all())
+                .and_then(|()| File::open(dir)?.sync_all())
+                .map_err(|e| OpenError::io(path_str(&path), e))
+        }
+        Err(e) => Err(OpenError::io(path_str(&path), e)),
+    }
+}
+
+/// Opens a data directory: takes its lock, checks its format, loads the store and replays the
+/// command log past the store's applied index. Errors name the path and the cause.
+pub fn open(config: PersistenceConfig) -> Result<OpenedStore, OpenError> {
+    let dir = config.data_dir.clone();
+    fs::create_dir_all(&dir).map_err(|e| OpenError::io(path_str(&dir), e))?;
+    let lock = lock_dir(&dir)?;
+    check_format(&dir)?;
+    let store_dir = dir.join("store");
+    let kv = SledKv::open(&store_dir).map_err(|e| OpenError::Store { path: path_str(&store_dir), reason: e.0 })?;
+    let kv: Arc<dyn KvStore> = Arc::new(kv);
+    open_with(lock, config, kv, &path_str(&store_dir))
+}
+
+fn open_with(lock: File, config: PersistenceConfig, kv: Arc<dyn KvStore>, store_path: &str) -> Result<OpenedStore, OpenError> {
+    let mut store = Store::load(kv.clone(), store_path)?;
+    let log_dir = config.data_dir.join("log");
+    let io = DirIo::new(&log_dir).map_err(|e| OpenError::io(path_str(&log_dir), e))?;
+    let (mut log, entries) = CommandLog::open(Box::new(io), config.segment_bytes_max, store.applied())?;
+    let replayed = entries.len();
+    if replayed > 0 {
+        tracing::info!(commands = replayed, from = %store.applied(), "replaying the command log");
+    }
+    let store_err = |e: KvError| OpenError::Store { path: store_path.to_owned(), reason: e.0 };
+    for (n, entry) in entries.into_iter().enumerate() {
+        let _ = store.apply(entry.index, entry.now, entry.command);
+        if n % 4096 == 4095 {
+            kv.apply(&store.take_job().into_ops()).map_err(store_err)?;
+        }
+    }
+    kv.apply(&store.take_job().into_ops()).map_err(store_err)?;
+    store.stored_through(store.applied());
+    kv.checkpoint().map_err(store_err)?;
+    log.truncate_through(store.applied())
+        .map_err(|e| OpenError::io(path_str(&log_dir), e))?;
+    Ok(OpenedStore { lock, store, log, config, replayed })
+}
+
+struct InFlight {
+    entries: Vec<(LogIndex, Command, RpcReplyPort<SubmitResult>)>,
+    now: Timestamp,
+    bytes: u64,
+}
+
+/// The actor's state.
+#[allow(missing_debug_implementations)]
+pub struct PersistenceState {
+    store: Store,
+    config: PersistenceConfig,
+    pending: VecDeque<(Command, RpcReplyPort<SubmitResult>)>,
+    in_flight: Option<InFlight>,
+    next_index: LogIndex,
+    log_tx: Option<mpsc::Sender<LogJob>>,
+    store_tx: Option<mpsc::Sender<StoreJob>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    events: broadcast::Sender<Arc<Event>>,
+    lag_bytes: u64,
+    stored: LogIndex,
+    checkpointed: LogIndex,
+    log_syncs: u64,
+    log_segments: Arc<AtomicUsize>,
+    failed: Option<PersistError>,
+    unsent_bytes: u64,
+    last_store_job: std::time::Instant,
+    _lock: File,
+}
+
+/// The persistence actor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Persistence;
+
+/// What the actor starts from.
+#[allow(missing_debug_implementations)]
+pub struct PersistenceArgs {
+    opened: OpenedStore,
+    events: broadcast::Sender<Arc<Event>>,
+}
+
+impl PersistenceState {
+    fn clock() -> Timestamp {
+        Timestamp::from(chrono::Utc::now())
+    }
+
+    fn fail_all(&mut self, err: PersistError) {
+        if let Some(batch) = self.in_flight.take() {
+            for (_, _, port) in batch.entries {
+                let _ = port.send(Err(err.clone()));
+            }
+        }
+        for (_, port) in self.pending.drain(..) {
+            let _ = port.send(Err(err.clone()));
+        }
+        self.failed = Some(err);
+    }
+
+    /// Starts writing the next batch when none is being written and the store keeps up.
+    fn start_batch(&mut self) {
+        if self.in_flight.is_some() || self.pending.is_empty() || self.lag_bytes >= self.config.store_lag_bytes_max {
+            return;
+        }
+        let Some(log_tx) = &self.log_tx else { return };
+        let now = self.store.next_now(Self::clock());
+        // Version byte, then a MessagePack array32 header patched with the count at the end.
+        let mut buf = Vec::with_capacity(64 * 1024);
+        buf.push(FORMAT_VERSION);
+        buf.extend_from_slice(&[0xdd, 0, 0, 0, 0]);
+        let mut entries = Vec::new();
+        let first = self.next_index;
+        while let Some((command, port)) = self.pending.pop_front() {
+            if entries.len() >= self.config.batch_commands_max || buf.len() >= self.config.batch_bytes_max {
+                self.pending.push_front((command, port));
+                break;
+            }
+            let index = LogIndex::new(first.get() + entries.len() as u64);
+            let start = buf.len();
+            let entry = LogEntryRef { index, now, command: &command };
+            let mut ser = rmp_serde::Serializer::new(&mut buf).with_struct_map();
+            if let Err(e) = entry.serialize(&mut ser) {
+                buf.truncate(start);
+                let _ = port.send(Err(PersistError::Encode(e.to_string())));
+                continue;
+            }
+            let size = buf.len() - start;
+            if size > self.config.command_bytes_max {
+                buf.truncate(start);
+                let _ = port.send(Err(PersistError::TooLarge { size, max: self.config.command_bytes_max }));
+                continue;
+            }
+            entries.push((index, command, port));
+        }
+        if entries.is_empty() {
+            return;
+        }
+        let count = u32::try_from(entries.len()).unwrap_or(u32::MAX);
+        buf[2..6].copy_from_slice(&count.to_be_bytes());
+        let last = LogIndex::new(first.get() + entries.len() as u64 - 1);
+        let bytes = buf.len() as u64;
+        if log_tx.send(LogJob::Append { payload: buf, first, last }).is_err() {
+            for (_, _, port) in entries {
+                let _ = port.send(Err(PersistError::LogWrite("the log thread is gone".into())));
+            }
+            self.fail_all(PersistError::LogWrite("the log thread is gone".into()));
+            return;
+        }
+        self.next_index = last.next();
+        self.in_flight = Some(InFlight { entries, now, bytes });
+    }
+
+    /// A batch is durable: apply it, answer, publish, and hand its writes to the store.
+    fn batch_logged(&mut self) {
+        let Some(batch) = self.in_flight.take() else { return };
+        self.log_syncs += 1;
+        self.store.add_log_bytes(batch.bytes);
+        self.lag_bytes += batch.bytes;
+        let publish = self.events.receiver_count() > 0;
+        for (index, command, port) in batch.entries {
+            let (reply, events) = self.store.apply(index, batch.now, command);
+            if publish {
+                for e in events {
+                    let _ = self.events.send(e);
+                }
+            }
+            let _ = port.send(Ok(reply));
+        }
+        self.unsent_bytes += batch.bytes;
+        if self.unsent_bytes >= self.config.store_write_bytes || self.last_store_job.elapsed() >= self.config.store_write_interval {
+            self.send_store_job();
+        }
+    }
+
+    /// Hands everything applied since the last job to the store thread (each changed run
+    /// encoded once, however often it changed in between).
+    fn send_store_job(&mut self) {
+        if self.unsent_bytes == 0 {
+            return;
+        }
+        let job = self.store.take_job();
+        self.unsent_bytes = 0;
+        self.last_store_job = std::time::Instant::now();
+        if let Some(tx) = &self.store_tx
+            && tx.send(job).is_err()
+        {
+            self.fail_all(PersistError::StoreWrite("the store thread is gone".into()));
+        }
+    }
+
+    fn stats(&self) -> StoreStats {
+        StoreStats {
+            applied: self.store.applied(),
+            stored: self.stored,
+            checkpointed: self.checkpointed,
+            flow_runs: 0,
+            lag_bytes: self.lag_bytes,
+            log_segments: self.log_segments.load(Ordering::Relaxed),
+            log_syncs: self.log_syncs,
+        }
+    }
+}
+
+impl Actor for Persistence {
+    type Msg = PersistenceMsg;
+    type State = PersistenceState;
+    type Arguments = PersistenceArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        let OpenedStore { lock, store, log, config, .. } = args.opened;
+        let next_index = store.applied().next();
+        let applied = store.applied();
+        let log_segments = Arc::new(AtomicUsize::new(log.segment_count()));
+        let (log_tx, log_thread) = spawn_log_thread(log, myself.clone(), log_segments.clone())?;
+        let (store_tx, store_thread) = spawn_store_thread(store.kv().clone(), myself.clone(), &config, applied)?;
+        myself.send_interval(config.store_write_interval, || PersistenceMsg::Tick);
+        Ok(PersistenceState {
+            store,
+            config,
+            pending: VecDeque::new(),
+            in_flight: None,
+            next_index,
+            log_tx: Some(log_tx),
+            store_tx: Some(store_tx),
+            threads: vec![log_thread, store_thread],
+            events: args.events,
+            lag_bytes: 0,
+            stored: applied,
+            checkpointed: applied,
+            log_syncs: 0,
+            log_segments,
+            failed: None,
+            unsent_bytes: 0,
+            last_store_job: std::time::Instant::now(),
+            _lock: lock,
+        })
+    }
+
+    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            PersistenceMsg::Submit(command, port) => {
+                if let Some(err) = &state.failed {
+                    let _ = port.send(Err(err.clone()));
+                    return Ok(());
+                }
+                state.pending.push_back((command, port));
+                state.start_batch();
+            }
+            PersistenceMsg::Read(read, port) => {
+                let _ = port.send(state.store.read(read, state.stats()));
+            }
+            PersistenceMsg::Logged { last, result } => match result {
+                Ok(()) => {
+                    debug_assert_eq!(state.in_flight.as_ref().and_then(|b| b.entries.last().map(|e| e.0)), Some(last));
+                    state.batch_logged();
+                    state.start_batch();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the command log could not be written; refusing further commands");
+                    state.fail_all(PersistError::LogWrite(e));
+                }
+            },
+            PersistenceMsg::Stored { upto, log_bytes, result } => match result {
+                Ok(()) => {
+                    state.stored = upto;
+                    state.lag_bytes = state.lag_bytes.saturating_sub(log_bytes);
+                    state.store.stored_through(upto);
+                    state.start_batch();
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "the store could not be written; refusing further commands");
+                    state.fail_all(PersistError::StoreWrite(e));
+                }
+            },
+            PersistenceMsg::Tick => {
+                if state.last_store_job.elapsed() >= state.config.store_write_interval {
+                    state.send_store_job();
+                }
+            }
+            PersistenceMsg::Checkpointed { upto } => {
+                state.checkpointed = upto;
+                if let Some(tx) = &state.log_tx {
+                    let _ = tx.send(LogJob::Truncate { upto });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        state.fail_all(PersistError::Stopped);
+        state.send_store_job();
+        state.log_tx = None;
+        state.store_tx = None;
+        let threads = std::mem::take(&mut state.threads);
+        tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await?;
+        Ok(())
+    }
+}
+
+/// A handle on a running persistence actor.
+#[derive(Clone)]
+pub struct PersistenceHandle {
+    actor: ActorRef<PersistenceMsg>,
+    events: broadcast::Sender<Arc<Event>>,
+}
+
+impl std::fmt::Debug for PersistenceHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PersistenceHandle").field("actor", &self.actor.get_id()).finish()
+    }
+}
+
+/// Opens the data directory and starts the persistence actor on it.
+pub async fn start(config: PersistenceConfig) -> Result<(PersistenceHandle, ractor::concurrency::JoinHandle<()>), StartError> {
+    let opened = tokio::task::spawn_blocking(move || open(config))
+        .await
+        .map_err(|e| StartError::Spawn(e.to_string()))??;
+    start_opened(opened).await
+}
+
+/// Starts the persistence actor on an opened data directory.
+pub async fn start_opened(opened: OpenedStore) -> Result<(PersistenceHandle, ractor::concurrency::JoinHandle<()>), StartError> {
+    let (events, _) = broadcast::channel(opened.config.event_channel_capacity.max(1));
+    let (actor, join) = Actor::spawn(None, Persistence, PersistenceArgs { opened, events: events.clone() })
+        .await
+        .map_err(|e| StartError::Spawn(e.to_string()))?;
+    Ok((PersistenceHandle { actor, events }, join))
+}
+
+/// Why the persistence actor did not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The data directory could not be opened.
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    /// The actor or its threads could not be started.
+    #[error("cannot start the persistence actor: {0}")]
+    Spawn(String),
+}
+
+impl PersistenceHandle {
+    /// Submits a command; answers once it is durable and applied.
+    pub async fn submit(&self, command: Command) -> SubmitResult {
+        match self.actor.call(|port| PersistenceMsg::Submit(command, port), None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(PersistError::Stopped),
+        }
+    }
+
+    /// Reads the control state.
+    pub async fn read(&self, read: Read) -> Result<ReadReply, PersistError> {
+        match self.actor.call(|port| PersistenceMsg::Read(read, port), None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            _ => Err(PersistError::Stopped),
+        }
+    }
+
+    /// Receives every event from now on, once it is durable.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
+
+    /// A flow run.
+    pub async fn flow_run(&self, id: FlowRunId) -> Result<Option<FlowRun>, PersistError> {
+        match self.read(Read::FlowRun(id)).await? {
+            ReadReply::FlowRun(r) => Ok(r.map(|b| *b)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A page of flow runs.
+    pub async fn flow_runs(&self, filter: RunFilter, after: Option<FlowRunId>, limit: usize) -> Result<Vec<FlowRun>, PersistError> {
+        match self.read(Read::FlowRuns { filter, after, limit }).await? {
+            ReadReply::FlowRuns(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A task run.
+    pub async fn task_run(&self, id: TaskRunId) -> Result<Option<TaskRun>, PersistError> {
+        match self.read(Read::TaskRun(id)).await? {
+            ReadReply::TaskRun(r) => Ok(r.map(|b| *b)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A page of a flow run's task runs.
+    pub async fn task_runs(&self, flow_run: FlowRunId, after: Option<TaskRunId>, limit: usize) -> Result<Vec<TaskRun>, PersistError> {
+        match self.read(Read::TaskRuns { flow_run, after, limit }).await? {
+            ReadReply::TaskRuns(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A page of a flow run's state history (None: no such run).
+    pub async fn flow_run_history(&self, run: FlowRunId, offset: usize, limit: usize) -> Result<Option<Vec<State>>, PersistError> {
+        match self.read(Read::FlowRunHistory { run, offset, limit }).await? {
+            ReadReply::History(h) => Ok(h),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A page of events after an id.
+    pub async fn events(&self, after: Option<EventId>, limit: usize) -> Result<Vec<Event>, PersistError> {
+        match self.read(Read::Events { after, limit }).await? {
+            ReadReply::Events(e) => Ok(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// A deployment.
+    pub async fn deployment(&self, id: DeploymentId) -> Result<Option<flotilla_runtime::Deployment>, PersistError> {
+        match self.read(Read::Deployment(id)).await? {
+            ReadReply::Deployment(d) => Ok(d.map(|b| *b)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Figures about the store.
+    pub async fn stats(&self) -> Result<StoreStats, PersistError> {
+        match self.read(Read::Stats).await? {
+            ReadReply::Stats(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Stops the actor; its threads finish their work (a last checkpoint) first.
+    pub async fn stop(&self, join: ractor::concurrency::JoinHandle<()>) {
+        self.actor.stop(None);
+        let _ = join.await;
+    }
+}
+
+fn unexpected(reply: ReadReply) -> PersistError {
+    PersistError::Read(format!("unexpected reply {reply:?}"))
+}

@@ -1,0 +1,145 @@
+//! Reads of the control state: what can be asked, and the answers. Every list is paged with a
+//! bounded page size.
+
+use flotilla_runtime::{
+    Deployment, DeploymentId, Event, EventId, FlowRun, FlowRunId, LogBatchId, LogIndex, LogLine, State, StateType,
+    TaskRun, TaskRunId,
+};
+use serde::{Deserialize, Serialize};
+
+/// The largest page any read returns.
+pub const PAGE_MAX: usize = 1_000;
+
+/// Which flow runs to list.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunFilter {
+    /// All, in creation order.
+    All,
+    /// Those in a state type.
+    State(StateType),
+    /// Those of a deployment.
+    Deployment(DeploymentId),
+}
+
+/// Where a page of log lines continues: after line `line` of batch `batch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogCursor {
+    /// The batch.
+    pub batch: LogBatchId,
+    /// Lines of it already returned.
+    pub line: u32,
+}
+
+/// A read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Read {
+    /// One flow run.
+    FlowRun(FlowRunId),
+    /// A page of flow runs, after `after` (by id).
+    FlowRuns {
+        /// Which.
+        filter: RunFilter,
+        /// The last id of the previous page.
+        after: Option<FlowRunId>,
+        /// At most this many (capped at [`PAGE_MAX`]).
+        limit: usize,
+    },
+    /// One task run.
+    TaskRun(TaskRunId),
+    /// A page of a flow run's task runs, in creation order.
+    TaskRuns {
+        /// The flow run.
+        flow_run: FlowRunId,
+        /// The last id of the previous page.
+        after: Option<TaskRunId>,
+        /// At most this many.
+        limit: usize,
+    },
+    /// A page of a flow run's state history, oldest first.
+    FlowRunHistory {
+        /// The run.
+        run: FlowRunId,
+        /// States to skip.
+        offset: usize,
+        /// At most this many.
+        limit: usize,
+    },
+    /// A page of a task run's state history, oldest first.
+    TaskRunHistory {
+        /// The run.
+        run: TaskRunId,
+        /// States to skip.
+        offset: usize,
+        /// At most this many.
+        limit: usize,
+    },
+    /// A page of events after an id, in append order.
+    Events {
+        /// The last id of the previous page.
+        after: Option<EventId>,
+        /// At most this many.
+        limit: usize,
+    },
+    /// A page of a flow run's log lines.
+    Logs {
+        /// The run.
+        flow_run: FlowRunId,
+        /// Where the previous page ended.
+        after: Option<LogCursor>,
+        /// At most this many lines.
+        limit: usize,
+    },
+    /// One deployment.
+    Deployment(DeploymentId),
+    /// One deployment, by name.
+    DeploymentByName(String),
+    /// Figures about the store.
+    Stats,
+}
+
+/// Figures about the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoreStats {
+    /// The last command applied.
+    pub applied: LogIndex,
+    /// The last command the store holds.
+    pub stored: LogIndex,
+    /// The last command the store holds durably (the log is truncated up to here).
+    pub checkpointed: LogIndex,
+    /// Flow runs.
+    pub flow_runs: usize,
+    /// Log bytes applied but not yet in the store.
+    pub lag_bytes: u64,
+    /// Command log segments.
+    pub log_segments: usize,
+    /// Batches written to the log (one `fdatasync` each).
+    pub log_syncs: u64,
+}
+
+/// The answer to a read.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ReadReply {
+    /// A flow run, if it exists.
+    FlowRun(Option<Box<FlowRun>>),
+    /// Flow runs.
+    FlowRuns(Vec<FlowRun>),
+    /// A task run, if it exists.
+    TaskRun(Option<Box<TaskRun>>),
+    /// Task runs.
+    TaskRuns(Vec<TaskRun>),
+    /// States (None when the run does not exist).
+    History(Option<Vec<State>>),
+    /// Events.
+    Events(Vec<Event>),
+    /// Log lines and where the next page starts (None: no more for now).
+    Logs {
+        /// The lines.
+        lines: Vec<LogLine>,
+        /// The cursor of the next page.
+        next: Option<LogCursor>,
+    },
+    /// A deployment, if it exists.
+    Deployment(Option<Box<Deployment>>),
+    /// Figures.
+    Stats(StoreStats),
+}

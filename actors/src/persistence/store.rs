@@ -1,0 +1,584 @@
+//! The control state of one node: the hot state in memory, the cold records (events, logs) in
+//! the key-value store behind an overlay, and the translation of `apply`'s writes into store
+//! batches. No threads and no actor here: the persistence actor drives it.
+
+use std::collections::HashSet;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use flotilla_runtime::codec;
+use flotilla_runtime::{
+    ApplyContext, Command, Deployment, DeploymentId, Event, EventId, FlowRun, FlowRunId, HotState, LogBatchId,
+    LogIndex, LogLine, Refusal, Reply, RunId, State, StateView, TaskRun, TaskRunId, Timestamp, Write, apply,
+};
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+
+use super::error::{OpenError, PersistError};
+use super::kv::{KvOp, KvStore, Tree};
+use super::overlay::Overlay;
+use super::read::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter, StoreStats};
+
+const APPLIED_KEY: &[u8] = b"applied";
+
+/// Events are stored in blocks of at most this many, keyed by their first event's id: one
+/// store write per block instead of one per event.
+pub const EVENT_BLOCK_EVENTS: usize = 16;
+
+/// A block of events as stored: the ids, and each event encoded on its own (so one event is
+/// found without decoding the others).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct EventBlock {
+    ids: Vec<EventId>,
+    events: Vec<ByteBuf>,
+}
+
+impl EventBlock {
+    fn find(&self, id: &EventId) -> Option<&[u8]> {
+        let i = self.ids.iter().position(|x| x == id)?;
+        self.events.get(i).map(|b| b.as_slice())
+    }
+}
+
+fn history_key(run: RunId, block: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(21);
+    match run {
+        RunId::Flow(id) => {
+            k.push(0);
+            k.extend_from_slice(id.as_bytes());
+        }
+        RunId::Task(id) => {
+            k.push(1);
+            k.extend_from_slice(id.as_bytes());
+        }
+    }
+    k.extend_from_slice(&block.to_be_bytes());
+    k
+}
+
+/// What the store must write to cover the log up to `upto`: the changed hot records (shared
+/// snapshots, encoded on the store thread), the new events, and pre-encoded cold records.
+#[derive(Debug, Default)]
+pub struct StoreJob {
+    /// The last log index whose writes it holds.
+    pub upto: LogIndex,
+    /// The size of the log frames it covers.
+    pub log_bytes: u64,
+    /// Flow runs as they are at `upto`.
+    pub flow_runs: Vec<Arc<FlowRun>>,
+    /// Task runs as they are at `upto`.
+    pub task_runs: Vec<Arc<TaskRun>>,
+    /// Deployments put (`Some`) or deleted (`None`).
+    pub deployments: Vec<(DeploymentId, Option<Deployment>)>,
+    /// New events, in order.
+    pub events: Vec<Arc<Event>>,
+    /// Other writes, encoded.
+    pub ops: Vec<KvOp>,
+}
+
+impl StoreJob {
+    /// Merges jobs queued one after another into one: the latest snapshot of each record wins.
+    pub fn merge(jobs: Vec<StoreJob>) -> StoreJob {
+        let mut it = jobs.into_iter();
+        let Some(mut acc) = it.next() else { return StoreJob::default() };
+        let mut rest = it.peekable();
+        if rest.peek().is_none() {
+            return acc;
+        }
+        for job in rest {
+            acc.upto = acc.upto.max(job.upto);
+            acc.log_bytes += job.log_bytes;
+            acc.flow_runs.extend(job.flow_runs);
+            acc.task_runs.extend(job.task_runs);
+            acc.deployments.extend(job.deployments);
+            acc.events.extend(job.events);
+            acc.ops.extend(job.ops);
+        }
+        let mut seen = HashSet::new();
+        acc.flow_runs.reverse();
+        acc.flow_runs.retain(|r| seen.insert(r.id));
+        let mut seen = HashSet::new();
+        acc.task_runs.reverse();
+        acc.task_runs.retain(|r| seen.insert(r.id));
+        let mut seen = HashSet::new();
+        acc.deployments.reverse();
+        acc.deployments.retain(|(id, _)| seen.insert(*id));
+        acc
+    }
+
+    /// The store batch: every record encoded, events in blocks, and the applied index last.
+    pub fn into_ops(self) -> Vec<KvOp> {
+        let mut ops = self.ops;
+        ops.reserve(self.flow_runs.len() + self.task_runs.len() + self.events.len() / EVENT_BLOCK_EVENTS + 2);
+        for run in &self.flow_runs {
+            match codec::encode(&**run) {
+                Ok(bytes) => ops.push(KvOp::Put(Tree::FlowRuns, run.id.as_bytes().to_vec(), bytes)),
+                Err(e) => tracing::error!(error = %e, run = %run.id, "a flow run could not be encoded"),
+            }
+        }
+        for run in &self.task_runs {
+            match codec::encode(&**run) {
+                Ok(bytes) => ops.push(KvOp::Put(Tree::TaskRuns, run.id.as_bytes().to_vec(), bytes)),
+                Err(e) => tracing::error!(error = %e, run = %run.id, "a task run could not be encoded"),
+            }
+        }
+        for (id, d) in &self.deployments {
+            match d.as_ref().map(codec::encode) {
+                Some(Ok(bytes)) => ops.push(KvOp::Put(Tree::Deployments, id.as_bytes().to_vec(), bytes)),
+                Some(Err(e)) => tracing::error!(error = %e, "a deployment could not be encoded"),
+                None => ops.push(KvOp::Delete(Tree::Deployments, id.as_bytes().to_vec())),
+            }
+        }
+        for chunk in self.events.chunks(EVENT_BLOCK_EVENTS) {
+            let mut block = EventBlock::default();
+            for e in chunk {
+                match codec::encode(&**e) {
+                    Ok(bytes) => {
+                        block.ids.push(e.id);
+                        block.events.push(ByteBuf::from(bytes));
+                    }
+                    Err(err) => tracing::error!(error = %err, "an event could not be encoded"),
+                }
+            }
+            if let (Some(first), Ok(bytes)) = (block.ids.first(), codec::encode(&block)) {
+                ops.push(KvOp::Put(Tree::Events, first.as_bytes().to_vec(), bytes));
+            }
+        }
+        ops.push(KvOp::Put(Tree::Meta, APPLIED_KEY.to_vec(), self.upto.get().to_be_bytes().to_vec()));
+        ops
+    }
+}
+
+/// The control state.
+pub struct Store {
+    hot: HotState,
+    kv: Arc<dyn KvStore>,
+    overlay: Overlay,
+    events: Overlay<Arc<Event>>,
+    applied: LogIndex,
+    last_now: Timestamp,
+    dirty_runs: Vec<FlowRunId>,
+    dirty_tasks: Vec<TaskRunId>,
+    dirty_deployments: Vec<(DeploymentId, bool)>,
+    cold_ops: Vec<KvOp>,
+    new_events: Vec<Arc<Event>>,
+    job_log_bytes: u64,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("applied", &self.applied)
+            .field("flow_runs", &self.hot.flow_run_count())
+            .finish_non_exhaustive()
+    }
+}
+
+struct View<'a> {
+    hot: &'a mut HotState,
+    overlay: &'a Overlay,
+    events: &'a Overlay<Arc<Event>>,
+    kv: &'a dyn KvStore,
+}
+
+fn find_event(events: &Overlay<Arc<Event>>, kv: &dyn KvStore, id: &EventId) -> Result<Option<Arc<Event>>, PersistError> {
+    if let Some(e) = events.get(Tree::Events, id.as_bytes()) {
+        return Ok(Some(e.clone()));
+    }
+    let Some((_, block)) = kv.floor(Tree::Events, id.as_bytes()).map_err(|e| read_err("store", e))? else {
+        return Ok(None);
+    };
+    let block: EventBlock = codec::decode(&block).map_err(|e| read_err("event block", e))?;
+    match block.find(id) {
+        Some(bytes) => Ok(Some(Arc::new(codec::decode(bytes).map_err(|e| read_err(&format!("event {id}"), e))?))),
+        None => Ok(None),
+    }
+}
+
+fn exists(overlay: &Overlay, kv: &dyn KvStore, tree: Tree, key: &[u8]) -> bool {
+    if overlay.get(tree, key).is_some() {
+        return true;
+    }
+    match kv.get(tree, key) {
+        Ok(v) => v.is_some(),
+        Err(e) => {
+            tracing::error!(error = %e, "store read failed during apply; treating the record as absent");
+            false
+        }
+    }
+}
+
+impl StateView for View<'_> {
+    fn hot(&self) -> &HotState {
+        self.hot
+    }
+    fn hot_mut(&mut self) -> &mut HotState {
+        self.hot
+    }
+    fn event_exists(&self, id: &EventId) -> bool {
+        match find_event(self.events, self.kv, id) {
+            Ok(v) => v.is_some(),
+            Err(e) => {
+                tracing::error!(error = %e, "store read failed during apply; treating the event as absent");
+                false
+            }
+        }
+    }
+    fn log_batch_exists(&self, flow_run: &FlowRunId, batch: &LogBatchId) -> bool {
+        exists(self.overlay, self.kv, Tree::Logs, &log_key(flow_run, batch))
+    }
+}
+
+fn log_key(flow_run: &FlowRunId, batch: &LogBatchId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(32);
+    k.extend_from_slice(flow_run.as_bytes());
+    k.extend_from_slice(batch.as_bytes());
+    k
+}
+
+fn read_err(what: &str, e: impl std::fmt::Display) -> PersistError {
+    PersistError::Read(format!("{what}: {e}"))
+}
+
+/// Decodes every record of a tree, page by page.
+fn load_tree<T: serde::de::DeserializeOwned>(
+    kv: &dyn KvStore,
+    tree: Tree,
+    path: &str,
+    mut each: impl FnMut(T),
+) -> Result<(), OpenError> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let page = kv
+            .scan(tree, b"", start, 10_000)
+            .map_err(|e| OpenError::Store { path: path.to_owned(), reason: e.0 })?;
+        let Some((last, _)) = page.last() else { return Ok(()) };
+        after = Some(last.clone());
+        for (k, v) in page {
+            let value = codec::decode(&v).map_err(|e| {
+                OpenError::corrupt(path.to_owned(), format!("record {:?}/{} does not decode: {e}", tree, hex(&k)))
+            })?;
+            each(value);
+        }
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl Store {
+    /// Loads the state the store holds; returns it with the last log index it had applied.
+    pub fn load(kv: Arc<dyn KvStore>, path: &str) -> Result<Store, OpenError> {
+        let store_err = |e: super::kv::KvError| OpenError::Store { path: path.to_owned(), reason: e.0 };
+        let applied = match kv.get(Tree::Meta, APPLIED_KEY).map_err(store_err)? {
+            None => LogIndex::ZERO,
+            Some(v) => {
+                let arr: [u8; 8] = v
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| OpenError::corrupt(path.to_owned(), "the applied index is not 8 bytes"))?;
+                LogIndex::new(u64::from_be_bytes(arr))
+            }
+        };
+        let mut hot = HotState::new();
+        load_tree(kv.as_ref(), Tree::FlowRuns, path, |r| hot.put_flow_run(r))?;
+        load_tree(kv.as_ref(), Tree::TaskRuns, path, |r| hot.put_task_run(r))?;
+        load_tree(kv.as_ref(), Tree::Deployments, path, |d| hot.put_deployment(d))?;
+        Ok(Store {
+            hot,
+            kv,
+            overlay: Overlay::default(),
+            events: Overlay::default(),
+            applied,
+            last_now: Timestamp::EPOCH,
+            dirty_runs: Vec::new(),
+            dirty_tasks: Vec::new(),
+            dirty_deployments: Vec::new(),
+            cold_ops: Vec::new(),
+            new_events: Vec::new(),
+            job_log_bytes: 0,
+        })
+    }
+
+    /// The last log index applied.
+    pub fn applied(&self) -> LogIndex {
+        self.applied
+    }
+
+    /// The hot state.
+    pub fn hot(&self) -> &HotState {
+        &self.hot
+    }
+
+    /// The time to give the next batch: the clock, but never earlier than the last batch's.
+    pub fn next_now(&self, clock: Timestamp) -> Timestamp {
+        clock.max(self.last_now)
+    }
+
+    /// Applies the command logged at `index`, remembering what to write to the store.
+    /// Returns the reply and the events it produced (to publish).
+    pub fn apply(&mut self, index: LogIndex, now: Timestamp, command: Command) -> (Result<Reply, Refusal>, Vec<Arc<Event>>) {
+        let mut view = View {
+            hot: &mut self.hot,
+            overlay: &self.overlay,
+            events: &self.events,
+            kv: self.kv.as_ref(),
+        };
+        let outcome = apply(&mut view, command, ApplyContext { index, now });
+        self.applied = index;
+        self.last_now = self.last_now.max(now);
+        let mut events = Vec::new();
+        for w in outcome.writes {
+            if let Some(e) = self.note_write(index, w) {
+                events.push(e);
+            }
+        }
+        (outcome.reply, events)
+    }
+
+    fn note_write(&mut self, index: LogIndex, w: Write) -> Option<Arc<Event>> {
+        match w {
+            Write::FlowRun(id) => self.dirty_runs.push(id),
+            Write::TaskRun(id) => self.dirty_tasks.push(id),
+            Write::Deployment(id) => self.dirty_deployments.push((id, true)),
+            Write::DeploymentDeleted(id) => self.dirty_deployments.push((id, false)),
+            Write::Event(e) => {
+                let e = Arc::new(e);
+                self.events.put(index, Tree::Events, e.id.as_bytes().to_vec(), e.clone());
+                self.new_events.push(e.clone());
+                return Some(e);
+            }
+            Write::HistoryBlock { run, block, events } => match codec::encode(&events) {
+                Ok(bytes) => {
+                    let key = history_key(run, block);
+                    self.overlay.put(index, Tree::History, key.clone(), bytes.clone());
+                    self.cold_ops.push(KvOp::Put(Tree::History, key, bytes));
+                }
+                Err(err) => tracing::error!(error = %err, "a history block could not be encoded"),
+            },
+            Write::Logs { flow_run, batch, lines } => match codec::encode(&lines) {
+                Ok(bytes) => {
+                    let key = log_key(&flow_run, &batch);
+                    self.overlay.put(index, Tree::Logs, key.clone(), bytes.clone());
+                    self.cold_ops.push(KvOp::Put(Tree::Logs, key, bytes));
+                }
+                Err(err) => tracing::error!(error = %err, "log lines could not be encoded"),
+            },
+        }
+        None
+    }
+
+    /// Counts log bytes towards the next store job.
+    pub fn add_log_bytes(&mut self, bytes: u64) {
+        self.job_log_bytes += bytes;
+    }
+
+    /// What to write for everything applied since the last job: shared snapshots of the
+    /// changed records (each once, however often it changed), the new events, the cold records.
+    pub fn take_job(&mut self) -> StoreJob {
+        let mut seen = HashSet::with_capacity(self.dirty_runs.len());
+        let flow_runs = self
+            .dirty_runs
+            .drain(..)
+            .filter(|id| seen.insert(*id))
+            .filter_map(|id| self.hot.flow_run_shared(&id))
+            .collect();
+        let mut seen = HashSet::with_capacity(self.dirty_tasks.len());
+        let task_runs = self
+            .dirty_tasks
+            .drain(..)
+            .filter(|id| seen.insert(*id))
+            .filter_map(|id| self.hot.task_run_shared(&id))
+            .collect();
+        let deployments = self
+            .dirty_deployments
+            .drain(..)
+            .map(|(id, present)| (id, self.hot.deployment(&id).filter(|_| present).cloned()))
+            .collect();
+        StoreJob {
+            upto: self.applied,
+            log_bytes: std::mem::take(&mut self.job_log_bytes),
+            flow_runs,
+            task_runs,
+            deployments,
+            events: std::mem::take(&mut self.new_events),
+            ops: std::mem::take(&mut self.cold_ops),
+        }
+    }
+
+    /// The store now holds everything up to `upto`: forget those overlay records.
+    pub fn stored_through(&mut self, upto: LogIndex) {
+        self.overlay.stored_through(upto);
+        self.events.stored_through(upto);
+    }
+
+    /// The store, for writing jobs synchronously (recovery).
+    pub fn kv(&self) -> &Arc<dyn KvStore> {
+        &self.kv
+    }
+
+    fn cold_get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, PersistError> {
+        if let Some(v) = self.overlay.get(tree, key) {
+            return Ok(Some(v.clone()));
+        }
+        self.kv.get(tree, key).map_err(|e| read_err("store", e))
+    }
+
+    fn cold_scan(&self, tree: Tree, prefix: &[u8], start: Bound<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, PersistError> {
+        let mut a = self.kv.scan(tree, prefix, start, limit).map_err(|e| read_err("store", e))?;
+        let b = self.overlay.scan(tree, prefix, start, limit);
+        if !b.is_empty() {
+            a.extend(b);
+            a.sort_by(|x, y| x.0.cmp(&y.0));
+            a.dedup_by(|x, y| x.0 == y.0);
+            a.truncate(limit);
+        }
+        Ok(a)
+    }
+
+    /// The ids of a run's whole state history.
+    fn history_ids(&self, run: RunId) -> Result<Option<Vec<EventId>>, PersistError> {
+        let lifecycle = match run {
+            RunId::Flow(id) => self.hot.flow_run(&id).map(|r| &r.lifecycle),
+            RunId::Task(id) => self.hot.task_run(&id).map(|r| &r.lifecycle),
+        };
+        let Some(l) = lifecycle else { return Ok(None) };
+        let mut ids = Vec::with_capacity(l.history_len());
+        for block in 0..l.archived_blocks {
+            let bytes = self
+                .cold_get(Tree::History, &history_key(run, block))?
+                .ok_or_else(|| PersistError::Read(format!("history block {block} of {run} is missing")))?;
+            let part: Vec<EventId> = codec::decode(&bytes).map_err(|e| read_err("history block", e))?;
+            ids.extend(part);
+        }
+        ids.extend_from_slice(&l.history);
+        Ok(Some(ids))
+    }
+
+    fn history(&self, run: RunId, offset: usize, limit: usize) -> Result<Option<Vec<State>>, PersistError> {
+        let Some(events) = self.history_ids(run)? else { return Ok(None) };
+        let mut out = Vec::new();
+        for id in events.iter().skip(offset).take(limit.min(PAGE_MAX)) {
+            let event = find_event(&self.events, self.kv.as_ref(), id)?
+                .ok_or_else(|| PersistError::Read(format!("history event {id} is missing")))?;
+            if let Some(s) = event.state() {
+                out.push(s.clone());
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Up to `limit` events after `after`, in id order: blocks from the store merged with the
+    /// overlay.
+    fn events_after(&self, after: Option<EventId>, limit: usize) -> Result<Vec<Event>, PersistError> {
+        let mut found: Vec<Event> = Vec::new();
+        let mut start = match after {
+            Some(a) => self
+                .kv
+                .floor(Tree::Events, a.as_bytes())
+                .map_err(|e| read_err("store", e))?
+                .map(|(k, _)| k),
+            None => None,
+        };
+        let mut inclusive = true;
+        'blocks: loop {
+            let bound = match &start {
+                Some(k) if inclusive => Bound::Included(k.as_slice()),
+                Some(k) => Bound::Excluded(k.as_slice()),
+                None => Bound::Unbounded,
+            };
+            let page = self.kv.scan(Tree::Events, b"", bound, 16).map_err(|e| read_err("store", e))?;
+            if page.is_empty() {
+                break;
+            }
+            for (k, v) in &page {
+                let block: EventBlock = codec::decode(v).map_err(|e| read_err("event block", e))?;
+                for (id, bytes) in block.ids.into_iter().zip(block.events) {
+                    if after.is_none_or(|a| id > a) {
+                        found.push(codec::decode(&bytes).map_err(|e| read_err(&format!("event {id}"), e))?);
+                        if found.len() >= limit {
+                            break 'blocks;
+                        }
+                    }
+                }
+                start = Some(k.clone());
+            }
+            inclusive = false;
+        }
+        let start = after.as_ref().map_or(Bound::Unbounded, |id| Bound::Excluded(id.as_bytes().as_slice()));
+        for (_, e) in self.events.scan(Tree::Events, b"", start, limit) {
+            found.push((*e).clone());
+        }
+        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found.dedup_by(|a, b| a.id == b.id);
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    fn logs(&self, flow_run: FlowRunId, after: Option<LogCursor>, limit: usize) -> Result<ReadReply, PersistError> {
+        let limit = limit.clamp(1, PAGE_MAX);
+        let prefix = flow_run.as_bytes().to_vec();
+        let mut lines: Vec<LogLine> = Vec::new();
+        let mut cursor = after;
+        let mut start_key = after.map(|c| log_key(&flow_run, &c.batch));
+        let mut first_page = true;
+        loop {
+            let start = match (&start_key, first_page) {
+                (Some(k), true) => Bound::Included(k.as_slice()),
+                (Some(k), false) => Bound::Excluded(k.as_slice()),
+                (None, _) => Bound::Unbounded,
+            };
+            let batches = self.cold_scan(Tree::Logs, &prefix, start, 64)?;
+            if batches.is_empty() {
+                return Ok(ReadReply::Logs { lines, next: cursor });
+            }
+            for (k, v) in &batches {
+                let batch = LogBatchId::from_bytes(k[16..32].try_into().map_err(|_| read_err("log key", "short"))?);
+                let batch_lines: Vec<LogLine> = codec::decode(v).map_err(|e| read_err("log batch", e))?;
+                let skip = match cursor {
+                    Some(c) if c.batch == batch => c.line as usize,
+                    _ => 0,
+                };
+                for (i, line) in batch_lines.into_iter().enumerate().skip(skip) {
+                    if lines.len() >= limit {
+                        return Ok(ReadReply::Logs { lines, next: cursor });
+                    }
+                    lines.push(line);
+                    cursor = Some(LogCursor { batch, line: u32::try_from(i + 1).unwrap_or(u32::MAX) });
+                }
+            }
+            start_key = batches.last().map(|(k, _)| k.clone());
+            first_page = false;
+        }
+    }
+
+    /// Answers a read.
+    pub fn read(&self, read: Read, stats: StoreStats) -> Result<ReadReply, PersistError> {
+        let hot = &self.hot;
+        Ok(match read {
+            Read::FlowRun(id) => ReadReply::FlowRun(hot.flow_run(&id).cloned().map(Box::new)),
+            Read::FlowRuns { filter, after, limit } => {
+                let limit = limit.min(PAGE_MAX);
+                let page = match filter {
+                    RunFilter::All => hot.flow_runs_page(after, limit),
+                    RunFilter::State(t) => hot.flow_runs_in_state(t, after, limit),
+                    RunFilter::Deployment(d) => hot.flow_runs_of_deployment(d, after, limit),
+                };
+                ReadReply::FlowRuns(page.into_iter().cloned().collect())
+            }
+            Read::TaskRun(id) => ReadReply::TaskRun(hot.task_run(&id).cloned().map(Box::new)),
+            Read::TaskRuns { flow_run, after, limit } => {
+                ReadReply::TaskRuns(hot.task_runs_of(flow_run, after, limit.min(PAGE_MAX)).into_iter().cloned().collect())
+            }
+            Read::FlowRunHistory { run, offset, limit } => ReadReply::History(self.history(RunId::Flow(run), offset, limit)?),
+            Read::TaskRunHistory { run, offset, limit } => ReadReply::History(self.history(RunId::Task(run), offset, limit)?),
+            Read::Events { after, limit } => ReadReply::Events(self.events_after(after, limit.clamp(1, PAGE_MAX))?),
+            Read::Logs { flow_run, after, limit } => self.logs(flow_run, after, limit)?,
+            Read::Deployment(id) => ReadReply::Deployment(hot.deployment(&id).cloned().map(Box::new)),
+            Read::DeploymentByName(name) => ReadReply::Deployment(hot.deployment_by_name(&name).cloned().map(Box::new)),
+            Read::Stats => ReadReply::Stats(StoreStats { flow_runs: hot.flow_run_count(), applied: self.applied, ..stats }),
+        })
+    }
+}
