@@ -28,8 +28,8 @@ use std::sync::mpsc;
 
 use flotilla_runtime::codec::FORMAT_VERSION;
 use flotilla_runtime::{
-    Command, DeploymentId, Event, EventId, FlowRun, FlowRunId, LogIndex, Refusal, Reply, State, TaskRun, TaskRunId,
-    Timestamp,
+    Command, DeploymentId, Event, EventId, FlowRun, FlowRunId, LogIndex, Refusal, Reply, State, TaskRun,
+    TaskRunId, Timestamp,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
@@ -54,6 +54,8 @@ const LOCK_FILE: &str = "LOCK";
 pub type SubmitResult = Result<Result<Reply, Refusal>, PersistError>;
 
 /// Messages of the persistence actor.
+// Submissions are the hot path and the largest variant: boxing them would add an allocation each.
+#[allow(clippy::large_enum_variant)]
 pub enum PersistenceMsg {
     /// Apply a command once it is durable.
     Submit(Command, RpcReplyPort<SubmitResult>),
@@ -140,7 +142,9 @@ fn lock_dir(dir: &Path) -> Result<File, OpenError> {
         .map_err(|e| OpenError::io(path_str(&path), e))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(fs::TryLockError::WouldBlock) => Err(OpenError::Locked { path: path_str(&path) }),
+        Err(fs::TryLockError::WouldBlock) => Err(OpenError::Locked {
+            path: path_str(&path),
+        }),
         Err(fs::TryLockError::Error(e)) => Err(OpenError::io(path_str(&path), e)),
     }
 }
@@ -153,15 +157,27 @@ fn check_format(dir: &Path) -> Result<(), OpenError> {
                 .trim()
                 .strip_prefix("flotilla-data-format ")
                 .and_then(|n| n.parse().ok())
-                .ok_or_else(|| OpenError::corrupt(path_str(&path), format!("unreadable format file: {:?}", text.trim())))?;
+                .ok_or_else(|| {
+                    OpenError::corrupt(
+                        path_str(&path),
+                        format!("unreadable format file: {:?}", text.trim()),
+                    )
+                })?;
             if found > DATA_FORMAT {
-                return Err(OpenError::NewerFormat { path: path_str(&path), found, supported: DATA_FORMAT });
+                return Err(OpenError::NewerFormat {
+                    path: path_str(&path),
+                    found,
+                    supported: DATA_FORMAT,
+                });
             }
             Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             if dir.join("store").exists() || dir.join("log").exists() {
-                return Err(OpenError::corrupt(path_str(&path), "missing, but the directory holds data"));
+                return Err(OpenError::corrupt(
+                    path_str(&path),
+                    "missing, but the directory holds data",
+                ));
             }
             let mut f = File::create(&path).map_err(|e| OpenError::io(path_str(&path), e))?;
             writeln!(f, "flotilla-data-format {DATA_FORMAT}")
@@ -181,12 +197,31 @@ pub fn open(config: PersistenceConfig) -> Result<OpenedStore, OpenError> {
     let lock = lock_dir(&dir)?;
     check_format(&dir)?;
     let store_dir = dir.join("store");
-    let kv = SledKv::open(&store_dir).map_err(|e| OpenError::Store { path: path_str(&store_dir), reason: e.0 })?;
+    let kv = SledKv::open(&store_dir).map_err(|e| OpenError::Store {
+        path: path_str(&store_dir),
+        reason: e.0,
+    })?;
     let kv: Arc<dyn KvStore> = Arc::new(kv);
     open_with(lock, config, kv, &path_str(&store_dir))
 }
 
-fn open_with(lock: File, config: PersistenceConfig, kv: Arc<dyn KvStore>, store_path: &str) -> Result<OpenedStore, OpenError> {
+/// Opens a data directory (its lock, format and command log) with the derived state in the
+/// given store instead of sled: for tests that are not about storage. A fresh store replays the
+/// whole log.
+pub fn open_with_store(config: PersistenceConfig, kv: Arc<dyn KvStore>) -> Result<OpenedStore, OpenError> {
+    let dir = config.data_dir.clone();
+    fs::create_dir_all(&dir).map_err(|e| OpenError::io(path_str(&dir), e))?;
+    let lock = lock_dir(&dir)?;
+    check_format(&dir)?;
+    open_with(lock, config, kv, "memory")
+}
+
+fn open_with(
+    lock: File,
+    config: PersistenceConfig,
+    kv: Arc<dyn KvStore>,
+    store_path: &str,
+) -> Result<OpenedStore, OpenError> {
     let mut store = Store::load(kv.clone(), store_path)?;
     let log_dir = config.data_dir.join("log");
     let io = DirIo::new(&log_dir).map_err(|e| OpenError::io(path_str(&log_dir), e))?;
@@ -195,7 +230,10 @@ fn open_with(lock: File, config: PersistenceConfig, kv: Arc<dyn KvStore>, store_
     if replayed > 0 {
         tracing::info!(commands = replayed, from = %store.applied(), "replaying the command log");
     }
-    let store_err = |e: KvError| OpenError::Store { path: store_path.to_owned(), reason: e.0 };
+    let store_err = |e: KvError| OpenError::Store {
+        path: store_path.to_owned(),
+        reason: e.0,
+    };
     for (n, entry) in entries.into_iter().enumerate() {
         let _ = store.apply(entry.index, entry.now, entry.command);
         if n % 4096 == 4095 {
@@ -207,7 +245,13 @@ fn open_with(lock: File, config: PersistenceConfig, kv: Arc<dyn KvStore>, store_
     kv.checkpoint().map_err(store_err)?;
     log.truncate_through(store.applied())
         .map_err(|e| OpenError::io(path_str(&log_dir), e))?;
-    Ok(OpenedStore { lock, store, log, config, replayed })
+    Ok(OpenedStore {
+        lock,
+        store,
+        log,
+        config,
+        replayed,
+    })
 }
 
 struct InFlight {
@@ -269,7 +313,10 @@ impl PersistenceState {
 
     /// Starts writing the next batch when none is being written and the store keeps up.
     fn start_batch(&mut self) {
-        if self.in_flight.is_some() || self.pending.is_empty() || self.lag_bytes >= self.config.store_lag_bytes_max {
+        if self.in_flight.is_some()
+            || self.pending.is_empty()
+            || self.lag_bytes >= self.config.store_lag_bytes_max
+        {
             return;
         }
         let Some(log_tx) = &self.log_tx else { return };
@@ -287,7 +334,11 @@ impl PersistenceState {
             }
             let index = LogIndex::new(first.get() + entries.len() as u64);
             let start = buf.len();
-            let entry = LogEntryRef { index, now, command: &command };
+            let entry = LogEntryRef {
+                index,
+                now,
+                command: &command,
+            };
             let mut ser = rmp_serde::Serializer::new(&mut buf).with_struct_map();
             if let Err(e) = entry.serialize(&mut ser) {
                 buf.truncate(start);
@@ -297,7 +348,10 @@ impl PersistenceState {
             let size = buf.len() - start;
             if size > self.config.command_bytes_max {
                 buf.truncate(start);
-                let _ = port.send(Err(PersistError::TooLarge { size, max: self.config.command_bytes_max }));
+                let _ = port.send(Err(PersistError::TooLarge {
+                    size,
+                    max: self.config.command_bytes_max,
+                }));
                 continue;
             }
             entries.push((index, command, port));
@@ -309,7 +363,14 @@ impl PersistenceState {
         buf[2..6].copy_from_slice(&count.to_be_bytes());
         let last = LogIndex::new(first.get() + entries.len() as u64 - 1);
         let bytes = buf.len() as u64;
-        if log_tx.send(LogJob::Append { payload: buf, first, last }).is_err() {
+        if log_tx
+            .send(LogJob::Append {
+                payload: buf,
+                first,
+                last,
+            })
+            .is_err()
+        {
             for (_, _, port) in entries {
                 let _ = port.send(Err(PersistError::LogWrite("the log thread is gone".into())));
             }
@@ -322,7 +383,9 @@ impl PersistenceState {
 
     /// A batch is durable: apply it, answer, publish, and hand its writes to the store.
     fn batch_logged(&mut self) {
-        let Some(batch) = self.in_flight.take() else { return };
+        let Some(batch) = self.in_flight.take() else {
+            return;
+        };
         self.log_syncs += 1;
         self.store.add_log_bytes(batch.bytes);
         self.lag_bytes += batch.bytes;
@@ -337,7 +400,9 @@ impl PersistenceState {
             let _ = port.send(Ok(reply));
         }
         self.unsent_bytes += batch.bytes;
-        if self.unsent_bytes >= self.config.store_write_bytes || self.last_store_job.elapsed() >= self.config.store_write_interval {
+        if self.unsent_bytes >= self.config.store_write_bytes
+            || self.last_store_job.elapsed() >= self.config.store_write_interval
+        {
             self.send_store_job();
         }
     }
@@ -376,13 +441,24 @@ impl Actor for Persistence {
     type State = PersistenceState;
     type Arguments = PersistenceArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
-        let OpenedStore { lock, store, log, config, .. } = args.opened;
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let OpenedStore {
+            lock,
+            store,
+            log,
+            config,
+            ..
+        } = args.opened;
         let next_index = store.applied().next();
         let applied = store.applied();
         let log_segments = Arc::new(AtomicUsize::new(log.segment_count()));
         let (log_tx, log_thread) = spawn_log_thread(log, myself.clone(), log_segments.clone())?;
-        let (store_tx, store_thread) = spawn_store_thread(store.kv().clone(), myself.clone(), &config, applied)?;
+        let (store_tx, store_thread) =
+            spawn_store_thread(store.kv().clone(), myself.clone(), &config, applied)?;
         myself.send_interval(config.store_write_interval, || PersistenceMsg::Tick);
         Ok(PersistenceState {
             store,
@@ -406,7 +482,12 @@ impl Actor for Persistence {
         })
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             PersistenceMsg::Submit(command, port) => {
                 if let Some(err) = &state.failed {
@@ -421,7 +502,13 @@ impl Actor for Persistence {
             }
             PersistenceMsg::Logged { last, result } => match result {
                 Ok(()) => {
-                    debug_assert_eq!(state.in_flight.as_ref().and_then(|b| b.entries.last().map(|e| e.0)), Some(last));
+                    debug_assert_eq!(
+                        state
+                            .in_flight
+                            .as_ref()
+                            .and_then(|b| b.entries.last().map(|e| e.0)),
+                        Some(last)
+                    );
                     state.batch_logged();
                     state.start_batch();
                 }
@@ -430,7 +517,11 @@ impl Actor for Persistence {
                     state.fail_all(PersistError::LogWrite(e));
                 }
             },
-            PersistenceMsg::Stored { upto, log_bytes, result } => match result {
+            PersistenceMsg::Stored {
+                upto,
+                log_bytes,
+                result,
+            } => match result {
                 Ok(()) => {
                     state.stored = upto;
                     state.lag_bytes = state.lag_bytes.saturating_sub(log_bytes);
@@ -457,7 +548,11 @@ impl Actor for Persistence {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         state.fail_all(PersistError::Stopped);
         state.send_store_job();
         state.log_tx = None;
@@ -482,12 +577,16 @@ pub struct PersistenceHandle {
 
 impl std::fmt::Debug for PersistenceHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PersistenceHandle").field("actor", &self.actor.get_id()).finish()
+        f.debug_struct("PersistenceHandle")
+            .field("actor", &self.actor.get_id())
+            .finish()
     }
 }
 
 /// Opens the data directory and starts the persistence actor on it.
-pub async fn start(config: PersistenceConfig) -> Result<(PersistenceHandle, ractor::concurrency::JoinHandle<()>), StartError> {
+pub async fn start(
+    config: PersistenceConfig,
+) -> Result<(PersistenceHandle, ractor::concurrency::JoinHandle<()>), StartError> {
     let opened = tokio::task::spawn_blocking(move || open(config))
         .await
         .map_err(|e| StartError::Spawn(e.to_string()))??;
@@ -495,11 +594,20 @@ pub async fn start(config: PersistenceConfig) -> Result<(PersistenceHandle, ract
 }
 
 /// Starts the persistence actor on an opened data directory.
-pub async fn start_opened(opened: OpenedStore) -> Result<(PersistenceHandle, ractor::concurrency::JoinHandle<()>), StartError> {
+pub async fn start_opened(
+    opened: OpenedStore,
+) -> Result<(PersistenceHandle, ractor::concurrency::JoinHandle<()>), StartError> {
     let (events, _) = broadcast::channel(opened.config.event_channel_capacity.max(1));
-    let (actor, join) = Actor::spawn(None, Persistence, PersistenceArgs { opened, events: events.clone() })
-        .await
-        .map_err(|e| StartError::Spawn(e.to_string()))?;
+    let (actor, join) = Actor::spawn(
+        None,
+        Persistence,
+        PersistenceArgs {
+            opened,
+            events: events.clone(),
+        },
+    )
+    .await
+    .map_err(|e| StartError::Spawn(e.to_string()))?;
     Ok((PersistenceHandle { actor, events }, join))
 }
 
@@ -518,7 +626,11 @@ pub enum StartError {
 impl PersistenceHandle {
     /// Submits a command; answers once it is durable and applied.
     pub async fn submit(&self, command: Command) -> SubmitResult {
-        match self.actor.call(|port| PersistenceMsg::Submit(command, port), None).await {
+        match self
+            .actor
+            .call(|port| PersistenceMsg::Submit(command, port), None)
+            .await
+        {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
             _ => Err(PersistError::Stopped),
         }
@@ -526,7 +638,11 @@ impl PersistenceHandle {
 
     /// Reads the control state.
     pub async fn read(&self, read: Read) -> Result<ReadReply, PersistError> {
-        match self.actor.call(|port| PersistenceMsg::Read(read, port), None).await {
+        match self
+            .actor
+            .call(|port| PersistenceMsg::Read(read, port), None)
+            .await
+        {
             Ok(ractor::rpc::CallResult::Success(r)) => r,
             _ => Err(PersistError::Stopped),
         }
@@ -546,7 +662,12 @@ impl PersistenceHandle {
     }
 
     /// A page of flow runs.
-    pub async fn flow_runs(&self, filter: RunFilter, after: Option<FlowRunId>, limit: usize) -> Result<Vec<FlowRun>, PersistError> {
+    pub async fn flow_runs(
+        &self,
+        filter: RunFilter,
+        after: Option<FlowRunId>,
+        limit: usize,
+    ) -> Result<Vec<FlowRun>, PersistError> {
         match self.read(Read::FlowRuns { filter, after, limit }).await? {
             ReadReply::FlowRuns(r) => Ok(r),
             other => Err(unexpected(other)),
@@ -562,15 +683,32 @@ impl PersistenceHandle {
     }
 
     /// A page of a flow run's task runs.
-    pub async fn task_runs(&self, flow_run: FlowRunId, after: Option<TaskRunId>, limit: usize) -> Result<Vec<TaskRun>, PersistError> {
-        match self.read(Read::TaskRuns { flow_run, after, limit }).await? {
+    pub async fn task_runs(
+        &self,
+        flow_run: FlowRunId,
+        after: Option<TaskRunId>,
+        limit: usize,
+    ) -> Result<Vec<TaskRun>, PersistError> {
+        match self
+            .read(Read::TaskRuns {
+                flow_run,
+                after,
+                limit,
+            })
+            .await?
+        {
             ReadReply::TaskRuns(r) => Ok(r),
             other => Err(unexpected(other)),
         }
     }
 
     /// A page of a flow run's state history (None: no such run).
-    pub async fn flow_run_history(&self, run: FlowRunId, offset: usize, limit: usize) -> Result<Option<Vec<State>>, PersistError> {
+    pub async fn flow_run_history(
+        &self,
+        run: FlowRunId,
+        offset: usize,
+        limit: usize,
+    ) -> Result<Option<Vec<State>>, PersistError> {
         match self.read(Read::FlowRunHistory { run, offset, limit }).await? {
             ReadReply::History(h) => Ok(h),
             other => Err(unexpected(other)),
@@ -586,7 +724,10 @@ impl PersistenceHandle {
     }
 
     /// A deployment.
-    pub async fn deployment(&self, id: DeploymentId) -> Result<Option<flotilla_runtime::Deployment>, PersistError> {
+    pub async fn deployment(
+        &self,
+        id: DeploymentId,
+    ) -> Result<Option<flotilla_runtime::Deployment>, PersistError> {
         match self.read(Read::Deployment(id)).await? {
             ReadReply::Deployment(d) => Ok(d.map(|b| *b)),
             other => Err(unexpected(other)),

@@ -34,6 +34,8 @@ pub struct ApplyContext {
 /// A record `apply` changed. Hot records are named by id (their value is in the hot state);
 /// events and logs are new and carried whole.
 #[derive(Clone, Debug, PartialEq)]
+// Most writes are events: boxing them would cost an allocation each for nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Write {
     /// A flow run changed.
     FlowRun(FlowRunId),
@@ -220,7 +222,11 @@ impl Outcome {
 
 /// Applies one command.
 pub fn apply(view: &mut impl StateView, command: Command, at: ApplyContext) -> Outcome {
-    let tx = Tx { at, events: 0, writes: Vec::new() };
+    let tx = Tx {
+        at,
+        events: 0,
+        writes: Vec::new(),
+    };
     match command {
         Command::CreateFlowRun(new) => tx.create_flow_run(view, new),
         Command::ProposeFlowRunState { run, proposal } => tx.propose_flow(view, run, proposal),
@@ -229,7 +235,11 @@ pub fn apply(view: &mut impl StateView, command: Command, at: ApplyContext) -> O
         Command::RetryFlowRun { run, request } => tx.retry_flow(view, run, request),
         Command::RetryTaskRun { run, request, epoch } => tx.retry_task(view, run, request, epoch),
         Command::MarkNodeCrashed { node, message, .. } => tx.node_crashed(view, &node, &message),
-        Command::AppendLogs { batch, flow_run, lines } => tx.append_logs(view, flow_run, batch, lines),
+        Command::AppendLogs {
+            batch,
+            flow_run,
+            lines,
+        } => tx.append_logs(view, flow_run, batch, lines),
         Command::PutDeployment(d) => tx.put_deployment(view, d),
         Command::DeleteDeployment { id } => tx.delete_deployment(view, id),
         Command::AppendEvent(e) => tx.append_event(view, e),
@@ -263,7 +273,10 @@ fn check_name(what: &str, name: &str) -> Result<(), Refusal> {
 
 fn check_tags(tags: &[String]) -> Result<(), Refusal> {
     if tags.len() > TAGS_MAX {
-        return Err(Refusal::Invalid(format!("at most {TAGS_MAX} tags, not {}", tags.len())));
+        return Err(Refusal::Invalid(format!(
+            "at most {TAGS_MAX} tags, not {}",
+            tags.len()
+        )));
     }
     tags.iter().try_for_each(|t| check_name("a tag", t))
 }
@@ -295,7 +308,14 @@ impl Tx {
     }
 
     /// Records a state change as an event (the history entry) and moves the lifecycle.
-    fn enter(&mut self, run: RunId, lifecycle: &mut Lifecycle, resource: Resource, next: State, epoch: Epoch) {
+    fn enter(
+        &mut self,
+        run: RunId,
+        lifecycle: &mut Lifecycle,
+        resource: Resource,
+        next: State,
+        epoch: Epoch,
+    ) {
         let kind = match run {
             RunId::Flow(_) => "flow-run",
             RunId::Task(_) => "task-run",
@@ -346,18 +366,26 @@ impl Tx {
 
     fn create_flow_run(mut self, view: &mut impl StateView, new: NewFlowRun) -> Outcome {
         let key = new.idempotency_key.clone().unwrap_or_else(|| new.id.to_string());
-        let existing = view.hot().flow_run_by_key(&key).or_else(|| {
-            view.hot().flow_run(&new.id).map(|r| r.id)
-        });
+        let existing = view
+            .hot()
+            .flow_run_by_key(&key)
+            .or_else(|| view.hot().flow_run(&new.id).map(|r| r.id));
         if let Some(run) = existing.and_then(|id| view.hot().flow_run(&id)) {
             return Outcome::replied(
-                Reply::FlowRunCreated { run: Box::new(run.clone()), created: false },
+                Reply::FlowRunCreated {
+                    run: Box::new(run.clone()),
+                    created: false,
+                },
                 Vec::new(),
             );
         }
         if let Err(r) = check_name("a flow name", &new.flow_name)
             .and_then(|()| check_tags(&new.tags))
-            .and_then(|()| new.retry_policy.validate().map_err(|e| Refusal::Invalid(e.to_string())))
+            .and_then(|()| {
+                new.retry_policy
+                    .validate()
+                    .map_err(|e| Refusal::Invalid(e.to_string()))
+            })
         {
             return Outcome::refused(r);
         }
@@ -384,7 +412,10 @@ impl Tx {
         let _ = run.lifecycle.record(ev);
         self.writes.insert(0, Write::FlowRun(run.id));
         view.hot_mut().put_flow_run(run.clone());
-        self.done(Reply::FlowRunCreated { run: Box::new(run), created: true })
+        self.done(Reply::FlowRunCreated {
+            run: Box::new(run),
+            created: true,
+        })
     }
 
     fn propose_flow(mut self, view: &mut impl StateView, id: FlowRunId, proposal: Proposal) -> Outcome {
@@ -412,7 +443,11 @@ impl Tx {
                 run_count: run.lifecycle.run_count,
             });
         };
-        let past = if decision.is_accept() { PastDecision::Accepted } else { PastDecision::Rejected };
+        let past = if decision.is_accept() {
+            PastDecision::Accepted
+        } else {
+            PastDecision::Rejected
+        };
         self.writes.push(Write::FlowRun(id));
         let reply = view.hot_mut().update_flow_run(&id, |run| {
             let from = run.lifecycle.state.kind;
@@ -440,9 +475,16 @@ impl Tx {
     }
 
     fn create_task_run(mut self, view: &mut impl StateView, new: NewTaskRun) -> Outcome {
-        if let Some(run) = view.hot().task_run_by_key(&new.key).and_then(|id| view.hot().task_run(&id)) {
+        if let Some(run) = view
+            .hot()
+            .task_run_by_key(&new.key)
+            .and_then(|id| view.hot().task_run(&id))
+        {
             return Outcome::replied(
-                Reply::TaskRunCreated { run: Box::new(run.clone()), created: false },
+                Reply::TaskRunCreated {
+                    run: Box::new(run.clone()),
+                    created: false,
+                },
                 Vec::new(),
             );
         }
@@ -451,14 +493,25 @@ impl Tx {
             return Outcome::refused(Refusal::FlowRunNotFound(flow_id));
         };
         if new.epoch != flow.epoch {
-            return Outcome::refused(Refusal::StaleEpoch { run: flow_id, proposed: new.epoch, current: flow.epoch });
+            return Outcome::refused(Refusal::StaleEpoch {
+                run: flow_id,
+                proposed: new.epoch,
+                current: flow.epoch,
+            });
         }
         if flow.lifecycle.state.kind != StateType::Running {
-            return Outcome::refused(Refusal::FlowRunNotRunning { run: flow_id, state: flow.lifecycle.state.kind });
+            return Outcome::refused(Refusal::FlowRunNotRunning {
+                run: flow_id,
+                state: flow.lifecycle.state.kind,
+            });
         }
         if let Err(r) = check_name("a task key", &new.key.task_key)
             .and_then(|()| check_tags(&new.tags))
-            .and_then(|()| new.retry_policy.validate().map_err(|e| Refusal::Invalid(e.to_string())))
+            .and_then(|()| {
+                new.retry_policy
+                    .validate()
+                    .map_err(|e| Refusal::Invalid(e.to_string()))
+            })
         {
             return Outcome::refused(r);
         }
@@ -482,7 +535,10 @@ impl Tx {
         let _ = run.lifecycle.record(ev);
         self.writes.insert(0, Write::TaskRun(run.id));
         view.hot_mut().put_task_run(run.clone());
-        self.done(Reply::TaskRunCreated { run: Box::new(run), created: true })
+        self.done(Reply::TaskRunCreated {
+            run: Box::new(run),
+            created: true,
+        })
     }
 
     fn propose_task(mut self, view: &mut impl StateView, id: TaskRunId, proposal: Proposal) -> Outcome {
@@ -513,7 +569,10 @@ impl Tx {
         let decision = rules::propose(&run.lifecycle, &proposal, &ctx);
         let epoch = flow.epoch;
         let Some(mut next) = decision.state().filter(|s| **s != run.lifecycle.state).cloned() else {
-            return self.done(Reply::TaskRunTransition { decision, run_count: run.lifecycle.run_count });
+            return self.done(Reply::TaskRunTransition {
+                decision,
+                run_count: run.lifecycle.run_count,
+            });
         };
         if next.name == crate::state::StateName::Completed
             && let Some(k) = &run.cache_key
@@ -521,7 +580,11 @@ impl Tx {
             next.details.cache_key = Some(k.clone());
             next.details.cache_expiration = run.cache_expiration.map(|d| now + d);
         }
-        let past = if decision.is_accept() { PastDecision::Accepted } else { PastDecision::Rejected };
+        let past = if decision.is_accept() {
+            PastDecision::Accepted
+        } else {
+            PastDecision::Rejected
+        };
         self.writes.push(Write::TaskRun(id));
         let reply = view.hot_mut().update_task_run(&id, |run| {
             let resource = task_resource(run);
@@ -532,7 +595,10 @@ impl Tx {
                 Decision::Reject(_) => Decision::Reject(run.lifecycle.state.clone()),
                 other => other,
             };
-            Reply::TaskRunTransition { decision, run_count: run.lifecycle.run_count }
+            Reply::TaskRunTransition {
+                decision,
+                run_count: run.lifecycle.run_count,
+            }
         });
         match reply {
             Some(r) => self.done(r),
@@ -546,7 +612,10 @@ impl Tx {
         };
         let l = &run.lifecycle;
         if l.state.transition_id() == Some(request.transition_id) || l.past(request.transition_id).is_some() {
-            return self.done(Reply::Retried { state: l.state.clone(), epoch: run.epoch });
+            return self.done(Reply::Retried {
+                state: l.state.clone(),
+                epoch: run.epoch,
+            });
         }
         let next = match rules::retry(l, request.resume, request.force, self.now()) {
             Ok(s) => s,
@@ -561,8 +630,12 @@ impl Tx {
             let resource = flow_resource(run);
             let epoch = run.epoch;
             self.enter(RunId::Flow(run.id), &mut run.lifecycle, resource, next, epoch);
-            run.lifecycle.remember(request.transition_id, PastDecision::Accepted);
-            Reply::Retried { state: run.lifecycle.state.clone(), epoch }
+            run.lifecycle
+                .remember(request.transition_id, PastDecision::Accepted);
+            Reply::Retried {
+                state: run.lifecycle.state.clone(),
+                epoch,
+            }
         });
         match reply {
             Some(r) => self.done(r),
@@ -570,7 +643,13 @@ impl Tx {
         }
     }
 
-    fn retry_task(mut self, view: &mut impl StateView, id: TaskRunId, request: RetryRequest, epoch: Epoch) -> Outcome {
+    fn retry_task(
+        mut self,
+        view: &mut impl StateView,
+        id: TaskRunId,
+        request: RetryRequest,
+        epoch: Epoch,
+    ) -> Outcome {
         let Some(run) = view.hot().task_run(&id) else {
             return Outcome::refused(Refusal::TaskRunNotFound(id));
         };
@@ -580,13 +659,23 @@ impl Tx {
         };
         let l = &run.lifecycle;
         if l.state.transition_id() == Some(request.transition_id) || l.past(request.transition_id).is_some() {
-            return self.done(Reply::Retried { state: l.state.clone(), epoch: flow.epoch });
+            return self.done(Reply::Retried {
+                state: l.state.clone(),
+                epoch: flow.epoch,
+            });
         }
         if epoch != flow.epoch {
-            return Outcome::refused(Refusal::StaleEpoch { run: flow_id, proposed: epoch, current: flow.epoch });
+            return Outcome::refused(Refusal::StaleEpoch {
+                run: flow_id,
+                proposed: epoch,
+                current: flow.epoch,
+            });
         }
         if flow.lifecycle.state.kind != StateType::Running {
-            return Outcome::refused(Refusal::FlowRunNotRunning { run: flow_id, state: flow.lifecycle.state.kind });
+            return Outcome::refused(Refusal::FlowRunNotRunning {
+                run: flow_id,
+                state: flow.lifecycle.state.kind,
+            });
         }
         let next = match rules::retry(l, request.resume, request.force, self.now()) {
             Ok(s) => s,
@@ -599,8 +688,12 @@ impl Tx {
             run.flow_epoch = epoch;
             let resource = task_resource(run);
             self.enter(RunId::Task(run.id), &mut run.lifecycle, resource, next, epoch);
-            run.lifecycle.remember(request.transition_id, PastDecision::Accepted);
-            Reply::Retried { state: run.lifecycle.state.clone(), epoch }
+            run.lifecycle
+                .remember(request.transition_id, PastDecision::Accepted);
+            Reply::Retried {
+                state: run.lifecycle.state.clone(),
+                epoch,
+            }
         });
         match reply {
             Some(r) => self.done(r),
@@ -613,7 +706,9 @@ impl Tx {
         let mut cancelled = Vec::new();
         let now = self.now();
         for id in view.hot().active_flow_runs_of(node) {
-            let Some(run) = view.hot().flow_run(&id) else { continue };
+            let Some(run) = view.hot().flow_run(&id) else {
+                continue;
+            };
             let Some(next) = rules::owner_died(&run.lifecycle.state, now, message) else {
                 continue;
             };
@@ -648,7 +743,13 @@ impl Tx {
         self.done(Reply::NodeCrashed { crashed, cancelled })
     }
 
-    fn append_logs(self, view: &mut impl StateView, flow_run: FlowRunId, batch: LogBatchId, lines: Vec<LogLine>) -> Outcome {
+    fn append_logs(
+        self,
+        view: &mut impl StateView,
+        flow_run: FlowRunId,
+        batch: LogBatchId,
+        lines: Vec<LogLine>,
+    ) -> Outcome {
         let count = lines.len();
         if view.hot().flow_run(&flow_run).is_none() {
             return Outcome::refused(Refusal::FlowRunNotFound(flow_run));
@@ -669,7 +770,14 @@ impl Tx {
             )));
         }
         let lines = lines.into_iter().map(LogLine::bounded).collect();
-        Outcome::replied(Reply::LogsAppended { count }, vec![Write::Logs { flow_run, batch, lines }])
+        Outcome::replied(
+            Reply::LogsAppended { count },
+            vec![Write::Logs {
+                flow_run,
+                batch,
+                lines,
+            }],
+        )
     }
 
     fn put_deployment(mut self, view: &mut impl StateView, d: Deployment) -> Outcome {
@@ -682,7 +790,10 @@ impl Tx {
         if let Some(other) = view.hot().deployment_by_name(&d.name)
             && other.id != d.id
         {
-            return Outcome::refused(Refusal::DeploymentNameTaken { name: d.name, id: other.id });
+            return Outcome::refused(Refusal::DeploymentNameTaken {
+                name: d.name,
+                id: other.id,
+            });
         }
         let old = view.hot().deployment(&d.id);
         if old == Some(&d) {
@@ -694,7 +805,10 @@ impl Tx {
         self.writes.push(Write::Event(Event {
             id,
             occurred: self.now(),
-            event: format!("flotilla.deployment.{}", if created { "created" } else { "updated" }),
+            event: format!(
+                "flotilla.deployment.{}",
+                if created { "created" } else { "updated" }
+            ),
             resource: Resource::new(format!("flotilla.deployment.{}", d.id), Some(&d.name)),
             related: Vec::new(),
             payload: EventPayload::Data(serde_json::json!({ "paused": d.paused, "flow": d.flow_name })),

@@ -24,7 +24,9 @@ pub enum DecodeError {
     #[error("empty record")]
     Empty,
     /// Written by a newer build.
-    #[error("format version {found} is newer than this build reads (up to {FORMAT_VERSION}); upgrade flotilla")]
+    #[error(
+        "format version {found} is newer than this build reads (up to {FORMAT_VERSION}); upgrade flotilla"
+    )]
     NewerVersion {
         /// The version found.
         found: u8,

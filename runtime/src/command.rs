@@ -211,12 +211,11 @@ impl Command {
     /// The command's idempotency key.
     pub fn idempotency_key(&self) -> IdempotencyKey {
         match self {
-            Command::CreateFlowRun(n) => IdempotencyKey::CreateFlowRun(
-                n.idempotency_key.clone().unwrap_or_else(|| n.id.to_string()),
-            ),
+            Command::CreateFlowRun(n) => {
+                IdempotencyKey::CreateFlowRun(n.idempotency_key.clone().unwrap_or_else(|| n.id.to_string()))
+            }
             Command::CreateTaskRun(n) => IdempotencyKey::CreateTaskRun(n.key.clone()),
-            Command::ProposeFlowRunState { proposal, .. }
-            | Command::ProposeTaskRunState { proposal, .. } => {
+            Command::ProposeFlowRunState { proposal, .. } | Command::ProposeTaskRunState { proposal, .. } => {
                 IdempotencyKey::Transition(proposal.transition_id)
             }
             Command::RetryFlowRun { request, .. } | Command::RetryTaskRun { request, .. } => {

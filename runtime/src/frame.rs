@@ -133,7 +133,10 @@ mod tests {
         assert_eq!(decode_frames(&bytes).1, FrameEnd::Torn { offset: 11 });
         let mut bytes = log(&[b"one", b"two two"]);
         bytes[9] ^= 1;
-        assert!(matches!(decode_frames(&bytes).1, FrameEnd::Corrupt { offset: 0, .. }));
+        assert!(matches!(
+            decode_frames(&bytes).1,
+            FrameEnd::Corrupt { offset: 0, .. }
+        ));
     }
 
     proptest! {

@@ -118,7 +118,12 @@ impl HotState {
     }
 
     /// Up to `limit` flow runs in a state type, after `after` (by id).
-    pub fn flow_runs_in_state(&self, kind: StateType, after: Option<FlowRunId>, limit: usize) -> Vec<&FlowRun> {
+    pub fn flow_runs_in_state(
+        &self,
+        kind: StateType,
+        after: Option<FlowRunId>,
+        limit: usize,
+    ) -> Vec<&FlowRun> {
         let start = match after {
             Some(a) => std::ops::Bound::Excluded((kind, a)),
             None => std::ops::Bound::Included((kind, FlowRunId::from_bytes([0; 16]))),
@@ -132,7 +137,12 @@ impl HotState {
     }
 
     /// Up to `limit` flow runs of a deployment, after `after` (by id).
-    pub fn flow_runs_of_deployment(&self, d: DeploymentId, after: Option<FlowRunId>, limit: usize) -> Vec<&FlowRun> {
+    pub fn flow_runs_of_deployment(
+        &self,
+        d: DeploymentId,
+        after: Option<FlowRunId>,
+        limit: usize,
+    ) -> Vec<&FlowRun> {
         let start = match after {
             Some(a) => std::ops::Bound::Excluded((d, a)),
             None => std::ops::Bound::Included((d, FlowRunId::from_bytes([0; 16]))),

@@ -335,7 +335,18 @@ mod event_id_tests {
     fn event_ids_sort_in_log_order_and_are_deterministic() {
         let t = Timestamp::from_millis(1_700_000_000_000);
         let mut prev = EventId::at(t, LogIndex::new(0), 0);
-        for i in [1u64, 2, 255, 256, 65_535, 1 << 40, (1 << 40) + 1, 1 << 46, 1 << 54, (1 << 58) - 1] {
+        for i in [
+            1u64,
+            2,
+            255,
+            256,
+            65_535,
+            1 << 40,
+            (1 << 40) + 1,
+            1 << 46,
+            1 << 54,
+            (1 << 58) - 1,
+        ] {
             for n in [0u16, 1, 65_535] {
                 let id = EventId::at(t, LogIndex::new(i), n);
                 assert!(id > prev, "{i} {n}");

@@ -35,7 +35,10 @@ pub use deployment::{CollisionStrategy, Deployment, Schedule, ScheduleKind};
 pub use event::{Event, EventPayload, Resource};
 pub use flow_run::FlowRun;
 pub use hot_state::HotState;
-pub use ids::{DeploymentId, Epoch, EventId, FlowRunId, LogBatchId, LogIndex, NodeId, RunId, TaskRunId, TransitionId, WorkQueueId};
+pub use ids::{
+    DeploymentId, Epoch, EventId, FlowRunId, LogBatchId, LogIndex, NodeId, RunId, TaskRunId, TransitionId,
+    WorkQueueId,
+};
 pub use lifecycle::Lifecycle;
 pub use log_line::{LogLevel, LogLine};
 pub use retry::{RetryCondition, RetryDelay, RetryPolicy};

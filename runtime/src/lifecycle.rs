@@ -189,7 +189,10 @@ mod tests {
             l.remember(TransitionId::from_bytes([i; 16]), PastDecision::Accepted);
         }
         assert_eq!(l.recent.len(), RECENT_TRANSITIONS_MAX);
-        assert_eq!(l.past(TransitionId::from_bytes([39; 16])), Some(PastDecision::Accepted));
+        assert_eq!(
+            l.past(TransitionId::from_bytes([39; 16])),
+            Some(PastDecision::Accepted)
+        );
         assert_eq!(l.past(TransitionId::from_bytes([0; 16])), None);
     }
 }

@@ -238,11 +238,27 @@ mod tests {
     fn exponential_backoff_grows_and_caps() {
         let p = RetryPolicy {
             retries: 10,
-            delay: RetryDelay::Exponential { base: secs(1), factor: 2.0, max: secs(60) },
+            delay: RetryDelay::Exponential {
+                base: secs(1),
+                factor: 2.0,
+                max: secs(60),
+            },
             ..RetryPolicy::none()
         };
         let got: Vec<_> = (1..=8).map(|n| p.nominal_delay(n)).collect();
-        assert_eq!(got, [secs(1), secs(2), secs(4), secs(8), secs(16), secs(32), secs(60), secs(60)]);
+        assert_eq!(
+            got,
+            [
+                secs(1),
+                secs(2),
+                secs(4),
+                secs(8),
+                secs(16),
+                secs(32),
+                secs(60),
+                secs(60)
+            ]
+        );
         assert_eq!(p.nominal_delay(u32::MAX), secs(60));
     }
 
@@ -281,14 +297,21 @@ mod tests {
     #[test]
     fn validation_names_the_bad_field() {
         let mut p = RetryPolicy::fixed(RETRIES_MAX + 1, secs(1));
-        assert_eq!(p.validate(), Err(RetryPolicyError::TooManyRetries(RETRIES_MAX + 1)));
+        assert_eq!(
+            p.validate(),
+            Err(RetryPolicyError::TooManyRetries(RETRIES_MAX + 1))
+        );
         p.retries = 1;
         p.jitter_factor = Some(f64::NAN);
         assert!(matches!(p.validate(), Err(RetryPolicyError::BadJitter(_))));
         p.jitter_factor = Some(-1.0);
         assert!(matches!(p.validate(), Err(RetryPolicyError::BadJitter(_))));
         p.jitter_factor = None;
-        p.delay = RetryDelay::Exponential { base: secs(1), factor: 0.5, max: secs(2) };
+        p.delay = RetryDelay::Exponential {
+            base: secs(1),
+            factor: 0.5,
+            max: secs(2),
+        };
         assert!(matches!(p.validate(), Err(RetryPolicyError::BadFactor(_))));
         p.delay = RetryDelay::List(vec![]);
         assert!(matches!(p.validate(), Err(RetryPolicyError::BadDelayList(0))));

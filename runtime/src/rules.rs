@@ -157,10 +157,7 @@ impl fmt::Display for AbortReason {
                 f.write_str("a claim (Pending) must carry the run's epoch and the claiming node")
             }
             AbortReason::NotOwner { owner } => write!(f, "the run is owned by node {owner}"),
-            AbortReason::Terminal(t) => write!(
-                f,
-                "the run is {t}, a terminal state; only a retry leaves it"
-            ),
+            AbortReason::Terminal(t) => write!(f, "the run is {t}, a terminal state; only a retry leaves it"),
             AbortReason::AlreadyClaimed(t) => write!(f, "the run is already claimed ({t})"),
             AbortReason::Cancelling => f.write_str("the run is being cancelled"),
             AbortReason::FlowRunNotRunning(t) => match t {
@@ -274,9 +271,7 @@ fn check_epoch(proposed: &Proposal, ctx: &RuleContext<'_>) -> Result<(), AbortRe
                 && node != owner
                 && proposed.state.kind != StateType::Pending
             {
-                return Err(AbortReason::NotOwner {
-                    owner: owner.clone(),
-                });
+                return Err(AbortReason::NotOwner { owner: owner.clone() });
             }
             Ok(())
         }
@@ -378,8 +373,8 @@ fn to_running(cur: &State, mut next: State, ctx: &RuleContext<'_>) -> Decision {
     match cur.kind {
         StateType::Pending | StateType::Paused => {}
         StateType::Scheduled => {
-            let in_place_retry = cur.name == StateName::AwaitingRetry
-                && (ctx.kind == RunKind::Task || ctx.owner.is_some());
+            let in_place_retry =
+                cur.name == StateName::AwaitingRetry && (ctx.kind == RunKind::Task || ctx.owner.is_some());
             if !in_place_retry {
                 return invalid(cur, &next);
             }
@@ -414,9 +409,7 @@ fn to_running(cur: &State, mut next: State, ctx: &RuleContext<'_>) -> Decision {
 fn to_cancelling(cur: &State, next: State, ctx: &RuleContext<'_>) -> Decision {
     match cur.kind {
         StateType::Cancelling => Decision::Reject(cur.clone()),
-        StateType::Scheduled | StateType::Paused
-            if ctx.kind == RunKind::Task || ctx.owner.is_none() =>
-        {
+        StateType::Scheduled | StateType::Paused if ctx.kind == RunKind::Task || ctx.owner.is_none() => {
             let mut cancelled = State::named(StateName::Cancelled, next.timestamp);
             cancelled.details.transition_id = next.details.transition_id;
             cancelled.message = next.message;
@@ -441,8 +434,8 @@ fn to_failed(current: &Lifecycle, next: State, ctx: &RuleContext<'_>) -> Decisio
     }
     let mut rng = SmallRng::seed_from_u64(ctx.jitter_seed);
     let delay = policy.delay(current.run_count, &mut rng);
-    let mut retry = State::named(StateName::AwaitingRetry, next.timestamp)
-        .with_scheduled_time(next.timestamp + delay);
+    let mut retry =
+        State::named(StateName::AwaitingRetry, next.timestamp).with_scheduled_time(next.timestamp + delay);
     retry.details.transition_id = next.details.transition_id;
     retry.message = next.message;
     Decision::Reject(retry)
@@ -482,7 +475,11 @@ pub fn retry(current: &Lifecycle, resume: bool, force: bool, now: Timestamp) -> 
         StateType::Completed => return Err(RetryRefusal::CompletedNeedsForce),
         other => return Err(RetryRefusal::NotTerminal(other)),
     }
-    let name = if resume { StateName::Resuming } else { StateName::AwaitingRetry };
+    let name = if resume {
+        StateName::Resuming
+    } else {
+        StateName::AwaitingRetry
+    };
     Ok(State::named(name, now).with_scheduled_time(now))
 }
 
@@ -491,9 +488,9 @@ pub fn retry(current: &Lifecycle, resume: bool, force: bool, now: Timestamp) -> 
 pub fn owner_died(current: &State, now: Timestamp, message: &str) -> Option<State> {
     match current.kind {
         k if k.is_terminal() => None,
-        StateType::Cancelling => Some(
-            State::named(StateName::Cancelled, now).with_message(format!("cancelled: {message}")),
-        ),
+        StateType::Cancelling => {
+            Some(State::named(StateName::Cancelled, now).with_message(format!("cancelled: {message}")))
+        }
         _ => Some(State::named(StateName::Crashed, now).with_message(message.to_owned())),
     }
 }

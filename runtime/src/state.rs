@@ -101,7 +101,9 @@ impl fmt::Display for StateType {
 
 /// A string that names no state type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown state type {0:?} (expected one of Scheduled, Pending, Running, Paused, Cancelling, Completed, Failed, Cancelled, Crashed)")]
+#[error(
+    "unknown state type {0:?} (expected one of Scheduled, Pending, Running, Paused, Cancelling, Completed, Failed, Cancelled, Crashed)"
+)]
 pub struct StateTypeParseError(String);
 
 impl FromStr for StateType {
@@ -340,17 +342,31 @@ mod tests {
         let terminal: Vec<_> = StateType::ALL.into_iter().filter(|t| t.is_terminal()).collect();
         assert_eq!(
             terminal,
-            [StateType::Completed, StateType::Failed, StateType::Cancelled, StateType::Crashed]
+            [
+                StateType::Completed,
+                StateType::Failed,
+                StateType::Cancelled,
+                StateType::Crashed
+            ]
         );
         let claimed: Vec<_> = StateType::ALL.into_iter().filter(|t| t.is_claimed()).collect();
-        assert_eq!(claimed, [StateType::Pending, StateType::Running, StateType::Cancelling]);
+        assert_eq!(
+            claimed,
+            [StateType::Pending, StateType::Running, StateType::Cancelling]
+        );
     }
 
     #[test]
     fn state_types_parse_case_insensitively() {
         assert_eq!("completed".parse::<StateType>(), Ok(StateType::Completed));
         assert_eq!("RUNNING".parse::<StateType>(), Ok(StateType::Running));
-        assert!("done".parse::<StateType>().unwrap_err().to_string().contains("expected one of"));
+        assert!(
+            "done"
+                .parse::<StateType>()
+                .unwrap_err()
+                .to_string()
+                .contains("expected one of")
+        );
     }
 
     #[test]
@@ -358,7 +374,9 @@ mod tests {
         let t = Timestamp::EPOCH;
         assert_eq!(State::of(StateType::Running, t).to_string(), "Running");
         assert_eq!(
-            State::named(StateName::AwaitingRetry, t).with_message("boom").to_string(),
+            State::named(StateName::AwaitingRetry, t)
+                .with_message("boom")
+                .to_string(),
             "Scheduled(AwaitingRetry): boom"
         );
     }

@@ -152,7 +152,10 @@ mod tests {
     fn serializes_as_micros_in_binary_and_rfc3339_in_json() {
         let t = Timestamp::from_micros(1_767_225_600_000_000);
         assert_eq!(serde_json::to_string(&t).unwrap(), "\"2026-01-01T00:00:00Z\"");
-        assert_eq!(serde_json::from_str::<Timestamp>("\"2026-01-01T00:00:00Z\"").unwrap(), t);
+        assert_eq!(
+            serde_json::from_str::<Timestamp>("\"2026-01-01T00:00:00Z\"").unwrap(),
+            t
+        );
         let bin = rmp_serde::to_vec(&t).unwrap();
         assert_eq!(rmp_serde::from_slice::<Timestamp>(&bin).unwrap(), t);
         assert!(bin.len() <= 9, "a compact integer in msgpack");
@@ -168,6 +171,9 @@ mod tests {
             Timestamp::from_millis(2000).saturating_since(t),
             Duration::from_secs(1)
         );
-        assert_eq!(Timestamp::from_micros(i64::MAX) + Duration::from_secs(1), Timestamp::from_micros(i64::MAX));
+        assert_eq!(
+            Timestamp::from_micros(i64::MAX) + Duration::from_secs(1),
+            Timestamp::from_micros(i64::MAX)
+        );
     }
 }

@@ -48,7 +48,11 @@ impl MemState {
                 crate::apply::Write::Event(e) => {
                     self.events.insert(e.id, e);
                 }
-                crate::apply::Write::Logs { flow_run, batch, lines } => {
+                crate::apply::Write::Logs {
+                    flow_run,
+                    batch,
+                    lines,
+                } => {
                     self.logs.insert((flow_run, batch), lines);
                 }
                 crate::apply::Write::HistoryBlock { run, block, events } => {

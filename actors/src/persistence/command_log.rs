@@ -127,7 +127,10 @@ impl CommandLog {
                     ));
                 }
                 FrameEnd::Corrupt { offset, reason } => {
-                    return Err(OpenError::corrupt(path, format!("frame at byte {offset}: {reason}")));
+                    return Err(OpenError::corrupt(
+                        path,
+                        format!("frame at byte {offset}: {reason}"),
+                    ));
                 }
             }
             let mut next = first;

@@ -30,7 +30,9 @@ pub enum OpenError {
         reason: String,
     },
     /// Written by a newer version of Flotilla.
-    #[error("{path} was written in data format {found}, newer than this build reads ({supported}); upgrade flotilla")]
+    #[error(
+        "{path} was written in data format {found}, newer than this build reads ({supported}); upgrade flotilla"
+    )]
     NewerFormat {
         /// The format file.
         path: String,

@@ -50,6 +50,9 @@ impl Tree {
     }
 }
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// One change in a batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KvOp {
@@ -78,9 +81,9 @@ pub trait KvStore: Send + Sync {
         prefix: &[u8],
         start: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError>;
+    ) -> Result<Vec<Entry>, KvError>;
     /// The entry of `tree` with the greatest key at or before `key`.
-    fn floor(&self, tree: Tree, key: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, KvError>;
+    fn floor(&self, tree: Tree, key: &[u8]) -> Result<Option<Entry>, KvError>;
     /// Makes every applied batch durable (survives power loss).
     fn checkpoint(&self) -> Result<(), KvError>;
 }
@@ -166,7 +169,7 @@ impl KvStore for SledKv {
         prefix: &[u8],
         start: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    ) -> Result<Vec<Entry>, KvError> {
         let (lower, full_prefix) = scan_bounds(tree, prefix, start);
         let mut out = Vec::new();
         for item in self.db.range::<Vec<u8>, _>((lower, Bound::Unbounded)) {
@@ -182,7 +185,7 @@ impl KvStore for SledKv {
         Ok(out)
     }
 
-    fn floor(&self, tree: Tree, key: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn floor(&self, tree: Tree, key: &[u8]) -> Result<Option<Entry>, KvError> {
         let lower = vec![tree.prefix()];
         match self.db.range(lower..=tree.key(key)).next_back() {
             Some(item) => {
@@ -243,7 +246,7 @@ impl KvStore for MemKv {
         prefix: &[u8],
         start: Bound<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, KvError> {
+    ) -> Result<Vec<Entry>, KvError> {
         let (lower, full_prefix) = scan_bounds(tree, prefix, start);
         Ok(self
             .map()
@@ -254,7 +257,7 @@ impl KvStore for MemKv {
             .collect())
     }
 
-    fn floor(&self, tree: Tree, key: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, KvError> {
+    fn floor(&self, tree: Tree, key: &[u8]) -> Result<Option<Entry>, KvError> {
         let lower = vec![tree.prefix()];
         Ok(self
             .map()

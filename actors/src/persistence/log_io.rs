@@ -129,6 +129,27 @@ struct SimDisk {
     /// Removals not yet made durable by a directory sync.
     removed: BTreeMap<String, SimFile>,
     syncs: u64,
+    /// IO operations left before the power goes (None: it never does).
+    ops_left: Option<u64>,
+    /// The power is out: every operation fails until [`SimIo::power_cut`].
+    down: bool,
+}
+
+impl SimDisk {
+    /// Counts one IO operation; fails once the power is out.
+    fn op(&mut self) -> io::Result<()> {
+        if let Some(n) = self.ops_left.as_mut() {
+            if *n == 0 {
+                self.down = true;
+            } else {
+                *n -= 1;
+            }
+        }
+        if self.down {
+            return Err(io::Error::other("power cut"));
+        }
+        Ok(())
+    }
 }
 
 /// An in-memory disk that can lose power.
@@ -153,12 +174,20 @@ impl SimIo {
         self.disk().syncs
     }
 
+    /// Lets `n` more IO operations (appends, syncs, removals, truncations) through; the next
+    /// one fails, as does every one after it, until [`SimIo::power_cut`].
+    pub fn fail_after(&self, n: u64) {
+        self.disk().ops_left = Some(n);
+    }
+
     /// Cuts the power: every byte not covered by a completed sync is lost, except that a prefix
     /// of the unsynced bytes of one file may survive, possibly with damaged bytes (a torn
     /// write); files whose creation was not made durable vanish, removals not made durable are
     /// undone.
     pub fn power_cut(&self, rng: &mut impl Rng) {
         let mut disk = self.disk();
+        disk.ops_left = None;
+        disk.down = false;
         let removed = std::mem::take(&mut disk.removed);
         for (name, f) in removed {
             disk.files.entry(name).or_insert(f);
@@ -193,6 +222,7 @@ struct SimHandle {
 impl LogFile for SimHandle {
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let mut disk = self.io.disk();
+        disk.op()?;
         let f = disk
             .files
             .get_mut(&self.name)
@@ -203,6 +233,7 @@ impl LogFile for SimHandle {
 
     fn sync_data(&mut self) -> io::Result<()> {
         let mut disk = self.io.disk();
+        disk.op()?;
         disk.syncs += 1;
         let f = disk
             .files
@@ -231,7 +262,10 @@ impl LogIo for SimIo {
     }
 
     fn open_append(&self, name: &str) -> io::Result<Box<dyn LogFile>> {
-        self.disk().files.entry(name.to_owned()).or_default();
+        let mut disk = self.disk();
+        disk.op()?;
+        disk.files.entry(name.to_owned()).or_default();
+        drop(disk);
         Ok(Box::new(SimHandle {
             io: self.clone(),
             name: name.to_owned(),
@@ -240,6 +274,7 @@ impl LogIo for SimIo {
 
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
         let mut disk = self.disk();
+        disk.op()?;
         let f = disk
             .files
             .get_mut(name)
@@ -253,6 +288,7 @@ impl LogIo for SimIo {
 
     fn remove(&self, name: &str) -> io::Result<()> {
         let mut disk = self.disk();
+        disk.op()?;
         let f = disk
             .files
             .remove(name)
@@ -265,6 +301,7 @@ impl LogIo for SimIo {
 
     fn sync_dir(&self) -> io::Result<()> {
         let mut disk = self.disk();
+        disk.op()?;
         disk.removed.clear();
         for f in disk.files.values_mut() {
             f.entry_durable = true;

@@ -37,7 +37,9 @@ impl<V: Clone> Overlay<V> {
             if *index > upto {
                 break;
             }
-            let Some((_, tree, key)) = self.order.pop_front() else { break };
+            let Some((_, tree, key)) = self.order.pop_front() else {
+                break;
+            };
             let k = (tree, key);
             if let Some((i, _)) = self.records.get(&k)
                 && *i <= upto
@@ -89,7 +91,10 @@ mod tests {
         o.put(LogIndex::new(2), Tree::Events, b"b".to_vec(), b"2".to_vec());
         o.put(LogIndex::new(3), Tree::Logs, b"a".to_vec(), b"3".to_vec());
         assert_eq!(o.scan(Tree::Events, b"", Bound::Unbounded, 10).len(), 2);
-        assert_eq!(o.scan(Tree::Events, b"", Bound::Excluded(b"a"), 10), vec![(b"b".to_vec(), b"2".to_vec())]);
+        assert_eq!(
+            o.scan(Tree::Events, b"", Bound::Excluded(b"a"), 10),
+            vec![(b"b".to_vec(), b"2".to_vec())]
+        );
         o.stored_through(LogIndex::new(1));
         assert_eq!(o.get(Tree::Events, b"a"), None);
         assert_eq!(o.get(Tree::Events, b"b"), Some(&b"2".to_vec()));

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use flotilla_runtime::codec;
 use flotilla_runtime::{
-    ApplyContext, Command, Deployment, DeploymentId, Event, EventId, FlowRun, FlowRunId, HotState, LogBatchId,
-    LogIndex, LogLine, Refusal, Reply, RunId, State, StateView, TaskRun, TaskRunId, Timestamp, Write, apply,
+    ApplyContext, Command, Deployment, DeploymentId, Event, EventId, FlowRun, FlowRunId, HotState,
+    LogBatchId, LogIndex, LogLine, Refusal, Reply, RunId, State, StateView, TaskRun, TaskRunId, Timestamp,
+    Write, apply,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -80,7 +81,9 @@ impl StoreJob {
     /// Merges jobs queued one after another into one: the latest snapshot of each record wins.
     pub fn merge(jobs: Vec<StoreJob>) -> StoreJob {
         let mut it = jobs.into_iter();
-        let Some(mut acc) = it.next() else { return StoreJob::default() };
+        let Some(mut acc) = it.next() else {
+            return StoreJob::default();
+        };
         let mut rest = it.peekable();
         if rest.peek().is_none() {
             return acc;
@@ -144,7 +147,11 @@ impl StoreJob {
                 ops.push(KvOp::Put(Tree::Events, first.as_bytes().to_vec(), bytes));
             }
         }
-        ops.push(KvOp::Put(Tree::Meta, APPLIED_KEY.to_vec(), self.upto.get().to_be_bytes().to_vec()));
+        ops.push(KvOp::Put(
+            Tree::Meta,
+            APPLIED_KEY.to_vec(),
+            self.upto.get().to_be_bytes().to_vec(),
+        ));
         ops
     }
 }
@@ -181,16 +188,25 @@ struct View<'a> {
     kv: &'a dyn KvStore,
 }
 
-fn find_event(events: &Overlay<Arc<Event>>, kv: &dyn KvStore, id: &EventId) -> Result<Option<Arc<Event>>, PersistError> {
+fn find_event(
+    events: &Overlay<Arc<Event>>,
+    kv: &dyn KvStore,
+    id: &EventId,
+) -> Result<Option<Arc<Event>>, PersistError> {
     if let Some(e) = events.get(Tree::Events, id.as_bytes()) {
         return Ok(Some(e.clone()));
     }
-    let Some((_, block)) = kv.floor(Tree::Events, id.as_bytes()).map_err(|e| read_err("store", e))? else {
+    let Some((_, block)) = kv
+        .floor(Tree::Events, id.as_bytes())
+        .map_err(|e| read_err("store", e))?
+    else {
         return Ok(None);
     };
     let block: EventBlock = codec::decode(&block).map_err(|e| read_err("event block", e))?;
     match block.find(id) {
-        Some(bytes) => Ok(Some(Arc::new(codec::decode(bytes).map_err(|e| read_err(&format!("event {id}"), e))?))),
+        Some(bytes) => Ok(Some(Arc::new(
+            codec::decode(bytes).map_err(|e| read_err(&format!("event {id}"), e))?,
+        ))),
         None => Ok(None),
     }
 }
@@ -250,14 +266,20 @@ fn load_tree<T: serde::de::DeserializeOwned>(
     let mut after: Option<Vec<u8>> = None;
     loop {
         let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-        let page = kv
-            .scan(tree, b"", start, 10_000)
-            .map_err(|e| OpenError::Store { path: path.to_owned(), reason: e.0 })?;
-        let Some((last, _)) = page.last() else { return Ok(()) };
+        let page = kv.scan(tree, b"", start, 10_000).map_err(|e| OpenError::Store {
+            path: path.to_owned(),
+            reason: e.0,
+        })?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
         after = Some(last.clone());
         for (k, v) in page {
             let value = codec::decode(&v).map_err(|e| {
-                OpenError::corrupt(path.to_owned(), format!("record {:?}/{} does not decode: {e}", tree, hex(&k)))
+                OpenError::corrupt(
+                    path.to_owned(),
+                    format!("record {:?}/{} does not decode: {e}", tree, hex(&k)),
+                )
             })?;
             each(value);
         }
@@ -271,7 +293,10 @@ fn hex(b: &[u8]) -> String {
 impl Store {
     /// Loads the state the store holds; returns it with the last log index it had applied.
     pub fn load(kv: Arc<dyn KvStore>, path: &str) -> Result<Store, OpenError> {
-        let store_err = |e: super::kv::KvError| OpenError::Store { path: path.to_owned(), reason: e.0 };
+        let store_err = |e: super::kv::KvError| OpenError::Store {
+            path: path.to_owned(),
+            reason: e.0,
+        };
         let applied = match kv.get(Tree::Meta, APPLIED_KEY).map_err(store_err)? {
             None => LogIndex::ZERO,
             Some(v) => {
@@ -319,7 +344,12 @@ impl Store {
 
     /// Applies the command logged at `index`, remembering what to write to the store.
     /// Returns the reply and the events it produced (to publish).
-    pub fn apply(&mut self, index: LogIndex, now: Timestamp, command: Command) -> (Result<Reply, Refusal>, Vec<Arc<Event>>) {
+    pub fn apply(
+        &mut self,
+        index: LogIndex,
+        now: Timestamp,
+        command: Command,
+    ) -> (Result<Reply, Refusal>, Vec<Arc<Event>>) {
         let mut view = View {
             hot: &mut self.hot,
             overlay: &self.overlay,
@@ -346,7 +376,8 @@ impl Store {
             Write::DeploymentDeleted(id) => self.dirty_deployments.push((id, false)),
             Write::Event(e) => {
                 let e = Arc::new(e);
-                self.events.put(index, Tree::Events, e.id.as_bytes().to_vec(), e.clone());
+                self.events
+                    .put(index, Tree::Events, e.id.as_bytes().to_vec(), e.clone());
                 self.new_events.push(e.clone());
                 return Some(e);
             }
@@ -358,7 +389,11 @@ impl Store {
                 }
                 Err(err) => tracing::error!(error = %err, "a history block could not be encoded"),
             },
-            Write::Logs { flow_run, batch, lines } => match codec::encode(&lines) {
+            Write::Logs {
+                flow_run,
+                batch,
+                lines,
+            } => match codec::encode(&lines) {
                 Ok(bytes) => {
                     let key = log_key(&flow_run, &batch);
                     self.overlay.put(index, Tree::Logs, key.clone(), bytes.clone());
@@ -426,8 +461,17 @@ impl Store {
         self.kv.get(tree, key).map_err(|e| read_err("store", e))
     }
 
-    fn cold_scan(&self, tree: Tree, prefix: &[u8], start: Bound<&[u8]>, limit: usize) -> Result<Vec<(Vec<u8>, Vec<u8>)>, PersistError> {
-        let mut a = self.kv.scan(tree, prefix, start, limit).map_err(|e| read_err("store", e))?;
+    fn cold_scan(
+        &self,
+        tree: Tree,
+        prefix: &[u8],
+        start: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<super::kv::Entry>, PersistError> {
+        let mut a = self
+            .kv
+            .scan(tree, prefix, start, limit)
+            .map_err(|e| read_err("store", e))?;
         let b = self.overlay.scan(tree, prefix, start, limit);
         if !b.is_empty() {
             a.extend(b);
@@ -458,7 +502,9 @@ impl Store {
     }
 
     fn history(&self, run: RunId, offset: usize, limit: usize) -> Result<Option<Vec<State>>, PersistError> {
-        let Some(events) = self.history_ids(run)? else { return Ok(None) };
+        let Some(events) = self.history_ids(run)? else {
+            return Ok(None);
+        };
         let mut out = Vec::new();
         for id in events.iter().skip(offset).take(limit.min(PAGE_MAX)) {
             let event = find_event(&self.events, self.kv.as_ref(), id)?
@@ -489,7 +535,10 @@ impl Store {
                 Some(k) => Bound::Excluded(k.as_slice()),
                 None => Bound::Unbounded,
             };
-            let page = self.kv.scan(Tree::Events, b"", bound, 16).map_err(|e| read_err("store", e))?;
+            let page = self
+                .kv
+                .scan(Tree::Events, b"", bound, 16)
+                .map_err(|e| read_err("store", e))?;
             if page.is_empty() {
                 break;
             }
@@ -507,17 +556,24 @@ impl Store {
             }
             inclusive = false;
         }
-        let start = after.as_ref().map_or(Bound::Unbounded, |id| Bound::Excluded(id.as_bytes().as_slice()));
+        let start = after
+            .as_ref()
+            .map_or(Bound::Unbounded, |id| Bound::Excluded(id.as_bytes().as_slice()));
         for (_, e) in self.events.scan(Tree::Events, b"", start, limit) {
             found.push((*e).clone());
         }
-        found.sort_by(|a, b| a.id.cmp(&b.id));
+        found.sort_by_key(|e| e.id);
         found.dedup_by(|a, b| a.id == b.id);
         found.truncate(limit);
         Ok(found)
     }
 
-    fn logs(&self, flow_run: FlowRunId, after: Option<LogCursor>, limit: usize) -> Result<ReadReply, PersistError> {
+    fn logs(
+        &self,
+        flow_run: FlowRunId,
+        after: Option<LogCursor>,
+        limit: usize,
+    ) -> Result<ReadReply, PersistError> {
         let limit = limit.clamp(1, PAGE_MAX);
         let prefix = flow_run.as_bytes().to_vec();
         let mut lines: Vec<LogLine> = Vec::new();
@@ -535,7 +591,8 @@ impl Store {
                 return Ok(ReadReply::Logs { lines, next: cursor });
             }
             for (k, v) in &batches {
-                let batch = LogBatchId::from_bytes(k[16..32].try_into().map_err(|_| read_err("log key", "short"))?);
+                let batch =
+                    LogBatchId::from_bytes(k[16..32].try_into().map_err(|_| read_err("log key", "short"))?);
                 let batch_lines: Vec<LogLine> = codec::decode(v).map_err(|e| read_err("log batch", e))?;
                 let skip = match cursor {
                     Some(c) if c.batch == batch => c.line as usize,
@@ -546,7 +603,10 @@ impl Store {
                         return Ok(ReadReply::Logs { lines, next: cursor });
                     }
                     lines.push(line);
-                    cursor = Some(LogCursor { batch, line: u32::try_from(i + 1).unwrap_or(u32::MAX) });
+                    cursor = Some(LogCursor {
+                        batch,
+                        line: u32::try_from(i + 1).unwrap_or(u32::MAX),
+                    });
                 }
             }
             start_key = batches.last().map(|(k, _)| k.clone());
@@ -569,16 +629,39 @@ impl Store {
                 ReadReply::FlowRuns(page.into_iter().cloned().collect())
             }
             Read::TaskRun(id) => ReadReply::TaskRun(hot.task_run(&id).cloned().map(Box::new)),
-            Read::TaskRuns { flow_run, after, limit } => {
-                ReadReply::TaskRuns(hot.task_runs_of(flow_run, after, limit.min(PAGE_MAX)).into_iter().cloned().collect())
+            Read::TaskRuns {
+                flow_run,
+                after,
+                limit,
+            } => ReadReply::TaskRuns(
+                hot.task_runs_of(flow_run, after, limit.min(PAGE_MAX))
+                    .into_iter()
+                    .cloned()
+                    .collect(),
+            ),
+            Read::FlowRunHistory { run, offset, limit } => {
+                ReadReply::History(self.history(RunId::Flow(run), offset, limit)?)
             }
-            Read::FlowRunHistory { run, offset, limit } => ReadReply::History(self.history(RunId::Flow(run), offset, limit)?),
-            Read::TaskRunHistory { run, offset, limit } => ReadReply::History(self.history(RunId::Task(run), offset, limit)?),
-            Read::Events { after, limit } => ReadReply::Events(self.events_after(after, limit.clamp(1, PAGE_MAX))?),
-            Read::Logs { flow_run, after, limit } => self.logs(flow_run, after, limit)?,
+            Read::TaskRunHistory { run, offset, limit } => {
+                ReadReply::History(self.history(RunId::Task(run), offset, limit)?)
+            }
+            Read::Events { after, limit } => {
+                ReadReply::Events(self.events_after(after, limit.clamp(1, PAGE_MAX))?)
+            }
+            Read::Logs {
+                flow_run,
+                after,
+                limit,
+            } => self.logs(flow_run, after, limit)?,
             Read::Deployment(id) => ReadReply::Deployment(hot.deployment(&id).cloned().map(Box::new)),
-            Read::DeploymentByName(name) => ReadReply::Deployment(hot.deployment_by_name(&name).cloned().map(Box::new)),
-            Read::Stats => ReadReply::Stats(StoreStats { flow_runs: hot.flow_run_count(), applied: self.applied, ..stats }),
+            Read::DeploymentByName(name) => {
+                ReadReply::Deployment(hot.deployment_by_name(&name).cloned().map(Box::new))
+            }
+            Read::Stats => ReadReply::Stats(StoreStats {
+                flow_runs: hot.flow_run_count(),
+                applied: self.applied,
+                ..stats
+            }),
         })
     }
 }

@@ -11,11 +11,11 @@ use std::time::Instant;
 use flotilla_runtime::LogIndex;
 use ractor::ActorRef;
 
+use super::PersistenceMsg;
 use super::command_log::CommandLog;
 use super::config::PersistenceConfig;
 use super::kv::KvStore;
 use super::store::StoreJob;
-use super::PersistenceMsg;
 
 /// Work for the log thread.
 pub(crate) enum LogJob {
@@ -35,29 +35,31 @@ pub(crate) fn spawn_log_thread(
     segments: Arc<AtomicUsize>,
 ) -> std::io::Result<(mpsc::Sender<LogJob>, JoinHandle<()>)> {
     let (tx, rx) = mpsc::channel::<LogJob>();
-    let handle = std::thread::Builder::new().name("flotilla-log".into()).spawn(move || {
-        while let Ok(job) = rx.recv() {
-            match job {
-                LogJob::Append { payload, first, last } => {
-                    let result = log.append(&payload, first, last).map_err(|e| e.to_string());
-                    segments.store(log.segment_count(), Ordering::Relaxed);
-                    let failed = result.is_err();
-                    if actor.cast(PersistenceMsg::Logged { last, result }).is_err() || failed {
-                        break;
-                    }
-                }
-                LogJob::Truncate { upto } => match log.truncate_through(upto) {
-                    Ok(n) => {
+    let handle = std::thread::Builder::new()
+        .name("flotilla-log".into())
+        .spawn(move || {
+            while let Ok(job) = rx.recv() {
+                match job {
+                    LogJob::Append { payload, first, last } => {
+                        let result = log.append(&payload, first, last).map_err(|e| e.to_string());
                         segments.store(log.segment_count(), Ordering::Relaxed);
-                        if n > 0 {
-                            tracing::debug!(segments = n, %upto, "truncated the command log");
+                        let failed = result.is_err();
+                        if actor.cast(PersistenceMsg::Logged { last, result }).is_err() || failed {
+                            break;
                         }
                     }
-                    Err(e) => tracing::warn!(error = %e, "the command log could not be truncated"),
-                },
+                    LogJob::Truncate { upto } => match log.truncate_through(upto) {
+                        Ok(n) => {
+                            segments.store(log.segment_count(), Ordering::Relaxed);
+                            if n > 0 {
+                                tracing::debug!(segments = n, %upto, "truncated the command log");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "the command log could not be truncated"),
+                    },
+                }
             }
-        }
-    })?;
+        })?;
     Ok((tx, handle))
 }
 
@@ -70,74 +72,88 @@ pub(crate) fn spawn_store_thread(
     let (tx, rx) = mpsc::channel::<StoreJob>();
     let checkpoint_bytes = config.checkpoint_bytes;
     let interval = config.checkpoint_interval;
-    let handle = std::thread::Builder::new().name("flotilla-store".into()).spawn(move || {
-        let mut since_checkpoint = 0u64;
-        let mut last_checkpoint = Instant::now();
-        let mut stored = applied;
-        let mut checkpointed = applied;
-        let checkpoint = |stored: LogIndex, checkpointed: &mut LogIndex| {
-            if stored == *checkpointed {
-                return true;
-            }
-            match kv.checkpoint() {
-                Ok(()) => {
-                    *checkpointed = stored;
-                    let _ = actor.cast(PersistenceMsg::Checkpointed { upto: stored });
-                    true
+    let handle = std::thread::Builder::new()
+        .name("flotilla-store".into())
+        .spawn(move || {
+            let mut since_checkpoint = 0u64;
+            let mut last_checkpoint = Instant::now();
+            let mut stored = applied;
+            let mut checkpointed = applied;
+            let checkpoint = |stored: LogIndex, checkpointed: &mut LogIndex| {
+                if stored == *checkpointed {
+                    return true;
                 }
-                Err(e) => {
-                    let _ = actor.cast(PersistenceMsg::Stored { upto: stored, log_bytes: 0, result: Err(e.0) });
-                    false
+                match kv.checkpoint() {
+                    Ok(()) => {
+                        *checkpointed = stored;
+                        let _ = actor.cast(PersistenceMsg::Checkpointed { upto: stored });
+                        true
+                    }
+                    Err(e) => {
+                        let _ = actor.cast(PersistenceMsg::Stored {
+                            upto: stored,
+                            log_bytes: 0,
+                            result: Err(e.0),
+                        });
+                        false
+                    }
                 }
-            }
-        };
-        loop {
-            let first = match rx.recv_timeout(interval) {
-                Ok(job) => job,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
+            };
+            loop {
+                let first = match rx.recv_timeout(interval) {
+                    Ok(job) => job,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        if !checkpoint(stored, &mut checkpointed) {
+                            return;
+                        }
+                        since_checkpoint = 0;
+                        last_checkpoint = Instant::now();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        checkpoint(stored, &mut checkpointed);
+                        return;
+                    }
+                };
+                let mut jobs = vec![first];
+                while jobs.len() < 256 {
+                    match rx.try_recv() {
+                        Ok(job) => jobs.push(job),
+                        Err(_) => break,
+                    }
+                }
+                let job = StoreJob::merge(jobs);
+                let (upto, log_bytes) = (job.upto, job.log_bytes);
+                let ops = job.into_ops();
+                if let Err(e) = kv.apply(&ops) {
+                    let _ = actor.cast(PersistenceMsg::Stored {
+                        upto,
+                        log_bytes,
+                        result: Err(e.0),
+                    });
+                    return;
+                }
+                stored = upto;
+                since_checkpoint += log_bytes;
+                if actor
+                    .cast(PersistenceMsg::Stored {
+                        upto,
+                        log_bytes,
+                        result: Ok(()),
+                    })
+                    .is_err()
+                {
+                    checkpoint(stored, &mut checkpointed);
+                    return;
+                }
+                if since_checkpoint >= checkpoint_bytes || last_checkpoint.elapsed() >= interval {
                     if !checkpoint(stored, &mut checkpointed) {
                         return;
                     }
                     since_checkpoint = 0;
                     last_checkpoint = Instant::now();
-                    continue;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    checkpoint(stored, &mut checkpointed);
-                    return;
-                }
-            };
-            let mut jobs = vec![first];
-            while jobs.len() < 256 {
-                match rx.try_recv() {
-                    Ok(job) => jobs.push(job),
-                    Err(_) => break,
                 }
             }
-            let job = StoreJob::merge(jobs);
-            let (upto, log_bytes) = (job.upto, job.log_bytes);
-            let ops = job.into_ops();
-            if let Err(e) = kv.apply(&ops) {
-                let _ = actor.cast(PersistenceMsg::Stored { upto, log_bytes, result: Err(e.0) });
-                return;
-            }
-            stored = upto;
-            since_checkpoint += log_bytes;
-            if actor
-                .cast(PersistenceMsg::Stored { upto, log_bytes, result: Ok(()) })
-                .is_err()
-            {
-                checkpoint(stored, &mut checkpointed);
-                return;
-            }
-            if since_checkpoint >= checkpoint_bytes || last_checkpoint.elapsed() >= interval {
-                if !checkpoint(stored, &mut checkpointed) {
-                    return;
-                }
-                since_checkpoint = 0;
-                last_checkpoint = Instant::now();
-            }
-        }
-    })?;
+        })?;
     Ok((tx, handle))
 }

@@ -10,8 +10,8 @@ use anyhow::{Context, bail};
 use clap::Args;
 use flotilla_actors::persistence::{self, PersistenceConfig, PersistenceHandle};
 use flotilla_runtime::{
-    Command, Decision, Epoch, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryPolicy, RetryRequest, State,
-    StateName, Timestamp, TransitionId,
+    Command, Decision, Epoch, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryPolicy, RetryRequest,
+    State, StateName, Timestamp, TransitionId,
 };
 use hdrhistogram::Histogram;
 use rand::SeedableRng;
@@ -67,29 +67,57 @@ fn node() -> anyhow::Result<NodeId> {
     Ok("bench".parse()?)
 }
 
-async fn drive(handle: &PersistenceHandle, c: &mut Cycle, rng: &mut SmallRng, node: &NodeId) -> anyhow::Result<()> {
+async fn drive(
+    handle: &PersistenceHandle,
+    c: &mut Cycle,
+    rng: &mut SmallRng,
+    node: &NodeId,
+) -> anyhow::Result<()> {
     let now = Timestamp::EPOCH;
     let tid = TransitionId::new(now, rng);
     let cmd = match c.step {
         0 => Command::ProposeFlowRunState {
             run: c.id,
-            proposal: Proposal::from_worker(State::named(StateName::Pending, now), tid, c.epoch, node.clone()),
+            proposal: Proposal::from_worker(
+                State::named(StateName::Pending, now),
+                tid,
+                c.epoch,
+                node.clone(),
+            ),
         },
         1 => Command::ProposeFlowRunState {
             run: c.id,
-            proposal: Proposal::from_worker(State::named(StateName::Running, now), tid, c.epoch, node.clone()),
+            proposal: Proposal::from_worker(
+                State::named(StateName::Running, now),
+                tid,
+                c.epoch,
+                node.clone(),
+            ),
         },
         2 => Command::ProposeFlowRunState {
             run: c.id,
-            proposal: Proposal::from_worker(State::named(StateName::Completed, now), tid, c.epoch, node.clone()),
+            proposal: Proposal::from_worker(
+                State::named(StateName::Completed, now),
+                tid,
+                c.epoch,
+                node.clone(),
+            ),
         },
         _ => Command::RetryFlowRun {
             run: c.id,
-            request: RetryRequest { transition_id: tid, resume: false, force: true, message: None },
+            request: RetryRequest {
+                transition_id: tid,
+                resume: false,
+                force: true,
+                message: None,
+            },
         },
     };
     match handle.submit(cmd).await? {
-        Ok(Reply::FlowRunTransition { decision: Decision::Accept(_), .. }) => c.step += 1,
+        Ok(Reply::FlowRunTransition {
+            decision: Decision::Accept(_),
+            ..
+        }) => c.step += 1,
         Ok(Reply::Retried { epoch, .. }) => {
             c.epoch = epoch;
             c.step = 0;
@@ -101,7 +129,9 @@ async fn drive(handle: &PersistenceHandle, c: &mut Cycle, rng: &mut SmallRng, no
 
 async fn create_runs(handle: &PersistenceHandle, n: usize) -> anyhow::Result<Vec<Cycle>> {
     let mut rng = SmallRng::seed_from_u64(1);
-    let ids: Vec<FlowRunId> = (0..n).map(|_| FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng)).collect();
+    let ids: Vec<FlowRunId> = (0..n)
+        .map(|_| FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng))
+        .collect();
     let mut tasks = tokio::task::JoinSet::new();
     for chunk in ids.chunks(n.div_ceil(256).max(1)) {
         let chunk = chunk.to_vec();
@@ -132,10 +162,22 @@ async fn create_runs(handle: &PersistenceHandle, n: usize) -> anyhow::Result<Vec
     while let Some(r) = tasks.join_next().await {
         r??;
     }
-    Ok(ids.into_iter().map(|id| Cycle { id, epoch: Epoch::FIRST, step: 0 }).collect())
+    Ok(ids
+        .into_iter()
+        .map(|id| Cycle {
+            id,
+            epoch: Epoch::FIRST,
+            step: 0,
+        })
+        .collect())
 }
 
-async fn run_case(handle: &PersistenceHandle, cycles: Vec<Cycle>, submitters: usize, seconds: f64) -> anyhow::Result<(CaseResult, Vec<Cycle>)> {
+async fn run_case(
+    handle: &PersistenceHandle,
+    cycles: Vec<Cycle>,
+    submitters: usize,
+    seconds: f64,
+) -> anyhow::Result<(CaseResult, Vec<Cycle>)> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut groups: Vec<Vec<Cycle>> = (0..submitters).map(|_| Vec::new()).collect();
     for (i, c) in cycles.into_iter().enumerate() {
@@ -188,7 +230,11 @@ async fn run_case(handle: &PersistenceHandle, cycles: Vec<Cycle>, submitters: us
             ack_p50_ms: hist.value_at_quantile(0.5) as f64 / 1e3,
             ack_p99_ms: hist.value_at_quantile(0.99) as f64 / 1e3,
             fsyncs_per_s: syncs as f64 / elapsed,
-            commands_per_fsync: if syncs == 0 { 0.0 } else { commands as f64 / syncs as f64 },
+            commands_per_fsync: if syncs == 0 {
+                0.0
+            } else {
+                commands as f64 / syncs as f64
+            },
         },
         back,
     ))
@@ -198,7 +244,10 @@ pub async fn run(args: PersistenceArgs) -> anyhow::Result<()> {
     if args.runs == 0 || args.submitters.contains(&0) || args.seconds <= 0.0 {
         bail!("--runs, --submitters and --seconds must be positive");
     }
-    let dir = tempfile::Builder::new().prefix("flotilla-bench-").tempdir().context("creating a temporary directory")?;
+    let dir = tempfile::Builder::new()
+        .prefix("flotilla-bench-")
+        .tempdir()
+        .context("creating a temporary directory")?;
     let fsync = fdatasync_p50_ms(dir.path(), 200).context("measuring fdatasync")?;
     eprintln!("fdatasync p50 on {}: {fsync:.3} ms", dir.path().display());
     let (handle, join) = persistence::start(PersistenceConfig::new(dir.path().join("data"))).await?;
@@ -226,12 +275,23 @@ pub async fn run(args: PersistenceArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("persistence: durable commands (fdatasync p50 {:.3} ms)", report.fdatasync_p50_ms);
-        println!("{:>11} {:>14} {:>12} {:>12} {:>11} {:>9}", "submitters", "commands/s", "ack p50 ms", "ack p99 ms", "fsyncs/s", "per sync");
+        println!(
+            "persistence: durable commands (fdatasync p50 {:.3} ms)",
+            report.fdatasync_p50_ms
+        );
+        println!(
+            "{:>11} {:>14} {:>12} {:>12} {:>11} {:>9}",
+            "submitters", "commands/s", "ack p50 ms", "ack p99 ms", "fsyncs/s", "per sync"
+        );
         for r in &report.results {
             println!(
                 "{:>11} {:>14.0} {:>12.3} {:>12.3} {:>11.0} {:>9.1}",
-                r.submitters, r.commands_per_s, r.ack_p50_ms, r.ack_p99_ms, r.fsyncs_per_s, r.commands_per_fsync
+                r.submitters,
+                r.commands_per_s,
+                r.ack_p50_ms,
+                r.ack_p99_ms,
+                r.fsyncs_per_s,
+                r.commands_per_fsync
             );
         }
     }

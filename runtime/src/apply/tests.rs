@@ -53,13 +53,24 @@ fn new_run(id: FlowRunId) -> NewFlowRun {
 
 impl World {
     fn new() -> Self {
-        World { state: MemState::new(), index: 0, now: Timestamp::from_millis(1_800_000_000_000) }
+        World {
+            state: MemState::new(),
+            index: 0,
+            now: Timestamp::from_millis(1_800_000_000_000),
+        }
     }
 
     fn apply(&mut self, c: Command) -> Outcome {
         self.index += 1;
         self.now = self.now + Duration::from_millis(10);
-        let out = apply(&mut self.state, c, ApplyContext { index: LogIndex::new(self.index), now: self.now });
+        let out = apply(
+            &mut self.state,
+            c,
+            ApplyContext {
+                index: LogIndex::new(self.index),
+                now: self.now,
+            },
+        );
         self.state.store(out.writes.clone());
         out
     }
@@ -69,7 +80,10 @@ impl World {
     }
 
     fn propose(&mut self, id: FlowRunId, p: Proposal) -> Decision {
-        match self.apply(Command::ProposeFlowRunState { run: id, proposal: p }).reply {
+        match self
+            .apply(Command::ProposeFlowRunState { run: id, proposal: p })
+            .reply
+        {
             Ok(Reply::FlowRunTransition { decision, .. }) => decision,
             other => panic!("{other:?}"),
         }
@@ -80,7 +94,11 @@ impl World {
     }
 
     fn history(&self, id: FlowRunId) -> Vec<State> {
-        self.state.history(crate::ids::RunId::Flow(id)).iter().map(|e| self.state.events[e].state().unwrap().clone()).collect()
+        self.state
+            .history(crate::ids::RunId::Flow(id))
+            .iter()
+            .map(|e| self.state.events[e].state().unwrap().clone())
+            .collect()
     }
 }
 
@@ -88,7 +106,10 @@ impl World {
 fn a_flow_run_goes_through_its_lifecycle_with_events_and_history() {
     let mut w = World::new();
     let out = w.apply(Command::CreateFlowRun(new_run(fid(1))));
-    assert!(matches!(out.reply, Ok(Reply::FlowRunCreated { created: true, .. })));
+    assert!(matches!(
+        out.reply,
+        Ok(Reply::FlowRunCreated { created: true, .. })
+    ));
     assert_eq!(out.writes.len(), 2);
     let p = w.worker(fid(1), StateName::Pending, 1, "n1");
     assert!(w.propose(fid(1), p).is_accept());
@@ -103,9 +124,25 @@ fn a_flow_run_goes_through_its_lifecycle_with_events_and_history() {
     assert!(run.lifecycle.end_time.is_some());
     assert_eq!(run.lifecycle.total_run_time, Duration::from_millis(10));
     let names: Vec<_> = w.history(fid(1)).iter().map(|s| s.name).collect();
-    assert_eq!(names, [StateName::Scheduled, StateName::Pending, StateName::Running, StateName::Completed]);
+    assert_eq!(
+        names,
+        [
+            StateName::Scheduled,
+            StateName::Pending,
+            StateName::Running,
+            StateName::Completed
+        ]
+    );
     let evs: Vec<_> = w.state.events.values().map(|e| e.event.as_str()).collect();
-    assert_eq!(evs, ["flotilla.flow-run.Scheduled", "flotilla.flow-run.Pending", "flotilla.flow-run.Running", "flotilla.flow-run.Completed"]);
+    assert_eq!(
+        evs,
+        [
+            "flotilla.flow-run.Scheduled",
+            "flotilla.flow-run.Pending",
+            "flotilla.flow-run.Running",
+            "flotilla.flow-run.Completed"
+        ]
+    );
     assert!(w.state.hot.active_flow_runs_of(&node("n1")).is_empty());
 }
 
@@ -116,21 +153,45 @@ fn a_resent_command_returns_the_original_outcome_and_writes_nothing() {
     let again = w.apply(Command::CreateFlowRun(new_run(fid(1))));
     assert!(again.writes.is_empty());
     match (first.reply, again.reply) {
-        (Ok(Reply::FlowRunCreated { run: a, .. }), Ok(Reply::FlowRunCreated { run: b, created: false })) => assert_eq!(a, b),
+        (
+            Ok(Reply::FlowRunCreated { run: a, .. }),
+            Ok(Reply::FlowRunCreated {
+                run: b,
+                created: false,
+            }),
+        ) => assert_eq!(a, b),
         other => panic!("{other:?}"),
     }
     let p = w.worker(fid(1), StateName::Pending, 1, "n1");
-    let first = w.apply(Command::ProposeFlowRunState { run: fid(1), proposal: p.clone() });
-    let again = w.apply(Command::ProposeFlowRunState { run: fid(1), proposal: p.clone() });
+    let first = w.apply(Command::ProposeFlowRunState {
+        run: fid(1),
+        proposal: p.clone(),
+    });
+    let again = w.apply(Command::ProposeFlowRunState {
+        run: fid(1),
+        proposal: p.clone(),
+    });
     assert!(!first.writes.is_empty());
     assert!(again.writes.is_empty());
     assert_eq!(first.reply, again.reply);
     // Still recognised after the run moved on.
     let r = w.worker(fid(1), StateName::Running, 2, "n1");
-    w.apply(Command::ProposeFlowRunState { run: fid(1), proposal: r });
-    let late = w.apply(Command::ProposeFlowRunState { run: fid(1), proposal: p });
+    w.apply(Command::ProposeFlowRunState {
+        run: fid(1),
+        proposal: r,
+    });
+    let late = w.apply(Command::ProposeFlowRunState {
+        run: fid(1),
+        proposal: p,
+    });
     assert!(late.writes.is_empty());
-    assert!(matches!(late.reply, Ok(Reply::FlowRunTransition { decision: Decision::Accept(_), .. })));
+    assert!(matches!(
+        late.reply,
+        Ok(Reply::FlowRunTransition {
+            decision: Decision::Accept(_),
+            ..
+        })
+    ));
     // With a creator's key: the same run whatever the id.
     let mut a = new_run(fid(7));
     a.idempotency_key = Some("scheduled/d/0/2026-01-01T00:00:00Z".into());
@@ -149,12 +210,27 @@ fn a_retry_gives_a_new_epoch_and_the_zombie_is_refused() {
     let p = w.worker(fid(1), StateName::Pending, 1, "n1");
     w.propose(fid(1), p);
     let zombie = w.worker(fid(1), StateName::Running, 2, "n1");
-    let out = w.apply(Command::MarkNodeCrashed { node: node("n1"), message: "node n1 died".into(), key: "crash/n1/1".into() });
-    assert_eq!(out.reply, Ok(Reply::NodeCrashed { crashed: vec![fid(1)], cancelled: vec![] }));
+    let out = w.apply(Command::MarkNodeCrashed {
+        node: node("n1"),
+        message: "node n1 died".into(),
+        key: "crash/n1/1".into(),
+    });
+    assert_eq!(
+        out.reply,
+        Ok(Reply::NodeCrashed {
+            crashed: vec![fid(1)],
+            cancelled: vec![]
+        })
+    );
     assert_eq!(w.run(fid(1)).lifecycle.state.kind, StateType::Crashed);
     let out = w.apply(Command::RetryFlowRun {
         run: fid(1),
-        request: RetryRequest { transition_id: tid(3), resume: true, force: false, message: None },
+        request: RetryRequest {
+            transition_id: tid(3),
+            resume: true,
+            force: false,
+            message: None,
+        },
     });
     match out.reply {
         Ok(Reply::Retried { state, epoch }) => {
@@ -165,7 +241,13 @@ fn a_retry_gives_a_new_epoch_and_the_zombie_is_refused() {
     }
     assert_eq!(w.run(fid(1)).owner, None);
     // The old owner, still at epoch 1, is refused.
-    assert_eq!(w.propose(fid(1), zombie), Decision::Abort(AbortReason::StaleEpoch { proposed: Epoch::new(1), current: Epoch::new(2) }));
+    assert_eq!(
+        w.propose(fid(1), zombie),
+        Decision::Abort(AbortReason::StaleEpoch {
+            proposed: Epoch::new(1),
+            current: Epoch::new(2)
+        })
+    );
     // A new owner claims it with the new epoch.
     let p = w.worker(fid(1), StateName::Pending, 4, "n2");
     assert!(w.propose(fid(1), p).is_accept());
@@ -183,8 +265,19 @@ fn a_completed_run_is_retried_only_with_force_and_keeps_its_result() {
     let mut done = w.worker(fid(1), StateName::Completed, 3, "n1");
     done.state.result = Some(ResultRef::Inline(vec![42]));
     w.propose(fid(1), done);
-    let req = |n, force| Command::RetryFlowRun { run: fid(1), request: RetryRequest { transition_id: tid(n), resume: false, force, message: None } };
-    assert!(matches!(w.apply(req(4, false)).reply, Err(Refusal::NotRetriable(_))));
+    let req = |n, force| Command::RetryFlowRun {
+        run: fid(1),
+        request: RetryRequest {
+            transition_id: tid(n),
+            resume: false,
+            force,
+            message: None,
+        },
+    };
+    assert!(matches!(
+        w.apply(req(4, false)).reply,
+        Err(Refusal::NotRetriable(_))
+    ));
     assert!(matches!(w.apply(req(5, true)).reply, Ok(Reply::Retried { .. })));
     let results: Vec<_> = w.history(fid(1)).into_iter().filter_map(|s| s.result).collect();
     assert_eq!(results, [ResultRef::Inline(vec![42])]);
@@ -200,13 +293,30 @@ fn crashing_a_node_cancels_what_it_was_cancelling_and_leaves_terminal_runs() {
         let p = w.worker(fid(n), StateName::Running, u64::from(n) * 10 + 1, "n1");
         w.propose(fid(n), p);
     }
-    w.propose(fid(2), Proposal::new(State::named(StateName::Cancelling, w.now), tid(99)));
+    w.propose(
+        fid(2),
+        Proposal::new(State::named(StateName::Cancelling, w.now), tid(99)),
+    );
     let p = w.worker(fid(3), StateName::Completed, 98, "n1");
     w.propose(fid(3), p);
-    let out = w.apply(Command::MarkNodeCrashed { node: node("n1"), message: "gone".into(), key: "k".into() });
-    assert_eq!(out.reply, Ok(Reply::NodeCrashed { crashed: vec![fid(1)], cancelled: vec![fid(2)] }));
+    let out = w.apply(Command::MarkNodeCrashed {
+        node: node("n1"),
+        message: "gone".into(),
+        key: "k".into(),
+    });
+    assert_eq!(
+        out.reply,
+        Ok(Reply::NodeCrashed {
+            crashed: vec![fid(1)],
+            cancelled: vec![fid(2)]
+        })
+    );
     assert_eq!(w.run(fid(3)).lifecycle.state.kind, StateType::Completed);
-    let again = w.apply(Command::MarkNodeCrashed { node: node("n1"), message: "gone".into(), key: "k".into() });
+    let again = w.apply(Command::MarkNodeCrashed {
+        node: node("n1"),
+        message: "gone".into(),
+        key: "k".into(),
+    });
     assert!(again.writes.is_empty());
 }
 
@@ -214,7 +324,11 @@ fn crashing_a_node_cancels_what_it_was_cancelling_and_leaves_terminal_runs() {
 fn task_runs_are_keyed_by_call_and_need_a_running_flow() {
     let mut w = World::new();
     w.apply(Command::CreateFlowRun(new_run(fid(1))));
-    let key = TaskRunKey { flow_run: fid(1), task_key: "extract".into(), call_index: 0 };
+    let key = TaskRunKey {
+        flow_run: fid(1),
+        task_key: "extract".into(),
+        call_index: 0,
+    };
     let new_task = |id: u8| NewTaskRun {
         id: TaskRunId::from_bytes([id; 16]),
         key: key.clone(),
@@ -225,25 +339,42 @@ fn task_runs_are_keyed_by_call_and_need_a_running_flow() {
         refresh_cache: false,
         tags: vec![],
     };
-    assert!(matches!(w.apply(Command::CreateTaskRun(new_task(1))).reply, Err(Refusal::FlowRunNotRunning { .. })));
+    assert!(matches!(
+        w.apply(Command::CreateTaskRun(new_task(1))).reply,
+        Err(Refusal::FlowRunNotRunning { .. })
+    ));
     for (n, name) in [(1, StateName::Pending), (2, StateName::Running)] {
         let p = w.worker(fid(1), name, n, "n1");
         w.propose(fid(1), p);
     }
-    assert!(matches!(w.apply(Command::CreateTaskRun(new_task(1))).reply, Ok(Reply::TaskRunCreated { created: true, .. })));
+    assert!(matches!(
+        w.apply(Command::CreateTaskRun(new_task(1))).reply,
+        Ok(Reply::TaskRunCreated { created: true, .. })
+    ));
     let again = w.apply(Command::CreateTaskRun(new_task(2)));
     assert!(again.writes.is_empty());
-    assert!(matches!(again.reply, Ok(Reply::TaskRunCreated { run, created: false }) if run.id == TaskRunId::from_bytes([1; 16])));
+    assert!(
+        matches!(again.reply, Ok(Reply::TaskRunCreated { run, created: false }) if run.id == TaskRunId::from_bytes([1; 16]))
+    );
     let tp = |name, n| Command::ProposeTaskRunState {
         run: TaskRunId::from_bytes([1; 16]),
-        proposal: Proposal::from_worker(State::named(name, Timestamp::EPOCH), tid(n), Epoch::FIRST, node("n1")),
+        proposal: Proposal::from_worker(
+            State::named(name, Timestamp::EPOCH),
+            tid(n),
+            Epoch::FIRST,
+            node("n1"),
+        ),
     };
     w.apply(tp(StateName::Running, 10));
     // A failure with a retry left: AwaitingRetry, then Retrying, then Completed with the cache key.
     let out = w.apply(tp(StateName::Failed, 11));
-    assert!(matches!(out.reply, Ok(Reply::TaskRunTransition { decision: Decision::Reject(ref s), .. }) if s.name == StateName::AwaitingRetry));
+    assert!(
+        matches!(out.reply, Ok(Reply::TaskRunTransition { decision: Decision::Reject(ref s), .. }) if s.name == StateName::AwaitingRetry)
+    );
     let out = w.apply(tp(StateName::Running, 12));
-    assert!(matches!(out.reply, Ok(Reply::TaskRunTransition { decision: Decision::Accept(ref s), .. }) if s.name == StateName::Retrying));
+    assert!(
+        matches!(out.reply, Ok(Reply::TaskRunTransition { decision: Decision::Accept(ref s), .. }) if s.name == StateName::Retrying)
+    );
     let mut done = tp(StateName::Completed, 13);
     if let Command::ProposeTaskRunState { proposal, .. } = &mut done {
         proposal.state.result = Some(ResultRef::Inline(vec![7]));
@@ -251,17 +382,28 @@ fn task_runs_are_keyed_by_call_and_need_a_running_flow() {
     w.apply(done);
     let t = w.state.hot.task_run(&TaskRunId::from_bytes([1; 16])).unwrap();
     assert_eq!(t.lifecycle.run_count, 2);
-    assert_eq!(t.lifecycle.state.details.cache_key.as_deref(), Some("extract-abc"));
+    assert_eq!(
+        t.lifecycle.state.details.cache_key.as_deref(),
+        Some("extract-abc")
+    );
     // Another call with the same cache key is Cached.
     let mut other = new_task(3);
     other.key.call_index = 1;
     w.apply(Command::CreateTaskRun(other));
     let out = w.apply(Command::ProposeTaskRunState {
         run: TaskRunId::from_bytes([3; 16]),
-        proposal: Proposal::from_worker(State::named(StateName::Running, Timestamp::EPOCH), tid(14), Epoch::FIRST, node("n1")),
+        proposal: Proposal::from_worker(
+            State::named(StateName::Running, Timestamp::EPOCH),
+            tid(14),
+            Epoch::FIRST,
+            node("n1"),
+        ),
     });
     match out.reply {
-        Ok(Reply::TaskRunTransition { decision: Decision::Reject(s), .. }) => {
+        Ok(Reply::TaskRunTransition {
+            decision: Decision::Reject(s),
+            ..
+        }) => {
             assert_eq!(s.name, StateName::Cached);
             assert_eq!(s.result, Some(ResultRef::Inline(vec![7])));
         }
@@ -273,18 +415,41 @@ fn task_runs_are_keyed_by_call_and_need_a_running_flow() {
 fn logs_and_events_are_stored_once_and_bounded() {
     let mut w = World::new();
     w.apply(Command::CreateFlowRun(new_run(fid(1))));
-    let line = LogLine { flow_run: fid(1), task_run: None, timestamp: w.now, level: LogLevel::Info, target: "t".into(), message: "x".repeat(100_000) };
+    let line = LogLine {
+        flow_run: fid(1),
+        task_run: None,
+        timestamp: w.now,
+        level: LogLevel::Info,
+        target: "t".into(),
+        message: "x".repeat(100_000),
+    };
     let batch = crate::ids::LogBatchId::from_bytes([5; 16]);
-    let out = w.apply(Command::AppendLogs { batch, flow_run: fid(1), lines: vec![line.clone()] });
+    let out = w.apply(Command::AppendLogs {
+        batch,
+        flow_run: fid(1),
+        lines: vec![line.clone()],
+    });
     assert_eq!(out.reply, Ok(Reply::LogsAppended { count: 1 }));
     let stored = &w.state.logs[&(fid(1), batch)][0];
     assert!(stored.message.len() < 20_000 && stored.message.ends_with("[truncated]"));
-    let again = w.apply(Command::AppendLogs { batch, flow_run: fid(1), lines: vec![line.clone()] });
+    let again = w.apply(Command::AppendLogs {
+        batch,
+        flow_run: fid(1),
+        lines: vec![line.clone()],
+    });
     assert!(again.writes.is_empty());
     let too_many = vec![line.clone(); LOG_LINES_PER_COMMAND_MAX + 1];
-    let out = w.apply(Command::AppendLogs { batch: crate::ids::LogBatchId::from_bytes([6; 16]), flow_run: fid(1), lines: too_many });
+    let out = w.apply(Command::AppendLogs {
+        batch: crate::ids::LogBatchId::from_bytes([6; 16]),
+        flow_run: fid(1),
+        lines: too_many,
+    });
     assert!(matches!(out.reply, Err(Refusal::Invalid(_))));
-    let out = w.apply(Command::AppendLogs { batch: crate::ids::LogBatchId::from_bytes([7; 16]), flow_run: fid(9), lines: vec![] });
+    let out = w.apply(Command::AppendLogs {
+        batch: crate::ids::LogBatchId::from_bytes([7; 16]),
+        flow_run: fid(9),
+        lines: vec![],
+    });
     assert_eq!(out.reply, Err(Refusal::FlowRunNotFound(fid(9))));
 }
 
@@ -305,15 +470,30 @@ fn deployments_are_put_and_deleted_with_events() {
         created: w.now,
         updated: w.now,
     };
-    assert_eq!(w.apply(Command::PutDeployment(d.clone())).reply, Ok(Reply::DeploymentPut { created: true }));
+    assert_eq!(
+        w.apply(Command::PutDeployment(d.clone())).reply,
+        Ok(Reply::DeploymentPut { created: true })
+    );
     assert!(w.apply(Command::PutDeployment(d.clone())).writes.is_empty());
     let mut other = d.clone();
     other.id = DeploymentId::from_bytes([2; 16]);
-    assert!(matches!(w.apply(Command::PutDeployment(other)).reply, Err(Refusal::DeploymentNameTaken { .. })));
-    assert_eq!(w.apply(Command::DeleteDeployment { id: d.id }).reply, Ok(Reply::DeploymentDeleted { existed: true }));
-    assert_eq!(w.apply(Command::DeleteDeployment { id: d.id }).reply, Ok(Reply::DeploymentDeleted { existed: false }));
+    assert!(matches!(
+        w.apply(Command::PutDeployment(other)).reply,
+        Err(Refusal::DeploymentNameTaken { .. })
+    ));
+    assert_eq!(
+        w.apply(Command::DeleteDeployment { id: d.id }).reply,
+        Ok(Reply::DeploymentDeleted { existed: true })
+    );
+    assert_eq!(
+        w.apply(Command::DeleteDeployment { id: d.id }).reply,
+        Ok(Reply::DeploymentDeleted { existed: false })
+    );
     let names: Vec<_> = w.state.events.values().map(|e| e.event.clone()).collect();
-    assert_eq!(names, ["flotilla.deployment.created", "flotilla.deployment.deleted"]);
+    assert_eq!(
+        names,
+        ["flotilla.deployment.created", "flotilla.deployment.deleted"]
+    );
 }
 
 #[test]
@@ -337,16 +517,35 @@ fn apply_is_deterministic() {
 
 #[derive(Clone, Debug)]
 enum Step {
-    Propose { name: StateName, from_node: u8, epoch_delta: i8, resend: bool, with_result: bool },
-    Retry { force: bool, resume: bool },
-    Crash { node: u8 },
+    Propose {
+        name: StateName,
+        from_node: u8,
+        epoch_delta: i8,
+        resend: bool,
+        with_result: bool,
+    },
+    Retry {
+        force: bool,
+        resume: bool,
+    },
+    Crash {
+        node: u8,
+    },
 }
 
 fn step() -> impl Strategy<Value = Step> {
     let names = proptest::sample::select(vec![
-        StateName::Scheduled, StateName::Late, StateName::Pending, StateName::Running, StateName::Paused,
-        StateName::Cancelling, StateName::Cancelled, StateName::Completed, StateName::Failed,
-        StateName::TimedOut, StateName::Crashed,
+        StateName::Scheduled,
+        StateName::Late,
+        StateName::Pending,
+        StateName::Running,
+        StateName::Paused,
+        StateName::Cancelling,
+        StateName::Cancelled,
+        StateName::Completed,
+        StateName::Failed,
+        StateName::TimedOut,
+        StateName::Crashed,
     ]);
     prop_oneof![
         6 => (names, 0u8..3, -1i8..=1, any::<bool>(), any::<bool>()).prop_map(|(name, from_node, epoch_delta, resend, with_result)| Step::Propose { name, from_node, epoch_delta, resend, with_result }),

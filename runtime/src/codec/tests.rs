@@ -11,9 +11,12 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn sample_state() -> State {
-    State::named(StateName::Completed, Timestamp::from_micros(1_767_225_600_000_000))
-        .with_transition(TransitionId::from_bytes([0xab; 16]))
-        .with_result(ResultRef::Inline(vec![1, 2, 3]))
+    State::named(
+        StateName::Completed,
+        Timestamp::from_micros(1_767_225_600_000_000),
+    )
+    .with_transition(TransitionId::from_bytes([0xab; 16]))
+    .with_result(ResultRef::Inline(vec![1, 2, 3]))
 }
 
 fn sample_command() -> Command {
@@ -55,7 +58,10 @@ fn versions_are_checked() {
     assert!(matches!(err, DecodeError::NewerVersion { found } if found == FORMAT_VERSION + 1));
     assert!(err.to_string().contains("upgrade"));
     bytes[0] = 0;
-    assert!(matches!(decode::<State>(&bytes), Err(DecodeError::OlderVersion { found: 0 })));
+    assert!(matches!(
+        decode::<State>(&bytes),
+        Err(DecodeError::OlderVersion { found: 0 })
+    ));
     assert!(matches!(decode::<State>(&[]), Err(DecodeError::Empty)));
 }
 

@@ -53,7 +53,10 @@ impl Ctx {
         }
     }
     fn owned() -> Self {
-        Ctx { owner: Some(node("n1")), ..Ctx::flow() }
+        Ctx {
+            owner: Some(node("n1")),
+            ..Ctx::flow()
+        }
     }
     fn task() -> Self {
         Ctx {
@@ -114,12 +117,22 @@ fn aborted(d: &Decision) -> &AbortReason {
 fn a_resent_transition_is_idempotent() {
     let l = in_state(StateName::Running);
     let d = decide(&l, &worker(StateName::Completed, 200), &Ctx::owned());
-    assert_eq!(d, Decision::Accept(l.state.clone()), "the current state's transition id");
+    assert_eq!(
+        d,
+        Decision::Accept(l.state.clone()),
+        "the current state's transition id"
+    );
     let mut l2 = in_state(StateName::Cancelling);
     l2.remember(tid(5), PastDecision::Accepted);
     l2.remember(tid(6), PastDecision::Rejected);
-    assert_eq!(decide(&l2, &worker(StateName::Running, 5), &Ctx::owned()), Decision::Accept(l2.state.clone()));
-    assert_eq!(decide(&l2, &worker(StateName::Failed, 6), &Ctx::owned()), Decision::Reject(l2.state.clone()));
+    assert_eq!(
+        decide(&l2, &worker(StateName::Running, 5), &Ctx::owned()),
+        Decision::Accept(l2.state.clone())
+    );
+    assert_eq!(
+        decide(&l2, &worker(StateName::Failed, 6), &Ctx::owned()),
+        Decision::Reject(l2.state.clone())
+    );
 }
 
 #[test]
@@ -127,35 +140,89 @@ fn a_stale_or_unknown_epoch_is_refused() {
     let l = in_state(StateName::Running);
     let mut c = Ctx::owned();
     c.epoch = Epoch::new(3);
-    let stale = Proposal::from_worker(State::of(StateType::Completed, t(0)), tid(1), Epoch::new(2), node("n1"));
+    let stale = Proposal::from_worker(
+        State::of(StateType::Completed, t(0)),
+        tid(1),
+        Epoch::new(2),
+        node("n1"),
+    );
     assert_eq!(
         aborted(&decide(&l, &stale, &c)),
-        &AbortReason::StaleEpoch { proposed: Epoch::new(2), current: Epoch::new(3) }
+        &AbortReason::StaleEpoch {
+            proposed: Epoch::new(2),
+            current: Epoch::new(3)
+        }
     );
-    let future = Proposal::from_worker(State::of(StateType::Completed, t(0)), tid(1), Epoch::new(4), node("n1"));
-    assert!(matches!(aborted(&decide(&l, &future, &c)), AbortReason::UnknownEpoch { .. }));
-    let other = Proposal::from_worker(State::of(StateType::Completed, t(0)), tid(1), Epoch::new(3), node("n2"));
-    assert_eq!(aborted(&decide(&l, &other, &c)), &AbortReason::NotOwner { owner: node("n1") });
+    let future = Proposal::from_worker(
+        State::of(StateType::Completed, t(0)),
+        tid(1),
+        Epoch::new(4),
+        node("n1"),
+    );
+    assert!(matches!(
+        aborted(&decide(&l, &future, &c)),
+        AbortReason::UnknownEpoch { .. }
+    ));
+    let other = Proposal::from_worker(
+        State::of(StateType::Completed, t(0)),
+        tid(1),
+        Epoch::new(3),
+        node("n2"),
+    );
+    assert_eq!(
+        aborted(&decide(&l, &other, &c)),
+        &AbortReason::NotOwner { owner: node("n1") }
+    );
 }
 
 #[test]
 fn a_terminal_state_is_left_only_through_a_retry() {
-    for name in [StateName::Completed, StateName::Failed, StateName::Cancelled, StateName::Crashed] {
+    for name in [
+        StateName::Completed,
+        StateName::Failed,
+        StateName::Cancelled,
+        StateName::Crashed,
+    ] {
         let l = in_state(name);
-        for to in [StateName::Scheduled, StateName::Pending, StateName::Running, StateName::Completed, StateName::Cancelling, StateName::Crashed] {
+        for to in [
+            StateName::Scheduled,
+            StateName::Pending,
+            StateName::Running,
+            StateName::Completed,
+            StateName::Cancelling,
+            StateName::Crashed,
+        ] {
             let d = decide(&l, &worker(to, 1), &Ctx::owned());
-            assert_eq!(aborted(&d), &AbortReason::Terminal(name.state_type()), "{name} → {to}");
+            assert_eq!(
+                aborted(&d),
+                &AbortReason::Terminal(name.state_type()),
+                "{name} → {to}"
+            );
         }
     }
     for name in [StateName::Failed, StateName::Crashed, StateName::Cancelled] {
         let s = retry(&in_state(name), false, false, t(20)).unwrap();
-        assert_eq!((s.name, s.details.scheduled_time), (StateName::AwaitingRetry, Some(t(20))));
+        assert_eq!(
+            (s.name, s.details.scheduled_time),
+            (StateName::AwaitingRetry, Some(t(20)))
+        );
         let s = retry(&in_state(name), true, false, t(20)).unwrap();
         assert_eq!(s.name, StateName::Resuming);
     }
-    assert_eq!(retry(&in_state(StateName::Completed), false, false, t(20)), Err(RetryRefusal::CompletedNeedsForce));
-    assert_eq!(retry(&in_state(StateName::Completed), false, true, t(20)).unwrap().name, StateName::AwaitingRetry);
-    assert_eq!(retry(&in_state(StateName::Running), false, true, t(20)), Err(RetryRefusal::NotTerminal(StateType::Running)));
+    assert_eq!(
+        retry(&in_state(StateName::Completed), false, false, t(20)),
+        Err(RetryRefusal::CompletedNeedsForce)
+    );
+    assert_eq!(
+        retry(&in_state(StateName::Completed), false, true, t(20))
+            .unwrap()
+            .name,
+        StateName::AwaitingRetry
+    );
+    assert_eq!(
+        retry(&in_state(StateName::Running), false, true, t(20)),
+        Err(RetryRefusal::NotTerminal(StateType::Running))
+    );
 }
 
 #[test]
@@ -165,7 +232,10 @@ fn a_completed_result_is_never_dropped() {
     let l = life(done.clone());
     let mut over = worker(StateName::Completed, 2);
     over.state.result = Some(ResultRef::Inline(vec![9]));
-    assert!(matches!(decide(&l, &over, &Ctx::owned()), Decision::Abort(AbortReason::Terminal(_))));
+    assert!(matches!(
+        decide(&l, &over, &Ctx::owned()),
+        Decision::Abort(AbortReason::Terminal(_))
+    ));
     // Finishing while being cancelled: Cancelled, with the result kept.
     let mut fin = worker(StateName::Completed, 3);
     fin.state.result = Some(ResultRef::Inline(vec![7]));
@@ -176,26 +246,56 @@ fn a_completed_result_is_never_dropped() {
 #[test]
 fn cancelling_ends_only_as_cancelled() {
     let l = in_state(StateName::Cancelling);
-    for to in [StateName::Completed, StateName::Failed, StateName::TimedOut, StateName::Crashed] {
+    for to in [
+        StateName::Completed,
+        StateName::Failed,
+        StateName::TimedOut,
+        StateName::Crashed,
+    ] {
         let d = decide(&l, &worker(to, 1), &Ctx::owned());
         assert_eq!(rejected_to(&d).kind, StateType::Cancelled, "{to}");
     }
-    assert_eq!(accepted_name(&decide(&l, &worker(StateName::Cancelled, 1), &Ctx::owned())), StateName::Cancelled);
+    assert_eq!(
+        accepted_name(&decide(&l, &worker(StateName::Cancelled, 1), &Ctx::owned())),
+        StateName::Cancelled
+    );
     for to in [StateName::Running, StateName::Scheduled] {
-        assert_eq!(aborted(&decide(&l, &worker(to, 1), &Ctx::owned())), &AbortReason::Cancelling);
+        assert_eq!(
+            aborted(&decide(&l, &worker(to, 1), &Ctx::owned())),
+            &AbortReason::Cancelling
+        );
     }
-    assert_eq!(aborted(&decide(&l, &worker(StateName::Pending, 1), &Ctx::owned())), &AbortReason::AlreadyClaimed(StateType::Cancelling));
+    assert_eq!(
+        aborted(&decide(&l, &worker(StateName::Pending, 1), &Ctx::owned())),
+        &AbortReason::AlreadyClaimed(StateType::Cancelling)
+    );
     // Also when its owner dies.
-    assert_eq!(owner_died(&l.state, t(5), "node n1 died").map(|s| s.kind), Some(StateType::Cancelled));
+    assert_eq!(
+        owner_died(&l.state, t(5), "node n1 died").map(|s| s.kind),
+        Some(StateType::Cancelled)
+    );
 }
 
 #[test]
 fn a_run_whose_owner_dies_crashes_unless_terminal() {
-    for name in [StateName::Pending, StateName::Running, StateName::Paused, StateName::AwaitingRetry] {
+    for name in [
+        StateName::Pending,
+        StateName::Running,
+        StateName::Paused,
+        StateName::AwaitingRetry,
+    ] {
         let s = owner_died(&in_state(name).state, t(5), "node n1 died").unwrap();
-        assert_eq!((s.kind, s.message.as_deref()), (StateType::Crashed, Some("node n1 died")));
+        assert_eq!(
+            (s.kind, s.message.as_deref()),
+            (StateType::Crashed, Some("node n1 died"))
+        );
     }
-    for name in [StateName::Completed, StateName::Failed, StateName::Cancelled, StateName::Crashed] {
+    for name in [
+        StateName::Completed,
+        StateName::Failed,
+        StateName::Cancelled,
+        StateName::Crashed,
+    ] {
         assert_eq!(owner_died(&in_state(name).state, t(5), "x"), None, "{name}");
     }
 }
@@ -211,7 +311,11 @@ fn cancelling_a_run_with_no_running_owner_cancels_it_at_once() {
         let d = decide(&in_state(name), &user(StateName::Cancelling, 1), &Ctx::owned());
         assert_eq!(accepted_name(&d), StateName::Cancelling, "{name}");
     }
-    let d = decide(&in_state(StateName::Paused), &user(StateName::Cancelling, 1), &Ctx::owned());
+    let d = decide(
+        &in_state(StateName::Paused),
+        &user(StateName::Cancelling, 1),
+        &Ctx::owned(),
+    );
     assert_eq!(accepted_name(&d), StateName::Cancelling);
 }
 
@@ -222,10 +326,18 @@ fn a_claimed_run_cannot_be_claimed_again() {
         assert_eq!(aborted(&d), &AbortReason::AlreadyClaimed(name.state_type()));
     }
     // A run waiting in place for a retry still belongs to its owner.
-    let d = decide(&in_state(StateName::AwaitingRetry), &worker(StateName::Pending, 1), &Ctx::owned());
+    let d = decide(
+        &in_state(StateName::AwaitingRetry),
+        &worker(StateName::Pending, 1),
+        &Ctx::owned(),
+    );
     assert!(matches!(aborted(&d), AbortReason::AlreadyClaimed(_)));
     // A claim must say who claims, under which epoch.
-    let d = decide(&in_state(StateName::Scheduled), &user(StateName::Pending, 1), &Ctx::flow());
+    let d = decide(
+        &in_state(StateName::Scheduled),
+        &user(StateName::Pending, 1),
+        &Ctx::flow(),
+    );
     assert_eq!(aborted(&d), &AbortReason::ClaimNeedsEpochAndNode);
 }
 
@@ -245,7 +357,12 @@ fn a_claim_copies_the_scheduled_time_and_waits_if_early() {
     l.state.details.scheduled_time = Some(t(15));
     assert_eq!(
         decide(&l, &worker(StateName::Pending, 1), &Ctx::flow()),
-        Decision::Wait { delay: Duration::from_secs(5), reason: WaitReason::NotDue { scheduled_time: t(15) } }
+        Decision::Wait {
+            delay: Duration::from_secs(5),
+            reason: WaitReason::NotDue {
+                scheduled_time: t(15)
+            }
+        }
     );
 }
 
@@ -258,13 +375,23 @@ fn a_failure_with_retries_left_awaits_a_retry() {
     let mut p = worker(StateName::Failed, 1);
     p.state.message = Some("boom".into());
     let s = rejected_to(&decide(&l, &p, &c)).clone();
-    assert_eq!((s.name, s.details.scheduled_time), (StateName::AwaitingRetry, Some(t(40))));
+    assert_eq!(
+        (s.name, s.details.scheduled_time),
+        (StateName::AwaitingRetry, Some(t(40)))
+    );
     assert_eq!(s.message.as_deref(), Some("boom"));
     assert_eq!(s.transition_id(), Some(tid(1)));
     // Exponential backoff: the second retry waits longer.
-    c.policy.delay = RetryDelay::Exponential { base: Duration::from_secs(1), factor: 2.0, max: Duration::from_secs(60) };
+    c.policy.delay = RetryDelay::Exponential {
+        base: Duration::from_secs(1),
+        factor: 2.0,
+        max: Duration::from_secs(60),
+    };
     l.run_count = 2;
-    assert_eq!(rejected_to(&decide(&l, &p, &c)).details.scheduled_time, Some(t(12)));
+    assert_eq!(
+        rejected_to(&decide(&l, &p, &c)).details.scheduled_time,
+        Some(t(12))
+    );
     // Out of retries, or declined by the retry condition: Failed.
     l.run_count = 3;
     assert_eq!(accepted_name(&decide(&l, &p, &c)), StateName::Failed);
@@ -281,12 +408,25 @@ fn a_failure_with_retries_left_awaits_a_retry() {
 fn a_rerun_is_named_retrying_and_waits_for_its_time() {
     let mut l = in_state(StateName::AwaitingRetry);
     l.state.details.scheduled_time = Some(t(10));
-    assert_eq!(accepted_name(&decide(&l, &worker(StateName::Running, 1), &Ctx::owned())), StateName::Retrying);
-    assert_eq!(accepted_name(&decide(&l, &worker(StateName::Running, 1), &Ctx::task())), StateName::Retrying);
+    assert_eq!(
+        accepted_name(&decide(&l, &worker(StateName::Running, 1), &Ctx::owned())),
+        StateName::Retrying
+    );
+    assert_eq!(
+        accepted_name(&decide(&l, &worker(StateName::Running, 1), &Ctx::task())),
+        StateName::Retrying
+    );
     l.state.details.scheduled_time = Some(t(12));
-    assert!(matches!(decide(&l, &worker(StateName::Running, 1), &Ctx::owned()), Decision::Wait { .. }));
+    assert!(matches!(
+        decide(&l, &worker(StateName::Running, 1), &Ctx::owned()),
+        Decision::Wait { .. }
+    ));
     // Without an owner waiting in place, a retry goes through a claim.
-    let d = decide(&in_state(StateName::AwaitingRetry), &worker(StateName::Running, 1), &Ctx::flow());
+    let d = decide(
+        &in_state(StateName::AwaitingRetry),
+        &worker(StateName::Running, 1),
+        &Ctx::flow(),
+    );
     assert!(matches!(aborted(&d), AbortReason::Invalid { .. }));
 }
 
@@ -306,13 +446,25 @@ fn a_cache_hit_completes_the_task_as_cached() {
 
 #[test]
 fn a_task_cannot_start_unless_its_flow_run_is_running() {
-    for fs in [Some(StateType::Pending), Some(StateType::Cancelling), Some(StateType::Completed), None] {
+    for fs in [
+        Some(StateType::Pending),
+        Some(StateType::Cancelling),
+        Some(StateType::Completed),
+        None,
+    ] {
         let mut c = Ctx::task();
         c.flow_state = fs;
         let d = decide(&in_state(StateName::Pending), &worker(StateName::Running, 1), &c);
         assert_eq!(aborted(&d), &AbortReason::FlowRunNotRunning(fs));
     }
-    assert_eq!(accepted_name(&decide(&in_state(StateName::Pending), &worker(StateName::Running, 1), &Ctx::task())), StateName::Running);
+    assert_eq!(
+        accepted_name(&decide(
+            &in_state(StateName::Pending),
+            &worker(StateName::Running, 1),
+            &Ctx::task()
+        )),
+        StateName::Running
+    );
 }
 
 #[test]
@@ -326,7 +478,10 @@ fn only_a_scheduled_run_can_be_marked_late() {
         other => panic!("{other:?}"),
     }
     for name in [StateName::Pending, StateName::Running, StateName::Paused] {
-        assert_eq!(aborted(&decide(&in_state(name), &late, &Ctx::flow())), &AbortReason::NotScheduled(name.state_type()));
+        assert_eq!(
+            aborted(&decide(&in_state(name), &late, &Ctx::flow())),
+            &AbortReason::NotScheduled(name.state_type())
+        );
     }
     // Already late: nothing changes.
     let l = in_state(StateName::Late);
@@ -336,7 +491,11 @@ fn only_a_scheduled_run_can_be_marked_late() {
 #[test]
 fn run_count_and_timing_follow_the_states() {
     // The rules stamp every written state with the control plane's time.
-    let d = decide(&in_state(StateName::Pending), &worker(StateName::Running, 1), &Ctx::owned());
+    let d = decide(
+        &in_state(StateName::Pending),
+        &worker(StateName::Running, 1),
+        &Ctx::owned(),
+    );
     let s = d.state().unwrap().clone();
     assert_eq!(s.timestamp, t(10));
     let mut l = in_state(StateName::Pending);

@@ -1,0 +1,443 @@
+//! The persistence actor: commands made durable, applied, answered, read back, recovered.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on what they set up
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_actors::persistence::{
+    self, LogCursor, MemKv, OpenError, PersistError, PersistenceConfig, PersistenceHandle, Read, ReadReply,
+    RunFilter,
+};
+use flotilla_runtime::{
+    Command, Decision, Epoch, Event, EventPayload, FlowRunId, LogBatchId, LogLevel, LogLine, NewFlowRun,
+    NodeId, Proposal, Reply, Resource, RetryPolicy, State, StateName, StateType, Timestamp, TransitionId,
+};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn new_run(id: FlowRunId) -> Command {
+    Command::CreateFlowRun(NewFlowRun {
+        id,
+        flow_name: "etl".into(),
+        parameters: serde_json::json!({"day": "2026-11-25"}),
+        deployment_id: None,
+        parent_task_run: None,
+        idempotency_key: None,
+        tags: vec!["t".into()],
+        work_queue: None,
+        retry_policy: RetryPolicy::none(),
+        resume: true,
+        scheduled_time: None,
+    })
+}
+
+fn node() -> NodeId {
+    "n1".parse().unwrap()
+}
+
+fn propose(id: FlowRunId, name: StateName, rng: &mut SmallRng) -> Command {
+    Command::ProposeFlowRunState {
+        run: id,
+        proposal: Proposal::from_worker(
+            State::named(name, Timestamp::EPOCH),
+            TransitionId::new(Timestamp::EPOCH, rng),
+            Epoch::FIRST,
+            node(),
+        ),
+    }
+}
+
+async fn start(config: PersistenceConfig) -> (PersistenceHandle, ractor::concurrency::JoinHandle<()>) {
+    tokio::time::timeout(WAIT, persistence::start(config))
+        .await
+        .expect("start timed out")
+        .expect("start failed")
+}
+
+async fn submit(h: &PersistenceHandle, c: Command) -> Reply {
+    tokio::time::timeout(WAIT, h.submit(c))
+        .await
+        .expect("submit timed out")
+        .expect("fault")
+        .expect("refused")
+}
+
+async fn run_through(h: &PersistenceHandle, id: FlowRunId, rng: &mut SmallRng) {
+    submit(h, new_run(id)).await;
+    for name in [StateName::Pending, StateName::Running, StateName::Completed] {
+        match submit(h, propose(id, name, rng)).await {
+            Reply::FlowRunTransition {
+                decision: Decision::Accept(s),
+                ..
+            } => assert_eq!(s.name, name),
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_survive_a_restart_with_history_and_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = SmallRng::seed_from_u64(1);
+    let ids: Vec<FlowRunId> = (0..20)
+        .map(|_| FlowRunId::new(Timestamp::from_millis(1), &mut rng))
+        .collect();
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    for id in &ids {
+        run_through(&h, *id, &mut rng).await;
+    }
+    let events_before = h.events(None, 1000).await.unwrap();
+    assert_eq!(events_before.len(), 80);
+    h.stop(join).await;
+
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    for id in &ids {
+        let run = h.flow_run(*id).await.unwrap().expect("run lost");
+        assert_eq!(run.lifecycle.state.kind, StateType::Completed);
+        let names: Vec<StateName> = h
+            .flow_run_history(*id, 0, 100)
+            .await
+            .unwrap()
+            .unwrap()
+            .iter()
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(
+            names,
+            [
+                StateName::Scheduled,
+                StateName::Pending,
+                StateName::Running,
+                StateName::Completed
+            ]
+        );
+    }
+    let events_after = h.events(None, 1000).await.unwrap();
+    assert_eq!(events_after, events_before);
+    // Paging through events after an id.
+    let page = h.events(Some(events_after[9].id), 5).await.unwrap();
+    assert_eq!(page, events_after[10..15].to_vec());
+    let completed = h
+        .flow_runs(RunFilter::State(StateType::Completed), None, 7)
+        .await
+        .unwrap();
+    assert_eq!(completed.len(), 7);
+    let rest = h
+        .flow_runs(RunFilter::State(StateType::Completed), Some(completed[6].id), 100)
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 13);
+    h.stop(join).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_replayed_into_an_empty_store_rebuilds_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = SmallRng::seed_from_u64(2);
+    let mut config = PersistenceConfig::for_tests(dir.path());
+    // Never checkpoint, so the whole log stays.
+    config.checkpoint_bytes = u64::MAX;
+    config.checkpoint_interval = Duration::from_secs(3600);
+    let kv = MemKv::new();
+    let opened = persistence::open_with_store(config.clone(), Arc::new(kv.clone())).unwrap();
+    let (h, join) = persistence::start_opened(opened).await.unwrap();
+    let id = FlowRunId::new(Timestamp::from_millis(1), &mut rng);
+    run_through(&h, id, &mut rng).await;
+    let history = h.flow_run_history(id, 0, 10).await.unwrap();
+    h.stop(join).await;
+    // A brand-new, empty store: everything comes back from the command log alone.
+    let opened = persistence::open_with_store(config, Arc::new(MemKv::new())).unwrap();
+    assert_eq!(opened.replayed, 4);
+    let (h, join) = persistence::start_opened(opened).await.unwrap();
+    assert_eq!(h.flow_run_history(id, 0, 10).await.unwrap(), history);
+    h.stop(join).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_command_is_applied_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = SmallRng::seed_from_u64(3);
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    let id = FlowRunId::new(Timestamp::from_millis(1), &mut rng);
+    let first = submit(&h, new_run(id)).await;
+    let again = submit(&h, new_run(id)).await;
+    match (first, again) {
+        (
+            Reply::FlowRunCreated {
+                run: a,
+                created: true,
+            },
+            Reply::FlowRunCreated {
+                run: b,
+                created: false,
+            },
+        ) => assert_eq!(a, b),
+        other => panic!("{other:?}"),
+    }
+    let claim = propose(id, StateName::Pending, &mut rng);
+    let a = submit(&h, claim.clone()).await;
+    let b = submit(&h, claim).await;
+    assert_eq!(a, b);
+    assert_eq!(
+        h.events(None, 100).await.unwrap().len(),
+        2,
+        "the resend wrote an event"
+    );
+    h.stop(join).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_published_in_order_once_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = SmallRng::seed_from_u64(4);
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    let mut sub = h.subscribe();
+    let id = FlowRunId::new(Timestamp::from_millis(1), &mut rng);
+    run_through(&h, id, &mut rng).await;
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        let e = tokio::time::timeout(WAIT, sub.recv()).await.unwrap().unwrap();
+        names.push(e.event.clone());
+    }
+    assert_eq!(
+        names,
+        [
+            "flotilla.flow-run.Scheduled",
+            "flotilla.flow-run.Pending",
+            "flotilla.flow-run.Running",
+            "flotilla.flow-run.Completed"
+        ]
+    );
+    h.stop(join).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_lag_stays_bounded_and_the_log_is_truncated() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = PersistenceConfig::for_tests(dir.path());
+    let (lag_max, checkpoint_bytes) = (config.store_lag_bytes_max, config.checkpoint_bytes);
+    let (h, join) = start(config).await;
+    let mut tasks = tokio::task::JoinSet::new();
+    for t in 0..32u64 {
+        let h = h.clone();
+        tasks.spawn(async move {
+            let mut rng = SmallRng::seed_from_u64(100 + t);
+            let mut max_lag = 0;
+            for _ in 0..40 {
+                let id = FlowRunId::new(Timestamp::from_millis(1), &mut rng);
+                run_through(&h, id, &mut rng).await;
+                max_lag = max_lag.max(h.stats().await.unwrap().lag_bytes);
+            }
+            max_lag
+        });
+    }
+    let mut max_lag = 0;
+    while let Some(r) = tokio::time::timeout(WAIT * 3, tasks.join_next()).await.unwrap() {
+        max_lag = max_lag.max(r.unwrap());
+    }
+    // The lag can pass the bound by at most one batch (the one being written when it was hit).
+    assert!(
+        max_lag <= lag_max + 256 * 1024,
+        "lag {max_lag} over the bound {lag_max}"
+    );
+    let stats = h.stats().await.unwrap();
+    assert_eq!(stats.flow_runs, 32 * 40);
+    assert!(
+        stats.log_syncs < 32 * 40 * 4,
+        "no group commit: {} syncs",
+        stats.log_syncs
+    );
+    // Checkpoints happened, and the log was cut behind them.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let s = h.stats().await.unwrap();
+        if s.checkpointed == s.applied && s.log_segments <= 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no checkpoint caught up: {s:?} (checkpoint every {checkpoint_bytes} bytes)"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    h.stop(join).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_over_the_size_limit_is_refused_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = PersistenceConfig::for_tests(dir.path());
+    let max = config.command_bytes_max;
+    let (h, join) = start(config).await;
+    let mut rng = SmallRng::seed_from_u64(5);
+    let id = FlowRunId::new(Timestamp::from_millis(1), &mut rng);
+    let Command::CreateFlowRun(mut big) = new_run(id) else {
+        unreachable!()
+    };
+    big.parameters = serde_json::json!({"blob": "x".repeat(max + 10)});
+    let small = FlowRunId::new(Timestamp::from_millis(1), &mut rng);
+    let (a, b) = tokio::join!(h.submit(Command::CreateFlowRun(big)), h.submit(new_run(small)));
+    assert!(matches!(a, Err(PersistError::TooLarge { .. })), "{a:?}");
+    assert!(matches!(b, Ok(Ok(Reply::FlowRunCreated { .. }))), "{b:?}");
+    assert!(h.flow_run(id).await.unwrap().is_none());
+    h.stop(join).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_paged_with_a_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    let mut rng = SmallRng::seed_from_u64(6);
+    let id = FlowRunId::new(Timestamp::from_millis(1), &mut rng);
+    submit(&h, new_run(id)).await;
+    for b in 0..3 {
+        let lines = (0..4)
+            .map(|i| LogLine {
+                flow_run: id,
+                task_run: None,
+                timestamp: Timestamp::from_millis(i),
+                level: LogLevel::Info,
+                target: "t".into(),
+                message: format!("batch {b} line {i}"),
+            })
+            .collect();
+        submit(
+            &h,
+            Command::AppendLogs {
+                batch: LogBatchId::new(Timestamp::from_millis(b), &mut rng),
+                flow_run: id,
+                lines,
+            },
+        )
+        .await;
+    }
+    let mut all = Vec::new();
+    let mut cursor: Option<LogCursor> = None;
+    loop {
+        let ReadReply::Logs { lines, next } = h
+            .read(Read::Logs {
+                flow_run: id,
+                after: cursor,
+                limit: 5,
+            })
+            .await
+            .unwrap()
+        else {
+            panic!()
+        };
+        if lines.is_empty() {
+            break;
+        }
+        assert!(lines.len() <= 5);
+        all.extend(lines.into_iter().map(|l| l.message));
+        cursor = next;
+    }
+    let want: Vec<String> = (0..3)
+        .flat_map(|b| (0..4).map(move |i| format!("batch {b} line {i}")))
+        .collect();
+    assert_eq!(all, want);
+    h.stop(join).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_events_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    let mut rng = SmallRng::seed_from_u64(7);
+    let e = Event {
+        id: flotilla_runtime::EventId::new(Timestamp::from_millis(5), &mut rng),
+        occurred: Timestamp::from_millis(5),
+        event: "user.deployed".into(),
+        resource: Resource::new("app.service.web", Some("web")),
+        related: vec![],
+        payload: EventPayload::Data(serde_json::json!({"version": 3})),
+    };
+    submit(&h, Command::AppendEvent(e.clone())).await;
+    submit(&h, Command::AppendEvent(e.clone())).await;
+    assert_eq!(h.events(None, 10).await.unwrap(), vec![e]);
+    h.stop(join).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_directory_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    let err = persistence::open(PersistenceConfig::for_tests(dir.path())).unwrap_err();
+    assert!(matches!(err, OpenError::Locked { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&dir.path().join("LOCK").display().to_string()),
+        "{err}"
+    );
+    h.stop(join).await;
+    // Released when the actor stops.
+    persistence::open(PersistenceConfig::for_tests(dir.path())).unwrap();
+}
+
+#[test]
+fn a_newer_or_damaged_format_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("FORMAT"), "flotilla-data-format 99\n").unwrap();
+    let err = persistence::open(PersistenceConfig::for_tests(dir.path())).unwrap_err();
+    assert!(matches!(err, OpenError::NewerFormat { found: 99, .. }), "{err}");
+    assert!(
+        err.to_string().contains("FORMAT") && err.to_string().contains("upgrade"),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("FORMAT"), "garbage").unwrap();
+    let err = persistence::open(PersistenceConfig::for_tests(dir.path())).unwrap_err();
+    assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
+    // Data without a format file is not silently taken for a new directory.
+    std::fs::remove_file(dir.path().join("FORMAT")).unwrap();
+    std::fs::create_dir_all(dir.path().join("log")).unwrap();
+    let err = persistence::open(PersistenceConfig::for_tests(dir.path())).unwrap_err();
+    assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
+}
+
+#[test]
+fn an_unreadable_data_directory_is_an_error_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").unwrap();
+    let err = persistence::open(PersistenceConfig::for_tests(&file)).unwrap_err();
+    assert!(matches!(err, OpenError::Io { .. }), "{err}");
+    assert!(err.to_string().contains("not-a-dir"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_log_is_refused_with_the_segment_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = PersistenceConfig::for_tests(dir.path());
+    config.checkpoint_bytes = u64::MAX;
+    config.checkpoint_interval = Duration::from_secs(3600);
+    config.segment_bytes_max = 512;
+    let kv = MemKv::new();
+    let (h, join) = persistence::start_opened(
+        persistence::open_with_store(config.clone(), Arc::new(kv.clone())).unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut rng = SmallRng::seed_from_u64(8);
+    for _ in 0..10 {
+        submit(&h, new_run(FlowRunId::new(Timestamp::from_millis(1), &mut rng))).await;
+    }
+    h.stop(join).await;
+    let mut segments: Vec<_> = std::fs::read_dir(dir.path().join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert!(segments.len() >= 2);
+    let mut bytes = std::fs::read(&segments[0]).unwrap();
+    bytes[12] ^= 0xff;
+    std::fs::write(&segments[0], bytes).unwrap();
+    let err = persistence::open_with_store(config, Arc::new(MemKv::new())).unwrap_err();
+    assert!(matches!(err, OpenError::Corrupt { .. }), "{err}");
+    assert!(
+        err.to_string().contains(&segments[0].display().to_string()),
+        "{err}"
+    );
+}
