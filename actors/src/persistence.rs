@@ -11,6 +11,7 @@
 pub mod command_log;
 pub mod config;
 pub mod error;
+mod inbox;
 pub mod kv;
 pub mod log_io;
 pub mod overlay;
@@ -42,6 +43,7 @@ pub use kv::{KvError, KvOp, KvStore, MemKv, SledKv, Tree};
 pub use read::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter, StoreStats};
 pub use store::{Store, StoreJob};
 
+use inbox::{Ack, Inbox};
 use log_io::DirIo;
 use threads::{LogJob, spawn_log_thread, spawn_store_thread};
 
@@ -57,8 +59,8 @@ pub type SubmitResult = Result<Result<Reply, Refusal>, PersistError>;
 // Submissions are the hot path and the largest variant: boxing them would add an allocation each.
 #[allow(clippy::large_enum_variant)]
 pub enum PersistenceMsg {
-    /// Apply a command once it is durable.
-    Submit(Command, RpcReplyPort<SubmitResult>),
+    /// Commands are waiting in the inbox.
+    Drain,
     /// Read the control state.
     Read(Read, RpcReplyPort<Result<ReadReply, PersistError>>),
     /// From the log thread: a batch is durable (or failed).
@@ -91,7 +93,7 @@ impl ractor::Message for PersistenceMsg {}
 impl std::fmt::Debug for PersistenceMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PersistenceMsg::Submit(c, _) => write!(f, "Submit({})", c.kind()),
+            PersistenceMsg::Drain => f.write_str("Drain"),
             PersistenceMsg::Read(r, _) => write!(f, "Read({r:?})"),
             PersistenceMsg::Logged { last, .. } => write!(f, "Logged({last})"),
             PersistenceMsg::Stored { upto, .. } => write!(f, "Stored({upto})"),
@@ -255,7 +257,7 @@ fn open_with(
 }
 
 struct InFlight {
-    entries: Vec<(LogIndex, Command, RpcReplyPort<SubmitResult>)>,
+    entries: Vec<(LogIndex, Command, Ack)>,
     now: Timestamp,
     bytes: u64,
 }
@@ -265,7 +267,8 @@ struct InFlight {
 pub struct PersistenceState {
     store: Store,
     config: PersistenceConfig,
-    pending: VecDeque<(Command, RpcReplyPort<SubmitResult>)>,
+    pending: VecDeque<(Command, Ack)>,
+    inbox: Arc<Inbox>,
     in_flight: Option<InFlight>,
     next_index: LogIndex,
     log_tx: Option<mpsc::Sender<LogJob>>,
@@ -292,6 +295,7 @@ pub struct Persistence;
 pub struct PersistenceArgs {
     opened: OpenedStore,
     events: broadcast::Sender<Arc<Event>>,
+    inbox: Arc<Inbox>,
 }
 
 impl PersistenceState {
@@ -300,6 +304,7 @@ impl PersistenceState {
     }
 
     fn fail_all(&mut self, err: PersistError) {
+        self.inbox.close(err.clone());
         if let Some(batch) = self.in_flight.take() {
             for (_, _, port) in batch.entries {
                 let _ = port.send(Err(err.clone()));
@@ -464,6 +469,7 @@ impl Actor for Persistence {
             store,
             config,
             pending: VecDeque::new(),
+            inbox: args.inbox,
             in_flight: None,
             next_index,
             log_tx: Some(log_tx),
@@ -489,12 +495,8 @@ impl Actor for Persistence {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            PersistenceMsg::Submit(command, port) => {
-                if let Some(err) = &state.failed {
-                    let _ = port.send(Err(err.clone()));
-                    return Ok(());
-                }
-                state.pending.push_back((command, port));
+            PersistenceMsg::Drain => {
+                state.pending.extend(state.inbox.take());
                 state.start_batch();
             }
             PersistenceMsg::Read(read, port) => {
@@ -573,6 +575,7 @@ impl Actor for Persistence {
 pub struct PersistenceHandle {
     actor: ActorRef<PersistenceMsg>,
     events: broadcast::Sender<Arc<Event>>,
+    inbox: Arc<Inbox>,
 }
 
 impl std::fmt::Debug for PersistenceHandle {
@@ -598,17 +601,19 @@ pub async fn start_opened(
     opened: OpenedStore,
 ) -> Result<(PersistenceHandle, ractor::concurrency::JoinHandle<()>), StartError> {
     let (events, _) = broadcast::channel(opened.config.event_channel_capacity.max(1));
+    let inbox = Arc::new(Inbox::default());
     let (actor, join) = Actor::spawn(
         None,
         Persistence,
         PersistenceArgs {
             opened,
             events: events.clone(),
+            inbox: inbox.clone(),
         },
     )
     .await
     .map_err(|e| StartError::Spawn(e.to_string()))?;
-    Ok((PersistenceHandle { actor, events }, join))
+    Ok((PersistenceHandle { actor, events, inbox }, join))
 }
 
 /// Why the persistence actor did not start.
@@ -626,14 +631,17 @@ pub enum StartError {
 impl PersistenceHandle {
     /// Submits a command; answers once it is durable and applied.
     pub async fn submit(&self, command: Command) -> SubmitResult {
-        match self
-            .actor
-            .call(|port| PersistenceMsg::Submit(command, port), None)
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(r)) => r,
-            _ => Err(PersistError::Stopped),
+        let (ack, answer) = tokio::sync::oneshot::channel();
+        match self.inbox.push(command, ack) {
+            Ok(true) => {
+                if self.actor.cast(PersistenceMsg::Drain).is_err() {
+                    self.inbox.close(PersistError::Stopped);
+                }
+            }
+            Ok(false) => {}
+            Err((err, _)) => return Err(err),
         }
+        answer.await.unwrap_or(Err(PersistError::Stopped))
     }
 
     /// Reads the control state.

@@ -51,7 +51,11 @@ impl Worker {
 
     async fn flow(&mut self, run: FlowRunId, name: StateName, epoch: Epoch) -> anyhow::Result<Decision> {
         let p = Proposal::from_worker(State::named(name, now()), self.tid(), epoch, self.node.clone());
-        match self.h.submit(Command::ProposeFlowRunState { run, proposal: p }).await?? {
+        match self
+            .h
+            .submit(Command::ProposeFlowRunState { run, proposal: p })
+            .await??
+        {
             Reply::FlowRunTransition { decision, .. } => {
                 self.print("flow run etl", &decision);
                 Ok(decision)
@@ -60,9 +64,19 @@ impl Worker {
         }
     }
 
-    async fn task(&mut self, run: TaskRunId, label: &str, state: State, epoch: Epoch) -> anyhow::Result<Decision> {
+    async fn task(
+        &mut self,
+        run: TaskRunId,
+        label: &str,
+        state: State,
+        epoch: Epoch,
+    ) -> anyhow::Result<Decision> {
         let p = Proposal::from_worker(state, self.tid(), epoch, self.node.clone());
-        match self.h.submit(Command::ProposeTaskRunState { run, proposal: p }).await?? {
+        match self
+            .h
+            .submit(Command::ProposeTaskRunState { run, proposal: p })
+            .await??
+        {
             Reply::TaskRunTransition { decision, .. } => {
                 self.print(&format!("  task {label}"), &decision);
                 Ok(decision)
@@ -76,8 +90,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let temp = tempfile::Builder::new().prefix("flotilla-demo-").tempdir()?;
     let dir = args.data.unwrap_or_else(|| temp.path().join("data"));
     println!("Flotilla demo: an embedded store in {}", dir.display());
-    let (h, join) = persistence::start(PersistenceConfig::new(&dir)).await.context("opening the data directory")?;
-    let mut w = Worker { h: h.clone(), node: "demo".parse()?, rng: SmallRng::seed_from_u64(7), started: Instant::now() };
+    let (h, join) = persistence::start(PersistenceConfig::new(&dir))
+        .await
+        .context("opening the data directory")?;
+    let mut w = Worker {
+        h: h.clone(),
+        node: "demo".parse()?,
+        rng: SmallRng::seed_from_u64(7),
+        started: Instant::now(),
+    };
 
     let run = FlowRunId::new(now(), &mut w.rng);
     let created = h
@@ -95,8 +116,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             scheduled_time: None,
         }))
         .await??;
-    let Reply::FlowRunCreated { run: created, .. } = created else { bail!("unexpected reply") };
-    println!("    0.00 ms  flow run etl                 {} (id {run})", created.lifecycle.state);
+    let Reply::FlowRunCreated { run: created, .. } = created else {
+        bail!("unexpected reply")
+    };
+    println!(
+        "    0.00 ms  flow run etl                 {} (id {run})",
+        created.lifecycle.state
+    );
     let epoch = created.epoch;
     w.flow(run, StateName::Pending, epoch).await?;
     w.flow(run, StateName::Running, epoch).await?;
@@ -106,7 +132,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         let id = TaskRunId::new(now(), &mut w.rng);
         h.submit(Command::CreateTaskRun(NewTaskRun {
             id,
-            key: TaskRunKey { flow_run: run, task_key: task.into(), call_index: 0 },
+            key: TaskRunKey {
+                flow_run: run,
+                task_key: task.into(),
+                call_index: 0,
+            },
             epoch,
             retry_policy: RetryPolicy::fixed(2, Duration::from_millis(20)),
             cache_key: None,
@@ -115,20 +145,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             tags: vec![],
         }))
         .await??;
-        w.task(id, task, State::named(StateName::Running, now()), epoch).await?;
+        w.task(id, task, State::named(StateName::Running, now()), epoch)
+            .await?;
         if task == "transform" {
             // The first attempt fails: the retry policy turns Failed into AwaitingRetry.
             let failed = State::named(StateName::Failed, now()).with_message("connection reset");
             if let Decision::Reject(s) = w.task(id, task, failed, epoch).await?
                 && let Some(at) = s.details.scheduled_time
             {
-                tokio::time::sleep(Duration::from_micros(at.saturating_since(now()).as_micros() as u64)).await;
+                tokio::time::sleep(Duration::from_micros(
+                    at.saturating_since(now()).as_micros() as u64
+                ))
+                .await;
             }
-            w.task(id, task, State::named(StateName::Running, now()), epoch).await?;
+            w.task(id, task, State::named(StateName::Running, now()), epoch)
+                .await?;
         }
         total += (i as i64 + 1) * 10;
         let result = rmp_serde::to_vec_named(&total)?;
-        let done = State::named(StateName::Completed, now()).with_result(flotilla_runtime::ResultRef::Inline(result));
+        let done = State::named(StateName::Completed, now())
+            .with_result(flotilla_runtime::ResultRef::Inline(result));
         w.task(id, task, done, epoch).await?;
     }
     w.flow(run, StateName::Completed, epoch).await?;
@@ -137,13 +173,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
     // Reopen: everything acknowledged is there.
     let (h, join) = persistence::start(PersistenceConfig::new(&dir)).await?;
-    let back = h.flow_run(run).await?.context("the flow run is missing after reopening")?;
+    let back = h
+        .flow_run(run)
+        .await?
+        .context("the flow run is missing after reopening")?;
     let history = h.flow_run_history(run, 0, 100).await?.unwrap_or_default();
     let tasks = h.task_runs(run, None, 100).await?;
     println!();
-    println!("reopened {}: flow run {} with {} states, {} task runs, {events} events", dir.display(), back.lifecycle.state, history.len(), tasks.len());
+    println!(
+        "reopened {}: flow run {} with {} states, {} task runs, {events} events",
+        dir.display(),
+        back.lifecycle.state,
+        history.len(),
+        tasks.len()
+    );
     for t in &tasks {
-        println!("  {:<10} {:<10} runs {}  {:?}", t.key.task_key, t.lifecycle.state.to_string(), t.lifecycle.run_count, t.lifecycle.total_run_time);
+        println!(
+            "  {:<10} {:<10} runs {}  {:?}",
+            t.key.task_key,
+            t.lifecycle.state.to_string(),
+            t.lifecycle.run_count,
+            t.lifecycle.total_run_time
+        );
     }
     h.stop(join).await;
     Ok(())

@@ -253,12 +253,37 @@ struct Tx {
     writes: Vec<Write>,
 }
 
+/// `prefix` followed by the hyphenated UUID, without the formatting machinery (this is on the
+/// path of every state change).
+fn resource_id(prefix: &str, id: &uuid::Uuid) -> String {
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let mut s = String::with_capacity(prefix.len() + buf.len());
+    s.push_str(prefix);
+    s.push_str(id.hyphenated().encode_lower(&mut buf));
+    s
+}
+
 fn flow_resource(run: &FlowRun) -> Resource {
-    Resource::new(format!("flotilla.flow-run.{}", run.id), Some(&run.flow_name))
+    Resource::new(
+        resource_id("flotilla.flow-run.", run.id.as_uuid()),
+        Some(&run.flow_name),
+    )
 }
 
 fn task_resource(run: &TaskRun) -> Resource {
-    Resource::new(format!("flotilla.task-run.{}", run.id), Some(&run.key.task_key))
+    Resource::new(
+        resource_id("flotilla.task-run.", run.id.as_uuid()),
+        Some(&run.key.task_key),
+    )
+}
+
+fn state_event_name(kind: &str, state: StateType) -> String {
+    let mut s = String::with_capacity(9 + kind.len() + 1 + 10);
+    s.push_str("flotilla.");
+    s.push_str(kind);
+    s.push('.');
+    s.push_str(state.as_str());
+    s
 }
 
 fn check_name(what: &str, name: &str) -> Result<(), Refusal> {
@@ -325,7 +350,7 @@ impl Tx {
         let event = Event {
             id,
             occurred: self.at.now,
-            event: format!("flotilla.{kind}.{}", next.kind),
+            event: state_event_name(kind, next.kind),
             resource,
             related: Vec::new(),
             payload: EventPayload::StateChange {
@@ -347,7 +372,7 @@ impl Tx {
         self.writes.push(Write::Event(Event {
             id,
             occurred: self.at.now,
-            event: format!("flotilla.{kind}.{}", state.kind),
+            event: state_event_name(kind, state.kind),
             resource,
             related: Vec::new(),
             payload: EventPayload::StateChange {

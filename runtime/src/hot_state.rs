@@ -1,8 +1,11 @@
 //! The hot control state: every flow run, task run and deployment, with the indexes the rules
 //! and the reads need. Kept in memory by whoever applies commands, so reads never wait on disk.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
+
+/// Hash maps keyed by ids that clients choose: a fast hash, randomly seeded.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use crate::deployment::Deployment;
 use crate::flow_run::FlowRun;

@@ -77,6 +77,21 @@ impl StateType {
         }
     }
 
+    /// The name (`Completed`).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            StateType::Scheduled => "Scheduled",
+            StateType::Pending => "Pending",
+            StateType::Running => "Running",
+            StateType::Paused => "Paused",
+            StateType::Cancelling => "Cancelling",
+            StateType::Completed => "Completed",
+            StateType::Failed => "Failed",
+            StateType::Cancelled => "Cancelled",
+            StateType::Crashed => "Crashed",
+        }
+    }
+
     /// The upper-case name used in events and JSON (`COMPLETED`).
     pub const fn as_upper(self) -> &'static str {
         match self {
@@ -95,7 +110,7 @@ impl StateType {
 
 impl fmt::Display for StateType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
+        f.write_str(self.as_str())
     }
 }
 

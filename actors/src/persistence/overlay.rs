@@ -102,3 +102,46 @@ mod tests {
         assert!(o.is_empty());
     }
 }
+
+/// Events applied but not yet in the store, sorted by id (the order they are appended in,
+/// except user events with ids of their own, which are put in place).
+#[derive(Debug, Default)]
+pub struct RecentEvents {
+    events: VecDeque<(LogIndex, std::sync::Arc<flotilla_runtime::Event>)>,
+}
+
+impl RecentEvents {
+    /// Remembers an event applied at `index`.
+    pub fn push(&mut self, index: LogIndex, event: std::sync::Arc<flotilla_runtime::Event>) {
+        match self.events.back() {
+            Some((_, last)) if last.id > event.id => {
+                let at = self.events.partition_point(|(_, e)| e.id < event.id);
+                self.events.insert(at, (index, event));
+            }
+            _ => self.events.push_back((index, event)),
+        }
+    }
+
+    /// An event by id, if it is here.
+    pub fn get(&self, id: &flotilla_runtime::EventId) -> Option<&std::sync::Arc<flotilla_runtime::Event>> {
+        let at = self.events.partition_point(|(_, e)| e.id < *id);
+        self.events.get(at).filter(|(_, e)| e.id == *id).map(|(_, e)| e)
+    }
+
+    /// Up to `limit` events after `after`, in id order.
+    pub fn after(
+        &self,
+        after: Option<flotilla_runtime::EventId>,
+        limit: usize,
+    ) -> impl Iterator<Item = &std::sync::Arc<flotilla_runtime::Event>> {
+        let at = after.map_or(0, |a| self.events.partition_point(|(_, e)| e.id <= a));
+        self.events.range(at..).take(limit).map(|(_, e)| e)
+    }
+
+    /// Forgets the events the store now holds.
+    pub fn stored_through(&mut self, upto: LogIndex) {
+        while self.events.front().is_some_and(|(i, _)| *i <= upto) {
+            self.events.pop_front();
+        }
+    }
+}

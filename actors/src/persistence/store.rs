@@ -17,14 +17,14 @@ use serde_bytes::ByteBuf;
 
 use super::error::{OpenError, PersistError};
 use super::kv::{KvOp, KvStore, Tree};
-use super::overlay::Overlay;
+use super::overlay::{Overlay, RecentEvents};
 use super::read::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter, StoreStats};
 
 const APPLIED_KEY: &[u8] = b"applied";
 
 /// Events are stored in blocks of at most this many, keyed by their first event's id: one
 /// store write per block instead of one per event.
-pub const EVENT_BLOCK_EVENTS: usize = 16;
+pub const EVENT_BLOCK_EVENTS: usize = 64;
 
 /// A block of events as stored: the ids, and each event encoded on its own (so one event is
 /// found without decoding the others).
@@ -34,10 +34,36 @@ struct EventBlock {
     events: Vec<ByteBuf>,
 }
 
+/// The largest event block accepted when reading (uncompressed).
+const EVENT_BLOCK_BYTES_MAX: usize = 16 * 1024 * 1024;
+
 impl EventBlock {
     fn find(&self, id: &EventId) -> Option<&[u8]> {
         let i = self.ids.iter().position(|x| x == id)?;
         self.events.get(i).map(|b| b.as_slice())
+    }
+
+    /// The stored form: the encoded block, LZ4-compressed with its size in front (events of a
+    /// block repeat their field names and labels, so they compress several times over).
+    fn to_stored(&self) -> Result<Vec<u8>, codec::EncodeError> {
+        Ok(lz4_flex::compress_prepend_size(&codec::encode(self)?))
+    }
+
+    /// Reads the stored form back; a damaged or oversized block is an error, never a panic.
+    fn from_stored(bytes: &[u8]) -> Result<EventBlock, PersistError> {
+        let size = bytes
+            .get(..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+            .ok_or_else(|| read_err("event block", "shorter than its header"))?;
+        if size as usize > EVENT_BLOCK_BYTES_MAX {
+            return Err(read_err(
+                "event block",
+                format!("claims {size} bytes, over the limit"),
+            ));
+        }
+        let raw = lz4_flex::decompress_size_prepended(bytes).map_err(|e| read_err("event block", e))?;
+        codec::decode(&raw).map_err(|e| read_err("event block", e))
     }
 }
 
@@ -143,7 +169,7 @@ impl StoreJob {
                     Err(err) => tracing::error!(error = %err, "an event could not be encoded"),
                 }
             }
-            if let (Some(first), Ok(bytes)) = (block.ids.first(), codec::encode(&block)) {
+            if let (Some(first), Ok(bytes)) = (block.ids.first(), block.to_stored()) {
                 ops.push(KvOp::Put(Tree::Events, first.as_bytes().to_vec(), bytes));
             }
         }
@@ -161,7 +187,7 @@ pub struct Store {
     hot: HotState,
     kv: Arc<dyn KvStore>,
     overlay: Overlay,
-    events: Overlay<Arc<Event>>,
+    events: RecentEvents,
     applied: LogIndex,
     last_now: Timestamp,
     dirty_runs: Vec<FlowRunId>,
@@ -184,16 +210,16 @@ impl std::fmt::Debug for Store {
 struct View<'a> {
     hot: &'a mut HotState,
     overlay: &'a Overlay,
-    events: &'a Overlay<Arc<Event>>,
+    events: &'a RecentEvents,
     kv: &'a dyn KvStore,
 }
 
 fn find_event(
-    events: &Overlay<Arc<Event>>,
+    events: &RecentEvents,
     kv: &dyn KvStore,
     id: &EventId,
 ) -> Result<Option<Arc<Event>>, PersistError> {
-    if let Some(e) = events.get(Tree::Events, id.as_bytes()) {
+    if let Some(e) = events.get(id) {
         return Ok(Some(e.clone()));
     }
     let Some((_, block)) = kv
@@ -202,7 +228,7 @@ fn find_event(
     else {
         return Ok(None);
     };
-    let block: EventBlock = codec::decode(&block).map_err(|e| read_err("event block", e))?;
+    let block = EventBlock::from_stored(&block)?;
     match block.find(id) {
         Some(bytes) => Ok(Some(Arc::new(
             codec::decode(bytes).map_err(|e| read_err(&format!("event {id}"), e))?,
@@ -315,7 +341,7 @@ impl Store {
             hot,
             kv,
             overlay: Overlay::default(),
-            events: Overlay::default(),
+            events: RecentEvents::default(),
             applied,
             last_now: Timestamp::EPOCH,
             dirty_runs: Vec::new(),
@@ -376,8 +402,7 @@ impl Store {
             Write::DeploymentDeleted(id) => self.dirty_deployments.push((id, false)),
             Write::Event(e) => {
                 let e = Arc::new(e);
-                self.events
-                    .put(index, Tree::Events, e.id.as_bytes().to_vec(), e.clone());
+                self.events.push(index, e.clone());
                 self.new_events.push(e.clone());
                 return Some(e);
             }
@@ -543,7 +568,7 @@ impl Store {
                 break;
             }
             for (k, v) in &page {
-                let block: EventBlock = codec::decode(v).map_err(|e| read_err("event block", e))?;
+                let block = EventBlock::from_stored(v)?;
                 for (id, bytes) in block.ids.into_iter().zip(block.events) {
                     if after.is_none_or(|a| id > a) {
                         found.push(codec::decode(&bytes).map_err(|e| read_err(&format!("event {id}"), e))?);
@@ -556,11 +581,8 @@ impl Store {
             }
             inclusive = false;
         }
-        let start = after
-            .as_ref()
-            .map_or(Bound::Unbounded, |id| Bound::Excluded(id.as_bytes().as_slice()));
-        for (_, e) in self.events.scan(Tree::Events, b"", start, limit) {
-            found.push((*e).clone());
+        for e in self.events.after(after, limit) {
+            found.push((**e).clone());
         }
         found.sort_by_key(|e| e.id);
         found.dedup_by(|a, b| a.id == b.id);
@@ -663,5 +685,71 @@ impl Store {
                 ..stats
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_runtime::{EventPayload, Resource};
+    use proptest::prelude::*;
+
+    fn event(n: u64) -> Event {
+        Event {
+            id: EventId::at(Timestamp::from_millis(1), LogIndex::new(n), 0),
+            occurred: Timestamp::from_millis(1),
+            event: "flotilla.test".into(),
+            resource: Resource::new("r", None),
+            related: vec![],
+            payload: EventPayload::Data(serde_json::json!({ "n": n })),
+        }
+    }
+
+    #[test]
+    fn event_blocks_round_trip_and_find_by_id() {
+        let events: Vec<Event> = (1..=5).map(event).collect();
+        let block = EventBlock {
+            ids: events.iter().map(|e| e.id).collect(),
+            events: events
+                .iter()
+                .map(|e| ByteBuf::from(codec::encode(e).unwrap()))
+                .collect(),
+        };
+        let stored = block.to_stored().unwrap();
+        let back = EventBlock::from_stored(&stored).unwrap();
+        let found: Event = codec::decode(back.find(&events[3].id).unwrap()).unwrap();
+        assert_eq!(found, events[3]);
+        assert!(back.find(&event(9).id).is_none());
+    }
+
+    #[test]
+    fn an_event_block_claiming_a_huge_size_is_refused() {
+        let mut bytes = (u32::MAX).to_le_bytes().to_vec();
+        bytes.extend_from_slice(&[0; 16]);
+        assert!(EventBlock::from_stored(&bytes).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_event_blocks_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let _ = EventBlock::from_stored(&bytes);
+        }
+
+        #[test]
+        fn decoding_damaged_event_blocks_never_panics(at in 0usize..1000, val: u8) {
+            let events: Vec<Event> = (1..=3).map(event).collect();
+            let block = EventBlock {
+                ids: events.iter().map(|e| e.id).collect(),
+                events: events.iter().map(|e| ByteBuf::from(codec::encode(e).unwrap())).collect(),
+            };
+            let mut stored = block.to_stored().unwrap();
+            let i = at % stored.len();
+            stored[i] = val;
+            if let Ok(b) = EventBlock::from_stored(&stored) {
+                for raw in &b.events {
+                    let _ = codec::decode::<Event>(raw);
+                }
+            }
+        }
     }
 }
