@@ -8,4 +8,5 @@
 //! The execution tree (node supervisor, flow runs, task runs, workers, work queues, scheduler)
 //! joins it in later steps.
 
+pub mod engine;
 pub mod persistence;

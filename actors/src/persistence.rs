@@ -631,6 +631,13 @@ pub enum StartError {
 impl PersistenceHandle {
     /// Submits a command; answers once it is durable and applied.
     pub async fn submit(&self, command: Command) -> SubmitResult {
+        self.enqueue(command).await.unwrap_or(Err(PersistError::Stopped))
+    }
+
+    /// Queues a command without waiting: the answer arrives on the returned channel once the
+    /// command is durable and applied. Commands are logged and applied in the order they are
+    /// queued, so the answer to one means every command queued before it is durable too.
+    pub fn enqueue(&self, command: Command) -> tokio::sync::oneshot::Receiver<SubmitResult> {
         let (ack, answer) = tokio::sync::oneshot::channel();
         match self.inbox.push(command, ack) {
             Ok(true) => {
@@ -639,9 +646,11 @@ impl PersistenceHandle {
                 }
             }
             Ok(false) => {}
-            Err((err, _)) => return Err(err),
+            Err((err, ack)) => {
+                let _ = ack.send(Err(err));
+            }
         }
-        answer.await.unwrap_or(Err(PersistError::Stopped))
+        answer
     }
 
     /// Reads the control state.
@@ -719,6 +728,14 @@ impl PersistenceHandle {
     ) -> Result<Option<Vec<State>>, PersistError> {
         match self.read(Read::FlowRunHistory { run, offset, limit }).await? {
             ReadReply::History(h) => Ok(h),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The unexpired cached Completed state for a cache key at `now`.
+    pub async fn cached(&self, key: String, now: Timestamp) -> Result<Option<State>, PersistError> {
+        match self.read(Read::Cached { key, now }).await? {
+            ReadReply::Cached(s) => Ok(s),
             other => Err(unexpected(other)),
         }
     }

@@ -101,6 +101,15 @@ pub enum Reply {
         /// The run count.
         run_count: u32,
     },
+    /// Several transitions of a task run were recorded.
+    TaskRunRecorded {
+        /// Whether the command created the task run (None: it did not ask to).
+        created: Option<bool>,
+        /// The decision on each proposal, in order (a refusal where one was refused).
+        decisions: Vec<Result<Decision, Refusal>>,
+        /// The run count after them.
+        run_count: u32,
+    },
     /// A run was taken back to Scheduled.
     Retried {
         /// The new state.
@@ -232,6 +241,7 @@ pub fn apply(view: &mut impl StateView, command: Command, at: ApplyContext) -> O
         Command::ProposeFlowRunState { run, proposal } => tx.propose_flow(view, run, proposal),
         Command::CreateTaskRun(new) => tx.create_task_run(view, new),
         Command::ProposeTaskRunState { run, proposal } => tx.propose_task(view, run, proposal),
+        Command::RecordTaskRun { create, run, proposals } => record_task_run(view, at, create, run, proposals),
         Command::RetryFlowRun { run, request } => tx.retry_flow(view, run, request),
         Command::RetryTaskRun { run, request, epoch } => tx.retry_task(view, run, request, epoch),
         Command::MarkNodeCrashed { node, message, .. } => tx.node_crashed(view, &node, &message),
@@ -244,6 +254,49 @@ pub fn apply(view: &mut impl StateView, command: Command, at: ApplyContext) -> O
         Command::DeleteDeployment { id } => tx.delete_deployment(view, id),
         Command::AppendEvent(e) => tx.append_event(view, e),
     }
+}
+
+/// Creation and transitions of one task run as one command: each step applied in turn, every
+/// write kept, the events numbered across the steps.
+fn record_task_run(
+    view: &mut impl StateView,
+    at: ApplyContext,
+    create: Option<NewTaskRun>,
+    run: TaskRunId,
+    proposals: Vec<Proposal>,
+) -> Outcome {
+    let mut writes = Vec::new();
+    let mut events: u16 = 0;
+    let mut created = None;
+    let count_events = |w: &[Write]| w.iter().filter(|w| matches!(w, Write::Event(_))).count() as u16;
+    if let Some(new) = create {
+        if new.id != run {
+            return Outcome::refused(Refusal::Invalid(format!(
+                "the task run to create ({}) is not the one recorded ({run})",
+                new.id
+            )));
+        }
+        let out = Tx { at, events, writes: Vec::new() }.create_task_run(view, new);
+        events = events.saturating_add(count_events(&out.writes));
+        writes.extend(out.writes);
+        match out.reply {
+            Ok(Reply::TaskRunCreated { created: c, .. }) => created = Some(c),
+            Ok(_) => {}
+            Err(r) => return Outcome::refused(r),
+        }
+    }
+    let mut decisions = Vec::with_capacity(proposals.len());
+    for p in proposals {
+        let out = Tx { at, events, writes: Vec::new() }.propose_task(view, run, p);
+        events = events.saturating_add(count_events(&out.writes));
+        writes.extend(out.writes);
+        decisions.push(out.reply.map(|r| match r {
+            Reply::TaskRunTransition { decision, .. } => decision,
+            _ => Decision::Abort(crate::rules::AbortReason::Cancelling),
+        }));
+    }
+    let run_count = view.hot().task_run(&run).map_or(0, |t| t.lifecycle.run_count);
+    Outcome::replied(Reply::TaskRunRecorded { created, decisions, run_count }, writes)
 }
 
 /// One command being applied: numbers its events and collects its writes.
@@ -263,18 +316,20 @@ fn resource_id(prefix: &str, id: &uuid::Uuid) -> String {
     s
 }
 
-fn flow_resource(run: &FlowRun) -> Resource {
-    Resource::new(
-        resource_id("flotilla.flow-run.", run.id.as_uuid()),
-        Some(&run.flow_name),
-    )
+fn flow_resource(run: &FlowRun) -> (Resource, Vec<Resource>) {
+    let resource = Resource::new(resource_id("flotilla.flow-run.", run.id.as_uuid()), Some(&run.flow_name));
+    (resource, Vec::new())
 }
 
-fn task_resource(run: &TaskRun) -> Resource {
-    Resource::new(
-        resource_id("flotilla.task-run.", run.id.as_uuid()),
-        Some(&run.key.task_key),
-    )
+fn flow_related(flow_run: &FlowRunId) -> Resource {
+    Resource::new(resource_id("flotilla.flow-run.", flow_run.as_uuid()), None)
+        .with(crate::event::RESOURCE_ROLE, "flow-run")
+}
+
+/// A task run's resource, with its flow run as a related resource.
+fn task_resource(run: &TaskRun) -> (Resource, Vec<Resource>) {
+    let resource = Resource::new(resource_id("flotilla.task-run.", run.id.as_uuid()), Some(&run.key.task_key));
+    (resource, vec![flow_related(&run.key.flow_run)])
 }
 
 fn state_event_name(kind: &str, state: StateType) -> String {
@@ -337,7 +392,7 @@ impl Tx {
         &mut self,
         run: RunId,
         lifecycle: &mut Lifecycle,
-        resource: Resource,
+        (resource, related): (Resource, Vec<Resource>),
         next: State,
         epoch: Epoch,
     ) {
@@ -352,7 +407,7 @@ impl Tx {
             occurred: self.at.now,
             event: state_event_name(kind, next.kind),
             resource,
-            related: Vec::new(),
+            related,
             payload: EventPayload::StateChange {
                 from_type: Some(from.kind),
                 from_name: Some(from.name),
@@ -367,14 +422,20 @@ impl Tx {
         }
     }
 
-    fn first_state_event(&mut self, resource: Resource, kind: &str, state: &State, epoch: Epoch) -> EventId {
+    fn first_state_event(
+        &mut self,
+        (resource, related): (Resource, Vec<Resource>),
+        kind: &str,
+        state: &State,
+        epoch: Epoch,
+    ) -> EventId {
         let id = self.next_event_id();
         self.writes.push(Write::Event(Event {
             id,
             occurred: self.at.now,
             event: state_event_name(kind, state.kind),
             resource,
-            related: Vec::new(),
+            related,
             payload: EventPayload::StateChange {
                 from_type: None,
                 from_name: None,

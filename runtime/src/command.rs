@@ -125,6 +125,18 @@ pub enum Command {
         /// The proposal.
         proposal: Proposal,
     },
+    /// Several transitions of one task run at once (and its creation, when `create` is given):
+    /// a worker's write-behind of a task run's progress within one flush window, recorded as
+    /// one command that keeps the whole history.
+    RecordTaskRun {
+        /// Create the task run first (idempotent by its key).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        create: Option<NewTaskRun>,
+        /// The task run.
+        run: TaskRunId,
+        /// The transitions, in order.
+        proposals: Vec<Proposal>,
+    },
     /// Take a finished flow run back to Scheduled under a new epoch.
     RetryFlowRun {
         /// The run.
@@ -222,6 +234,14 @@ impl Command {
                 IdempotencyKey::Transition(request.transition_id)
             }
             Command::MarkNodeCrashed { key, .. } => IdempotencyKey::NodeCrash(key.clone()),
+            Command::RecordTaskRun { run, proposals, .. } => match proposals.last() {
+                Some(p) => IdempotencyKey::Transition(p.transition_id),
+                None => IdempotencyKey::CreateTaskRun(TaskRunKey {
+                    flow_run: FlowRunId::from_uuid(*run.as_uuid()),
+                    task_key: String::new(),
+                    call_index: 0,
+                }),
+            },
             Command::AppendLogs { batch, .. } => IdempotencyKey::LogBatch(*batch),
             Command::PutDeployment(d) => IdempotencyKey::Deployment(d.id, d.updated),
             Command::DeleteDeployment { id } => IdempotencyKey::DeleteDeployment(*id),
@@ -236,6 +256,7 @@ impl Command {
             Command::ProposeFlowRunState { .. } => "propose-flow-run-state",
             Command::CreateTaskRun(_) => "create-task-run",
             Command::ProposeTaskRunState { .. } => "propose-task-run-state",
+            Command::RecordTaskRun { .. } => "record-task-run",
             Command::RetryFlowRun { .. } => "retry-flow-run",
             Command::RetryTaskRun { .. } => "retry-task-run",
             Command::MarkNodeCrashed { .. } => "mark-node-crashed",

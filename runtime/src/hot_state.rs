@@ -243,6 +243,11 @@ impl HotState {
         self.task_runs.values().map(|r| &**r)
     }
 
+    /// Remembers a cached Completed state (learned from elsewhere) for a cache key.
+    pub fn put_cached(&mut self, key: String, state: State) {
+        self.cache.insert(key, state);
+    }
+
     /// The cached Completed state for a cache key, if it has not expired at `now`.
     pub fn cached(&self, key: &str, now: Timestamp) -> Option<&State> {
         self.cache

@@ -378,7 +378,10 @@ fn to_running(cur: &State, mut next: State, ctx: &RuleContext<'_>) -> Decision {
             if !in_place_retry {
                 return invalid(cur, &next);
             }
-            if let Some(at) = cur.details.scheduled_time
+            // A flow run waits for its retry time here; a task run's owner keeps the time itself
+            // (its proposals are written behind, so they may reach the control plane early).
+            if ctx.kind == RunKind::Flow
+                && let Some(at) = cur.details.scheduled_time
                 && at > ctx.now
             {
                 return Decision::Wait {

@@ -93,6 +93,13 @@ pub enum Read {
     Deployment(DeploymentId),
     /// One deployment, by name.
     DeploymentByName(String),
+    /// The unexpired cached Completed state for a cache key.
+    Cached {
+        /// The cache key.
+        key: String,
+        /// The time to judge expiry at.
+        now: flotilla_runtime::Timestamp,
+    },
     /// Figures about the store.
     Stats,
 }
@@ -140,6 +147,8 @@ pub enum ReadReply {
     },
     /// A deployment, if it exists.
     Deployment(Option<Box<Deployment>>),
+    /// A cached state, if there is one.
+    Cached(Option<State>),
     /// Figures.
     Stats(StoreStats),
 }

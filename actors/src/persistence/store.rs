@@ -679,6 +679,7 @@ impl Store {
             Read::DeploymentByName(name) => {
                 ReadReply::Deployment(hot.deployment_by_name(&name).cloned().map(Box::new))
             }
+            Read::Cached { key, now } => ReadReply::Cached(hot.cached(&key, now).cloned()),
             Read::Stats => ReadReply::Stats(StoreStats {
                 flow_runs: hot.flow_run_count(),
                 applied: self.applied,

@@ -1,0 +1,121 @@
+//! Results: serialized values, inline in the store up to a size, in a result directory above.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Component, Path, PathBuf};
+
+use flotilla_runtime::{ResultRef, RunId};
+
+/// A result that cannot be stored or read back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResultError {
+    /// The file could not be written or read.
+    #[error("result {key}: {source}")]
+    Io {
+        /// The result's key.
+        key: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stored bytes are not what was written.
+    #[error("result {key} is damaged: {reason}")]
+    Damaged {
+        /// The result's key.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Where results go.
+#[derive(Debug, Clone)]
+pub struct ResultStore {
+    dir: PathBuf,
+    inline_max: usize,
+}
+
+impl ResultStore {
+    /// Results up to `inline_max` bytes stay inline; larger ones go under `dir`.
+    pub fn new(dir: PathBuf, inline_max: usize) -> Self {
+        ResultStore { dir, inline_max }
+    }
+
+    /// Whether a result of this size goes to a file (and so should be stored off the hot path).
+    pub fn goes_to_file(&self, len: usize) -> bool {
+        len > self.inline_max
+    }
+
+    /// Stores a result of `owner`'s attempt number `attempt`. Large ones are written to a file
+    /// and made durable (`fsync` of the file and its directory) before the reference is returned.
+    pub fn store(&self, owner: RunId, attempt: u32, bytes: Vec<u8>) -> Result<ResultRef, ResultError> {
+        if !self.goes_to_file(bytes.len()) {
+            return Ok(ResultRef::Inline(bytes));
+        }
+        let key = match owner {
+            RunId::Flow(id) => format!("flow-runs/{id}-{attempt}.bin"),
+            RunId::Task(id) => format!("task-runs/{id}-{attempt}.bin"),
+        };
+        let path = self.dir.join(&key);
+        let io = |source| ResultError::Io { key: key.clone(), source };
+        let parent = path.parent().unwrap_or(&self.dir);
+        fs::create_dir_all(parent).map_err(io)?;
+        let tmp = path.with_extension("tmp");
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io)?;
+        fs::rename(&tmp, &path).map_err(io)?;
+        File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
+        Ok(ResultRef::Stored { crc32: crc32fast::hash(&bytes), size: bytes.len() as u64, key })
+    }
+
+    /// Reads a result back, checking its size and checksum.
+    pub fn load(&self, r: &ResultRef) -> Result<Vec<u8>, ResultError> {
+        match r {
+            ResultRef::Inline(b) => Ok(b.clone()),
+            ResultRef::Stored { key, size, crc32 } => {
+                let damaged = |reason: String| ResultError::Damaged { key: key.clone(), reason };
+                let rel = Path::new(key);
+                if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+                    return Err(damaged("the key is not a relative path inside the result directory".into()));
+                }
+                let bytes = fs::read(self.dir.join(rel)).map_err(|source| ResultError::Io { key: key.clone(), source })?;
+                if bytes.len() as u64 != *size {
+                    return Err(damaged(format!("{} bytes where {size} were written", bytes.len())));
+                }
+                if crc32fast::hash(&bytes) != *crc32 {
+                    return Err(damaged("checksum mismatch".into()));
+                }
+                Ok(bytes)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_runtime::TaskRunId;
+
+    #[test]
+    fn small_results_are_inline_and_large_ones_in_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultStore::new(dir.path().to_path_buf(), 8);
+        let owner = RunId::Task(TaskRunId::from_bytes([1; 16]));
+        let small = store.store(owner, 1, vec![1, 2, 3]).unwrap();
+        assert_eq!(small, ResultRef::Inline(vec![1, 2, 3]));
+        let big = store.store(owner, 1, vec![7; 100]).unwrap();
+        assert!(matches!(big, ResultRef::Stored { size: 100, .. }));
+        assert_eq!(store.load(&big).unwrap(), vec![7; 100]);
+        // Damage is detected and said.
+        let ResultRef::Stored { key, .. } = &big else { unreachable!() };
+        fs::write(dir.path().join(key), vec![8; 100]).unwrap();
+        let err = store.load(&big).unwrap_err().to_string();
+        assert!(err.contains("damaged") && err.contains(key), "{err}");
+        fs::remove_file(dir.path().join(key)).unwrap();
+        assert!(matches!(store.load(&big), Err(ResultError::Io { .. })));
+        // A key that leaves the directory is refused.
+        let evil = ResultRef::Stored { key: "../etc/passwd".into(), size: 1, crc32: 0 };
+        assert!(matches!(store.load(&evil), Err(ResultError::Damaged { .. })));
+    }
+}

@@ -1,0 +1,253 @@
+//! The client of a node: run flows, wait for them, read runs, task runs, histories and logs,
+//! follow a run's events, cancel and retry.
+
+use std::sync::Arc;
+
+use flotilla_actors::engine::worker::EngineHandle;
+use flotilla_actors::persistence::{LogCursor, PAGE_MAX, PersistenceHandle, Read, ReadReply, RunFilter};
+use flotilla_runtime::{
+    Command, Decision, Event, FlowRun, FlowRunId, LogLine, NewFlowRun, Proposal, Reply, RetryRequest, State,
+    StateName, TaskRun, Timestamp, TransitionId,
+};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use serde::de::DeserializeOwned;
+use tokio::sync::broadcast;
+
+use crate::error::Error;
+
+fn now() -> Timestamp {
+    Timestamp::from(chrono::Utc::now())
+}
+
+fn rng() -> SmallRng {
+    SmallRng::seed_from_u64(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos() as u64),
+    )
+}
+
+/// A client of a node.
+#[derive(Clone)]
+pub struct Client {
+    persistence: PersistenceHandle,
+    engine: EngineHandle,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
+}
+
+/// The events of one flow run (and its task runs), as they become durable.
+#[derive(Debug)]
+pub struct RunEvents {
+    rx: broadcast::Receiver<Arc<Event>>,
+    resource: String,
+}
+
+impl RunEvents {
+    /// The next event of the run; None when the node stopped. A subscriber that falls too far
+    /// behind skips what it missed (read [`Client::history`] to catch up).
+    pub async fn next(&mut self) -> Option<Arc<Event>> {
+        loop {
+            match self.rx.recv().await {
+                Ok(e) => {
+                    let mine = e.resource.id() == Some(&self.resource) || e.related.iter().any(|r| r.id() == Some(&self.resource));
+                    if mine {
+                        return Some(e);
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+impl Client {
+    pub(crate) fn new(persistence: PersistenceHandle, engine: EngineHandle) -> Self {
+        Client { persistence, engine }
+    }
+
+    /// Creates a run of the flow `flow` with JSON `params` (an object of the flow's arguments
+    /// by name) and has this node run it. Returns at once with the run's id.
+    pub async fn run(&self, flow: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
+        let Some(f) = self.engine.flow(flow) else {
+            return Err(Error::UnknownFlow { name: flow.to_owned(), registered: self.engine.flow_names().join(", ") });
+        };
+        let params = if params.is_null() { serde_json::json!({}) } else { params };
+        f.check_params(&params).map_err(Error::Parameters)?;
+        let options = f.options();
+        let id = FlowRunId::new(now(), &mut rng());
+        let reply = self
+            .persistence
+            .submit(Command::CreateFlowRun(NewFlowRun {
+                id,
+                flow_name: flow.to_owned(),
+                parameters: params,
+                deployment_id: None,
+                parent_task_run: None,
+                idempotency_key: None,
+                tags: vec![],
+                work_queue: None,
+                retry_policy: options.retry,
+                resume: options.resume,
+                scheduled_time: None,
+            }))
+            .await??;
+        let Reply::FlowRunCreated { run, .. } = reply else {
+            return Err(Error::NoResult { run: id, reason: format!("unexpected answer {reply:?}") });
+        };
+        self.engine.run(run.id)?;
+        Ok(run.id)
+    }
+
+    /// Runs a flow and waits for it to finish; returns the finished run.
+    pub async fn run_and_wait(&self, flow: &str, params: serde_json::Value) -> Result<FlowRun, Error> {
+        let id = self.run(flow, params).await?;
+        self.wait(id).await
+    }
+
+    /// Waits until the run is in a terminal state (Completed, Failed, Cancelled, Crashed) and
+    /// returns it. Wrap it in `tokio::time::timeout` to bound the wait.
+    pub async fn wait(&self, id: FlowRunId) -> Result<FlowRun, Error> {
+        let mut events = self.events(id);
+        loop {
+            let run = self.flow_run(id).await?;
+            if run.lifecycle.state.is_terminal() {
+                return Ok(run);
+            }
+            loop {
+                let Some(e) = events.next().await else { return Err(Error::Timeout(id)) };
+                if e.resource.id() == Some(&events.resource) && e.state().is_some_and(State::is_terminal) {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// A flow run.
+    pub async fn flow_run(&self, id: FlowRunId) -> Result<FlowRun, Error> {
+        self.persistence.flow_run(id).await?.ok_or(Error::NotFound(id))
+    }
+
+    /// A page of flow runs (at most 1,000), after `after` (by id).
+    pub async fn flow_runs(&self, filter: RunFilter, after: Option<FlowRunId>, limit: usize) -> Result<Vec<FlowRun>, Error> {
+        Ok(self.persistence.flow_runs(filter, after, limit).await?)
+    }
+
+    /// Every task run of a flow run, in creation order.
+    pub async fn task_runs(&self, id: FlowRunId) -> Result<Vec<TaskRun>, Error> {
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self.persistence.task_runs(id, after, PAGE_MAX).await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
+    /// A flow run's states, oldest first.
+    pub async fn history(&self, id: FlowRunId) -> Result<Vec<State>, Error> {
+        let mut all = Vec::new();
+        loop {
+            let page = self.persistence.flow_run_history(id, all.len(), PAGE_MAX).await?.ok_or(Error::NotFound(id))?;
+            if page.is_empty() {
+                break;
+            }
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
+    /// A task run's states, oldest first.
+    pub async fn task_history(&self, id: flotilla_runtime::TaskRunId) -> Result<Vec<State>, Error> {
+        let mut all = Vec::new();
+        loop {
+            let reply = self.persistence.read(Read::TaskRunHistory { run: id, offset: all.len(), limit: PAGE_MAX }).await?;
+            let ReadReply::History(Some(page)) = reply else { break };
+            if page.is_empty() {
+                break;
+            }
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
+    /// A flow run's log lines (its flow's and its tasks'), in order.
+    pub async fn logs(&self, id: FlowRunId) -> Result<Vec<LogLine>, Error> {
+        let mut all = Vec::new();
+        let mut cursor: Option<LogCursor> = None;
+        loop {
+            let ReadReply::Logs { lines, next } = self.persistence.read(Read::Logs { flow_run: id, after: cursor, limit: PAGE_MAX }).await? else {
+                break;
+            };
+            if lines.is_empty() {
+                break;
+            }
+            all.extend(lines);
+            cursor = next;
+        }
+        Ok(all)
+    }
+
+    /// Follows a flow run's events (its own and its task runs') from now on.
+    pub fn events(&self, id: FlowRunId) -> RunEvents {
+        RunEvents { rx: self.persistence.subscribe(), resource: format!("flotilla.flow-run.{id}") }
+    }
+
+    /// The result of a completed flow run.
+    pub async fn result<T: DeserializeOwned>(&self, id: FlowRunId) -> Result<T, Error> {
+        let run = self.flow_run(id).await?;
+        let no = |reason: String| Error::NoResult { run: id, reason };
+        let r = run.lifecycle.state.result.as_ref().ok_or_else(|| no(format!("it is {}", run.lifecycle.state)))?;
+        let bytes = self.engine.ctx().results.load(r).map_err(|e| no(e.to_string()))?;
+        rmp_serde::from_slice(&bytes).map_err(|e| no(format!("it does not decode as the asked type: {e}")))
+    }
+
+    /// Cancels a flow run: one not yet running ends Cancelled at once; a running one stops its
+    /// tasks and ends Cancelled. Returns the state it ends in.
+    pub async fn cancel(&self, id: FlowRunId) -> Result<State, Error> {
+        let p = Proposal::new(State::named(StateName::Cancelling, now()), TransitionId::new(now(), &mut rng()));
+        let reply = self.persistence.submit(Command::ProposeFlowRunState { run: id, proposal: p }).await??;
+        match reply {
+            Reply::FlowRunTransition { decision: Decision::Accept(s), .. } if s.name == StateName::Cancelling => {
+                self.engine.cancel(id)?;
+                Ok(self.wait(id).await?.lifecycle.state)
+            }
+            Reply::FlowRunTransition { decision: Decision::Accept(s) | Decision::Reject(s), .. } => {
+                self.engine.cancel(id)?;
+                Ok(s)
+            }
+            Reply::FlowRunTransition { decision: Decision::Abort(reason), .. } => {
+                Err(Error::Refused(flotilla_runtime::Refusal::Invalid(reason.to_string())))
+            }
+            other => Err(Error::NoResult { run: id, reason: format!("unexpected answer {other:?}") }),
+        }
+    }
+
+    /// Runs a finished (Failed, Crashed or Cancelled) flow run again: its task calls that
+    /// completed return their recorded results, the others run again.
+    pub async fn retry(&self, id: FlowRunId) -> Result<State, Error> {
+        self.retry_with(id, false).await
+    }
+
+    /// Like [`Client::retry`], also for a Completed run (its old result stays in the history).
+    pub async fn retry_completed(&self, id: FlowRunId) -> Result<State, Error> {
+        self.retry_with(id, true).await
+    }
+
+    async fn retry_with(&self, id: FlowRunId, force: bool) -> Result<State, Error> {
+        let request = RetryRequest { transition_id: TransitionId::new(now(), &mut rng()), resume: false, force, message: None };
+        match self.persistence.submit(Command::RetryFlowRun { run: id, request }).await?? {
+            Reply::Retried { state, .. } => {
+                self.engine.run(id)?;
+                Ok(state)
+            }
+            other => Err(Error::NoResult { run: id, reason: format!("unexpected answer {other:?}") }),
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! The flow run a body runs in, as a task-local: task calls inside a flow find it here.
+
+use flotilla_actors::engine::FlowEnv;
+use flotilla_runtime::FlowRunId;
+
+tokio::task_local! {
+    static CONTEXT: FlowContext;
+}
+
+/// What a flow body can know of its run.
+#[derive(Clone, Debug)]
+pub struct FlowContext {
+    env: FlowEnv,
+}
+
+impl FlowContext {
+    pub(crate) fn new(env: FlowEnv) -> Self {
+        FlowContext { env }
+    }
+
+    pub(crate) fn env(&self) -> &FlowEnv {
+        &self.env
+    }
+
+    /// The flow run's id.
+    pub fn flow_run_id(&self) -> FlowRunId {
+        self.env.flow_run()
+    }
+
+    /// The flow's name.
+    pub fn flow_name(&self) -> &str {
+        self.env.flow_name()
+    }
+
+    /// The run's parameters, as JSON.
+    pub fn parameters(&self) -> &serde_json::Value {
+        self.env.parameters()
+    }
+
+    /// Runs `fut` with this context set.
+    pub(crate) async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
+        CONTEXT.scope(self, fut).await
+    }
+}
+
+/// The context of the flow run the calling code runs in, if any (inside a flow body; not
+/// inside a task body, which runs on its own).
+pub fn context() -> Option<FlowContext> {
+    CONTEXT.try_with(|c| c.clone()).ok()
+}
