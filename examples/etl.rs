@@ -38,14 +38,24 @@ async fn etl(rows: u32) -> Result<u64, flotilla::TaskError> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let node = Node::builder().data_dir(dir.path()).flow(etl).concurrency_limit("cpu", 8).start().await?;
+    let node = Node::builder()
+        .data_dir(dir.path())
+        .flow(etl)
+        .concurrency_limit("cpu", 8)
+        .start()
+        .await?;
     let client = node.client();
     for round in 1..=2 {
         let started = Instant::now();
-        let run = client.run_and_wait("etl", serde_json::json!({"rows": 100})).await?;
+        let run = client
+            .run_and_wait("etl", serde_json::json!({"rows": 100}))
+            .await?;
         let total: u64 = client.result(run.id).await?;
         let tasks = client.task_runs(run.id).await?;
-        let cached = tasks.iter().filter(|t| t.lifecycle.state.name == StateName::Cached).count();
+        let cached = tasks
+            .iter()
+            .filter(|t| t.lifecycle.state.name == StateName::Cached)
+            .count();
         println!(
             "run {round}: {} in {:.1} ms, total {total}; {} task runs, {cached} from the cache",
             run.lifecycle.state,

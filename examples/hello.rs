@@ -26,7 +26,9 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let node = Node::builder().data_dir(dir.path()).flow(hello).start().await?;
     let client = node.client();
-    let run = client.run_and_wait("hello", serde_json::json!({"name": "Flotilla"})).await?;
+    let run = client
+        .run_and_wait("hello", serde_json::json!({"name": "Flotilla"}))
+        .await?;
     let result: String = client.result(run.id).await?;
     println!("flow run {} {}: {result}", run.id, run.lifecycle.state);
     for t in client.task_runs(run.id).await? {

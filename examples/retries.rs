@@ -28,17 +28,30 @@ async fn retrying() -> Result<String, flotilla::TaskError> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let node = Node::builder().data_dir(dir.path()).flow(retrying).start().await?;
+    let node = Node::builder()
+        .data_dir(dir.path())
+        .flow(retrying)
+        .start()
+        .await?;
     let client = node.client();
     let run = client.run_and_wait("retrying", serde_json::json!({})).await?;
     let answer: String = client.result(run.id).await?;
     println!("flow run {}: {answer}", run.lifecycle.state);
-    let task = client.task_runs(run.id).await?.into_iter().next().ok_or_else(|| anyhow::anyhow!("no task run"))?;
+    let task = client
+        .task_runs(run.id)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("no task run"))?;
     let history = client.task_history(task.id).await?;
     for s in &history {
         match s.name {
             StateName::AwaitingRetry => {
-                let delay = s.details.scheduled_time.map(|at| at.saturating_since(s.timestamp)).unwrap_or_default();
+                let delay = s
+                    .details
+                    .scheduled_time
+                    .map(|at| at.saturating_since(s.timestamp))
+                    .unwrap_or_default();
                 println!("  {:<60} next attempt in {delay:?}", s.to_string());
             }
             _ => println!("  {s}"),

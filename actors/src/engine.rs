@@ -58,6 +58,10 @@ pub struct EngineConfig {
     pub result_inline_bytes_max: usize,
     /// Where large results go.
     pub results_dir: PathBuf,
+    /// At most this many task attempts of one flow run are under way at once; more wait
+    /// (Pending) for a slot. Bounds the memory and the actors a flow that submits many
+    /// tasks at once can take.
+    pub task_attempts_in_flight_max: usize,
     /// At most this many running task runs carry each tag.
     pub tag_limits: BTreeMap<String, usize>,
     /// Log lines of a run are written in batches of at most this many...
@@ -78,6 +82,7 @@ impl EngineConfig {
             result_inline_bytes_max: 64 * 1024,
             results_dir: data_dir.join("results"),
             tag_limits: BTreeMap::new(),
+            task_attempts_in_flight_max: 256,
             log_batch_lines_max: 1000,
             log_flush_interval: Duration::from_millis(50),
             log_to_stderr: true,

@@ -1,8 +1,9 @@
 //! `flotilla`: run nodes, administer clusters, benchmark.
 
-/// A faster allocator for the many small, short-lived allocations of a busy node.
+/// jemalloc: fast for the many small, short-lived allocations of a busy node, and it keeps
+/// freed pages for reuse instead of returning them to the system at once.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod bench;
 mod demo;

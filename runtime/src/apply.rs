@@ -231,17 +231,33 @@ impl Outcome {
 
 /// Applies one command.
 pub fn apply(view: &mut impl StateView, command: Command, at: ApplyContext) -> Outcome {
+    apply_with(view, command, at, true)
+}
+
+/// Applies one command to a worker's local shadow of the state: the same decisions and the same
+/// changes to runs, but no events are built (a shadow only predicts the control plane's
+/// answers; the control plane records the events).
+pub fn apply_shadow(view: &mut impl StateView, command: Command, at: ApplyContext) -> Outcome {
+    apply_with(view, command, at, false)
+}
+
+fn apply_with(view: &mut impl StateView, command: Command, at: ApplyContext, record: bool) -> Outcome {
     let tx = Tx {
         at,
         events: 0,
         writes: Vec::new(),
+        record,
     };
     match command {
         Command::CreateFlowRun(new) => tx.create_flow_run(view, new),
         Command::ProposeFlowRunState { run, proposal } => tx.propose_flow(view, run, proposal),
         Command::CreateTaskRun(new) => tx.create_task_run(view, new),
         Command::ProposeTaskRunState { run, proposal } => tx.propose_task(view, run, proposal),
-        Command::RecordTaskRun { create, run, proposals } => record_task_run(view, at, create, run, proposals),
+        Command::RecordTaskRun {
+            create,
+            run,
+            proposals,
+        } => record_task_run(view, at, record, create, run, proposals),
         Command::RetryFlowRun { run, request } => tx.retry_flow(view, run, request),
         Command::RetryTaskRun { run, request, epoch } => tx.retry_task(view, run, request, epoch),
         Command::MarkNodeCrashed { node, message, .. } => tx.node_crashed(view, &node, &message),
@@ -261,6 +277,7 @@ pub fn apply(view: &mut impl StateView, command: Command, at: ApplyContext) -> O
 fn record_task_run(
     view: &mut impl StateView,
     at: ApplyContext,
+    record: bool,
     create: Option<NewTaskRun>,
     run: TaskRunId,
     proposals: Vec<Proposal>,
@@ -276,7 +293,13 @@ fn record_task_run(
                 new.id
             )));
         }
-        let out = Tx { at, events, writes: Vec::new() }.create_task_run(view, new);
+        let out = Tx {
+            at,
+            events,
+            writes: Vec::new(),
+            record,
+        }
+        .create_task_run(view, new);
         events = events.saturating_add(count_events(&out.writes));
         writes.extend(out.writes);
         match out.reply {
@@ -287,7 +310,13 @@ fn record_task_run(
     }
     let mut decisions = Vec::with_capacity(proposals.len());
     for p in proposals {
-        let out = Tx { at, events, writes: Vec::new() }.propose_task(view, run, p);
+        let out = Tx {
+            at,
+            events,
+            writes: Vec::new(),
+            record,
+        }
+        .propose_task(view, run, p);
         events = events.saturating_add(count_events(&out.writes));
         writes.extend(out.writes);
         decisions.push(out.reply.map(|r| match r {
@@ -296,7 +325,14 @@ fn record_task_run(
         }));
     }
     let run_count = view.hot().task_run(&run).map_or(0, |t| t.lifecycle.run_count);
-    Outcome::replied(Reply::TaskRunRecorded { created, decisions, run_count }, writes)
+    Outcome::replied(
+        Reply::TaskRunRecorded {
+            created,
+            decisions,
+            run_count,
+        },
+        writes,
+    )
 }
 
 /// One command being applied: numbers its events and collects its writes.
@@ -304,6 +340,8 @@ struct Tx {
     at: ApplyContext,
     events: u16,
     writes: Vec<Write>,
+    /// Whether events are built (not in a shadow).
+    record: bool,
 }
 
 /// `prefix` followed by the hyphenated UUID, without the formatting machinery (this is on the
@@ -317,7 +355,10 @@ fn resource_id(prefix: &str, id: &uuid::Uuid) -> String {
 }
 
 fn flow_resource(run: &FlowRun) -> (Resource, Vec<Resource>) {
-    let resource = Resource::new(resource_id("flotilla.flow-run.", run.id.as_uuid()), Some(&run.flow_name));
+    let resource = Resource::new(
+        resource_id("flotilla.flow-run.", run.id.as_uuid()),
+        Some(&run.flow_name),
+    );
     (resource, Vec::new())
 }
 
@@ -328,7 +369,10 @@ fn flow_related(flow_run: &FlowRunId) -> Resource {
 
 /// A task run's resource, with its flow run as a related resource.
 fn task_resource(run: &TaskRun) -> (Resource, Vec<Resource>) {
-    let resource = Resource::new(resource_id("flotilla.task-run.", run.id.as_uuid()), Some(&run.key.task_key));
+    let resource = Resource::new(
+        resource_id("flotilla.task-run.", run.id.as_uuid()),
+        Some(&run.key.task_key),
+    );
     (resource, vec![flow_related(&run.key.flow_run)])
 }
 
@@ -401,6 +445,10 @@ impl Tx {
             RunId::Task(_) => "task-run",
         };
         let id = self.next_event_id();
+        if !self.record {
+            let _ = lifecycle.enter(next, id, self.at.now);
+            return;
+        }
         let from = &lifecycle.state;
         let event = Event {
             id,
@@ -422,6 +470,24 @@ impl Tx {
         }
     }
 
+    /// A flow run's resource for its events (nothing in a shadow, which builds no events).
+    fn flow_subject(&self, run: &FlowRun) -> (Resource, Vec<Resource>) {
+        if self.record {
+            flow_resource(run)
+        } else {
+            (Resource::default(), Vec::new())
+        }
+    }
+
+    /// A task run's resource for its events (nothing in a shadow).
+    fn task_subject(&self, run: &TaskRun) -> (Resource, Vec<Resource>) {
+        if self.record {
+            task_resource(run)
+        } else {
+            (Resource::default(), Vec::new())
+        }
+    }
+
     fn first_state_event(
         &mut self,
         (resource, related): (Resource, Vec<Resource>),
@@ -430,6 +496,9 @@ impl Tx {
         epoch: Epoch,
     ) -> EventId {
         let id = self.next_event_id();
+        if !self.record {
+            return id;
+        }
         self.writes.push(Write::Event(Event {
             id,
             occurred: self.at.now,
@@ -494,7 +563,7 @@ impl Tx {
             owner: None,
             lifecycle: Lifecycle::new(state.clone()),
         };
-        let ev = self.first_state_event(flow_resource(&run), "flow-run", &state, run.epoch);
+        let ev = self.first_state_event(self.flow_subject(&run), "flow-run", &state, run.epoch);
         let _ = run.lifecycle.record(ev);
         self.writes.insert(0, Write::FlowRun(run.id));
         view.hot_mut().put_flow_run(run.clone());
@@ -544,7 +613,7 @@ impl Tx {
                 run.owner = None;
                 run.epoch = run.epoch.next();
             }
-            let resource = flow_resource(run);
+            let resource = self.flow_subject(run);
             let epoch = run.epoch;
             self.enter(RunId::Flow(run.id), &mut run.lifecycle, resource, next, epoch);
             run.lifecycle.remember(proposal.transition_id, past);
@@ -617,7 +686,7 @@ impl Tx {
             flow_epoch: new.epoch,
             lifecycle: Lifecycle::new(state.clone()),
         };
-        let ev = self.first_state_event(task_resource(&run), "task-run", &state, new.epoch);
+        let ev = self.first_state_event(self.task_subject(&run), "task-run", &state, new.epoch);
         let _ = run.lifecycle.record(ev);
         self.writes.insert(0, Write::TaskRun(run.id));
         view.hot_mut().put_task_run(run.clone());
@@ -673,7 +742,7 @@ impl Tx {
         };
         self.writes.push(Write::TaskRun(id));
         let reply = view.hot_mut().update_task_run(&id, |run| {
-            let resource = task_resource(run);
+            let resource = self.task_subject(run);
             self.enter(RunId::Task(run.id), &mut run.lifecycle, resource, next, epoch);
             run.lifecycle.remember(proposal.transition_id, past);
             let decision = match decision {
@@ -713,7 +782,7 @@ impl Tx {
         let reply = view.hot_mut().update_flow_run(&id, |run| {
             run.epoch = run.epoch.next();
             run.owner = None;
-            let resource = flow_resource(run);
+            let resource = self.flow_subject(run);
             let epoch = run.epoch;
             self.enter(RunId::Flow(run.id), &mut run.lifecycle, resource, next, epoch);
             run.lifecycle
@@ -772,7 +841,7 @@ impl Tx {
         self.writes.push(Write::TaskRun(id));
         let reply = view.hot_mut().update_task_run(&id, |run| {
             run.flow_epoch = epoch;
-            let resource = task_resource(run);
+            let resource = self.task_subject(run);
             self.enter(RunId::Task(run.id), &mut run.lifecycle, resource, next, epoch);
             run.lifecycle
                 .remember(request.transition_id, PastDecision::Accepted);
@@ -815,14 +884,14 @@ impl Tx {
                 self.writes.push(Write::TaskRun(task));
                 view.hot_mut().update_task_run(&task, |t| {
                     if let Some(tnext) = rules::owner_died(&t.lifecycle.state, now, message) {
-                        let resource = task_resource(t);
+                        let resource = self.task_subject(t);
                         self.enter(RunId::Task(t.id), &mut t.lifecycle, resource, tnext, epoch);
                     }
                 });
             }
             self.writes.push(Write::FlowRun(id));
             view.hot_mut().update_flow_run(&id, |run| {
-                let resource = flow_resource(run);
+                let resource = self.flow_subject(run);
                 self.enter(RunId::Flow(run.id), &mut run.lifecycle, resource, next, epoch);
             });
         }

@@ -27,13 +27,13 @@ pub struct FlowRun {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// Tags.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// The work queue it waits in, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub work_queue: Option<String>,
     /// Flow-level retries.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "RetryPolicy::is_none")]
     pub retry_policy: RetryPolicy,
     /// Whether a crash of its owner resumes it automatically.
     #[serde(default = "yes")]

@@ -29,7 +29,7 @@ pub mod time;
 pub mod view;
 pub mod work_queue;
 
-pub use apply::{ApplyContext, Outcome, Refusal, Reply, Write, apply};
+pub use apply::{ApplyContext, Outcome, Refusal, Reply, Write, apply, apply_shadow};
 pub use command::{Command, IdempotencyKey, NewFlowRun, NewTaskRun, RetryRequest};
 pub use deployment::{CollisionStrategy, Deployment, Schedule, ScheduleKind};
 pub use event::{Event, EventPayload, Resource};

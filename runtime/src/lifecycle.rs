@@ -18,6 +18,10 @@ pub const RECENT_TRANSITIONS_MAX: usize = 4;
 /// record keeps a bounded size however long the history grows.
 pub const HISTORY_WINDOW: usize = 8;
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// How a past proposal was decided, remembered by its transition id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum PastDecision {
@@ -46,7 +50,7 @@ pub struct Lifecycle {
     #[serde(default)]
     pub history: Vec<EventId>,
     /// How many history blocks were archived (each of [`HISTORY_WINDOW`] entries).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub archived_blocks: u32,
     /// How many times the run entered Running.
     #[serde(default)]

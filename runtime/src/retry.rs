@@ -84,6 +84,13 @@ pub struct RetryPolicy {
     pub condition: RetryCondition,
 }
 
+impl RetryPolicy {
+    /// Whether this is the policy of no retries (skipped when stored).
+    pub fn is_none(&self) -> bool {
+        *self == RetryPolicy::none()
+    }
+}
+
 impl Default for RetryPolicy {
     fn default() -> Self {
         RetryPolicy::none()

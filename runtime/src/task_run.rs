@@ -38,7 +38,7 @@ pub struct TaskRun {
     /// Flow run, task key and call index.
     pub key: TaskRunKey,
     /// Retries of this task.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "RetryPolicy::is_none")]
     pub retry_policy: RetryPolicy,
     /// The cache key of this call, if the task caches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -47,10 +47,10 @@ pub struct TaskRun {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_expiration: Option<Duration>,
     /// Run even when a cached result exists.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refresh_cache: bool,
     /// Tags (concurrency limits apply by tag).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
     /// When it was created.
     pub created: Timestamp,

@@ -22,7 +22,9 @@ fn now() -> Timestamp {
 
 fn rng() -> SmallRng {
     SmallRng::seed_from_u64(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(7, |d| d.as_nanos() as u64),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(7, |d| d.as_nanos() as u64),
     )
 }
 
@@ -53,7 +55,8 @@ impl RunEvents {
         loop {
             match self.rx.recv().await {
                 Ok(e) => {
-                    let mine = e.resource.id() == Some(&self.resource) || e.related.iter().any(|r| r.id() == Some(&self.resource));
+                    let mine = e.resource.id() == Some(&self.resource)
+                        || e.related.iter().any(|r| r.id() == Some(&self.resource));
                     if mine {
                         return Some(e);
                     }
@@ -74,9 +77,16 @@ impl Client {
     /// by name) and has this node run it. Returns at once with the run's id.
     pub async fn run(&self, flow: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
         let Some(f) = self.engine.flow(flow) else {
-            return Err(Error::UnknownFlow { name: flow.to_owned(), registered: self.engine.flow_names().join(", ") });
+            return Err(Error::UnknownFlow {
+                name: flow.to_owned(),
+                registered: self.engine.flow_names().join(", "),
+            });
         };
-        let params = if params.is_null() { serde_json::json!({}) } else { params };
+        let params = if params.is_null() {
+            serde_json::json!({})
+        } else {
+            params
+        };
         f.check_params(&params).map_err(Error::Parameters)?;
         let options = f.options();
         let id = FlowRunId::new(now(), &mut rng());
@@ -97,7 +107,10 @@ impl Client {
             }))
             .await??;
         let Reply::FlowRunCreated { run, .. } = reply else {
-            return Err(Error::NoResult { run: id, reason: format!("unexpected answer {reply:?}") });
+            return Err(Error::NoResult {
+                run: id,
+                reason: format!("unexpected answer {reply:?}"),
+            });
         };
         self.engine.run(run.id)?;
         Ok(run.id)
@@ -119,7 +132,9 @@ impl Client {
                 return Ok(run);
             }
             loop {
-                let Some(e) = events.next().await else { return Err(Error::Timeout(id)) };
+                let Some(e) = events.next().await else {
+                    return Err(Error::Timeout(id));
+                };
                 if e.resource.id() == Some(&events.resource) && e.state().is_some_and(State::is_terminal) {
                     break;
                 }
@@ -133,7 +148,12 @@ impl Client {
     }
 
     /// A page of flow runs (at most 1,000), after `after` (by id).
-    pub async fn flow_runs(&self, filter: RunFilter, after: Option<FlowRunId>, limit: usize) -> Result<Vec<FlowRun>, Error> {
+    pub async fn flow_runs(
+        &self,
+        filter: RunFilter,
+        after: Option<FlowRunId>,
+        limit: usize,
+    ) -> Result<Vec<FlowRun>, Error> {
         Ok(self.persistence.flow_runs(filter, after, limit).await?)
     }
 
@@ -154,7 +174,11 @@ impl Client {
     pub async fn history(&self, id: FlowRunId) -> Result<Vec<State>, Error> {
         let mut all = Vec::new();
         loop {
-            let page = self.persistence.flow_run_history(id, all.len(), PAGE_MAX).await?.ok_or(Error::NotFound(id))?;
+            let page = self
+                .persistence
+                .flow_run_history(id, all.len(), PAGE_MAX)
+                .await?
+                .ok_or(Error::NotFound(id))?;
             if page.is_empty() {
                 break;
             }
@@ -167,8 +191,17 @@ impl Client {
     pub async fn task_history(&self, id: flotilla_runtime::TaskRunId) -> Result<Vec<State>, Error> {
         let mut all = Vec::new();
         loop {
-            let reply = self.persistence.read(Read::TaskRunHistory { run: id, offset: all.len(), limit: PAGE_MAX }).await?;
-            let ReadReply::History(Some(page)) = reply else { break };
+            let reply = self
+                .persistence
+                .read(Read::TaskRunHistory {
+                    run: id,
+                    offset: all.len(),
+                    limit: PAGE_MAX,
+                })
+                .await?;
+            let ReadReply::History(Some(page)) = reply else {
+                break;
+            };
             if page.is_empty() {
                 break;
             }
@@ -182,7 +215,15 @@ impl Client {
         let mut all = Vec::new();
         let mut cursor: Option<LogCursor> = None;
         loop {
-            let ReadReply::Logs { lines, next } = self.persistence.read(Read::Logs { flow_run: id, after: cursor, limit: PAGE_MAX }).await? else {
+            let ReadReply::Logs { lines, next } = self
+                .persistence
+                .read(Read::Logs {
+                    flow_run: id,
+                    after: cursor,
+                    limit: PAGE_MAX,
+                })
+                .await?
+            else {
                 break;
             };
             if lines.is_empty() {
@@ -196,14 +237,22 @@ impl Client {
 
     /// Follows a flow run's events (its own and its task runs') from now on.
     pub fn events(&self, id: FlowRunId) -> RunEvents {
-        RunEvents { rx: self.persistence.subscribe(), resource: format!("flotilla.flow-run.{id}") }
+        RunEvents {
+            rx: self.persistence.subscribe(),
+            resource: format!("flotilla.flow-run.{id}"),
+        }
     }
 
     /// The result of a completed flow run.
     pub async fn result<T: DeserializeOwned>(&self, id: FlowRunId) -> Result<T, Error> {
         let run = self.flow_run(id).await?;
         let no = |reason: String| Error::NoResult { run: id, reason };
-        let r = run.lifecycle.state.result.as_ref().ok_or_else(|| no(format!("it is {}", run.lifecycle.state)))?;
+        let r = run
+            .lifecycle
+            .state
+            .result
+            .as_ref()
+            .ok_or_else(|| no(format!("it is {}", run.lifecycle.state)))?;
         let bytes = self.engine.ctx().results.load(r).map_err(|e| no(e.to_string()))?;
         rmp_serde::from_slice(&bytes).map_err(|e| no(format!("it does not decode as the asked type: {e}")))
     }
@@ -211,21 +260,39 @@ impl Client {
     /// Cancels a flow run: one not yet running ends Cancelled at once; a running one stops its
     /// tasks and ends Cancelled. Returns the state it ends in.
     pub async fn cancel(&self, id: FlowRunId) -> Result<State, Error> {
-        let p = Proposal::new(State::named(StateName::Cancelling, now()), TransitionId::new(now(), &mut rng()));
-        let reply = self.persistence.submit(Command::ProposeFlowRunState { run: id, proposal: p }).await??;
+        let p = Proposal::new(
+            State::named(StateName::Cancelling, now()),
+            TransitionId::new(now(), &mut rng()),
+        );
+        let reply = self
+            .persistence
+            .submit(Command::ProposeFlowRunState { run: id, proposal: p })
+            .await??;
         match reply {
-            Reply::FlowRunTransition { decision: Decision::Accept(s), .. } if s.name == StateName::Cancelling => {
+            Reply::FlowRunTransition {
+                decision: Decision::Accept(s),
+                ..
+            } if s.name == StateName::Cancelling => {
                 self.engine.cancel(id)?;
                 Ok(self.wait(id).await?.lifecycle.state)
             }
-            Reply::FlowRunTransition { decision: Decision::Accept(s) | Decision::Reject(s), .. } => {
+            Reply::FlowRunTransition {
+                decision: Decision::Accept(s) | Decision::Reject(s),
+                ..
+            } => {
                 self.engine.cancel(id)?;
                 Ok(s)
             }
-            Reply::FlowRunTransition { decision: Decision::Abort(reason), .. } => {
-                Err(Error::Refused(flotilla_runtime::Refusal::Invalid(reason.to_string())))
-            }
-            other => Err(Error::NoResult { run: id, reason: format!("unexpected answer {other:?}") }),
+            Reply::FlowRunTransition {
+                decision: Decision::Abort(reason),
+                ..
+            } => Err(Error::Refused(flotilla_runtime::Refusal::Invalid(
+                reason.to_string(),
+            ))),
+            other => Err(Error::NoResult {
+                run: id,
+                reason: format!("unexpected answer {other:?}"),
+            }),
         }
     }
 
@@ -241,13 +308,25 @@ impl Client {
     }
 
     async fn retry_with(&self, id: FlowRunId, force: bool) -> Result<State, Error> {
-        let request = RetryRequest { transition_id: TransitionId::new(now(), &mut rng()), resume: false, force, message: None };
-        match self.persistence.submit(Command::RetryFlowRun { run: id, request }).await?? {
+        let request = RetryRequest {
+            transition_id: TransitionId::new(now(), &mut rng()),
+            resume: false,
+            force,
+            message: None,
+        };
+        match self
+            .persistence
+            .submit(Command::RetryFlowRun { run: id, request })
+            .await??
+        {
             Reply::Retried { state, .. } => {
                 self.engine.run(id)?;
                 Ok(state)
             }
-            other => Err(Error::NoResult { run: id, reason: format!("unexpected answer {other:?}") }),
+            other => Err(Error::NoResult {
+                run: id,
+                reason: format!("unexpected answer {other:?}"),
+            }),
         }
     }
 }

@@ -61,7 +61,10 @@ pub struct TaskHandle<T> {
 
 impl<T> std::fmt::Debug for TaskHandle<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskHandle").field("task", &self.task).field("key", &self.key).finish()
+        f.debug_struct("TaskHandle")
+            .field("task", &self.task)
+            .field("key", &self.key)
+            .finish()
     }
 }
 
@@ -83,7 +86,9 @@ impl<T> TaskHandle<T> {
 
     /// Its outcome so far: None while running, else whether it succeeded.
     pub fn outcome(&self) -> Option<Result<(), TaskError>> {
-        self.shared.peek().map(|r| r.as_ref().map(|_| ()).map_err(Clone::clone))
+        self.shared
+            .peek()
+            .map(|r| r.as_ref().map(|_| ()).map_err(Clone::clone))
     }
 }
 
@@ -92,7 +97,9 @@ impl<T: DeserializeOwned + Send + 'static> IntoFuture for TaskHandle<T> {
     type IntoFuture = TaskFuture<T>;
     fn into_future(self) -> Self::IntoFuture {
         let task = self.task;
-        TaskFuture(Box::pin(self.shared.map(move |r| r.and_then(|bytes| decode(task, &bytes)))))
+        TaskFuture(Box::pin(
+            self.shared.map(move |r| r.and_then(|bytes| decode(task, &bytes))),
+        ))
     }
 }
 

@@ -33,7 +33,10 @@ impl std::fmt::Debug for NodeBuilder {
         f.debug_struct("NodeBuilder")
             .field("data_dir", &self.data_dir)
             .field("name", &self.name)
-            .field("flows", &self.flows.iter().map(|f| f.name().to_owned()).collect::<Vec<_>>())
+            .field(
+                "flows",
+                &self.flows.iter().map(|f| f.name().to_owned()).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -97,7 +100,9 @@ impl NodeBuilder {
     /// Opens the data directory, starts the node and resumes what a previous run of this node
     /// left unfinished.
     pub async fn start(self) -> Result<Node, NodeError> {
-        let dir = self.data_dir.ok_or_else(|| NodeError::Config("a data directory is required: .data_dir(...)".into()))?;
+        let dir = self
+            .data_dir
+            .ok_or_else(|| NodeError::Config("a data directory is required: .data_dir(...)".into()))?;
         let name = self.name.unwrap_or_else(|| "local".to_owned());
         let node: NodeId = name.parse().map_err(|e| NodeError::Config(format!("{e}")))?;
         let mut seen = std::collections::BTreeSet::new();
@@ -139,7 +144,12 @@ impl NodeBuilder {
                 return Err(e.into());
             }
         };
-        Ok(Node { persistence, engine, joins: Some((pjoin, ejoin)), resumed })
+        Ok(Node {
+            persistence,
+            engine,
+            joins: Some((pjoin, ejoin)),
+            resumed,
+        })
     }
 }
 
@@ -147,13 +157,18 @@ impl NodeBuilder {
 pub struct Node {
     persistence: PersistenceHandle,
     engine: EngineHandle,
-    joins: Option<(ractor::concurrency::JoinHandle<()>, ractor::concurrency::JoinHandle<()>)>,
+    joins: Option<(
+        ractor::concurrency::JoinHandle<()>,
+        ractor::concurrency::JoinHandle<()>,
+    )>,
     resumed: Vec<FlowRunId>,
 }
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Node").field("engine", &self.engine).finish_non_exhaustive()
+        f.debug_struct("Node")
+            .field("engine", &self.engine)
+            .finish_non_exhaustive()
     }
 }
 

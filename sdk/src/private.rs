@@ -75,7 +75,10 @@ pub trait FlowDef: Send + Sync + 'static {
 }
 
 fn codec_err(task: &str, what: &str, e: impl std::fmt::Display) -> TaskError {
-    TaskError::Codec { task: task.to_owned(), reason: format!("{what}: {e}") }
+    TaskError::Codec {
+        task: task.to_owned(),
+        reason: format!("{what}: {e}"),
+    }
 }
 
 /// The cache key of a call: the user's, or the task's name plus a hash of its inputs.
@@ -90,7 +93,11 @@ fn cache_key<D: TaskDef>(args: &D::Args, encoded: &[u8]) -> Option<String> {
     })
 }
 
-fn start<D: TaskDef>(env: &FlowEnv, args: D::Args, deps: Vec<Completion>) -> (Option<runtime::TaskRunKey>, SharedResult) {
+fn start<D: TaskDef>(
+    env: &FlowEnv,
+    args: D::Args,
+    deps: Vec<Completion>,
+) -> (Option<runtime::TaskRunKey>, SharedResult) {
     let encoded = match rmp_serde::to_vec_named(&args) {
         Ok(b) => b,
         Err(e) => {
@@ -113,7 +120,8 @@ fn start<D: TaskDef>(env: &FlowEnv, args: D::Args, deps: Vec<Completion>) -> (Op
     let body: TaskBody = Arc::new(move |_attempt| {
         let encoded = encoded.clone();
         Box::pin(async move {
-            let args: D::Args = rmp_serde::from_slice(&encoded).map_err(|e| format!("its arguments do not decode: {e}"))?;
+            let args: D::Args =
+                rmp_serde::from_slice(&encoded).map_err(|e| format!("its arguments do not decode: {e}"))?;
             let out = D::run(args).await?;
             rmp_serde::to_vec_named(&out).map_err(|e| format!("its result cannot be encoded: {e}"))
         })
@@ -132,10 +140,16 @@ fn start<D: TaskDef>(env: &FlowEnv, args: D::Args, deps: Vec<Completion>) -> (Op
     let fut: BoxFuture<Result<Arc<Vec<u8>>, TaskError>> = Box::pin(async move {
         for d in deps {
             if let Err(e) = d.await {
-                return Err(TaskError::UpstreamFailed { task: D::NAME.to_owned(), upstream: e.to_string() });
+                return Err(TaskError::UpstreamFailed {
+                    task: D::NAME.to_owned(),
+                    upstream: e.to_string(),
+                });
             }
         }
-        env.call_with_key(k, spec, body).await.map(Arc::new).map_err(TaskError::from_failure)
+        env.call_with_key(k, spec, body)
+            .await
+            .map(Arc::new)
+            .map_err(TaskError::from_failure)
     });
     (Some(key), fut.shared())
 }
@@ -148,7 +162,10 @@ pub fn call_task<D: TaskDef>(args: D::Args) -> TaskFuture<D::Output> {
             TaskFuture(Box::pin(shared.map(|r| r.and_then(|b| decode(D::NAME, &b)))))
         }
         None => TaskFuture(Box::pin(async move {
-            D::run(args).await.map_err(|message| TaskError::Failed { task: D::NAME.to_owned(), message })
+            D::run(args).await.map_err(|message| TaskError::Failed {
+                task: D::NAME.to_owned(),
+                message,
+            })
         })),
     }
 }
@@ -162,18 +179,31 @@ pub fn submit_task<D: TaskDef>(args: D::Args, deps: Vec<Completion>) -> TaskHand
             let fut = tokio::spawn(async move {
                 for d in deps {
                     if let Err(e) = d.await {
-                        return Err(TaskError::UpstreamFailed { task: D::NAME.to_owned(), upstream: e.to_string() });
+                        return Err(TaskError::UpstreamFailed {
+                            task: D::NAME.to_owned(),
+                            upstream: e.to_string(),
+                        });
                     }
                 }
-                let out = D::run(args).await.map_err(|message| TaskError::Failed { task: D::NAME.to_owned(), message })?;
-                rmp_serde::to_vec_named(&out).map(Arc::new).map_err(|e| codec_err(D::NAME, "its result cannot be encoded", e))
+                let out = D::run(args).await.map_err(|message| TaskError::Failed {
+                    task: D::NAME.to_owned(),
+                    message,
+                })?;
+                rmp_serde::to_vec_named(&out)
+                    .map(Arc::new)
+                    .map_err(|e| codec_err(D::NAME, "its result cannot be encoded", e))
             });
             let fut: BoxFuture<Result<Arc<Vec<u8>>, TaskError>> =
                 Box::pin(fut.map(|r| r.unwrap_or_else(|e| Err(TaskError::Aborted(e.to_string())))));
             (None, fut.shared())
         }
     };
-    TaskHandle { key, task: D::NAME, shared, _t: PhantomData }
+    TaskHandle {
+        key,
+        task: D::NAME,
+        shared,
+        _t: PhantomData,
+    }
 }
 
 /// A flow as the engine sees it.
@@ -201,13 +231,15 @@ impl<D: FlowDef> FlowFn for FlowAdapter<D> {
     }
 
     fn check_params(&self, params: &serde_json::Value) -> Result<(), String> {
-        serde_json::from_value::<D::Params>(params.clone()).map(|_| ()).map_err(|e| format!("flow {}: {e}", D::NAME))
+        serde_json::from_value::<D::Params>(params.clone())
+            .map(|_| ())
+            .map_err(|e| format!("flow {}: {e}", D::NAME))
     }
 
     fn run(&self, env: FlowEnv, params: serde_json::Value) -> BoxFuture<Result<Vec<u8>, String>> {
         Box::pin(async move {
-            let params: D::Params =
-                serde_json::from_value(params).map_err(|e| format!("invalid parameters for flow {}: {e}", D::NAME))?;
+            let params: D::Params = serde_json::from_value(params)
+                .map_err(|e| format!("invalid parameters for flow {}: {e}", D::NAME))?;
             let out = FlowContext::new(env).scope(D::run(params)).await?;
             rmp_serde::to_vec_named(&out).map_err(|e| format!("the flow's result cannot be encoded: {e}"))
         })
@@ -226,10 +258,16 @@ pub fn call_flow<D: FlowDef>(params: D::Params) -> FlowFuture<D::Output> {
                 }
             };
             let call = ctx.env().subflow(Arc::new(FlowAdapter::<D>::default()), json);
-            FlowFuture(Box::pin(call.map(|r| r.map_err(TaskError::from_failure).and_then(|b| decode(D::NAME, &b)))))
+            FlowFuture(Box::pin(call.map(|r| {
+                r.map_err(TaskError::from_failure)
+                    .and_then(|b| decode(D::NAME, &b))
+            })))
         }
         None => FlowFuture(Box::pin(async move {
-            D::run(params).await.map_err(|message| TaskError::Failed { task: D::NAME.to_owned(), message })
+            D::run(params).await.map_err(|message| TaskError::Failed {
+                task: D::NAME.to_owned(),
+                message,
+            })
         })),
     }
 }

@@ -60,7 +60,9 @@ impl Future for TaskCall {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match Pin::new(&mut self.rx).poll(cx) {
             Poll::Ready(Ok(r)) => Poll::Ready(r),
-            Poll::Ready(Err(_)) => Poll::Ready(Err(TaskFailure::Aborted("the flow run's actor stopped".into()))),
+            Poll::Ready(Err(_)) => {
+                Poll::Ready(Err(TaskFailure::Aborted("the flow run's actor stopped".into())))
+            }
             Poll::Pending => Poll::Pending,
         }
     }
@@ -115,14 +117,23 @@ impl FlowEnv {
         let n = counters.entry(task.to_owned()).or_insert(0);
         let call_index = *n;
         *n += 1;
-        TaskRunKey { flow_run: self.inner.flow_run, task_key: task.to_owned(), call_index }
+        TaskRunKey {
+            flow_run: self.inner.flow_run,
+            task_key: task.to_owned(),
+            call_index,
+        }
     }
 
     /// Calls a task under a key reserved earlier.
     pub fn call_with_key(&self, key: TaskRunKey, spec: TaskSpec, body: TaskBody) -> TaskCall {
         let (tx, rx) = oneshot::channel();
         // When the actor is gone the sender is dropped and the call ends as Aborted.
-        let _ = self.inner.actor.cast(FlowRunMsg::Call { key: key.clone(), spec, body, reply: tx });
+        let _ = self.inner.actor.cast(FlowRunMsg::Call {
+            key: key.clone(),
+            spec,
+            body,
+            reply: tx,
+        });
         TaskCall { key, rx }
     }
 
@@ -145,8 +156,19 @@ impl FlowEnv {
             let flow = flow.clone();
             let params = params.clone();
             let idempotency = idempotency.clone();
-            Box::pin(async move { engine.run_subflow(flow, params, attempt.task_run, idempotency).await })
+            Box::pin(async move {
+                engine
+                    .run_subflow(flow, params, attempt.task_run, idempotency)
+                    .await
+            })
         });
-        self.call_with_key(key, TaskSpec { name, ..TaskSpec::default() }, body)
+        self.call_with_key(
+            key,
+            TaskSpec {
+                name,
+                ..TaskSpec::default()
+            },
+            body,
+        )
     }
 }

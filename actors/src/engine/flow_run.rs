@@ -15,19 +15,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_runtime::{
-    ApplyContext, Command, Decision, Epoch, FlowRunId, LogIndex, MemState, NewTaskRun, NodeId, Outcome, Proposal,
-    Refusal, Reply, ResultRef, RetryRequest, RunId, State, StateName, StateType, TaskRunId, TaskRunKey, TransitionId,
-    apply,
+    ApplyContext, Command, Decision, Epoch, FlowRunId, LogIndex, MemState, NewTaskRun, NodeId, Outcome,
+    Proposal, Refusal, Reply, ResultRef, RetryRequest, RunId, State, StateName, StateType, TaskRunId,
+    TaskRunKey, TransitionId, apply_shadow,
 };
 use futures::FutureExt;
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::oneshot;
 
 use super::env::FlowEnv;
 use super::limits::Slots;
-use super::task_run::{AttemptOutcome, TaskRunActor, TaskRunArgs};
+use super::task_run::{AttemptOutcome, TaskRunArgs};
 use super::worker::{EngineCtx, EngineHandle, RunOutcome, WorkerMsg, now};
 use super::{Durability, FlowFn, TaskAttempt, TaskBody, TaskFailure, TaskSpec};
 use crate::persistence::{PersistError, SubmitResult};
@@ -51,6 +51,15 @@ pub enum FlowRunMsg {
     Slots(TaskRunId, Slots),
     /// A task run's retry delay is over.
     Attempt(TaskRunId),
+    /// An attempt's actor started (sent by the spawner).
+    Spawned {
+        /// The task run.
+        task: TaskRunId,
+        /// Which attempt.
+        attempt: u32,
+        /// Its actor.
+        child: ActorCell,
+    },
     /// An attempt ended.
     TaskDone {
         /// The task run.
@@ -91,6 +100,7 @@ impl std::fmt::Debug for FlowRunMsg {
             FlowRunMsg::Slots(t, _) => write!(f, "Slots({t})"),
             FlowRunMsg::Attempt(t) => write!(f, "Attempt({t})"),
             FlowRunMsg::TaskDone { task, attempt, .. } => write!(f, "TaskDone({task}, {attempt})"),
+            FlowRunMsg::Spawned { task, attempt, .. } => write!(f, "Spawned({task}, {attempt})"),
             FlowRunMsg::BodyDone { attempt, .. } => write!(f, "BodyDone({attempt})"),
             FlowRunMsg::FlowTimeout(a) => write!(f, "FlowTimeout({a})"),
             FlowRunMsg::RetryFlow => f.write_str("RetryFlow"),
@@ -136,7 +146,9 @@ struct Outbox {
 impl Outbox {
     fn task(&mut self, run: TaskRunId, create: Option<NewTaskRun>, proposal: Option<Proposal>) {
         if let Some(&i) = self.open.get(&run)
-            && let Some(Command::RecordTaskRun { create: c, proposals, .. }) = self.queue.get_mut(i)
+            && let Some(Command::RecordTaskRun {
+                create: c, proposals, ..
+            }) = self.queue.get_mut(i)
         {
             if c.is_none() {
                 *c = create;
@@ -145,7 +157,11 @@ impl Outbox {
             return;
         }
         self.open.insert(run, self.queue.len());
-        self.queue.push(Command::RecordTaskRun { create, run, proposals: proposal.into_iter().collect() });
+        self.queue.push(Command::RecordTaskRun {
+            create,
+            run,
+            proposals: proposal.into_iter().collect(),
+        });
     }
 
     fn push(&mut self, command: Command) {
@@ -165,6 +181,8 @@ struct TaskRec {
     body: TaskBody,
     waiters: Vec<Waiter>,
     attempt: u32,
+    /// Whether an attempt is under way (it holds one of the run's attempt slots).
+    active: bool,
     child: Option<ActorCell>,
     slots: Option<Slots>,
 }
@@ -197,16 +215,25 @@ pub struct FlowRunState {
     shadow: MemState,
     index: u64,
     tasks: HashMap<TaskRunId, TaskRec>,
+    /// Attempts under way, and task runs waiting for one of those slots.
+    active: usize,
+    ready: std::collections::VecDeque<TaskRunId>,
     children: HashMap<ActorId, (TaskRunId, u32)>,
+    /// Children that failed before the spawner said whose they are.
+    orphans: HashMap<ActorId, String>,
     strict: Vec<(u64, Vec<Waiter>, Vec<u8>)>,
     outbox: Outbox,
     body: Option<tokio::task::JoinHandle<()>>,
     rng: SmallRng,
+    last_task_id: Option<TaskRunId>,
 }
 
 impl std::fmt::Debug for FlowRunState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FlowRunState").field("id", &self.id).field("phase", &self.phase).finish_non_exhaustive()
+        f.debug_struct("FlowRunState")
+            .field("id", &self.id)
+            .field("phase", &self.phase)
+            .finish_non_exhaustive()
     }
 }
 
@@ -218,6 +245,18 @@ enum End {
 }
 
 impl FlowRunState {
+    /// A new task run id, after every earlier one of this run (ids sort in creation order).
+    fn next_task_id(&mut self) -> TaskRunId {
+        let mut id = TaskRunId::new(now(), &mut self.rng);
+        if let Some(last) = self.last_task_id
+            && id <= last
+        {
+            id = TaskRunId::from_uuid(uuid::Uuid::from_u128(last.as_uuid().as_u128().wrapping_add(1)));
+        }
+        self.last_task_id = Some(id);
+        id
+    }
+
     fn tid(&mut self) -> TransitionId {
         TransitionId::new(now(), &mut self.rng)
     }
@@ -225,7 +264,14 @@ impl FlowRunState {
     /// Applies a command to the shadow: the decision the control plane will make.
     fn local(&mut self, command: Command) -> Outcome {
         self.index += 1;
-        apply(&mut self.shadow, command, ApplyContext { index: LogIndex::new(self.index), now: now() })
+        apply_shadow(
+            &mut self.shadow,
+            command,
+            ApplyContext {
+                index: LogIndex::new(self.index),
+                now: now(),
+            },
+        )
     }
 
     fn proposal(&mut self, state: State) -> Proposal {
@@ -236,7 +282,13 @@ impl FlowRunState {
     /// Proposes a task run's transition: decided on the shadow, written behind.
     fn propose_task(&mut self, task: TaskRunId, state: State) -> Decision {
         let p = self.proposal(state);
-        let decision = match self.local(Command::ProposeTaskRunState { run: task, proposal: p.clone() }).reply {
+        let decision = match self
+            .local(Command::ProposeTaskRunState {
+                run: task,
+                proposal: p.clone(),
+            })
+            .reply
+        {
             Ok(Reply::TaskRunTransition { decision, .. }) => decision,
             Ok(other) => Decision::Abort(flotilla_runtime::AbortReason::Invalid {
                 from: StateName::Pending,
@@ -252,10 +304,21 @@ impl FlowRunState {
 
     /// Proposes a flow-level transition and waits for the control plane's answer, after
     /// everything queued before it; the shadow takes the control plane's copy of the run.
-    async fn propose_flow(&mut self, myself: &ActorRef<FlowRunMsg>, state: State) -> Result<Decision, String> {
+    async fn propose_flow(
+        &mut self,
+        myself: &ActorRef<FlowRunMsg>,
+        state: State,
+    ) -> Result<Decision, String> {
         let p = self.proposal(state);
         self.flush(myself, true);
-        let answer = self.ctx.persistence.submit(Command::ProposeFlowRunState { run: self.id, proposal: p }).await;
+        let answer = self
+            .ctx
+            .persistence
+            .submit(Command::ProposeFlowRunState {
+                run: self.id,
+                proposal: p,
+            })
+            .await;
         self.refresh_flow().await;
         match answer {
             Ok(Ok(Reply::FlowRunTransition { decision, .. })) => Ok(decision),
@@ -277,11 +340,29 @@ impl FlowRunState {
         if self.outbox.queue.is_empty() || (self.outbox.in_flight && !force) {
             return;
         }
+        if !force && self.ctx.config.durability == Durability::Strict {
+            // Strict: a task run's earlier transitions ride with its final state, in the batch
+            // whose durability someone waits for (or with a flow-level command).
+            let waited = !self.strict.is_empty()
+                || self
+                    .outbox
+                    .queue
+                    .iter()
+                    .any(|c| !matches!(c, Command::RecordTaskRun { .. }));
+            if !waited {
+                return;
+            }
+        }
         let seq = self.outbox.next_seq;
         self.outbox.next_seq += 1;
         self.outbox.in_flight = true;
         self.outbox.open.clear();
-        let answers: Vec<_> = self.outbox.queue.drain(..).map(|c| self.ctx.persistence.enqueue(c)).collect();
+        let answers: Vec<_> = self
+            .outbox
+            .queue
+            .drain(..)
+            .map(|c| self.ctx.persistence.enqueue(c))
+            .collect();
         let me = myself.clone();
         tokio::spawn(async move {
             let mut results = Vec::with_capacity(answers.len());
@@ -307,9 +388,18 @@ impl FlowRunState {
     }
 
     /// A task call: its recorded result, or a (new or retried) task run.
-    async fn call(&mut self, myself: &ActorRef<FlowRunMsg>, key: TaskRunKey, spec: TaskSpec, body: TaskBody, reply: Waiter) {
+    async fn call(
+        &mut self,
+        myself: &ActorRef<FlowRunMsg>,
+        key: TaskRunKey,
+        spec: TaskSpec,
+        body: TaskBody,
+        reply: Waiter,
+    ) {
         if self.phase != Phase::Running {
-            let _ = reply.send(Err(TaskFailure::Aborted(format!("the flow run is {:?}", self.phase).to_lowercase())));
+            let _ = reply.send(Err(TaskFailure::Aborted(
+                format!("the flow run is {:?}", self.phase).to_lowercase(),
+            )));
             return;
         }
         let id = match self.shadow.hot.task_run_by_key(&key) {
@@ -318,26 +408,44 @@ impl FlowRunState {
                     rec.waiters.push(reply);
                     return;
                 }
-                let Some(run) = self.shadow.hot.task_run(&id) else { return };
+                let Some(run) = self.shadow.hot.task_run(&id) else {
+                    return;
+                };
                 let state = run.lifecycle.state.clone();
                 if state.kind == StateType::Completed {
                     // Recorded: return the result without running the task again.
                     let loaded = state.result.as_ref().map(|r| self.ctx.results.load(r));
                     let result = match loaded {
                         Some(Ok(bytes)) => Ok(bytes),
-                        Some(Err(e)) => Err(TaskFailure::ResultUnreadable { run: id, reason: e.to_string() }),
-                        None => Err(TaskFailure::ResultUnreadable { run: id, reason: "no result was recorded".into() }),
+                        Some(Err(e)) => Err(TaskFailure::ResultUnreadable {
+                            run: id,
+                            reason: e.to_string(),
+                        }),
+                        None => Err(TaskFailure::ResultUnreadable {
+                            run: id,
+                            reason: "no result was recorded".into(),
+                        }),
                     };
                     let _ = reply.send(result);
                     return;
                 }
                 if !state.is_terminal() {
                     // Left running by an earlier attempt of the flow: that attempt is gone.
-                    let crashed = State::named(StateName::Crashed, now()).with_message("its flow run was run again");
+                    let crashed =
+                        State::named(StateName::Crashed, now()).with_message("its flow run was run again");
                     self.propose_task(id, crashed);
                 }
-                let request = RetryRequest { transition_id: self.tid(), resume: false, force: false, message: None };
-                let retry = Command::RetryTaskRun { run: id, request, epoch: self.epoch };
+                let request = RetryRequest {
+                    transition_id: self.tid(),
+                    resume: false,
+                    force: false,
+                    message: None,
+                };
+                let retry = Command::RetryTaskRun {
+                    run: id,
+                    request,
+                    epoch: self.epoch,
+                };
                 if let Err(r) = self.local(retry.clone()).reply {
                     let _ = reply.send(Err(TaskFailure::Aborted(r.to_string())));
                     return;
@@ -346,7 +454,7 @@ impl FlowRunState {
                 id
             }
             None => {
-                let id = TaskRunId::new(now(), &mut self.rng);
+                let id = self.next_task_id();
                 let new = NewTaskRun {
                     id,
                     key,
@@ -365,13 +473,33 @@ impl FlowRunState {
                 id
             }
         };
-        self.tasks.insert(id, TaskRec { spec, body, waiters: vec![reply], attempt: 0, child: None, slots: None });
+        self.tasks.insert(
+            id,
+            TaskRec {
+                spec,
+                body,
+                waiters: vec![reply],
+                attempt: 0,
+                active: false,
+                child: None,
+                slots: None,
+            },
+        );
         self.start_attempt(myself, id).await;
     }
 
+    /// Starts an attempt, or queues it while the run has as many attempts under way as it may.
     async fn start_attempt(&mut self, myself: &ActorRef<FlowRunMsg>, id: TaskRunId) {
-        let Some(rec) = self.tasks.get_mut(&id) else { return };
+        if self.active >= self.ctx.config.task_attempts_in_flight_max.max(1) {
+            self.ready.push_back(id);
+            return;
+        }
+        let Some(rec) = self.tasks.get_mut(&id) else {
+            return;
+        };
         rec.attempt += 1;
+        rec.active = true;
+        self.active += 1;
         if self.ctx.limits.limits_any(&rec.spec.tags) {
             let acquire = self.ctx.limits.acquire(&rec.spec.tags);
             let me = myself.clone();
@@ -394,8 +522,14 @@ impl FlowRunState {
         let decision = self.propose_task(id, State::named(StateName::Running, now()));
         match decision {
             Decision::Accept(_) => {
-                let Some(rec) = self.tasks.get_mut(&id) else { return };
-                let attempt = TaskAttempt { flow_run: self.id, task_run: id, attempt: rec.attempt };
+                let Some(rec) = self.tasks.get_mut(&id) else {
+                    return;
+                };
+                let attempt = TaskAttempt {
+                    flow_run: self.id,
+                    task_run: id,
+                    attempt: rec.attempt,
+                };
                 let args = TaskRunArgs {
                     parent: myself.clone(),
                     attempt,
@@ -405,30 +539,28 @@ impl FlowRunState {
                     results: self.ctx.results.clone(),
                     logs: self.ctx.logs.clone(),
                 };
-                match Actor::spawn_linked(None, TaskRunActor, args, myself.get_cell()).await {
-                    Ok((child, _)) => {
-                        self.children.insert(child.get_id(), (id, attempt.attempt));
-                        if let Some(rec) = self.tasks.get_mut(&id) {
-                            rec.child = Some(child.get_cell());
-                            rec.slots = slots;
-                        }
-                    }
-                    Err(e) => {
-                        let message = format!("cannot start the task run's actor: {e}");
-                        self.attempt_failed(myself, id, attempt.attempt, State::named(StateName::Crashed, now()).with_message(message));
-                    }
-                }
+                rec.slots = slots;
+                self.ctx.spawner.spawn(args, myself.get_cell());
             }
             Decision::Reject(s) if s.name == StateName::Cached => {
                 let result = match s.result.as_ref().map(|r| self.ctx.results.load(r)) {
                     Some(Ok(bytes)) => Ok(bytes),
-                    Some(Err(e)) => Err(TaskFailure::ResultUnreadable { run: id, reason: e.to_string() }),
-                    None => Err(TaskFailure::ResultUnreadable { run: id, reason: "the cache entry has no result".into() }),
+                    Some(Err(e)) => Err(TaskFailure::ResultUnreadable {
+                        run: id,
+                        reason: e.to_string(),
+                    }),
+                    None => Err(TaskFailure::ResultUnreadable {
+                        run: id,
+                        reason: "the cache entry has no result".into(),
+                    }),
                 };
                 self.finish_task(id, result);
             }
-            Decision::Reject(s) => self.finish_task(id, Err(TaskFailure::Aborted(format!("the task run is {s}")))),
+            Decision::Reject(s) => {
+                self.finish_task(id, Err(TaskFailure::Aborted(format!("the task run is {s}"))))
+            }
             Decision::Wait { delay, .. } => {
+                self.end_attempt(id);
                 myself.send_after(delay, move || FlowRunMsg::Attempt(id));
             }
             Decision::Abort(reason) => self.finish_task(id, Err(TaskFailure::Aborted(reason.to_string()))),
@@ -438,21 +570,34 @@ impl FlowRunState {
     /// An attempt failed: the retry policy (on the shadow) says when to try again, or the task
     /// run fails for good.
     fn attempt_failed(&mut self, myself: &ActorRef<FlowRunMsg>, id: TaskRunId, attempt: u32, state: State) {
-        let Some(rec) = self.tasks.get_mut(&id) else { return };
-        if rec.attempt != attempt {
-            return;
+        match self.tasks.get(&id) {
+            Some(rec) if rec.attempt == attempt => {}
+            _ => return,
         }
+        self.end_attempt(id);
+        let Some(rec) = self.tasks.get_mut(&id) else {
+            return;
+        };
         rec.slots = None;
         rec.child = None;
         let name = rec.spec.name.clone();
         let timeout = rec.spec.timeout;
         let failure = match state.name {
-            StateName::TimedOut => TaskFailure::TimedOut { task: name, after: timeout.unwrap_or_default() },
-            _ => TaskFailure::Failed { task: name, message: state.message.clone().unwrap_or_default() },
+            StateName::TimedOut => TaskFailure::TimedOut {
+                task: name,
+                after: timeout.unwrap_or_default(),
+            },
+            _ => TaskFailure::Failed {
+                task: name,
+                message: state.message.clone().unwrap_or_default(),
+            },
         };
         match self.propose_task(id, state) {
             Decision::Reject(s) if s.name == StateName::AwaitingRetry => {
-                let delay = s.details.scheduled_time.map_or(Duration::ZERO, |at| at.saturating_since(now()));
+                let delay = s
+                    .details
+                    .scheduled_time
+                    .map_or(Duration::ZERO, |at| at.saturating_since(now()));
                 if delay.is_zero() {
                     let _ = myself.cast(FlowRunMsg::Attempt(id));
                 } else {
@@ -460,14 +605,39 @@ impl FlowRunState {
                 }
             }
             Decision::Reject(s) if s.kind == StateType::Cancelled => {
-                let task = self.tasks.get(&id).map(|r| r.spec.name.clone()).unwrap_or_default();
+                let task = self
+                    .tasks
+                    .get(&id)
+                    .map(|r| r.spec.name.clone())
+                    .unwrap_or_default();
                 self.finish_task(id, Err(TaskFailure::Cancelled { task }));
             }
             _ => self.finish_task(id, Err(failure)),
         }
     }
 
+    /// An attempt is over: its slot goes to the next queued one.
+    fn end_attempt(&mut self, id: TaskRunId) {
+        if let Some(rec) = self.tasks.get_mut(&id)
+            && rec.active
+        {
+            rec.active = false;
+            self.active = self.active.saturating_sub(1);
+        }
+    }
+
+    /// Starts queued attempts while there are free slots.
+    async fn start_ready(&mut self, myself: &ActorRef<FlowRunMsg>) {
+        while self.active < self.ctx.config.task_attempts_in_flight_max.max(1) {
+            let Some(id) = self.ready.pop_front() else { break };
+            if self.tasks.contains_key(&id) {
+                self.start_attempt(myself, id).await;
+            }
+        }
+    }
+
     fn finish_task(&mut self, id: TaskRunId, result: Result<Vec<u8>, TaskFailure>) {
+        self.end_attempt(id);
         if let Some(rec) = self.tasks.remove(&id) {
             if let Some(child) = &rec.child {
                 self.children.remove(&child.get_id());
@@ -479,8 +649,20 @@ impl FlowRunState {
     fn start_body(&mut self, myself: &ActorRef<FlowRunMsg>) {
         self.attempt += 1;
         let attempt = self.attempt;
-        let params = self.shadow.hot.flow_run(&self.id).map(|r| r.parameters.clone()).unwrap_or_default();
-        let env = FlowEnv::new(self.id, self.flow.name().to_owned(), self.epoch, myself.clone(), params.clone(), self.engine.clone());
+        let params = self
+            .shadow
+            .hot
+            .flow_run(&self.id)
+            .map(|r| r.parameters.clone())
+            .unwrap_or_default();
+        let env = FlowEnv::new(
+            self.id,
+            self.flow.name().to_owned(),
+            self.epoch,
+            myself.clone(),
+            params.clone(),
+            self.engine.clone(),
+        );
         let body = self.flow.run(env, params);
         let body = self.ctx.logs.instrument(body, self.id, None, self.flow.name());
         let me = myself.clone();
@@ -507,7 +689,11 @@ impl FlowRunState {
             if let Some(child) = self.tasks.get(&id).and_then(|r| r.child.clone()) {
                 child.kill();
             }
-            let name = self.tasks.get(&id).map(|r| r.spec.name.clone()).unwrap_or_default();
+            let name = self
+                .tasks
+                .get(&id)
+                .map(|r| r.spec.name.clone())
+                .unwrap_or_default();
             let mut s = state.clone();
             s.timestamp = now();
             self.propose_task(id, s);
@@ -534,17 +720,31 @@ impl FlowRunState {
                     Ok(ResultRef::Inline(copy))
                 };
                 match stored {
-                    Ok(r) => (State::named(StateName::Completed, now()).with_result(r), Some(bytes)),
-                    Err(e) => (State::named(StateName::Failed, now()).with_message(format!("the result could not be stored: {e}")), None),
+                    Ok(r) => (
+                        State::named(StateName::Completed, now()).with_result(r),
+                        Some(bytes),
+                    ),
+                    Err(e) => (
+                        State::named(StateName::Failed, now())
+                            .with_message(format!("the result could not be stored: {e}")),
+                        None,
+                    ),
                 }
             }
             End::Failed(message) => (State::named(StateName::Failed, now()).with_message(message), None),
-            End::TimedOut(after) => (State::named(StateName::TimedOut, now()).with_message(format!("the flow run timed out after {after:?}")), None),
+            End::TimedOut(after) => (
+                State::named(StateName::TimedOut, now())
+                    .with_message(format!("the flow run timed out after {after:?}")),
+                None,
+            ),
         };
         match self.propose_flow(myself, state).await {
             Ok(Decision::Reject(s)) if s.name == StateName::AwaitingRetry => {
                 self.phase = Phase::Retrying;
-                let delay = s.details.scheduled_time.map_or(Duration::ZERO, |at| at.saturating_since(now()));
+                let delay = s
+                    .details
+                    .scheduled_time
+                    .map_or(Duration::ZERO, |at| at.saturating_since(now()));
                 myself.send_after(delay, || FlowRunMsg::RetryFlow);
             }
             Ok(Decision::Accept(s)) | Ok(Decision::Reject(s)) => self.done(myself, s, result),
@@ -571,7 +771,11 @@ impl FlowRunState {
 
     fn done(&mut self, myself: &ActorRef<FlowRunMsg>, state: State, result: Option<Vec<u8>>) {
         self.phase = Phase::Done;
-        let result = if state.kind == StateType::Completed { result } else { None };
+        let result = if state.kind == StateType::Completed {
+            result
+        } else {
+            None
+        };
         if let Some(tx) = self.on_done.take() {
             let _ = tx.send(RunOutcome { state, result });
         }
@@ -599,7 +803,10 @@ impl FlowRunState {
             let problem = match r {
                 Err(e) => Some(e.to_string()),
                 Ok(Err(refusal)) => Some(refusal.to_string()),
-                Ok(Ok(Reply::FlowRunTransition { decision: Decision::Abort(reason), .. })) => Some(reason.to_string()),
+                Ok(Ok(Reply::FlowRunTransition {
+                    decision: Decision::Abort(reason),
+                    ..
+                })) => Some(reason.to_string()),
                 Ok(Ok(Reply::TaskRunRecorded { decisions, .. })) => decisions.iter().find_map(|d| match d {
                     Err(refusal) => Some(refusal.to_string()),
                     Ok(Decision::Abort(reason)) => Some(reason.to_string()),
@@ -620,10 +827,27 @@ impl FlowRunState {
             return Ok(false);
         };
         self.epoch = run.epoch;
-        let claim = Proposal::from_worker(State::named(StateName::Pending, now()), self.tid(), run.epoch, self.node.clone());
-        match p.submit(Command::ProposeFlowRunState { run: self.id, proposal: claim }).await? {
-            Ok(Reply::FlowRunTransition { decision: Decision::Accept(_), .. }) => {}
-            Ok(Reply::FlowRunTransition { decision: Decision::Wait { delay, .. }, .. }) => {
+        let claim = Proposal::from_worker(
+            State::named(StateName::Pending, now()),
+            self.tid(),
+            run.epoch,
+            self.node.clone(),
+        );
+        match p
+            .submit(Command::ProposeFlowRunState {
+                run: self.id,
+                proposal: claim,
+            })
+            .await?
+        {
+            Ok(Reply::FlowRunTransition {
+                decision: Decision::Accept(_),
+                ..
+            }) => {}
+            Ok(Reply::FlowRunTransition {
+                decision: Decision::Wait { delay, .. },
+                ..
+            }) => {
                 // Not due yet: claim it when it is.
                 let me = myself.clone();
                 myself.send_after(delay, move || {
@@ -678,8 +902,13 @@ impl Actor for FlowRunActor {
     type State = FlowRunState;
     type Arguments = FlowRunArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, a: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
-        let seed = now().as_micros() as u64 ^ u64::from_le_bytes(a.id.as_bytes()[8..16].try_into().unwrap_or([7; 8]));
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        a: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let seed = now().as_micros() as u64
+            ^ u64::from_le_bytes(a.id.as_bytes()[8..16].try_into().unwrap_or([7; 8]));
         Ok(FlowRunState {
             id: a.id,
             flow: a.flow,
@@ -695,15 +924,23 @@ impl Actor for FlowRunActor {
             shadow: MemState::new(),
             index: 0,
             tasks: HashMap::new(),
+            active: 0,
+            ready: std::collections::VecDeque::new(),
             children: HashMap::new(),
+            orphans: HashMap::new(),
             strict: Vec::new(),
             outbox: Outbox::default(),
             body: None,
             rng: SmallRng::seed_from_u64(seed),
+            last_task_id: None,
         })
     }
 
-    async fn post_start(&self, myself: ActorRef<Self::Msg>, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         if !s.claim(&myself).await? {
             if s.phase == Phase::Starting && s.outbox.queue.is_empty() {
                 // Either another worker has it, or it is not due yet (a RetryFlow is on its way).
@@ -711,9 +948,15 @@ impl Actor for FlowRunActor {
             return Ok(());
         }
         let running = s.proposal(State::named(StateName::Running, now()));
-        let cmd = Command::ProposeFlowRunState { run: s.id, proposal: running };
+        let cmd = Command::ProposeFlowRunState {
+            run: s.id,
+            proposal: running,
+        };
         match s.local(cmd.clone()).reply {
-            Ok(Reply::FlowRunTransition { decision: Decision::Accept(_), .. }) => {}
+            Ok(Reply::FlowRunTransition {
+                decision: Decision::Accept(_),
+                ..
+            }) => {}
             other => {
                 tracing::warn!(flow_run = %s.id, answer = ?other, "the claimed run cannot start");
                 let current = s.current_state();
@@ -727,9 +970,19 @@ impl Actor for FlowRunActor {
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
-            FlowRunMsg::Call { key, spec, body, reply } => s.call(&myself, key, spec, body, reply).await,
+            FlowRunMsg::Call {
+                key,
+                spec,
+                body,
+                reply,
+            } => s.call(&myself, key, spec, body, reply).await,
             FlowRunMsg::Slots(id, slots) => {
                 if s.tasks.contains_key(&id) && matches!(s.phase, Phase::Running | Phase::Finishing) {
                     s.run_attempt(&myself, id, Some(slots)).await;
@@ -740,7 +993,27 @@ impl Actor for FlowRunActor {
                     s.start_attempt(&myself, id).await;
                 }
             }
-            FlowRunMsg::TaskDone { task, attempt, outcome } => {
+            FlowRunMsg::Spawned { task, attempt, child } => {
+                let current = s.tasks.get(&task).is_some_and(|r| r.attempt == attempt)
+                    && matches!(s.phase, Phase::Running | Phase::Finishing);
+                if !current {
+                    // Its task run finished or was stopped meanwhile.
+                    child.kill();
+                } else if let Some(err) = s.orphans.remove(&child.get_id()) {
+                    let st = State::named(StateName::Failed, now()).with_message(format!("panicked: {err}"));
+                    s.attempt_failed(&myself, task, attempt, st);
+                } else {
+                    s.children.insert(child.get_id(), (task, attempt));
+                    if let Some(rec) = s.tasks.get_mut(&task) {
+                        rec.child = Some(child);
+                    }
+                }
+            }
+            FlowRunMsg::TaskDone {
+                task,
+                attempt,
+                outcome,
+            } => {
                 let current = s.tasks.get(&task).is_some_and(|r| r.attempt == attempt);
                 if current {
                     match outcome {
@@ -752,7 +1025,11 @@ impl Actor for FlowRunActor {
                             match s.propose_task(task, done) {
                                 Decision::Accept(_) => s.finish_task(task, Ok(bytes)),
                                 Decision::Reject(st) if st.kind == StateType::Cancelled => {
-                                    let name = s.tasks.get(&task).map(|r| r.spec.name.clone()).unwrap_or_default();
+                                    let name = s
+                                        .tasks
+                                        .get(&task)
+                                        .map(|r| r.spec.name.clone())
+                                        .unwrap_or_default();
                                     s.finish_task(task, Err(TaskFailure::Cancelled { task: name }));
                                 }
                                 other => s.finish_task(task, Err(TaskFailure::Aborted(format!("{other:?}")))),
@@ -763,11 +1040,13 @@ impl Actor for FlowRunActor {
                             s.attempt_failed(&myself, task, attempt, st);
                         }
                         AttemptOutcome::TimedOut(after) => {
-                            let st = State::named(StateName::TimedOut, now()).with_message(format!("timed out after {after:?}"));
+                            let st = State::named(StateName::TimedOut, now())
+                                .with_message(format!("timed out after {after:?}"));
                             s.attempt_failed(&myself, task, attempt, st);
                         }
                         AttemptOutcome::ResultNotStored(e) => {
-                            let st = State::named(StateName::Failed, now()).with_message(format!("the result could not be stored: {e}"));
+                            let st = State::named(StateName::Failed, now())
+                                .with_message(format!("the result could not be stored: {e}"));
                             s.attempt_failed(&myself, task, attempt, st);
                         }
                     }
@@ -783,8 +1062,11 @@ impl Actor for FlowRunActor {
             FlowRunMsg::FlowTimeout(attempt) => {
                 if attempt == s.attempt && matches!(s.phase, Phase::Running | Phase::Finishing) {
                     let after = s.flow.options().timeout.unwrap_or_default();
-                    let state = State::named(StateName::Crashed, now()).with_message("its flow run timed out");
-                    s.stop_tasks(&state, |task| TaskFailure::Aborted(format!("task {task}: the flow run timed out")));
+                    let state =
+                        State::named(StateName::Crashed, now()).with_message("its flow run timed out");
+                    s.stop_tasks(&state, |task| {
+                        TaskFailure::Aborted(format!("task {task}: the flow run timed out"))
+                    });
                     s.finishing = None;
                     s.phase = Phase::Finishing;
                     s.end(&myself, End::TimedOut(after)).await;
@@ -815,8 +1097,11 @@ impl Actor for FlowRunActor {
                 if !matches!(s.phase, Phase::Done | Phase::Cancelling) {
                     s.phase = Phase::Cancelling;
                     s.refresh_flow().await;
-                    let state = State::named(StateName::Cancelled, now()).with_message("its flow run was cancelled");
-                    s.stop_tasks(&state, |task| TaskFailure::Cancelled { task: task.to_owned() });
+                    let state =
+                        State::named(StateName::Cancelled, now()).with_message("its flow run was cancelled");
+                    s.stop_tasks(&state, |task| TaskFailure::Cancelled {
+                        task: task.to_owned(),
+                    });
                     s.ctx.logs.flush(s.id).await;
                     let cancelled = State::named(StateName::Cancelled, now());
                     match s.propose_flow(&myself, cancelled).await {
@@ -834,7 +1119,9 @@ impl Actor for FlowRunActor {
                     s.outbox.in_flight = false;
                 }
                 let acked = s.outbox.acked;
-                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut s.strict).into_iter().partition(|(q, _, _)| *q < acked);
+                let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut s.strict)
+                    .into_iter()
+                    .partition(|(q, _, _)| *q < acked);
                 s.strict = waiting;
                 for (_, waiters, bytes) in ready {
                     for w in waiters {
@@ -843,6 +1130,9 @@ impl Actor for FlowRunActor {
                 }
                 s.check_written(&myself, &results);
             }
+        }
+        if matches!(s.phase, Phase::Running | Phase::Finishing) {
+            s.start_ready(&myself).await;
         }
         if s.phase == Phase::Finishing && s.tasks.is_empty() && s.strict.is_empty() {
             if let Some(result) = s.finishing.take() {
@@ -865,18 +1155,31 @@ impl Actor for FlowRunActor {
         evt: SupervisionEvent,
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if let SupervisionEvent::ActorFailed(cell, err) = evt
-            && let Some((task, attempt)) = s.children.remove(&cell.get_id())
-        {
-            // A panic in the task's body: a failure like any other, retried by the policy.
-            let st = State::named(StateName::Failed, now()).with_message(format!("panicked: {err}"));
-            s.attempt_failed(&myself, task, attempt, st);
-            s.flush(&myself, false);
+        match evt {
+            SupervisionEvent::ActorFailed(cell, err) => match s.children.remove(&cell.get_id()) {
+                Some((task, attempt)) => {
+                    // A panic in the task's body: a failure like any other, retried by the policy.
+                    let st = State::named(StateName::Failed, now()).with_message(format!("panicked: {err}"));
+                    s.attempt_failed(&myself, task, attempt, st);
+                    s.flush(&myself, false);
+                }
+                None => {
+                    s.orphans.insert(cell.get_id(), err.to_string());
+                }
+            },
+            SupervisionEvent::ActorTerminated(cell, _, _) => {
+                s.children.remove(&cell.get_id());
+            }
+            _ => {}
         }
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(b) = s.body.take() {
             b.abort();
         }

@@ -23,7 +23,10 @@ impl TagLimits {
     /// Limits from tag to slot count.
     pub fn new(limits: &BTreeMap<String, usize>) -> Self {
         TagLimits {
-            sems: limits.iter().map(|(t, n)| (t.clone(), Arc::new(Semaphore::new(*n)))).collect(),
+            sems: limits
+                .iter()
+                .map(|(t, n)| (t.clone(), Arc::new(Semaphore::new(*n))))
+                .collect(),
         }
     }
 

@@ -23,7 +23,6 @@ use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::persistence::PersistenceHandle;
 
-
 #[derive(Clone, Copy, Debug)]
 struct RunIds {
     flow_run: FlowRunId,
@@ -66,10 +65,14 @@ impl<S> Layer<S> for CaptureLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-
     fn on_event(&self, event: &tracing::Event<'_>, ctx: Context<'_, S>) {
-        let Some(scope) = ctx.event_scope(event) else { return };
-        let Some(ids) = scope.from_root().find_map(|span| span.extensions().get::<RunIds>().copied()) else {
+        let Some(scope) = ctx.event_scope(event) else {
+            return;
+        };
+        let Some(ids) = scope
+            .from_root()
+            .find_map(|span| span.extensions().get::<RunIds>().copied())
+        else {
             return;
         };
         let mut v = MessageVisitor::default();
@@ -115,7 +118,12 @@ fn filter(var: &str, default: &str) -> EnvFilter {
 impl LogCapture {
     /// Starts shipping captured lines to `persistence` in batches of at most `batch_max` lines
     /// or every `interval`. Must be called inside a tokio runtime.
-    pub fn start(persistence: PersistenceHandle, batch_max: usize, interval: Duration, to_stderr: bool) -> Self {
+    pub fn start(
+        persistence: PersistenceHandle,
+        batch_max: usize,
+        interval: Duration,
+        to_stderr: bool,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let capture = CaptureLayer { tx: tx.clone() }.with_filter(filter("FLOTILLA_RUN_LOG", "info"));
         let stderr = to_stderr.then(|| {
@@ -162,16 +170,27 @@ impl LogCapture {
     }
 }
 
-async fn ship(mut rx: mpsc::UnboundedReceiver<ShipMsg>, persistence: PersistenceHandle, batch_max: usize, interval: Duration) {
+async fn ship(
+    mut rx: mpsc::UnboundedReceiver<ShipMsg>,
+    persistence: PersistenceHandle,
+    batch_max: usize,
+    interval: Duration,
+) {
     let mut pending: HashMap<FlowRunId, Vec<LogLine>> = HashMap::new();
     let mut rng = SmallRng::seed_from_u64(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64),
     );
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let send = |run: FlowRunId, lines: Vec<LogLine>, rng: &mut SmallRng| {
         let now = Timestamp::from(chrono::Utc::now());
-        let cmd = Command::AppendLogs { batch: LogBatchId::new(now, rng), flow_run: run, lines };
+        let cmd = Command::AppendLogs {
+            batch: LogBatchId::new(now, rng),
+            flow_run: run,
+            lines,
+        };
         // Written behind: a failure is reported by the persistence actor itself.
         drop(persistence.enqueue(cmd));
     };

@@ -58,7 +58,10 @@ impl ResultStore {
             RunId::Task(id) => format!("task-runs/{id}-{attempt}.bin"),
         };
         let path = self.dir.join(&key);
-        let io = |source| ResultError::Io { key: key.clone(), source };
+        let io = |source| ResultError::Io {
+            key: key.clone(),
+            source,
+        };
         let parent = path.parent().unwrap_or(&self.dir);
         fs::create_dir_all(parent).map_err(io)?;
         let tmp = path.with_extension("tmp");
@@ -66,7 +69,11 @@ impl ResultStore {
         f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io)?;
         fs::rename(&tmp, &path).map_err(io)?;
         File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
-        Ok(ResultRef::Stored { crc32: crc32fast::hash(&bytes), size: bytes.len() as u64, key })
+        Ok(ResultRef::Stored {
+            crc32: crc32fast::hash(&bytes),
+            size: bytes.len() as u64,
+            key,
+        })
     }
 
     /// Reads a result back, checking its size and checksum.
@@ -74,14 +81,25 @@ impl ResultStore {
         match r {
             ResultRef::Inline(b) => Ok(b.clone()),
             ResultRef::Stored { key, size, crc32 } => {
-                let damaged = |reason: String| ResultError::Damaged { key: key.clone(), reason };
+                let damaged = |reason: String| ResultError::Damaged {
+                    key: key.clone(),
+                    reason,
+                };
                 let rel = Path::new(key);
                 if !rel.components().all(|c| matches!(c, Component::Normal(_))) {
-                    return Err(damaged("the key is not a relative path inside the result directory".into()));
+                    return Err(damaged(
+                        "the key is not a relative path inside the result directory".into(),
+                    ));
                 }
-                let bytes = fs::read(self.dir.join(rel)).map_err(|source| ResultError::Io { key: key.clone(), source })?;
+                let bytes = fs::read(self.dir.join(rel)).map_err(|source| ResultError::Io {
+                    key: key.clone(),
+                    source,
+                })?;
                 if bytes.len() as u64 != *size {
-                    return Err(damaged(format!("{} bytes where {size} were written", bytes.len())));
+                    return Err(damaged(format!(
+                        "{} bytes where {size} were written",
+                        bytes.len()
+                    )));
                 }
                 if crc32fast::hash(&bytes) != *crc32 {
                     return Err(damaged("checksum mismatch".into()));
@@ -108,14 +126,20 @@ mod tests {
         assert!(matches!(big, ResultRef::Stored { size: 100, .. }));
         assert_eq!(store.load(&big).unwrap(), vec![7; 100]);
         // Damage is detected and said.
-        let ResultRef::Stored { key, .. } = &big else { unreachable!() };
+        let ResultRef::Stored { key, .. } = &big else {
+            unreachable!()
+        };
         fs::write(dir.path().join(key), vec![8; 100]).unwrap();
         let err = store.load(&big).unwrap_err().to_string();
         assert!(err.contains("damaged") && err.contains(key), "{err}");
         fs::remove_file(dir.path().join(key)).unwrap();
         assert!(matches!(store.load(&big), Err(ResultError::Io { .. })));
         // A key that leaves the directory is refused.
-        let evil = ResultRef::Stored { key: "../etc/passwd".into(), size: 1, crc32: 0 };
+        let evil = ResultRef::Stored {
+            key: "../etc/passwd".into(),
+            size: 1,
+            crc32: 0,
+        };
         assert!(matches!(store.load(&evil), Err(ResultError::Damaged { .. })));
     }
 }

@@ -56,7 +56,10 @@ pub struct TaskRunArgs {
 
 impl std::fmt::Debug for TaskRunArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TaskRunArgs").field("attempt", &self.attempt).field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("TaskRunArgs")
+            .field("attempt", &self.attempt)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -65,13 +68,23 @@ impl Actor for TaskRunActor {
     type State = TaskRunArgs;
     type Arguments = TaskRunArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         Ok(args)
     }
 
-    async fn post_start(&self, myself: ActorRef<Self::Msg>, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         let a = s.attempt;
-        let fut = s.logs.instrument((s.body)(a), a.flow_run, Some(a.task_run), &s.name);
+        let fut = s
+            .logs
+            .instrument((s.body)(a), a.flow_run, Some(a.task_run), &s.name);
         let finished = match s.timeout {
             Some(t) => tokio::time::timeout(t, fut).await.ok(),
             None => Some(fut.await),
@@ -81,7 +94,11 @@ impl Actor for TaskRunActor {
             Some(Err(message)) => AttemptOutcome::Failed(message),
             None => AttemptOutcome::TimedOut(s.timeout.unwrap_or_default()),
         };
-        let _ = s.parent.cast(FlowRunMsg::TaskDone { task: a.task_run, attempt: a.attempt, outcome });
+        let _ = s.parent.cast(FlowRunMsg::TaskDone {
+            task: a.task_run,
+            attempt: a.attempt,
+            outcome,
+        });
         myself.stop(None);
         Ok(())
     }
@@ -98,5 +115,59 @@ async fn store(results: &ResultStore, a: TaskAttempt, bytes: Vec<u8>) -> Attempt
         Ok(Ok(r)) => AttemptOutcome::Done(r, bytes),
         Ok(Err(e)) => AttemptOutcome::ResultNotStored(e.to_string()),
         Err(e) => AttemptOutcome::ResultNotStored(e.to_string()),
+    }
+}
+
+/// Starts task-run actors off the flow run actor's path: the flow run asks, the spawner
+/// starts the actor (linked to the flow run, its supervisor) and tells the flow run which
+/// actor it is. Spawning costs more than everything else a flow run does per task.
+#[derive(Debug, Clone)]
+pub struct Spawner {
+    tx: tokio::sync::mpsc::UnboundedSender<(TaskRunArgs, ractor::ActorCell)>,
+}
+
+impl Spawner {
+    /// Starts the spawner's loop (inside a tokio runtime).
+    pub fn start() -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(TaskRunArgs, ractor::ActorCell)>();
+        tokio::spawn(async move {
+            while let Some((args, supervisor)) = rx.recv().await {
+                let parent = args.parent.clone();
+                let a = args.attempt;
+                match ractor::ActorRuntime::spawn_linked_instant(None, TaskRunActor, args, supervisor) {
+                    Ok((child, _)) => {
+                        let _ = parent.cast(FlowRunMsg::Spawned {
+                            task: a.task_run,
+                            attempt: a.attempt,
+                            child: child.get_cell(),
+                        });
+                    }
+                    Err(e) => {
+                        let outcome =
+                            AttemptOutcome::Failed(format!("the task run's actor could not start: {e}"));
+                        let _ = parent.cast(FlowRunMsg::TaskDone {
+                            task: a.task_run,
+                            attempt: a.attempt,
+                            outcome,
+                        });
+                    }
+                }
+            }
+        });
+        Spawner { tx }
+    }
+
+    /// Asks for an attempt's actor, supervised by `supervisor`.
+    pub fn spawn(&self, args: TaskRunArgs, supervisor: ractor::ActorCell) {
+        let parent = args.parent.clone();
+        let a = args.attempt;
+        if self.tx.send((args, supervisor)).is_err() {
+            let outcome = AttemptOutcome::Failed("the engine is stopping".into());
+            let _ = parent.cast(FlowRunMsg::TaskDone {
+                task: a.task_run,
+                attempt: a.attempt,
+                outcome,
+            });
+        }
     }
 }

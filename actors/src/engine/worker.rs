@@ -6,12 +6,12 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use flotilla_runtime::{
-    Command, FlowRunId, NewFlowRun, Proposal, Reply, RetryRequest, State, StateName, StateType, TaskRunId, Timestamp,
-    TransitionId,
+    Command, FlowRunId, NewFlowRun, Proposal, Reply, RetryRequest, State, StateName, StateType, TaskRunId,
+    Timestamp, TransitionId,
 };
+use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
-use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 use tokio::sync::oneshot;
 
 use super::flow_run::{FlowRunActor, FlowRunArgs, FlowRunMsg};
@@ -43,6 +43,8 @@ pub struct EngineCtx {
     pub limits: TagLimits,
     /// Log capture.
     pub logs: LogCapture,
+    /// Starts task-run actors.
+    pub spawner: super::task_run::Spawner,
 }
 
 pub(crate) fn now() -> Timestamp {
@@ -102,7 +104,10 @@ pub struct WorkerState {
 
 impl std::fmt::Debug for WorkerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WorkerState").field("running", &self.running.len()).field("queued", &self.queue.len()).finish()
+        f.debug_struct("WorkerState")
+            .field("running", &self.running.len())
+            .field("queued", &self.queue.len())
+            .finish()
     }
 }
 
@@ -168,7 +173,11 @@ impl Actor for Worker {
     type State = WorkerState;
     type Arguments = WorkerArgs;
 
-    async fn pre_start(&self, _myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         Ok(WorkerState {
             ctx: args.ctx,
             flows: args.flows,
@@ -179,12 +188,25 @@ impl Actor for Worker {
         })
     }
 
-    async fn post_start(&self, myself: ActorRef<Self::Msg>, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
-        state.handle = Some(EngineHandle { worker: myself, ctx: state.ctx.clone(), flows: Arc::new(state.flows.clone()) });
+    async fn post_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.handle = Some(EngineHandle {
+            worker: myself,
+            ctx: state.ctx.clone(),
+            flows: Arc::new(state.flows.clone()),
+        });
         Ok(())
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: Self::Msg, state: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::Run(id) => {
                 if state.running.contains_key(&id) || state.queue.contains(&id) {
@@ -193,7 +215,9 @@ impl Actor for Worker {
                 state.queue.push_back(id);
                 state.start_queued(&myself).await;
             }
-            WorkerMsg::RunChild(id, flow, done) => state.spawn(&myself, id, Some(flow), Some(done), false).await,
+            WorkerMsg::RunChild(id, flow, done) => {
+                state.spawn(&myself, id, Some(flow), Some(done), false).await
+            }
             WorkerMsg::Cancel(id) => {
                 if let Some(actor) = state.running.get(&id) {
                     let _ = actor.cast(FlowRunMsg::Cancel);
@@ -228,14 +252,22 @@ impl Actor for Worker {
             SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
             _ => return Ok(()),
         };
-        let Some(id) = state.actors.remove(&cell.get_id()) else { return Ok(()) };
+        let Some(id) = state.actors.remove(&cell.get_id()) else {
+            return Ok(());
+        };
         if let Some(reason) = failure {
             // A bug in the engine, not in user code: the run crashes, the node goes on.
             tracing::error!(flow_run = %id, %reason, "the flow run's actor failed");
             let mut rng = SmallRng::seed_from_u64(now().as_micros() as u64);
-            let crashed = State::named(StateName::Crashed, now()).with_message(format!("the engine failed: {reason}"));
+            let crashed =
+                State::named(StateName::Crashed, now()).with_message(format!("the engine failed: {reason}"));
             let p = Proposal::new(crashed, TransitionId::new(now(), &mut rng));
-            drop(state.ctx.persistence.enqueue(Command::ProposeFlowRunState { run: id, proposal: p }));
+            drop(
+                state
+                    .ctx
+                    .persistence
+                    .enqueue(Command::ProposeFlowRunState { run: id, proposal: p }),
+            );
         }
         if state.running.remove(&id).is_some() {
             state.start_queued(&myself).await;
@@ -254,7 +286,9 @@ pub struct EngineHandle {
 
 impl std::fmt::Debug for EngineHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EngineHandle").field("worker", &self.worker.get_id()).finish_non_exhaustive()
+        f.debug_struct("EngineHandle")
+            .field("worker", &self.worker.get_id())
+            .finish_non_exhaustive()
     }
 }
 
@@ -279,19 +313,40 @@ pub async fn start(
     persistence: PersistenceHandle,
     flows: Vec<Arc<dyn FlowFn>>,
 ) -> Result<(EngineHandle, ractor::concurrency::JoinHandle<()>), EngineError> {
-    let logs = LogCapture::start(persistence.clone(), config.log_batch_lines_max, config.log_flush_interval, config.log_to_stderr);
+    let logs = LogCapture::start(
+        persistence.clone(),
+        config.log_batch_lines_max,
+        config.log_flush_interval,
+        config.log_to_stderr,
+    );
     let ctx = Arc::new(EngineCtx {
         results: ResultStore::new(config.results_dir.clone(), config.result_inline_bytes_max),
         limits: TagLimits::new(&config.tag_limits),
         config,
         persistence,
         logs,
+        spawner: super::task_run::Spawner::start(),
     });
-    let flows: HashMap<String, Arc<dyn FlowFn>> = flows.into_iter().map(|f| (f.name().to_owned(), f)).collect();
-    let (worker, join) = Actor::spawn(None, Worker, WorkerArgs { ctx: ctx.clone(), flows: flows.clone() })
-        .await
-        .map_err(|e| EngineError::Start(e.to_string()))?;
-    Ok((EngineHandle { worker, ctx, flows: Arc::new(flows) }, join))
+    let flows: HashMap<String, Arc<dyn FlowFn>> =
+        flows.into_iter().map(|f| (f.name().to_owned(), f)).collect();
+    let (worker, join) = Actor::spawn(
+        None,
+        Worker,
+        WorkerArgs {
+            ctx: ctx.clone(),
+            flows: flows.clone(),
+        },
+    )
+    .await
+    .map_err(|e| EngineError::Start(e.to_string()))?;
+    Ok((
+        EngineHandle {
+            worker,
+            ctx,
+            flows: Arc::new(flows),
+        },
+        join,
+    ))
 }
 
 impl EngineHandle {
@@ -319,18 +374,24 @@ impl EngineHandle {
 
     /// Has the worker run a flow run (claim it, run it) when a slot is free.
     pub fn run(&self, id: FlowRunId) -> Result<(), EngineError> {
-        self.worker.cast(WorkerMsg::Run(id)).map_err(|_| EngineError::Stopped)
+        self.worker
+            .cast(WorkerMsg::Run(id))
+            .map_err(|_| EngineError::Stopped)
     }
 
     /// Has the worker cancel a flow run that runs here.
     pub fn cancel(&self, id: FlowRunId) -> Result<(), EngineError> {
-        self.worker.cast(WorkerMsg::Cancel(id)).map_err(|_| EngineError::Stopped)
+        self.worker
+            .cast(WorkerMsg::Cancel(id))
+            .map_err(|_| EngineError::Stopped)
     }
 
     /// How many flow runs run and wait on this node.
     pub async fn load(&self) -> Result<(usize, usize), EngineError> {
         let (tx, rx) = oneshot::channel();
-        self.worker.cast(WorkerMsg::Load(tx)).map_err(|_| EngineError::Stopped)?;
+        self.worker
+            .cast(WorkerMsg::Load(tx))
+            .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)
     }
 
@@ -351,7 +412,8 @@ impl EngineHandle {
         idempotency_key: String,
     ) -> Result<Vec<u8>, String> {
         let p = &self.ctx.persistence;
-        let mut rng = SmallRng::seed_from_u64(now().as_micros() as u64 ^ u64::from_le_bytes([1, 2, 3, 4, 5, 6, 7, 8]));
+        let mut rng =
+            SmallRng::seed_from_u64(now().as_micros() as u64 ^ u64::from_le_bytes([1, 2, 3, 4, 5, 6, 7, 8]));
         let options = flow.options();
         let create = Command::CreateFlowRun(NewFlowRun {
             id: FlowRunId::new(now(), &mut rng),
@@ -374,7 +436,12 @@ impl EngineHandle {
         };
         match run.lifecycle.state.kind {
             StateType::Completed => {
-                let result = run.lifecycle.state.result.as_ref().ok_or("the completed subflow run has no result")?;
+                let result = run
+                    .lifecycle
+                    .state
+                    .result
+                    .as_ref()
+                    .ok_or("the completed subflow run has no result")?;
                 return self.ctx.results.load(result).map_err(|e| e.to_string());
             }
             k if k.is_terminal() => {
@@ -393,14 +460,22 @@ impl EngineHandle {
             _ => {}
         }
         let (tx, rx) = oneshot::channel();
-        self.worker.cast(WorkerMsg::RunChild(run.id, flow, tx)).map_err(|_| "the engine is not running".to_owned())?;
-        let outcome = rx.await.map_err(|_| "the subflow run's actor stopped".to_owned())?;
+        self.worker
+            .cast(WorkerMsg::RunChild(run.id, flow, tx))
+            .map_err(|_| "the engine is not running".to_owned())?;
+        let outcome = rx
+            .await
+            .map_err(|_| "the subflow run's actor stopped".to_owned())?;
         match (outcome.state.kind, outcome.result) {
             (StateType::Completed, Some(bytes)) => Ok(bytes),
             (kind, _) => Err(format!(
                 "subflow {} ended {kind}{}",
                 run.flow_name,
-                outcome.state.message.map(|m| format!(": {m}")).unwrap_or_default()
+                outcome
+                    .state
+                    .message
+                    .map(|m| format!(": {m}"))
+                    .unwrap_or_default()
             )),
         }
     }
@@ -414,14 +489,23 @@ impl EngineHandle {
         let p = &self.ctx.persistence;
         let node = self.ctx.config.node.clone();
         let key = format!("crash/{node}/{}", now());
-        let crashed = match p.submit(Command::MarkNodeCrashed { node, message: "its node restarted".into(), key }).await? {
+        let crashed = match p
+            .submit(Command::MarkNodeCrashed {
+                node,
+                message: "its node restarted".into(),
+                key,
+            })
+            .await?
+        {
             Ok(Reply::NodeCrashed { crashed, .. }) => crashed,
             _ => Vec::new(),
         };
         let mut rng = SmallRng::seed_from_u64(now().as_micros() as u64);
         let mut resumed = Vec::new();
         for id in crashed {
-            let Some(run) = p.flow_run(id).await? else { continue };
+            let Some(run) = p.flow_run(id).await? else {
+                continue;
+            };
             if !run.resume || run.parent_task_run.is_some() || !self.runs_flow(&run.flow_name) {
                 continue;
             }
@@ -438,11 +522,17 @@ impl EngineHandle {
         }
         let mut after = None;
         loop {
-            let page = p.flow_runs(RunFilter::State(StateType::Scheduled), after, 500).await?;
+            let page = p
+                .flow_runs(RunFilter::State(StateType::Scheduled), after, 500)
+                .await?;
             let Some(last) = page.last() else { break };
             after = Some(last.id);
             for run in page {
-                if run.parent_task_run.is_none() && run.owner.is_none() && self.runs_flow(&run.flow_name) && !resumed.contains(&run.id) {
+                if run.parent_task_run.is_none()
+                    && run.owner.is_none()
+                    && self.runs_flow(&run.flow_name)
+                    && !resumed.contains(&run.id)
+                {
                     self.run(run.id)?;
                 }
             }

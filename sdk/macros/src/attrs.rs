@@ -38,7 +38,17 @@ impl Kind {
                 "refresh_cache",
                 "tags",
             ],
-            Kind::Flow => &["name", "retries", "retry_delay", "retry_delays", "backoff", "jitter", "timeout", "version", "resume"],
+            Kind::Flow => &[
+                "name",
+                "retries",
+                "retry_delay",
+                "retry_delays",
+                "backoff",
+                "jitter",
+                "timeout",
+                "version",
+                "resume",
+            ],
         }
     }
 }
@@ -70,41 +80,65 @@ fn err(span: Span, msg: impl std::fmt::Display) -> syn::Error {
 fn lit_str(e: &Expr, what: &str) -> syn::Result<String> {
     match e {
         Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Ok(s.value()),
-        _ => Err(err(e.span(), format!("`{what}` takes a string, e.g. {what} = \"...\""))),
+        _ => Err(err(
+            e.span(),
+            format!("`{what}` takes a string, e.g. {what} = \"...\""),
+        )),
     }
 }
 
 fn duration_ms(e: &Expr, what: &str) -> syn::Result<u64> {
     let s = match e {
         Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => s.value(),
-        _ => return Err(err(e.span(), format!("`{what}` takes a duration string, e.g. {what} = \"30s\" (units: ms, s, m, h, d)"))),
+        _ => {
+            return Err(err(
+                e.span(),
+                format!("`{what}` takes a duration string, e.g. {what} = \"30s\" (units: ms, s, m, h, d)"),
+            ));
+        }
     };
-    let d = humantime::parse_duration(&s)
-        .map_err(|x| err(e.span(), format!("`{what} = \"{s}\"` is not a duration ({x}); write e.g. \"500ms\", \"30s\", \"1m\", \"1h\"")))?;
+    let d = humantime::parse_duration(&s).map_err(|x| {
+        err(
+            e.span(),
+            format!(
+                "`{what} = \"{s}\"` is not a duration ({x}); write e.g. \"500ms\", \"30s\", \"1m\", \"1h\""
+            ),
+        )
+    })?;
     u64::try_from(d.as_millis()).map_err(|_| err(e.span(), format!("`{what}` is too long")))
 }
 
 fn int(e: &Expr, what: &str) -> syn::Result<u32> {
     match e {
-        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => {
-            i.base10_parse().map_err(|_| err(e.span(), format!("`{what}` takes a whole number")))
-        }
-        _ => Err(err(e.span(), format!("`{what}` takes a whole number, e.g. {what} = 3"))),
+        Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i
+            .base10_parse()
+            .map_err(|_| err(e.span(), format!("`{what}` takes a whole number"))),
+        _ => Err(err(
+            e.span(),
+            format!("`{what}` takes a whole number, e.g. {what} = 3"),
+        )),
     }
 }
 
 fn float(e: &Expr, what: &str) -> syn::Result<f64> {
     match e {
-        Expr::Lit(ExprLit { lit: Lit::Float(f), .. }) => f.base10_parse(),
+        Expr::Lit(ExprLit {
+            lit: Lit::Float(f), ..
+        }) => f.base10_parse(),
         Expr::Lit(ExprLit { lit: Lit::Int(i), .. }) => i.base10_parse::<u32>().map(f64::from),
-        _ => Err(err(e.span(), format!("`{what}` takes a number, e.g. {what} = 0.5"))),
+        _ => Err(err(
+            e.span(),
+            format!("`{what}` takes a number, e.g. {what} = 0.5"),
+        )),
     }
     .map_err(|_| err(e.span(), format!("`{what}` takes a number, e.g. {what} = 0.5")))
 }
 
 fn boolean(e: &Expr, what: &str) -> syn::Result<bool> {
     match e {
-        Expr::Lit(ExprLit { lit: Lit::Bool(b), .. }) => Ok(b.value),
+        Expr::Lit(ExprLit {
+            lit: Lit::Bool(b), ..
+        }) => Ok(b.value),
         _ => Err(err(e.span(), format!("`{what}` takes `true` or `false`"))),
     }
 }
@@ -112,13 +146,19 @@ fn boolean(e: &Expr, what: &str) -> syn::Result<bool> {
 fn strings(e: &Expr, what: &str) -> syn::Result<Vec<String>> {
     match e {
         Expr::Array(a) => a.elems.iter().map(|x| lit_str(x, what)).collect(),
-        _ => Err(err(e.span(), format!("`{what}` takes a list of strings, e.g. {what} = [\"a\", \"b\"]"))),
+        _ => Err(err(
+            e.span(),
+            format!("`{what}` takes a list of strings, e.g. {what} = [\"a\", \"b\"]"),
+        )),
     }
 }
 
 fn backoff(e: &Expr) -> syn::Result<TokenStream> {
-    let usage = "`backoff` takes `exponential(factor = 2, max = \"1m\")` (and `retry_delay` for the first delay)";
-    let Expr::Call(call) = e else { return Err(err(e.span(), usage)) };
+    let usage =
+        "`backoff` takes `exponential(factor = 2, max = \"1m\")` (and `retry_delay` for the first delay)";
+    let Expr::Call(call) = e else {
+        return Err(err(e.span(), usage));
+    };
     match &*call.func {
         Expr::Path(p) if p.path.is_ident("exponential") => {}
         _ => return Err(err(call.func.span(), usage)),
@@ -126,8 +166,12 @@ fn backoff(e: &Expr) -> syn::Result<TokenStream> {
     let mut factor = 2.0;
     let mut max_ms: u64 = 3_600_000;
     for arg in &call.args {
-        let Expr::Assign(a) = arg else { return Err(err(arg.span(), usage)) };
-        let Expr::Path(k) = &*a.left else { return Err(err(a.left.span(), usage)) };
+        let Expr::Assign(a) = arg else {
+            return Err(err(arg.span(), usage));
+        };
+        let Expr::Path(k) = &*a.left else {
+            return Err(err(a.left.span(), usage));
+        };
         if k.path.is_ident("factor") {
             factor = float(&a.right, "factor")?;
             if factor < 1.0 {
@@ -153,29 +197,30 @@ pub fn parse(kind: Kind, attr: TokenStream) -> syn::Result<Options> {
         let (key, value) = match &meta {
             Meta::NameValue(nv) => (nv.path.clone(), nv.value.clone()),
             Meta::Path(p) => {
-                return Err(err(p.span(), format!(
-                    "`{}` needs a value, e.g. `{} = ...`",
-                    quote!(#p),
-                    quote!(#p)
-                )));
+                return Err(err(
+                    p.span(),
+                    format!("`{}` needs a value, e.g. `{} = ...`", quote!(#p), quote!(#p)),
+                ));
             }
             Meta::List(l) => {
-                return Err(err(l.span(), format!(
-                    "write `{} = ...` inside #[{}(...)]",
-                    quote!(#l.path),
-                    kind.name()
-                )));
+                return Err(err(
+                    l.span(),
+                    format!("write `{} = ...` inside #[{}(...)]", quote!(#l.path), kind.name()),
+                ));
             }
         };
         let Some(ident) = key.get_ident().map(|i| i.to_string()) else {
             return Err(err(key.span(), "expected a plain option name"));
         };
         if !kind.known().contains(&ident.as_str()) {
-            return Err(err(key.span(), format!(
-                "unknown #[{}] option `{ident}`; expected one of: {}",
-                kind.name(),
-                kind.known().join(", ")
-            )));
+            return Err(err(
+                key.span(),
+                format!(
+                    "unknown #[{}] option `{ident}`; expected one of: {}",
+                    kind.name(),
+                    kind.known().join(", ")
+                ),
+            ));
         }
         match ident.as_str() {
             "name" => {
@@ -189,12 +234,20 @@ pub fn parse(kind: Kind, attr: TokenStream) -> syn::Result<Options> {
             "retry_delay" => base_delay_ms = Some(duration_ms(&value, "retry_delay")?),
             "retry_delays" => {
                 let Expr::Array(a) = &value else {
-                    return Err(err(value.span(), "`retry_delays` takes a list, e.g. [\"1s\", \"10s\", \"1m\"]"));
+                    return Err(err(
+                        value.span(),
+                        "`retry_delays` takes a list, e.g. [\"1s\", \"10s\", \"1m\"]",
+                    ));
                 };
                 if a.elems.is_empty() {
                     return Err(err(value.span(), "`retry_delays` needs at least one delay"));
                 }
-                delay_list = Some(a.elems.iter().map(|x| duration_ms(x, "retry_delays")).collect::<syn::Result<_>>()?);
+                delay_list = Some(
+                    a.elems
+                        .iter()
+                        .map(|x| duration_ms(x, "retry_delays"))
+                        .collect::<syn::Result<_>>()?,
+                );
             }
             "backoff" => exp = Some(backoff(&value)?),
             "jitter" => {
@@ -212,7 +265,10 @@ pub fn parse(kind: Kind, attr: TokenStream) -> syn::Result<Options> {
                     o.cache = true;
                 }
                 _ => {
-                    return Err(err(value.span(), "`cache_key` takes the path of a function, e.g. cache_key = my_key (it gets the task's arguments by reference and returns a String)"));
+                    return Err(err(
+                        value.span(),
+                        "`cache_key` takes the path of a function, e.g. cache_key = my_key (it gets the task's arguments by reference and returns a String)",
+                    ));
                 }
             },
             "cache_expiration" => {
@@ -227,11 +283,16 @@ pub fn parse(kind: Kind, attr: TokenStream) -> syn::Result<Options> {
         }
     }
     if delay_list.is_some() && (base_delay_ms.is_some() || exp.is_some()) {
-        return Err(err(Span::call_site(), "give either `retry_delays` or `retry_delay` (with an optional `backoff`), not both"));
+        return Err(err(
+            Span::call_site(),
+            "give either `retry_delays` or `retry_delay` (with an optional `backoff`), not both",
+        ));
     }
     let rt = quote!(::flotilla::__private::runtime);
     o.delay = match (delay_list, base_delay_ms, exp) {
-        (Some(list), _, _) => Some(quote!(#rt::RetryDelay::List(vec![#(::std::time::Duration::from_millis(#list)),*]))),
+        (Some(list), _, _) => {
+            Some(quote!(#rt::RetryDelay::List(vec![#(::std::time::Duration::from_millis(#list)),*])))
+        }
         (None, base, Some(e)) => {
             let base = base.unwrap_or(1000);
             Some(quote!({
@@ -243,7 +304,9 @@ pub fn parse(kind: Kind, attr: TokenStream) -> syn::Result<Options> {
                 }
             }))
         }
-        (None, Some(base), None) => Some(quote!(#rt::RetryDelay::Fixed(::std::time::Duration::from_millis(#base)))),
+        (None, Some(base), None) => {
+            Some(quote!(#rt::RetryDelay::Fixed(::std::time::Duration::from_millis(#base))))
+        }
         (None, None, None) => None,
     };
     Ok(o)

@@ -28,13 +28,18 @@ fn check(kind: Kind, f: &ItemFn) -> syn::Result<Signature> {
     if f.sig.asyncness.is_none() {
         return Err(syn::Error::new(
             f.sig.fn_token.span(),
-            format!("#[{what}] goes on an `async fn`: write `async fn {}(...)`", f.sig.ident),
+            format!(
+                "#[{what}] goes on an `async fn`: write `async fn {}(...)`",
+                f.sig.ident
+            ),
         ));
     }
     if !f.sig.generics.params.is_empty() || f.sig.generics.where_clause.is_some() {
         return Err(syn::Error::new(
             f.sig.generics.span(),
-            format!("a {what} cannot be generic: its arguments are stored and sent, so give them concrete types"),
+            format!(
+                "a {what} cannot be generic: its arguments are stored and sent, so give them concrete types"
+            ),
         ));
     }
     let mut names = Vec::new();
@@ -42,20 +47,32 @@ fn check(kind: Kind, f: &ItemFn) -> syn::Result<Signature> {
     for arg in &f.sig.inputs {
         match arg {
             FnArg::Receiver(r) => {
-                return Err(syn::Error::new(r.span(), format!("a {what} is a free function; it cannot take `self`")));
+                return Err(syn::Error::new(
+                    r.span(),
+                    format!("a {what} is a free function; it cannot take `self`"),
+                ));
             }
             FnArg::Typed(t) => {
                 let Pat::Ident(id) = &*t.pat else {
-                    return Err(syn::Error::new(t.pat.span(), format!("{what} arguments must be plain names (`x: T`), not patterns")));
+                    return Err(syn::Error::new(
+                        t.pat.span(),
+                        format!("{what} arguments must be plain names (`x: T`), not patterns"),
+                    ));
                 };
                 if let Type::Reference(r) = &*t.ty {
                     return Err(syn::Error::new(
                         r.span(),
-                        format!("{what} arguments are stored and sent, so they must be owned: take `{}` by value", quote!(#r.elem)),
+                        format!(
+                            "{what} arguments are stored and sent, so they must be owned: take `{}` by value",
+                            quote!(#r.elem)
+                        ),
                     ));
                 }
                 if let Type::ImplTrait(i) = &*t.ty {
-                    return Err(syn::Error::new(i.span(), format!("{what} arguments need concrete types, not `impl Trait`")));
+                    return Err(syn::Error::new(
+                        i.span(),
+                        format!("{what} arguments need concrete types, not `impl Trait`"),
+                    ));
                 }
                 names.push(id.ident.clone());
                 types.push((*t.ty).clone());
@@ -82,7 +99,9 @@ fn result_ok(ty: &Type) -> Option<Type> {
     if last.ident != "Result" {
         return None;
     }
-    let PathArguments::AngleBracketed(args) = &last.arguments else { return None };
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
     match args.args.first()? {
         GenericArgument::Type(t) => Some(t.clone()),
         _ => None,
@@ -149,7 +168,9 @@ pub fn task(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         (quote!((#(#types,)*)), quote!(let (#(#names,)*) = item;))
     };
     let arg_span = types.first().map(|t| t.span()).unwrap_or_else(Span::call_site);
-    let arg_checks = types.iter().map(|t| quote::quote_spanned!(t.span()=> __flotilla_is_arg::<#t>();));
+    let arg_checks = types
+        .iter()
+        .map(|t| quote::quote_spanned!(t.span()=> __flotilla_is_arg::<#t>();));
     let ok_check = quote::quote_spanned!(ok.span()=> __flotilla_is_output::<#ok>(););
     let _ = arg_span;
     Ok(quote! {
@@ -273,7 +294,9 @@ pub fn flow(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         None => quote!(None),
     };
     let resume = o.resume.unwrap_or(true);
-    let arg_checks = types.iter().map(|t| quote::quote_spanned!(t.span()=> __flotilla_is_arg::<#t>();));
+    let arg_checks = types
+        .iter()
+        .map(|t| quote::quote_spanned!(t.span()=> __flotilla_is_arg::<#t>();));
     let ok_check = quote::quote_spanned!(ok.span()=> __flotilla_is_arg::<#ok>(););
     Ok(quote! {
         #[allow(non_camel_case_types)]

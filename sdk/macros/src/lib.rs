@@ -11,11 +11,15 @@ use proc_macro::TokenStream;
 /// Makes an `async fn` returning `Result<T, E>` a task. See the `flotilla` crate's docs.
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
-    expand::task(attr.into(), item.into()).unwrap_or_else(|e| e.to_compile_error()).into()
+    expand::task(attr.into(), item.into())
+        .unwrap_or_else(|e| e.to_compile_error())
+        .into()
 }
 
 /// Makes an `async fn` returning `Result<T, E>` a flow. See the `flotilla` crate's docs.
 #[proc_macro_attribute]
 pub fn flow(attr: TokenStream, item: TokenStream) -> TokenStream {
-    expand::flow(attr.into(), item.into()).unwrap_or_else(|e| e.to_compile_error()).into()
+    expand::flow(attr.into(), item.into())
+        .unwrap_or_else(|e| e.to_compile_error())
+        .into()
 }
