@@ -12,13 +12,22 @@ use serde::{Deserialize, Serialize};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-async fn node(dir: &std::path::Path, build: impl FnOnce(flotilla::NodeBuilder) -> flotilla::NodeBuilder) -> Node {
+async fn node(
+    dir: &std::path::Path,
+    build: impl FnOnce(flotilla::NodeBuilder) -> flotilla::NodeBuilder,
+) -> Node {
     let b = Node::builder().data_dir(dir).log_to_stderr(false);
-    tokio::time::timeout(WAIT, build(b).start()).await.expect("start timed out").expect("start failed")
+    tokio::time::timeout(WAIT, build(b).start())
+        .await
+        .expect("start timed out")
+        .expect("start failed")
 }
 
 async fn run(node: &Node, flow: &str, params: serde_json::Value) -> flotilla::FlowRun {
-    tokio::time::timeout(WAIT, node.client().run_and_wait(flow, params)).await.expect("run timed out").expect("run failed")
+    tokio::time::timeout(WAIT, node.client().run_and_wait(flow, params))
+        .await
+        .expect("run timed out")
+        .expect("run failed")
 }
 
 // --- retries, panics, timeouts
@@ -28,7 +37,11 @@ static FLAKY: AtomicU32 = AtomicU32::new(0);
 #[task(retries = 3, retry_delay = "10ms")]
 async fn flaky_twice() -> Result<u32, String> {
     let n = FLAKY.fetch_add(1, Ordering::SeqCst) + 1;
-    if n <= 2 { Err(format!("attempt {n} failed")) } else { Ok(n) }
+    if n <= 2 {
+        Err(format!("attempt {n} failed"))
+    } else {
+        Ok(n)
+    }
 }
 
 static PANICKY: AtomicU32 = AtomicU32::new(0);
@@ -73,27 +86,55 @@ async fn failures_and_panics_are_retried_by_supervision() {
     let node = node(dir.path(), |b| b.flow(supervised).flow(failing).flow(timing_out)).await;
     let client = node.client();
     let r = run(&node, "supervised", serde_json::json!({})).await;
-    assert_eq!(r.lifecycle.state.kind, StateType::Completed, "{}", r.lifecycle.state);
+    assert_eq!(
+        r.lifecycle.state.kind,
+        StateType::Completed,
+        "{}",
+        r.lifecycle.state
+    );
     assert_eq!(client.result::<(u32, u32)>(r.id).await.unwrap(), (3, 7));
     let tasks = client.task_runs(r.id).await.unwrap();
     let flaky = tasks.iter().find(|t| t.key.task_key == "flaky_twice").unwrap();
     assert_eq!(flaky.lifecycle.run_count, 3);
-    let names: Vec<StateName> = client.task_history(flaky.id).await.unwrap().iter().map(|s| s.name).collect();
+    let names: Vec<StateName> = client
+        .task_history(flaky.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.name)
+        .collect();
     assert_eq!(
         names,
-        [StateName::Pending, StateName::Running, StateName::AwaitingRetry, StateName::Retrying, StateName::AwaitingRetry, StateName::Retrying, StateName::Completed]
+        [
+            StateName::Pending,
+            StateName::Running,
+            StateName::AwaitingRetry,
+            StateName::Retrying,
+            StateName::AwaitingRetry,
+            StateName::Retrying,
+            StateName::Completed
+        ]
     );
     let panicky = tasks.iter().find(|t| t.key.task_key == "panics_once").unwrap();
     assert_eq!(panicky.lifecycle.run_count, 2);
     let h = client.task_history(panicky.id).await.unwrap();
-    assert!(h.iter().any(|s| s.message.as_deref().is_some_and(|m| m.contains("panicked") && m.contains("boom"))), "{h:?}");
+    assert!(
+        h.iter().any(|s| s
+            .message
+            .as_deref()
+            .is_some_and(|m| m.contains("panicked") && m.contains("boom"))),
+        "{h:?}"
+    );
 
     // Out of retries: the task fails for good, and so does its flow.
     let r = run(&node, "failing", serde_json::json!({})).await;
     assert_eq!(r.lifecycle.state.kind, StateType::Failed);
     assert!(r.lifecycle.state.message.as_deref().unwrap().contains("nope"));
     let t = &client.task_runs(r.id).await.unwrap()[0];
-    assert_eq!((t.lifecycle.state.kind, t.lifecycle.run_count), (StateType::Failed, 2));
+    assert_eq!(
+        (t.lifecycle.state.kind, t.lifecycle.run_count),
+        (StateType::Failed, 2)
+    );
 
     // A timeout ends as Failed named TimedOut.
     let r = run(&node, "timing_out", serde_json::json!({})).await;
@@ -129,7 +170,12 @@ async fn a_flow_retry_resumes_completed_tasks() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path(), |b| b.flow(resumable)).await;
     let r = run(&node, "resumable", serde_json::json!({})).await;
-    assert_eq!(r.lifecycle.state.kind, StateType::Completed, "{}", r.lifecycle.state);
+    assert_eq!(
+        r.lifecycle.state.kind,
+        StateType::Completed,
+        "{}",
+        r.lifecycle.state
+    );
     assert_eq!(r.lifecycle.run_count, 2);
     // step_a ran once (its recorded result came back on the retry); step_b twice.
     assert_eq!(node.client().result::<(u32, u32)>(r.id).await.unwrap(), (1, 2));
@@ -143,7 +189,11 @@ static MANUAL: AtomicU32 = AtomicU32::new(0);
 
 #[task]
 async fn fails_first_run() -> Result<u32, String> {
-    if MANUAL.fetch_add(1, Ordering::SeqCst) == 0 { Err("not yet".into()) } else { Ok(5) }
+    if MANUAL.fetch_add(1, Ordering::SeqCst) == 0 {
+        Err("not yet".into())
+    } else {
+        Ok(5)
+    }
 }
 
 #[flow]
@@ -160,7 +210,10 @@ async fn a_manual_retry_runs_the_failed_flow_again() {
     assert_eq!(r.lifecycle.state.kind, StateType::Failed);
     let s = client.retry(r.id).await.unwrap();
     assert_eq!(s.name, StateName::AwaitingRetry);
-    let r = tokio::time::timeout(WAIT, client.wait(r.id)).await.unwrap().unwrap();
+    let r = tokio::time::timeout(WAIT, client.wait(r.id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(r.lifecycle.state.kind, StateType::Completed);
     assert_eq!(r.epoch.get(), 2);
     assert_eq!(client.result::<u32>(r.id).await.unwrap(), 5);
@@ -199,13 +252,24 @@ async fn cancelling_stops_the_tasks_and_ends_cancelled() {
             running += 1;
         }
     }
-    let s = tokio::time::timeout(WAIT, client.cancel(id)).await.unwrap().unwrap();
+    let s = tokio::time::timeout(WAIT, client.cancel(id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(s.kind, StateType::Cancelled);
     let tasks = client.task_runs(id).await.unwrap();
     assert_eq!(tasks.len(), 2);
-    assert!(tasks.iter().all(|t| t.lifecycle.state.kind == StateType::Cancelled), "{tasks:?}");
+    assert!(
+        tasks
+            .iter()
+            .all(|t| t.lifecycle.state.kind == StateType::Cancelled),
+        "{tasks:?}"
+    );
     let names: Vec<StateName> = client.history(id).await.unwrap().iter().map(|s| s.name).collect();
-    assert_eq!(&names[names.len() - 2..], [StateName::Cancelling, StateName::Cancelled]);
+    assert_eq!(
+        &names[names.len() - 2..],
+        [StateName::Cancelling, StateName::Cancelled]
+    );
     // A run not yet started is cancelled at once.
     node.shutdown().await;
 }
@@ -240,7 +304,12 @@ async fn keyed(x: u32) -> Result<u32, String> {
 
 #[flow]
 async fn caching(x: u32) -> Result<(u32, u32, u32, u32), TaskError> {
-    Ok((expensive(x).await?, always_fresh(x).await?, keyed(x).await?, keyed(x + 2).await?))
+    Ok((
+        expensive(x).await?,
+        always_fresh(x).await?,
+        keyed(x).await?,
+        keyed(x + 2).await?,
+    ))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -249,13 +318,23 @@ async fn cached_results_are_reused_unless_refreshed() {
     let node = node(dir.path(), |b| b.flow(caching)).await;
     let client = node.client();
     let first = run(&node, "caching", serde_json::json!({"x": 5})).await;
-    assert_eq!(client.result::<(u32, u32, u32, u32)>(first.id).await.unwrap(), (10, 15, 5, 5));
+    assert_eq!(
+        client.result::<(u32, u32, u32, u32)>(first.id).await.unwrap(),
+        (10, 15, 5, 5)
+    );
     assert_eq!(COMPUTED.load(Ordering::SeqCst), 101);
     // The user's key (parity) made the second keyed call a cache hit already.
     assert_eq!(KEYED.load(Ordering::SeqCst), 1);
     let second = run(&node, "caching", serde_json::json!({"x": 5})).await;
-    assert_eq!(client.result::<(u32, u32, u32, u32)>(second.id).await.unwrap(), (10, 15, 5, 5));
-    assert_eq!(COMPUTED.load(Ordering::SeqCst), 201, "expensive ran again, or always_fresh did not");
+    assert_eq!(
+        client.result::<(u32, u32, u32, u32)>(second.id).await.unwrap(),
+        (10, 15, 5, 5)
+    );
+    assert_eq!(
+        COMPUTED.load(Ordering::SeqCst),
+        201,
+        "expensive ran again, or always_fresh did not"
+    );
     let tasks = client.task_runs(second.id).await.unwrap();
     let e = tasks.iter().find(|t| t.key.task_key == "expensive").unwrap();
     assert_eq!(e.lifecycle.state.name, StateName::Cached);
@@ -263,7 +342,10 @@ async fn cached_results_are_reused_unless_refreshed() {
     assert_eq!(f.lifecycle.state.name, StateName::Completed);
     // Different inputs: no hit.
     let third = run(&node, "caching", serde_json::json!({"x": 6})).await;
-    assert_eq!(client.result::<(u32, u32, u32, u32)>(third.id).await.unwrap(), (12, 18, 6, 6));
+    assert_eq!(
+        client.result::<(u32, u32, u32, u32)>(third.id).await.unwrap(),
+        (12, 18, 6, 6)
+    );
     node.shutdown().await;
 }
 
@@ -300,7 +382,10 @@ async fn large_results_go_to_files_and_damage_is_reported() {
     assert!(path.exists());
     std::fs::write(&path, b"damaged").unwrap();
     client.retry_completed(r.id).await.unwrap();
-    let again = tokio::time::timeout(WAIT, client.wait(r.id)).await.unwrap().unwrap();
+    let again = tokio::time::timeout(WAIT, client.wait(r.id))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(again.lifecycle.state.kind, StateType::Failed);
     let msg = again.lifecycle.state.message.unwrap();
     assert!(msg.contains("cannot be read") && msg.contains("damaged"), "{msg}");
@@ -332,11 +417,19 @@ async fn logs_are_captured_with_their_runs() {
     let logs = client.logs(r.id).await.unwrap();
     let messages: Vec<&str> = logs.iter().map(|l| l.message.as_str()).collect();
     assert!(messages.contains(&"flow starts"), "{messages:?}");
-    assert_eq!(messages.iter().filter(|m| m.starts_with("working on it")).count(), 2, "{messages:?}");
+    assert_eq!(
+        messages.iter().filter(|m| m.starts_with("working on it")).count(),
+        2,
+        "{messages:?}"
+    );
     let tasks = client.task_runs(r.id).await.unwrap();
     let task_lines = logs.iter().filter(|l| l.task_run.is_some()).count();
     assert_eq!(task_lines, 4);
-    assert!(logs.iter().filter(|l| l.task_run.is_some()).all(|l| tasks.iter().any(|t| Some(t.id) == l.task_run)));
+    assert!(
+        logs.iter()
+            .filter(|l| l.task_run.is_some())
+            .all(|l| tasks.iter().any(|t| Some(t.id) == l.task_run))
+    );
     assert!(logs.iter().any(|l| l.level == flotilla::LogLevel::Warn));
     node.shutdown().await;
 }
@@ -392,19 +485,29 @@ async fn limited_timeout(n: u32) -> Result<u32, TaskError> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tag_limit_holds_and_every_exit_releases_the_slot() {
     let dir = tempfile::tempdir().unwrap();
-    let node = node(dir.path(), |b| b.flow(limited).flow(limited_timeout).concurrency_limit("db", 2)).await;
+    let node = node(dir.path(), |b| {
+        b.flow(limited).flow(limited_timeout).concurrency_limit("db", 2)
+    })
+    .await;
     let client = node.client();
     for (mode, ok) in [("ok", 6), ("fail", 0), ("panic", 0)] {
         let r = run(&node, "limited", serde_json::json!({"mode": mode, "n": 6})).await;
         assert_eq!(client.result::<u32>(r.id).await.unwrap(), ok, "{mode}");
     }
-    assert!(MAX_RUNNING.load(Ordering::SeqCst) <= 2, "the limit was passed: {}", MAX_RUNNING.load(Ordering::SeqCst));
+    assert!(
+        MAX_RUNNING.load(Ordering::SeqCst) <= 2,
+        "the limit was passed: {}",
+        MAX_RUNNING.load(Ordering::SeqCst)
+    );
     // Timeouts release their slots too: 4 tasks that time out with 2 slots all get to run.
     let r = run(&node, "limited_timeout", serde_json::json!({"n": 4})).await;
     assert_eq!(client.result::<u32>(r.id).await.unwrap(), 4);
     // Cancellation releases them: the limit's slots are all free afterwards, so a last run
     // of 2 at once completes.
-    let id = client.run("limited_timeout", serde_json::json!({"n": 2})).await.unwrap();
+    let id = client
+        .run("limited_timeout", serde_json::json!({"n": 2}))
+        .await
+        .unwrap();
     let _ = client.cancel(id).await;
     let r = run(&node, "limited", serde_json::json!({"mode": "ok", "n": 2})).await;
     assert_eq!(client.result::<u32>(r.id).await.unwrap(), 2);
@@ -442,18 +545,33 @@ async fn subflows_map_and_wait_for() {
     let node = node(dir.path(), |b| b.flow(parent).flow(child)).await;
     let client = node.client();
     let r = run(&node, "parent", serde_json::json!({"n": 5})).await;
-    assert_eq!(r.lifecycle.state.kind, StateType::Completed, "{}", r.lifecycle.state);
-    assert_eq!(client.result::<u32>(r.id).await.unwrap(), 200 + 2 + (0..5).map(|x| x * 2).sum::<u32>() + 20);
+    assert_eq!(
+        r.lifecycle.state.kind,
+        StateType::Completed,
+        "{}",
+        r.lifecycle.state
+    );
+    assert_eq!(
+        client.result::<u32>(r.id).await.unwrap(),
+        200 + 2 + (0..5).map(|x| x * 2).sum::<u32>() + 20
+    );
     let tasks = client.task_runs(r.id).await.unwrap();
     let sub = tasks.iter().find(|t| t.key.task_key == "subflow:child").unwrap();
     assert_eq!(sub.lifecycle.state.kind, StateType::Completed);
     // The child is a flow run of its own, linked to the parent's task run.
-    let children = client.flow_runs(flotilla::RunFilter::All, None, 100).await.unwrap();
+    let children = client
+        .flow_runs(flotilla::RunFilter::All, None, 100)
+        .await
+        .unwrap();
     let c = children.iter().find(|f| f.flow_name == "child").unwrap();
     assert_eq!(c.parent_task_run, Some(sub.id));
     assert_eq!(c.lifecycle.state.kind, StateType::Completed);
     // Call indexes count per task in call order.
-    let mut idx: Vec<u32> = tasks.iter().filter(|t| t.key.task_key == "double").map(|t| t.key.call_index).collect();
+    let mut idx: Vec<u32> = tasks
+        .iter()
+        .filter(|t| t.key.task_key == "double")
+        .map(|t| t.key.call_index)
+        .collect();
     idx.sort();
     assert_eq!(idx, (0..7).collect::<Vec<_>>());
     node.shutdown().await;
@@ -471,16 +589,42 @@ async fn the_client_checks_its_input_and_reads_runs() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path(), |b| b.flow(echo).durability(Durability::Strict)).await;
     let client = node.client();
-    assert!(matches!(client.run("nope", serde_json::json!({})).await, Err(flotilla::Error::UnknownFlow { .. })));
-    let err = client.run("echo", serde_json::json!({"txt": "a"})).await.unwrap_err();
+    assert!(matches!(
+        client.run("nope", serde_json::json!({})).await,
+        Err(flotilla::Error::UnknownFlow { .. })
+    ));
+    let err = client
+        .run("echo", serde_json::json!({"txt": "a"}))
+        .await
+        .unwrap_err();
     assert!(matches!(err, flotilla::Error::Parameters(_)), "{err}");
     assert!(err.to_string().contains("txt"), "{err}");
     let r = run(&node, "echo", serde_json::json!({"text": "ab", "times": 3})).await;
     assert_eq!(client.result::<String>(r.id).await.unwrap(), "ababab");
-    let names: Vec<StateName> = client.history(r.id).await.unwrap().iter().map(|s| s.name).collect();
-    assert_eq!(names, [StateName::Scheduled, StateName::Pending, StateName::Running, StateName::Completed]);
-    let listed = client.flow_runs(flotilla::RunFilter::State(StateType::Completed), None, 10).await.unwrap();
+    let names: Vec<StateName> = client
+        .history(r.id)
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            StateName::Scheduled,
+            StateName::Pending,
+            StateName::Running,
+            StateName::Completed
+        ]
+    );
+    let listed = client
+        .flow_runs(flotilla::RunFilter::State(StateType::Completed), None, 10)
+        .await
+        .unwrap();
     assert_eq!(listed.len(), 1);
-    assert!(matches!(client.flow_run(flotilla::FlowRunId::from_bytes([9; 16])).await, Err(flotilla::Error::NotFound(_))));
+    assert!(matches!(
+        client.flow_run(flotilla::FlowRunId::from_bytes([9; 16])).await,
+        Err(flotilla::Error::NotFound(_))
+    ));
     node.shutdown().await;
 }

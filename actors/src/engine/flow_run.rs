@@ -1134,8 +1134,12 @@ impl Actor for FlowRunActor {
         if matches!(s.phase, Phase::Running | Phase::Finishing) {
             s.start_ready(&myself).await;
         }
-        if s.phase == Phase::Finishing && s.tasks.is_empty() && s.strict.is_empty() {
-            if let Some(result) = s.finishing.take() {
+        if s.phase == Phase::Finishing
+            && s.tasks.is_empty()
+            && s.strict.is_empty()
+            && let Some(result) = s.finishing.take()
+        {
+            {
                 let end = match result {
                     Ok(bytes) => End::Completed(bytes),
                     Err(message) => End::Failed(message),

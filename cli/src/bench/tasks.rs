@@ -215,7 +215,7 @@ async fn case(name: &'static str, durability: Durability, scale: f64) -> anyhow:
 }
 
 pub async fn run(args: TasksArgs) -> anyhow::Result<()> {
-    if !(args.scale > 0.0) {
+    if args.scale.is_nan() || args.scale <= 0.0 {
         bail!("--scale must be positive");
     }
     let all = [
