@@ -1,0 +1,6 @@
+#[flotilla::flow]
+async fn plain() -> u32 {
+    1
+}
+
+fn main() {}
