@@ -628,3 +628,134 @@ async fn the_client_checks_its_input_and_reads_runs() {
     ));
     node.shutdown().await;
 }
+
+// --- what a previous process of the node left
+
+#[flow(resume = false)]
+async fn not_resumed() -> Result<u32, TaskError> {
+    Ok(1)
+}
+
+#[flow]
+async fn resumed() -> Result<u32, TaskError> {
+    Ok(2)
+}
+
+/// Leaves runs as a crashed process of node `n1` would: one Running, one Running of a flow
+/// that is not resumed, one Cancelling, one Completed.
+async fn leave_runs(dir: &std::path::Path) -> Vec<flotilla::FlowRunId> {
+    use flotilla_actors::persistence::{self, PersistenceConfig};
+    use flotilla_runtime::{Command, Epoch, NewFlowRun, NodeId, Proposal, State, TransitionId};
+    let (p, join) = persistence::start(PersistenceConfig::new(dir)).await.unwrap();
+    let node: NodeId = "n1".parse().unwrap();
+    let mut ids = Vec::new();
+    for (i, (flow, last)) in [
+        ("resumed", StateName::Running),
+        ("not_resumed", StateName::Running),
+        ("resumed", StateName::Cancelling),
+        ("resumed", StateName::Completed),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let id = flotilla::FlowRunId::from_bytes([i as u8 + 1; 16]);
+        let resume = flow == "resumed";
+        p.submit(Command::CreateFlowRun(NewFlowRun {
+            id,
+            flow_name: flow.into(),
+            parameters: serde_json::json!({}),
+            deployment_id: None,
+            parent_task_run: None,
+            idempotency_key: None,
+            tags: vec![],
+            work_queue: None,
+            retry_policy: Default::default(),
+            resume,
+            scheduled_time: None,
+        }))
+        .await
+        .unwrap()
+        .unwrap();
+        let mut n = 0u8;
+        let mut propose = |name: StateName, worker: bool| {
+            n += 1;
+            let tid = TransitionId::from_bytes([i as u8 * 16 + n; 16]);
+            let state = State::named(name, flotilla::runtime::Timestamp::EPOCH);
+            let proposal = if worker {
+                Proposal::from_worker(state, tid, Epoch::FIRST, node.clone())
+            } else {
+                Proposal::new(state, tid)
+            };
+            Command::ProposeFlowRunState { run: id, proposal }
+        };
+        let steps: Vec<(StateName, bool)> = match last {
+            StateName::Cancelling => vec![
+                (StateName::Pending, true),
+                (StateName::Running, true),
+                (StateName::Cancelling, false),
+            ],
+            StateName::Completed => vec![
+                (StateName::Pending, true),
+                (StateName::Running, true),
+                (StateName::Completed, true),
+            ],
+            _ => vec![(StateName::Pending, true), (StateName::Running, true)],
+        };
+        for (name, worker) in steps {
+            p.submit(propose(name, worker)).await.unwrap().unwrap();
+        }
+        ids.push(id);
+    }
+    p.stop(join).await;
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_resumes_what_it_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = leave_runs(dir.path()).await;
+    let node = node(dir.path(), |b| b.name("n1").flow(resumed).flow(not_resumed)).await;
+    assert_eq!(node.resumed(), &ids[..1]);
+    let client = node.client();
+    let r = tokio::time::timeout(WAIT, client.wait(ids[0]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.lifecycle.state.kind, StateType::Completed);
+    let names: Vec<StateName> = client
+        .history(ids[0])
+        .await
+        .unwrap()
+        .iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            StateName::Scheduled,
+            StateName::Pending,
+            StateName::Running,
+            StateName::Crashed,
+            StateName::Resuming,
+            StateName::Pending,
+            StateName::Running,
+            StateName::Completed
+        ]
+    );
+    assert_eq!(r.epoch.get(), 2);
+    // resume = false: it stays Crashed.
+    assert_eq!(
+        client.flow_run(ids[1]).await.unwrap().lifecycle.state.kind,
+        StateType::Crashed
+    );
+    // Cancelling ends Cancelled; a terminal run is left alone.
+    assert_eq!(
+        client.flow_run(ids[2]).await.unwrap().lifecycle.state.kind,
+        StateType::Cancelled
+    );
+    assert_eq!(
+        client.flow_run(ids[3]).await.unwrap().lifecycle.state.kind,
+        StateType::Completed
+    );
+    node.shutdown().await;
+}

@@ -446,7 +446,7 @@ impl Tx {
         };
         let id = self.next_event_id();
         if !self.record {
-            let _ = lifecycle.enter(next, id, self.at.now);
+            let _ = lifecycle.enter(next, id);
             return;
         }
         let from = &lifecycle.state;
@@ -463,7 +463,7 @@ impl Tx {
                 epoch,
             },
         };
-        let archived = lifecycle.enter(next, id, self.at.now);
+        let archived = lifecycle.enter(next, id);
         self.writes.push(Write::Event(event));
         if let Some((block, events)) = archived {
             self.writes.push(Write::HistoryBlock { run, block, events });
@@ -673,7 +673,8 @@ impl Tx {
         if view.hot().task_run(&new.id).is_some() {
             return Outcome::refused(Refusal::Invalid(format!("task run id {} is taken", new.id)));
         }
-        let state = State::of(StateType::Pending, self.now());
+        let at = new.called.map_or(self.now(), |c| c.min(self.now()));
+        let state = State::of(StateType::Pending, at);
         let mut run = TaskRun {
             id: new.id,
             key: new.key,

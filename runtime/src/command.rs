@@ -83,6 +83,10 @@ pub struct NewTaskRun {
     /// Run even when a cached result exists (and store the new one).
     #[serde(default)]
     pub refresh_cache: bool,
+    /// When the caller made the call (the Pending state's time; never after the control
+    /// plane's now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub called: Option<Timestamp>,
     /// Tags.
     #[serde(default)]
     pub tags: Vec<String>,

@@ -113,12 +113,13 @@ impl Lifecycle {
         archived
     }
 
-    /// Moves to `next` at `now`, keeping the run count and timing: entering Running counts a
-    /// run and starts the clock; leaving Running adds the time spent; entering a terminal state
-    /// sets the end time. `event` is the event that records the new state; an archived history
-    /// block is returned as by [`Lifecycle::record`].
+    /// Moves to `next`, keeping the run count and timing by the states' timestamps: entering
+    /// Running counts a run and starts the clock; leaving Running adds the time spent; entering a
+    /// terminal state sets the end time. `event` is the event that records the new state; an
+    /// archived history block is returned as by [`Lifecycle::record`].
     #[must_use = "an archived history block must be stored"]
-    pub fn enter(&mut self, next: State, event: EventId, now: Timestamp) -> Option<(u32, Vec<EventId>)> {
+    pub fn enter(&mut self, next: State, event: EventId) -> Option<(u32, Vec<EventId>)> {
+        let now = next.timestamp;
         if self.state.kind == StateType::Running && next.kind != StateType::Running {
             self.total_run_time += now.saturating_since(self.state.timestamp);
         }
@@ -157,12 +158,12 @@ mod tests {
     fn keeps_run_count_start_end_and_total_run_time() {
         let t = |s: i64| Timestamp::from_millis(s * 1000);
         let mut l = Lifecycle::new(State::of(StateType::Scheduled, t(0)));
-        let _ = l.enter(State::of(StateType::Pending, t(1)), ev(1), t(1));
-        let _ = l.enter(State::of(StateType::Running, t(2)), ev(2), t(2));
+        let _ = l.enter(State::of(StateType::Pending, t(1)), ev(1));
+        let _ = l.enter(State::of(StateType::Running, t(2)), ev(2));
         assert_eq!((l.run_count, l.start_time), (1, Some(t(2))));
-        let _ = l.enter(State::named(StateName::AwaitingRetry, t(5)), ev(3), t(5));
-        let _ = l.enter(State::named(StateName::Retrying, t(6)), ev(4), t(6));
-        let _ = l.enter(State::of(StateType::Completed, t(10)), ev(5), t(10));
+        let _ = l.enter(State::named(StateName::AwaitingRetry, t(5)), ev(3));
+        let _ = l.enter(State::named(StateName::Retrying, t(6)), ev(4));
+        let _ = l.enter(State::of(StateType::Completed, t(10)), ev(5));
         assert_eq!(l.run_count, 2);
         assert_eq!(l.start_time, Some(t(2)));
         assert_eq!(l.end_time, Some(t(10)));

@@ -217,7 +217,18 @@ pub fn propose(current: &Lifecycle, proposed: &Proposal, ctx: &RuleContext<'_>) 
         return Decision::Abort(AbortReason::Terminal(current.state.kind));
     }
     let cur = &current.state;
-    let next = stamp(&proposed.state, proposed.transition_id, ctx.now);
+    // A worker's state keeps the worker's time (its transitions may be written behind, several
+    // at once), within [the current state's time, now]; anyone else's gets now.
+    let at = if proposed.epoch.is_some() {
+        proposed
+            .state
+            .timestamp
+            .max(cur.timestamp)
+            .min(ctx.now.max(cur.timestamp))
+    } else {
+        ctx.now
+    };
+    let next = stamp(&proposed.state, proposed.transition_id, at);
     match proposed.state.kind {
         StateType::Scheduled => to_scheduled(cur, next, ctx),
         StateType::Pending => to_pending(cur, next, proposed, ctx),
@@ -278,9 +289,9 @@ fn check_epoch(proposed: &Proposal, ctx: &RuleContext<'_>) -> Result<(), AbortRe
     }
 }
 
-fn stamp(state: &State, transition_id: TransitionId, now: Timestamp) -> State {
+fn stamp(state: &State, transition_id: TransitionId, at: Timestamp) -> State {
     let mut s = state.clone();
-    s.timestamp = now;
+    s.timestamp = at;
     s.details.transition_id = Some(transition_id);
     s
 }

@@ -463,6 +463,7 @@ impl FlowRunState {
                     cache_key: spec.cache_key.clone(),
                     cache_expiration: spec.cache_expiration,
                     refresh_cache: spec.refresh_cache,
+                    called: Some(now()),
                     tags: spec.tags.clone(),
                 };
                 if let Err(r) = self.local(Command::CreateTaskRun(new.clone())).reply {

@@ -337,6 +337,7 @@ fn task_runs_are_keyed_by_call_and_need_a_running_flow() {
         cache_key: Some("extract-abc".into()),
         cache_expiration: Some(Duration::from_secs(3600)),
         refresh_cache: false,
+        called: None,
         tags: vec![],
     };
     assert!(matches!(

@@ -84,8 +84,9 @@ fn user(name: StateName, n: u8) -> Proposal {
     Proposal::new(State::named(name, t(0)), tid(n))
 }
 
+/// A worker's proposal, stamped at the context's `now` (t(10)).
 fn worker(name: StateName, n: u8) -> Proposal {
-    Proposal::from_worker(State::named(name, t(0)), tid(n), Epoch::FIRST, node("n1"))
+    Proposal::from_worker(State::named(name, t(10)), tid(n), Epoch::FIRST, node("n1"))
 }
 
 fn decide(l: &Lifecycle, p: &Proposal, c: &Ctx) -> Decision {
@@ -499,6 +500,32 @@ fn run_count_and_timing_follow_the_states() {
     let s = d.state().unwrap().clone();
     assert_eq!(s.timestamp, t(10));
     let mut l = in_state(StateName::Pending);
-    let _ = l.enter(s, EventId::from_bytes([1; 16]), t(10));
+    let _ = l.enter(s, EventId::from_bytes([1; 16]));
     assert_eq!((l.run_count, l.start_time), (1, Some(t(10))));
+}
+
+#[test]
+fn a_workers_time_is_kept_within_the_current_state_and_now() {
+    let l = in_state(StateName::Pending); // at t(0)
+    let at = |ts: Timestamp| {
+        let p = Proposal::from_worker(
+            State::named(StateName::Running, ts),
+            tid(1),
+            Epoch::FIRST,
+            node("n1"),
+        );
+        decide(&l, &p, &Ctx::owned()).state().unwrap().timestamp
+    };
+    assert_eq!(at(t(7)), t(7), "written behind: the worker's time is kept");
+    assert_eq!(at(t(20)), t(10), "never after the control plane's now");
+    assert_eq!(at(t(-5)), t(0), "never before the current state");
+    // Anyone else's proposal is stamped now.
+    let p = Proposal::new(State::named(StateName::Cancelling, t(3)), tid(2));
+    assert_eq!(
+        decide(&in_state(StateName::Running), &p, &Ctx::owned())
+            .state()
+            .unwrap()
+            .timestamp,
+        t(10)
+    );
 }
