@@ -1,0 +1,129 @@
+//! The record commands of `apply`: log batches, deployments and events.
+
+use super::*;
+
+impl Tx {
+    pub(super) fn append_logs(
+        self,
+        view: &mut impl StateView,
+        flow_run: FlowRunId,
+        batch: LogBatchId,
+        lines: Vec<LogLine>,
+    ) -> Outcome {
+        let count = lines.len();
+        if view.hot().flow_run(&flow_run).is_none() {
+            return Outcome::refused(Refusal::FlowRunNotFound(flow_run));
+        }
+        if view.log_batch_exists(&flow_run, &batch) {
+            return self.done(Reply::LogsAppended { count });
+        }
+        if count > crate::command::LOG_LINES_PER_COMMAND_MAX {
+            return Outcome::refused(Refusal::Invalid(format!(
+                "at most {} log lines per batch, not {count}",
+                crate::command::LOG_LINES_PER_COMMAND_MAX
+            )));
+        }
+        if let Some(l) = lines.iter().find(|l| l.flow_run != flow_run) {
+            return Outcome::refused(Refusal::Invalid(format!(
+                "a log line of flow run {} in a batch of flow run {flow_run}",
+                l.flow_run
+            )));
+        }
+        let lines = lines.into_iter().map(LogLine::bounded).collect();
+        Outcome::replied(
+            Reply::LogsAppended { count },
+            vec![Write::Logs {
+                flow_run,
+                batch,
+                lines,
+            }],
+        )
+    }
+
+    pub(super) fn put_deployment(mut self, view: &mut impl StateView, d: Deployment) -> Outcome {
+        if let Err(r) = check_name("a deployment name", &d.name)
+            .and_then(|()| check_name("a flow name", &d.flow_name))
+            .and_then(|()| check_tags(&d.tags))
+        {
+            return Outcome::refused(r);
+        }
+        if let Some(other) = view.hot().deployment_by_name(&d.name)
+            && other.id != d.id
+        {
+            return Outcome::refused(Refusal::DeploymentNameTaken {
+                name: d.name,
+                id: other.id,
+            });
+        }
+        let old = view.hot().deployment(&d.id);
+        if old == Some(&d) {
+            return self.done(Reply::DeploymentPut { created: false });
+        }
+        let created = old.is_none();
+        let id = self.next_event_id();
+        self.writes.push(Write::Deployment(d.id));
+        self.writes.push(Write::Event(Event {
+            id,
+            occurred: self.now(),
+            event: format!(
+                "flotilla.deployment.{}",
+                if created { "created" } else { "updated" }
+            ),
+            resource: Resource::new(format!("flotilla.deployment.{}", d.id), Some(&d.name)),
+            related: Vec::new(),
+            payload: EventPayload::Data(serde_json::json!({ "paused": d.paused, "flow": d.flow_name })),
+        }));
+        view.hot_mut().put_deployment(d);
+        self.done(Reply::DeploymentPut { created })
+    }
+
+    pub(super) fn delete_deployment(mut self, view: &mut impl StateView, id: DeploymentId) -> Outcome {
+        let Some(d) = view.hot().deployment(&id) else {
+            return self.done(Reply::DeploymentDeleted { existed: false });
+        };
+        let resource = Resource::new(format!("flotilla.deployment.{id}"), Some(&d.name));
+        let eid = self.next_event_id();
+        self.writes.push(Write::DeploymentDeleted(id));
+        self.writes.push(Write::Event(Event {
+            id: eid,
+            occurred: self.now(),
+            event: "flotilla.deployment.deleted".to_owned(),
+            resource,
+            related: Vec::new(),
+            payload: EventPayload::Data(serde_json::Value::Null),
+        }));
+        view.hot_mut().delete_deployment(&id);
+        self.done(Reply::DeploymentDeleted { existed: true })
+    }
+
+    pub(super) fn append_event(self, view: &mut impl StateView, e: Event) -> Outcome {
+        let id = e.id;
+        if view.event_exists(&id) {
+            return self.done(Reply::EventAppended { id });
+        }
+        if e.event.is_empty() || e.event.len() > crate::event::EVENT_NAME_LEN_MAX {
+            return Outcome::refused(Refusal::Invalid(format!(
+                "an event name must be 1 to {} bytes long",
+                crate::event::EVENT_NAME_LEN_MAX
+            )));
+        }
+        if e.resource.id().is_none() {
+            return Outcome::refused(Refusal::Invalid(format!(
+                "an event's resource needs a {:?} label",
+                crate::event::RESOURCE_ID
+            )));
+        }
+        if e.related.len() > crate::event::RELATED_MAX
+            || std::iter::once(&e.resource)
+                .chain(&e.related)
+                .any(|r| r.0.len() > crate::event::RESOURCE_LABELS_MAX)
+        {
+            return Outcome::refused(Refusal::Invalid(format!(
+                "at most {} related resources of at most {} labels each",
+                crate::event::RELATED_MAX,
+                crate::event::RESOURCE_LABELS_MAX
+            )));
+        }
+        Outcome::replied(Reply::EventAppended { id }, vec![Write::Event(e)])
+    }
+}
