@@ -530,6 +530,11 @@ async fn child(x: u32) -> Result<u32, TaskError> {
 async fn parent(n: u32) -> Result<u32, TaskError> {
     let mapped = double.map(0..n);
     let first = double.submit(100);
+    // A handle reads its task run's state: Completed once it is done.
+    let _ = first.completion().await;
+    if first.state().await.map(|s| s.kind) != Some(StateType::Completed) {
+        return Err(TaskError::Aborted("the handle's state is not Completed".into()));
+    }
     let after = double.wait_for([first.completion()]).submit(1);
     let mut sum = first.await? + after.await?;
     for h in mapped {

@@ -53,6 +53,7 @@ pub(crate) type SharedResult = Shared<BoxFuture<Result<Arc<Vec<u8>>, TaskError>>
 /// A submitted task: it runs whether or not it is awaited. Await the handle for the result,
 /// or take its [`Completion`] to make other tasks wait for it.
 pub struct TaskHandle<T> {
+    pub(crate) env: Option<flotilla_actors::engine::FlowEnv>,
     pub(crate) key: Option<TaskRunKey>,
     pub(crate) task: &'static str,
     pub(crate) shared: SharedResult,
@@ -77,6 +78,14 @@ impl<T> TaskHandle<T> {
     /// Resolves when the task run finished, without its data: for `wait_for`.
     pub fn completion(&self) -> Completion {
         Completion(self.shared.clone())
+    }
+
+    /// Its task run's current state (None outside a flow, or before the run started).
+    pub async fn state(&self) -> Option<flotilla_runtime::State> {
+        match (&self.env, &self.key) {
+            (Some(env), Some(key)) => env.task_state(key).await,
+            _ => None,
+        }
     }
 
     /// Whether it finished (successfully or not).

@@ -172,8 +172,9 @@ pub fn call_task<D: TaskDef>(args: D::Args) -> TaskFuture<D::Output> {
 
 /// Submits a task: it starts now (after `deps`); the handle gives its result.
 pub fn submit_task<D: TaskDef>(args: D::Args, deps: Vec<Completion>) -> TaskHandle<D::Output> {
-    let (key, shared) = match context() {
-        Some(ctx) => start::<D>(ctx.env(), args, deps),
+    let env = context().map(|c| c.env().clone());
+    let (key, shared) = match &env {
+        Some(env) => start::<D>(env, args, deps),
         None => {
             // Outside a flow: run the body at once, on its own task.
             let fut = tokio::spawn(async move {

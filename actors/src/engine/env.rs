@@ -137,6 +137,16 @@ impl FlowEnv {
         TaskCall { key, rx }
     }
 
+    /// The state of a task call, as this node sees it (None when it has not started yet).
+    pub async fn task_state(&self, key: &TaskRunKey) -> Option<flotilla_runtime::State> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .actor
+            .cast(FlowRunMsg::TaskState(key.clone(), tx))
+            .ok()?;
+        rx.await.ok().flatten()
+    }
+
     /// Calls a task: a task run starts (or its recorded result is returned) and the call
     /// resolves with its result.
     pub fn task(&self, spec: TaskSpec, body: TaskBody) -> TaskCall {

@@ -85,6 +85,8 @@ pub enum FlowRunMsg {
     RetryFlow,
     /// Stop everything: the run is being cancelled.
     Cancel,
+    /// The state of a task call, as this node sees it.
+    TaskState(TaskRunKey, oneshot::Sender<Option<State>>),
     /// A batch of written-behind commands is durable.
     Written {
         /// Its sequence number.
@@ -108,6 +110,7 @@ impl std::fmt::Debug for FlowRunMsg {
             FlowRunMsg::FlowTimeout(a) => write!(f, "FlowTimeout({a})"),
             FlowRunMsg::RetryFlow => f.write_str("RetryFlow"),
             FlowRunMsg::Cancel => f.write_str("Cancel"),
+            FlowRunMsg::TaskState(key, _) => write!(f, "TaskState({key})"),
             FlowRunMsg::Written { seq, .. } => write!(f, "Written({seq})"),
         }
     }
@@ -330,6 +333,14 @@ impl Actor for FlowRunActor {
                 }
                 _ => {}
             },
+            FlowRunMsg::TaskState(key, reply) => {
+                let hot = &s.shadow.hot;
+                let state = hot
+                    .task_run_by_key(&key)
+                    .and_then(|id| hot.task_run(&id))
+                    .map(|t| t.lifecycle.state.clone());
+                let _ = reply.send(state);
+            }
             FlowRunMsg::Cancel => {
                 if !matches!(s.phase, Phase::Done | Phase::Cancelling) {
                     s.phase = Phase::Cancelling;
