@@ -200,6 +200,7 @@ pub fn submit_task<D: TaskDef>(args: D::Args, deps: Vec<Completion>) -> TaskHand
         }
     };
     TaskHandle {
+        env,
         key,
         task: D::NAME,
         shared,
