@@ -1,6 +1,16 @@
 //! # flotilla-cluster
 //!
-//! The cluster layer of Flotilla. It will hold the QUIC endpoint (quinn, rustls with the `ring`
-//! provider), the cluster CA and node certificates with mutual TLS, ractor_cluster sessions
-//! carried over QUIC bidirectional streams, the client request/response protocol, membership
-//! with gossip, and failure detection with heartbeats.
+//! The cluster layer of Flotilla: the cluster's certificates ([`certs`]), mutual TLS with the
+//! `ring` provider ([`tls`]), one QUIC endpoint per node ([`endpoint`]), ractor_cluster node
+//! sessions carried over QUIC streams ([`bidi`]), and the client protocol ([`wire`], framed by
+//! [`frame`]).
+
+pub mod bidi;
+pub mod certs;
+pub mod endpoint;
+pub mod frame;
+pub mod tls;
+pub mod wire;
+
+pub use endpoint::{ConnectError, QuicEndpoint, TransportSettings};
+pub use tls::{ALPN_CLIENT, ALPN_NODE, Identity, TlsError};

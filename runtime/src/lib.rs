@@ -40,7 +40,7 @@ pub use ids::{
     WorkQueueId,
 };
 pub use lifecycle::Lifecycle;
-pub use log_line::{LogLevel, LogLine};
+pub use log_line::{LogCursor, LogLevel, LogLine};
 pub use retry::{RetryCondition, RetryDelay, RetryPolicy};
 pub use rules::{AbortReason, Decision, Proposal, RunKind};
 pub use state::{ResultRef, State, StateDetails, StateName, StateType};

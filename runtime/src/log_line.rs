@@ -4,7 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{FlowRunId, TaskRunId};
+use crate::ids::{FlowRunId, LogBatchId, TaskRunId};
 use crate::time::Timestamp;
 
 /// The longest message kept; longer ones are cut and marked.
@@ -69,4 +69,13 @@ impl LogLine {
         }
         self
     }
+}
+
+/// Where a page of log lines continues: after line `line` of batch `batch`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogCursor {
+    /// The batch.
+    pub batch: LogBatchId,
+    /// Lines of it already returned.
+    pub line: u32,
 }

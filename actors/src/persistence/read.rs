@@ -21,14 +21,7 @@ pub enum RunFilter {
     Deployment(DeploymentId),
 }
 
-/// Where a page of log lines continues: after line `line` of batch `batch`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogCursor {
-    /// The batch.
-    pub batch: LogBatchId,
-    /// Lines of it already returned.
-    pub line: u32,
-}
+pub use flotilla_runtime::LogCursor;
 
 /// A read.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

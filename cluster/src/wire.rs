@@ -1,0 +1,173 @@
+//! The client protocol: what a client asks a node and what it answers. One request per QUIC
+//! bidirectional stream, each a frame of [`crate::frame`]; a request that streams (events)
+//! answers with several frames and ends with [`Response::End`].
+
+use serde::{Deserialize, Serialize};
+
+use flotilla_runtime::{
+    Event, EventId, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, StateType, TaskRun, Timestamp,
+};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// A request with the protocol version of its sender.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Envelope {
+    /// The sender's protocol version.
+    pub version: u16,
+    /// The request.
+    pub request: Request,
+}
+
+/// What a client can ask.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Every member of the cluster and its health.
+    Status,
+    /// Create a run of a flow and place it on a node.
+    RunFlow {
+        /// The flow's name.
+        flow: String,
+        /// Its parameters, as a JSON object.
+        params: serde_json::Value,
+    },
+    /// One flow run.
+    FlowRun(FlowRunId),
+    /// A page of flow runs.
+    FlowRuns {
+        /// Only those in this state type.
+        state: Option<StateType>,
+        /// After this id.
+        after: Option<FlowRunId>,
+        /// At most this many (≤ 1,000).
+        limit: u32,
+    },
+    /// The task runs of a flow run.
+    TaskRuns(FlowRunId),
+    /// The states of a flow run, oldest first.
+    History(FlowRunId),
+    /// A page of a flow run's log lines.
+    Logs {
+        /// The run.
+        run: FlowRunId,
+        /// Where the previous page ended.
+        after: Option<LogCursor>,
+        /// At most this many lines.
+        limit: u32,
+    },
+    /// The result of a completed flow run (rmp-serde bytes).
+    Result(FlowRunId),
+    /// Cancel a flow run.
+    Cancel(FlowRunId),
+    /// Run a finished flow run again.
+    Retry {
+        /// The run.
+        run: FlowRunId,
+        /// Also a Completed one.
+        force: bool,
+    },
+    /// The events of a flow run and its task runs after `after`, streamed until the run ends.
+    Follow {
+        /// The run.
+        run: FlowRunId,
+        /// The last event already seen.
+        after: Option<EventId>,
+    },
+    /// Forget a member (it must be unreachable).
+    RemoveNode(NodeId),
+}
+
+/// How a failed request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The thing asked about does not exist.
+    NotFound,
+    /// The request was turned down (a rule, bad parameters, an unknown flow…).
+    Refused,
+    /// The cluster cannot serve it now (no control node, no node runs the flow…).
+    Unavailable,
+    /// The request does not make sense (another protocol version…).
+    Protocol,
+}
+
+/// An error, as sent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct WireError {
+    /// What kind of failure.
+    pub kind: ErrorKind,
+    /// One line that says what happened.
+    pub message: String,
+}
+
+impl WireError {
+    /// An error of a kind.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        WireError { kind, message: message.into() }
+    }
+}
+
+/// A member of the cluster, as the control node sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    /// Its name.
+    pub name: NodeId,
+    /// Where it listens.
+    pub addr: String,
+    /// `control` or `worker`.
+    pub role: String,
+    /// Whether it was heard from recently.
+    pub reachable: bool,
+    /// Flow runs it runs now.
+    pub slots_used: u32,
+    /// Flow runs it may run at once.
+    pub slots_total: u32,
+    /// The flows it can run.
+    pub flows: Vec<String>,
+    /// When it was last heard from.
+    pub last_heartbeat: Option<Timestamp>,
+}
+
+/// The cluster's members.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    /// Every member.
+    pub nodes: Vec<MemberStatus>,
+}
+
+/// What a node answers.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// The members.
+    Status(ClusterStatus),
+    /// The run created.
+    Ran(FlowRunId),
+    /// A flow run.
+    FlowRun(Box<FlowRun>),
+    /// Flow runs.
+    FlowRuns(Vec<FlowRun>),
+    /// Task runs.
+    TaskRuns(Vec<TaskRun>),
+    /// States.
+    History(Vec<State>),
+    /// Log lines and where the next page starts.
+    Logs {
+        /// The lines.
+        lines: Vec<LogLine>,
+        /// The cursor of the next page.
+        next: Option<LogCursor>,
+    },
+    /// A result's bytes.
+    Result(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A state (after cancel or retry).
+    State(State),
+    /// One event of a followed run.
+    Event(Box<Event>),
+    /// The end of a stream of events (the run ended).
+    End,
+    /// Done, nothing to say.
+    Done,
+    /// The request failed.
+    Error(WireError),
+}
