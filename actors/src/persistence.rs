@@ -29,8 +29,7 @@ use std::sync::mpsc;
 
 use flotilla_runtime::codec::FORMAT_VERSION;
 use flotilla_runtime::{
-    Command, DeploymentId, Event, EventId, FlowRun, FlowRunId, LogIndex, Refusal, Reply, State, TaskRun,
-    TaskRunId, Timestamp,
+    Command, Event, LogIndex, Refusal, Reply, Timestamp,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
@@ -670,102 +669,7 @@ impl PersistenceHandle {
         self.events.subscribe()
     }
 
-    /// A flow run.
-    pub async fn flow_run(&self, id: FlowRunId) -> Result<Option<FlowRun>, PersistError> {
-        match self.read(Read::FlowRun(id)).await? {
-            ReadReply::FlowRun(r) => Ok(r.map(|b| *b)),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// A page of flow runs.
-    pub async fn flow_runs(
-        &self,
-        filter: RunFilter,
-        after: Option<FlowRunId>,
-        limit: usize,
-    ) -> Result<Vec<FlowRun>, PersistError> {
-        match self.read(Read::FlowRuns { filter, after, limit }).await? {
-            ReadReply::FlowRuns(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// A task run.
-    pub async fn task_run(&self, id: TaskRunId) -> Result<Option<TaskRun>, PersistError> {
-        match self.read(Read::TaskRun(id)).await? {
-            ReadReply::TaskRun(r) => Ok(r.map(|b| *b)),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// A page of a flow run's task runs.
-    pub async fn task_runs(
-        &self,
-        flow_run: FlowRunId,
-        after: Option<TaskRunId>,
-        limit: usize,
-    ) -> Result<Vec<TaskRun>, PersistError> {
-        match self
-            .read(Read::TaskRuns {
-                flow_run,
-                after,
-                limit,
-            })
-            .await?
-        {
-            ReadReply::TaskRuns(r) => Ok(r),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// A page of a flow run's state history (None: no such run).
-    pub async fn flow_run_history(
-        &self,
-        run: FlowRunId,
-        offset: usize,
-        limit: usize,
-    ) -> Result<Option<Vec<State>>, PersistError> {
-        match self.read(Read::FlowRunHistory { run, offset, limit }).await? {
-            ReadReply::History(h) => Ok(h),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// The unexpired cached Completed state for a cache key at `now`.
-    pub async fn cached(&self, key: String, now: Timestamp) -> Result<Option<State>, PersistError> {
-        match self.read(Read::Cached { key, now }).await? {
-            ReadReply::Cached(s) => Ok(s),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// A page of events after an id.
-    pub async fn events(&self, after: Option<EventId>, limit: usize) -> Result<Vec<Event>, PersistError> {
-        match self.read(Read::Events { after, limit }).await? {
-            ReadReply::Events(e) => Ok(e),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// A deployment.
-    pub async fn deployment(
-        &self,
-        id: DeploymentId,
-    ) -> Result<Option<flotilla_runtime::Deployment>, PersistError> {
-        match self.read(Read::Deployment(id)).await? {
-            ReadReply::Deployment(d) => Ok(d.map(|b| *b)),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Figures about the store.
-    pub async fn stats(&self) -> Result<StoreStats, PersistError> {
-        match self.read(Read::Stats).await? {
-            ReadReply::Stats(s) => Ok(s),
-            other => Err(unexpected(other)),
-        }
-    }
+    crate::read_helpers!();
 
     /// Stops the actor; its threads finish their work (a last checkpoint) first.
     pub async fn stop(&self, join: ractor::concurrency::JoinHandle<()>) {
@@ -774,6 +678,7 @@ impl PersistenceHandle {
     }
 }
 
-fn unexpected(reply: ReadReply) -> PersistError {
+#[doc(hidden)]
+pub fn unexpected(reply: ReadReply) -> PersistError {
     PersistError::Read(format!("unexpected reply {reply:?}"))
 }

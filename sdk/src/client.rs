@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use flotilla_actors::engine::worker::EngineHandle;
-use flotilla_actors::persistence::{LogCursor, PAGE_MAX, PersistenceHandle, Read, ReadReply, RunFilter};
+use flotilla_actors::node::plane::ControlPlane;
+use flotilla_actors::persistence::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter};
 use flotilla_runtime::{
     Command, Decision, Event, FlowRun, FlowRunId, LogLine, NewFlowRun, Proposal, Reply, RetryRequest, State,
     StateName, TaskRun, Timestamp, TransitionId,
@@ -31,7 +32,7 @@ fn rng() -> SmallRng {
 /// A client of a node.
 #[derive(Clone)]
 pub struct Client {
-    persistence: PersistenceHandle,
+    persistence: ControlPlane,
     engine: EngineHandle,
 }
 
@@ -69,7 +70,7 @@ impl RunEvents {
 }
 
 impl Client {
-    pub(crate) fn new(persistence: PersistenceHandle, engine: EngineHandle) -> Self {
+    pub(crate) fn new(persistence: ControlPlane, engine: EngineHandle) -> Self {
         Client { persistence, engine }
     }
 

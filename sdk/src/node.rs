@@ -129,7 +129,7 @@ impl NodeBuilder {
         if let Some(b) = self.log_to_stderr {
             config.log_to_stderr = b;
         }
-        let (engine, ejoin) = match worker::start(config, persistence.clone(), self.flows).await {
+        let (engine, ejoin) = match worker::start(config, persistence.clone().into(), self.flows).await {
             Ok(x) => x,
             Err(e) => {
                 persistence.stop(pjoin).await;
@@ -180,7 +180,7 @@ impl Node {
 
     /// A client of this node.
     pub fn client(&self) -> Client {
-        Client::new(self.persistence.clone(), self.engine.clone())
+        Client::new(self.persistence.clone().into(), self.engine.clone())
     }
 
     /// The runs this node resumed when it started (left unfinished by its previous process).

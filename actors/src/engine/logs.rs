@@ -21,7 +21,7 @@ use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::persistence::PersistenceHandle;
+use crate::node::plane::ControlPlane;
 
 #[derive(Clone, Copy, Debug)]
 struct RunIds {
@@ -119,7 +119,7 @@ impl LogCapture {
     /// Starts shipping captured lines to `persistence` in batches of at most `batch_max` lines
     /// or every `interval`. Must be called inside a tokio runtime.
     pub fn start(
-        persistence: PersistenceHandle,
+        persistence: ControlPlane,
         batch_max: usize,
         interval: Duration,
         to_stderr: bool,
@@ -172,7 +172,7 @@ impl LogCapture {
 
 async fn ship(
     mut rx: mpsc::UnboundedReceiver<ShipMsg>,
-    persistence: PersistenceHandle,
+    persistence: ControlPlane,
     batch_max: usize,
     interval: Duration,
 ) {

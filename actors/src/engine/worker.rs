@@ -19,7 +19,8 @@ use super::limits::TagLimits;
 use super::logs::LogCapture;
 use super::results::ResultStore;
 use super::{EngineConfig, FlowFn};
-use crate::persistence::{PersistError, PersistenceHandle, RunFilter};
+use crate::node::plane::ControlPlane;
+use crate::persistence::{PersistError, RunFilter};
 
 /// How a flow run ended, for whoever waits on it in-process.
 #[derive(Debug, Clone)]
@@ -36,7 +37,7 @@ pub struct EngineCtx {
     /// The configuration.
     pub config: EngineConfig,
     /// The persistence actor.
-    pub persistence: PersistenceHandle,
+    pub persistence: ControlPlane,
     /// Where results go.
     pub results: ResultStore,
     /// Tag limits.
@@ -310,7 +311,7 @@ pub enum EngineError {
 /// Starts a node's engine: the worker actor with the given flows.
 pub async fn start(
     config: EngineConfig,
-    persistence: PersistenceHandle,
+    persistence: ControlPlane,
     flows: Vec<Arc<dyn FlowFn>>,
 ) -> Result<(EngineHandle, ractor::concurrency::JoinHandle<()>), EngineError> {
     let logs = LogCapture::start(

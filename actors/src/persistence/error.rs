@@ -70,7 +70,7 @@ impl OpenError {
 /// A fault of the persistence actor: the request was not carried out (or its fate is unknown)
 /// and the store stops accepting writes. Distinct from a [`flotilla_runtime::Refusal`], which is
 /// a request the rules turned down.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 #[non_exhaustive]
 pub enum PersistError {
     /// Writing the command log failed; nothing after it is acknowledged.

@@ -2,7 +2,7 @@
 //! bounded page size.
 
 use flotilla_runtime::{
-    Deployment, DeploymentId, Event, EventId, FlowRun, FlowRunId, LogBatchId, LogIndex, LogLine, State,
+    Deployment, DeploymentId, Event, EventId, FlowRun, FlowRunId, LogIndex, LogLine, State,
     StateType, TaskRun, TaskRunId,
 };
 use serde::{Deserialize, Serialize};

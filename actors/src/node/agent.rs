@@ -1,0 +1,119 @@
+//! The agent, on every node: the remotable face of the node's engine. The control actor tells
+//! it to run or cancel flow runs; every heartbeat interval it reports the node to the control
+//! actor (its address, role, flows and slots) and learns the cluster's membership back.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use flotilla_cluster::wire::{ClusterStatus, MemberStatus};
+use flotilla_runtime::{FlowRunId, NodeId, codec};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use ractor_cluster::RactorClusterMessage;
+
+use super::control::ControlMsg;
+use super::plane::control_actor;
+use crate::engine::EngineHandle;
+
+/// The process group of a node's agent.
+pub fn agent_group(node: &NodeId) -> String {
+    format!("flotilla.agent.{node}")
+}
+
+/// A node's agent, looked up afresh.
+pub fn agent_of(node: &NodeId) -> Option<ActorRef<AgentMsg>> {
+    ractor::pg::get_members(&agent_group(node)).into_iter().next().map(ActorRef::from)
+}
+
+/// Messages of an agent (remotable).
+#[derive(RactorClusterMessage)]
+#[allow(missing_debug_implementations)]
+pub enum AgentMsg {
+    /// Run this flow run (its id's 16 bytes) here.
+    Run(Vec<u8>),
+    /// Cancel this flow run (its id's 16 bytes) if it runs here.
+    Cancel(Vec<u8>),
+    /// Time to report to the control node.
+    Tick,
+}
+
+/// What an agent starts from.
+#[allow(missing_debug_implementations)]
+pub struct AgentArgs {
+    /// This node.
+    pub node: NodeId,
+    /// Where it listens.
+    pub addr: String,
+    /// `control` or `worker`.
+    pub role: String,
+    /// Its engine.
+    pub engine: EngineHandle,
+    /// Its slots.
+    pub slots: u32,
+    /// How often it reports.
+    pub heartbeat_every: Duration,
+    /// Where the latest membership it learned goes.
+    pub view: Arc<RwLock<ClusterStatus>>,
+}
+
+/// The agent actor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Agent;
+
+fn id_of(bytes: &[u8]) -> Option<FlowRunId> {
+    <[u8; 16]>::try_from(bytes).ok().map(FlowRunId::from_bytes)
+}
+
+impl Actor for Agent {
+    type Msg = AgentMsg;
+    type State = AgentArgs;
+    type Arguments = AgentArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        ractor::pg::join(agent_group(&args.node), vec![myself.get_cell()]);
+        myself.send_interval(args.heartbeat_every, || AgentMsg::Tick);
+        Ok(args)
+    }
+
+    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            AgentMsg::Run(bytes) => {
+                if let Some(id) = id_of(&bytes) {
+                    let _ = s.engine.run(id);
+                }
+            }
+            AgentMsg::Cancel(bytes) => {
+                if let Some(id) = id_of(&bytes) {
+                    let _ = s.engine.cancel(id);
+                }
+            }
+            AgentMsg::Tick => {
+                let Some(control) = control_actor() else { return Ok(()) };
+                let (running, queued) = s.engine.load().await.unwrap_or((0, 0));
+                let report = MemberStatus {
+                    name: s.node.clone(),
+                    addr: s.addr.clone(),
+                    role: s.role.clone(),
+                    reachable: true,
+                    slots_used: u32::try_from(running + queued).unwrap_or(u32::MAX),
+                    slots_total: s.slots,
+                    flows: s.engine.flow_names(),
+                    last_heartbeat: None,
+                };
+                let Ok(bytes) = codec::encode(&report) else { return Ok(()) };
+                let view = s.view.clone();
+                let timeout = s.heartbeat_every * 4;
+                // Not awaited here: a slow control node must not stall the agent.
+                tokio::spawn(async move {
+                    if let Ok(ractor::rpc::CallResult::Success(reply)) =
+                        control.call(|port| ControlMsg::Heartbeat(bytes, port), Some(timeout)).await
+                        && let Ok(status) = codec::decode::<ClusterStatus>(&reply)
+                        && let Ok(mut v) = view.write()
+                    {
+                        *v = status;
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,429 @@
+//! The control actor, on the control node: the cluster's one entrance to the control state.
+//! It takes commands and reads from workers (in order, durable before it answers), keeps the
+//! membership from their heartbeats, marks a member unreachable after a silence and crashes
+//! its runs, places flow runs on live nodes, and serves the client protocol.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use flotilla_cluster::wire::{ClusterStatus, ErrorKind, MemberStatus, Request, Response, WireError};
+use flotilla_runtime::{
+    Command, Decision, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryRequest, State, StateName, StateType,
+    Timestamp, TransitionId, codec,
+};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor_cluster::RactorClusterMessage;
+
+use super::agent::{AgentMsg, agent_of};
+use crate::persistence::{PAGE_MAX, PersistError, PersistenceHandle, Read, ReadReply, RunFilter, SubmitResult};
+
+/// The process group of the control actor.
+pub const CONTROL_GROUP: &str = "flotilla.control";
+
+/// Messages of the control actor (remotable: every payload is encoded bytes).
+#[derive(RactorClusterMessage)]
+#[allow(missing_debug_implementations)]
+pub enum ControlMsg {
+    /// Commands, in order (encoded `Vec<Command>`); the answer is the encoded `Vec<SubmitResult>`.
+    #[rpc]
+    Submit(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// A read (encoded `Read`); the answer is the encoded `Result<ReadReply, PersistError>`.
+    #[rpc]
+    Read(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// A member's report (encoded `MemberStatus`); the answer is the encoded `ClusterStatus`.
+    #[rpc]
+    Heartbeat(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// A client request (encoded `Request`); the answer is the encoded `Response`.
+    #[rpc]
+    Request(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// Place a run (encoded `(FlowRunId, flow name)`) on a live node that runs its flow.
+    Place(Vec<u8>),
+    /// Time to look for silent members.
+    Tick,
+}
+
+/// How membership works.
+#[derive(Clone, Copy, Debug)]
+pub struct MembershipSettings {
+    /// A member silent this long is unreachable.
+    pub unreachable_after: Duration,
+    /// How often silence is checked.
+    pub check_every: Duration,
+}
+
+impl Default for MembershipSettings {
+    fn default() -> Self {
+        MembershipSettings { unreachable_after: Duration::from_secs(1), check_every: Duration::from_millis(50) }
+    }
+}
+
+struct Member {
+    status: MemberStatus,
+    last_seen: Instant,
+    /// Runs placed on it since its last heartbeat.
+    placed: u32,
+}
+
+/// The control actor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Control;
+
+/// The control actor's state.
+pub struct ControlState {
+    persistence: PersistenceHandle,
+    members: BTreeMap<NodeId, Member>,
+    settings: MembershipSettings,
+    rng: SmallRng,
+}
+
+impl std::fmt::Debug for ControlState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlState").field("members", &self.members.len()).finish_non_exhaustive()
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp::from(chrono::Utc::now())
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    codec::encode(v).unwrap_or_default()
+}
+
+fn refused(kind: ErrorKind, message: impl Into<String>) -> Response {
+    Response::Error(WireError::new(kind, message))
+}
+
+fn persist_err(e: PersistError) -> Response {
+    refused(ErrorKind::Unavailable, e.to_string())
+}
+
+impl ControlState {
+    fn status(&self) -> ClusterStatus {
+        ClusterStatus { nodes: self.members.values().map(|m| m.status.clone()).collect() }
+    }
+
+    /// The live member that runs `flow` with the most free room (slots in use counting the runs
+    /// placed on it since its last heartbeat).
+    fn place(&mut self, flow: &str) -> Option<NodeId> {
+        let best = self
+            .members
+            .values_mut()
+            .filter(|m| m.status.reachable && m.status.slots_total > 0 && m.status.flows.iter().any(|f| f == flow))
+            .min_by(|a, b| {
+                let load = |m: &Member| f64::from(m.status.slots_used + m.placed) / f64::from(m.status.slots_total.max(1));
+                load(a).total_cmp(&load(b))
+            })?;
+        best.placed += 1;
+        Some(best.status.name.clone())
+    }
+
+    fn tid(&mut self) -> TransitionId {
+        TransitionId::new(now(), &mut self.rng)
+    }
+
+    /// Looks for members silent too long: they become unreachable and their runs crash.
+    fn check(&mut self) {
+        let after = self.settings.unreachable_after;
+        for m in self.members.values_mut() {
+            if m.status.reachable && m.last_seen.elapsed() > after {
+                m.status.reachable = false;
+                let node = m.status.name.clone();
+                tracing::warn!(node = %node, silent_ms = m.last_seen.elapsed().as_millis() as u64, "member unreachable");
+                let cmd = Command::MarkNodeCrashed {
+                    node: node.clone(),
+                    message: format!("node {node} became unreachable"),
+                    key: format!("unreachable/{node}/{}", now()),
+                };
+                drop(self.persistence.enqueue(cmd));
+            }
+        }
+    }
+
+    fn heartbeat(&mut self, report: MemberStatus) -> ClusterStatus {
+        let entry = self.members.entry(report.name.clone()).or_insert_with(|| Member {
+            status: report.clone(),
+            last_seen: Instant::now(),
+            placed: 0,
+        });
+        if !entry.status.reachable {
+            tracing::info!(node = %report.name, "member reachable");
+        }
+        entry.status = MemberStatus { reachable: true, last_heartbeat: Some(now()), ..report };
+        entry.last_seen = Instant::now();
+        entry.placed = 0;
+        self.status()
+    }
+
+    /// Answers a client request. Work that waits on the store runs on a task of its own.
+    fn request(&mut self, request: Request, reply: RpcReplyPort<Vec<u8>>) {
+        let p = self.persistence.clone();
+        let answer = |reply: RpcReplyPort<Vec<u8>>, r: Response| {
+            let _ = reply.send(encode(&r));
+        };
+        match request {
+            Request::Status => answer(reply, Response::Status(self.status())),
+            Request::RemoveNode(node) => match self.members.get(&node) {
+                None => answer(reply, refused(ErrorKind::NotFound, format!("no member named {node}"))),
+                Some(m) if m.status.reachable => answer(
+                    reply,
+                    refused(ErrorKind::Refused, format!("{node} is reachable; stop it before removing it")),
+                ),
+                Some(_) => {
+                    self.members.remove(&node);
+                    answer(reply, Response::Done);
+                }
+            },
+            Request::RunFlow { flow, params } => {
+                let Some(node) = self.place(&flow) else {
+                    let known: Vec<String> = self.members.values().flat_map(|m| m.status.flows.clone()).collect();
+                    let msg = if known.iter().any(|f| *f == flow) {
+                        format!("no reachable node runs flow {flow:?} now")
+                    } else {
+                        format!("no node runs a flow named {flow:?} (known: {})", known.join(", "))
+                    };
+                    return answer(reply, refused(ErrorKind::Unavailable, msg));
+                };
+                let params = if params.is_null() { serde_json::json!({}) } else { params };
+                let id = FlowRunId::new(now(), &mut self.rng);
+                tokio::spawn(async move {
+                    let cmd = Command::CreateFlowRun(NewFlowRun {
+                        id,
+                        flow_name: flow,
+                        parameters: params,
+                        deployment_id: None,
+                        parent_task_run: None,
+                        idempotency_key: None,
+                        tags: vec![],
+                        work_queue: None,
+                        retry_policy: Default::default(),
+                        resume: true,
+                        scheduled_time: None,
+                    });
+                    let r = match p.submit(cmd).await {
+                        Ok(Ok(Reply::FlowRunCreated { run, .. })) => {
+                            send_agent(&node, AgentMsg::Run(run.id.as_bytes().to_vec()));
+                            Response::Ran(run.id)
+                        }
+                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+                        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::Cancel(id) => {
+                let tid = self.tid();
+                tokio::spawn(async move {
+                    let prop = Proposal::new(State::named(StateName::Cancelling, now()), tid);
+                    let owner = p.flow_run(id).await.ok().flatten().and_then(|r| r.owner);
+                    let r = match p.submit(Command::ProposeFlowRunState { run: id, proposal: prop }).await {
+                        Ok(Ok(Reply::FlowRunTransition { decision: Decision::Accept(s) | Decision::Reject(s), .. })) => {
+                            if let Some(owner) = owner {
+                                send_agent(&owner, AgentMsg::Cancel(id.as_bytes().to_vec()));
+                            }
+                            Response::State(s)
+                        }
+                        Ok(Ok(Reply::FlowRunTransition { decision: Decision::Abort(r), .. })) => refused(ErrorKind::Refused, r.to_string()),
+                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+                        Ok(Err(refusal)) => not_found_or(refusal),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::Retry { run, force } => {
+                let tid = self.tid();
+                tokio::spawn(async move {
+                    let request = RetryRequest { transition_id: tid, resume: false, force, message: None };
+                    let r = match p.submit(Command::RetryFlowRun { run, request }).await {
+                        Ok(Ok(Reply::Retried { state, .. })) => {
+                            // Placed like a new run, by the control actor.
+                            if let (Ok(Some(f)), Some(me)) = (p.flow_run(run).await, super::plane::control_actor()) {
+                                let _ = me.cast(ControlMsg::Place(encode(&(run, f.flow_name))));
+                            }
+                            Response::State(state)
+                        }
+                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+                        Ok(Err(refusal)) => not_found_or(refusal),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            other => {
+                tokio::spawn(async move {
+                    let r = read_request(&p, other).await;
+                    answer(reply, r);
+                });
+            }
+        }
+    }
+}
+
+fn not_found_or(refusal: flotilla_runtime::Refusal) -> Response {
+    match refusal {
+        flotilla_runtime::Refusal::FlowRunNotFound(id) => refused(ErrorKind::NotFound, format!("no flow run {id}")),
+        other => refused(ErrorKind::Refused, other.to_string()),
+    }
+}
+
+/// Tells a node's agent something (it is looked up afresh: remote ids change on reconnect).
+pub(crate) fn send_agent(node: &NodeId, msg: AgentMsg) {
+    match agent_of(node) {
+        Some(agent) => {
+            if let Err(e) = agent.cast(msg) {
+                tracing::warn!(%node, error = %e, "cannot reach the node's agent");
+            }
+        }
+        None => tracing::warn!(%node, "the node's agent is not connected"),
+    }
+}
+
+async fn read_request(p: &PersistenceHandle, request: Request) -> Response {
+    let missing = |id: FlowRunId| refused(ErrorKind::NotFound, format!("no flow run {id}"));
+    match request {
+        Request::FlowRun(id) => match p.flow_run(id).await {
+            Ok(Some(r)) => Response::FlowRun(Box::new(r)),
+            Ok(None) => missing(id),
+            Err(e) => persist_err(e),
+        },
+        Request::FlowRuns { state, after, limit } => {
+            let filter = state.map_or(RunFilter::All, RunFilter::State);
+            match p.flow_runs(filter, after, (limit as usize).min(PAGE_MAX)).await {
+                Ok(runs) => Response::FlowRuns(runs),
+                Err(e) => persist_err(e),
+            }
+        }
+        Request::TaskRuns(id) => {
+            let mut all = Vec::new();
+            let mut after = None;
+            loop {
+                match p.task_runs(id, after, PAGE_MAX).await {
+                    Ok(page) if page.is_empty() => break,
+                    Ok(page) => {
+                        after = page.last().map(|t| t.id);
+                        all.extend(page);
+                    }
+                    Err(e) => return persist_err(e),
+                }
+            }
+            Response::TaskRuns(all)
+        }
+        Request::History(id) => {
+            let mut all = Vec::new();
+            loop {
+                match p.flow_run_history(id, all.len(), PAGE_MAX).await {
+                    Ok(Some(page)) if page.is_empty() => break,
+                    Ok(Some(page)) => all.extend(page),
+                    Ok(None) => return missing(id),
+                    Err(e) => return persist_err(e),
+                }
+            }
+            Response::History(all)
+        }
+        Request::Logs { run, after, limit } => match p.read(Read::Logs { flow_run: run, after, limit: limit as usize }).await {
+            Ok(ReadReply::Logs { lines, next }) => Response::Logs { lines, next },
+            Ok(other) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+            Err(e) => persist_err(e),
+        },
+        Request::Result(id) => match p.flow_run(id).await {
+            Ok(Some(r)) => match (&r.lifecycle.state.kind, &r.lifecycle.state.result) {
+                (StateType::Completed, Some(flotilla_runtime::ResultRef::Inline(b))) => Response::Result(b.clone()),
+                (StateType::Completed, Some(_)) => {
+                    refused(ErrorKind::Unavailable, "the result is stored on the node that ran it".to_owned())
+                }
+                _ => refused(ErrorKind::Refused, format!("flow run {id} is {}; it has no result", r.lifecycle.state)),
+            },
+            Ok(None) => missing(id),
+            Err(e) => persist_err(e),
+        },
+        other => refused(ErrorKind::Protocol, format!("{other:?} is not served here")),
+    }
+}
+
+/// The registered name of the control actor (local lookups).
+pub const CONTROL_NAME: &str = "flotilla.control";
+
+/// What the control actor starts from.
+#[allow(missing_debug_implementations)]
+pub struct ControlArgs {
+    /// The persistence actor.
+    pub persistence: PersistenceHandle,
+    /// How membership works.
+    pub settings: MembershipSettings,
+}
+
+impl Actor for Control {
+    type Msg = ControlMsg;
+    type State = ControlState;
+    type Arguments = ControlArgs;
+
+    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+        ractor::pg::join(CONTROL_GROUP.to_owned(), vec![myself.get_cell()]);
+        myself.send_interval(args.settings.check_every, || ControlMsg::Tick);
+        Ok(ControlState {
+            persistence: args.persistence,
+            members: BTreeMap::new(),
+            settings: args.settings,
+            rng: SmallRng::seed_from_u64(now().as_micros() as u64),
+        })
+    }
+
+    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ControlMsg::Submit(bytes, reply) => {
+                // Queued in order at once; answered when durable, without holding the actor.
+                let p = s.persistence.clone();
+                let answers: Result<Vec<_>, _> = codec::decode::<Vec<Command>>(&bytes).map(|cmds| cmds.into_iter().map(|c| p.enqueue(c)).collect());
+                tokio::spawn(async move {
+                    let results: Vec<SubmitResult> = match answers {
+                        Ok(answers) => {
+                            let mut out = Vec::with_capacity(answers.len());
+                            for a in answers {
+                                out.push(a.await.unwrap_or(Err(PersistError::Stopped)));
+                            }
+                            out
+                        }
+                        Err(e) => vec![Err(PersistError::Encode(format!("an undecodable batch: {e}")))],
+                    };
+                    let _ = reply.send(encode(&results));
+                });
+            }
+            ControlMsg::Read(bytes, reply) => {
+                let p = s.persistence.clone();
+                tokio::spawn(async move {
+                    let r = match codec::decode::<Read>(&bytes) {
+                        Ok(read) => p.read(read).await,
+                        Err(e) => Err(PersistError::Read(format!("an undecodable read: {e}"))),
+                    };
+                    let _ = reply.send(encode(&r));
+                });
+            }
+            ControlMsg::Heartbeat(bytes, reply) => {
+                if let Ok(report) = codec::decode::<MemberStatus>(&bytes) {
+                    let status = s.heartbeat(report);
+                    let _ = reply.send(encode(&status));
+                }
+            }
+            ControlMsg::Request(bytes, reply) => match codec::decode::<Request>(&bytes) {
+                Ok(request) => s.request(request, reply),
+                Err(e) => {
+                    let _ = reply.send(encode(&refused(ErrorKind::Protocol, format!("an undecodable request: {e}"))));
+                }
+            },
+            ControlMsg::Place(bytes) => {
+                if let Ok((run, flow)) = codec::decode::<(FlowRunId, String)>(&bytes) {
+                    match s.place(&flow) {
+                        Some(node) => send_agent(&node, AgentMsg::Run(run.as_bytes().to_vec())),
+                        None => tracing::warn!(flow_run = %run, %flow, "no reachable node runs this flow; the run waits"),
+                    }
+                }
+            }
+            ControlMsg::Tick => s.check(),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,178 @@
+//! The control plane as the engine and the clients see it: the persistence actor of this node
+//! (on the control node), or the control node's, reached over the cluster (on a worker). Both
+//! keep the same promise: commands are applied in the order they are queued, and an answer
+//! means the command is durable.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_runtime::{Command, Event, codec};
+use ractor::ActorRef;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::control::{CONTROL_GROUP, ControlMsg};
+use crate::persistence::{PersistError, PersistenceHandle, Read, ReadReply, SubmitResult};
+
+/// How long a worker keeps resending a command batch while the control node is unreachable.
+pub const RESEND_FOR: Duration = Duration::from_secs(120);
+/// How long one call to the control node may take.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most commands sent to the control node in one call.
+pub const BATCH_MAX: usize = 1024;
+
+/// The control plane.
+#[derive(Clone, Debug)]
+pub enum ControlPlane {
+    /// This node's persistence actor.
+    Local(PersistenceHandle),
+    /// The control node's, over the cluster.
+    Remote(RemoteControl),
+}
+
+impl From<PersistenceHandle> for ControlPlane {
+    fn from(h: PersistenceHandle) -> Self {
+        ControlPlane::Local(h)
+    }
+}
+
+impl ControlPlane {
+    /// Submits a command; answers once it is durable and applied.
+    pub async fn submit(&self, command: Command) -> SubmitResult {
+        self.enqueue(command).await.unwrap_or(Err(PersistError::Stopped))
+    }
+
+    /// Queues a command; the answer arrives on the channel. Order is kept.
+    pub fn enqueue(&self, command: Command) -> oneshot::Receiver<SubmitResult> {
+        match self {
+            ControlPlane::Local(h) => h.enqueue(command),
+            ControlPlane::Remote(r) => r.enqueue(command),
+        }
+    }
+
+    /// Reads the control state.
+    pub async fn read(&self, read: Read) -> Result<ReadReply, PersistError> {
+        match self {
+            ControlPlane::Local(h) => h.read(read).await,
+            ControlPlane::Remote(r) => r.read(read).await,
+        }
+    }
+
+    /// Events from now on, once durable (on the control node; a worker gets none).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        match self {
+            ControlPlane::Local(h) => h.subscribe(),
+            ControlPlane::Remote(r) => r.events.subscribe(),
+        }
+    }
+
+    /// This node's persistence actor, when this is the control node.
+    pub fn local(&self) -> Option<&PersistenceHandle> {
+        match self {
+            ControlPlane::Local(h) => Some(h),
+            ControlPlane::Remote(_) => None,
+        }
+    }
+
+    crate::read_helpers!();
+}
+
+/// The control node's persistence, reached through its control actor.
+#[derive(Clone, Debug)]
+pub struct RemoteControl {
+    tx: mpsc::UnboundedSender<(Command, oneshot::Sender<SubmitResult>)>,
+    events: broadcast::Sender<Arc<Event>>,
+}
+
+/// The control actor, found through its process group (ractor_cluster gives remote actors new
+/// ids after a reconnect, so it is looked up afresh each time).
+pub fn control_actor() -> Option<ActorRef<ControlMsg>> {
+    ractor::pg::get_members(&CONTROL_GROUP.to_owned()).into_iter().next().map(ActorRef::from)
+}
+
+async fn call(msg: impl FnOnce(ractor::RpcReplyPort<Vec<u8>>) -> ControlMsg) -> Result<Vec<u8>, String> {
+    let control = control_actor().ok_or("no control node is connected")?;
+    match control.call(msg, Some(CALL_TIMEOUT)).await {
+        Ok(ractor::rpc::CallResult::Success(bytes)) => Ok(bytes),
+        Ok(ractor::rpc::CallResult::Timeout) => Err("the control node did not answer in time".into()),
+        Ok(ractor::rpc::CallResult::SenderError) => Err("the control node dropped the call".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+impl RemoteControl {
+    /// Starts forwarding commands to the control node, in order, in batches.
+    pub fn start() -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<(Command, oneshot::Sender<SubmitResult>)>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut batch = vec![first];
+                while batch.len() < BATCH_MAX {
+                    match rx.try_recv() {
+                        Ok(x) => batch.push(x),
+                        Err(_) => break,
+                    }
+                }
+                let (commands, acks): (Vec<Command>, Vec<_>) = batch.into_iter().unzip();
+                let results = forward(&commands).await;
+                for (ack, r) in acks.into_iter().zip(results) {
+                    let _ = ack.send(r);
+                }
+            }
+        });
+        let (events, _) = broadcast::channel(1);
+        RemoteControl { tx, events }
+    }
+
+    fn enqueue(&self, command: Command) -> oneshot::Receiver<SubmitResult> {
+        let (ack, answer) = oneshot::channel();
+        if let Err(mpsc::error::SendError((_, ack))) = self.tx.send((command, ack)) {
+            let _ = ack.send(Err(PersistError::Stopped));
+        }
+        answer
+    }
+
+    async fn read(&self, read: Read) -> Result<ReadReply, PersistError> {
+        let bytes = codec::encode(&read).map_err(|e| PersistError::Encode(e.to_string()))?;
+        let mut last = String::new();
+        for attempt in 0..3u32 {
+            match call(|port| ControlMsg::Read(bytes.clone(), port)).await {
+                Ok(reply) => {
+                    return codec::decode::<Result<ReadReply, PersistError>>(&reply)
+                        .map_err(|e| PersistError::Read(format!("an undecodable answer: {e}")))?;
+                }
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+        }
+        Err(PersistError::Read(format!("the control node cannot be read: {last}")))
+    }
+}
+
+/// Sends a batch until the control node answers (resends are safe: every command has an
+/// idempotency key), for at most [`RESEND_FOR`].
+async fn forward(commands: &[Command]) -> Vec<SubmitResult> {
+    let fail = |e: PersistError| commands.iter().map(|_| Err(e.clone())).collect();
+    let bytes = match codec::encode(commands) {
+        Ok(b) => b,
+        Err(e) => return fail(PersistError::Encode(e.to_string())),
+    };
+    let deadline = tokio::time::Instant::now() + RESEND_FOR;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match call(|port| ControlMsg::Submit(bytes.clone(), port)).await {
+            Ok(reply) => match codec::decode::<Vec<SubmitResult>>(&reply) {
+                Ok(results) if results.len() == commands.len() => return results,
+                Ok(_) => return fail(PersistError::Read("the control node answered a different batch".into())),
+                Err(e) => return fail(PersistError::Read(format!("an undecodable answer: {e}"))),
+            },
+            Err(e) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return fail(PersistError::LogWrite(format!("the control node is unreachable: {e}")));
+                }
+                tracing::debug!(error = %e, "resending to the control node");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
