@@ -8,7 +8,7 @@
 //! The execution tree (node supervisor, flow runs, task runs, workers, work queues, scheduler)
 //! joins it in later steps.
 
-mod read_helpers;
 pub mod engine;
 pub mod node;
 pub mod persistence;
+mod read_helpers;

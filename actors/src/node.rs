@@ -142,7 +142,9 @@ pub struct ClusterNode {
 
 impl std::fmt::Debug for ClusterNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterNode").field("endpoint", &self.endpoint.local_addr()).finish_non_exhaustive()
+        f.debug_struct("ClusterNode")
+            .field("endpoint", &self.endpoint.local_addr())
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,8 +163,19 @@ impl ClusterNode {
 async fn serve_node_connection(conn: quinn::Connection, server: ActorRef<NodeServerMessage>, local: String) {
     let peer = conn.remote_address().to_string();
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let stream = Box::new(QuicBidi { send, recv, peer: peer.clone(), local: local.clone() });
-        if server.cast(NodeServerMessage::ConnectionOpenedExternal { stream, is_server: true }).is_err() {
+        let stream = Box::new(QuicBidi {
+            send,
+            recv,
+            peer: peer.clone(),
+            local: local.clone(),
+        });
+        if server
+            .cast(NodeServerMessage::ConnectionOpenedExternal {
+                stream,
+                is_server: true,
+            })
+            .is_err()
+        {
             break;
         }
     }
@@ -176,7 +189,10 @@ async fn serve_client_connection(conn: quinn::Connection) {
                 Err(e) => Response::Error(WireError::new(ErrorKind::Protocol, format!("a bad request: {e}"))),
                 Ok(env) if env.version != PROTOCOL_VERSION => Response::Error(WireError::new(
                     ErrorKind::Protocol,
-                    format!("protocol version {} is not spoken here (this node speaks {PROTOCOL_VERSION})", env.version),
+                    format!(
+                        "protocol version {} is not spoken here (this node speaks {PROTOCOL_VERSION})",
+                        env.version
+                    ),
                 )),
                 Ok(env) => ask_control(&env.request).await,
             };
@@ -189,21 +205,42 @@ async fn serve_client_connection(conn: quinn::Connection) {
 /// Asks the control actor (local or remote) a client request.
 pub async fn ask_control(request: &flotilla_cluster::wire::Request) -> Response {
     let Some(control) = control_actor() else {
-        return Response::Error(WireError::new(ErrorKind::Unavailable, "no control node is connected to this node"));
+        return Response::Error(WireError::new(
+            ErrorKind::Unavailable,
+            "no control node is connected to this node",
+        ));
     };
     let Ok(bytes) = codec::encode(request) else {
-        return Response::Error(WireError::new(ErrorKind::Protocol, "the request cannot be encoded"));
+        return Response::Error(WireError::new(
+            ErrorKind::Protocol,
+            "the request cannot be encoded",
+        ));
     };
-    match control.call(|port| ControlMsg::Request(bytes, port), Some(plane::CALL_TIMEOUT)).await {
-        Ok(ractor::rpc::CallResult::Success(reply)) => codec::decode(&reply)
-            .unwrap_or_else(|e| Response::Error(WireError::new(ErrorKind::Protocol, format!("an undecodable answer: {e}")))),
-        _ => Response::Error(WireError::new(ErrorKind::Unavailable, "the control node did not answer")),
+    match control
+        .call(|port| ControlMsg::Request(bytes, port), Some(plane::CALL_TIMEOUT))
+        .await
+    {
+        Ok(ractor::rpc::CallResult::Success(reply)) => codec::decode(&reply).unwrap_or_else(|e| {
+            Response::Error(WireError::new(
+                ErrorKind::Protocol,
+                format!("an undecodable answer: {e}"),
+            ))
+        }),
+        _ => Response::Error(WireError::new(
+            ErrorKind::Unavailable,
+            "the control node did not answer",
+        )),
     }
 }
 
 /// Keeps a link to a seed: dials it (with backoff) and, once connected, carries a ractor_cluster
 /// session over a QUIC stream until the connection drops; then dials again.
-async fn keep_link(endpoint: QuicEndpoint, seed: SocketAddr, server: ActorRef<NodeServerMessage>, local: String) {
+async fn keep_link(
+    endpoint: QuicEndpoint,
+    seed: SocketAddr,
+    server: ActorRef<NodeServerMessage>,
+    local: String,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
         match endpoint.connect(seed, &seed.ip().to_string(), ALPN_NODE).await {
@@ -211,7 +248,12 @@ async fn keep_link(endpoint: QuicEndpoint, seed: SocketAddr, server: ActorRef<No
                 backoff = Duration::from_millis(50);
                 match conn.open_bi().await {
                     Ok((send, recv)) => {
-                        let stream = Box::new(QuicBidi { send, recv, peer: seed.to_string(), local: local.clone() });
+                        let stream = Box::new(QuicBidi {
+                            send,
+                            recv,
+                            peer: seed.to_string(),
+                            local: local.clone(),
+                        });
                         if let Err(e) = ractor_cluster::client_connect_external(&server, stream).await {
                             tracing::warn!(%seed, error = %e, "cannot open a cluster session");
                         } else {
@@ -235,19 +277,41 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     let identity = Identity::load(&config.certs_dir, config.name.as_str())?;
     let cookie = certs::cookie(&config.certs_dir)?;
     let endpoint = QuicEndpoint::bind(config.listen, identity, config.transport)?;
-    let local = endpoint.local_addr().map_or_else(|| config.listen.to_string(), |a| a.to_string());
+    let local = endpoint
+        .local_addr()
+        .map_or_else(|| config.listen.to_string(), |a| a.to_string());
     // ractor_cluster's own TCP listener is never used for peers: keep it on loopback.
-    let server = NodeServer::new(0, cookie, config.name.to_string(), "localhost".to_owned(), None, Some(ractor_cluster::node::NodeConnectionMode::Isolated))
-        .with_listen_addr(std::net::IpAddr::from([127, 0, 0, 1]));
-    let (node_server, _) = Actor::spawn(None, server, ()).await.map_err(|e| NodeError::Spawn(e.to_string()))?;
+    let server = NodeServer::new(
+        0,
+        cookie,
+        config.name.to_string(),
+        "localhost".to_owned(),
+        None,
+        Some(ractor_cluster::node::NodeConnectionMode::Isolated),
+    )
+    .with_listen_addr(std::net::IpAddr::from([127, 0, 0, 1]));
+    let (node_server, _) = Actor::spawn(None, server, ())
+        .await
+        .map_err(|e| NodeError::Spawn(e.to_string()))?;
 
     let (plane, persistence) = match config.role {
         Role::Control => {
             let (p, join) = persistence::start(PersistenceConfig::new(&config.data_dir)).await?;
-            let settings = MembershipSettings { unreachable_after: config.unreachable_after, ..MembershipSettings::default() };
-            Actor::spawn(Some(control::CONTROL_NAME.to_owned()), Control, ControlArgs { persistence: p.clone(), settings })
-                .await
-                .map_err(|e| NodeError::Spawn(e.to_string()))?;
+            let settings = MembershipSettings {
+                unreachable_after: config.unreachable_after,
+                ..MembershipSettings::default()
+            };
+            Actor::spawn(
+                Some(control::CONTROL_NAME.to_owned()),
+                Control,
+                ControlArgs {
+                    persistence: p.clone(),
+                    settings,
+                    flows: flows.clone(),
+                },
+            )
+            .await
+            .map_err(|e| NodeError::Spawn(e.to_string()))?;
             (ControlPlane::Local(p.clone()), Some((p, join)))
         }
         Role::Worker => (ControlPlane::Remote(RemoteControl::start()), None),
@@ -269,14 +333,24 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         });
     }
     for seed in &config.join {
-        tokio::spawn(keep_link(endpoint.clone(), *seed, node_server.clone(), local.clone()));
+        tokio::spawn(keep_link(
+            endpoint.clone(),
+            *seed,
+            node_server.clone(),
+            local.clone(),
+        ));
     }
     if config.role == Role::Worker {
         let deadline = tokio::time::Instant::now() + config.join_timeout;
         while control_actor().is_none() {
             if tokio::time::Instant::now() >= deadline {
                 return Err(NodeError::Join {
-                    seeds: config.join.iter().map(ToString::to_string).collect::<Vec<_>>().join(", "),
+                    seeds: config
+                        .join
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
                     timeout: config.join_timeout,
                 });
             }
@@ -298,7 +372,16 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         heartbeat_every: config.heartbeat_every,
         view: view.clone(),
     };
-    Actor::spawn(None, Agent, args).await.map_err(|e| NodeError::Spawn(e.to_string()))?;
+    Actor::spawn(None, Agent, args)
+        .await
+        .map_err(|e| NodeError::Spawn(e.to_string()))?;
     engine.recover().await?;
-    Ok(ClusterNode { endpoint, engine, plane, view, persistence, engine_join })
+    Ok(ClusterNode {
+        endpoint,
+        engine,
+        plane,
+        view,
+        persistence,
+        engine_join,
+    })
 }

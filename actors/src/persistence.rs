@@ -28,9 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 
 use flotilla_runtime::codec::FORMAT_VERSION;
-use flotilla_runtime::{
-    Command, Event, LogIndex, Refusal, Reply, Timestamp,
-};
+use flotilla_runtime::{Command, Event, LogIndex, Refusal, Reply, Timestamp};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::Serialize;
 use tokio::sync::broadcast;

@@ -7,102 +7,133 @@
 #[doc(hidden)]
 macro_rules! read_helpers {
     () => {
-    /// A flow run.
-    pub async fn flow_run(&self, id: flotilla_runtime::FlowRunId) -> Result<Option<flotilla_runtime::FlowRun>, $crate::persistence::PersistError> {
-        match self.read($crate::persistence::Read::FlowRun(id)).await? {
-            $crate::persistence::ReadReply::FlowRun(r) => Ok(r.map(|b| *b)),
-            other => Err($crate::persistence::unexpected(other)),
+        /// A flow run.
+        pub async fn flow_run(
+            &self,
+            id: flotilla_runtime::FlowRunId,
+        ) -> Result<Option<flotilla_runtime::FlowRun>, $crate::persistence::PersistError> {
+            match self.read($crate::persistence::Read::FlowRun(id)).await? {
+                $crate::persistence::ReadReply::FlowRun(r) => Ok(r.map(|b| *b)),
+                other => Err($crate::persistence::unexpected(other)),
+            }
         }
-    }
 
-    /// A page of flow runs.
-    pub async fn flow_runs(
-        &self,
-        filter: $crate::persistence::RunFilter,
-        after: Option<flotilla_runtime::FlowRunId>,
-        limit: usize,
-    ) -> Result<Vec<flotilla_runtime::FlowRun>, $crate::persistence::PersistError> {
-        match self.read($crate::persistence::Read::FlowRuns { filter, after, limit }).await? {
-            $crate::persistence::ReadReply::FlowRuns(r) => Ok(r),
-            other => Err($crate::persistence::unexpected(other)),
+        /// A page of flow runs.
+        pub async fn flow_runs(
+            &self,
+            filter: $crate::persistence::RunFilter,
+            after: Option<flotilla_runtime::FlowRunId>,
+            limit: usize,
+        ) -> Result<Vec<flotilla_runtime::FlowRun>, $crate::persistence::PersistError> {
+            match self
+                .read($crate::persistence::Read::FlowRuns {
+                    filter,
+                    after,
+                    limit,
+                })
+                .await?
+            {
+                $crate::persistence::ReadReply::FlowRuns(r) => Ok(r),
+                other => Err($crate::persistence::unexpected(other)),
+            }
         }
-    }
 
-    /// A task run.
-    pub async fn task_run(&self, id: flotilla_runtime::TaskRunId) -> Result<Option<flotilla_runtime::TaskRun>, $crate::persistence::PersistError> {
-        match self.read($crate::persistence::Read::TaskRun(id)).await? {
-            $crate::persistence::ReadReply::TaskRun(r) => Ok(r.map(|b| *b)),
-            other => Err($crate::persistence::unexpected(other)),
+        /// A task run.
+        pub async fn task_run(
+            &self,
+            id: flotilla_runtime::TaskRunId,
+        ) -> Result<Option<flotilla_runtime::TaskRun>, $crate::persistence::PersistError> {
+            match self.read($crate::persistence::Read::TaskRun(id)).await? {
+                $crate::persistence::ReadReply::TaskRun(r) => Ok(r.map(|b| *b)),
+                other => Err($crate::persistence::unexpected(other)),
+            }
         }
-    }
 
-    /// A page of a flow run's task runs.
-    pub async fn task_runs(
-        &self,
-        flow_run: flotilla_runtime::FlowRunId,
-        after: Option<flotilla_runtime::TaskRunId>,
-        limit: usize,
-    ) -> Result<Vec<flotilla_runtime::TaskRun>, $crate::persistence::PersistError> {
-        match self
-            .read($crate::persistence::Read::TaskRuns {
-                flow_run,
-                after,
-                limit,
-            })
-            .await?
-        {
-            $crate::persistence::ReadReply::TaskRuns(r) => Ok(r),
-            other => Err($crate::persistence::unexpected(other)),
+        /// A page of a flow run's task runs.
+        pub async fn task_runs(
+            &self,
+            flow_run: flotilla_runtime::FlowRunId,
+            after: Option<flotilla_runtime::TaskRunId>,
+            limit: usize,
+        ) -> Result<Vec<flotilla_runtime::TaskRun>, $crate::persistence::PersistError> {
+            match self
+                .read($crate::persistence::Read::TaskRuns {
+                    flow_run,
+                    after,
+                    limit,
+                })
+                .await?
+            {
+                $crate::persistence::ReadReply::TaskRuns(r) => Ok(r),
+                other => Err($crate::persistence::unexpected(other)),
+            }
         }
-    }
 
-    /// A page of a flow run's state history (None: no such run).
-    pub async fn flow_run_history(
-        &self,
-        run: flotilla_runtime::FlowRunId,
-        offset: usize,
-        limit: usize,
-    ) -> Result<Option<Vec<flotilla_runtime::State>>, $crate::persistence::PersistError> {
-        match self.read($crate::persistence::Read::FlowRunHistory { run, offset, limit }).await? {
-            $crate::persistence::ReadReply::History(h) => Ok(h),
-            other => Err($crate::persistence::unexpected(other)),
+        /// A page of a flow run's state history (None: no such run).
+        pub async fn flow_run_history(
+            &self,
+            run: flotilla_runtime::FlowRunId,
+            offset: usize,
+            limit: usize,
+        ) -> Result<Option<Vec<flotilla_runtime::State>>, $crate::persistence::PersistError> {
+            match self
+                .read($crate::persistence::Read::FlowRunHistory { run, offset, limit })
+                .await?
+            {
+                $crate::persistence::ReadReply::History(h) => Ok(h),
+                other => Err($crate::persistence::unexpected(other)),
+            }
         }
-    }
 
-    /// The unexpired cached Completed state for a cache key at `now`.
-    pub async fn cached(&self, key: String, now: flotilla_runtime::Timestamp) -> Result<Option<flotilla_runtime::State>, $crate::persistence::PersistError> {
-        match self.read($crate::persistence::Read::Cached { key, now }).await? {
-            $crate::persistence::ReadReply::Cached(s) => Ok(s),
-            other => Err($crate::persistence::unexpected(other)),
+        /// The unexpired cached Completed state for a cache key at `now`.
+        pub async fn cached(
+            &self,
+            key: String,
+            now: flotilla_runtime::Timestamp,
+        ) -> Result<Option<flotilla_runtime::State>, $crate::persistence::PersistError> {
+            match self
+                .read($crate::persistence::Read::Cached { key, now })
+                .await?
+            {
+                $crate::persistence::ReadReply::Cached(s) => Ok(s),
+                other => Err($crate::persistence::unexpected(other)),
+            }
         }
-    }
 
-    /// A page of events after an id.
-    pub async fn events(&self, after: Option<flotilla_runtime::EventId>, limit: usize) -> Result<Vec<flotilla_runtime::Event>, $crate::persistence::PersistError> {
-        match self.read($crate::persistence::Read::Events { after, limit }).await? {
-            $crate::persistence::ReadReply::Events(e) => Ok(e),
-            other => Err($crate::persistence::unexpected(other)),
+        /// A page of events after an id.
+        pub async fn events(
+            &self,
+            after: Option<flotilla_runtime::EventId>,
+            limit: usize,
+        ) -> Result<Vec<flotilla_runtime::Event>, $crate::persistence::PersistError> {
+            match self
+                .read($crate::persistence::Read::Events { after, limit })
+                .await?
+            {
+                $crate::persistence::ReadReply::Events(e) => Ok(e),
+                other => Err($crate::persistence::unexpected(other)),
+            }
         }
-    }
 
-    /// A deployment.
-    pub async fn deployment(
-        &self,
-        id: flotilla_runtime::DeploymentId,
-    ) -> Result<Option<flotilla_runtime::Deployment>, $crate::persistence::PersistError> {
-        match self.read($crate::persistence::Read::Deployment(id)).await? {
-            $crate::persistence::ReadReply::Deployment(d) => Ok(d.map(|b| *b)),
-            other => Err($crate::persistence::unexpected(other)),
+        /// A deployment.
+        pub async fn deployment(
+            &self,
+            id: flotilla_runtime::DeploymentId,
+        ) -> Result<Option<flotilla_runtime::Deployment>, $crate::persistence::PersistError> {
+            match self.read($crate::persistence::Read::Deployment(id)).await? {
+                $crate::persistence::ReadReply::Deployment(d) => Ok(d.map(|b| *b)),
+                other => Err($crate::persistence::unexpected(other)),
+            }
         }
-    }
 
-    /// Figures about the store.
-    pub async fn stats(&self) -> Result<$crate::persistence::StoreStats, $crate::persistence::PersistError> {
-        match self.read($crate::persistence::Read::Stats).await? {
-            $crate::persistence::ReadReply::Stats(s) => Ok(s),
-            other => Err($crate::persistence::unexpected(other)),
+        /// Figures about the store.
+        pub async fn stats(
+            &self,
+        ) -> Result<$crate::persistence::StoreStats, $crate::persistence::PersistError> {
+            match self.read($crate::persistence::Read::Stats).await? {
+                $crate::persistence::ReadReply::Stats(s) => Ok(s),
+                other => Err($crate::persistence::unexpected(other)),
+            }
         }
-    }
-
     };
 }

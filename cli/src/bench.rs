@@ -1,5 +1,6 @@
 //! `flotilla bench …`: benchmarks of this build on this machine.
 
+mod cluster;
 mod fsync;
 mod persistence;
 mod tasks;
@@ -13,11 +14,14 @@ pub enum BenchCmd {
     Persistence(persistence::PersistenceArgs),
     /// Task runs and flow runs per second, and the engine's overhead for each.
     Tasks(tasks::TasksArgs),
+    /// A local 3-node cluster: remote flow run latency, flow runs/s, failure detection time.
+    Cluster(cluster::ClusterArgs),
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
     match cmd {
         BenchCmd::Persistence(args) => persistence::run(args).await,
         BenchCmd::Tasks(args) => tasks::run(args).await,
+        BenchCmd::Cluster(args) => cluster::run(args).await,
     }
 }

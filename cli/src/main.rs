@@ -6,7 +6,11 @@
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 mod bench;
+mod cluster_cmd;
+mod config;
 mod demo;
+mod flow_run;
+mod node_cmd;
 
 use std::process::ExitCode;
 
@@ -24,6 +28,15 @@ struct Cli {
 enum Cmd {
     /// Run a demonstration on an embedded store in a temporary directory, then exit.
     Demo(demo::DemoArgs),
+    /// Run a cluster node.
+    #[command(subcommand)]
+    Node(node_cmd::NodeCmd),
+    /// Cluster certificates, membership, and a local cluster in one command.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCmd),
+    /// Create, list, inspect, follow, cancel and retry flow runs on a cluster.
+    #[command(subcommand, name = "flow-run")]
+    FlowRun(flow_run::FlowRunCmd),
     /// Measure Flotilla on this machine (release builds).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -35,6 +48,7 @@ fn init_tracing() {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -50,12 +64,16 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Cmd::Demo(args) => demo::run(args).await,
-            Cmd::Bench(cmd) => bench::run(cmd).await,
+            Cmd::Demo(args) => demo::run(args).await.map(|()| true),
+            Cmd::Node(cmd) => node_cmd::run(cmd).await.map(|()| true),
+            Cmd::Cluster(cmd) => cluster_cmd::run(cmd).await.map(|()| true),
+            Cmd::FlowRun(cmd) => flow_run::run(cmd).await,
+            Cmd::Bench(cmd) => bench::run(cmd).await.map(|()| true),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -8,7 +8,9 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rand::RngExt;
-use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+};
 
 /// The name of the admin client's files (`admin.pem`, `admin.key`).
 pub const ADMIN: &str = "admin";
@@ -58,19 +60,32 @@ pub enum CertError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
-    move |source| CertError::Io { path: path.to_path_buf(), source }
+    move |source| CertError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Writes a new file (never replacing one), with `mode` permissions.
 fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
-    let mut f = OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            CertError::NameTaken(path.to_path_buf())
-        } else {
-            CertError::Io { path: path.to_path_buf(), source: e }
-        }
-    })?;
-    f.write_all(contents).and_then(|()| f.sync_all()).map_err(io(path))
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                CertError::NameTaken(path.to_path_buf())
+            } else {
+                CertError::Io {
+                    path: path.to_path_buf(),
+                    source: e,
+                }
+            }
+        })?;
+    f.write_all(contents)
+        .and_then(|()| f.sync_all())
+        .map_err(io(path))
 }
 
 fn ca_params() -> Result<CertificateParams, CertError> {
@@ -79,20 +94,32 @@ fn ca_params() -> Result<CertificateParams, CertError> {
     dn.push(DnType::CommonName, "Flotilla cluster CA");
     p.distinguished_name = dn;
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     Ok(p)
 }
 
 fn check_name(name: &str) -> Result<(), CertError> {
     flotilla_runtime::NodeId::try_from(name.to_owned())
         .map(|_| ())
-        .map_err(|e| CertError::BadName { name: name.to_owned(), reason: e.to_string() })
+        .map_err(|e| CertError::BadName {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })
 }
 
 /// Issues `name.pem`/`name.key` in `dir`, signed by the CA there. Node certificates carry the
 /// node's name, `localhost`, `127.0.0.1`, `::1` and `sans` as subject alternative names.
 fn issue(dir: &Path, name: &str, sans: &[String], ca_key: &KeyPair) -> Result<(), CertError> {
-    let mut names = vec![name.to_owned(), "localhost".to_owned(), "127.0.0.1".to_owned(), "::1".to_owned()];
+    let mut names = vec![
+        name.to_owned(),
+        "localhost".to_owned(),
+        "127.0.0.1".to_owned(),
+        "::1".to_owned(),
+    ];
     names.extend(sans.iter().filter(|s| !s.is_empty()).cloned());
     names.dedup();
     let mut p = CertificateParams::new(names)?;
@@ -123,7 +150,11 @@ pub fn init(dir: &Path, nodes: &[String], sans: &[String]) -> Result<(), CertErr
     fs::create_dir_all(dir).map_err(io(dir))?;
     let ca_key = KeyPair::generate()?;
     let ca = ca_params()?.self_signed(&ca_key)?;
-    write_new(&dir.join(format!("{CA}.key")), ca_key.serialize_pem().as_bytes(), 0o600)?;
+    write_new(
+        &dir.join(format!("{CA}.key")),
+        ca_key.serialize_pem().as_bytes(),
+        0o600,
+    )?;
     write_new(&dir.join(format!("{CA}.pem")), ca.pem().as_bytes(), 0o644)?;
     let cookie: String = {
         let mut rng = rand::rng();
@@ -141,7 +172,10 @@ pub fn add_node(dir: &Path, name: &str, sans: &[String]) -> Result<(), CertError
     check_name(name)?;
     let key_path = dir.join(format!("{CA}.key"));
     let pem = fs::read_to_string(&key_path).map_err(io(&key_path))?;
-    let ca_key = KeyPair::from_pem(&pem).map_err(|e| CertError::Invalid { path: key_path.clone(), reason: e.to_string() })?;
+    let ca_key = KeyPair::from_pem(&pem).map_err(|e| CertError::Invalid {
+        path: key_path.clone(),
+        reason: e.to_string(),
+    })?;
     issue(dir, name, sans, &ca_key)
 }
 
@@ -151,7 +185,10 @@ pub fn cookie(dir: &Path) -> Result<String, CertError> {
     let c = fs::read_to_string(&path).map_err(io(&path))?;
     let c = c.trim().to_owned();
     if c.len() < 16 {
-        return Err(CertError::Invalid { path, reason: "the cookie is too short".into() });
+        return Err(CertError::Invalid {
+            path,
+            reason: "the cookie is too short".into(),
+        });
     }
     Ok(c)
 }

@@ -20,7 +20,10 @@ pub struct TransportSettings {
 
 impl Default for TransportSettings {
     fn default() -> Self {
-        TransportSettings { keep_alive: Duration::from_millis(250), idle_timeout: Duration::from_secs(1) }
+        TransportSettings {
+            keep_alive: Duration::from_millis(250),
+            idle_timeout: Duration::from_secs(1),
+        }
     }
 }
 
@@ -73,16 +76,37 @@ impl QuicEndpoint {
         let qsc = QuicServerConfig::try_from(server_tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(qsc));
         server.transport_config(transport(&settings));
-        let endpoint =
-            quinn::Endpoint::server(server, addr).map_err(|e| ConnectError::Bind { addr, reason: e.to_string() })?;
-        Ok(QuicEndpoint { endpoint, id: Arc::new(id), settings })
+        let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| ConnectError::Bind {
+            addr,
+            reason: e.to_string(),
+        })?;
+        Ok(QuicEndpoint {
+            endpoint,
+            id: Arc::new(id),
+            settings,
+        })
     }
 
-    /// A client's endpoint (dials only).
+    /// A client's endpoint (dials only) on an IPv4 port of the system's choosing.
     pub fn client(id: Identity, settings: TransportSettings) -> Result<Self, ConnectError> {
-        let addr: SocketAddr = ([0, 0, 0, 0], 0).into();
-        let endpoint = quinn::Endpoint::client(addr).map_err(|e| ConnectError::Bind { addr, reason: e.to_string() })?;
-        Ok(QuicEndpoint { endpoint, id: Arc::new(id), settings })
+        Self::client_on(([0, 0, 0, 0], 0).into(), id, settings)
+    }
+
+    /// A client's endpoint (dials only) bound to `addr` (`[::]:0` to dial IPv6 peers).
+    pub fn client_on(
+        addr: SocketAddr,
+        id: Identity,
+        settings: TransportSettings,
+    ) -> Result<Self, ConnectError> {
+        let endpoint = quinn::Endpoint::client(addr).map_err(|e| ConnectError::Bind {
+            addr,
+            reason: e.to_string(),
+        })?;
+        Ok(QuicEndpoint {
+            endpoint,
+            id: Arc::new(id),
+            settings,
+        })
     }
 
     /// The local address.
@@ -92,16 +116,27 @@ impl QuicEndpoint {
 
     /// Dials `addr`, expecting a certificate valid for `server_name` (a node's name when it is
     /// known, else the address's host), for connections of kind `alpn`.
-    pub async fn connect(&self, addr: SocketAddr, server_name: &str, alpn: &[u8]) -> Result<quinn::Connection, ConnectError> {
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        alpn: &[u8],
+    ) -> Result<quinn::Connection, ConnectError> {
         let tls = tls::client_config(&self.id, alpn)?;
         let qcc = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(qcc));
         cfg.transport_config(transport(&self.settings));
-        let connecting = self
-            .endpoint
-            .connect_with(cfg, addr, server_name)
-            .map_err(|e| ConnectError::Unreachable { addr, reason: e.to_string() })?;
-        connecting.await.map_err(|e| ConnectError::Unreachable { addr, reason: e.to_string() })
+        let connecting =
+            self.endpoint
+                .connect_with(cfg, addr, server_name)
+                .map_err(|e| ConnectError::Unreachable {
+                    addr,
+                    reason: e.to_string(),
+                })?;
+        connecting.await.map_err(|e| ConnectError::Unreachable {
+            addr,
+            reason: e.to_string(),
+        })
     }
 
     /// The next incoming connection that completes its handshake, with its ALPN. Refused

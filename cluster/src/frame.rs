@@ -28,7 +28,10 @@ pub enum FrameError {
 }
 
 /// Writes one value as a frame.
-pub async fn write<T: serde::Serialize, W: AsyncWrite + Unpin>(w: &mut W, value: &T) -> Result<(), FrameError> {
+pub async fn write<T: serde::Serialize, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    value: &T,
+) -> Result<(), FrameError> {
     let payload = flotilla_runtime::codec::encode(value)?;
     if payload.len() > FRAME_BYTES_MAX {
         return Err(FrameError::TooLarge(payload.len()));
@@ -62,12 +65,16 @@ pub async fn read<T: serde::de::DeserializeOwned, R: AsyncRead + Unpin>(r: &mut 
 pub fn decode_all<T: serde::de::DeserializeOwned>(mut bytes: &[u8]) -> Result<Vec<T>, FrameError> {
     let mut out = Vec::new();
     while !bytes.is_empty() {
-        let Some(head) = bytes.get(..4) else { return Err(FrameError::End) };
+        let Some(head) = bytes.get(..4) else {
+            return Err(FrameError::End);
+        };
         let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
         if len > FRAME_BYTES_MAX {
             return Err(FrameError::TooLarge(len));
         }
-        let Some(payload) = bytes.get(4..4 + len) else { return Err(FrameError::End) };
+        let Some(payload) = bytes.get(4..4 + len) else {
+            return Err(FrameError::End);
+        };
         out.push(flotilla_runtime::codec::decode(payload)?);
         bytes = &bytes[4 + len..];
     }

@@ -46,12 +46,19 @@ pub struct Identity {
 
 impl Clone for Identity {
     fn clone(&self) -> Self {
-        Identity { ca: self.ca.clone(), cert: self.cert.clone(), key: self.key.clone_key() }
+        Identity {
+            ca: self.ca.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone_key(),
+        }
     }
 }
 
 fn file_err(path: &Path, e: impl std::fmt::Display) -> TlsError {
-    TlsError::File { path: path.to_path_buf(), reason: e.to_string() }
+    TlsError::File {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
 }
 
 impl Identity {
@@ -68,7 +75,9 @@ impl Identity {
 
     fn roots(&self) -> Result<Arc<RootCertStore>, TlsError> {
         let mut roots = RootCertStore::empty();
-        roots.add(self.ca.clone()).map_err(|e| TlsError::Config(format!("the CA certificate: {e}")))?;
+        roots
+            .add(self.ca.clone())
+            .map_err(|e| TlsError::Config(format!("the CA certificate: {e}")))?;
         Ok(Arc::new(roots))
     }
 }

@@ -1,12 +1,14 @@
 //! The client protocol: what a client asks a node and what it answers. One request per QUIC
-//! bidirectional stream, each a frame of [`crate::frame`]; a request that streams (events)
-//! answers with several frames and ends with [`Response::End`].
+//! bidirectional stream, each a frame of [`crate::frame`], answered by one frame.
 
 use serde::{Deserialize, Serialize};
 
 use flotilla_runtime::{
-    Event, EventId, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, StateType, TaskRun, Timestamp,
+    FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, StateType, TaskRun, Timestamp,
 };
+
+/// The longest a [`Request::Wait`] waits.
+pub const WAIT_MS_MAX: u32 = 5_000;
 
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
@@ -67,12 +69,13 @@ pub enum Request {
         /// Also a Completed one.
         force: bool,
     },
-    /// The events of a flow run and its task runs after `after`, streamed until the run ends.
-    Follow {
+    /// The flow run once it is in a terminal state, or as it is after `timeout_ms` (at most
+    /// [`WAIT_MS_MAX`]) — a long poll.
+    Wait {
         /// The run.
         run: FlowRunId,
-        /// The last event already seen.
-        after: Option<EventId>,
+        /// How long to wait at most, in milliseconds.
+        timeout_ms: u32,
     },
     /// Forget a member (it must be unreachable).
     RemoveNode(NodeId),
@@ -104,7 +107,10 @@ pub struct WireError {
 impl WireError {
     /// An error of a kind.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        WireError { kind, message: message.into() }
+        WireError {
+            kind,
+            message: message.into(),
+        }
     }
 }
 
@@ -162,10 +168,6 @@ pub enum Response {
     Result(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A state (after cancel or retry).
     State(State),
-    /// One event of a followed run.
-    Event(Box<Event>),
-    /// The end of a stream of events (the run ended).
-    End,
     /// Done, nothing to say.
     Done,
     /// The request failed.

@@ -23,7 +23,11 @@ fn init_writes_private_files_0600_and_never_overwrites() {
     let dir = tempfile::tempdir().unwrap();
     cluster(dir.path(), &["n1", "n2"]);
     for f in ["ca.key", "n1.key", "n2.key", "admin.key", "cookie"] {
-        let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode() & 0o777;
+        let mode = std::fs::metadata(dir.path().join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
     for f in ["ca.pem", "n1.pem", "admin.pem"] {
@@ -42,7 +46,11 @@ async fn serve_echo(ep: QuicEndpoint) {
         tokio::spawn(async move {
             while let Ok((mut send, mut recv)) = conn.accept_bi().await {
                 let env: Envelope = frame::read(&mut recv).await.unwrap();
-                let reply = if alpn == ALPN_CLIENT { Response::Done } else { Response::End };
+                let reply = if alpn == ALPN_CLIENT {
+                    Response::Done
+                } else {
+                    Response::Status(Default::default())
+                };
                 assert_eq!(env.request, Request::Status);
                 frame::write(&mut send, &reply).await.unwrap();
                 send.finish().unwrap();
@@ -51,10 +59,23 @@ async fn serve_echo(ep: QuicEndpoint) {
     }
 }
 
-async fn ask(ep: &QuicEndpoint, addr: std::net::SocketAddr, name: &str, alpn: &[u8]) -> Result<Response, String> {
+async fn ask(
+    ep: &QuicEndpoint,
+    addr: std::net::SocketAddr,
+    name: &str,
+    alpn: &[u8],
+) -> Result<Response, String> {
     let conn = ep.connect(addr, name, alpn).await.map_err(|e| e.to_string())?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-    frame::write(&mut send, &Envelope { version: PROTOCOL_VERSION, request: Request::Status }).await.map_err(|e| e.to_string())?;
+    frame::write(
+        &mut send,
+        &Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::Status,
+        },
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     send.finish().map_err(|e| e.to_string())?;
     frame::read(&mut recv).await.map_err(|e| e.to_string())
 }
@@ -67,7 +88,12 @@ async fn three_nodes_connect_over_mutual_tls_and_strangers_are_refused() {
     cluster(other.path(), &["x1"]);
     let mut eps = Vec::new();
     for n in ["n1", "n2", "n3"] {
-        let ep = QuicEndpoint::bind(([127, 0, 0, 1], 0).into(), Identity::load(dir.path(), n).unwrap(), TransportSettings::default()).unwrap();
+        let ep = QuicEndpoint::bind(
+            ([127, 0, 0, 1], 0).into(),
+            Identity::load(dir.path(), n).unwrap(),
+            TransportSettings::default(),
+        )
+        .unwrap();
         tokio::spawn(serve_echo(ep.clone()));
         eps.push(ep);
     }
@@ -76,29 +102,57 @@ async fn three_nodes_connect_over_mutual_tls_and_strangers_are_refused() {
         for (j, to) in eps.iter().enumerate() {
             if i != j {
                 let addr = to.local_addr().unwrap();
-                let r = tokio::time::timeout(WAIT, ask(from, addr, &format!("n{}", j + 1), ALPN_NODE)).await.unwrap();
-                assert_eq!(r, Ok(Response::End));
+                let r = tokio::time::timeout(WAIT, ask(from, addr, &format!("n{}", j + 1), ALPN_NODE))
+                    .await
+                    .unwrap();
+                assert_eq!(r, Ok(Response::Status(Default::default())));
             }
         }
     }
     let n1 = eps[0].local_addr().unwrap();
     // The admin client, dialling by IP.
-    let admin = QuicEndpoint::client(Identity::load(dir.path(), "admin").unwrap(), TransportSettings::default()).unwrap();
-    assert_eq!(tokio::time::timeout(WAIT, ask(&admin, n1, "127.0.0.1", ALPN_CLIENT)).await.unwrap(), Ok(Response::Done));
+    let admin = QuicEndpoint::client(
+        Identity::load(dir.path(), "admin").unwrap(),
+        TransportSettings::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        tokio::time::timeout(WAIT, ask(&admin, n1, "127.0.0.1", ALPN_CLIENT))
+            .await
+            .unwrap(),
+        Ok(Response::Done)
+    );
     // A node of another cluster is refused.
-    let stranger = QuicEndpoint::client(Identity::load(other.path(), "x1").unwrap(), TransportSettings::default()).unwrap();
-    assert!(tokio::time::timeout(WAIT, ask(&stranger, n1, "n1", ALPN_NODE)).await.unwrap().is_err());
+    let stranger = QuicEndpoint::client(
+        Identity::load(other.path(), "x1").unwrap(),
+        TransportSettings::default(),
+    )
+    .unwrap();
+    assert!(
+        tokio::time::timeout(WAIT, ask(&stranger, n1, "n1", ALPN_NODE))
+            .await
+            .unwrap()
+            .is_err()
+    );
     // A client that trusts the cluster CA but whose certificate another CA signed is refused
     // by the server.
     let mixed = tempfile::tempdir().unwrap();
     std::fs::copy(dir.path().join("ca.pem"), mixed.path().join("ca.pem")).unwrap();
     std::fs::copy(other.path().join("admin.pem"), mixed.path().join("admin.pem")).unwrap();
     std::fs::copy(other.path().join("admin.key"), mixed.path().join("admin.key")).unwrap();
-    let mixed_client = QuicEndpoint::client(Identity::load(mixed.path(), "admin").unwrap(), TransportSettings::default()).unwrap();
-    let r = tokio::time::timeout(WAIT, ask(&mixed_client, n1, "n1", ALPN_CLIENT)).await.unwrap();
+    let mixed_client = QuicEndpoint::client(
+        Identity::load(mixed.path(), "admin").unwrap(),
+        TransportSettings::default(),
+    )
+    .unwrap();
+    let r = tokio::time::timeout(WAIT, ask(&mixed_client, n1, "n1", ALPN_CLIENT))
+        .await
+        .unwrap();
     assert!(r.is_err(), "a certificate from another CA was accepted: {r:?}");
     // A certificate for another name does not pass as n2.
-    let r = tokio::time::timeout(WAIT, ask(&admin, n1, "n2", ALPN_CLIENT)).await.unwrap();
+    let r = tokio::time::timeout(WAIT, ask(&admin, n1, "n2", ALPN_CLIENT))
+        .await
+        .unwrap();
     assert!(r.is_err(), "n1's certificate passed as n2");
 }
 

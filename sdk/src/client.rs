@@ -29,16 +29,35 @@ fn rng() -> SmallRng {
     )
 }
 
-/// A client of a node.
+/// A client of a node: of the node embedded in this process ([`crate::Node::client`]), or of a
+/// cluster node reached over QUIC with mutual TLS ([`Client::connect`]).
 #[derive(Clone)]
 pub struct Client {
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Embedded(Local),
+    Remote(Arc<crate::remote::Remote>),
+}
+
+/// The client of the embedded node.
+#[derive(Clone)]
+struct Local {
     persistence: ControlPlane,
     engine: EngineHandle,
 }
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").finish_non_exhaustive()
+        let kind = match &self.inner {
+            Inner::Embedded(_) => "embedded",
+            Inner::Remote(_) => "remote",
+        };
+        f.debug_struct("Client")
+            .field("kind", &kind)
+            .finish_non_exhaustive()
     }
 }
 
@@ -69,14 +88,184 @@ impl RunEvents {
     }
 }
 
+macro_rules! dispatch {
+    ($self:ident, $m:ident ( $($a:expr),* )) => {
+        match &$self.inner {
+            Inner::Embedded(l) => l.$m($($a),*).await,
+            Inner::Remote(r) => r.$m($($a),*).await,
+        }
+    };
+}
+
 impl Client {
     pub(crate) fn new(persistence: ControlPlane, engine: EngineHandle) -> Self {
-        Client { persistence, engine }
+        Client {
+            inner: Inner::Embedded(Local { persistence, engine }),
+        }
+    }
+
+    /// Connects to a cluster node at `addr` (`host:port`) with the certificates in `certs`
+    /// (`ca.pem`, `admin.pem`, `admin.key`): the same API as the embedded client, except
+    /// [`Client::events`].
+    pub async fn connect(addr: &str, certs: &std::path::Path) -> Result<Client, Error> {
+        let remote = crate::remote::Remote::connect(addr, certs).await?;
+        Ok(Client {
+            inner: Inner::Remote(Arc::new(remote)),
+        })
+    }
+
+    /// The members of the cluster (a remote client; an embedded node is a cluster of one).
+    pub async fn cluster_status(&self) -> Result<flotilla_cluster::wire::ClusterStatus, Error> {
+        match &self.inner {
+            Inner::Embedded(_) => Ok(flotilla_cluster::wire::ClusterStatus::default()),
+            Inner::Remote(r) => r.cluster_status().await,
+        }
+    }
+
+    /// Forgets an unreachable member of the cluster (a remote client).
+    pub async fn remove_node(&self, node: &str) -> Result<(), Error> {
+        match &self.inner {
+            Inner::Embedded(_) => Err(Error::Parameters("an embedded node has no other members".into())),
+            Inner::Remote(r) => r.remove_node(node).await,
+        }
     }
 
     /// Creates a run of the flow `flow` with JSON `params` (an object of the flow's arguments
-    /// by name) and has this node run it. Returns at once with the run's id.
+    /// by name) and has a node run it. Returns at once with the run's id.
     pub async fn run(&self, flow: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
+        dispatch!(self, run(flow, params))
+    }
+
+    /// Runs a flow and waits for it to finish; returns the finished run.
+    pub async fn run_and_wait(&self, flow: &str, params: serde_json::Value) -> Result<FlowRun, Error> {
+        let id = self.run(flow, params).await?;
+        self.wait(id).await
+    }
+
+    /// Waits until the run is in a terminal state (Completed, Failed, Cancelled, Crashed) and
+    /// returns it. Wrap it in `tokio::time::timeout` to bound the wait.
+    pub async fn wait(&self, id: FlowRunId) -> Result<FlowRun, Error> {
+        dispatch!(self, wait(id))
+    }
+
+    /// The run once it is in a terminal state, or as it is after `max` (at most 5 s for a
+    /// remote client): for a display that follows a run.
+    pub async fn wait_for(&self, id: FlowRunId, max: std::time::Duration) -> Result<FlowRun, Error> {
+        match &self.inner {
+            Inner::Embedded(l) => match tokio::time::timeout(max, l.wait(id)).await {
+                Ok(r) => r,
+                Err(_) => l.flow_run(id).await,
+            },
+            Inner::Remote(r) => r.wait_for(id, max).await,
+        }
+    }
+
+    /// A flow run.
+    pub async fn flow_run(&self, id: FlowRunId) -> Result<FlowRun, Error> {
+        dispatch!(self, flow_run(id))
+    }
+
+    /// A page of flow runs (at most 1,000), after `after` (by id).
+    pub async fn flow_runs(
+        &self,
+        filter: RunFilter,
+        after: Option<FlowRunId>,
+        limit: usize,
+    ) -> Result<Vec<FlowRun>, Error> {
+        dispatch!(self, flow_runs(filter, after, limit))
+    }
+
+    /// Every task run of a flow run, in creation order.
+    pub async fn task_runs(&self, id: FlowRunId) -> Result<Vec<TaskRun>, Error> {
+        dispatch!(self, task_runs(id))
+    }
+
+    /// A flow run's states, oldest first.
+    pub async fn history(&self, id: FlowRunId) -> Result<Vec<State>, Error> {
+        dispatch!(self, history(id))
+    }
+
+    /// A page of a flow run's log lines after `after`, and where the next page starts.
+    pub async fn logs_page(
+        &self,
+        id: FlowRunId,
+        after: Option<LogCursor>,
+        limit: usize,
+    ) -> Result<(Vec<LogLine>, Option<LogCursor>), Error> {
+        dispatch!(self, logs_page(id, after, limit))
+    }
+
+    /// A flow run's log lines (its flow's and its tasks'), in order.
+    pub async fn logs(&self, id: FlowRunId) -> Result<Vec<LogLine>, Error> {
+        let mut all = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (lines, next) = self.logs_page(id, cursor, PAGE_MAX).await?;
+            if lines.is_empty() {
+                break;
+            }
+            all.extend(lines);
+            cursor = next;
+        }
+        Ok(all)
+    }
+
+    /// The result of a completed flow run.
+    pub async fn result<T: DeserializeOwned>(&self, id: FlowRunId) -> Result<T, Error> {
+        let bytes = dispatch!(self, result_bytes(id))?;
+        rmp_serde::from_slice(&bytes).map_err(|e| Error::NoResult {
+            run: id,
+            reason: format!("it does not decode as the asked type: {e}"),
+        })
+    }
+
+    /// Cancels a flow run: one not yet running ends Cancelled at once; a running one stops its
+    /// tasks and ends Cancelled. Returns the state it ends in.
+    pub async fn cancel(&self, id: FlowRunId) -> Result<State, Error> {
+        dispatch!(self, cancel(id))
+    }
+
+    /// Runs a finished (Failed, Crashed or Cancelled) flow run again: its task calls that
+    /// completed return their recorded results, the others run again.
+    pub async fn retry(&self, id: FlowRunId) -> Result<State, Error> {
+        dispatch!(self, retry_with(id, false))
+    }
+
+    /// Like [`Client::retry`], also for a Completed run (its old result stays in the history).
+    pub async fn retry_completed(&self, id: FlowRunId) -> Result<State, Error> {
+        dispatch!(self, retry_with(id, true))
+    }
+
+    /// A task run's states, oldest first (embedded client).
+    pub async fn task_history(&self, id: flotilla_runtime::TaskRunId) -> Result<Vec<State>, Error> {
+        match &self.inner {
+            Inner::Embedded(l) => l.task_history(id).await,
+            Inner::Remote(_) => Err(Error::Parameters(
+                "task histories are read on the node itself".into(),
+            )),
+        }
+    }
+
+    /// Follows a flow run's events (its own and its task runs') from now on (embedded client;
+    /// a remote client polls [`Client::history`] and [`Client::logs_page`]).
+    pub fn events(&self, id: FlowRunId) -> RunEvents {
+        match &self.inner {
+            Inner::Embedded(l) => l.events(id),
+            Inner::Remote(_) => {
+                let (_tx, rx) = broadcast::channel(1);
+                RunEvents {
+                    rx,
+                    resource: format!("flotilla.flow-run.{id}"),
+                }
+            }
+        }
+    }
+}
+
+impl Local {
+    /// Creates a run of the flow `flow` with JSON `params` (an object of the flow's arguments
+    /// by name) and has this node run it. Returns at once with the run's id.
+    async fn run(&self, flow: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
         let Some(f) = self.engine.flow(flow) else {
             return Err(Error::UnknownFlow {
                 name: flow.to_owned(),
@@ -117,15 +306,9 @@ impl Client {
         Ok(run.id)
     }
 
-    /// Runs a flow and waits for it to finish; returns the finished run.
-    pub async fn run_and_wait(&self, flow: &str, params: serde_json::Value) -> Result<FlowRun, Error> {
-        let id = self.run(flow, params).await?;
-        self.wait(id).await
-    }
-
     /// Waits until the run is in a terminal state (Completed, Failed, Cancelled, Crashed) and
     /// returns it. Wrap it in `tokio::time::timeout` to bound the wait.
-    pub async fn wait(&self, id: FlowRunId) -> Result<FlowRun, Error> {
+    async fn wait(&self, id: FlowRunId) -> Result<FlowRun, Error> {
         let mut events = self.events(id);
         loop {
             let run = self.flow_run(id).await?;
@@ -144,12 +327,12 @@ impl Client {
     }
 
     /// A flow run.
-    pub async fn flow_run(&self, id: FlowRunId) -> Result<FlowRun, Error> {
+    async fn flow_run(&self, id: FlowRunId) -> Result<FlowRun, Error> {
         self.persistence.flow_run(id).await?.ok_or(Error::NotFound(id))
     }
 
     /// A page of flow runs (at most 1,000), after `after` (by id).
-    pub async fn flow_runs(
+    async fn flow_runs(
         &self,
         filter: RunFilter,
         after: Option<FlowRunId>,
@@ -159,7 +342,7 @@ impl Client {
     }
 
     /// Every task run of a flow run, in creation order.
-    pub async fn task_runs(&self, id: FlowRunId) -> Result<Vec<TaskRun>, Error> {
+    async fn task_runs(&self, id: FlowRunId) -> Result<Vec<TaskRun>, Error> {
         let mut all = Vec::new();
         let mut after = None;
         loop {
@@ -172,7 +355,7 @@ impl Client {
     }
 
     /// A flow run's states, oldest first.
-    pub async fn history(&self, id: FlowRunId) -> Result<Vec<State>, Error> {
+    async fn history(&self, id: FlowRunId) -> Result<Vec<State>, Error> {
         let mut all = Vec::new();
         loop {
             let page = self
@@ -189,7 +372,7 @@ impl Client {
     }
 
     /// A task run's states, oldest first.
-    pub async fn task_history(&self, id: flotilla_runtime::TaskRunId) -> Result<Vec<State>, Error> {
+    async fn task_history(&self, id: flotilla_runtime::TaskRunId) -> Result<Vec<State>, Error> {
         let mut all = Vec::new();
         loop {
             let reply = self
@@ -211,41 +394,38 @@ impl Client {
         Ok(all)
     }
 
-    /// A flow run's log lines (its flow's and its tasks'), in order.
-    pub async fn logs(&self, id: FlowRunId) -> Result<Vec<LogLine>, Error> {
-        let mut all = Vec::new();
-        let mut cursor: Option<LogCursor> = None;
-        loop {
-            let ReadReply::Logs { lines, next } = self
-                .persistence
-                .read(Read::Logs {
-                    flow_run: id,
-                    after: cursor,
-                    limit: PAGE_MAX,
-                })
-                .await?
-            else {
-                break;
-            };
-            if lines.is_empty() {
-                break;
-            }
-            all.extend(lines);
-            cursor = next;
+    async fn logs_page(
+        &self,
+        id: FlowRunId,
+        after: Option<LogCursor>,
+        limit: usize,
+    ) -> Result<(Vec<LogLine>, Option<LogCursor>), Error> {
+        match self
+            .persistence
+            .read(Read::Logs {
+                flow_run: id,
+                after,
+                limit,
+            })
+            .await?
+        {
+            ReadReply::Logs { lines, next } => Ok((lines, next)),
+            other => Err(Error::NoResult {
+                run: id,
+                reason: format!("unexpected answer {other:?}"),
+            }),
         }
-        Ok(all)
     }
 
     /// Follows a flow run's events (its own and its task runs') from now on.
-    pub fn events(&self, id: FlowRunId) -> RunEvents {
+    fn events(&self, id: FlowRunId) -> RunEvents {
         RunEvents {
             rx: self.persistence.subscribe(),
             resource: format!("flotilla.flow-run.{id}"),
         }
     }
 
-    /// The result of a completed flow run.
-    pub async fn result<T: DeserializeOwned>(&self, id: FlowRunId) -> Result<T, Error> {
+    async fn result_bytes(&self, id: FlowRunId) -> Result<Vec<u8>, Error> {
         let run = self.flow_run(id).await?;
         let no = |reason: String| Error::NoResult { run: id, reason };
         let r = run
@@ -254,13 +434,12 @@ impl Client {
             .result
             .as_ref()
             .ok_or_else(|| no(format!("it is {}", run.lifecycle.state)))?;
-        let bytes = self.engine.ctx().results.load(r).map_err(|e| no(e.to_string()))?;
-        rmp_serde::from_slice(&bytes).map_err(|e| no(format!("it does not decode as the asked type: {e}")))
+        self.engine.ctx().results.load(r).map_err(|e| no(e.to_string()))
     }
 
     /// Cancels a flow run: one not yet running ends Cancelled at once; a running one stops its
     /// tasks and ends Cancelled. Returns the state it ends in.
-    pub async fn cancel(&self, id: FlowRunId) -> Result<State, Error> {
+    async fn cancel(&self, id: FlowRunId) -> Result<State, Error> {
         let p = Proposal::new(
             State::named(StateName::Cancelling, now()),
             TransitionId::new(now(), &mut rng()),
@@ -295,17 +474,6 @@ impl Client {
                 reason: format!("unexpected answer {other:?}"),
             }),
         }
-    }
-
-    /// Runs a finished (Failed, Crashed or Cancelled) flow run again: its task calls that
-    /// completed return their recorded results, the others run again.
-    pub async fn retry(&self, id: FlowRunId) -> Result<State, Error> {
-        self.retry_with(id, false).await
-    }
-
-    /// Like [`Client::retry`], also for a Completed run (its old result stays in the history).
-    pub async fn retry_completed(&self, id: FlowRunId) -> Result<State, Error> {
-        self.retry_with(id, true).await
     }
 
     async fn retry_with(&self, id: FlowRunId, force: bool) -> Result<State, Error> {

@@ -128,4 +128,16 @@ pub enum Error {
     /// Waiting took longer than allowed.
     #[error("flow run {0} did not finish in time")]
     Timeout(FlowRunId),
+    /// The node could not be reached, or the connection to it was lost.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The cluster turned the request down (an unknown flow, bad parameters, a rule…).
+    #[error("{0}")]
+    Rejected(String),
+    /// The cluster cannot serve the request now (no control node, no node runs the flow…).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The node answered something this client does not understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
 }

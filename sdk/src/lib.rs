@@ -47,6 +47,7 @@
 //! whose task run completed return their recorded result instead of running again.
 
 mod client;
+mod command;
 mod context;
 mod error;
 mod handle;
@@ -57,12 +58,15 @@ pub mod __private {
     pub use crate::private::*;
 }
 mod private;
+mod remote;
 
 pub use client::{Client, RunEvents};
+pub use command::{COMMAND_FLOW, CommandOutput, NOOP_FLOW, builtin_flows, command_flow};
 pub use context::{FlowContext, context};
 pub use error::{Error, NodeError, TaskError};
 pub use flotilla_actors::engine::Durability;
 pub use flotilla_actors::persistence::RunFilter;
+pub use flotilla_cluster::wire::{ClusterStatus, MemberStatus};
 pub use flotilla_macros::{flow, task};
 pub use flotilla_runtime::{
     Event, FlowRun, FlowRunId, LogLevel, LogLine, State, StateName, StateType, TaskRun, TaskRunId, TaskRunKey,

@@ -55,6 +55,12 @@ impl NodeBuilder {
         self
     }
 
+    /// Registers the built-in flows: `command` (runs a program as a task) and `noop`.
+    pub fn builtin_flows(mut self) -> Self {
+        self.flows.extend(crate::command::builtin_flows());
+        self
+    }
+
     /// Registers a flow (a `#[flow]` function).
     pub fn flow<D: FlowDef>(mut self, _flow: D) -> Self {
         self.flows.push(Arc::new(FlowAdapter::<D>::default()));

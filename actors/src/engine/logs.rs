@@ -118,17 +118,13 @@ fn filter(var: &str, default: &str) -> EnvFilter {
 impl LogCapture {
     /// Starts shipping captured lines to `persistence` in batches of at most `batch_max` lines
     /// or every `interval`. Must be called inside a tokio runtime.
-    pub fn start(
-        persistence: ControlPlane,
-        batch_max: usize,
-        interval: Duration,
-        to_stderr: bool,
-    ) -> Self {
+    pub fn start(persistence: ControlPlane, batch_max: usize, interval: Duration, to_stderr: bool) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let capture = CaptureLayer { tx: tx.clone() }.with_filter(filter("FLOTILLA_RUN_LOG", "info"));
         let stderr = to_stderr.then(|| {
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_target(false)
                 .with_filter(filter("FLOTILLA_LOG", "info"))
         });

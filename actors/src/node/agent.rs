@@ -21,7 +21,10 @@ pub fn agent_group(node: &NodeId) -> String {
 
 /// A node's agent, looked up afresh.
 pub fn agent_of(node: &NodeId) -> Option<ActorRef<AgentMsg>> {
-    ractor::pg::get_members(&agent_group(node)).into_iter().next().map(ActorRef::from)
+    ractor::pg::get_members(&agent_group(node))
+        .into_iter()
+        .next()
+        .map(ActorRef::from)
 }
 
 /// Messages of an agent (remotable).
@@ -68,13 +71,22 @@ impl Actor for Agent {
     type State = AgentArgs;
     type Arguments = AgentArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         ractor::pg::join(agent_group(&args.node), vec![myself.get_cell()]);
         myself.send_interval(args.heartbeat_every, || AgentMsg::Tick);
         Ok(args)
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             AgentMsg::Run(bytes) => {
                 if let Some(id) = id_of(&bytes) {
@@ -87,7 +99,9 @@ impl Actor for Agent {
                 }
             }
             AgentMsg::Tick => {
-                let Some(control) = control_actor() else { return Ok(()) };
+                let Some(control) = control_actor() else {
+                    return Ok(());
+                };
                 let (running, queued) = s.engine.load().await.unwrap_or((0, 0));
                 let report = MemberStatus {
                     name: s.node.clone(),
@@ -99,13 +113,16 @@ impl Actor for Agent {
                     flows: s.engine.flow_names(),
                     last_heartbeat: None,
                 };
-                let Ok(bytes) = codec::encode(&report) else { return Ok(()) };
+                let Ok(bytes) = codec::encode(&report) else {
+                    return Ok(());
+                };
                 let view = s.view.clone();
                 let timeout = s.heartbeat_every * 4;
                 // Not awaited here: a slow control node must not stall the agent.
                 tokio::spawn(async move {
-                    if let Ok(ractor::rpc::CallResult::Success(reply)) =
-                        control.call(|port| ControlMsg::Heartbeat(bytes, port), Some(timeout)).await
+                    if let Ok(ractor::rpc::CallResult::Success(reply)) = control
+                        .call(|port| ControlMsg::Heartbeat(bytes, port), Some(timeout))
+                        .await
                         && let Ok(status) = codec::decode::<ClusterStatus>(&reply)
                         && let Ok(mut v) = view.write()
                     {

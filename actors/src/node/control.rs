@@ -4,20 +4,26 @@
 //! its runs, places flow runs on live nodes, and serves the client protocol.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_cluster::wire::{ClusterStatus, ErrorKind, MemberStatus, Request, Response, WireError};
-use flotilla_runtime::{
-    Command, Decision, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryRequest, State, StateName, StateType,
-    Timestamp, TransitionId, codec,
+use flotilla_cluster::wire::{
+    ClusterStatus, ErrorKind, MemberStatus, Request, Response, WAIT_MS_MAX, WireError,
 };
-use rand::SeedableRng;
-use rand::rngs::SmallRng;
+use flotilla_runtime::{
+    Command, Decision, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryRequest, State, StateName,
+    StateType, Timestamp, TransitionId, codec,
+};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
 
 use super::agent::{AgentMsg, agent_of};
-use crate::persistence::{PAGE_MAX, PersistError, PersistenceHandle, Read, ReadReply, RunFilter, SubmitResult};
+use crate::engine::FlowFn;
+use crate::persistence::{
+    PAGE_MAX, PersistError, PersistenceHandle, Read, ReadReply, RunFilter, SubmitResult,
+};
 
 /// The process group of the control actor.
 pub const CONTROL_GROUP: &str = "flotilla.control";
@@ -55,7 +61,10 @@ pub struct MembershipSettings {
 
 impl Default for MembershipSettings {
     fn default() -> Self {
-        MembershipSettings { unreachable_after: Duration::from_secs(1), check_every: Duration::from_millis(50) }
+        MembershipSettings {
+            unreachable_after: Duration::from_secs(1),
+            check_every: Duration::from_millis(50),
+        }
     }
 }
 
@@ -76,11 +85,16 @@ pub struct ControlState {
     members: BTreeMap<NodeId, Member>,
     settings: MembershipSettings,
     rng: SmallRng,
+    /// The flows this node knows: their parameters are checked and their options applied when
+    /// a run is created (a flow only other nodes know is checked when it runs).
+    flows: std::collections::HashMap<String, Arc<dyn FlowFn>>,
 }
 
 impl std::fmt::Debug for ControlState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControlState").field("members", &self.members.len()).finish_non_exhaustive()
+        f.debug_struct("ControlState")
+            .field("members", &self.members.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -102,7 +116,9 @@ fn persist_err(e: PersistError) -> Response {
 
 impl ControlState {
     fn status(&self) -> ClusterStatus {
-        ClusterStatus { nodes: self.members.values().map(|m| m.status.clone()).collect() }
+        ClusterStatus {
+            nodes: self.members.values().map(|m| m.status.clone()).collect(),
+        }
     }
 
     /// The live member that runs `flow` with the most free room (slots in use counting the runs
@@ -111,9 +127,13 @@ impl ControlState {
         let best = self
             .members
             .values_mut()
-            .filter(|m| m.status.reachable && m.status.slots_total > 0 && m.status.flows.iter().any(|f| f == flow))
+            .filter(|m| {
+                m.status.reachable && m.status.slots_total > 0 && m.status.flows.iter().any(|f| f == flow)
+            })
             .min_by(|a, b| {
-                let load = |m: &Member| f64::from(m.status.slots_used + m.placed) / f64::from(m.status.slots_total.max(1));
+                let load = |m: &Member| {
+                    f64::from(m.status.slots_used + m.placed) / f64::from(m.status.slots_total.max(1))
+                };
                 load(a).total_cmp(&load(b))
             })?;
         best.placed += 1;
@@ -151,7 +171,11 @@ impl ControlState {
         if !entry.status.reachable {
             tracing::info!(node = %report.name, "member reachable");
         }
-        entry.status = MemberStatus { reachable: true, last_heartbeat: Some(now()), ..report };
+        entry.status = MemberStatus {
+            reachable: true,
+            last_heartbeat: Some(now()),
+            ..report
+        };
         entry.last_seen = Instant::now();
         entry.placed = 0;
         self.status()
@@ -166,10 +190,16 @@ impl ControlState {
         match request {
             Request::Status => answer(reply, Response::Status(self.status())),
             Request::RemoveNode(node) => match self.members.get(&node) {
-                None => answer(reply, refused(ErrorKind::NotFound, format!("no member named {node}"))),
+                None => answer(
+                    reply,
+                    refused(ErrorKind::NotFound, format!("no member named {node}")),
+                ),
                 Some(m) if m.status.reachable => answer(
                     reply,
-                    refused(ErrorKind::Refused, format!("{node} is reachable; stop it before removing it")),
+                    refused(
+                        ErrorKind::Refused,
+                        format!("{node} is reachable; stop it before removing it"),
+                    ),
                 ),
                 Some(_) => {
                     self.members.remove(&node);
@@ -177,8 +207,31 @@ impl ControlState {
                 }
             },
             Request::RunFlow { flow, params } => {
+                let params = if params.is_null() {
+                    serde_json::json!({})
+                } else {
+                    params
+                };
+                let (retry_policy, resume) = match self.flows.get(&flow) {
+                    Some(f) => {
+                        if let Err(e) = f.check_params(&params) {
+                            return answer(
+                                reply,
+                                refused(ErrorKind::Refused, format!("invalid parameters: {e}")),
+                            );
+                        }
+                        let o = f.options();
+                        (o.retry, o.resume)
+                    }
+                    None => (Default::default(), false),
+                };
                 let Some(node) = self.place(&flow) else {
-                    let known: Vec<String> = self.members.values().flat_map(|m| m.status.flows.clone()).collect();
+                    let known: std::collections::BTreeSet<String> = self
+                        .members
+                        .values()
+                        .flat_map(|m| m.status.flows.clone())
+                        .collect();
+                    let known: Vec<String> = known.into_iter().collect();
                     let msg = if known.iter().any(|f| *f == flow) {
                         format!("no reachable node runs flow {flow:?} now")
                     } else {
@@ -186,7 +239,6 @@ impl ControlState {
                     };
                     return answer(reply, refused(ErrorKind::Unavailable, msg));
                 };
-                let params = if params.is_null() { serde_json::json!({}) } else { params };
                 let id = FlowRunId::new(now(), &mut self.rng);
                 tokio::spawn(async move {
                     let cmd = Command::CreateFlowRun(NewFlowRun {
@@ -198,8 +250,8 @@ impl ControlState {
                         idempotency_key: None,
                         tags: vec![],
                         work_queue: None,
-                        retry_policy: Default::default(),
-                        resume: true,
+                        retry_policy,
+                        resume,
                         scheduled_time: None,
                     });
                     let r = match p.submit(cmd).await {
@@ -219,14 +271,26 @@ impl ControlState {
                 tokio::spawn(async move {
                     let prop = Proposal::new(State::named(StateName::Cancelling, now()), tid);
                     let owner = p.flow_run(id).await.ok().flatten().and_then(|r| r.owner);
-                    let r = match p.submit(Command::ProposeFlowRunState { run: id, proposal: prop }).await {
-                        Ok(Ok(Reply::FlowRunTransition { decision: Decision::Accept(s) | Decision::Reject(s), .. })) => {
+                    let r = match p
+                        .submit(Command::ProposeFlowRunState {
+                            run: id,
+                            proposal: prop,
+                        })
+                        .await
+                    {
+                        Ok(Ok(Reply::FlowRunTransition {
+                            decision: Decision::Accept(s) | Decision::Reject(s),
+                            ..
+                        })) => {
                             if let Some(owner) = owner {
                                 send_agent(&owner, AgentMsg::Cancel(id.as_bytes().to_vec()));
                             }
                             Response::State(s)
                         }
-                        Ok(Ok(Reply::FlowRunTransition { decision: Decision::Abort(r), .. })) => refused(ErrorKind::Refused, r.to_string()),
+                        Ok(Ok(Reply::FlowRunTransition {
+                            decision: Decision::Abort(r),
+                            ..
+                        })) => refused(ErrorKind::Refused, r.to_string()),
                         Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
                         Ok(Err(refusal)) => not_found_or(refusal),
                         Err(e) => persist_err(e),
@@ -237,11 +301,18 @@ impl ControlState {
             Request::Retry { run, force } => {
                 let tid = self.tid();
                 tokio::spawn(async move {
-                    let request = RetryRequest { transition_id: tid, resume: false, force, message: None };
+                    let request = RetryRequest {
+                        transition_id: tid,
+                        resume: false,
+                        force,
+                        message: None,
+                    };
                     let r = match p.submit(Command::RetryFlowRun { run, request }).await {
                         Ok(Ok(Reply::Retried { state, .. })) => {
                             // Placed like a new run, by the control actor.
-                            if let (Ok(Some(f)), Some(me)) = (p.flow_run(run).await, super::plane::control_actor()) {
+                            if let (Ok(Some(f)), Some(me)) =
+                                (p.flow_run(run).await, super::plane::control_actor())
+                            {
                                 let _ = me.cast(ControlMsg::Place(encode(&(run, f.flow_name))));
                             }
                             Response::State(state)
@@ -251,6 +322,12 @@ impl ControlState {
                         Err(e) => persist_err(e),
                     };
                     answer(reply, r);
+                });
+            }
+            Request::Wait { run, timeout_ms } => {
+                tokio::spawn(async move {
+                    let limit = Duration::from_millis(u64::from(timeout_ms.min(WAIT_MS_MAX)));
+                    answer(reply, wait_for_end(&p, run, limit).await);
                 });
             }
             other => {
@@ -265,7 +342,9 @@ impl ControlState {
 
 fn not_found_or(refusal: flotilla_runtime::Refusal) -> Response {
     match refusal {
-        flotilla_runtime::Refusal::FlowRunNotFound(id) => refused(ErrorKind::NotFound, format!("no flow run {id}")),
+        flotilla_runtime::Refusal::FlowRunNotFound(id) => {
+            refused(ErrorKind::NotFound, format!("no flow run {id}"))
+        }
         other => refused(ErrorKind::Refused, other.to_string()),
     }
 }
@@ -279,6 +358,39 @@ pub(crate) fn send_agent(node: &NodeId, msg: AgentMsg) {
             }
         }
         None => tracing::warn!(%node, "the node's agent is not connected"),
+    }
+}
+
+/// The run once it is terminal, or as it is when `limit` has passed.
+async fn wait_for_end(p: &PersistenceHandle, id: FlowRunId, limit: Duration) -> Response {
+    let deadline = tokio::time::Instant::now() + limit;
+    let resource = format!("flotilla.flow-run.{id}");
+    // Subscribe before reading, so an end between the two is not missed.
+    let mut events = p.subscribe();
+    loop {
+        let run = match p.flow_run(id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return refused(ErrorKind::NotFound, format!("no flow run {id}")),
+            Err(e) => return persist_err(e),
+        };
+        if run.lifecycle.state.is_terminal() {
+            return Response::FlowRun(Box::new(run));
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => return Response::FlowRun(Box::new(run)),
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                    return refused(ErrorKind::Unavailable, "the store stopped".to_owned());
+                }
+                Ok(Ok(e)) => {
+                    if e.resource.id() == Some(resource.as_str()) && e.state().is_some_and(State::is_terminal)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -324,18 +436,31 @@ async fn read_request(p: &PersistenceHandle, request: Request) -> Response {
             }
             Response::History(all)
         }
-        Request::Logs { run, after, limit } => match p.read(Read::Logs { flow_run: run, after, limit: limit as usize }).await {
+        Request::Logs { run, after, limit } => match p
+            .read(Read::Logs {
+                flow_run: run,
+                after,
+                limit: limit as usize,
+            })
+            .await
+        {
             Ok(ReadReply::Logs { lines, next }) => Response::Logs { lines, next },
             Ok(other) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
             Err(e) => persist_err(e),
         },
         Request::Result(id) => match p.flow_run(id).await {
             Ok(Some(r)) => match (&r.lifecycle.state.kind, &r.lifecycle.state.result) {
-                (StateType::Completed, Some(flotilla_runtime::ResultRef::Inline(b))) => Response::Result(b.clone()),
-                (StateType::Completed, Some(_)) => {
-                    refused(ErrorKind::Unavailable, "the result is stored on the node that ran it".to_owned())
+                (StateType::Completed, Some(flotilla_runtime::ResultRef::Inline(b))) => {
+                    Response::Result(b.clone())
                 }
-                _ => refused(ErrorKind::Refused, format!("flow run {id} is {}; it has no result", r.lifecycle.state)),
+                (StateType::Completed, Some(_)) => refused(
+                    ErrorKind::Unavailable,
+                    "the result is stored on the node that ran it".to_owned(),
+                ),
+                _ => refused(
+                    ErrorKind::Refused,
+                    format!("flow run {id} is {}; it has no result", r.lifecycle.state),
+                ),
             },
             Ok(None) => missing(id),
             Err(e) => persist_err(e),
@@ -354,6 +479,8 @@ pub struct ControlArgs {
     pub persistence: PersistenceHandle,
     /// How membership works.
     pub settings: MembershipSettings,
+    /// The flows registered on this node.
+    pub flows: Vec<Arc<dyn FlowFn>>,
 }
 
 impl Actor for Control {
@@ -361,7 +488,11 @@ impl Actor for Control {
     type State = ControlState;
     type Arguments = ControlArgs;
 
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: Self::Arguments) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
         ractor::pg::join(CONTROL_GROUP.to_owned(), vec![myself.get_cell()]);
         myself.send_interval(args.settings.check_every, || ControlMsg::Tick);
         Ok(ControlState {
@@ -369,15 +500,22 @@ impl Actor for Control {
             members: BTreeMap::new(),
             settings: args.settings,
             rng: SmallRng::seed_from_u64(now().as_micros() as u64),
+            flows: args.flows.into_iter().map(|f| (f.name().to_owned(), f)).collect(),
         })
     }
 
-    async fn handle(&self, _myself: ActorRef<Self::Msg>, msg: Self::Msg, s: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ControlMsg::Submit(bytes, reply) => {
                 // Queued in order at once; answered when durable, without holding the actor.
                 let p = s.persistence.clone();
-                let answers: Result<Vec<_>, _> = codec::decode::<Vec<Command>>(&bytes).map(|cmds| cmds.into_iter().map(|c| p.enqueue(c)).collect());
+                let answers: Result<Vec<_>, _> = codec::decode::<Vec<Command>>(&bytes)
+                    .map(|cmds| cmds.into_iter().map(|c| p.enqueue(c)).collect());
                 tokio::spawn(async move {
                     let results: Vec<SubmitResult> = match answers {
                         Ok(answers) => {
@@ -411,14 +549,19 @@ impl Actor for Control {
             ControlMsg::Request(bytes, reply) => match codec::decode::<Request>(&bytes) {
                 Ok(request) => s.request(request, reply),
                 Err(e) => {
-                    let _ = reply.send(encode(&refused(ErrorKind::Protocol, format!("an undecodable request: {e}"))));
+                    let _ = reply.send(encode(&refused(
+                        ErrorKind::Protocol,
+                        format!("an undecodable request: {e}"),
+                    )));
                 }
             },
             ControlMsg::Place(bytes) => {
                 if let Ok((run, flow)) = codec::decode::<(FlowRunId, String)>(&bytes) {
                     match s.place(&flow) {
                         Some(node) => send_agent(&node, AgentMsg::Run(run.as_bytes().to_vec())),
-                        None => tracing::warn!(flow_run = %run, %flow, "no reachable node runs this flow; the run waits"),
+                        None => {
+                            tracing::warn!(flow_run = %run, %flow, "no reachable node runs this flow; the run waits")
+                        }
                     }
                 }
             }

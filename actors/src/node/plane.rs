@@ -86,7 +86,10 @@ pub struct RemoteControl {
 /// The control actor, found through its process group (ractor_cluster gives remote actors new
 /// ids after a reconnect, so it is looked up afresh each time).
 pub fn control_actor() -> Option<ActorRef<ControlMsg>> {
-    ractor::pg::get_members(&CONTROL_GROUP.to_owned()).into_iter().next().map(ActorRef::from)
+    ractor::pg::get_members(&CONTROL_GROUP.to_owned())
+        .into_iter()
+        .next()
+        .map(ActorRef::from)
 }
 
 async fn call(msg: impl FnOnce(ractor::RpcReplyPort<Vec<u8>>) -> ControlMsg) -> Result<Vec<u8>, String> {
@@ -144,7 +147,9 @@ impl RemoteControl {
             }
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
-        Err(PersistError::Read(format!("the control node cannot be read: {last}")))
+        Err(PersistError::Read(format!(
+            "the control node cannot be read: {last}"
+        )))
     }
 }
 
@@ -162,12 +167,18 @@ async fn forward(commands: &[Command]) -> Vec<SubmitResult> {
         match call(|port| ControlMsg::Submit(bytes.clone(), port)).await {
             Ok(reply) => match codec::decode::<Vec<SubmitResult>>(&reply) {
                 Ok(results) if results.len() == commands.len() => return results,
-                Ok(_) => return fail(PersistError::Read("the control node answered a different batch".into())),
+                Ok(_) => {
+                    return fail(PersistError::Read(
+                        "the control node answered a different batch".into(),
+                    ));
+                }
                 Err(e) => return fail(PersistError::Read(format!("an undecodable answer: {e}"))),
             },
             Err(e) => {
                 if tokio::time::Instant::now() >= deadline {
-                    return fail(PersistError::LogWrite(format!("the control node is unreachable: {e}")));
+                    return fail(PersistError::LogWrite(format!(
+                        "the control node is unreachable: {e}"
+                    )));
                 }
                 tracing::debug!(error = %e, "resending to the control node");
                 tokio::time::sleep(backoff).await;

@@ -2,8 +2,8 @@
 //! bounded page size.
 
 use flotilla_runtime::{
-    Deployment, DeploymentId, Event, EventId, FlowRun, FlowRunId, LogIndex, LogLine, State,
-    StateType, TaskRun, TaskRunId,
+    Deployment, DeploymentId, Event, EventId, FlowRun, FlowRunId, LogIndex, LogLine, State, StateType,
+    TaskRun, TaskRunId,
 };
 use serde::{Deserialize, Serialize};
 

@@ -1,0 +1,463 @@
+//! `flotilla flow-run …`: create, list, inspect, follow, cancel and retry flow runs on a cluster.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use clap::Subcommand;
+use flotilla::{FlowRun, FlowRunId, LogLine, RunFilter, StateType};
+use flotilla_runtime::LogCursor;
+
+use crate::config::{Conn, Session};
+
+/// Flow run commands.
+#[derive(Debug, Subcommand)]
+pub enum FlowRunCmd {
+    /// Create a run of a flow; the cluster places it on a node that runs the flow.
+    Create {
+        /// The flow's name (`command` runs a program).
+        flow: String,
+        /// A parameter, key=value (the value read as JSON when it parses, else as a string).
+        #[arg(long = "param", value_name = "KEY=VALUE", conflicts_with = "params_json")]
+        params: Vec<String>,
+        /// Every parameter as one JSON object.
+        #[arg(long, value_name = "JSON")]
+        params_json: Option<String>,
+        /// Follow the run until it ends (as `flow-run watch`).
+        #[arg(long)]
+        watch: bool,
+        /// Print the run's id as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List flow runs, oldest first.
+    Ls {
+        /// Only those in this state type (SCHEDULED, PENDING, RUNNING, COMPLETED, FAILED,
+        /// CANCELLING, CANCELLED, CRASHED, PAUSED).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// A JSON array on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// One flow run: its state history and its task runs.
+    Inspect {
+        /// The run's id.
+        id: String,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A flow run's log lines.
+    Logs {
+        /// The run's id.
+        id: String,
+        /// Keep printing new lines until the run ends.
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Cancel a flow run; waits until it is Cancelled.
+    Cancel {
+        /// The run's id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Run a Failed, Crashed or Cancelled flow run again.
+    Retry {
+        /// The run's id.
+        id: String,
+        /// Follow the run until it ends.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Follow a flow run: its state and log lines until it ends. Exits 0 only when it
+    /// completed.
+    Watch {
+        /// The run's id.
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn run_id(s: &str) -> anyhow::Result<FlowRunId> {
+    s.parse()
+        .map_err(|e| anyhow::anyhow!("{s:?} is not a flow run id: {e}"))
+}
+
+/// The parameters from `--param k=v…` or `--params-json`.
+fn parameters(params: &[String], json: Option<&str>) -> anyhow::Result<serde_json::Value> {
+    if let Some(j) = json {
+        let v: serde_json::Value =
+            serde_json::from_str(j).map_err(|e| anyhow::anyhow!("--params-json is not JSON: {e}"))?;
+        anyhow::ensure!(
+            v.is_object(),
+            "--params-json must be a JSON object, such as {{\"count\": 3}}"
+        );
+        return Ok(v);
+    }
+    let mut m = serde_json::Map::new();
+    for p in params {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--param {p:?}: expected KEY=VALUE"))?;
+        anyhow::ensure!(!k.is_empty(), "--param {p:?}: the key is empty");
+        let value = serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.to_owned()));
+        if m.insert(k.to_owned(), value).is_some() {
+            anyhow::bail!("--param {k} is given twice");
+        }
+    }
+    Ok(serde_json::Value::Object(m))
+}
+
+pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
+    match cmd {
+        FlowRunCmd::Create {
+            flow,
+            params,
+            params_json,
+            watch: follow,
+            json,
+            conn,
+        } => {
+            let params = parameters(&params, params_json.as_deref())?;
+            let s = conn.connect().await?;
+            let id = s.client.run(&flow, params).await.map_err(|e| s.fail(e))?;
+            if json {
+                println!("{}", serde_json::json!({ "id": id.to_string() }));
+            } else {
+                println!("{id}");
+            }
+            if follow {
+                return watch(&s, id).await;
+            }
+            Ok(true)
+        }
+        FlowRunCmd::Ls {
+            state,
+            limit,
+            json,
+            conn,
+        } => {
+            let filter = match state {
+                None => RunFilter::All,
+                Some(s) => RunFilter::State(
+                    s.to_uppercase()
+                        .parse::<StateType>()
+                        .map_err(|e| anyhow::anyhow!("--state {s:?}: {e}"))?,
+                ),
+            };
+            let s = conn.connect().await?;
+            let mut runs = Vec::new();
+            let mut after = None;
+            while runs.len() < limit {
+                let page = s
+                    .client
+                    .flow_runs(filter.clone(), after, (limit - runs.len()).min(1000))
+                    .await
+                    .map_err(|e| s.fail(e))?;
+                let Some(last) = page.last() else { break };
+                after = Some(last.id);
+                runs.extend(page);
+            }
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&runs.iter().map(run_json).collect::<Vec<_>>())?
+                );
+            } else {
+                print_runs(&runs);
+            }
+            Ok(true)
+        }
+        FlowRunCmd::Inspect { id, json, conn } => {
+            let id = run_id(&id)?;
+            let s = conn.connect().await?;
+            let run = s.client.flow_run(id).await.map_err(|e| s.fail(e))?;
+            let history = s.client.history(id).await.map_err(|e| s.fail(e))?;
+            let tasks = s.client.task_runs(id).await.map_err(|e| s.fail(e))?;
+            if json {
+                let v = serde_json::json!({
+                    "run": run_json(&run),
+                    "parameters": run.parameters,
+                    "history": history.iter().map(|st| serde_json::json!({
+                        "state": st.name.to_string(), "type": st.kind.to_string(),
+                        "timestamp": st.timestamp.to_string(), "message": st.message,
+                    })).collect::<Vec<_>>(),
+                    "task_runs": tasks.iter().map(|t| serde_json::json!({
+                        "id": t.id.to_string(), "task": t.key.task_key, "call": t.key.call_index,
+                        "state": t.lifecycle.state.name.to_string(), "runs": t.lifecycle.run_count,
+                        "message": t.lifecycle.state.message,
+                    })).collect::<Vec<_>>(),
+                });
+                println!("{v}");
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "flow run  {}", run.id)?;
+                writeln!(out, "flow      {}", run.flow_name)?;
+                writeln!(out, "state     {}", run.lifecycle.state)?;
+                writeln!(
+                    out,
+                    "node      {}",
+                    run.owner.as_ref().map_or("-", |n| n.as_str())
+                )?;
+                writeln!(out, "params    {}", run.parameters)?;
+                writeln!(out, "created   {}", run.created)?;
+                if run.lifecycle.state.kind == StateType::Completed {
+                    match s.client.result::<serde_json::Value>(id).await {
+                        Ok(v) => writeln!(out, "result    {v}")?,
+                        Err(e) => writeln!(out, "result    ({e})")?,
+                    }
+                }
+                writeln!(out, "\nHISTORY")?;
+                for st in &history {
+                    writeln!(
+                        out,
+                        "  {}  {:<12} {}",
+                        st.timestamp,
+                        st.name.to_string(),
+                        st.message.as_deref().unwrap_or("")
+                    )?;
+                }
+                writeln!(out, "\nTASK RUNS ({})", tasks.len())?;
+                for t in &tasks {
+                    writeln!(
+                        out,
+                        "  {}  {}[{}]  {:<10} runs {}  {}",
+                        t.id,
+                        t.key.task_key,
+                        t.key.call_index,
+                        t.lifecycle.state.name.to_string(),
+                        t.lifecycle.run_count,
+                        t.lifecycle.state.message.as_deref().unwrap_or("")
+                    )?;
+                }
+            }
+            Ok(true)
+        }
+        FlowRunCmd::Logs {
+            id,
+            follow,
+            json,
+            conn,
+        } => {
+            let id = run_id(&id)?;
+            let s = conn.connect().await?;
+            let mut out = std::io::stdout().lock();
+            let mut cursor = None;
+            loop {
+                let run = if follow {
+                    Some(
+                        s.client
+                            .wait_for(id, Duration::from_millis(250))
+                            .await
+                            .map_err(|e| s.fail(e))?,
+                    )
+                } else {
+                    None
+                };
+                cursor = drain_logs(&s, id, cursor, |l| print_line(&mut out, l, json)).await?;
+                if run.is_none_or(|r| r.lifecycle.state.is_terminal()) {
+                    // A run that ended has every line recorded before its final state.
+                    if follow {
+                        drain_logs(&s, id, cursor, |l| print_line(&mut out, l, json)).await?;
+                    }
+                    break;
+                }
+            }
+            Ok(true)
+        }
+        FlowRunCmd::Cancel { id, conn } => {
+            let id = run_id(&id)?;
+            let s = conn.connect().await?;
+            let state = s.client.cancel(id).await.map_err(|e| s.fail(e))?;
+            println!("{id} {state}");
+            Ok(true)
+        }
+        FlowRunCmd::Retry {
+            id,
+            watch: follow,
+            conn,
+        } => {
+            let id = run_id(&id)?;
+            let s = conn.connect().await?;
+            let state = s.client.retry(id).await.map_err(|e| s.fail(e))?;
+            println!("{id} {state}");
+            if follow {
+                return watch(&s, id).await;
+            }
+            Ok(true)
+        }
+        FlowRunCmd::Watch { id, conn } => {
+            let id = run_id(&id)?;
+            let s = conn.connect().await?;
+            watch(&s, id).await
+        }
+    }
+}
+
+fn run_json(r: &FlowRun) -> serde_json::Value {
+    serde_json::json!({
+        "id": r.id.to_string(),
+        "flow": r.flow_name,
+        "state": r.lifecycle.state.name.to_string(),
+        "type": r.lifecycle.state.kind.to_string(),
+        "message": r.lifecycle.state.message,
+        "node": r.owner.as_ref().map(|n| n.as_str().to_owned()),
+        "created": r.created.to_string(),
+        "start_time": r.lifecycle.start_time.map(|t| t.to_string()),
+        "end_time": r.lifecycle.end_time.map(|t| t.to_string()),
+        "run_count": r.lifecycle.run_count,
+    })
+}
+
+fn print_runs(runs: &[FlowRun]) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(
+        out,
+        "{:<36}  {:<20} {:<11} {:<8} {:<27} MESSAGE",
+        "ID", "FLOW", "STATE", "NODE", "CREATED"
+    );
+    for r in runs {
+        let _ = writeln!(
+            out,
+            "{:<36}  {:<20} {:<11} {:<8} {:<27} {}",
+            r.id.to_string(),
+            r.flow_name,
+            r.lifecycle.state.name.to_string(),
+            r.owner.as_ref().map_or("-", |n| n.as_str()),
+            r.created.to_string(),
+            r.lifecycle.state.message.as_deref().unwrap_or("")
+        );
+    }
+}
+
+fn format_line(l: &LogLine) -> String {
+    let t = l.timestamp.to_datetime().format("%H:%M:%S%.3f");
+    let who = match (l.target.as_str(), l.task_run) {
+        (t @ ("stdout" | "stderr"), _) => t,
+        (_, Some(_)) => "task",
+        (_, None) => "flow",
+    };
+    format!("{t} {:<5} {who} | {}", l.level.to_string(), l.message)
+}
+
+fn print_line(out: &mut impl Write, l: &LogLine, json: bool) {
+    let _ = if json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "timestamp": l.timestamp.to_string(), "level": l.level.to_string(),
+                "task_run": l.task_run.map(|t| t.to_string()), "message": l.message,
+            })
+        )
+    } else {
+        writeln!(out, "{}", format_line(l))
+    };
+}
+
+/// Prints every log line after `cursor`; returns the new cursor.
+async fn drain_logs(
+    s: &Session,
+    id: FlowRunId,
+    mut cursor: Option<LogCursor>,
+    mut each: impl FnMut(&LogLine),
+) -> anyhow::Result<Option<LogCursor>> {
+    loop {
+        let (lines, next) = s
+            .client
+            .logs_page(id, cursor, 1000)
+            .await
+            .map_err(|e| s.fail(e))?;
+        if lines.is_empty() {
+            return Ok(cursor);
+        }
+        lines.iter().for_each(&mut each);
+        cursor = next.or(cursor);
+    }
+}
+
+/// Follows a run to its end: a spinner with its state and task runs on a terminal, and its
+/// log lines, all on stderr. True when it completed.
+pub async fn watch(s: &Session, id: FlowRunId) -> anyhow::Result<bool> {
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    if std::io::stderr().is_terminal() {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {elapsed_precise} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        bar.enable_steady_tick(Duration::from_millis(120));
+    }
+    let started = Instant::now();
+    let mut cursor = None;
+    let mut last_state = String::new();
+    let run = loop {
+        let run = s
+            .client
+            .wait_for(id, Duration::from_millis(200))
+            .await
+            .map_err(|e| s.fail(e))?;
+        cursor = drain_logs(s, id, cursor, |l| bar.suspend(|| eprintln!("{}", format_line(l)))).await?;
+        let state = run.lifecycle.state.name.to_string();
+        if state != last_state {
+            let node = run
+                .owner
+                .as_ref()
+                .map_or_else(String::new, |n| format!(" on {n}"));
+            bar.suspend(|| eprintln!("{} {state}{node}", run.flow_name));
+            last_state = state;
+        }
+        if run.lifecycle.state.is_terminal() {
+            break run;
+        }
+        let tasks = s.client.task_runs(id).await.map(|t| t.len()).unwrap_or(0);
+        bar.set_message(format!(
+            "{} {} · {tasks} task runs",
+            run.flow_name, run.lifecycle.state.name
+        ));
+    };
+    bar.finish_and_clear();
+    let st = &run.lifecycle.state;
+    let took = started.elapsed();
+    match st.message.as_deref() {
+        Some(m) => eprintln!("flow run {id} {} after {took:.2?}: {m}", st.name),
+        None => eprintln!("flow run {id} {} after {took:.2?}", st.name),
+    }
+    Ok(st.kind == StateType::Completed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_from_flags() {
+        let v = parameters(&["n=3".into(), "name=abc".into(), "xs=[1,2]".into()], None).unwrap();
+        assert_eq!(v, serde_json::json!({"n": 3, "name": "abc", "xs": [1, 2]}));
+        assert!(parameters(&["novalue".into()], None).is_err());
+        assert!(parameters(&["a=1".into(), "a=2".into()], None).is_err());
+        assert!(parameters(&[], Some("[1]")).is_err());
+        assert!(parameters(&[], Some("{nope")).is_err());
+        assert_eq!(
+            parameters(&[], Some("{\"a\":1}")).unwrap(),
+            serde_json::json!({"a": 1})
+        );
+    }
+}

@@ -1,0 +1,169 @@
+//! `flotilla node start`: runs a cluster node until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use flotilla_actors::node::{self, NodeConfig, Role};
+use flotilla_runtime::NodeId;
+
+use crate::config::{FileConfig, duration};
+
+/// Node commands.
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// Start a node: join the cluster, run flow runs placed on it, until Ctrl-C or SIGTERM.
+    Start(StartArgs),
+}
+
+/// `node start`: every flag also from `FLOTILLA_*` and the config file.
+#[derive(Debug, clap::Args)]
+pub struct StartArgs {
+    /// The node's name (its certificate's).
+    #[arg(long, env = "FLOTILLA_NAME")]
+    name: Option<String>,
+    /// Where it listens (QUIC over UDP), host:port.
+    #[arg(long, env = "FLOTILLA_LISTEN")]
+    listen: Option<String>,
+    /// Its data directory.
+    #[arg(long, env = "FLOTILLA_DATA")]
+    data: Option<PathBuf>,
+    /// The cluster's certificates directory (from `cluster init`).
+    #[arg(long, env = "FLOTILLA_CERTS")]
+    certs: Option<PathBuf>,
+    /// Seeds to join (the control node's address), comma separated.
+    #[arg(long, env = "FLOTILLA_JOIN", value_delimiter = ',')]
+    join: Vec<String>,
+    /// `control` (holds the control state) or `worker` [default: control without --join, else worker].
+    #[arg(long, env = "FLOTILLA_ROLE")]
+    role: Option<String>,
+    /// Flow runs it runs at once [default: 64].
+    #[arg(long, env = "FLOTILLA_SLOTS")]
+    slots: Option<usize>,
+    /// How often it reports to the control node [default: 250ms].
+    #[arg(long, env = "FLOTILLA_HEARTBEAT")]
+    heartbeat: Option<String>,
+    /// A member silent this long is marked unreachable [default: 1s].
+    #[arg(long, env = "FLOTILLA_UNREACHABLE_AFTER")]
+    unreachable_after: Option<String>,
+    /// How long a worker tries its seeds before giving up [default: 60s].
+    #[arg(long, env = "FLOTILLA_JOIN_TIMEOUT")]
+    join_timeout: Option<String>,
+    /// Do not print flow and task log lines on stderr (they are recorded either way).
+    #[arg(long)]
+    quiet_runs: bool,
+    /// A TOML config file with any of the keys above.
+    #[arg(long, env = "FLOTILLA_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+fn parse_addr(what: &str, s: &str) -> anyhow::Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    s.to_socket_addrs()
+        .map_err(|e| anyhow::anyhow!("{what} {s:?} is not an address such as 127.0.0.1:7101: {e}"))?
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("{what} {s:?} resolves to no address"))
+}
+
+impl StartArgs {
+    fn into_config(self) -> anyhow::Result<NodeConfig> {
+        let file = FileConfig::load(self.config.as_deref())?;
+        let name = self
+            .name
+            .or(file.name)
+            .context("a node needs a name: --name, FLOTILLA_NAME or `name` in the config")?;
+        let name: NodeId = name.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let listen = self
+            .listen
+            .or(file.listen)
+            .context("a node needs an address: --listen host:port")?;
+        let listen = parse_addr("--listen", &listen)?;
+        let data = self
+            .data
+            .or(file.data)
+            .context("a node needs a data directory: --data DIR")?;
+        let certs = self
+            .certs
+            .or(file.certs)
+            .context("a node needs the cluster's certificates: --certs DIR")?;
+        let join_raw = if self.join.is_empty() {
+            file.join.unwrap_or_default()
+        } else {
+            self.join
+        };
+        let join = join_raw
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| parse_addr("--join", s.trim()))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let role = match self.role.or(file.role).as_deref() {
+            Some("control") => Role::Control,
+            Some("worker") => Role::Worker,
+            None if join.is_empty() => Role::Control,
+            None => Role::Worker,
+            Some(other) => anyhow::bail!("--role {other:?}: expected control or worker"),
+        };
+        if role == Role::Worker && join.is_empty() {
+            anyhow::bail!("a worker needs the control node's address: --join host:port");
+        }
+        let mut config = NodeConfig::new(name, listen, data, certs);
+        config.join = join;
+        config.role = role;
+        if let Some(n) = self.slots.or(file.slots) {
+            anyhow::ensure!(n >= 1, "--slots must be at least 1");
+            config.slots = n;
+        }
+        if let Some(s) = self.heartbeat.or(file.heartbeat) {
+            config.heartbeat_every = duration("--heartbeat", &s)?;
+        }
+        if let Some(s) = self.unreachable_after.or(file.unreachable_after) {
+            config.unreachable_after = duration("--unreachable-after", &s)?;
+        }
+        anyhow::ensure!(
+            config.unreachable_after > config.heartbeat_every,
+            "--unreachable-after ({:?}) must be longer than --heartbeat ({:?})",
+            config.unreachable_after,
+            config.heartbeat_every
+        );
+        if let Some(s) = self.join_timeout.or(file.join_timeout) {
+            config.join_timeout = duration("--join-timeout", &s)?;
+        }
+        config.log_to_stderr = !self.quiet_runs && file.log_to_stderr.unwrap_or(true);
+        Ok(config)
+    }
+}
+
+pub async fn run(cmd: NodeCmd) -> anyhow::Result<()> {
+    let NodeCmd::Start(args) = cmd;
+    let config = args.into_config()?;
+    let (name, role) = (config.name.clone(), config.role);
+    let node = node::start(config, flotilla::builtin_flows()).await?;
+    let addr = node
+        .endpoint
+        .local_addr()
+        .map_or_else(|| "?".to_owned(), |a| a.to_string());
+    eprintln!(
+        "node {name} ({}) listening on {addr}; Ctrl-C stops it",
+        role.as_str()
+    );
+    wait_for_stop().await;
+    eprintln!("node {name} stopping");
+    node.stop().await;
+    Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn wait_for_stop() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,393 @@
+//! The built-in `command` flow: runs a program as one task, its stdout and stderr streamed into
+//! the run's logs line by line. With it a cluster is useful with no Rust code:
+//!
+//! ```text
+//! flotilla flow-run create command --params-json '{"command": ["sh", "-c", "echo hi"], "timeout": "30s", "retries": 2}' --watch
+//! ```
+//!
+//! Parameters (only `command` is required): `command` (an argument vector, or a string run by
+//! `sh -c`), `env` (variables added to the node's environment), `cwd`, `timeout` (per attempt,
+//! `"30s"`), `retries`, `retry_delay`. The run completes with `{"exit_code": 0, "lines": N}`;
+//! it fails on a non-zero exit, a signal, a timeout, or a program that cannot be started, with
+//! the reason in its state's message.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_actors::engine::{
+    BoxFuture, FlowEnv, FlowFn, FlowOptions, TaskAttempt, TaskBody, TaskFailure, TaskSpec,
+};
+use flotilla_runtime::RetryPolicy;
+use flotilla_runtime::retry::RetryPolicyError;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+
+/// The built-in flow's name.
+pub const COMMAND_FLOW: &str = "command";
+
+/// The longest argument vector accepted, in bytes.
+const COMMAND_BYTES_MAX: usize = 64 * 1024;
+/// The most environment variables accepted.
+const ENV_VARS_MAX: usize = 256;
+/// A longer output line is cut here (the rest of it is dropped, and the cut said).
+const LINE_BYTES_MAX: usize = 16 * 1024;
+
+/// The program to run: an argument vector, or one string for `sh -c`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Program {
+    Argv(Vec<String>),
+    Shell(String),
+}
+
+/// The parameters of a `command` run.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandParams {
+    command: Program,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    cwd: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    retries: u32,
+    #[serde(default)]
+    retry_delay: Option<String>,
+}
+
+/// The parameters, checked.
+#[derive(Clone, Debug)]
+struct Checked {
+    argv: Vec<String>,
+    env: BTreeMap<String, String>,
+    cwd: Option<String>,
+    timeout: Option<Duration>,
+    retry: RetryPolicy,
+}
+
+/// What a completed `command` run returns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandOutput {
+    /// The program's exit code (0).
+    pub exit_code: i32,
+    /// How many lines it wrote (stdout and stderr).
+    pub lines: u64,
+}
+
+fn duration(field: &str, s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{field} {s:?} is not a duration such as \"30s\" or \"5m\": {e}"))
+}
+
+fn check(params: &serde_json::Value) -> Result<Checked, String> {
+    let p: CommandParams = serde_json::from_value(params.clone()).map_err(|e| {
+        format!("flow command: {e} (expected {{\"command\": [\"prog\", \"arg\", …] or \"shell line\", \"env\": {{…}}, \"cwd\": \"…\", \"timeout\": \"30s\", \"retries\": 2, \"retry_delay\": \"1s\"}})")
+    })?;
+    let argv = match p.command {
+        Program::Argv(v) => v,
+        Program::Shell(s) => vec!["sh".to_owned(), "-c".to_owned(), s],
+    };
+    if argv.first().is_none_or(|a| a.is_empty()) {
+        return Err("flow command: \"command\" is empty".to_owned());
+    }
+    let bytes: usize = argv.iter().map(String::len).sum();
+    if bytes > COMMAND_BYTES_MAX {
+        return Err(format!(
+            "flow command: the command is {bytes} bytes, over the limit of {COMMAND_BYTES_MAX}"
+        ));
+    }
+    if argv.iter().any(|a| a.contains('\0')) {
+        return Err("flow command: an argument contains a NUL byte".to_owned());
+    }
+    if p.env.len() > ENV_VARS_MAX {
+        return Err(format!(
+            "flow command: {} environment variables, over the limit of {ENV_VARS_MAX}",
+            p.env.len()
+        ));
+    }
+    if let Some(k) = p.env.keys().find(|k| k.is_empty() || k.contains(['=', '\0'])) {
+        return Err(format!("flow command: {k:?} is not an environment variable name"));
+    }
+    let timeout = p.timeout.as_deref().map(|s| duration("timeout", s)).transpose()?;
+    if timeout == Some(Duration::ZERO) {
+        return Err("flow command: a timeout of zero would never let it run".to_owned());
+    }
+    let delay = p
+        .retry_delay
+        .as_deref()
+        .map(|s| duration("retry_delay", s))
+        .transpose()?;
+    let retry = RetryPolicy::fixed(p.retries, delay.unwrap_or(Duration::ZERO));
+    retry
+        .validate()
+        .map_err(|e: RetryPolicyError| format!("flow command: {e}"))?;
+    Ok(Checked {
+        argv,
+        env: p.env,
+        cwd: p.cwd,
+        timeout,
+        retry,
+    })
+}
+
+/// The built-in `command` flow, to register on a node.
+pub fn command_flow() -> Arc<dyn FlowFn> {
+    Arc::new(CommandFlow)
+}
+
+/// The built-in empty flow's name.
+pub const NOOP_FLOW: &str = "noop";
+
+/// The flows of the stock binary: `command`, and `noop` (it takes no parameters, runs no task
+/// and completes: for checks and benchmarks of the orchestration itself).
+pub fn builtin_flows() -> Vec<Arc<dyn FlowFn>> {
+    vec![command_flow(), Arc::new(NoopFlow)]
+}
+
+#[derive(Debug)]
+struct NoopFlow;
+
+impl FlowFn for NoopFlow {
+    fn name(&self) -> &str {
+        NOOP_FLOW
+    }
+
+    fn options(&self) -> FlowOptions {
+        FlowOptions::default()
+    }
+
+    fn check_params(&self, params: &serde_json::Value) -> Result<(), String> {
+        match params {
+            serde_json::Value::Null => Ok(()),
+            serde_json::Value::Object(m) if m.is_empty() => Ok(()),
+            other => Err(format!("flow noop takes no parameters, not {other}")),
+        }
+    }
+
+    fn run(&self, _env: FlowEnv, _params: serde_json::Value) -> BoxFuture<Result<Vec<u8>, String>> {
+        Box::pin(async { rmp_serde::to_vec_named(&()).map_err(|e| e.to_string()) })
+    }
+}
+
+#[derive(Debug)]
+struct CommandFlow;
+
+impl FlowFn for CommandFlow {
+    fn name(&self) -> &str {
+        COMMAND_FLOW
+    }
+
+    fn options(&self) -> FlowOptions {
+        FlowOptions {
+            resume: false,
+            ..FlowOptions::default()
+        }
+    }
+
+    fn check_params(&self, params: &serde_json::Value) -> Result<(), String> {
+        check(params).map(|_| ())
+    }
+
+    fn run(&self, env: FlowEnv, params: serde_json::Value) -> BoxFuture<Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            let c = Arc::new(check(&params)?);
+            let spec = TaskSpec {
+                name: COMMAND_FLOW.to_owned(),
+                retry: c.retry.clone(),
+                timeout: c.timeout,
+                ..TaskSpec::default()
+            };
+            let body: TaskBody = Arc::new(move |attempt| {
+                let c = c.clone();
+                Box::pin(async move { run_once(&c, attempt).await })
+            });
+            match env.task(spec, body).await {
+                Ok(bytes) => Ok(bytes),
+                Err(TaskFailure::Failed { message, .. }) => Err(message),
+                Err(TaskFailure::TimedOut { after, .. }) => Err(format!(
+                    "the command timed out after {} and was killed",
+                    humantime::format_duration(after)
+                )),
+                Err(other) => Err(other.to_string()),
+            }
+        })
+    }
+}
+
+/// Kills the program's whole process group when dropped (a timeout or a cancel drops the
+/// attempt), so a shell's children do not outlive it.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(pid) = self.0.and_then(|p| i32::try_from(p).ok()) {
+            let _ =
+                nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+async fn run_once(c: &Checked, attempt: TaskAttempt) -> Result<Vec<u8>, String> {
+    let mut cmd = tokio::process::Command::new(&c.argv[0]);
+    cmd.args(&c.argv[1..])
+        .envs(&c.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    #[cfg(unix)]
+    cmd.process_group(0);
+    if let Some(dir) = &c.cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        let cwd = c.cwd.as_deref().map(|d| format!(" in {d}")).unwrap_or_default();
+        format!("cannot start {:?}{cwd}: {e}", c.argv[0])
+    })?;
+    let mut guard = GroupGuard(child.id());
+    tracing::debug!(program = %c.argv[0], attempt = attempt.attempt, pid = ?child.id(), "started");
+    let out = child.stdout.take().map(|s| pump(s, false));
+    let err = child.stderr.take().map(|s| pump(s, true));
+    let (status, n_out, n_err) =
+        tokio::join!(child.wait(), async { opt(out).await }, async { opt(err).await });
+    let status = status.map_err(|e| format!("cannot wait for the command: {e}"))?;
+    guard.0 = None;
+    let lines = n_out + n_err;
+    match status.code() {
+        Some(0) => rmp_serde::to_vec_named(&CommandOutput { exit_code: 0, lines })
+            .map_err(|e| format!("cannot encode the result: {e}")),
+        Some(code) => Err(format!("the command exited with code {code}")),
+        None => {
+            #[cfg(unix)]
+            {
+                use std::os::unix::process::ExitStatusExt;
+                if let Some(sig) = status.signal() {
+                    return Err(format!("the command was killed by signal {sig}"));
+                }
+            }
+            Err(format!("the command ended without an exit code ({status})"))
+        }
+    }
+}
+
+async fn opt(f: Option<impl std::future::Future<Output = u64>>) -> u64 {
+    match f {
+        Some(f) => f.await,
+        None => 0,
+    }
+}
+
+/// Logs a stream's lines (stdout at info, stderr at warn, the stream as the target); returns
+/// how many.
+async fn pump(stream: impl AsyncRead + Unpin, is_err: bool) -> u64 {
+    let mut r = BufReader::new(stream);
+    let mut n = 0;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        match read_line_capped(&mut r, &mut line).await {
+            Ok(false) => return n,
+            Ok(true) => {}
+            Err(e) => {
+                tracing::warn!("cannot read the command's output: {e}");
+                return n;
+            }
+        }
+        n += 1;
+        let text = String::from_utf8_lossy(&line);
+        let text = text.trim_end_matches(['\n', '\r']);
+        if is_err {
+            tracing::warn!(target: "stderr", "{text}");
+        } else {
+            tracing::info!(target: "stdout", "{text}");
+        }
+    }
+}
+
+/// Reads one line into `line`, keeping at most [`LINE_BYTES_MAX`] bytes of it (the rest is
+/// skipped); false at the end of the stream.
+async fn read_line_capped(
+    r: &mut (impl tokio::io::AsyncBufRead + Unpin),
+    line: &mut Vec<u8>,
+) -> std::io::Result<bool> {
+    let mut any = false;
+    let mut cut = false;
+    loop {
+        let buf = r.fill_buf().await?;
+        if buf.is_empty() {
+            if cut {
+                line.extend_from_slice(" [line cut]".as_bytes());
+            }
+            return Ok(any);
+        }
+        any = true;
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..=i], true),
+            None => (buf, false),
+        };
+        let room = LINE_BYTES_MAX.saturating_sub(line.len());
+        if chunk.len() > room {
+            cut = true;
+        }
+        line.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        let used = chunk.len();
+        r.consume(used);
+        if done {
+            if cut {
+                line.extend_from_slice(" [line cut]".as_bytes());
+            }
+            return Ok(true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_are_checked() {
+        let ok = check(&serde_json::json!({"command": ["echo", "hi"], "timeout": "2s", "retries": 2, "retry_delay": "1s"})).unwrap();
+        assert_eq!(ok.argv, ["echo", "hi"]);
+        assert_eq!(ok.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(ok.retry.retries, 2);
+        let sh = check(&serde_json::json!({"command": "exit 3"})).unwrap();
+        assert_eq!(sh.argv, ["sh", "-c", "exit 3"]);
+        for bad in [
+            serde_json::json!({}),
+            serde_json::json!({"command": []}),
+            serde_json::json!({"command": [""]}),
+            serde_json::json!({"command": ["x"], "timeout": "soon"}),
+            serde_json::json!({"command": ["x"], "timeout": "0s"}),
+            serde_json::json!({"command": ["x"], "retries": 100000}),
+            serde_json::json!({"command": ["x"], "colour": "red"}),
+            serde_json::json!({"command": ["x"], "env": {"A=B": "c"}}),
+            serde_json::json!({"command": ["x".repeat(COMMAND_BYTES_MAX + 1)]}),
+        ] {
+            assert!(check(&bad).is_err(), "{bad} was accepted");
+        }
+    }
+
+    #[tokio::test]
+    async fn long_lines_are_cut_and_short_ones_kept() {
+        let mut data = vec![b'a'; LINE_BYTES_MAX * 3];
+        data.extend_from_slice(b"\nshort\nlast");
+        let mut r = BufReader::with_capacity(1024, &data[..]);
+        let mut line = Vec::new();
+        assert!(read_line_capped(&mut r, &mut line).await.unwrap());
+        assert!(line.len() <= LINE_BYTES_MAX + 16 && line.ends_with(b"[line cut]"));
+        line.clear();
+        assert!(read_line_capped(&mut r, &mut line).await.unwrap());
+        assert_eq!(line, b"short\n");
+        line.clear();
+        assert!(read_line_capped(&mut r, &mut line).await.unwrap());
+        assert_eq!(line, b"last");
+        line.clear();
+        assert!(!read_line_capped(&mut r, &mut line).await.unwrap());
+    }
+}

@@ -1,0 +1,295 @@
+//! The client of a cluster node over QUIC with mutual TLS: one bidirectional stream per request
+//! (a frame each way), the connection dialled again when it was lost.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use flotilla_actors::persistence::RunFilter;
+use flotilla_cluster::endpoint::{QuicEndpoint, TransportSettings};
+use flotilla_cluster::frame;
+use flotilla_cluster::tls::{ALPN_CLIENT, Identity};
+use flotilla_cluster::wire::{
+    ClusterStatus, Envelope, ErrorKind, PROTOCOL_VERSION, Request, Response, WAIT_MS_MAX, WireError,
+};
+use flotilla_runtime::{FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, TaskRun};
+use tokio::sync::Mutex;
+
+use crate::error::Error;
+
+/// How long one request may take, the wait of a long poll aside.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) struct Remote {
+    endpoint: QuicEndpoint,
+    addr: SocketAddr,
+    server_name: String,
+    conn: Mutex<Option<quinn::Connection>>,
+}
+
+/// Splits `host:port` (or `[v6]:port`) and resolves it.
+async fn resolve(addr: &str) -> Result<(SocketAddr, String), Error> {
+    let bad = || Error::Unreachable(format!("{addr:?} is not an address (expected host:port)"));
+    let (host, _port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    if host.is_empty() {
+        return Err(bad());
+    }
+    let mut found = tokio::net::lookup_host(addr)
+        .await
+        .map_err(|e| Error::Unreachable(format!("cannot resolve {addr}: {e}")))?;
+    let first = found
+        .next()
+        .ok_or_else(|| Error::Unreachable(format!("{addr} resolves to no address")))?;
+    Ok((first, host))
+}
+
+fn wire_error(e: WireError, run: Option<FlowRunId>) -> Error {
+    match (e.kind, run) {
+        (ErrorKind::NotFound, Some(id)) if e.message.starts_with("no flow run") => Error::NotFound(id),
+        (ErrorKind::NotFound | ErrorKind::Refused, _) => Error::Rejected(e.message),
+        (ErrorKind::Unavailable, _) => Error::Unavailable(e.message),
+        (ErrorKind::Protocol, _) => Error::Protocol(e.message),
+    }
+}
+
+fn unexpected(r: &Response) -> Error {
+    let name = format!("{r:?}");
+    Error::Protocol(format!(
+        "unexpected answer {}",
+        name.split(['(', ' ', '{']).next().unwrap_or("")
+    ))
+}
+
+impl Remote {
+    pub(crate) async fn connect(addr: &str, certs: &Path) -> Result<Remote, Error> {
+        let (sock, server_name) = resolve(addr).await?;
+        let identity = Identity::load(certs, flotilla_cluster::certs::ADMIN)
+            .map_err(|e| Error::Unreachable(format!("cannot load the client certificate: {e}")))?;
+        let local: SocketAddr = if sock.is_ipv6() {
+            ([0u16; 8], 0).into()
+        } else {
+            ([0, 0, 0, 0], 0).into()
+        };
+        let endpoint = QuicEndpoint::client_on(local, identity, TransportSettings::default())
+            .map_err(|e| Error::Unreachable(e.to_string()))?;
+        let remote = Remote {
+            endpoint,
+            addr: sock,
+            server_name,
+            conn: Mutex::new(None),
+        };
+        remote.connection().await?;
+        Ok(remote)
+    }
+
+    async fn connection(&self) -> Result<quinn::Connection, Error> {
+        let mut slot = self.conn.lock().await;
+        if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok(c.clone());
+        }
+        let c = self
+            .endpoint
+            .connect(self.addr, &self.server_name, ALPN_CLIENT)
+            .await
+            .map_err(|e| Error::Unreachable(e.to_string()))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// One request, one answer; a request on a connection found dead is sent once more on a
+    /// fresh one (every request here is a read or carries its own idempotency on the server).
+    async fn ask(&self, request: Request, run: Option<FlowRunId>) -> Result<Response, Error> {
+        let envelope = Envelope {
+            version: PROTOCOL_VERSION,
+            request,
+        };
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let conn = self.connection().await?;
+            let exchange = async {
+                let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+                frame::write(&mut send, &envelope)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                send.finish().map_err(|e| e.to_string())?;
+                frame::read::<Response, _>(&mut recv)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+                Ok(Ok(Response::Error(e))) => return Err(wire_error(e, run)),
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) if tries >= 2 || conn.close_reason().is_none() => {
+                    let why = conn.close_reason().map_or(e, |r| r.to_string());
+                    return Err(Error::Unreachable(format!(
+                        "lost the connection to {}: {why}",
+                        self.addr
+                    )));
+                }
+                Ok(Err(_)) => continue,
+                Err(_) => {
+                    return Err(Error::Unreachable(format!(
+                        "{} did not answer in {REQUEST_TIMEOUT:?}",
+                        self.addr
+                    )));
+                }
+            }
+        }
+    }
+
+    pub(crate) async fn run(&self, flow: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
+        match self
+            .ask(
+                Request::RunFlow {
+                    flow: flow.to_owned(),
+                    params,
+                },
+                None,
+            )
+            .await?
+        {
+            Response::Ran(id) => Ok(id),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn wait(&self, id: FlowRunId) -> Result<FlowRun, Error> {
+        loop {
+            match self
+                .ask(
+                    Request::Wait {
+                        run: id,
+                        timeout_ms: WAIT_MS_MAX,
+                    },
+                    Some(id),
+                )
+                .await?
+            {
+                Response::FlowRun(r) if r.lifecycle.state.is_terminal() => return Ok(*r),
+                Response::FlowRun(_) => continue,
+                other => return Err(unexpected(&other)),
+            }
+        }
+    }
+
+    pub(crate) async fn wait_for(&self, id: FlowRunId, max: Duration) -> Result<FlowRun, Error> {
+        let timeout_ms = u32::try_from(max.as_millis())
+            .unwrap_or(u32::MAX)
+            .min(WAIT_MS_MAX);
+        match self.ask(Request::Wait { run: id, timeout_ms }, Some(id)).await? {
+            Response::FlowRun(r) => Ok(*r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn flow_run(&self, id: FlowRunId) -> Result<FlowRun, Error> {
+        match self.ask(Request::FlowRun(id), Some(id)).await? {
+            Response::FlowRun(r) => Ok(*r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn flow_runs(
+        &self,
+        filter: RunFilter,
+        after: Option<FlowRunId>,
+        limit: usize,
+    ) -> Result<Vec<FlowRun>, Error> {
+        let state = match filter {
+            RunFilter::All => None,
+            RunFilter::State(s) => Some(s),
+            other => {
+                return Err(Error::Parameters(format!(
+                    "the filter {other:?} is read on the node itself"
+                )));
+            }
+        };
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+        match self.ask(Request::FlowRuns { state, after, limit }, None).await? {
+            Response::FlowRuns(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn task_runs(&self, id: FlowRunId) -> Result<Vec<TaskRun>, Error> {
+        match self.ask(Request::TaskRuns(id), Some(id)).await? {
+            Response::TaskRuns(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn history(&self, id: FlowRunId) -> Result<Vec<State>, Error> {
+        match self.ask(Request::History(id), Some(id)).await? {
+            Response::History(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn logs_page(
+        &self,
+        id: FlowRunId,
+        after: Option<LogCursor>,
+        limit: usize,
+    ) -> Result<(Vec<LogLine>, Option<LogCursor>), Error> {
+        let limit = u32::try_from(limit).unwrap_or(u32::MAX);
+        match self
+            .ask(
+                Request::Logs {
+                    run: id,
+                    after,
+                    limit,
+                },
+                Some(id),
+            )
+            .await?
+        {
+            Response::Logs { lines, next } => Ok((lines, next)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn result_bytes(&self, id: FlowRunId) -> Result<Vec<u8>, Error> {
+        match self.ask(Request::Result(id), Some(id)).await {
+            Ok(Response::Result(b)) => Ok(b),
+            Ok(other) => Err(unexpected(&other)),
+            Err(Error::Rejected(reason) | Error::Unavailable(reason)) => {
+                Err(Error::NoResult { run: id, reason })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    pub(crate) async fn cancel(&self, id: FlowRunId) -> Result<State, Error> {
+        match self.ask(Request::Cancel(id), Some(id)).await? {
+            Response::State(s) if s.is_terminal() => Ok(s),
+            Response::State(_) => Ok(self.wait(id).await?.lifecycle.state),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn retry_with(&self, id: FlowRunId, force: bool) -> Result<State, Error> {
+        match self.ask(Request::Retry { run: id, force }, Some(id)).await? {
+            Response::State(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn cluster_status(&self) -> Result<ClusterStatus, Error> {
+        match self.ask(Request::Status, None).await? {
+            Response::Status(s) => Ok(s),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn remove_node(&self, node: &str) -> Result<(), Error> {
+        let id: NodeId = node
+            .parse()
+            .map_err(|e: flotilla_runtime::ids::IdParseError| Error::Parameters(e.to_string()))?;
+        match self.ask(Request::RemoveNode(id), None).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
