@@ -105,16 +105,31 @@ async fn measure(
         args.latency_runs
     ));
     let mut hist = Histogram::<u64>::new(3)?;
+    let mut by_node: std::collections::BTreeMap<String, Histogram<u64>> = Default::default();
     for _ in 0..args.latency_runs {
         let t = Instant::now();
         let id = client.run(NOOP_FLOW, serde_json::Value::Null).await?;
         let run = client.wait(id).await?;
-        hist.record(t.elapsed().as_micros() as u64)?;
+        let us = t.elapsed().as_micros() as u64;
+        hist.record(us)?;
+        let node = run
+            .owner
+            .as_ref()
+            .map_or_else(|| "?".to_owned(), |n| n.to_string());
+        by_node.entry(node).or_insert(Histogram::new(3)?).record(us)?;
         anyhow::ensure!(
             run.lifecycle.state.kind == StateType::Completed,
             "flow run {id} ended {}",
             run.lifecycle.state
         );
+    }
+    for (node, h) in &by_node {
+        say(&format!(
+            "  on {node}: {} runs, p50 {:.3} ms, p99 {:.3} ms",
+            h.len(),
+            ms(h.value_at_quantile(0.5)),
+            ms(h.value_at_quantile(0.99))
+        ));
     }
 
     say(&format!(

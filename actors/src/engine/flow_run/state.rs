@@ -163,16 +163,46 @@ impl FlowRunState {
             .persistence
             .submit(Command::ProposeFlowRunState {
                 run: self.id,
-                proposal: p,
+                proposal: p.clone(),
             })
             .await;
-        self.refresh_flow().await;
+        self.mirror_flow(&answer, p).await;
         match answer {
             Ok(Ok(Reply::FlowRunTransition { decision, .. })) => Ok(decision),
             Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
             Ok(Err(r)) => Err(r.to_string()),
             Err(e) => Err(e.to_string()),
         }
+    }
+
+    /// Brings the shadow's run in line with the control plane's after a flow-level proposal:
+    /// an accepted one is applied to the shadow too (the same rules on the same run give the
+    /// same state, with no read); anything else, or a shadow that disagrees, is read back.
+    async fn mirror_flow(&mut self, answer: &SubmitResult, p: Proposal) {
+        if let Ok(Ok(Reply::FlowRunTransition {
+            decision: Decision::Accept(accepted),
+            epoch,
+            ..
+        })) = answer
+            && self.shadow.hot.flow_run(&self.id).is_some()
+        {
+            let mirrored = self.local(Command::ProposeFlowRunState {
+                run: self.id,
+                proposal: p,
+            });
+            if let Ok(Reply::FlowRunTransition {
+                decision: Decision::Accept(m),
+                epoch: e,
+                ..
+            }) = &mirrored.reply
+                && m.name == accepted.name
+                && e == epoch
+            {
+                self.epoch = *epoch;
+                return;
+            }
+        }
+        self.refresh_flow().await;
     }
 
     pub(super) async fn refresh_flow(&mut self) {
@@ -415,19 +445,31 @@ impl FlowRunState {
             return Ok(false);
         };
         self.epoch = run.epoch;
+        // A run that never ran has no task runs to read back.
+        let fresh = run.lifecycle.run_count == 0;
+        self.shadow.hot.put_flow_run(run);
         let claim = Proposal::from_worker(
             State::named(StateName::Pending, now()),
             self.tid(),
-            run.epoch,
+            self.epoch,
             self.node.clone(),
         );
-        match p
+        let answer = p
             .submit(Command::ProposeFlowRunState {
                 run: self.id,
-                proposal: claim,
+                proposal: claim.clone(),
             })
-            .await?
-        {
+            .await;
+        if matches!(
+            answer,
+            Ok(Ok(Reply::FlowRunTransition {
+                decision: Decision::Accept(_),
+                ..
+            }))
+        ) {
+            self.mirror_flow(&answer, claim).await;
+        }
+        match answer? {
             Ok(Reply::FlowRunTransition {
                 decision: Decision::Accept(_),
                 ..
@@ -450,7 +492,9 @@ impl FlowRunState {
             }
         }
         // The shadow: the run and every task run it has (a resumed run finds its results).
-        self.refresh_flow().await;
+        if fresh {
+            return Ok(true);
+        }
         let mut after = None;
         loop {
             let page = p.task_runs(self.id, after, crate::persistence::PAGE_MAX).await?;
