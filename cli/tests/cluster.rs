@@ -1,0 +1,252 @@
+//! Three `flotilla node` processes on 127.0.0.1: 100 flow runs spread over them, a worker
+//! killed with SIGKILL. It is marked unreachable in time, its running runs become Crashed, the
+//! runs acknowledged Completed stay Completed, and the cluster goes on accepting runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla::{Client, FlowRunId, StateName, StateType};
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+/// The configured silence after which a member is unreachable.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(1);
+/// What the test allows on a loaded CI machine on top of it (the heartbeat period, the
+/// control node's check interval, and scheduling).
+const DETECT_SLACK: Duration = Duration::from_secs(2);
+
+/// The node processes; killed (and their logs shown when the test failed) when dropped.
+struct Nodes {
+    children: Vec<(String, Child)>,
+    dir: PathBuf,
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            for (name, _) in &self.children {
+                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                eprintln!("--- {name}.log (last lines) ---");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+    s.local_addr().expect("its address").port()
+}
+
+fn start_node(dir: &Path, name: &str, port: u16, join: Option<u16>) -> Child {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("a log file");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["node", "start", "--name", name, "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--data")
+        .arg(dir.join(name))
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .args(["--unreachable-after", "1s", "--heartbeat", "250ms", "--quiet-runs"])
+        .env_remove("FLOTILLA_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    match join {
+        None => cmd.args(["--role", "control"]),
+        Some(p) => cmd.args(["--role", "worker", "--join", &format!("127.0.0.1:{p}")]),
+    };
+    cmd.spawn().expect("flotilla node starts")
+}
+
+/// Polls `f` until it returns Some, at most `within`.
+async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A command that runs until its node dies (it watches its parent), so a killed node leaves
+/// no program behind.
+fn long_command() -> serde_json::Value {
+    serde_json::json!({"command": ["sh", "-c", "while kill -0 $PPID 2>/dev/null; do sleep 0.1; done"]})
+}
+
+async fn state_of(client: &Client, id: FlowRunId) -> flotilla::FlowRun {
+    client.flow_run(id).await.expect("the run is readable")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let init = Command::new(BIN)
+        .args(["cluster", "init", "--nodes", "n1,n2,n3", "--dir"])
+        .arg(dir.join("certs"))
+        .output()
+        .expect("cluster init runs");
+    assert!(init.status.success(), "cluster init: {}", String::from_utf8_lossy(&init.stderr));
+
+    let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
+    let mut nodes = Nodes { children: Vec::new(), dir: dir.to_owned() };
+    nodes.children.push(("n1".into(), start_node(dir, "n1", ports[0], None)));
+    nodes.children.push(("n2".into(), start_node(dir, "n2", ports[1], Some(ports[0]))));
+    nodes.children.push(("n3".into(), start_node(dir, "n3", ports[2], Some(ports[0]))));
+
+    let addr = format!("127.0.0.1:{}", ports[0]);
+    let certs = dir.join("certs");
+    let client = eventually("a client connects to n1", Duration::from_secs(30), || async {
+        Client::connect(&addr, &certs).await.ok()
+    })
+    .await;
+    eventually("3 reachable members", Duration::from_secs(30), || async {
+        let s = client.cluster_status().await.ok()?;
+        (s.nodes.iter().filter(|m| m.reachable).count() == 3).then_some(())
+    })
+    .await;
+
+    // Long runs first, until n3 holds a few of them running, then quick ones: 100 in all.
+    let mut long = Vec::new();
+    let mut owners: BTreeMap<FlowRunId, String> = BTreeMap::new();
+    while owners.values().filter(|o| *o == "n3").count() < 3 {
+        assert!(long.len() < 30, "n3 was given none of {} long runs: {owners:?}", long.len());
+        let id = client.run("command", long_command()).await.expect("a long run is accepted");
+        long.push(id);
+        let run = eventually("the long run starts", Duration::from_secs(30), || async {
+            let r = state_of(&client, id).await;
+            (r.lifecycle.state.name == StateName::Running).then_some(r)
+        })
+        .await;
+        owners.insert(id, run.owner.expect("a running run has an owner").to_string());
+    }
+    let quick: Vec<FlowRunId> = {
+        let mut v = Vec::new();
+        for i in 0..(100 - long.len()) {
+            let id = if i % 2 == 0 {
+                client.run("noop", serde_json::Value::Null).await
+            } else {
+                client.run("command", serde_json::json!({"command": ["true"]})).await
+            };
+            v.push(id.expect("a quick run is accepted"));
+        }
+        v
+    };
+    let mut completed = BTreeSet::new();
+    let mut placed_on = BTreeSet::new();
+    for &id in &quick {
+        let run = tokio::time::timeout(Duration::from_secs(60), client.wait(id))
+            .await
+            .expect("a quick run ends in time")
+            .expect("it is readable");
+        assert_eq!(run.lifecycle.state.kind, StateType::Completed, "{id}: {}", run.lifecycle.state);
+        placed_on.insert(run.owner.expect("owner").to_string());
+        completed.insert(id);
+    }
+    assert_eq!(placed_on.len(), 3, "the quick runs went to every node: {placed_on:?}");
+
+    // Kill n3.
+    let killed_at = Instant::now();
+    nodes.children[2].1.kill().expect("SIGKILL n3");
+    let detected = eventually("n3 unreachable", UNREACHABLE_AFTER + DETECT_SLACK + Duration::from_secs(5), || async {
+        let s = client.cluster_status().await.ok()?;
+        s.nodes.iter().any(|m| m.name.as_str() == "n3" && !m.reachable).then(|| killed_at.elapsed())
+    })
+    .await;
+    assert!(
+        detected <= UNREACHABLE_AFTER + DETECT_SLACK,
+        "n3 was marked unreachable after {detected:?}, configured {UNREACHABLE_AFTER:?} (+{DETECT_SLACK:?} allowed)"
+    );
+    let status = client.cluster_status().await.expect("status");
+    assert_eq!(status.nodes.len(), 3, "a dead member stays listed");
+    assert!(status.nodes.iter().filter(|m| m.name.as_str() != "n3").all(|m| m.reachable), "{status:?}");
+
+    // n3's running runs become Crashed; the others run on.
+    for &id in &long {
+        let on_n3 = owners[&id] == "n3";
+        let run = eventually("the long run's state settles", Duration::from_secs(10), || async {
+            let r = state_of(&client, id).await;
+            let want = if on_n3 { StateName::Crashed } else { StateName::Running };
+            (r.lifecycle.state.name == want).then_some(r)
+        })
+        .await;
+        if on_n3 {
+            assert!(run.lifecycle.state.message.as_deref().unwrap_or("").contains("n3"), "{}", run.lifecycle.state);
+        }
+    }
+    // Every run acknowledged Completed stays Completed.
+    for &id in &completed {
+        assert_eq!(state_of(&client, id).await.lifecycle.state.kind, StateType::Completed, "{id}");
+    }
+
+    // The cluster goes on: new runs complete, none on the dead node.
+    for _ in 0..10 {
+        let id = client.run("command", serde_json::json!({"command": ["echo", "after"]})).await.expect("accepted");
+        let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id)).await.expect("in time").expect("readable");
+        assert_eq!(run.lifecycle.state.kind, StateType::Completed, "{}", run.lifecycle.state);
+        assert_ne!(run.owner.expect("owner").as_str(), "n3");
+    }
+
+    // A dead member can be removed; a live one cannot.
+    assert!(client.remove_node("n2").await.is_err());
+    client.remove_node("n3").await.expect("n3 is removed");
+    let s = client.cluster_status().await.expect("status");
+    assert_eq!(s.nodes.len(), 2);
+
+    // Cancel the long runs that still run, so their programs end before the nodes do.
+    for &id in &long {
+        if owners[&id] != "n3" {
+            let st = client.cancel(id).await.expect("cancel");
+            assert_eq!(st.name, StateName::Cancelled);
+        }
+    }
+}
+
+#[test]
+fn cli_errors_are_one_line_with_a_non_zero_exit() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let certs = tmp.path().join("certs");
+    let run = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("FLOTILLA_CERTS", &certs)
+            .env_remove("FLOTILLA_ADDR")
+            .env_remove("FLOTILLA_CONFIG")
+            .output()
+            .expect("the binary runs")
+    };
+    let init = run(&["cluster", "init", "--nodes", "n1", "--dir", certs.to_str().expect("utf-8")]);
+    assert!(init.status.success());
+    // Re-running over the directory refuses.
+    let again = run(&["cluster", "init", "--nodes", "n1", "--dir", certs.to_str().expect("utf-8")]);
+    assert!(!again.status.success());
+    // No node listens there.
+    let port = free_udp_port().to_string();
+    let down = run(&["cluster", "status", "--addr", &format!("127.0.0.1:{port}")]);
+    assert!(!down.status.success());
+    let err = String::from_utf8_lossy(&down.stderr);
+    assert!(err.contains("cannot reach node"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // Bad input.
+    let bad = run(&["flow-run", "inspect", "not-an-id"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a flow run id"));
+    let bad = run(&["flow-run", "create", "command", "--params-json", "[1]"]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("JSON object"));
+}
