@@ -45,6 +45,16 @@ impl Role {
     }
 }
 
+/// A node to join through: its address, and the host name it was given by (the TLS server
+/// name its certificate must be valid for).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seed {
+    /// The resolved address.
+    pub addr: SocketAddr,
+    /// The host as given (a name or an IP).
+    pub host: String,
+}
+
 /// How a node runs.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -57,7 +67,7 @@ pub struct NodeConfig {
     /// The cluster's certificates directory.
     pub certs_dir: PathBuf,
     /// Seeds to join.
-    pub join: Vec<SocketAddr>,
+    pub join: Vec<Seed>,
     /// Control or worker.
     pub role: Role,
     /// Flow runs it runs at once.
@@ -237,13 +247,13 @@ pub async fn ask_control(request: &flotilla_cluster::wire::Request) -> Response 
 /// session over a QUIC stream until the connection drops; then dials again.
 async fn keep_link(
     endpoint: QuicEndpoint,
-    seed: SocketAddr,
+    Seed { addr: seed, host }: Seed,
     server: ActorRef<NodeServerMessage>,
     local: String,
 ) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        match endpoint.connect(seed, &seed.ip().to_string(), ALPN_NODE).await {
+        match endpoint.connect(seed, &host, ALPN_NODE).await {
             Ok(conn) => {
                 backoff = Duration::from_millis(50);
                 match conn.open_bi().await {
@@ -335,7 +345,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     for seed in &config.join {
         tokio::spawn(keep_link(
             endpoint.clone(),
-            *seed,
+            seed.clone(),
             node_server.clone(),
             local.clone(),
         ));
@@ -348,7 +358,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                     seeds: config
                         .join
                         .iter()
-                        .map(ToString::to_string)
+                        .map(|s| s.addr.to_string())
                         .collect::<Vec<_>>()
                         .join(", "),
                     timeout: config.join_timeout,

@@ -298,10 +298,10 @@ async fn local(n: u16, dir: &Path, port: u16) -> anyhow::Result<()> {
         let exited = async {
             loop {
                 for (i, c) in children.iter_mut().enumerate() {
-                    if running[i] {
-                        if let Ok(Some(status)) = c.process.try_wait() {
-                            return (i, status);
-                        }
+                    if running[i]
+                        && let Ok(Some(status)) = c.process.try_wait()
+                    {
+                        return (i, status);
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;

@@ -414,17 +414,25 @@ pub async fn watch(s: &Session, id: FlowRunId) -> anyhow::Result<bool> {
             .wait_for(id, Duration::from_millis(200))
             .await
             .map_err(|e| s.fail(e))?;
-        cursor = drain_logs(s, id, cursor, |l| bar.suspend(|| eprintln!("{}", format_line(l)))).await?;
-        let state = run.lifecycle.state.name.to_string();
-        if state != last_state {
-            let node = run
-                .owner
-                .as_ref()
-                .map_or_else(String::new, |n| format!(" on {n}"));
-            bar.suspend(|| eprintln!("{} {state}{node}", run.flow_name));
-            last_state = state;
+        let terminal = run.lifecycle.state.is_terminal();
+        let mut announce = |run: &FlowRun| {
+            let state = run.lifecycle.state.name.to_string();
+            if state != last_state {
+                let node = run
+                    .owner
+                    .as_ref()
+                    .map_or_else(String::new, |n| format!(" on {n}"));
+                bar.suspend(|| eprintln!("{} {state}{node}", run.flow_name));
+                last_state = state;
+            }
+        };
+        // A run's lines are all recorded before its final state: they print before it.
+        if !terminal {
+            announce(&run);
         }
-        if run.lifecycle.state.is_terminal() {
+        cursor = drain_logs(s, id, cursor, |l| bar.suspend(|| eprintln!("{}", format_line(l)))).await?;
+        if terminal {
+            announce(&run);
             break run;
         }
         let tasks = s.client.task_runs(id).await.map(|t| t.len()).unwrap_or(0);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use flotilla_actors::node::{self, NodeConfig, Role};
+use flotilla_actors::node::{self, NodeConfig, Role, Seed};
 use flotilla_runtime::NodeId;
 
 use crate::config::{FileConfig, duration};
@@ -95,7 +95,18 @@ impl StartArgs {
         let join = join_raw
             .iter()
             .filter(|s| !s.trim().is_empty())
-            .map(|s| parse_addr("--join", s.trim()))
+            .map(|s| {
+                let s = s.trim();
+                let host = s
+                    .rsplit_once(':')
+                    .map_or(s, |(h, _)| h)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                Ok(Seed {
+                    addr: parse_addr("--join", s)?,
+                    host: host.to_owned(),
+                })
+            })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let role = match self.role.or(file.role).as_deref() {
             Some("control") => Role::Control,

@@ -49,16 +49,29 @@ fn free_udp_port() -> u16 {
 fn start_node(dir: &Path, name: &str, port: u16, join: Option<u16>) -> Child {
     let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("a log file");
     let mut cmd = Command::new(BIN);
-    cmd.args(["node", "start", "--name", name, "--listen", &format!("127.0.0.1:{port}")])
-        .arg("--data")
-        .arg(dir.join(name))
-        .arg("--certs")
-        .arg(dir.join("certs"))
-        .args(["--unreachable-after", "1s", "--heartbeat", "250ms", "--quiet-runs"])
-        .env_remove("FLOTILLA_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log);
+    cmd.args([
+        "node",
+        "start",
+        "--name",
+        name,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .arg("--data")
+    .arg(dir.join(name))
+    .arg("--certs")
+    .arg(dir.join("certs"))
+    .args([
+        "--unreachable-after",
+        "1s",
+        "--heartbeat",
+        "250ms",
+        "--quiet-runs",
+    ])
+    .env_remove("FLOTILLA_CONFIG")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(log);
     match join {
         None => cmd.args(["--role", "control"]),
         Some(p) => cmd.args(["--role", "worker", "--join", &format!("127.0.0.1:{p}")]),
@@ -101,13 +114,26 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
         .arg(dir.join("certs"))
         .output()
         .expect("cluster init runs");
-    assert!(init.status.success(), "cluster init: {}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "cluster init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
 
     let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
-    let mut nodes = Nodes { children: Vec::new(), dir: dir.to_owned() };
-    nodes.children.push(("n1".into(), start_node(dir, "n1", ports[0], None)));
-    nodes.children.push(("n2".into(), start_node(dir, "n2", ports[1], Some(ports[0]))));
-    nodes.children.push(("n3".into(), start_node(dir, "n3", ports[2], Some(ports[0]))));
+    let mut nodes = Nodes {
+        children: Vec::new(),
+        dir: dir.to_owned(),
+    };
+    nodes
+        .children
+        .push(("n1".into(), start_node(dir, "n1", ports[0], None)));
+    nodes
+        .children
+        .push(("n2".into(), start_node(dir, "n2", ports[1], Some(ports[0]))));
+    nodes
+        .children
+        .push(("n3".into(), start_node(dir, "n3", ports[2], Some(ports[0]))));
 
     let addr = format!("127.0.0.1:{}", ports[0]);
     let certs = dir.join("certs");
@@ -125,8 +151,15 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
     let mut long = Vec::new();
     let mut owners: BTreeMap<FlowRunId, String> = BTreeMap::new();
     while owners.values().filter(|o| *o == "n3").count() < 3 {
-        assert!(long.len() < 30, "n3 was given none of {} long runs: {owners:?}", long.len());
-        let id = client.run("command", long_command()).await.expect("a long run is accepted");
+        assert!(
+            long.len() < 30,
+            "n3 was given none of {} long runs: {owners:?}",
+            long.len()
+        );
+        let id = client
+            .run("command", long_command())
+            .await
+            .expect("a long run is accepted");
         long.push(id);
         let run = eventually("the long run starts", Duration::from_secs(30), || async {
             let r = state_of(&client, id).await;
@@ -141,7 +174,9 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
             let id = if i % 2 == 0 {
                 client.run("noop", serde_json::Value::Null).await
             } else {
-                client.run("command", serde_json::json!({"command": ["true"]})).await
+                client
+                    .run("command", serde_json::json!({"command": ["true"]}))
+                    .await
             };
             v.push(id.expect("a quick run is accepted"));
         }
@@ -154,19 +189,35 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
             .await
             .expect("a quick run ends in time")
             .expect("it is readable");
-        assert_eq!(run.lifecycle.state.kind, StateType::Completed, "{id}: {}", run.lifecycle.state);
+        assert_eq!(
+            run.lifecycle.state.kind,
+            StateType::Completed,
+            "{id}: {}",
+            run.lifecycle.state
+        );
         placed_on.insert(run.owner.expect("owner").to_string());
         completed.insert(id);
     }
-    assert_eq!(placed_on.len(), 3, "the quick runs went to every node: {placed_on:?}");
+    assert_eq!(
+        placed_on.len(),
+        3,
+        "the quick runs went to every node: {placed_on:?}"
+    );
 
     // Kill n3.
     let killed_at = Instant::now();
     nodes.children[2].1.kill().expect("SIGKILL n3");
-    let detected = eventually("n3 unreachable", UNREACHABLE_AFTER + DETECT_SLACK + Duration::from_secs(5), || async {
-        let s = client.cluster_status().await.ok()?;
-        s.nodes.iter().any(|m| m.name.as_str() == "n3" && !m.reachable).then(|| killed_at.elapsed())
-    })
+    let detected = eventually(
+        "n3 unreachable",
+        UNREACHABLE_AFTER + DETECT_SLACK + Duration::from_secs(5),
+        || async {
+            let s = client.cluster_status().await.ok()?;
+            s.nodes
+                .iter()
+                .any(|m| m.name.as_str() == "n3" && !m.reachable)
+                .then(|| killed_at.elapsed())
+        },
+    )
     .await;
     assert!(
         detected <= UNREACHABLE_AFTER + DETECT_SLACK,
@@ -174,31 +225,70 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
     );
     let status = client.cluster_status().await.expect("status");
     assert_eq!(status.nodes.len(), 3, "a dead member stays listed");
-    assert!(status.nodes.iter().filter(|m| m.name.as_str() != "n3").all(|m| m.reachable), "{status:?}");
+    assert!(
+        status
+            .nodes
+            .iter()
+            .filter(|m| m.name.as_str() != "n3")
+            .all(|m| m.reachable),
+        "{status:?}"
+    );
 
     // n3's running runs become Crashed; the others run on.
     for &id in &long {
         let on_n3 = owners[&id] == "n3";
-        let run = eventually("the long run's state settles", Duration::from_secs(10), || async {
-            let r = state_of(&client, id).await;
-            let want = if on_n3 { StateName::Crashed } else { StateName::Running };
-            (r.lifecycle.state.name == want).then_some(r)
-        })
+        let run = eventually(
+            "the long run's state settles",
+            Duration::from_secs(10),
+            || async {
+                let r = state_of(&client, id).await;
+                let want = if on_n3 {
+                    StateName::Crashed
+                } else {
+                    StateName::Running
+                };
+                (r.lifecycle.state.name == want).then_some(r)
+            },
+        )
         .await;
         if on_n3 {
-            assert!(run.lifecycle.state.message.as_deref().unwrap_or("").contains("n3"), "{}", run.lifecycle.state);
+            assert!(
+                run.lifecycle
+                    .state
+                    .message
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("n3"),
+                "{}",
+                run.lifecycle.state
+            );
         }
     }
     // Every run acknowledged Completed stays Completed.
     for &id in &completed {
-        assert_eq!(state_of(&client, id).await.lifecycle.state.kind, StateType::Completed, "{id}");
+        assert_eq!(
+            state_of(&client, id).await.lifecycle.state.kind,
+            StateType::Completed,
+            "{id}"
+        );
     }
 
     // The cluster goes on: new runs complete, none on the dead node.
     for _ in 0..10 {
-        let id = client.run("command", serde_json::json!({"command": ["echo", "after"]})).await.expect("accepted");
-        let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id)).await.expect("in time").expect("readable");
-        assert_eq!(run.lifecycle.state.kind, StateType::Completed, "{}", run.lifecycle.state);
+        let id = client
+            .run("command", serde_json::json!({"command": ["echo", "after"]}))
+            .await
+            .expect("accepted");
+        let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+            .await
+            .expect("in time")
+            .expect("readable");
+        assert_eq!(
+            run.lifecycle.state.kind,
+            StateType::Completed,
+            "{}",
+            run.lifecycle.state
+        );
         assert_ne!(run.owner.expect("owner").as_str(), "n3");
     }
 
@@ -230,10 +320,24 @@ fn cli_errors_are_one_line_with_a_non_zero_exit() {
             .output()
             .expect("the binary runs")
     };
-    let init = run(&["cluster", "init", "--nodes", "n1", "--dir", certs.to_str().expect("utf-8")]);
+    let init = run(&[
+        "cluster",
+        "init",
+        "--nodes",
+        "n1",
+        "--dir",
+        certs.to_str().expect("utf-8"),
+    ]);
     assert!(init.status.success());
     // Re-running over the directory refuses.
-    let again = run(&["cluster", "init", "--nodes", "n1", "--dir", certs.to_str().expect("utf-8")]);
+    let again = run(&[
+        "cluster",
+        "init",
+        "--nodes",
+        "n1",
+        "--dir",
+        certs.to_str().expect("utf-8"),
+    ]);
     assert!(!again.status.success());
     // No node listens there.
     let port = free_udp_port().to_string();

@@ -232,7 +232,7 @@ impl ControlState {
                         .flat_map(|m| m.status.flows.clone())
                         .collect();
                     let known: Vec<String> = known.into_iter().collect();
-                    let msg = if known.iter().any(|f| *f == flow) {
+                    let msg = if known.contains(&flow) {
                         format!("no reachable node runs flow {flow:?} now")
                     } else {
                         format!("no node runs a flow named {flow:?} (known: {})", known.join(", "))
