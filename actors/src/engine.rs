@@ -70,6 +70,8 @@ pub struct EngineConfig {
     pub log_flush_interval: Duration,
     /// Whether log lines from flows and tasks are also printed to stderr.
     pub log_to_stderr: bool,
+    /// Large results are also shipped with this (a worker: to the control node).
+    pub result_shipper: Option<Arc<dyn results::ResultShipper>>,
 }
 
 impl EngineConfig {
@@ -86,6 +88,7 @@ impl EngineConfig {
             log_batch_lines_max: 1000,
             log_flush_interval: Duration::from_millis(50),
             log_to_stderr: true,
+            result_shipper: None,
         }
     }
 }

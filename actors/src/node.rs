@@ -13,12 +13,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use flotilla_cluster::bidi::QuicBidi;
-use flotilla_cluster::wire::{ClusterStatus, Envelope, ErrorKind, PROTOCOL_VERSION, Response, WireError};
+use flotilla_cluster::wire::{
+    ClusterStatus, Envelope, ErrorKind, PROTOCOL_VERSION, Request, Response, WireError,
+};
 use flotilla_cluster::{ALPN_CLIENT, ALPN_NODE, Identity, QuicEndpoint, TransportSettings, certs, frame};
 use flotilla_runtime::{NodeId, codec};
 use ractor::{Actor, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
+use crate::engine::results::ResultStore;
 use crate::engine::worker::{self, EngineHandle};
 use crate::engine::{EngineConfig, FlowFn};
 use crate::persistence::{self, PersistenceConfig, PersistenceHandle};
@@ -191,9 +194,11 @@ async fn serve_node_connection(conn: quinn::Connection, server: ActorRef<NodeSer
     }
 }
 
-/// Serves one client connection: each stream is one request, answered by the control actor.
-async fn serve_client_connection(conn: quinn::Connection) {
+/// Serves one client connection: each stream is one request, answered by the control actor
+/// (a shipped result, by the control node's result store).
+async fn serve_client_connection(conn: quinn::Connection, results: Option<ResultStore>) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let results = results.clone();
         tokio::spawn(async move {
             let response = match frame::read::<Envelope, _>(&mut recv).await {
                 Err(e) => Response::Error(WireError::new(ErrorKind::Protocol, format!("a bad request: {e}"))),
@@ -204,11 +209,114 @@ async fn serve_client_connection(conn: quinn::Connection) {
                         env.version
                     ),
                 )),
+                Ok(Envelope {
+                    request: Request::PutResult { key, bytes },
+                    ..
+                }) => put_result(results, key, bytes).await,
                 Ok(env) => ask_control(&env.request).await,
             };
             let _ = frame::write(&mut send, &response).await;
             let _ = send.finish();
         });
+    }
+}
+
+/// Keeps a shipped result in this (control) node's result store.
+async fn put_result(results: Option<ResultStore>, key: String, bytes: Vec<u8>) -> Response {
+    let Some(results) = results else {
+        return Response::Error(WireError::new(
+            ErrorKind::Unavailable,
+            "this node does not hold the control state",
+        ));
+    };
+    if !crate::engine::results::valid_key(&key) {
+        return Response::Error(WireError::new(
+            ErrorKind::Refused,
+            format!("{key:?} is not a result key"),
+        ));
+    }
+    match tokio::task::spawn_blocking(move || results.put(&key, &bytes)).await {
+        Ok(Ok(())) => Response::Done,
+        Ok(Err(e)) => Response::Error(WireError::new(ErrorKind::Unavailable, e.to_string())),
+        Err(e) => Response::Error(WireError::new(ErrorKind::Unavailable, e.to_string())),
+    }
+}
+
+/// Ships a worker's large results to the control node over a QUIC stream of their own (the
+/// client protocol, with the node's certificate), to the control member the agent last
+/// learned of.
+#[derive(Debug)]
+struct QuicShipper {
+    endpoint: QuicEndpoint,
+    view: Arc<RwLock<ClusterStatus>>,
+    conn: tokio::sync::Mutex<Option<(SocketAddr, quinn::Connection)>>,
+}
+
+impl QuicShipper {
+    async fn ship_async(&self, key: &str, bytes: &[u8]) -> Result<(), String> {
+        let control = {
+            let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+            view.nodes
+                .iter()
+                .find(|m| m.role == Role::Control.as_str())
+                .map(|m| (m.addr.clone(), m.name.to_string()))
+        };
+        let (addr, name) = control.ok_or("no control node is known yet")?;
+        let addr: SocketAddr = addr
+            .parse()
+            .map_err(|e| format!("the control node's address {addr:?}: {e}"))?;
+        let mut slot = self.conn.lock().await;
+        let conn = match slot.as_ref() {
+            Some((a, c)) if *a == addr && c.close_reason().is_none() => c.clone(),
+            _ => {
+                let c = self
+                    .endpoint
+                    .connect(addr, &name, ALPN_CLIENT)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                *slot = Some((addr, c.clone()));
+                c
+            }
+        };
+        drop(slot);
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let envelope = Envelope {
+            version: PROTOCOL_VERSION,
+            request: Request::PutResult {
+                key: key.to_owned(),
+                bytes: bytes.to_vec(),
+            },
+        };
+        frame::write(&mut send, &envelope)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        match frame::read::<Response, _>(&mut recv)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Response::Done => Ok(()),
+            Response::Error(e) => Err(e.message),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+}
+
+impl crate::engine::results::ResultShipper for QuicShipper {
+    fn ship(&self, key: &str, bytes: &[u8]) -> Result<(), String> {
+        if bytes.len() + 1024 > frame::FRAME_BYTES_MAX {
+            return Err(format!(
+                "a result of {} bytes is over the {} a node ships to the control node",
+                bytes.len(),
+                frame::FRAME_BYTES_MAX - 1024
+            ));
+        }
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
+        handle.block_on(async {
+            tokio::time::timeout(plane::CALL_TIMEOUT * 6, self.ship_async(key, bytes))
+                .await
+                .map_err(|_| "the control node did not answer in time".to_owned())?
+        })
     }
 }
 
@@ -318,6 +426,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                     persistence: p.clone(),
                     settings,
                     flows: flows.clone(),
+                    results: ResultStore::new(config.data_dir.join("results"), usize::MAX),
                 },
             )
             .await
@@ -332,12 +441,14 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         let endpoint = endpoint.clone();
         let server = node_server.clone();
         let local = local.clone();
+        let results = (config.role == Role::Control)
+            .then(|| ResultStore::new(config.data_dir.join("results"), usize::MAX));
         tokio::spawn(async move {
             while let Some((conn, alpn)) = endpoint.accept().await {
                 if alpn == ALPN_NODE {
                     tokio::spawn(serve_node_connection(conn, server.clone(), local.clone()));
                 } else if alpn == ALPN_CLIENT {
-                    tokio::spawn(serve_client_connection(conn));
+                    tokio::spawn(serve_client_connection(conn, results.clone()));
                 }
             }
         });
@@ -371,8 +482,15 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     let mut ec = EngineConfig::new(config.name.clone(), &config.data_dir);
     ec.slots = config.slots.max(1);
     ec.log_to_stderr = config.log_to_stderr;
-    let (engine, engine_join) = worker::start(ec, plane.clone(), flows).await?;
     let view = Arc::new(RwLock::new(ClusterStatus::default()));
+    if config.role == Role::Worker {
+        ec.result_shipper = Some(Arc::new(QuicShipper {
+            endpoint: endpoint.clone(),
+            view: view.clone(),
+            conn: tokio::sync::Mutex::new(None),
+        }));
+    }
+    let (engine, engine_join) = worker::start(ec, plane.clone(), flows).await?;
     let args = AgentArgs {
         node: config.name.clone(),
         addr: local,

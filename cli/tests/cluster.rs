@@ -204,6 +204,35 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
         "the quick runs went to every node: {placed_on:?}"
     );
 
+    // Large results (above the 64 KiB kept inline) made on a worker are shipped to the control
+    // node: readable through it, also once the worker is gone.
+    const BIG: usize = 300_000;
+    let mut big_on_n3 = None;
+    for _ in 0..30 {
+        let id = client
+            .run("noop", serde_json::json!({"result_bytes": BIG}))
+            .await
+            .expect("accepted");
+        let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+            .await
+            .expect("in time")
+            .expect("readable");
+        assert_eq!(
+            run.lifecycle.state.kind,
+            StateType::Completed,
+            "{}",
+            run.lifecycle.state
+        );
+        let bytes: serde_bytes::ByteBuf = client.result(id).await.expect("the large result is readable");
+        assert_eq!(bytes.len(), BIG);
+        assert!(bytes.iter().enumerate().all(|(i, b)| *b == (i % 251) as u8));
+        if run.owner.as_ref().is_some_and(|o| o.as_str() == "n3") {
+            big_on_n3 = Some(id);
+            break;
+        }
+    }
+    let big_on_n3 = big_on_n3.expect("a large result was made on n3");
+
     // Kill n3.
     let killed_at = Instant::now();
     nodes.children[2].1.kill().expect("SIGKILL n3");
@@ -264,6 +293,10 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
             );
         }
     }
+    // The result n3 made outlives it.
+    let bytes: serde_bytes::ByteBuf = client.result(big_on_n3).await.expect("readable after n3 died");
+    assert_eq!(bytes.len(), BIG);
+
     // Every run acknowledged Completed stays Completed.
     for &id in &completed {
         assert_eq!(

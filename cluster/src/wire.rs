@@ -79,6 +79,15 @@ pub enum Request {
     },
     /// Forget a member (it must be unreachable).
     RemoveNode(NodeId),
+    /// Keep a large result in the control node's result store (a node shipping what a run
+    /// made; the key is the result store's).
+    PutResult {
+        /// The result's key.
+        key: String,
+        /// Its bytes.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 /// How a failed request failed.

@@ -142,14 +142,41 @@ pub fn command_flow() -> Arc<dyn FlowFn> {
 /// The built-in empty flow's name.
 pub const NOOP_FLOW: &str = "noop";
 
-/// The flows of the stock binary: `command`, and `noop` (it takes no parameters, runs no task
-/// and completes: for checks and benchmarks of the orchestration itself).
+/// The flows of the stock binary: `command`, and `noop` (it runs no task and completes, for
+/// checks and benchmarks of the orchestration itself; `{"result_bytes": N}` makes it return N
+/// bytes, up to 8 MiB, to exercise large results).
 pub fn builtin_flows() -> Vec<Arc<dyn FlowFn>> {
     vec![command_flow(), Arc::new(NoopFlow)]
 }
 
+/// The largest result `noop` makes.
+const NOOP_RESULT_BYTES_MAX: u64 = 8 * 1024 * 1024;
+
 #[derive(Debug)]
 struct NoopFlow;
+
+fn noop_result_bytes(params: &serde_json::Value) -> Result<u64, String> {
+    match params {
+        serde_json::Value::Null => Ok(0),
+        serde_json::Value::Object(m) => {
+            if let Some(k) = m.keys().find(|k| *k != "result_bytes") {
+                return Err(format!(
+                    "flow noop: unknown parameter {k:?} (it takes only result_bytes)"
+                ));
+            }
+            match m.get("result_bytes") {
+                None => Ok(0),
+                Some(v) => match v.as_u64() {
+                    Some(n) if n <= NOOP_RESULT_BYTES_MAX => Ok(n),
+                    _ => Err(format!(
+                        "flow noop: result_bytes must be a whole number up to {NOOP_RESULT_BYTES_MAX}, not {v}"
+                    )),
+                },
+            }
+        }
+        other => Err(format!("flow noop: parameters must be an object, not {other}")),
+    }
+}
 
 impl FlowFn for NoopFlow {
     fn name(&self) -> &str {
@@ -161,15 +188,18 @@ impl FlowFn for NoopFlow {
     }
 
     fn check_params(&self, params: &serde_json::Value) -> Result<(), String> {
-        match params {
-            serde_json::Value::Null => Ok(()),
-            serde_json::Value::Object(m) if m.is_empty() => Ok(()),
-            other => Err(format!("flow noop takes no parameters, not {other}")),
-        }
+        noop_result_bytes(params).map(|_| ())
     }
 
-    fn run(&self, _env: FlowEnv, _params: serde_json::Value) -> BoxFuture<Result<Vec<u8>, String>> {
-        Box::pin(async { rmp_serde::to_vec_named(&()).map_err(|e| e.to_string()) })
+    fn run(&self, _env: FlowEnv, params: serde_json::Value) -> BoxFuture<Result<Vec<u8>, String>> {
+        Box::pin(async move {
+            let n = noop_result_bytes(&params)?;
+            if n == 0 {
+                return rmp_serde::to_vec_named(&()).map_err(|e| e.to_string());
+            }
+            let bytes: Vec<u8> = (0..n).map(|i| (i % 251) as u8).collect();
+            rmp_serde::to_vec_named(&serde_bytes::ByteBuf::from(bytes)).map_err(|e| e.to_string())
+        })
     }
 }
 

@@ -27,6 +27,41 @@ pub enum ResultError {
         /// What is wrong.
         reason: String,
     },
+    /// The result could not be shipped to the control node's result store.
+    #[error("result {key} could not be shipped to the control node: {reason}")]
+    Ship {
+        /// The result's key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Ships a large result to the control node's result store, so that any node can read it and
+/// it outlives the node that made it. Called from a blocking thread; returns once the control
+/// node has the result durably.
+pub trait ResultShipper: Send + Sync + std::fmt::Debug + 'static {
+    /// Ships `bytes` under `key`.
+    fn ship(&self, key: &str, bytes: &[u8]) -> Result<(), String>;
+}
+
+/// Whether `key` is one this store makes: `flow-runs/ID-N.bin` or `task-runs/ID-N.bin`.
+pub fn valid_key(key: &str) -> bool {
+    let Some((dir, file)) = key.split_once('/') else {
+        return false;
+    };
+    let Some(stem) = file.strip_suffix(".bin") else {
+        return false;
+    };
+    let Some((id, attempt)) = stem.rsplit_once('-') else {
+        return false;
+    };
+    matches!(dir, "flow-runs" | "task-runs")
+        && id.len() == 36
+        && id.chars().all(|c| c.is_ascii_hexdigit() || c == '-')
+        && !attempt.is_empty()
+        && attempt.len() <= 10
+        && attempt.chars().all(|c| c.is_ascii_digit())
 }
 
 /// Where results go.
@@ -34,12 +69,24 @@ pub enum ResultError {
 pub struct ResultStore {
     dir: PathBuf,
     inline_max: usize,
+    shipper: Option<std::sync::Arc<dyn ResultShipper>>,
 }
 
 impl ResultStore {
     /// Results up to `inline_max` bytes stay inline; larger ones go under `dir`.
     pub fn new(dir: PathBuf, inline_max: usize) -> Self {
-        ResultStore { dir, inline_max }
+        ResultStore {
+            dir,
+            inline_max,
+            shipper: None,
+        }
+    }
+
+    /// Large results are also shipped with `shipper` before their reference is returned (a
+    /// worker's store: the control node keeps them).
+    pub fn with_shipper(mut self, shipper: std::sync::Arc<dyn ResultShipper>) -> Self {
+        self.shipper = Some(shipper);
+        self
     }
 
     /// Whether a result of this size goes to a file (and so should be stored off the hot path).
@@ -57,23 +104,42 @@ impl ResultStore {
             RunId::Flow(id) => format!("flow-runs/{id}-{attempt}.bin"),
             RunId::Task(id) => format!("task-runs/{id}-{attempt}.bin"),
         };
-        let path = self.dir.join(&key);
+        self.put(&key, &bytes)?;
+        if let Some(shipper) = &self.shipper {
+            shipper.ship(&key, &bytes).map_err(|reason| ResultError::Ship {
+                key: key.clone(),
+                reason,
+            })?;
+        }
+        Ok(ResultRef::Stored {
+            crc32: crc32fast::hash(&bytes),
+            size: bytes.len() as u64,
+            key,
+        })
+    }
+
+    /// Writes `bytes` under `key` (one of [`valid_key`]'s) durably: the file and its directory
+    /// are fsynced before it returns.
+    pub fn put(&self, key: &str, bytes: &[u8]) -> Result<(), ResultError> {
+        if !valid_key(key) {
+            return Err(ResultError::Damaged {
+                key: key.to_owned(),
+                reason: "not a result key".into(),
+            });
+        }
+        let path = self.dir.join(key);
         let io = |source| ResultError::Io {
-            key: key.clone(),
+            key: key.to_owned(),
             source,
         };
         let parent = path.parent().unwrap_or(&self.dir);
         fs::create_dir_all(parent).map_err(io)?;
         let tmp = path.with_extension("tmp");
         let mut f = File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).and_then(|()| f.sync_all()).map_err(io)?;
+        f.write_all(bytes).and_then(|()| f.sync_all()).map_err(io)?;
         fs::rename(&tmp, &path).map_err(io)?;
         File::open(parent).and_then(|d| d.sync_all()).map_err(io)?;
-        Ok(ResultRef::Stored {
-            crc32: crc32fast::hash(&bytes),
-            size: bytes.len() as u64,
-            key,
-        })
+        Ok(())
     }
 
     /// Reads a result back, checking its size and checksum.
@@ -114,6 +180,28 @@ impl ResultStore {
 mod tests {
     use super::*;
     use flotilla_runtime::TaskRunId;
+
+    #[test]
+    fn only_result_keys_are_accepted() {
+        let id = "01a213b8-0c22-7ed0-83b9-93dd9085f0a5";
+        assert!(valid_key(&format!("flow-runs/{id}-1.bin")));
+        assert!(valid_key(&format!("task-runs/{id}-12.bin")));
+        for bad in [
+            format!("../{id}-1.bin"),
+            format!("flow-runs/../../{id}-1.bin"),
+            format!("other/{id}-1.bin"),
+            format!("flow-runs/{id}-.bin"),
+            format!("flow-runs/{id}-1.txt"),
+            format!("/flow-runs/{id}-1.bin"),
+            "flow-runs/....................................-1.bin".to_owned(),
+            String::new(),
+        ] {
+            assert!(!valid_key(&bad), "{bad}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = ResultStore::new(dir.path().to_owned(), 4);
+        assert!(store.put("flow-runs/../../x", b"x").is_err());
+    }
 
     #[test]
     fn small_results_are_inline_and_large_ones_in_files() {

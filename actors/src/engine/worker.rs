@@ -321,7 +321,11 @@ pub async fn start(
         config.log_to_stderr,
     );
     let ctx = Arc::new(EngineCtx {
-        results: ResultStore::new(config.results_dir.clone(), config.result_inline_bytes_max),
+        results: match &config.result_shipper {
+            Some(shipper) => ResultStore::new(config.results_dir.clone(), config.result_inline_bytes_max)
+                .with_shipper(shipper.clone()),
+            None => ResultStore::new(config.results_dir.clone(), config.result_inline_bytes_max),
+        },
         limits: TagLimits::new(&config.tag_limits),
         config,
         persistence,

@@ -21,6 +21,7 @@ use rand::rngs::SmallRng;
 
 use super::agent::{AgentMsg, agent_of};
 use crate::engine::FlowFn;
+use crate::engine::results::ResultStore;
 use crate::persistence::{
     PAGE_MAX, PersistError, PersistenceHandle, Read, ReadReply, RunFilter, SubmitResult,
 };
@@ -85,6 +86,8 @@ pub struct ControlState {
     members: BTreeMap<NodeId, Member>,
     settings: MembershipSettings,
     rng: SmallRng,
+    /// Large results.
+    results: ResultStore,
     /// The flows this node knows: their parameters are checked and their options applied when
     /// a run is created (a flow only other nodes know is checked when it runs).
     flows: std::collections::HashMap<String, Arc<dyn FlowFn>>,
@@ -331,8 +334,9 @@ impl ControlState {
                 });
             }
             other => {
+                let results = self.results.clone();
                 tokio::spawn(async move {
-                    let r = read_request(&p, other).await;
+                    let r = read_request(&p, &results, other).await;
                     answer(reply, r);
                 });
             }
@@ -394,7 +398,7 @@ async fn wait_for_end(p: &PersistenceHandle, id: FlowRunId, limit: Duration) -> 
     }
 }
 
-async fn read_request(p: &PersistenceHandle, request: Request) -> Response {
+async fn read_request(p: &PersistenceHandle, results: &ResultStore, request: Request) -> Response {
     let missing = |id: FlowRunId| refused(ErrorKind::NotFound, format!("no flow run {id}"));
     match request {
         Request::FlowRun(id) => match p.flow_run(id).await {
@@ -453,10 +457,23 @@ async fn read_request(p: &PersistenceHandle, request: Request) -> Response {
                 (StateType::Completed, Some(flotilla_runtime::ResultRef::Inline(b))) => {
                     Response::Result(b.clone())
                 }
-                (StateType::Completed, Some(_)) => refused(
-                    ErrorKind::Unavailable,
-                    "the result is stored on the node that ran it".to_owned(),
-                ),
+                (StateType::Completed, Some(stored)) => {
+                    let (results, stored) = (results.clone(), stored.clone());
+                    match tokio::task::spawn_blocking(move || results.load(&stored)).await {
+                        Ok(Ok(bytes)) if bytes.len() + 64 <= flotilla_cluster::frame::FRAME_BYTES_MAX => {
+                            Response::Result(bytes)
+                        }
+                        Ok(Ok(bytes)) => refused(
+                            ErrorKind::Refused,
+                            format!(
+                                "the result is {} bytes, more than one answer carries",
+                                bytes.len()
+                            ),
+                        ),
+                        Ok(Err(e)) => refused(ErrorKind::Unavailable, e.to_string()),
+                        Err(e) => refused(ErrorKind::Unavailable, format!("cannot read the result: {e}")),
+                    }
+                }
                 _ => refused(
                     ErrorKind::Refused,
                     format!("flow run {id} is {}; it has no result", r.lifecycle.state),
@@ -481,6 +498,8 @@ pub struct ControlArgs {
     pub settings: MembershipSettings,
     /// The flows registered on this node.
     pub flows: Vec<Arc<dyn FlowFn>>,
+    /// The control node's result store (large results, shipped by the nodes that made them).
+    pub results: ResultStore,
 }
 
 impl Actor for Control {
@@ -497,6 +516,7 @@ impl Actor for Control {
         myself.send_interval(args.settings.check_every, || ControlMsg::Tick);
         Ok(ControlState {
             persistence: args.persistence,
+            results: args.results,
             members: BTreeMap::new(),
             settings: args.settings,
             rng: SmallRng::seed_from_u64(now().as_micros() as u64),
