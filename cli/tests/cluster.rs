@@ -325,8 +325,54 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
         assert_ne!(run.owner.expect("owner").as_str(), "n3");
     }
 
+    // n3 comes back on its data directory: it redials, is reachable again and takes runs.
+    let mut dead = std::mem::replace(
+        &mut nodes.children[2].1,
+        start_node(dir, "n3", ports[2], Some(ports[0])),
+    );
+    let _ = dead.wait();
+    eventually("n3 reachable again", Duration::from_secs(30), || async {
+        let s = client.cluster_status().await.ok()?;
+        s.nodes
+            .iter()
+            .any(|m| m.name.as_str() == "n3" && m.reachable)
+            .then_some(())
+    })
+    .await;
+    let mut back_on_n3 = false;
+    for _ in 0..30 {
+        let id = client
+            .run("noop", serde_json::Value::Null)
+            .await
+            .expect("accepted");
+        let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+            .await
+            .expect("in time")
+            .expect("readable");
+        assert_eq!(
+            run.lifecycle.state.kind,
+            StateType::Completed,
+            "{}",
+            run.lifecycle.state
+        );
+        if run.owner.as_ref().is_some_and(|o| o.as_str() == "n3") {
+            back_on_n3 = true;
+            break;
+        }
+    }
+    assert!(back_on_n3, "the restarted n3 was given no run");
+
     // A dead member can be removed; a live one cannot.
-    assert!(client.remove_node("n2").await.is_err());
+    assert!(client.remove_node("n3").await.is_err(), "n3 is reachable");
+    nodes.children[2].1.kill().expect("SIGKILL n3 again");
+    eventually("n3 unreachable again", Duration::from_secs(10), || async {
+        let s = client.cluster_status().await.ok()?;
+        s.nodes
+            .iter()
+            .any(|m| m.name.as_str() == "n3" && !m.reachable)
+            .then_some(())
+    })
+    .await;
     client.remove_node("n3").await.expect("n3 is removed");
     let s = client.cluster_status().await.expect("status");
     assert_eq!(s.nodes.len(), 2);

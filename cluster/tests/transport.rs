@@ -173,3 +173,68 @@ proptest! {
         let _ = frame::decode_all::<Envelope>(&buf);
     }
 }
+
+/// Frames over an in-memory stream cut at every position: the reader gets a typed error (never
+/// a hang, never a panic), and a whole frame before the cut is still read.
+#[tokio::test]
+async fn a_stream_cut_anywhere_is_an_error_not_a_hang() {
+    let env = Envelope {
+        version: PROTOCOL_VERSION,
+        request: Request::RunFlow {
+            flow: "f".into(),
+            params: serde_json::json!({"a": [1, 2, 3]}),
+        },
+    };
+    let mut whole = Vec::new();
+    frame::write(&mut whole, &env).await.unwrap();
+    for cut in 0..whole.len() {
+        let (mut a, mut b) = tokio::io::duplex(16);
+        let part = whole[..cut].to_vec();
+        let writer = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let _ = a.write_all(&part).await;
+            // `a` dropped: the cut.
+        });
+        let r = tokio::time::timeout(WAIT, frame::read::<Envelope, _>(&mut b))
+            .await
+            .expect("no hang");
+        match (cut, r) {
+            (0, Err(frame::FrameError::End)) => {}
+            (_, Err(frame::FrameError::Io(e))) => assert_eq!(e.kind(), std::io::ErrorKind::UnexpectedEof),
+            (_, Err(frame::FrameError::End)) if cut < 4 => {}
+            (c, other) => panic!("cut at {c}: {other:?}"),
+        }
+        writer.await.unwrap();
+    }
+    // Two frames, the second cut: the first is read whole, the second fails.
+    let (mut a, mut b) = tokio::io::duplex(1024);
+    let mut two = whole.clone();
+    two.extend_from_slice(&whole[..whole.len() / 2]);
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = a.write_all(&two).await;
+    });
+    let first: Envelope = tokio::time::timeout(WAIT, frame::read(&mut b))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.request, env.request);
+    assert!(
+        tokio::time::timeout(WAIT, frame::read::<Envelope, _>(&mut b))
+            .await
+            .unwrap()
+            .is_err()
+    );
+    // A length over the cap is refused before anything is allocated.
+    let (mut a, mut b) = tokio::io::duplex(64);
+    tokio::spawn(async move {
+        use tokio::io::AsyncWriteExt;
+        let _ = a.write_all(&u32::MAX.to_be_bytes()).await;
+    });
+    assert!(matches!(
+        tokio::time::timeout(WAIT, frame::read::<Envelope, _>(&mut b))
+            .await
+            .unwrap(),
+        Err(frame::FrameError::TooLarge(_))
+    ));
+}
