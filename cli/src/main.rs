@@ -11,6 +11,7 @@ mod config;
 mod demo;
 mod flow_run;
 mod node_cmd;
+mod schedule_cmd;
 
 use std::process::ExitCode;
 
@@ -37,6 +38,9 @@ enum Cmd {
     /// Create, list, inspect, follow, cancel and retry flow runs on a cluster.
     #[command(subcommand, name = "flow-run")]
     FlowRun(flow_run::FlowRunCmd),
+    /// Schedules: preview a cron expression's next fire times.
+    #[command(subcommand)]
+    Schedule(schedule_cmd::ScheduleCmd),
     /// Measure Flotilla on this machine (release builds).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -68,6 +72,7 @@ fn main() -> ExitCode {
             Cmd::Node(cmd) => node_cmd::run(cmd).await.map(|()| true),
             Cmd::Cluster(cmd) => cluster_cmd::run(cmd).await.map(|()| true),
             Cmd::FlowRun(cmd) => flow_run::run(cmd).await,
+            Cmd::Schedule(cmd) => schedule_cmd::run(cmd).map(|()| true),
             Cmd::Bench(cmd) => bench::run(cmd).await.map(|()| true),
         }
     });

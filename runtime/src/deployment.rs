@@ -92,3 +92,122 @@ pub struct Deployment {
     /// When it last changed.
     pub updated: Timestamp,
 }
+
+/// A schedule that cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScheduleError {
+    /// The cron expression is invalid.
+    #[error(transparent)]
+    Cron(#[from] crate::cron::CronError),
+    /// The time zone is not an IANA zone.
+    #[error(transparent)]
+    Timezone(#[from] crate::cron::TimezoneError),
+    /// An interval of zero, or over the maximum.
+    #[error("an interval must be between 1 s and {max_days} days, not {0:?}", max_days = INTERVAL_MAX.as_secs() / 86_400)]
+    Interval(Duration),
+}
+
+/// The longest interval accepted.
+pub const INTERVAL_MAX: Duration = Duration::from_secs(366 * 86_400);
+
+/// A schedule ready to compute fire times.
+#[derive(Clone, Debug)]
+pub enum Compiled {
+    /// A cron expression in a zone.
+    Cron(crate::cron::CronExpr, chrono_tz::Tz),
+    /// Every `every` from `anchor`.
+    Interval {
+        /// The period in microseconds.
+        every_us: i64,
+        /// The anchor.
+        anchor: Timestamp,
+    },
+}
+
+impl ScheduleKind {
+    /// Checks the schedule and prepares it for computing fire times.
+    pub fn compile(&self) -> Result<Compiled, ScheduleError> {
+        match self {
+            ScheduleKind::Cron { expression, timezone } => {
+                let e = crate::cron::CronExpr::parse(expression)?;
+                let tz = crate::cron::parse_timezone(timezone.as_deref().unwrap_or("UTC"))?;
+                Ok(Compiled::Cron(e, tz))
+            }
+            ScheduleKind::Interval { every, anchor } => {
+                if *every < Duration::from_secs(1) || *every > INTERVAL_MAX {
+                    return Err(ScheduleError::Interval(*every));
+                }
+                Ok(Compiled::Interval {
+                    every_us: every.as_micros() as i64,
+                    anchor: *anchor,
+                })
+            }
+        }
+    }
+}
+
+impl Compiled {
+    /// The first fire time strictly after `after` (None: it fires no more).
+    pub fn next_after(&self, after: Timestamp) -> Option<Timestamp> {
+        match self {
+            Compiled::Cron(e, tz) => e.next_after(*tz, after.to_datetime()).map(Timestamp::from),
+            Compiled::Interval { every_us, anchor } => {
+                let (a, t) = (anchor.as_micros(), after.as_micros());
+                let k = (t - a).div_euclid(*every_us) + 1;
+                Some(Timestamp::from_micros(a.checked_add(k.checked_mul(*every_us)?)?))
+            }
+        }
+    }
+
+    /// The next `count` fire times strictly after `after`.
+    pub fn upcoming(&self, after: Timestamp, count: usize) -> Vec<Timestamp> {
+        let mut out = Vec::with_capacity(count);
+        let mut t = after;
+        while out.len() < count {
+            match self.next_after(t) {
+                Some(n) => {
+                    out.push(n);
+                    t = n;
+                }
+                None => break,
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod schedule_tests {
+    use super::*;
+
+    #[test]
+    fn intervals_count_from_their_anchor() {
+        let anchor: Timestamp = "2026-03-01T00:00:05Z".parse().unwrap();
+        let s = ScheduleKind::Interval {
+            every: Duration::from_secs(600),
+            anchor,
+        }
+        .compile()
+        .unwrap();
+        let after: Timestamp = "2026-03-01T10:07:00Z".parse().unwrap();
+        let got: Vec<String> = s.upcoming(after, 2).iter().map(ToString::to_string).collect();
+        assert_eq!(got, ["2026-03-01T10:10:05Z", "2026-03-01T10:20:05Z"]);
+        // Before the anchor too, and `after` itself excluded.
+        let before: Timestamp = "2026-02-28T23:50:05Z".parse().unwrap();
+        assert_eq!(s.next_after(before).unwrap().to_string(), "2026-03-01T00:00:05Z");
+        assert!(
+            ScheduleKind::Interval {
+                every: Duration::ZERO,
+                anchor
+            }
+            .compile()
+            .is_err()
+        );
+        let bad = ScheduleKind::Cron {
+            expression: "* * * * *".into(),
+            timezone: Some("Nowhere/Land".into()),
+        };
+        assert!(matches!(bad.compile(), Err(ScheduleError::Timezone(_))));
+    }
+}
