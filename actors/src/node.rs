@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod control;
 pub mod plane;
+pub mod scheduler;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -85,6 +86,8 @@ pub struct NodeConfig {
     pub transport: TransportSettings,
     /// Whether flow and task logs are printed to stderr.
     pub log_to_stderr: bool,
+    /// How far ahead the scheduler creates runs (control node).
+    pub schedule: scheduler::ScheduleSettings,
 }
 
 impl NodeConfig {
@@ -103,6 +106,7 @@ impl NodeConfig {
             join_timeout: Duration::from_secs(60),
             transport: TransportSettings::default(),
             log_to_stderr: true,
+            schedule: scheduler::ScheduleSettings::default(),
         }
     }
 }
@@ -427,6 +431,16 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                     settings,
                     flows: flows.clone(),
                     results: ResultStore::new(config.data_dir.join("results"), usize::MAX),
+                },
+            )
+            .await
+            .map_err(|e| NodeError::Spawn(e.to_string()))?;
+            Actor::spawn(
+                Some(scheduler::SCHEDULER_NAME.to_owned()),
+                scheduler::Scheduler,
+                scheduler::SchedulerArgs {
+                    persistence: p.clone(),
+                    settings: config.schedule,
                 },
             )
             .await

@@ -126,6 +126,41 @@ macro_rules! read_helpers {
             }
         }
 
+        /// A deployment, by name.
+        pub async fn deployment_by_name(
+            &self,
+            name: &str,
+        ) -> Result<Option<flotilla_runtime::Deployment>, $crate::persistence::PersistError> {
+            match self
+                .read($crate::persistence::Read::DeploymentByName(name.to_owned()))
+                .await?
+            {
+                $crate::persistence::ReadReply::Deployment(d) => Ok(d.map(|b| *b)),
+                other => Err($crate::persistence::unexpected(other)),
+            }
+        }
+
+        /// Every deployment, in name order.
+        pub async fn all_deployments(
+            &self,
+        ) -> Result<Vec<flotilla_runtime::Deployment>, $crate::persistence::PersistError> {
+            let mut all: Vec<flotilla_runtime::Deployment> = Vec::new();
+            loop {
+                let after = all.last().map(|d| d.name.clone());
+                match self
+                    .read($crate::persistence::Read::Deployments {
+                        after,
+                        limit: $crate::persistence::PAGE_MAX,
+                    })
+                    .await?
+                {
+                    $crate::persistence::ReadReply::Deployments(page) if page.is_empty() => return Ok(all),
+                    $crate::persistence::ReadReply::Deployments(page) => all.extend(page),
+                    other => return Err($crate::persistence::unexpected(other)),
+                }
+            }
+        }
+
         /// Figures about the store.
         pub async fn stats(
             &self,

@@ -37,6 +37,10 @@ pub struct FileConfig {
     pub unreachable_after: Option<String>,
     /// How long a worker tries its seeds (`"60s"`).
     pub join_timeout: Option<String>,
+    /// Runs of each deployment the scheduler keeps created ahead.
+    pub schedule_ahead_runs: Option<usize>,
+    /// How far ahead the scheduler creates runs (`"1h"`).
+    pub schedule_ahead: Option<String>,
     /// Whether a node prints flow and task logs on stderr.
     pub log_to_stderr: Option<bool>,
     /// The node a client talks to.

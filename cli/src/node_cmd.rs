@@ -50,6 +50,12 @@ pub struct StartArgs {
     /// How long a worker tries its seeds before giving up [default: 60s].
     #[arg(long, env = "FLOTILLA_JOIN_TIMEOUT")]
     join_timeout: Option<String>,
+    /// The scheduler keeps at least this many runs of each deployment created ahead [default: 3].
+    #[arg(long, env = "FLOTILLA_SCHEDULE_AHEAD_RUNS")]
+    schedule_ahead_runs: Option<usize>,
+    /// ...and at least this far ahead [default: 1h] (never more than 100 runs).
+    #[arg(long, env = "FLOTILLA_SCHEDULE_AHEAD")]
+    schedule_ahead: Option<String>,
     /// Do not print flow and task log lines on stderr (they are recorded either way).
     #[arg(long)]
     quiet_runs: bool,
@@ -139,6 +145,16 @@ impl StartArgs {
         );
         if let Some(s) = self.join_timeout.or(file.join_timeout) {
             config.join_timeout = duration("--join-timeout", &s)?;
+        }
+        if let Some(n) = self.schedule_ahead_runs.or(file.schedule_ahead_runs) {
+            anyhow::ensure!(
+                (1..=100).contains(&n),
+                "--schedule-ahead-runs must be between 1 and 100"
+            );
+            config.schedule.ahead_runs = n;
+        }
+        if let Some(s) = self.schedule_ahead.or(file.schedule_ahead) {
+            config.schedule.ahead_time = duration("--schedule-ahead", &s)?;
         }
         config.log_to_stderr = !self.quiet_runs && file.log_to_stderr.unwrap_or(true);
         Ok(config)

@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use flotilla_runtime::{
-    FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, StateType, TaskRun, Timestamp,
+    Deployment, DeploymentSpec, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, StateType, TaskRun,
+    Timestamp,
 };
 
 /// The longest a [`Request::Wait`] waits.
@@ -79,6 +80,23 @@ pub enum Request {
     },
     /// Forget a member (it must be unreachable).
     RemoveNode(NodeId),
+    /// Create or replace a deployment (by name).
+    PutDeployment(Box<DeploymentSpec>),
+    /// One deployment, by name.
+    Deployment(String),
+    /// Every deployment, in name order.
+    Deployments,
+    /// Delete a deployment (its runs that have not started are cancelled).
+    DeleteDeployment(String),
+    /// An ad-hoc run of a deployment, its parameters over the deployment's.
+    RunDeployment {
+        /// The deployment's name.
+        name: String,
+        /// Parameters over the deployment's (a JSON object, or null).
+        params: serde_json::Value,
+    },
+    /// Figures about the scheduler.
+    SchedulerStats,
     /// Keep a large result in the control node's result store (a node shipping what a run
     /// made; the key is the result store's).
     PutResult {
@@ -121,6 +139,19 @@ impl WireError {
             message: message.into(),
         }
     }
+}
+
+/// Figures about the scheduler.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SchedulerStats {
+    /// Deployments it schedules.
+    pub deployments: u64,
+    /// Runs it created ahead of time.
+    pub created: u64,
+    /// Runs it handed out when due.
+    pub handed_out: u64,
+    /// Time spent handling its messages, in microseconds (its CPU time, as it never waits).
+    pub busy_us: u64,
 }
 
 /// A member of the cluster, as the control node sees it.
@@ -177,6 +208,12 @@ pub enum Response {
     Result(#[serde(with = "serde_bytes")] Vec<u8>),
     /// A state (after cancel or retry).
     State(State),
+    /// A deployment.
+    Deployment(Box<Deployment>),
+    /// Deployments.
+    Deployments(Vec<Deployment>),
+    /// The scheduler's figures.
+    SchedulerStats(SchedulerStats),
     /// Done, nothing to say.
     Done,
     /// The request failed.

@@ -93,6 +93,104 @@ pub struct Deployment {
     pub updated: Timestamp,
 }
 
+/// What a user gives to create or replace a deployment (the id and times are the control
+/// plane's).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DeploymentSpec {
+    /// Its unique name.
+    pub name: String,
+    /// The flow it runs.
+    pub flow_name: String,
+    /// Default parameters (a JSON object).
+    #[serde(default)]
+    pub parameters: serde_json::Value,
+    /// Schedules.
+    #[serde(default)]
+    pub schedules: Vec<Schedule>,
+    /// The work queue its runs go to.
+    #[serde(default)]
+    pub work_queue: Option<String>,
+    /// Tags given to its runs.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// At most this many of its runs at once.
+    #[serde(default)]
+    pub concurrency_limit: Option<u32>,
+    /// What a run over the limit does.
+    #[serde(default)]
+    pub collision: CollisionStrategy,
+    /// Paused: its schedules create no runs.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+impl DeploymentSpec {
+    /// Checks what can be checked without the control state.
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > crate::flow_run::NAME_LEN_MAX {
+            return Err(format!(
+                "a deployment name must be 1 to {} bytes long",
+                crate::flow_run::NAME_LEN_MAX
+            ));
+        }
+        if self.flow_name.is_empty() {
+            return Err("a deployment needs a flow".into());
+        }
+        if !(self.parameters.is_null() || self.parameters.is_object()) {
+            return Err("a deployment's parameters must be a JSON object".into());
+        }
+        if self.schedules.len() > 16 {
+            return Err("at most 16 schedules per deployment".into());
+        }
+        for s in &self.schedules {
+            s.kind.compile().map_err(|e| e.to_string())?;
+        }
+        if self.concurrency_limit == Some(0) {
+            return Err("a concurrency limit must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The deployment: a new one, or `old` replaced (its id and creation time kept).
+    pub fn into_deployment(self, id: DeploymentId, old: Option<&Deployment>, now: Timestamp) -> Deployment {
+        Deployment {
+            id: old.map_or(id, |o| o.id),
+            name: self.name,
+            flow_name: self.flow_name,
+            parameters: if self.parameters.is_null() {
+                serde_json::json!({})
+            } else {
+                self.parameters
+            },
+            schedules: self.schedules,
+            work_queue: self.work_queue,
+            tags: self.tags,
+            concurrency_limit: self.concurrency_limit,
+            collision: self.collision,
+            paused: self.paused,
+            created: old.map_or(now, |o| o.created),
+            updated: now,
+        }
+    }
+}
+
+impl Deployment {
+    /// What it was made from.
+    pub fn spec(&self) -> DeploymentSpec {
+        DeploymentSpec {
+            name: self.name.clone(),
+            flow_name: self.flow_name.clone(),
+            parameters: self.parameters.clone(),
+            schedules: self.schedules.clone(),
+            work_queue: self.work_queue.clone(),
+            tags: self.tags.clone(),
+            concurrency_limit: self.concurrency_limit,
+            collision: self.collision,
+            paused: self.paused,
+        }
+    }
+}
+
 /// A schedule that cannot be used.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -32,7 +32,7 @@ pub mod work_queue;
 
 pub use apply::{ApplyContext, Outcome, Refusal, Reply, Write, apply, apply_shadow};
 pub use command::{Command, IdempotencyKey, NewFlowRun, NewTaskRun, RetryRequest};
-pub use deployment::{CollisionStrategy, Deployment, Schedule, ScheduleKind};
+pub use deployment::{CollisionStrategy, Deployment, DeploymentSpec, Schedule, ScheduleKind};
 pub use event::{Event, EventPayload, Resource};
 pub use flow_run::FlowRun;
 pub use hot_state::HotState;

@@ -91,7 +91,20 @@ pub struct ControlState {
     /// The flows this node knows: their parameters are checked and their options applied when
     /// a run is created (a flow only other nodes know is checked when it runs).
     flows: std::collections::HashMap<String, Arc<dyn FlowFn>>,
+    /// Runs due that no live node could take yet, oldest first: placed as soon as one can.
+    waiting: std::collections::VecDeque<Waiting>,
 }
+
+/// A run waiting for a node.
+struct Waiting {
+    run: FlowRunId,
+    flow: String,
+    due: Timestamp,
+    late: bool,
+}
+
+/// A run whose scheduled time passed this long ago without a node to take it is marked Late.
+pub const LATE_AFTER: Duration = Duration::from_secs(15);
 
 impl std::fmt::Debug for ControlState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -141,6 +154,41 @@ impl ControlState {
             })?;
         best.placed += 1;
         Some(best.status.name.clone())
+    }
+
+    /// Places a run, or keeps it waiting (oldest first) until a node can take it.
+    fn place_or_wait(&mut self, w: Waiting) {
+        if self.waiting.is_empty()
+            && let Some(node) = self.place(&w.flow)
+        {
+            send_agent(&node, AgentMsg::Run(w.run.as_bytes().to_vec()));
+            return;
+        }
+        tracing::debug!(flow_run = %w.run, flow = %w.flow, "no reachable node runs this flow now; the run waits");
+        self.waiting.push_back(w);
+        self.place_waiting();
+    }
+
+    /// Places the waiting runs that a node can take now; marks Late those waiting too long.
+    fn place_waiting(&mut self) {
+        let t = now();
+        let mut keep = std::collections::VecDeque::new();
+        while let Some(mut w) = self.waiting.pop_front() {
+            if let Some(node) = self.place(&w.flow) {
+                send_agent(&node, AgentMsg::Run(w.run.as_bytes().to_vec()));
+                continue;
+            }
+            if !w.late && t.saturating_since(w.due) > LATE_AFTER {
+                w.late = true;
+                let p = Proposal::new(State::named(StateName::Late, t), self.tid());
+                drop(self.persistence.enqueue(Command::ProposeFlowRunState {
+                    run: w.run,
+                    proposal: p,
+                }));
+            }
+            keep.push_back(w);
+        }
+        self.waiting = keep;
     }
 
     fn tid(&mut self) -> TransitionId {
@@ -316,13 +364,118 @@ impl ControlState {
                             if let (Ok(Some(f)), Some(me)) =
                                 (p.flow_run(run).await, super::plane::control_actor())
                             {
-                                let _ = me.cast(ControlMsg::Place(encode(&(run, f.flow_name))));
+                                let _ = me.cast(ControlMsg::Place(encode(&(run, f.flow_name, now()))));
                             }
                             Response::State(state)
                         }
                         Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
                         Ok(Err(refusal)) => not_found_or(refusal),
                         Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::PutDeployment(spec) => {
+                let id = flotilla_runtime::DeploymentId::new(now(), &mut self.rng);
+                tokio::spawn(async move { answer(reply, put_deployment(&p, *spec, id).await) });
+            }
+            Request::DeleteDeployment(name) => {
+                tokio::spawn(async move {
+                    let r = match p.deployment_by_name(&name).await {
+                        Ok(Some(d)) => match p.submit(Command::DeleteDeployment { id: d.id }).await {
+                            Ok(Ok(_)) => {
+                                tell_scheduler(d.id);
+                                Response::Done
+                            }
+                            Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+                            Err(e) => persist_err(e),
+                        },
+                        Ok(None) => refused(ErrorKind::NotFound, format!("no deployment named {name:?}")),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::Deployment(name) => {
+                tokio::spawn(async move {
+                    let r = match p.deployment_by_name(&name).await {
+                        Ok(Some(d)) => Response::Deployment(Box::new(d)),
+                        Ok(None) => refused(ErrorKind::NotFound, format!("no deployment named {name:?}")),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::Deployments => {
+                tokio::spawn(async move {
+                    let r = match p.all_deployments().await {
+                        Ok(all) => Response::Deployments(all),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::RunDeployment { name, params } => {
+                let id = FlowRunId::new(now(), &mut self.rng);
+                tokio::spawn(async move {
+                    let d = match p.deployment_by_name(&name).await {
+                        Ok(Some(d)) => d,
+                        Ok(None) => {
+                            return answer(
+                                reply,
+                                refused(ErrorKind::NotFound, format!("no deployment named {name:?}")),
+                            );
+                        }
+                        Err(e) => return answer(reply, persist_err(e)),
+                    };
+                    let cmd = Command::CreateFlowRun(NewFlowRun {
+                        id,
+                        flow_name: d.flow_name.clone(),
+                        parameters: super::scheduler::merge_params(&d.parameters, &params),
+                        deployment_id: Some(d.id),
+                        parent_task_run: None,
+                        idempotency_key: None,
+                        tags: d.tags.clone(),
+                        work_queue: d.work_queue.clone(),
+                        retry_policy: Default::default(),
+                        resume: false,
+                        scheduled_time: None,
+                    });
+                    let r = match p.submit(cmd).await {
+                        Ok(Ok(Reply::FlowRunCreated { run, .. })) => {
+                            if let Some(me) = super::plane::control_actor() {
+                                let _ = me.cast(ControlMsg::Place(encode(&(
+                                    run.id,
+                                    run.flow_name.clone(),
+                                    now(),
+                                ))));
+                            }
+                            Response::Ran(run.id)
+                        }
+                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+                        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::SchedulerStats => {
+                tokio::spawn(async move {
+                    let r = match ractor::registry::where_is(super::scheduler::SCHEDULER_NAME.to_owned()) {
+                        Some(cell) => {
+                            let sched: ActorRef<super::scheduler::SchedulerMsg> = cell.into();
+                            match sched
+                                .call(
+                                    super::scheduler::SchedulerMsg::Stats,
+                                    Some(Duration::from_secs(10)),
+                                )
+                                .await
+                            {
+                                Ok(ractor::rpc::CallResult::Success(st)) => Response::SchedulerStats(st),
+                                _ => refused(ErrorKind::Unavailable, "the scheduler did not answer"),
+                            }
+                        }
+                        None => refused(ErrorKind::Unavailable, "no scheduler runs here"),
                     };
                     answer(reply, r);
                 });
@@ -341,6 +494,43 @@ impl ControlState {
                 });
             }
         }
+    }
+}
+
+/// Tells the scheduler a deployment changed.
+fn tell_scheduler(id: flotilla_runtime::DeploymentId) {
+    if let Some(cell) = ractor::registry::where_is(super::scheduler::SCHEDULER_NAME.to_owned()) {
+        let sched: ActorRef<super::scheduler::SchedulerMsg> = cell.into();
+        let _ = sched.cast(super::scheduler::SchedulerMsg::Changed(id));
+    }
+}
+
+/// Creates or replaces a deployment by name.
+async fn put_deployment(
+    p: &PersistenceHandle,
+    spec: flotilla_runtime::DeploymentSpec,
+    id: flotilla_runtime::DeploymentId,
+) -> Response {
+    if let Err(e) = spec.check() {
+        return refused(ErrorKind::Refused, e);
+    }
+    let old = match p.deployment_by_name(&spec.name).await {
+        Ok(old) => old,
+        Err(e) => return persist_err(e),
+    };
+    if let Some(o) = &old
+        && o.spec() == spec
+    {
+        return Response::Deployment(Box::new(o.clone()));
+    }
+    let d = spec.into_deployment(id, old.as_ref(), now());
+    match p.submit(Command::PutDeployment(d.clone())).await {
+        Ok(Ok(_)) => {
+            tell_scheduler(d.id);
+            Response::Deployment(Box::new(d))
+        }
+        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+        Err(e) => persist_err(e),
     }
 }
 
@@ -521,6 +711,7 @@ impl Actor for Control {
             settings: args.settings,
             rng: SmallRng::seed_from_u64(now().as_micros() as u64),
             flows: args.flows.into_iter().map(|f| (f.name().to_owned(), f)).collect(),
+            waiting: std::collections::VecDeque::new(),
         })
     }
 
@@ -576,16 +767,19 @@ impl Actor for Control {
                 }
             },
             ControlMsg::Place(bytes) => {
-                if let Ok((run, flow)) = codec::decode::<(FlowRunId, String)>(&bytes) {
-                    match s.place(&flow) {
-                        Some(node) => send_agent(&node, AgentMsg::Run(run.as_bytes().to_vec())),
-                        None => {
-                            tracing::warn!(flow_run = %run, %flow, "no reachable node runs this flow; the run waits")
-                        }
-                    }
+                if let Ok((run, flow, due)) = codec::decode::<(FlowRunId, String, Timestamp)>(&bytes) {
+                    s.place_or_wait(Waiting {
+                        run,
+                        flow,
+                        due,
+                        late: false,
+                    });
                 }
             }
-            ControlMsg::Tick => s.check(),
+            ControlMsg::Tick => {
+                s.check();
+                s.place_waiting();
+            }
         }
         Ok(())
     }

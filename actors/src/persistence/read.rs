@@ -86,6 +86,13 @@ pub enum Read {
     Deployment(DeploymentId),
     /// One deployment, by name.
     DeploymentByName(String),
+    /// A page of deployments in name order, after `after` (a name).
+    Deployments {
+        /// The last name of the previous page.
+        after: Option<String>,
+        /// At most this many.
+        limit: usize,
+    },
     /// The unexpired cached Completed state for a cache key.
     Cached {
         /// The cache key.
@@ -140,6 +147,8 @@ pub enum ReadReply {
     },
     /// A deployment, if it exists.
     Deployment(Option<Box<Deployment>>),
+    /// Deployments.
+    Deployments(Vec<Deployment>),
     /// A cached state, if there is one.
     Cached(Option<State>),
     /// Figures.

@@ -679,6 +679,14 @@ impl Store {
             Read::DeploymentByName(name) => {
                 ReadReply::Deployment(hot.deployment_by_name(&name).cloned().map(Box::new))
             }
+            Read::Deployments { after, limit } => {
+                let mut all: Vec<&flotilla_runtime::Deployment> = hot
+                    .deployments()
+                    .filter(|d| after.as_ref().is_none_or(|a| d.name.as_str() > a.as_str()))
+                    .collect();
+                all.sort_by(|a, b| a.name.cmp(&b.name));
+                ReadReply::Deployments(all.into_iter().take(limit.clamp(1, PAGE_MAX)).cloned().collect())
+            }
             Read::Cached { key, now } => ReadReply::Cached(hot.cached(&key, now).cloned()),
             Read::Stats => ReadReply::Stats(StoreStats {
                 flow_runs: hot.flow_run_count(),

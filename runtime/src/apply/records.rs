@@ -44,6 +44,14 @@ impl Tx {
         if let Err(r) = check_name("a deployment name", &d.name)
             .and_then(|()| check_name("a flow name", &d.flow_name))
             .and_then(|()| check_tags(&d.tags))
+            .and_then(|()| {
+                d.schedules.iter().try_for_each(|s| {
+                    s.kind
+                        .compile()
+                        .map(|_| ())
+                        .map_err(|e| Refusal::Invalid(e.to_string()))
+                })
+            })
         {
             return Outcome::refused(r);
         }

@@ -1,0 +1,446 @@
+//! The scheduler: a singleton on the control node. It keeps each active deployment's next runs
+//! created ahead of time (Scheduled at their fire time), and hands each to the control actor's
+//! placement the moment it is due — a timer on the earliest due run, no polling.
+//!
+//! Runs are created with the idempotency key `sched/{deployment}/{schedule}/{fire time}`, so a
+//! restart never creates a run twice; on start it reads back what is there: runs that have not
+//! started are handed out when due (at once if their time passed — the control actor marks them
+//! Late if no node takes them), and fire times that fell while it was down are skipped unless
+//! the schedule has `catchup`. Changing, pausing or deleting a deployment cancels its runs that
+//! have not started and schedules afresh.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use flotilla_cluster::wire::SchedulerStats;
+use flotilla_runtime::deployment::Compiled;
+use flotilla_runtime::{
+    Command, Deployment, DeploymentId, FlowRunId, NewFlowRun, Proposal, Reply, State, StateName, StateType,
+    Timestamp, TransitionId,
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use rand::SeedableRng;
+use rand::rngs::SmallRng;
+
+use super::control::{CONTROL_NAME, ControlMsg};
+use crate::persistence::{PAGE_MAX, PersistenceHandle, RunFilter};
+
+/// The scheduler's registered name.
+pub const SCHEDULER_NAME: &str = "flotilla.scheduler";
+
+/// How far ahead runs are created.
+#[derive(Clone, Copy, Debug)]
+pub struct ScheduleSettings {
+    /// At least this many runs ahead per deployment...
+    pub ahead_runs: usize,
+    /// ...and at least this far ahead...
+    pub ahead_time: Duration,
+    /// ...but never more than this many.
+    pub ahead_max: usize,
+}
+
+impl Default for ScheduleSettings {
+    fn default() -> Self {
+        ScheduleSettings {
+            ahead_runs: 3,
+            ahead_time: Duration::from_secs(3600),
+            ahead_max: 100,
+        }
+    }
+}
+
+/// Messages of the scheduler.
+#[allow(missing_debug_implementations)]
+pub enum SchedulerMsg {
+    /// A deployment was created, changed or deleted.
+    Changed(DeploymentId),
+    /// Runs created ahead: (deployment, its generation, (fire time, run)).
+    Created(DeploymentId, u64, Vec<(Timestamp, FlowRunId)>),
+    /// Time to hand out due runs.
+    Wake,
+    /// Its figures.
+    Stats(RpcReplyPort<SchedulerStats>),
+}
+
+impl ractor::Message for SchedulerMsg {}
+
+struct Dep {
+    d: Deployment,
+    compiled: Vec<Option<Compiled>>,
+    /// The last fire time a run was created for, per schedule.
+    last: Vec<Option<Timestamp>>,
+    /// Runs created and not yet due.
+    ahead: usize,
+    /// The latest fire time created.
+    horizon: Option<Timestamp>,
+    refilling: bool,
+    generation: u64,
+}
+
+impl Dep {
+    fn new(d: Deployment) -> Dep {
+        let compiled: Vec<Option<Compiled>> = d
+            .schedules
+            .iter()
+            .map(|s| s.active.then(|| s.kind.compile().ok()).flatten())
+            .collect();
+        let n = compiled.len();
+        Dep {
+            d,
+            compiled,
+            last: vec![None; n],
+            ahead: 0,
+            horizon: None,
+            refilling: false,
+            generation: 0,
+        }
+    }
+}
+
+/// The scheduler's state.
+pub struct SchedulerState {
+    persistence: PersistenceHandle,
+    settings: ScheduleSettings,
+    deps: HashMap<DeploymentId, Dep>,
+    due: BTreeMap<(Timestamp, FlowRunId), (DeploymentId, String)>,
+    armed: Option<Timestamp>,
+    rng: SmallRng,
+    stats: SchedulerStats,
+}
+
+impl std::fmt::Debug for SchedulerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SchedulerState")
+            .field("deployments", &self.deps.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp::from(chrono::Utc::now())
+}
+
+fn key(d: DeploymentId, schedule: usize, t: Timestamp) -> String {
+    format!("sched/{d}/{schedule}/{}", t.as_micros())
+}
+
+/// The schedule index and fire time of a scheduler-made run's key.
+fn parse_key(k: &str) -> Option<(usize, Timestamp)> {
+    let mut parts = k.strip_prefix("sched/")?.split('/');
+    let _dep = parts.next()?;
+    let i = parts.next()?.parse().ok()?;
+    let t = parts.next()?.parse().ok()?;
+    Some((i, Timestamp::from_micros(t)))
+}
+
+/// Parameters of a schedule's runs: the deployment's, the schedule's over them.
+pub fn merge_params(base: &serde_json::Value, over: &serde_json::Value) -> serde_json::Value {
+    let mut m = base.as_object().cloned().unwrap_or_default();
+    if let Some(o) = over.as_object() {
+        for (k, v) in o {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::Value::Object(m)
+}
+
+/// The scheduler actor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Scheduler;
+
+/// What the scheduler starts from.
+#[allow(missing_debug_implementations)]
+pub struct SchedulerArgs {
+    /// The persistence actor.
+    pub persistence: PersistenceHandle,
+    /// How far ahead.
+    pub settings: ScheduleSettings,
+}
+
+impl SchedulerState {
+    /// Reads a deployment's runs back: those not started wait to be handed out, the last fire
+    /// time per schedule is where creation goes on.
+    async fn load(&mut self, d: Deployment, at: Timestamp) -> Result<(), ActorProcessingErr> {
+        let id = d.id;
+        let mut dep = Dep::new(d);
+        let mut after = None;
+        loop {
+            let page = self
+                .persistence
+                .flow_runs(RunFilter::Deployment(id), after, PAGE_MAX)
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            for run in page {
+                let Some((i, t)) = run.idempotency_key.as_deref().and_then(parse_key) else {
+                    continue;
+                };
+                if let Some(l) = dep.last.get_mut(i) {
+                    *l = Some(l.map_or(t, |x| x.max(t)));
+                }
+                if run.lifecycle.state.kind == StateType::Scheduled && run.owner.is_none() {
+                    dep.ahead += 1;
+                    dep.horizon = Some(dep.horizon.map_or(t, |h| h.max(t)));
+                    self.due.insert((t, run.id), (id, run.flow_name.clone()));
+                }
+            }
+        }
+        // Fire times missed while down: skipped, unless the schedule catches up.
+        for (i, s) in dep.d.schedules.iter().enumerate() {
+            if !s.catchup
+                && let Some(l) = dep.last[i]
+                && l < at
+            {
+                dep.last[i] = Some(at);
+            }
+        }
+        self.stats.deployments += 1;
+        self.deps.insert(id, dep);
+        Ok(())
+    }
+
+    /// Creates a deployment's next runs until it is covered far enough ahead.
+    fn refill(&mut self, id: DeploymentId, myself: &ActorRef<SchedulerMsg>) {
+        let settings = self.settings;
+        let t0 = now();
+        let Some(dep) = self.deps.get_mut(&id) else { return };
+        if dep.d.paused || dep.refilling {
+            return;
+        }
+        let covered = |ahead: usize, horizon: Option<Timestamp>| {
+            ahead >= settings.ahead_max
+                || (ahead >= settings.ahead_runs && horizon.is_some_and(|h| h >= t0 + settings.ahead_time))
+        };
+        if covered(dep.ahead, dep.horizon) {
+            return;
+        }
+        // The next fire times of every schedule, merged in time order, as far as needed.
+        let mut cursors: Vec<(usize, Option<Timestamp>)> = dep
+            .compiled
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.as_ref().map(|c| (i, c.next_after(dep.last[i].unwrap_or(t0)))))
+            .collect();
+        let mut make = Vec::new();
+        let (mut ahead, mut horizon) = (dep.ahead, dep.horizon);
+        while !covered(ahead, horizon) {
+            let Some((slot, t)) = cursors
+                .iter()
+                .enumerate()
+                .filter_map(|(slot, (_, t))| t.map(|t| (slot, t)))
+                .min_by_key(|(_, t)| *t)
+            else {
+                break;
+            };
+            let i = cursors[slot].0;
+            ahead += 1;
+            horizon = Some(horizon.map_or(t, |h| h.max(t)));
+            dep.last[i] = Some(t);
+            make.push((t, i));
+            cursors[slot].1 = dep.compiled[i].as_ref().and_then(|c| c.next_after(t));
+        }
+        if make.is_empty() {
+            return;
+        }
+        dep.ahead = ahead;
+        dep.horizon = horizon;
+        dep.refilling = true;
+        let d = &dep.d;
+        let enqueued: Vec<_> = make
+            .into_iter()
+            .map(|(t, i)| {
+                let cmd = Command::CreateFlowRun(NewFlowRun {
+                    id: FlowRunId::new(t0, &mut self.rng),
+                    flow_name: d.flow_name.clone(),
+                    parameters: merge_params(&d.parameters, &d.schedules[i].parameters),
+                    deployment_id: Some(d.id),
+                    parent_task_run: None,
+                    idempotency_key: Some(key(d.id, i, t)),
+                    tags: d.tags.clone(),
+                    work_queue: d.work_queue.clone(),
+                    retry_policy: Default::default(),
+                    resume: false,
+                    scheduled_time: Some(t),
+                });
+                (t, self.persistence.enqueue(cmd))
+            })
+            .collect();
+        self.stats.created += enqueued.len() as u64;
+        let (me, generation) = (myself.clone(), dep.generation);
+        tokio::spawn(async move {
+            let mut created = Vec::with_capacity(enqueued.len());
+            for (t, answer) in enqueued {
+                match answer.await {
+                    Ok(Ok(Ok(Reply::FlowRunCreated { run, .. }))) => {
+                        if run.lifecycle.state.kind == StateType::Scheduled && run.owner.is_none() {
+                            created.push((t, run.id));
+                        }
+                    }
+                    other => {
+                        tracing::warn!(deployment = %id, answer = ?other, "a scheduled run was not created")
+                    }
+                }
+            }
+            let _ = me.cast(SchedulerMsg::Created(id, generation, created));
+        });
+    }
+
+    /// Hands out every run that is due.
+    fn wake(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        let t = now();
+        let control = ractor::registry::where_is(CONTROL_NAME.to_owned()).map(ActorRef::<ControlMsg>::from);
+        let mut touched = Vec::new();
+        while let Some(entry) = self.due.first_entry() {
+            if entry.key().0 > t {
+                break;
+            }
+            let ((due, run), (dep, flow)) = entry.remove_entry();
+            if let Some(c) = &control {
+                let msg = flotilla_runtime::codec::encode(&(run, flow, due)).unwrap_or_default();
+                let _ = c.cast(ControlMsg::Place(msg));
+            }
+            self.stats.handed_out += 1;
+            if let Some(d) = self.deps.get_mut(&dep) {
+                d.ahead = d.ahead.saturating_sub(1);
+                touched.push(dep);
+            }
+        }
+        touched.dedup();
+        for dep in touched {
+            self.refill(dep, myself);
+        }
+        self.arm(myself);
+    }
+
+    /// Makes sure a wake-up is due at the earliest due run.
+    fn arm(&mut self, myself: &ActorRef<SchedulerMsg>) {
+        let Some(&(first, _)) = self.due.keys().next() else {
+            return;
+        };
+        if self.armed.is_some_and(|a| a <= first) {
+            return;
+        }
+        self.armed = Some(first);
+        let wait = first.saturating_since(now());
+        myself.send_after(wait, || SchedulerMsg::Wake);
+    }
+
+    /// A deployment changed: its runs that have not started are cancelled and it starts afresh.
+    async fn changed(
+        &mut self,
+        id: DeploymentId,
+        myself: &ActorRef<SchedulerMsg>,
+    ) -> Result<(), ActorProcessingErr> {
+        let fresh = self.persistence.deployment(id).await?;
+        if let (Some(old), Some(new)) = (self.deps.get(&id), &fresh)
+            && old.d.spec() == new.spec()
+        {
+            return Ok(());
+        }
+        let generation = self.deps.get(&id).map_or(0, |d| d.generation + 1);
+        let stale: Vec<FlowRunId> = self
+            .due
+            .iter()
+            .filter(|(_, (d, _))| *d == id)
+            .map(|((_, run), _)| *run)
+            .collect();
+        self.due.retain(|_, (d, _)| *d != id);
+        if self.deps.remove(&id).is_some() {
+            self.stats.deployments -= 1;
+        }
+        for run in stale {
+            let p = Proposal::new(
+                State::named(StateName::Cancelling, now()).with_message("its deployment changed"),
+                TransitionId::new(now(), &mut self.rng),
+            );
+            drop(
+                self.persistence
+                    .enqueue(Command::ProposeFlowRunState { run, proposal: p }),
+            );
+        }
+        if let Some(d) = fresh {
+            let mut dep = Dep::new(d);
+            dep.generation = generation;
+            self.deps.insert(id, dep);
+            self.stats.deployments += 1;
+            self.refill(id, myself);
+        }
+        Ok(())
+    }
+}
+
+impl Actor for Scheduler {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState;
+    type Arguments = SchedulerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut s = SchedulerState {
+            persistence: args.persistence,
+            settings: args.settings,
+            deps: HashMap::new(),
+            due: BTreeMap::new(),
+            armed: None,
+            rng: SmallRng::seed_from_u64(now().as_micros() as u64 ^ 0x5eed),
+            stats: SchedulerStats::default(),
+        };
+        let at = now();
+        for d in s.persistence.all_deployments().await? {
+            s.load(d, at).await?;
+        }
+        let ids: Vec<DeploymentId> = s.deps.keys().copied().collect();
+        for id in ids {
+            s.refill(id, &myself);
+        }
+        s.arm(&myself);
+        tracing::info!(
+            deployments = s.deps.len(),
+            waiting = s.due.len(),
+            "scheduler started"
+        );
+        Ok(s)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        s: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let started = Instant::now();
+        match msg {
+            SchedulerMsg::Changed(id) => {
+                if let Err(e) = s.changed(id, &myself).await {
+                    tracing::warn!(deployment = %id, error = %e, "cannot reschedule the deployment");
+                }
+            }
+            SchedulerMsg::Created(id, generation, runs) => {
+                if let Some(dep) = s.deps.get_mut(&id)
+                    && dep.generation == generation
+                {
+                    dep.refilling = false;
+                    let flow = dep.d.flow_name.clone();
+                    for (t, run) in runs {
+                        s.due.insert((t, run), (id, flow.clone()));
+                    }
+                    s.arm(&myself);
+                    // Due ones already (a slow store) go at once.
+                    s.wake(&myself);
+                }
+            }
+            SchedulerMsg::Wake => {
+                s.armed = None;
+                s.wake(&myself);
+            }
+            SchedulerMsg::Stats(reply) => {
+                let _ = reply.send(s.stats.clone());
+            }
+        }
+        s.stats.busy_us += started.elapsed().as_micros() as u64;
+        Ok(())
+    }
+}
