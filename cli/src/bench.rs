@@ -3,6 +3,7 @@
 mod cluster;
 mod fsync;
 mod persistence;
+mod schedule;
 mod tasks;
 
 use clap::Subcommand;
@@ -16,6 +17,8 @@ pub enum BenchCmd {
     Tasks(tasks::TasksArgs),
     /// A local 3-node cluster: remote flow run latency, flow runs/s, failure detection time.
     Cluster(cluster::ClusterArgs),
+    /// Deployments on schedules: how late runs start, and the scheduler's cost.
+    Schedule(schedule::ScheduleArgs),
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
@@ -23,5 +26,6 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Persistence(args) => persistence::run(args).await,
         BenchCmd::Tasks(args) => tasks::run(args).await,
         BenchCmd::Cluster(args) => cluster::run(args).await,
+        BenchCmd::Schedule(args) => schedule::run(args).await,
     }
 }

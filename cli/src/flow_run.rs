@@ -102,7 +102,7 @@ fn run_id(s: &str) -> anyhow::Result<FlowRunId> {
 }
 
 /// The parameters from `--param k=v…` or `--params-json`.
-fn parameters(params: &[String], json: Option<&str>) -> anyhow::Result<serde_json::Value> {
+pub(crate) fn parameters(params: &[String], json: Option<&str>) -> anyhow::Result<serde_json::Value> {
     if let Some(j) = json {
         let v: serde_json::Value =
             serde_json::from_str(j).map_err(|e| anyhow::anyhow!("--params-json is not JSON: {e}"))?;

@@ -9,6 +9,7 @@ mod bench;
 mod cluster_cmd;
 mod config;
 mod demo;
+mod deployment_cmd;
 mod flow_run;
 mod node_cmd;
 mod schedule_cmd;
@@ -38,6 +39,11 @@ enum Cmd {
     /// Create, list, inspect, follow, cancel and retry flow runs on a cluster.
     #[command(subcommand, name = "flow-run")]
     FlowRun(flow_run::FlowRunCmd),
+    /// Deployments: a flow with parameters and schedules.
+    #[command(subcommand)]
+    Deployment(deployment_cmd::DeploymentCmd),
+    /// Create or update the deployments of a TOML file.
+    Deploy(deployment_cmd::DeployArgs),
     /// Schedules: preview a cron expression's next fire times.
     #[command(subcommand)]
     Schedule(schedule_cmd::ScheduleCmd),
@@ -72,6 +78,8 @@ fn main() -> ExitCode {
             Cmd::Node(cmd) => node_cmd::run(cmd).await.map(|()| true),
             Cmd::Cluster(cmd) => cluster_cmd::run(cmd).await.map(|()| true),
             Cmd::FlowRun(cmd) => flow_run::run(cmd).await,
+            Cmd::Deployment(cmd) => deployment_cmd::run(cmd).await,
+            Cmd::Deploy(args) => deployment_cmd::deploy(args).await.map(|()| true),
             Cmd::Schedule(cmd) => schedule_cmd::run(cmd).map(|()| true),
             Cmd::Bench(cmd) => bench::run(cmd).await.map(|()| true),
         }

@@ -130,6 +130,46 @@ impl Client {
         }
     }
 
+    /// Creates or replaces (by name) a deployment; returns it as stored. Deployments and their
+    /// schedules live on a cluster's control node (a remote client).
+    pub async fn put_deployment(&self, spec: flotilla_runtime::DeploymentSpec) -> Result<flotilla_runtime::Deployment, Error> {
+        self.remote_only()?.put_deployment(spec).await
+    }
+
+    /// A deployment, by name.
+    pub async fn deployment(&self, name: &str) -> Result<flotilla_runtime::Deployment, Error> {
+        self.remote_only()?.deployment(name).await
+    }
+
+    /// Every deployment, in name order.
+    pub async fn deployments(&self) -> Result<Vec<flotilla_runtime::Deployment>, Error> {
+        self.remote_only()?.deployments().await
+    }
+
+    /// Deletes a deployment; its runs that have not started are cancelled.
+    pub async fn delete_deployment(&self, name: &str) -> Result<(), Error> {
+        self.remote_only()?.delete_deployment(name).await
+    }
+
+    /// An ad-hoc run of a deployment, `params` over its parameters.
+    pub async fn run_deployment(&self, name: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
+        self.remote_only()?.run_deployment(name, params).await
+    }
+
+    /// The scheduler's figures.
+    pub async fn scheduler_stats(&self) -> Result<flotilla_cluster::wire::SchedulerStats, Error> {
+        self.remote_only()?.scheduler_stats().await
+    }
+
+    fn remote_only(&self) -> Result<&crate::remote::Remote, Error> {
+        match &self.inner {
+            Inner::Remote(r) => Ok(r),
+            Inner::Embedded(_) => Err(Error::Unavailable(
+                "deployments and schedules live on a cluster node: start one with `flotilla node start` and use Client::connect".into(),
+            )),
+        }
+    }
+
     /// Creates a run of the flow `flow` with JSON `params` (an object of the flow's arguments
     /// by name) and has a node run it. Returns at once with the run's id.
     pub async fn run(&self, flow: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {

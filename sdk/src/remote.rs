@@ -9,10 +9,10 @@ use flotilla_actors::persistence::RunFilter;
 use flotilla_cluster::endpoint::{QuicEndpoint, TransportSettings};
 use flotilla_cluster::frame;
 use flotilla_cluster::tls::{ALPN_CLIENT, Identity};
-use flotilla_cluster::wire::{
+use flotilla_cluster::wire::{SchedulerStats, 
     ClusterStatus, Envelope, ErrorKind, PROTOCOL_VERSION, Request, Response, WAIT_MS_MAX, WireError,
 };
-use flotilla_runtime::{FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, TaskRun};
+use flotilla_runtime::{Deployment, DeploymentSpec, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, TaskRun};
 use tokio::sync::Mutex;
 
 use crate::error::Error;
@@ -289,6 +289,48 @@ impl Remote {
             .map_err(|e: flotilla_runtime::ids::IdParseError| Error::Parameters(e.to_string()))?;
         match self.ask(Request::RemoveNode(id), None).await? {
             Response::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn put_deployment(&self, spec: DeploymentSpec) -> Result<Deployment, Error> {
+        match self.ask(Request::PutDeployment(Box::new(spec)), None).await? {
+            Response::Deployment(d) => Ok(*d),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn deployment(&self, name: &str) -> Result<Deployment, Error> {
+        match self.ask(Request::Deployment(name.to_owned()), None).await? {
+            Response::Deployment(d) => Ok(*d),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn deployments(&self) -> Result<Vec<Deployment>, Error> {
+        match self.ask(Request::Deployments, None).await? {
+            Response::Deployments(d) => Ok(d),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn delete_deployment(&self, name: &str) -> Result<(), Error> {
+        match self.ask(Request::DeleteDeployment(name.to_owned()), None).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn run_deployment(&self, name: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
+        match self.ask(Request::RunDeployment { name: name.to_owned(), params }, None).await? {
+            Response::Ran(id) => Ok(id),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn scheduler_stats(&self) -> Result<SchedulerStats, Error> {
+        match self.ask(Request::SchedulerStats, None).await? {
+            Response::SchedulerStats(s) => Ok(s),
             other => Err(unexpected(&other)),
         }
     }
