@@ -34,7 +34,10 @@ pub struct ScheduleArgs {
 impl ScheduleArgs {
     fn schedule(&self) -> anyhow::Result<Option<Schedule>> {
         let kind = match (&self.cron, &self.interval) {
-            (Some(c), _) => ScheduleKind::Cron { expression: c.clone(), timezone: self.timezone.clone() },
+            (Some(c), _) => ScheduleKind::Cron {
+                expression: c.clone(),
+                timezone: self.timezone.clone(),
+            },
             (None, Some(i)) => ScheduleKind::Interval {
                 every: duration("--interval", i)?,
                 anchor: match &self.anchor {
@@ -45,7 +48,12 @@ impl ScheduleArgs {
             (None, None) => return Ok(None),
         };
         kind.compile()?;
-        Ok(Some(Schedule { kind, active: true, parameters: serde_json::Value::Null, catchup: self.catchup }))
+        Ok(Some(Schedule {
+            kind,
+            active: true,
+            parameters: serde_json::Value::Null,
+            catchup: self.catchup,
+        }))
     }
 }
 
@@ -224,14 +232,19 @@ impl FileDeployment {
             name: self.name.clone(),
             flow_name: self.flow,
             parameters,
-            schedules: schedule.schedule().with_context(|| format!("deployment {}", self.name))?.into_iter().collect(),
+            schedules: schedule
+                .schedule()
+                .with_context(|| format!("deployment {}", self.name))?
+                .into_iter()
+                .collect(),
             work_queue: self.queue,
             tags: self.tags,
             concurrency_limit: self.concurrency_limit,
             collision: collision(self.collision.as_deref().unwrap_or("enqueue"))?,
             paused: self.paused,
         };
-        spec.check().map_err(|e| anyhow::anyhow!("deployment {}: {e}", self.name))?;
+        spec.check()
+            .map_err(|e| anyhow::anyhow!("deployment {}: {e}", self.name))?;
         Ok(spec)
     }
 }
@@ -245,7 +258,11 @@ fn describe_schedule(s: &Schedule) -> String {
             format!("every {} from {anchor}", humantime::format_duration(*every))
         }
     };
-    if s.catchup { format!("{what}, catch-up") } else { what }
+    if s.catchup {
+        format!("{what}, catch-up")
+    } else {
+        what
+    }
 }
 
 fn next_times(d: &Deployment, n: usize) -> Vec<Timestamp> {
@@ -282,17 +299,35 @@ fn deployment_json(d: &Deployment) -> serde_json::Value {
 }
 
 pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
-    let meta = std::fs::metadata(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
-    anyhow::ensure!(meta.len() <= 4 * 1024 * 1024, "{} is over 4 MiB", args.file.display());
-    let text = std::fs::read_to_string(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    let meta =
+        std::fs::metadata(&args.file).with_context(|| format!("cannot read {}", args.file.display()))?;
+    anyhow::ensure!(
+        meta.len() <= 4 * 1024 * 1024,
+        "{} is over 4 MiB",
+        args.file.display()
+    );
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read {}", args.file.display()))?;
     let file: DeployFile =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{} is invalid: {e}", args.file.display()))?;
-    anyhow::ensure!(!file.deployment.is_empty(), "{} has no [[deployment]] table", args.file.display());
+    anyhow::ensure!(
+        !file.deployment.is_empty(),
+        "{} has no [[deployment]] table",
+        args.file.display()
+    );
     // Every entry is checked before any is applied.
-    let specs = file.deployment.into_iter().map(FileDeployment::spec).collect::<anyhow::Result<Vec<_>>>()?;
+    let specs = file
+        .deployment
+        .into_iter()
+        .map(FileDeployment::spec)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut names = std::collections::BTreeSet::new();
     for s in &specs {
-        anyhow::ensure!(names.insert(s.name.clone()), "deployment {} appears twice", s.name);
+        anyhow::ensure!(
+            names.insert(s.name.clone()),
+            "deployment {} appears twice",
+            s.name
+        );
     }
     let s = args.conn.connect().await?;
     for spec in specs {
@@ -345,7 +380,9 @@ pub async fn run(cmd: DeploymentCmd) -> anyhow::Result<bool> {
             spec.check().map_err(|e| anyhow::anyhow!(e))?;
             let s = conn.connect().await?;
             match s.client.deployment(&name).await {
-                Ok(_) => anyhow::bail!("a deployment named {name:?} exists (change it with set-schedule, pause, resume, or deploy -f)"),
+                Ok(_) => anyhow::bail!(
+                    "a deployment named {name:?} exists (change it with set-schedule, pause, resume, or deploy -f)"
+                ),
                 Err(flotilla::Error::Rejected(_)) => {}
                 Err(e) => return Err(s.fail(e)),
             }
@@ -360,14 +397,37 @@ pub async fn run(cmd: DeploymentCmd) -> anyhow::Result<bool> {
             let s = conn.connect().await?;
             let all = s.client.deployments().await.map_err(|e| s.fail(e))?;
             if json {
-                println!("{}", serde_json::Value::Array(all.iter().map(deployment_json).collect()));
+                println!(
+                    "{}",
+                    serde_json::Value::Array(all.iter().map(deployment_json).collect())
+                );
             } else {
                 let mut out = std::io::stdout().lock();
-                writeln!(out, "{:<24} {:<16} {:<8} {:<40} NEXT", "NAME", "FLOW", "PAUSED", "SCHEDULE")?;
+                writeln!(
+                    out,
+                    "{:<24} {:<16} {:<8} {:<40} NEXT",
+                    "NAME", "FLOW", "PAUSED", "SCHEDULE"
+                )?;
                 for d in &all {
-                    let sched = d.schedules.iter().map(describe_schedule).collect::<Vec<_>>().join("; ");
-                    let next = if d.paused { "-".to_owned() } else { next_times(d, 1).first().map_or("-".into(), ToString::to_string) };
-                    writeln!(out, "{:<24} {:<16} {:<8} {:<40} {next}", d.name, d.flow_name, if d.paused { "yes" } else { "no" }, sched)?;
+                    let sched = d
+                        .schedules
+                        .iter()
+                        .map(describe_schedule)
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    let next = if d.paused {
+                        "-".to_owned()
+                    } else {
+                        next_times(d, 1).first().map_or("-".into(), ToString::to_string)
+                    };
+                    writeln!(
+                        out,
+                        "{:<24} {:<16} {:<8} {:<40} {next}",
+                        d.name,
+                        d.flow_name,
+                        if d.paused { "yes" } else { "no" },
+                        sched
+                    )?;
                 }
             }
         }
@@ -385,10 +445,18 @@ pub async fn run(cmd: DeploymentCmd) -> anyhow::Result<bool> {
                 for sch in &d.schedules {
                     writeln!(out, "schedule    {}", describe_schedule(sch))?;
                 }
-                writeln!(out, "queue       {}", d.work_queue.as_deref().unwrap_or("default"))?;
+                writeln!(
+                    out,
+                    "queue       {}",
+                    d.work_queue.as_deref().unwrap_or("default")
+                )?;
                 writeln!(out, "tags        {}", d.tags.join(", "))?;
                 if let Some(n) = d.concurrency_limit {
-                    writeln!(out, "limit       {n} at once ({})", v["collision"].as_str().unwrap_or(""))?;
+                    writeln!(
+                        out,
+                        "limit       {n} at once ({})",
+                        v["collision"].as_str().unwrap_or("")
+                    )?;
                 }
                 writeln!(out, "paused      {}", if d.paused { "yes" } else { "no" })?;
                 writeln!(out, "next runs")?;
@@ -397,7 +465,13 @@ pub async fn run(cmd: DeploymentCmd) -> anyhow::Result<bool> {
                 }
             }
         }
-        DeploymentCmd::Run { name, params, params_json, watch, conn } => {
+        DeploymentCmd::Run {
+            name,
+            params,
+            params_json,
+            watch,
+            conn,
+        } => {
             let p = parameters(&params, params_json.as_deref())?;
             let s = conn.connect().await?;
             let id = s.client.run_deployment(&name, p).await.map_err(|e| s.fail(e))?;

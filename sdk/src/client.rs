@@ -132,7 +132,10 @@ impl Client {
 
     /// Creates or replaces (by name) a deployment; returns it as stored. Deployments and their
     /// schedules live on a cluster's control node (a remote client).
-    pub async fn put_deployment(&self, spec: flotilla_runtime::DeploymentSpec) -> Result<flotilla_runtime::Deployment, Error> {
+    pub async fn put_deployment(
+        &self,
+        spec: flotilla_runtime::DeploymentSpec,
+    ) -> Result<flotilla_runtime::Deployment, Error> {
         self.remote_only()?.put_deployment(spec).await
     }
 

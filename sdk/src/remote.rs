@@ -9,10 +9,13 @@ use flotilla_actors::persistence::RunFilter;
 use flotilla_cluster::endpoint::{QuicEndpoint, TransportSettings};
 use flotilla_cluster::frame;
 use flotilla_cluster::tls::{ALPN_CLIENT, Identity};
-use flotilla_cluster::wire::{SchedulerStats, 
-    ClusterStatus, Envelope, ErrorKind, PROTOCOL_VERSION, Request, Response, WAIT_MS_MAX, WireError,
+use flotilla_cluster::wire::{
+    ClusterStatus, Envelope, ErrorKind, PROTOCOL_VERSION, Request, Response, SchedulerStats, WAIT_MS_MAX,
+    WireError,
 };
-use flotilla_runtime::{Deployment, DeploymentSpec, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, TaskRun};
+use flotilla_runtime::{
+    Deployment, DeploymentSpec, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, TaskRun,
+};
 use tokio::sync::Mutex;
 
 use crate::error::Error;
@@ -321,8 +324,21 @@ impl Remote {
         }
     }
 
-    pub(crate) async fn run_deployment(&self, name: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
-        match self.ask(Request::RunDeployment { name: name.to_owned(), params }, None).await? {
+    pub(crate) async fn run_deployment(
+        &self,
+        name: &str,
+        params: serde_json::Value,
+    ) -> Result<FlowRunId, Error> {
+        match self
+            .ask(
+                Request::RunDeployment {
+                    name: name.to_owned(),
+                    params,
+                },
+                None,
+            )
+            .await?
+        {
             Response::Ran(id) => Ok(id),
             other => Err(unexpected(&other)),
         }

@@ -144,6 +144,45 @@ pub fn merge_params(base: &serde_json::Value, over: &serde_json::Value) -> serde
     serde_json::Value::Object(m)
 }
 
+/// The CPU time of the thread handling a message (its wall time if the handler moved to
+/// another thread across an await).
+struct CpuClock {
+    wall: Instant,
+    thread: std::thread::ThreadId,
+    cpu: Option<Duration>,
+}
+
+fn thread_cpu() -> Option<Duration> {
+    #[cfg(unix)]
+    {
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
+            .ok()
+            .map(Duration::from)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
+}
+
+impl CpuClock {
+    fn start() -> CpuClock {
+        CpuClock {
+            wall: Instant::now(),
+            thread: std::thread::current().id(),
+            cpu: thread_cpu(),
+        }
+    }
+
+    fn elapsed_us(&self) -> u64 {
+        let d = match (self.cpu, thread_cpu()) {
+            (Some(a), Some(b)) if std::thread::current().id() == self.thread => b.saturating_sub(a),
+            _ => self.wall.elapsed(),
+        };
+        d.as_micros() as u64
+    }
+}
+
 /// The scheduler actor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Scheduler;
@@ -411,7 +450,7 @@ impl Actor for Scheduler {
         msg: Self::Msg,
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let started = Instant::now();
+        let started = CpuClock::start();
         match msg {
             SchedulerMsg::Changed(id) => {
                 if let Err(e) = s.changed(id, &myself).await {
@@ -440,7 +479,7 @@ impl Actor for Scheduler {
                 let _ = reply.send(s.stats.clone());
             }
         }
-        s.stats.busy_us += started.elapsed().as_micros() as u64;
+        s.stats.busy_us += started.elapsed_us();
         Ok(())
     }
 }

@@ -75,7 +75,13 @@ pub async fn run(args: ScheduleArgs) -> anyhow::Result<()> {
         }
         let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
         let port = free_ports()?;
-        let extra = ["--quiet-runs", "--schedule-ahead-runs", "3", "--schedule-ahead", "0s"];
+        let extra = [
+            "--quiet-runs",
+            "--schedule-ahead-runs",
+            "3",
+            "--schedule-ahead",
+            "0s",
+        ];
         let cluster = LocalCluster::start(3, dir.path(), port, &extra).await?;
         let r = case(&args, &cluster.client, mode, n).await;
         cluster.stop().await;
@@ -83,12 +89,21 @@ pub async fn run(args: ScheduleArgs) -> anyhow::Result<()> {
         if !args.json {
             eprintln!(
                 "{name}: {} runs, lateness p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, {} missed, scheduler CPU {:.1} ms per 1,000 deployments over {} s",
-                r.runs, r.lateness_p50_ms, r.lateness_p99_ms, r.lateness_max_ms, r.missed, r.scheduler_cpu_ms_per_1000, args.seconds
+                r.runs,
+                r.lateness_p50_ms,
+                r.lateness_p99_ms,
+                r.lateness_max_ms,
+                r.missed,
+                r.scheduler_cpu_ms_per_1000,
+                args.seconds
             );
         }
         results.push(r);
     }
-    let report = Report { scenario: "schedule", results };
+    let report = Report {
+        scenario: "schedule",
+        results,
+    };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
@@ -97,13 +112,21 @@ pub async fn run(args: ScheduleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn case(args: &ScheduleArgs, client: &flotilla::Client, mode: &'static str, n: u32) -> anyhow::Result<CaseResult> {
+async fn case(
+    args: &ScheduleArgs,
+    client: &flotilla::Client,
+    mode: &'static str,
+    n: u32,
+) -> anyhow::Result<CaseResult> {
     let period = Duration::from_secs(10);
     let base = Timestamp::from(chrono::Utc::now());
     let specs: Vec<DeploymentSpec> = (0..n)
         .map(|i| {
             let kind = match mode {
-                "aligned" => ScheduleKind::Cron { expression: "*/10 * * * * *".into(), timezone: None },
+                "aligned" => ScheduleKind::Cron {
+                    expression: "*/10 * * * * *".into(),
+                    timezone: None,
+                },
                 _ => ScheduleKind::Interval {
                     every: period,
                     anchor: base + period.mul_f64(f64::from(i) / f64::from(n)),
@@ -113,7 +136,12 @@ async fn case(args: &ScheduleArgs, client: &flotilla::Client, mode: &'static str
                 name: format!("bench-{mode}-{i:05}"),
                 flow_name: NOOP_FLOW.into(),
                 parameters: serde_json::json!({}),
-                schedules: vec![Schedule { kind, active: true, parameters: serde_json::Value::Null, catchup: false }],
+                schedules: vec![Schedule {
+                    kind,
+                    active: true,
+                    parameters: serde_json::Value::Null,
+                    catchup: false,
+                }],
                 work_queue: None,
                 tags: vec![],
                 concurrency_limit: None,
