@@ -3,97 +3,19 @@
 //! runs acknowledged Completed stay Completed, and the cluster goes on accepting runs.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use flotilla::{Client, FlowRunId, StateName, StateType};
 
-const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+mod common;
+use common::*;
+
 /// The configured silence after which a member is unreachable.
 const UNREACHABLE_AFTER: Duration = Duration::from_secs(1);
 /// What the test allows on a loaded CI machine on top of it (the heartbeat period, the
 /// control node's check interval, and scheduling).
 const DETECT_SLACK: Duration = Duration::from_secs(2);
-
-/// The node processes; killed (and their logs shown when the test failed) when dropped.
-struct Nodes {
-    children: Vec<(String, Child)>,
-    dir: PathBuf,
-}
-
-impl Drop for Nodes {
-    fn drop(&mut self) {
-        for (_, c) in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            for (name, _) in &self.children {
-                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                eprintln!("--- {name}.log (last lines) ---");
-                for l in tail.iter().rev() {
-                    eprintln!("{l}");
-                }
-            }
-        }
-    }
-}
-
-fn free_udp_port() -> u16 {
-    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
-    s.local_addr().expect("its address").port()
-}
-
-fn start_node(dir: &Path, name: &str, port: u16, join: Option<u16>) -> Child {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).expect("a log file");
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "node",
-        "start",
-        "--name",
-        name,
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ])
-    .arg("--data")
-    .arg(dir.join(name))
-    .arg("--certs")
-    .arg(dir.join("certs"))
-    .args([
-        "--unreachable-after",
-        "1s",
-        "--heartbeat",
-        "250ms",
-        "--quiet-runs",
-    ])
-    .env_remove("FLOTILLA_CONFIG")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(log);
-    match join {
-        None => cmd.args(["--role", "control"]),
-        Some(p) => cmd.args(["--role", "worker", "--join", &format!("127.0.0.1:{p}")]),
-    };
-    cmd.spawn().expect("flotilla node starts")
-}
-
-/// Polls `f` until it returns Some, at most `within`.
-async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
-    what: &str,
-    within: Duration,
-    mut f: impl FnMut() -> F,
-) -> T {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 /// A command that runs until its node dies (it watches its parent), so a killed node leaves
 /// no program behind.
@@ -127,13 +49,13 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
     };
     nodes
         .children
-        .push(("n1".into(), start_node(dir, "n1", ports[0], None)));
+        .push(("n1".into(), start_node(dir, "n1", ports[0], None, &[])));
     nodes
         .children
-        .push(("n2".into(), start_node(dir, "n2", ports[1], Some(ports[0]))));
+        .push(("n2".into(), start_node(dir, "n2", ports[1], Some(ports[0]), &[])));
     nodes
         .children
-        .push(("n3".into(), start_node(dir, "n3", ports[2], Some(ports[0]))));
+        .push(("n3".into(), start_node(dir, "n3", ports[2], Some(ports[0]), &[])));
 
     let addr = format!("127.0.0.1:{}", ports[0]);
     let certs = dir.join("certs");
@@ -328,7 +250,7 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
     // n3 comes back on its data directory: it redials, is reachable again and takes runs.
     let mut dead = std::mem::replace(
         &mut nodes.children[2].1,
-        start_node(dir, "n3", ports[2], Some(ports[0])),
+        start_node(dir, "n3", ports[2], Some(ports[0]), &[]),
     );
     let _ = dead.wait();
     eventually("n3 reachable again", Duration::from_secs(30), || async {

@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use flotilla_runtime::{
-    Deployment, DeploymentSpec, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, StateType, TaskRun,
-    Timestamp,
+    Deployment, DeploymentId, DeploymentSpec, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State,
+    StateType, TaskRun, Timestamp,
 };
 
 /// The longest a [`Request::Wait`] waits.
@@ -45,6 +45,9 @@ pub enum Request {
         after: Option<FlowRunId>,
         /// At most this many (≤ 1,000).
         limit: u32,
+        /// Only those of this deployment (then `state` is ignored).
+        #[serde(default)]
+        deployment: Option<DeploymentId>,
     },
     /// The task runs of a flow run.
     TaskRuns(FlowRunId),

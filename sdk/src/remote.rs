@@ -200,17 +200,19 @@ impl Remote {
         after: Option<FlowRunId>,
         limit: usize,
     ) -> Result<Vec<FlowRun>, Error> {
-        let state = match filter {
-            RunFilter::All => None,
-            RunFilter::State(s) => Some(s),
-            other => {
-                return Err(Error::Parameters(format!(
-                    "the filter {other:?} is read on the node itself"
-                )));
-            }
+        let (state, deployment) = match filter {
+            RunFilter::All => (None, None),
+            RunFilter::State(s) => (Some(s), None),
+            RunFilter::Deployment(d) => (None, Some(d)),
         };
         let limit = u32::try_from(limit).unwrap_or(u32::MAX);
-        match self.ask(Request::FlowRuns { state, after, limit }, None).await? {
+        let request = Request::FlowRuns {
+            state,
+            after,
+            limit,
+            deployment,
+        };
+        match self.ask(request, None).await? {
             Response::FlowRuns(r) => Ok(r),
             other => Err(unexpected(&other)),
         }

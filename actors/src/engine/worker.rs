@@ -488,8 +488,8 @@ impl EngineHandle {
     /// Resumes what a previous process of this node left: its Pending and Running runs become
     /// Crashed (those Cancelling, Cancelled) and, unless their flow says `resume = false`, go
     /// back to Scheduled (named Resuming, with a new epoch) and run again, skipping the task
-    /// calls that completed. Scheduled runs of this node's flows are queued. Returns the runs
-    /// resumed.
+    /// calls that completed. Scheduled runs of this node's flows are queued, except those of
+    /// deployments: the scheduler hands those out when they are due. Returns the runs resumed.
     pub async fn recover(&self) -> Result<Vec<FlowRunId>, EngineError> {
         let p = &self.ctx.persistence;
         let node = self.ctx.config.node.clone();
@@ -534,6 +534,7 @@ impl EngineHandle {
             after = Some(last.id);
             for run in page {
                 if run.parent_task_run.is_none()
+                    && run.deployment_id.is_none()
                     && run.owner.is_none()
                     && self.runs_flow(&run.flow_name)
                     && !resumed.contains(&run.id)

@@ -160,8 +160,8 @@ impl ControlState {
     fn place_or_wait(&mut self, w: Waiting) {
         if self.waiting.is_empty()
             && let Some(node) = self.place(&w.flow)
+            && send_agent(&node, AgentMsg::Run(w.run.as_bytes().to_vec()))
         {
-            send_agent(&node, AgentMsg::Run(w.run.as_bytes().to_vec()));
             return;
         }
         tracing::debug!(flow_run = %w.run, flow = %w.flow, "no reachable node runs this flow now; the run waits");
@@ -174,8 +174,9 @@ impl ControlState {
         let t = now();
         let mut keep = std::collections::VecDeque::new();
         while let Some(mut w) = self.waiting.pop_front() {
-            if let Some(node) = self.place(&w.flow) {
-                send_agent(&node, AgentMsg::Run(w.run.as_bytes().to_vec()));
+            if let Some(node) = self.place(&w.flow)
+                && send_agent(&node, AgentMsg::Run(w.run.as_bytes().to_vec()))
+            {
                 continue;
             }
             if !w.late && t.saturating_since(w.due) > LATE_AFTER {
@@ -307,7 +308,10 @@ impl ControlState {
                     });
                     let r = match p.submit(cmd).await {
                         Ok(Ok(Reply::FlowRunCreated { run, .. })) => {
-                            send_agent(&node, AgentMsg::Run(run.id.as_bytes().to_vec()));
+                            if !send_agent(&node, AgentMsg::Run(run.id.as_bytes().to_vec())) {
+                                // The node went away: the run waits for another one.
+                                replace(run.id, run.flow_name.clone(), now());
+                            }
                             Response::Ran(run.id)
                         }
                         Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
@@ -334,7 +338,7 @@ impl ControlState {
                             ..
                         })) => {
                             if let Some(owner) = owner {
-                                send_agent(&owner, AgentMsg::Cancel(id.as_bytes().to_vec()));
+                                let _ = send_agent(&owner, AgentMsg::Cancel(id.as_bytes().to_vec()));
                             }
                             Response::State(s)
                         }
@@ -461,7 +465,7 @@ impl ControlState {
             }
             Request::SchedulerStats => {
                 tokio::spawn(async move {
-                    let r = match ractor::registry::where_is(super::scheduler::SCHEDULER_NAME.to_owned()) {
+                    let r = match ractor::registry::where_is(super::scheduler::SCHEDULER_NAME) {
                         Some(cell) => {
                             let sched: ActorRef<super::scheduler::SchedulerMsg> = cell.into();
                             match sched
@@ -499,7 +503,7 @@ impl ControlState {
 
 /// Tells the scheduler a deployment changed.
 fn tell_scheduler(id: flotilla_runtime::DeploymentId) {
-    if let Some(cell) = ractor::registry::where_is(super::scheduler::SCHEDULER_NAME.to_owned()) {
+    if let Some(cell) = ractor::registry::where_is(super::scheduler::SCHEDULER_NAME) {
         let sched: ActorRef<super::scheduler::SchedulerMsg> = cell.into();
         let _ = sched.cast(super::scheduler::SchedulerMsg::Changed(id));
     }
@@ -544,14 +548,29 @@ fn not_found_or(refusal: flotilla_runtime::Refusal) -> Response {
 }
 
 /// Tells a node's agent something (it is looked up afresh: remote ids change on reconnect).
-pub(crate) fn send_agent(node: &NodeId, msg: AgentMsg) {
+/// Hands a run back to the control actor's placement (it waits until a node can take it).
+fn replace(run: FlowRunId, flow: String, due: Timestamp) {
+    if let Some(cell) = ractor::registry::where_is(CONTROL_NAME)
+        && let Ok(msg) = flotilla_runtime::codec::encode(&(run, flow, due))
+    {
+        let _ = ActorRef::<ControlMsg>::from(cell).cast(ControlMsg::Place(msg));
+    }
+}
+
+/// Sends a node's agent a message; false (and a log line) when it cannot be reached.
+pub(crate) fn send_agent(node: &NodeId, msg: AgentMsg) -> bool {
     match agent_of(node) {
-        Some(agent) => {
-            if let Err(e) = agent.cast(msg) {
+        Some(agent) => match agent.cast(msg) {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::warn!(%node, error = %e, "cannot reach the node's agent");
+                false
             }
+        },
+        None => {
+            tracing::warn!(%node, "the node's agent is not connected");
+            false
         }
-        None => tracing::warn!(%node, "the node's agent is not connected"),
     }
 }
 
@@ -596,8 +615,16 @@ async fn read_request(p: &PersistenceHandle, results: &ResultStore, request: Req
             Ok(None) => missing(id),
             Err(e) => persist_err(e),
         },
-        Request::FlowRuns { state, after, limit } => {
-            let filter = state.map_or(RunFilter::All, RunFilter::State);
+        Request::FlowRuns {
+            state,
+            after,
+            limit,
+            deployment,
+        } => {
+            let filter = match deployment {
+                Some(d) => RunFilter::Deployment(d),
+                None => state.map_or(RunFilter::All, RunFilter::State),
+            };
             match p.flow_runs(filter, after, (limit as usize).min(PAGE_MAX)).await {
                 Ok(runs) => Response::FlowRuns(runs),
                 Err(e) => persist_err(e),

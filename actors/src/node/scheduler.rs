@@ -2,8 +2,9 @@
 //! created ahead of time (Scheduled at their fire time), and hands each to the control actor's
 //! placement the moment it is due — a timer on the earliest due run, no polling.
 //!
-//! Runs are created with the idempotency key `sched/{deployment}/{schedule}/{fire time}`, so a
-//! restart never creates a run twice; on start it reads back what is there: runs that have not
+//! Runs are created with the idempotency key
+//! `sched/{deployment}/{schedule}/{version}/{fire time}` (the version is the deployment's last
+//! change), so a restart never creates a run twice; on start it reads back what is there: runs that have not
 //! started are handed out when due (at once if their time passed — the control actor marks them
 //! Late if no node takes them), and fire times that fell while it was down are skipped unless
 //! the schedule has `catchup`. Changing, pausing or deleting a deployment cancels its runs that
@@ -97,12 +98,20 @@ impl Dep {
     }
 }
 
+/// A run waiting to be handed out.
+struct Due {
+    deployment: DeploymentId,
+    flow: String,
+    /// Created by a schedule (counted ahead, cancelled when the deployment changes), not ad hoc.
+    scheduled: bool,
+}
+
 /// The scheduler's state.
 pub struct SchedulerState {
     persistence: PersistenceHandle,
     settings: ScheduleSettings,
     deps: HashMap<DeploymentId, Dep>,
-    due: BTreeMap<(Timestamp, FlowRunId), (DeploymentId, String)>,
+    due: BTreeMap<(Timestamp, FlowRunId), Due>,
     armed: Option<Timestamp>,
     rng: SmallRng,
     stats: SchedulerStats,
@@ -120,17 +129,23 @@ fn now() -> Timestamp {
     Timestamp::from(chrono::Utc::now())
 }
 
-fn key(d: DeploymentId, schedule: usize, t: Timestamp) -> String {
-    format!("sched/{d}/{schedule}/{}", t.as_micros())
+fn key(d: &Deployment, schedule: usize, t: Timestamp) -> String {
+    format!(
+        "sched/{}/{schedule}/{}/{}",
+        d.id,
+        d.updated.as_micros(),
+        t.as_micros()
+    )
 }
 
-/// The schedule index and fire time of a scheduler-made run's key.
-fn parse_key(k: &str) -> Option<(usize, Timestamp)> {
+/// The schedule index, deployment version and fire time of a scheduler-made run's key.
+fn parse_key(k: &str) -> Option<(usize, Timestamp, Timestamp)> {
     let mut parts = k.strip_prefix("sched/")?.split('/');
     let _dep = parts.next()?;
     let i = parts.next()?.parse().ok()?;
+    let version = parts.next()?.parse().ok()?;
     let t = parts.next()?.parse().ok()?;
-    Some((i, Timestamp::from_micros(t)))
+    Some((i, Timestamp::from_micros(version), Timestamp::from_micros(t)))
 }
 
 /// Parameters of a schedule's runs: the deployment's, the schedule's over them.
@@ -203,6 +218,7 @@ impl SchedulerState {
         let id = d.id;
         let mut dep = Dep::new(d);
         let mut after = None;
+        let mut stale = Vec::new();
         loop {
             let page = self
                 .persistence
@@ -211,19 +227,42 @@ impl SchedulerState {
             let Some(last) = page.last() else { break };
             after = Some(last.id);
             for run in page {
-                let Some((i, t)) = run.idempotency_key.as_deref().and_then(parse_key) else {
+                let waiting = run.lifecycle.state.kind == StateType::Scheduled && run.owner.is_none();
+                let Some((i, version, t)) = run.idempotency_key.as_deref().and_then(parse_key) else {
+                    // An ad-hoc run of the deployment not started yet: handed out as well.
+                    if waiting {
+                        let due = Due {
+                            deployment: id,
+                            flow: run.flow_name.clone(),
+                            scheduled: false,
+                        };
+                        self.due.insert((run.expected_start_time, run.id), due);
+                    }
                     continue;
                 };
+                if version != dep.d.updated {
+                    // Made before the deployment's last change and left behind by a crash.
+                    if waiting {
+                        stale.push(run.id);
+                    }
+                    continue;
+                }
                 if let Some(l) = dep.last.get_mut(i) {
                     *l = Some(l.map_or(t, |x| x.max(t)));
                 }
-                if run.lifecycle.state.kind == StateType::Scheduled && run.owner.is_none() {
+                if waiting {
                     dep.ahead += 1;
                     dep.horizon = Some(dep.horizon.map_or(t, |h| h.max(t)));
-                    self.due.insert((t, run.id), (id, run.flow_name.clone()));
+                    let due = Due {
+                        deployment: id,
+                        flow: run.flow_name.clone(),
+                        scheduled: true,
+                    };
+                    self.due.insert((t, run.id), due);
                 }
             }
         }
+        self.cancel(stale);
         // Fire times missed while down: skipped, unless the schedule catches up.
         for (i, s) in dep.d.schedules.iter().enumerate() {
             if !s.catchup
@@ -236,6 +275,20 @@ impl SchedulerState {
         self.stats.deployments += 1;
         self.deps.insert(id, dep);
         Ok(())
+    }
+
+    /// Cancels runs made for a deployment as it was before a change.
+    fn cancel(&mut self, runs: Vec<FlowRunId>) {
+        for run in runs {
+            let p = Proposal::new(
+                State::named(StateName::Cancelling, now()).with_message("its deployment changed"),
+                TransitionId::new(now(), &mut self.rng),
+            );
+            drop(
+                self.persistence
+                    .enqueue(Command::ProposeFlowRunState { run, proposal: p }),
+            );
+        }
     }
 
     /// Creates a deployment's next runs until it is covered far enough ahead.
@@ -294,7 +347,7 @@ impl SchedulerState {
                     parameters: merge_params(&d.parameters, &d.schedules[i].parameters),
                     deployment_id: Some(d.id),
                     parent_task_run: None,
-                    idempotency_key: Some(key(d.id, i, t)),
+                    idempotency_key: Some(key(d, i, t)),
                     tags: d.tags.clone(),
                     work_queue: d.work_queue.clone(),
                     retry_policy: Default::default(),
@@ -327,21 +380,23 @@ impl SchedulerState {
     /// Hands out every run that is due.
     fn wake(&mut self, myself: &ActorRef<SchedulerMsg>) {
         let t = now();
-        let control = ractor::registry::where_is(CONTROL_NAME.to_owned()).map(ActorRef::<ControlMsg>::from);
+        let control = ractor::registry::where_is(CONTROL_NAME).map(ActorRef::<ControlMsg>::from);
         let mut touched = Vec::new();
         while let Some(entry) = self.due.first_entry() {
             if entry.key().0 > t {
                 break;
             }
-            let ((due, run), (dep, flow)) = entry.remove_entry();
+            let ((at, run), due) = entry.remove_entry();
             if let Some(c) = &control {
-                let msg = flotilla_runtime::codec::encode(&(run, flow, due)).unwrap_or_default();
+                let msg = flotilla_runtime::codec::encode(&(run, due.flow, at)).unwrap_or_default();
                 let _ = c.cast(ControlMsg::Place(msg));
             }
             self.stats.handed_out += 1;
-            if let Some(d) = self.deps.get_mut(&dep) {
+            if due.scheduled
+                && let Some(d) = self.deps.get_mut(&due.deployment)
+            {
                 d.ahead = d.ahead.saturating_sub(1);
-                touched.push(dep);
+                touched.push(due.deployment);
             }
         }
         touched.dedup();
@@ -380,23 +435,14 @@ impl SchedulerState {
         let stale: Vec<FlowRunId> = self
             .due
             .iter()
-            .filter(|(_, (d, _))| *d == id)
+            .filter(|(_, d)| d.deployment == id && d.scheduled)
             .map(|((_, run), _)| *run)
             .collect();
-        self.due.retain(|_, (d, _)| *d != id);
+        self.due.retain(|_, d| !(d.deployment == id && d.scheduled));
         if self.deps.remove(&id).is_some() {
             self.stats.deployments -= 1;
         }
-        for run in stale {
-            let p = Proposal::new(
-                State::named(StateName::Cancelling, now()).with_message("its deployment changed"),
-                TransitionId::new(now(), &mut self.rng),
-            );
-            drop(
-                self.persistence
-                    .enqueue(Command::ProposeFlowRunState { run, proposal: p }),
-            );
-        }
+        self.cancel(stale);
         if let Some(d) = fresh {
             let mut dep = Dep::new(d);
             dep.generation = generation;
@@ -464,7 +510,12 @@ impl Actor for Scheduler {
                     dep.refilling = false;
                     let flow = dep.d.flow_name.clone();
                     for (t, run) in runs {
-                        s.due.insert((t, run), (id, flow.clone()));
+                        let due = Due {
+                            deployment: id,
+                            flow: flow.clone(),
+                            scheduled: true,
+                        };
+                        s.due.insert((t, run), due);
                     }
                     s.arm(&myself);
                     // Due ones already (a slow store) go at once.

@@ -1,0 +1,134 @@
+//! What the tests that drive `flotilla node` processes share.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla::Client;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+/// The node processes; killed (and their logs shown when the test failed) when dropped.
+pub struct Nodes {
+    pub children: Vec<(String, Child)>,
+    pub dir: PathBuf,
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            for (name, _) in &self.children {
+                let log = std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(200).collect();
+                eprintln!("--- {name}.log (last lines) ---");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+impl Nodes {
+    /// Replaces node `i`'s process (after it died), reaping the old one.
+    pub fn restart(&mut self, i: usize, child: Child) {
+        let mut dead = std::mem::replace(&mut self.children[i].1, child);
+        let _ = dead.kill();
+        let _ = dead.wait();
+    }
+}
+
+pub fn free_udp_port() -> u16 {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
+    s.local_addr().expect("its address").port()
+}
+
+/// `flotilla cluster init` for `nodes` in `dir/certs`.
+pub fn init_certs(dir: &Path, nodes: &str) {
+    let init = Command::new(BIN)
+        .args(["cluster", "init", "--nodes", nodes, "--dir"])
+        .arg(dir.join("certs"))
+        .output()
+        .expect("cluster init runs");
+    assert!(
+        init.status.success(),
+        "cluster init: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+}
+
+/// Starts `flotilla node start` (its log appended to `dir/NAME.log`), with `extra` flags.
+pub fn start_node(dir: &Path, name: &str, port: u16, join: Option<u16>, extra: &[&str]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .expect("a log file");
+    let mut cmd = Command::new(BIN);
+    cmd.args([
+        "node",
+        "start",
+        "--name",
+        name,
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ])
+    .arg("--data")
+    .arg(dir.join(name))
+    .arg("--certs")
+    .arg(dir.join("certs"))
+    .args([
+        "--unreachable-after",
+        "1s",
+        "--heartbeat",
+        "250ms",
+        "--quiet-runs",
+    ])
+    .args(extra)
+    .env_remove("FLOTILLA_CONFIG")
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(log);
+    match join {
+        None => cmd.args(["--role", "control"]),
+        Some(p) => cmd.args(["--role", "worker", "--join", &format!("127.0.0.1:{p}")]),
+    };
+    cmd.spawn().expect("flotilla node starts")
+}
+
+/// Polls `f` until it returns Some, at most `within`.
+pub async fn eventually<T, F: std::future::Future<Output = Option<T>>>(
+    what: &str,
+    within: Duration,
+    mut f: impl FnMut() -> F,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A client of the node at `port`, once it answers, and once `n` members are reachable.
+pub async fn connect(dir: &Path, port: u16, n: usize) -> Client {
+    let addr = format!("127.0.0.1:{port}");
+    let certs = dir.join("certs");
+    let client = eventually("a client connects", Duration::from_secs(30), || async {
+        Client::connect(&addr, &certs).await.ok()
+    })
+    .await;
+    eventually("every member reachable", Duration::from_secs(30), || async {
+        let s = client.cluster_status().await.ok()?;
+        (s.nodes.iter().filter(|m| m.reachable).count() >= n).then_some(())
+    })
+    .await;
+    client
+}
