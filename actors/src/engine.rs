@@ -72,6 +72,8 @@ pub struct EngineConfig {
     pub log_to_stderr: bool,
     /// Large results are also shipped with this (a worker: to the control node).
     pub result_shipper: Option<Arc<dyn results::ResultShipper>>,
+    /// Cluster-wide tag limits (a node of a cluster: the control node's).
+    pub cluster_slots: Option<Arc<dyn limits::SlotService>>,
 }
 
 impl EngineConfig {
@@ -89,6 +91,7 @@ impl EngineConfig {
             log_flush_interval: Duration::from_millis(50),
             log_to_stderr: true,
             result_shipper: None,
+            cluster_slots: None,
         }
     }
 }

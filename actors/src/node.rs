@@ -5,8 +5,10 @@
 
 pub mod agent;
 pub mod control;
+pub mod dispatch;
 pub mod plane;
 pub mod scheduler;
+pub mod slots;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -88,6 +90,8 @@ pub struct NodeConfig {
     pub log_to_stderr: bool,
     /// How far ahead the scheduler creates runs (control node).
     pub schedule: scheduler::ScheduleSettings,
+    /// The work queues this node's worker serves (empty: all).
+    pub queues: Vec<String>,
 }
 
 impl NodeConfig {
@@ -107,6 +111,7 @@ impl NodeConfig {
             transport: TransportSettings::default(),
             log_to_stderr: true,
             schedule: scheduler::ScheduleSettings::default(),
+            queues: Vec::new(),
         }
     }
 }
@@ -497,6 +502,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     ec.slots = config.slots.max(1);
     ec.log_to_stderr = config.log_to_stderr;
     let view = Arc::new(RwLock::new(ClusterStatus::default()));
+    ec.cluster_slots = Some(Arc::new(plane::ControlSlots::new(config.name.clone())));
     if config.role == Role::Worker {
         ec.result_shipper = Some(Arc::new(QuicShipper {
             endpoint: endpoint.clone(),
@@ -511,6 +517,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         role: config.role.as_str().to_owned(),
         engine: engine.clone(),
         slots: u32::try_from(config.slots).unwrap_or(u32::MAX),
+        queues: config.queues.clone(),
         heartbeat_every: config.heartbeat_every,
         view: view.clone(),
     };

@@ -126,6 +126,16 @@ macro_rules! read_helpers {
             }
         }
 
+        /// Every work queue and tag limit, by key.
+        pub async fn settings(
+            &self,
+        ) -> Result<Vec<flotilla_runtime::Setting>, $crate::persistence::PersistError> {
+            match self.read($crate::persistence::Read::Settings).await? {
+                $crate::persistence::ReadReply::Settings(s) => Ok(s),
+                other => Err($crate::persistence::unexpected(other)),
+            }
+        }
+
         /// A deployment, by name.
         pub async fn deployment_by_name(
             &self,

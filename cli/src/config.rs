@@ -41,6 +41,8 @@ pub struct FileConfig {
     pub schedule_ahead_runs: Option<usize>,
     /// How far ahead the scheduler creates runs (`"1h"`).
     pub schedule_ahead: Option<String>,
+    /// The work queues a node's worker serves (all when absent).
+    pub queues: Option<Vec<String>>,
     /// Whether a node prints flow and task logs on stderr.
     pub log_to_stderr: Option<bool>,
     /// The node a client talks to.

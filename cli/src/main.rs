@@ -12,6 +12,7 @@ mod demo;
 mod deployment_cmd;
 mod flow_run;
 mod node_cmd;
+mod queue_cmd;
 mod schedule_cmd;
 
 use std::process::ExitCode;
@@ -47,6 +48,15 @@ enum Cmd {
     /// Schedules: preview a cron expression's next fire times.
     #[command(subcommand)]
     Schedule(schedule_cmd::ScheduleCmd),
+    /// Work queues: priorities, limits, pause and resume.
+    #[command(subcommand, name = "work-queue")]
+    WorkQueue(queue_cmd::WorkQueueCmd),
+    /// Cluster-wide limits on running task runs by tag.
+    #[command(subcommand, name = "concurrency-limit")]
+    ConcurrencyLimit(queue_cmd::LimitCmd),
+    /// The cluster's events: state changes, deployments, queues and limits.
+    #[command(subcommand)]
+    Events(queue_cmd::EventsCmd),
     /// Measure Flotilla on this machine (release builds).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -81,6 +91,9 @@ fn main() -> ExitCode {
             Cmd::Deployment(cmd) => deployment_cmd::run(cmd).await,
             Cmd::Deploy(args) => deployment_cmd::deploy(args).await.map(|()| true),
             Cmd::Schedule(cmd) => schedule_cmd::run(cmd).map(|()| true),
+            Cmd::WorkQueue(cmd) => queue_cmd::work_queue(cmd).await,
+            Cmd::ConcurrencyLimit(cmd) => queue_cmd::limit(cmd).await,
+            Cmd::Events(cmd) => queue_cmd::events(cmd).await,
             Cmd::Bench(cmd) => bench::run(cmd).await.map(|()| true),
         }
     });

@@ -56,6 +56,9 @@ pub struct StartArgs {
     /// ...and at least this far ahead [default: 1h] (never more than 100 runs).
     #[arg(long, env = "FLOTILLA_SCHEDULE_AHEAD")]
     schedule_ahead: Option<String>,
+    /// The work queues its worker serves, comma-separated [default: all].
+    #[arg(long, env = "FLOTILLA_QUEUES", value_delimiter = ',')]
+    queues: Option<Vec<String>>,
     /// Do not print flow and task log lines on stderr (they are recorded either way).
     #[arg(long)]
     quiet_runs: bool,
@@ -155,6 +158,13 @@ impl StartArgs {
         }
         if let Some(s) = self.schedule_ahead.or(file.schedule_ahead) {
             config.schedule.ahead_time = duration("--schedule-ahead", &s)?;
+        }
+        if let Some(q) = self.queues.or(file.queues) {
+            anyhow::ensure!(
+                q.iter().all(|n| !n.trim().is_empty() && n.len() <= 128),
+                "--queues names 1 to 128 bytes long each"
+            );
+            config.queues = q.into_iter().map(|n| n.trim().to_owned()).collect();
         }
         config.log_to_stderr = !self.quiet_runs && file.log_to_stderr.unwrap_or(true);
         Ok(config)

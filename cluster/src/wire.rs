@@ -100,6 +100,35 @@ pub enum Request {
     },
     /// Figures about the scheduler.
     SchedulerStats,
+    /// Create or change a work queue.
+    WorkQueue {
+        /// Its name.
+        name: String,
+        /// What to do.
+        change: QueueChange,
+    },
+    /// Every work queue with its figures.
+    WorkQueues,
+    /// Create, reset or delete a tag limit.
+    ConcurrencyLimit {
+        /// The tag.
+        tag: String,
+        /// What to do.
+        change: LimitChange,
+    },
+    /// Every tag limit with the slots held now.
+    ConcurrencyLimits,
+    /// Events after a point, oldest first.
+    Events {
+        /// After this event (None: from the oldest kept).
+        after: Option<flotilla_runtime::EventId>,
+        /// Only events whose name starts with this.
+        prefix: Option<String>,
+        /// At most this many (≤ 1,000).
+        limit: u32,
+        /// When there is none yet, wait up to this long for one (≤ [`WAIT_MS_MAX`]).
+        wait_ms: u32,
+    },
     /// Keep a large result in the control node's result store (a node shipping what a run
     /// made; the key is the result store's).
     PutResult {
@@ -174,6 +203,9 @@ pub struct MemberStatus {
     pub slots_total: u32,
     /// The flows it can run.
     pub flows: Vec<String>,
+    /// The work queues it serves (empty: all).
+    #[serde(default)]
+    pub queues: Vec<String>,
     /// When it was last heard from.
     pub last_heartbeat: Option<Timestamp>,
 }
@@ -217,8 +249,69 @@ pub enum Response {
     Deployments(Vec<Deployment>),
     /// The scheduler's figures.
     SchedulerStats(SchedulerStats),
+    /// Work queues.
+    WorkQueues(Vec<QueueInfo>),
+    /// Tag limits, with their leases.
+    ConcurrencyLimits(Vec<flotilla_runtime::ConcurrencyLimit>),
+    /// Events, oldest first.
+    Events(Vec<flotilla_runtime::Event>),
     /// Done, nothing to say.
     Done,
     /// The request failed.
     Error(WireError),
+}
+
+/// A change to a work queue.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueChange {
+    /// Create it (refused if it exists).
+    Create {
+        /// 1 is the highest.
+        priority: u32,
+        /// At most this many of its runs at once.
+        concurrency_limit: Option<u32>,
+        /// Created paused.
+        paused: bool,
+    },
+    /// Hand out nothing.
+    Pause,
+    /// Hand out again.
+    Resume,
+    /// Change (or, with None, lift) its concurrency limit.
+    SetConcurrencyLimit(Option<u32>),
+    /// Change its priority.
+    SetPriority(u32),
+    /// Delete it (its runs go on in a queue with default settings).
+    Delete,
+    /// Nothing: read it.
+    Inspect,
+}
+
+/// A change to a tag limit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LimitChange {
+    /// Create or change it.
+    Put {
+        /// Slots.
+        limit: u32,
+        /// How long a slot's lease lasts without renewal, in milliseconds.
+        lease_ttl_ms: u64,
+    },
+    /// Free every slot held now (their holders lose them).
+    Reset,
+    /// Delete it.
+    Delete,
+    /// Nothing: read it.
+    Inspect,
+}
+
+/// A work queue and how busy it is.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueInfo {
+    /// The queue.
+    pub queue: flotilla_runtime::WorkQueue,
+    /// Runs due and waiting.
+    pub waiting: u32,
+    /// Runs handed out and not ended.
+    pub active: u32,
 }

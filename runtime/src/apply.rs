@@ -17,6 +17,7 @@ use crate::state::{State, StateType};
 use crate::task_run::TaskRun;
 use crate::time::Timestamp;
 use crate::view::StateView;
+use crate::work_queue::Setting;
 
 mod records;
 mod runs;
@@ -47,6 +48,10 @@ pub enum Write {
     Deployment(DeploymentId),
     /// A deployment was deleted.
     DeploymentDeleted(DeploymentId),
+    /// A setting was put (by key).
+    Setting(String),
+    /// A setting was deleted (by key).
+    SettingDeleted(String),
     /// A new event (also a state-history entry when it records a state change).
     Event(Event),
     /// A full window of a run's state history, archived (the run record keeps only the latest
@@ -138,6 +143,16 @@ pub enum Reply {
     },
     /// A deployment was deleted.
     DeploymentDeleted {
+        /// Whether it existed.
+        existed: bool,
+    },
+    /// A setting was stored.
+    SettingPut {
+        /// False when it replaced one.
+        created: bool,
+    },
+    /// A setting was deleted.
+    SettingDeleted {
         /// Whether it existed.
         existed: bool,
     },
@@ -271,6 +286,8 @@ fn apply_with(view: &mut impl StateView, command: Command, at: ApplyContext, rec
         Command::PutDeployment(d) => tx.put_deployment(view, d),
         Command::DeleteDeployment { id } => tx.delete_deployment(view, id),
         Command::AppendEvent(e) => tx.append_event(view, e),
+        Command::PutSetting { setting, .. } => tx.put_setting(view, setting),
+        Command::DeleteSetting { key, .. } => tx.delete_setting(view, key),
     }
 }
 

@@ -185,6 +185,20 @@ pub enum Command {
     },
     /// Append a user event (its id is the idempotency key).
     AppendEvent(Event),
+    /// Create or replace a work queue or a tag limit.
+    PutSetting {
+        /// The setting.
+        setting: crate::work_queue::Setting,
+        /// When the requester made the change (with the key, what makes it idempotent).
+        at: Timestamp,
+    },
+    /// Delete a work queue or a tag limit.
+    DeleteSetting {
+        /// Its key (`work-queue/NAME`, `concurrency-limit/TAG`).
+        key: String,
+        /// When the requester asked.
+        at: Timestamp,
+    },
 }
 
 /// What makes a command idempotent: a resent command with the same key applies once.
@@ -206,6 +220,10 @@ pub enum IdempotencyKey {
     DeleteDeployment(DeploymentId),
     /// An event id.
     Event(crate::ids::EventId),
+    /// A setting's key and the time of the change.
+    Setting(String, Timestamp),
+    /// A setting deletion.
+    DeleteSetting(String, Timestamp),
 }
 
 impl fmt::Display for IdempotencyKey {
@@ -218,6 +236,8 @@ impl fmt::Display for IdempotencyKey {
             IdempotencyKey::LogBatch(b) => write!(f, "logs/{b}"),
             IdempotencyKey::Deployment(d, at) => write!(f, "deployment/{d}/{at}"),
             IdempotencyKey::DeleteDeployment(d) => write!(f, "delete-deployment/{d}"),
+            IdempotencyKey::Setting(k, at) => write!(f, "setting/{k}/{at}"),
+            IdempotencyKey::DeleteSetting(k, at) => write!(f, "delete-setting/{k}/{at}"),
             IdempotencyKey::Event(e) => write!(f, "event/{e}"),
         }
     }
@@ -250,6 +270,8 @@ impl Command {
             Command::PutDeployment(d) => IdempotencyKey::Deployment(d.id, d.updated),
             Command::DeleteDeployment { id } => IdempotencyKey::DeleteDeployment(*id),
             Command::AppendEvent(e) => IdempotencyKey::Event(e.id),
+            Command::PutSetting { setting, at } => IdempotencyKey::Setting(setting.key(), *at),
+            Command::DeleteSetting { key, at } => IdempotencyKey::DeleteSetting(key.clone(), *at),
         }
     }
 
@@ -268,6 +290,8 @@ impl Command {
             Command::PutDeployment(_) => "put-deployment",
             Command::DeleteDeployment { .. } => "delete-deployment",
             Command::AppendEvent(_) => "append-event",
+            Command::PutSetting { .. } => "put-setting",
+            Command::DeleteSetting { .. } => "delete-setting",
         }
     }
 }

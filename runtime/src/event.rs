@@ -51,6 +51,11 @@ impl Resource {
     pub fn id(&self) -> Option<&str> {
         self.0.get(RESOURCE_ID).map(String::as_str)
     }
+
+    /// The resource name label.
+    pub fn name(&self) -> Option<&str> {
+        self.0.get(RESOURCE_NAME).map(String::as_str)
+    }
 }
 
 /// What an event carries.

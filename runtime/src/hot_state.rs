@@ -13,6 +13,7 @@ use crate::ids::{DeploymentId, FlowRunId, NodeId, TaskRunId};
 use crate::state::{State, StateName, StateType};
 use crate::task_run::{TaskRun, TaskRunKey};
 use crate::time::Timestamp;
+use crate::work_queue::Setting;
 
 /// Runs, task runs and deployments, indexed.
 #[derive(Debug, Default, Clone)]
@@ -29,6 +30,7 @@ pub struct HotState {
     cache: HashMap<String, State>,
     deployments: HashMap<DeploymentId, Deployment>,
     deployment_names: HashMap<String, DeploymentId>,
+    settings: std::collections::BTreeMap<String, Setting>,
 }
 
 fn active_owner(run: &FlowRun) -> Option<&NodeId> {
@@ -281,6 +283,26 @@ impl HotState {
         }
         self.deployment_names.insert(d.name.clone(), d.id);
         self.deployments.insert(d.id, d);
+    }
+
+    /// A setting by key.
+    pub fn setting(&self, key: &str) -> Option<&Setting> {
+        self.settings.get(key)
+    }
+
+    /// Every setting, by key.
+    pub fn settings(&self) -> impl Iterator<Item = &Setting> {
+        self.settings.values()
+    }
+
+    /// Inserts or replaces a setting.
+    pub fn put_setting(&mut self, s: Setting) {
+        self.settings.insert(s.key(), s);
+    }
+
+    /// Removes a setting; whether it existed.
+    pub fn delete_setting(&mut self, key: &str) -> bool {
+        self.settings.remove(key).is_some()
     }
 
     /// Removes a deployment; whether it existed.

@@ -325,6 +325,10 @@ impl EventId {
         b[8..10].copy_from_slice(&n.to_be_bytes());
         EventId(uuid_v7_from(now, b))
     }
+    /// The lowest id an event at `t` (to the millisecond) can have: a cursor for "events since".
+    pub fn first_at(t: Timestamp) -> EventId {
+        EventId(uuid_v7_from(t, [0u8; 10]))
+    }
 }
 
 #[cfg(test)]

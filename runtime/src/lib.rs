@@ -32,6 +32,7 @@ pub mod work_queue;
 
 pub use apply::{ApplyContext, Outcome, Refusal, Reply, Write, apply, apply_shadow};
 pub use command::{Command, IdempotencyKey, NewFlowRun, NewTaskRun, RetryRequest};
+pub use concurrency::ConcurrencyLimit;
 pub use deployment::{CollisionStrategy, Deployment, DeploymentSpec, Schedule, ScheduleKind};
 pub use event::{Event, EventPayload, Resource};
 pub use flow_run::FlowRun;
@@ -48,3 +49,4 @@ pub use state::{ResultRef, State, StateDetails, StateName, StateType};
 pub use task_run::{TaskRun, TaskRunKey};
 pub use time::Timestamp;
 pub use view::{MemState, StateView};
+pub use work_queue::{DEFAULT_QUEUE, Setting, WorkQueue};

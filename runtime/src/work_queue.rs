@@ -20,3 +20,54 @@ pub struct WorkQueue {
     #[serde(default)]
     pub paused: bool,
 }
+
+/// The queue a run without one goes to.
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// A control-plane setting other than a deployment, stored by its [`Setting::key`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Setting {
+    /// A work queue.
+    WorkQueue(WorkQueue),
+    /// A cluster-wide tag limit (its leases are not stored: they live on the control node).
+    ConcurrencyLimit(crate::concurrency::ConcurrencyLimit),
+}
+
+impl Setting {
+    /// `work-queue/NAME` or `concurrency-limit/TAG`.
+    pub fn key(&self) -> String {
+        match self {
+            Setting::WorkQueue(q) => queue_key(&q.name),
+            Setting::ConcurrencyLimit(l) => limit_key(&l.tag),
+        }
+    }
+
+    /// The resource kind in event names: `work-queue` or `concurrency-limit`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Setting::WorkQueue(_) => "work-queue",
+            Setting::ConcurrencyLimit(_) => "concurrency-limit",
+        }
+    }
+
+    /// The queue or tag name.
+    pub fn name(&self) -> &str {
+        match self {
+            Setting::WorkQueue(q) => &q.name,
+            Setting::ConcurrencyLimit(l) => &l.tag,
+        }
+    }
+}
+
+/// The setting key of a work queue.
+pub fn queue_key(name: &str) -> String {
+    format!("work-queue/{name}")
+}
+
+/// The setting key of a tag limit.
+pub fn limit_key(tag: &str) -> String {
+    format!("concurrency-limit/{tag}")
+}
+
+/// The longest a tag-limit lease lasts without renewal.
+pub const LEASE_TTL_MAX: std::time::Duration = std::time::Duration::from_secs(3600);

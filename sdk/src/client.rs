@@ -164,6 +164,48 @@ impl Client {
         self.remote_only()?.scheduler_stats().await
     }
 
+    /// Creates, changes, inspects or deletes a work queue; the queue as it is after the change
+    /// (None after a deletion).
+    pub async fn work_queue(
+        &self,
+        name: &str,
+        change: flotilla_cluster::wire::QueueChange,
+    ) -> Result<Option<flotilla_cluster::wire::QueueInfo>, Error> {
+        self.remote_only()?.work_queue(name, change).await
+    }
+
+    /// Every work queue with its figures, by priority.
+    pub async fn work_queues(&self) -> Result<Vec<flotilla_cluster::wire::QueueInfo>, Error> {
+        self.remote_only()?.work_queues().await
+    }
+
+    /// Creates, changes, resets, inspects or deletes a cluster-wide tag limit; the limit as it
+    /// is after the change, with its leases (None after a deletion).
+    pub async fn concurrency_limit(
+        &self,
+        tag: &str,
+        change: flotilla_cluster::wire::LimitChange,
+    ) -> Result<Option<flotilla_runtime::ConcurrencyLimit>, Error> {
+        self.remote_only()?.concurrency_limit(tag, change).await
+    }
+
+    /// Every tag limit with the slots held now.
+    pub async fn concurrency_limits(&self) -> Result<Vec<flotilla_runtime::ConcurrencyLimit>, Error> {
+        self.remote_only()?.concurrency_limits().await
+    }
+
+    /// The cluster's events after `after` whose names start with `prefix`, oldest first (at
+    /// most `limit`); when there is none yet, waits up to `wait` (at most 5 s) for one.
+    pub async fn events_page(
+        &self,
+        after: Option<flotilla_runtime::EventId>,
+        prefix: Option<String>,
+        limit: u32,
+        wait: std::time::Duration,
+    ) -> Result<Vec<flotilla_runtime::Event>, Error> {
+        self.remote_only()?.events(after, prefix, limit, wait).await
+    }
+
     fn remote_only(&self) -> Result<&crate::remote::Remote, Error> {
         match &self.inner {
             Inner::Remote(r) => Ok(r),

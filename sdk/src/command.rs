@@ -7,7 +7,8 @@
 //!
 //! Parameters (only `command` is required): `command` (an argument vector, or a string run by
 //! `sh -c`), `env` (variables added to the node's environment), `cwd`, `timeout` (per attempt,
-//! `"30s"`), `retries`, `retry_delay`. The run completes with `{"exit_code": 0, "lines": N}`;
+//! `"30s"`), `retries`, `retry_delay`, `tags` (the task's tags: cluster-wide concurrency limits
+//! on a tag hold it until a slot frees). The run completes with `{"exit_code": 0, "lines": N}`;
 //! it fails on a non-zero exit, a signal, a timeout, or a program that cannot be started, with
 //! the reason in its state's message.
 
@@ -57,6 +58,8 @@ struct CommandParams {
     retries: u32,
     #[serde(default)]
     retry_delay: Option<String>,
+    #[serde(default)]
+    tags: Vec<String>,
 }
 
 /// The parameters, checked.
@@ -67,6 +70,7 @@ struct Checked {
     cwd: Option<String>,
     timeout: Option<Duration>,
     retry: RetryPolicy,
+    tags: Vec<String>,
 }
 
 /// What a completed `command` run returns.
@@ -85,7 +89,7 @@ fn duration(field: &str, s: &str) -> Result<Duration, String> {
 
 fn check(params: &serde_json::Value) -> Result<Checked, String> {
     let p: CommandParams = serde_json::from_value(params.clone()).map_err(|e| {
-        format!("flow command: {e} (expected {{\"command\": [\"prog\", \"arg\", …] or \"shell line\", \"env\": {{…}}, \"cwd\": \"…\", \"timeout\": \"30s\", \"retries\": 2, \"retry_delay\": \"1s\"}})")
+        format!("flow command: {e} (expected {{\"command\": [\"prog\", \"arg\", …] or \"shell line\", \"env\": {{…}}, \"cwd\": \"…\", \"timeout\": \"30s\", \"retries\": 2, \"retry_delay\": \"1s\", \"tags\": [\"db\"]}})")
     })?;
     let argv = match p.command {
         Program::Argv(v) => v,
@@ -125,12 +129,16 @@ fn check(params: &serde_json::Value) -> Result<Checked, String> {
     retry
         .validate()
         .map_err(|e: RetryPolicyError| format!("flow command: {e}"))?;
+    if p.tags.len() > 32 || p.tags.iter().any(|t| t.is_empty() || t.len() > 128) {
+        return Err("flow command: at most 32 tags, each 1 to 128 bytes long".to_owned());
+    }
     Ok(Checked {
         argv,
         env: p.env,
         cwd: p.cwd,
         timeout,
         retry,
+        tags: p.tags,
     })
 }
 
@@ -229,6 +237,7 @@ impl FlowFn for CommandFlow {
                 name: COMMAND_FLOW.to_owned(),
                 retry: c.retry.clone(),
                 timeout: c.timeout,
+                tags: c.tags.clone(),
                 ..TaskSpec::default()
             };
             let body: TaskBody = Arc::new(move |attempt| {

@@ -66,7 +66,7 @@ pub use context::{FlowContext, context};
 pub use error::{Error, NodeError, TaskError};
 pub use flotilla_actors::engine::Durability;
 pub use flotilla_actors::persistence::RunFilter;
-pub use flotilla_cluster::wire::{ClusterStatus, MemberStatus};
+pub use flotilla_cluster::wire::{ClusterStatus, LimitChange, MemberStatus, QueueChange, QueueInfo};
 pub use flotilla_macros::{flow, task};
 pub use flotilla_runtime::{
     Event, FlowRun, FlowRunId, LogLevel, LogLine, State, StateName, StateType, TaskRun, TaskRunId, TaskRunKey,

@@ -346,6 +346,71 @@ impl Remote {
         }
     }
 
+    pub(crate) async fn work_queue(
+        &self,
+        name: &str,
+        change: flotilla_cluster::wire::QueueChange,
+    ) -> Result<Option<flotilla_cluster::wire::QueueInfo>, Error> {
+        let request = Request::WorkQueue {
+            name: name.to_owned(),
+            change,
+        };
+        match self.ask(request, None).await? {
+            Response::WorkQueues(mut q) => Ok(q.pop()),
+            Response::Done => Ok(None),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn work_queues(&self) -> Result<Vec<flotilla_cluster::wire::QueueInfo>, Error> {
+        match self.ask(Request::WorkQueues, None).await? {
+            Response::WorkQueues(q) => Ok(q),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn concurrency_limit(
+        &self,
+        tag: &str,
+        change: flotilla_cluster::wire::LimitChange,
+    ) -> Result<Option<flotilla_runtime::ConcurrencyLimit>, Error> {
+        let request = Request::ConcurrencyLimit {
+            tag: tag.to_owned(),
+            change,
+        };
+        match self.ask(request, None).await? {
+            Response::ConcurrencyLimits(mut l) => Ok(l.pop()),
+            Response::Done => Ok(None),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn concurrency_limits(&self) -> Result<Vec<flotilla_runtime::ConcurrencyLimit>, Error> {
+        match self.ask(Request::ConcurrencyLimits, None).await? {
+            Response::ConcurrencyLimits(l) => Ok(l),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn events(
+        &self,
+        after: Option<flotilla_runtime::EventId>,
+        prefix: Option<String>,
+        limit: u32,
+        wait: std::time::Duration,
+    ) -> Result<Vec<flotilla_runtime::Event>, Error> {
+        let request = Request::Events {
+            after,
+            prefix,
+            limit,
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+        };
+        match self.ask(request, None).await? {
+            Response::Events(e) => Ok(e),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     pub(crate) async fn scheduler_stats(&self) -> Result<SchedulerStats, Error> {
         match self.ask(Request::SchedulerStats, None).await? {
             Response::SchedulerStats(s) => Ok(s),

@@ -258,10 +258,11 @@ impl Actor for FlowRunActor {
                 if current {
                     match outcome {
                         AttemptOutcome::Done(result, bytes) => {
+                            // Stamped before its slots go back: the next holder starts after.
+                            let done = State::named(StateName::Completed, now()).with_result(result);
                             if let Some(rec) = s.tasks.get_mut(&task) {
                                 rec.slots = None;
                             }
-                            let done = State::named(StateName::Completed, now()).with_result(result);
                             match s.propose_task(task, done) {
                                 Decision::Accept(_) => s.finish_task(task, Ok(bytes)),
                                 Decision::Reject(st) if st.kind == StateType::Cancelled => {

@@ -326,7 +326,10 @@ pub async fn start(
                 .with_shipper(shipper.clone()),
             None => ResultStore::new(config.results_dir.clone(), config.result_inline_bytes_max),
         },
-        limits: TagLimits::new(&config.tag_limits),
+        limits: match &config.cluster_slots {
+            Some(service) => TagLimits::new(&config.tag_limits).with_cluster(service.clone()),
+            None => TagLimits::new(&config.tag_limits),
+        },
         config,
         persistence,
         logs,

@@ -52,6 +52,8 @@ pub struct AgentArgs {
     pub engine: EngineHandle,
     /// Its slots.
     pub slots: u32,
+    /// The work queues it serves (empty: all).
+    pub queues: Vec<String>,
     /// How often it reports.
     pub heartbeat_every: Duration,
     /// Where the latest membership it learned goes.
@@ -111,6 +113,7 @@ impl Actor for Agent {
                     slots_used: u32::try_from(running + queued).unwrap_or(u32::MAX),
                     slots_total: s.slots,
                     flows: s.engine.flow_names(),
+                    queues: s.queues.clone(),
                     last_heartbeat: None,
                 };
                 let Ok(bytes) = codec::encode(&report) else {

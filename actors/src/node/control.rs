@@ -8,11 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_cluster::wire::{
-    ClusterStatus, ErrorKind, MemberStatus, Request, Response, WAIT_MS_MAX, WireError,
+    ClusterStatus, ErrorKind, LimitChange, MemberStatus, QueueChange, QueueInfo, Request, Response,
+    WAIT_MS_MAX, WireError,
 };
 use flotilla_runtime::{
     Command, Decision, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryRequest, State, StateName,
-    StateType, Timestamp, TransitionId, codec,
+    StateType, TaskRunId, Timestamp, TransitionId, codec,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
@@ -20,6 +21,8 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use super::agent::{AgentMsg, agent_of};
+use super::dispatch::{Action, Dispatch, Placement};
+use super::slots::{SlotGrant, SlotRequest, Slots};
 use crate::engine::FlowFn;
 use crate::engine::results::ResultStore;
 use crate::persistence::{
@@ -45,8 +48,23 @@ pub enum ControlMsg {
     /// A client request (encoded `Request`); the answer is the encoded `Response`.
     #[rpc]
     Request(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// Place a run (encoded `(FlowRunId, flow name)`) on a live node that runs its flow.
+    /// Place a run (an encoded [`Placement`]) on a live node that runs its flow and serves its
+    /// queue, when its queue and deployment let it go.
     Place(Vec<u8>),
+    /// A flow run ended (its id's 16 bytes): its slots free.
+    Ended(Vec<u8>),
+    /// The runs running now (encoded `Vec<Running>`), read back after a start or a missed event.
+    Restore(Vec<u8>),
+    /// The work queues now (encoded `Vec<WorkQueue>`).
+    Queues(Vec<u8>),
+    /// The tag limits now (encoded `Vec<ConcurrencyLimit>`).
+    Limits(Vec<u8>),
+    /// A task run asks for slots of its tags (an encoded `SlotRequest::Acquire`); the answer, an
+    /// encoded `SlotGrant`, comes when it holds them.
+    #[rpc]
+    AcquireSlots(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// Leases renewed or released (an encoded `SlotRequest`).
+    Slots(Vec<u8>),
     /// Time to look for silent members.
     Tick,
 }
@@ -91,16 +109,23 @@ pub struct ControlState {
     /// The flows this node knows: their parameters are checked and their options applied when
     /// a run is created (a flow only other nodes know is checked when it runs).
     flows: std::collections::HashMap<String, Arc<dyn FlowFn>>,
-    /// Runs due that no live node could take yet, oldest first: placed as soon as one can.
-    waiting: std::collections::VecDeque<Waiting>,
+    /// Runs due, by queue and deployment, and those running: placed as soon as a node can
+    /// take them and their limits let them.
+    dispatch: Dispatch,
+    /// Tag limits and their leases.
+    slots: Slots<SlotWaiter>,
 }
 
-/// A run waiting for a node.
-struct Waiting {
+/// A task run waiting for slots: who, and where to answer.
+type SlotWaiter = (TaskRunId, RpcReplyPort<Vec<u8>>);
+
+/// A run running, as read back from the store.
+#[derive(serde::Serialize, serde::Deserialize, Debug)]
+struct Running {
     run: FlowRunId,
-    flow: String,
-    due: Timestamp,
-    late: bool,
+    queue: Option<String>,
+    deployment: Option<flotilla_runtime::DeploymentId>,
+    node: Option<NodeId>,
 }
 
 /// A run whose scheduled time passed this long ago without a node to take it is marked Late.
@@ -140,56 +165,94 @@ impl ControlState {
     /// The live member that runs `flow` with the most free room (slots in use counting the runs
     /// placed on it since its last heartbeat).
     fn place(&mut self, flow: &str) -> Option<NodeId> {
-        let best = self
-            .members
-            .values_mut()
-            .filter(|m| {
-                m.status.reachable && m.status.slots_total > 0 && m.status.flows.iter().any(|f| f == flow)
-            })
-            .min_by(|a, b| {
-                let load = |m: &Member| {
-                    f64::from(m.status.slots_used + m.placed) / f64::from(m.status.slots_total.max(1))
-                };
-                load(a).total_cmp(&load(b))
-            })?;
-        best.placed += 1;
-        Some(best.status.name.clone())
+        pick(&mut self.members, flow, None)
     }
 
-    /// Places a run, or keeps it waiting (oldest first) until a node can take it.
-    fn place_or_wait(&mut self, w: Waiting) {
-        if self.waiting.is_empty()
-            && let Some(node) = self.place(&w.flow)
-            && send_agent(&node, AgentMsg::Run(w.run.as_bytes().to_vec()))
-        {
+    /// Hands out every due run that can go now; marks those its deployment holds back.
+    fn pump(&mut self) {
+        if self.dispatch.waiting() == 0 {
             return;
         }
-        tracing::debug!(flow_run = %w.run, flow = %w.flow, "no reachable node runs this flow now; the run waits");
-        self.waiting.push_back(w);
-        self.place_waiting();
+        let members = &mut self.members;
+        let actions = self
+            .dispatch
+            .dispatch(|flow, queue| pick(members, flow, Some(queue)));
+        for action in actions {
+            match action {
+                Action::Place(p, node) => {
+                    if !send_agent(&node, AgentMsg::Run(p.run.as_bytes().to_vec())) {
+                        // The node went away since its last heartbeat: the run waits again.
+                        self.dispatch.ended(p.run);
+                        if let Some(m) = self.members.get_mut(&node) {
+                            m.status.reachable = false;
+                        }
+                        self.dispatch.add(p);
+                    }
+                }
+                Action::Await(run) => self.mark(run, State::named(StateName::AwaitingConcurrencySlot, now())),
+                Action::Cancel(run) => self.mark(
+                    run,
+                    State::named(StateName::Cancelling, now()).with_message(
+                        "its deployment is at its concurrency limit (collision strategy cancel-new)",
+                    ),
+                ),
+            }
+        }
     }
 
-    /// Places the waiting runs that a node can take now; marks Late those waiting too long.
-    fn place_waiting(&mut self) {
-        let t = now();
-        let mut keep = std::collections::VecDeque::new();
-        while let Some(mut w) = self.waiting.pop_front() {
-            if let Some(node) = self.place(&w.flow)
-                && send_agent(&node, AgentMsg::Run(w.run.as_bytes().to_vec()))
-            {
-                continue;
+    /// Answers waiters that got their slots; a waiter gone (its call timed out) gives them
+    /// back.
+    fn grant(&mut self, mut served: Vec<(SlotWaiter, SlotGrant)>) {
+        while !served.is_empty() {
+            let mut gone = Vec::new();
+            for ((holder, reply), grant) in served {
+                if reply.send(encode(&grant)).is_err() && grant != SlotGrant::Unlimited {
+                    gone.push(holder);
+                }
             }
-            if !w.late && t.saturating_since(w.due) > LATE_AFTER {
-                w.late = true;
-                let p = Proposal::new(State::named(StateName::Late, t), self.tid());
-                drop(self.persistence.enqueue(Command::ProposeFlowRunState {
-                    run: w.run,
-                    proposal: p,
-                }));
-            }
-            keep.push_back(w);
+            served = if gone.is_empty() {
+                Vec::new()
+            } else {
+                self.slots.release(&gone, Instant::now())
+            };
         }
-        self.waiting = keep;
+    }
+
+    /// Proposes a state for a run that has not started.
+    fn mark(&mut self, run: FlowRunId, state: State) {
+        let proposal = Proposal::new(state, self.tid());
+        drop(
+            self.persistence
+                .enqueue(Command::ProposeFlowRunState { run, proposal }),
+        );
+    }
+
+    /// A run came due.
+    fn due(&mut self, p: Placement) {
+        self.dispatch.add(p);
+        self.pump();
+    }
+
+    /// A run ended: its node has a free slot again.
+    fn ended(&mut self, run: FlowRunId) {
+        if let Some(node) = self.dispatch.ended(run)
+            && let Some(m) = self.members.get_mut(&node)
+        {
+            if m.placed > 0 {
+                m.placed -= 1;
+            } else {
+                m.status.slots_used = m.status.slots_used.saturating_sub(1);
+            }
+        }
+        self.pump();
+    }
+
+    /// Marks Late the runs waiting too long, and hands out what can go.
+    fn place_waiting(&mut self) {
+        for run in self.dispatch.late(now(), LATE_AFTER) {
+            self.mark(run, State::named(StateName::Late, now()));
+        }
+        self.pump();
     }
 
     fn tid(&mut self) -> TransitionId {
@@ -310,7 +373,7 @@ impl ControlState {
                         Ok(Ok(Reply::FlowRunCreated { run, .. })) => {
                             if !send_agent(&node, AgentMsg::Run(run.id.as_bytes().to_vec())) {
                                 // The node went away: the run waits for another one.
-                                replace(run.id, run.flow_name.clone(), now());
+                                replace(&Placement::plain(run.id, run.flow_name.clone(), now()));
                             }
                             Response::Ran(run.id)
                         }
@@ -325,7 +388,6 @@ impl ControlState {
                 let tid = self.tid();
                 tokio::spawn(async move {
                     let prop = Proposal::new(State::named(StateName::Cancelling, now()), tid);
-                    let owner = p.flow_run(id).await.ok().flatten().and_then(|r| r.owner);
                     let r = match p
                         .submit(Command::ProposeFlowRunState {
                             run: id,
@@ -337,7 +399,9 @@ impl ControlState {
                             decision: Decision::Accept(s) | Decision::Reject(s),
                             ..
                         })) => {
-                            if let Some(owner) = owner {
+                            // The owner as of the change (a claim just before it counts).
+                            let owner = p.flow_run(id).await.ok().flatten().and_then(|r| r.owner);
+                            if let Some(owner) = owner.filter(|_| !s.is_terminal()) {
                                 let _ = send_agent(&owner, AgentMsg::Cancel(id.as_bytes().to_vec()));
                             }
                             Response::State(s)
@@ -365,10 +429,8 @@ impl ControlState {
                     let r = match p.submit(Command::RetryFlowRun { run, request }).await {
                         Ok(Ok(Reply::Retried { state, .. })) => {
                             // Placed like a new run, by the control actor.
-                            if let (Ok(Some(f)), Some(me)) =
-                                (p.flow_run(run).await, super::plane::control_actor())
-                            {
-                                let _ = me.cast(ControlMsg::Place(encode(&(run, f.flow_name, now()))));
+                            if let Ok(Some(f)) = p.flow_run(run).await {
+                                replace(&placement_of(&p, &f, now()).await);
                             }
                             Response::State(state)
                         }
@@ -382,6 +444,106 @@ impl ControlState {
             Request::PutDeployment(spec) => {
                 let id = flotilla_runtime::DeploymentId::new(now(), &mut self.rng);
                 tokio::spawn(async move { answer(reply, put_deployment(&p, *spec, id).await) });
+            }
+            Request::WorkQueue { name, change } => {
+                let id = flotilla_runtime::WorkQueueId::new(now(), &mut self.rng);
+                let loads = self.dispatch.loads();
+                tokio::spawn(async move {
+                    let r = queue_change(&p, name, change, id, &loads).await;
+                    answer(reply, r);
+                });
+            }
+            Request::WorkQueues => {
+                let loads = self.dispatch.loads();
+                tokio::spawn(async move {
+                    let r = match p.settings().await {
+                        Ok(settings) => Response::WorkQueues(queue_infos(settings, &loads)),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::ConcurrencyLimits => {
+                answer(
+                    reply,
+                    Response::ConcurrencyLimits(self.slots.describe(Instant::now(), now())),
+                );
+            }
+            Request::ConcurrencyLimit { tag, change } => {
+                let current = self
+                    .slots
+                    .describe(Instant::now(), now())
+                    .into_iter()
+                    .find(|l| l.tag == tag);
+                match change {
+                    LimitChange::Inspect => {
+                        let r = match current {
+                            Some(l) => Response::ConcurrencyLimits(vec![l]),
+                            None => refused(
+                                ErrorKind::NotFound,
+                                format!("no concurrency limit on tag {tag:?}"),
+                            ),
+                        };
+                        answer(reply, r);
+                    }
+                    LimitChange::Reset => {
+                        if current.is_none() {
+                            return answer(
+                                reply,
+                                refused(
+                                    ErrorKind::NotFound,
+                                    format!("no concurrency limit on tag {tag:?}"),
+                                ),
+                            );
+                        }
+                        let served = self.slots.reset(&tag, Instant::now());
+                        self.grant(served);
+                        let l = self
+                            .slots
+                            .describe(Instant::now(), now())
+                            .into_iter()
+                            .find(|l| l.tag == tag);
+                        answer(reply, Response::ConcurrencyLimits(l.into_iter().collect()));
+                    }
+                    LimitChange::Put { limit, lease_ttl_ms } => {
+                        let setting =
+                            flotilla_runtime::Setting::ConcurrencyLimit(flotilla_runtime::ConcurrencyLimit {
+                                tag,
+                                limit,
+                                lease_ttl: Duration::from_millis(lease_ttl_ms),
+                                leases: Vec::new(),
+                            });
+                        tokio::spawn(async move {
+                            let r = put_setting(&p, setting.clone()).await;
+                            let r = match (r, setting) {
+                                (Response::Done, flotilla_runtime::Setting::ConcurrencyLimit(l)) => {
+                                    Response::ConcurrencyLimits(vec![l])
+                                }
+                                (r, _) => r,
+                            };
+                            answer(reply, r);
+                        });
+                    }
+                    LimitChange::Delete => {
+                        tokio::spawn(async move {
+                            let key = flotilla_runtime::work_queue::limit_key(&tag);
+                            let r =
+                                delete_setting(&p, key, format!("no concurrency limit on tag {tag:?}")).await;
+                            answer(reply, r);
+                        });
+                    }
+                }
+            }
+            Request::Events {
+                after,
+                prefix,
+                limit,
+                wait_ms,
+            } => {
+                tokio::spawn(async move {
+                    let r = events(&p, after, prefix, limit, wait_ms).await;
+                    answer(reply, r);
+                });
             }
             Request::DeleteDeployment(name) => {
                 tokio::spawn(async move {
@@ -447,13 +609,13 @@ impl ControlState {
                     });
                     let r = match p.submit(cmd).await {
                         Ok(Ok(Reply::FlowRunCreated { run, .. })) => {
-                            if let Some(me) = super::plane::control_actor() {
-                                let _ = me.cast(ControlMsg::Place(encode(&(
-                                    run.id,
-                                    run.flow_name.clone(),
-                                    now(),
-                                ))));
-                            }
+                            replace(&Placement {
+                                run: run.id,
+                                flow: run.flow_name.clone(),
+                                due: now(),
+                                queue: d.work_queue.clone(),
+                                deployment: Some((d.id, d.concurrency_limit.map(|l| (l, d.collision)))),
+                            });
                             Response::Ran(run.id)
                         }
                         Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
@@ -548,12 +710,331 @@ fn not_found_or(refusal: flotilla_runtime::Refusal) -> Response {
 }
 
 /// Tells a node's agent something (it is looked up afresh: remote ids change on reconnect).
+/// The live member that runs `flow` (and serves `queue`, then only with a free slot) with the
+/// most free room; the run counts against it until its next heartbeat.
+fn pick(members: &mut BTreeMap<NodeId, Member>, flow: &str, queue: Option<&str>) -> Option<NodeId> {
+    let load =
+        |m: &Member| f64::from(m.status.slots_used + m.placed) / f64::from(m.status.slots_total.max(1));
+    let best = members
+        .values_mut()
+        .filter(|m| {
+            m.status.reachable
+                && m.status.slots_total > 0
+                && m.status.flows.iter().any(|f| f == flow)
+                && queue.is_none_or(|q| {
+                    (m.status.queues.is_empty() || m.status.queues.iter().any(|x| x == q))
+                        && m.status.slots_used + m.placed < m.status.slots_total
+                })
+        })
+        .min_by(|a, b| load(a).total_cmp(&load(b)))?;
+    best.placed += 1;
+    Some(best.status.name.clone())
+}
+
+/// The flow run an event says ended.
+fn ended_run(e: &flotilla_runtime::Event) -> Option<FlowRunId> {
+    let state = e.event.strip_prefix("flotilla.flow-run.")?;
+    if !matches!(state, "Completed" | "Failed" | "Cancelled" | "Crashed") {
+        return None;
+    }
+    e.resource.id()?.strip_prefix("flotilla.flow-run.")?.parse().ok()
+}
+
+fn run_id(bytes: &[u8]) -> Option<FlowRunId> {
+    <[u8; 16]>::try_from(bytes).ok().map(FlowRunId::from_bytes)
+}
+
+/// Reads back the work queues and the runs that run now, for the control actor.
+async fn restore(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
+    reload_settings(p, me).await;
+    restore_running(p, me).await;
+}
+
+/// Reads back the work queues and tag limits, for the control actor.
+async fn reload_settings(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
+    match p.settings().await {
+        Ok(settings) => {
+            let (mut queues, mut limits) = (Vec::new(), Vec::new());
+            for s in settings {
+                match s {
+                    flotilla_runtime::Setting::WorkQueue(q) => queues.push(q),
+                    flotilla_runtime::Setting::ConcurrencyLimit(l) => limits.push(l),
+                }
+            }
+            let _ = me.cast(ControlMsg::Queues(encode(&queues)));
+            let _ = me.cast(ControlMsg::Limits(encode(&limits)));
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read the work queues"),
+    }
+}
+
+/// Reads back the runs that run now, for the control actor.
+async fn restore_running(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
+    let mut running = Vec::new();
+    for state in [StateType::Pending, StateType::Running, StateType::Cancelling] {
+        let mut after = None;
+        loop {
+            let page = match p.flow_runs(RunFilter::State(state), after, PAGE_MAX).await {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the runs running");
+                    return;
+                }
+            };
+            let Some(last) = page.last() else { break };
+            after = Some(last.id);
+            running.extend(
+                page.into_iter()
+                    .filter(|r| r.parent_task_run.is_none())
+                    .map(|r| Running {
+                        run: r.id,
+                        queue: r.work_queue.clone(),
+                        deployment: r.deployment_id,
+                        node: r.owner.clone(),
+                    }),
+            );
+        }
+    }
+    let _ = me.cast(ControlMsg::Restore(encode(&running)));
+}
+
 /// Hands a run back to the control actor's placement (it waits until a node can take it).
-fn replace(run: FlowRunId, flow: String, due: Timestamp) {
+fn replace(p: &Placement) {
     if let Some(cell) = ractor::registry::where_is(CONTROL_NAME)
-        && let Ok(msg) = flotilla_runtime::codec::encode(&(run, flow, due))
+        && let Ok(msg) = flotilla_runtime::codec::encode(p)
     {
         let _ = ActorRef::<ControlMsg>::from(cell).cast(ControlMsg::Place(msg));
+    }
+}
+
+/// Work queues with their figures, by priority then name; the default queue is listed even
+/// when it was never created.
+fn queue_infos(
+    settings: Vec<flotilla_runtime::Setting>,
+    loads: &std::collections::HashMap<String, super::dispatch::QueueLoad>,
+) -> Vec<QueueInfo> {
+    let mut queues: Vec<flotilla_runtime::WorkQueue> = settings
+        .into_iter()
+        .filter_map(|s| match s {
+            flotilla_runtime::Setting::WorkQueue(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    if !queues.iter().any(|q| q.name == flotilla_runtime::DEFAULT_QUEUE) {
+        queues.push(default_queue(flotilla_runtime::DEFAULT_QUEUE, None));
+    }
+    // Queues runs name without anyone creating them.
+    for name in loads.keys() {
+        if !queues.iter().any(|q| q.name == *name) {
+            queues.push(default_queue(name, None));
+        }
+    }
+    queues.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+    queues
+        .into_iter()
+        .map(|q| {
+            let l = loads.get(&q.name).cloned().unwrap_or_default();
+            QueueInfo {
+                queue: q,
+                waiting: l.waiting,
+                active: l.active,
+            }
+        })
+        .collect()
+}
+
+/// A queue as runs find it when nobody created it: priority 1, no limit, not paused. Its id is
+/// nil until it is created.
+fn default_queue(name: &str, id: Option<flotilla_runtime::WorkQueueId>) -> flotilla_runtime::WorkQueue {
+    flotilla_runtime::WorkQueue {
+        id: id.unwrap_or_else(|| flotilla_runtime::WorkQueueId::from_uuid(uuid::Uuid::nil())),
+        name: name.to_owned(),
+        priority: 1,
+        concurrency_limit: None,
+        paused: false,
+    }
+}
+
+async fn queue_change(
+    p: &PersistenceHandle,
+    name: String,
+    change: QueueChange,
+    id: flotilla_runtime::WorkQueueId,
+    loads: &std::collections::HashMap<String, super::dispatch::QueueLoad>,
+) -> Response {
+    let settings = match p.settings().await {
+        Ok(s) => s,
+        Err(e) => return persist_err(e),
+    };
+    let key = flotilla_runtime::work_queue::queue_key(&name);
+    let stored = settings.iter().find_map(|s| match s {
+        flotilla_runtime::Setting::WorkQueue(q) if q.name == name => Some(q.clone()),
+        _ => None,
+    });
+    // The default queue exists before anyone creates it.
+    let current = stored
+        .clone()
+        .or_else(|| (name == flotilla_runtime::DEFAULT_QUEUE).then(|| default_queue(&name, Some(id))));
+    let missing = || refused(ErrorKind::NotFound, format!("no work queue named {name:?}"));
+    let info = |q: flotilla_runtime::WorkQueue| {
+        let l = loads.get(&q.name).cloned().unwrap_or_default();
+        Response::WorkQueues(vec![QueueInfo {
+            queue: q,
+            waiting: l.waiting,
+            active: l.active,
+        }])
+    };
+    let new = match (change, current) {
+        (QueueChange::Inspect, Some(q)) => return info(q),
+        (QueueChange::Delete, _) if stored.is_none() => return missing(),
+        (QueueChange::Delete, _) => {
+            return delete_setting(p, key, format!("no work queue named {name:?}")).await;
+        }
+        (QueueChange::Create { .. }, Some(_)) if stored.is_some() => {
+            return refused(
+                ErrorKind::Refused,
+                format!("a work queue named {name:?} exists already"),
+            );
+        }
+        (
+            QueueChange::Create {
+                priority,
+                concurrency_limit,
+                paused,
+            },
+            _,
+        ) => flotilla_runtime::WorkQueue {
+            id,
+            name: name.clone(),
+            priority,
+            concurrency_limit,
+            paused,
+        },
+        (_, None) => return missing(),
+        (QueueChange::Pause, Some(q)) => flotilla_runtime::WorkQueue { paused: true, ..q },
+        (QueueChange::Resume, Some(q)) => flotilla_runtime::WorkQueue { paused: false, ..q },
+        (QueueChange::SetConcurrencyLimit(l), Some(q)) => flotilla_runtime::WorkQueue {
+            concurrency_limit: l,
+            ..q
+        },
+        (QueueChange::SetPriority(n), Some(q)) => flotilla_runtime::WorkQueue { priority: n, ..q },
+    };
+    match put_setting(p, flotilla_runtime::Setting::WorkQueue(new.clone())).await {
+        Response::Done => info(new),
+        other => other,
+    }
+}
+
+/// Stores a setting and has the control actor read the settings again.
+async fn put_setting(p: &PersistenceHandle, setting: flotilla_runtime::Setting) -> Response {
+    match p.submit(Command::PutSetting { setting, at: now() }).await {
+        Ok(Ok(_)) => {
+            if let Some(me) = control_ref() {
+                reload_settings(p, &me).await;
+            }
+            Response::Done
+        }
+        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+        Err(e) => persist_err(e),
+    }
+}
+
+/// Deletes a setting and has the control actor read the settings again.
+async fn delete_setting(p: &PersistenceHandle, key: String, missing: String) -> Response {
+    match p.submit(Command::DeleteSetting { key, at: now() }).await {
+        Ok(Ok(Reply::SettingDeleted { existed: false })) => refused(ErrorKind::NotFound, missing),
+        Ok(Ok(_)) => {
+            if let Some(me) = control_ref() {
+                reload_settings(p, &me).await;
+            }
+            Response::Done
+        }
+        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+        Err(e) => persist_err(e),
+    }
+}
+
+fn control_ref() -> Option<ActorRef<ControlMsg>> {
+    ractor::registry::where_is(CONTROL_NAME).map(ActorRef::from)
+}
+
+/// Events after a cursor whose names start with `prefix`; waits up to `wait_ms` for one when
+/// there is none yet. Reads at most 20 pages past events that do not match.
+async fn events(
+    p: &PersistenceHandle,
+    after: Option<flotilla_runtime::EventId>,
+    prefix: Option<String>,
+    limit: u32,
+    wait_ms: u32,
+) -> Response {
+    let limit = (limit as usize).clamp(1, PAGE_MAX);
+    let matches = |e: &flotilla_runtime::Event| prefix.as_deref().is_none_or(|x| e.event.starts_with(x));
+    // Subscribe before reading, so an event between the two is not missed.
+    let mut live = p.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(wait_ms.min(WAIT_MS_MAX)));
+    let mut cursor = after;
+    loop {
+        let mut out = Vec::new();
+        for _ in 0..20 {
+            let page = match p.events(cursor, PAGE_MAX).await {
+                Ok(page) => page,
+                Err(e) => return persist_err(e),
+            };
+            let Some(last) = page.last() else { break };
+            cursor = Some(last.id);
+            for e in page {
+                if matches(&e) {
+                    out.push(e);
+                    if out.len() == limit {
+                        return Response::Events(out);
+                    }
+                }
+            }
+        }
+        if !out.is_empty() {
+            return Response::Events(out);
+        }
+        // Nothing yet: wait for a matching event (or the deadline).
+        let waited = tokio::time::timeout_at(deadline, async {
+            loop {
+                match live.recv().await {
+                    Ok(e) if matches(&e) => return true,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+                }
+            }
+        })
+        .await;
+        if !matches!(waited, Ok(true)) {
+            return Response::Events(Vec::new());
+        }
+    }
+}
+
+/// How a run is placed: its queue, and its deployment's limit read from the store.
+pub(crate) async fn placement_of(
+    p: &PersistenceHandle,
+    run: &flotilla_runtime::FlowRun,
+    due: Timestamp,
+) -> Placement {
+    let deployment = match run.deployment_id {
+        Some(id) => {
+            let limit = p
+                .deployment(id)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|d| d.concurrency_limit.map(|l| (l, d.collision)));
+            Some((id, limit))
+        }
+        None => None,
+    };
+    Placement {
+        run: run.id,
+        flow: run.flow_name.clone(),
+        due,
+        queue: run.work_queue.clone(),
+        deployment,
     }
 }
 
@@ -731,6 +1212,32 @@ impl Actor for Control {
     ) -> Result<Self::State, ActorProcessingErr> {
         ractor::pg::join(CONTROL_GROUP.to_owned(), vec![myself.get_cell()]);
         myself.send_interval(args.settings.check_every, || ControlMsg::Tick);
+        // Runs that end free their slots: the store's events say when.
+        {
+            let p = args.persistence.clone();
+            let me = myself.clone();
+            let mut events = p.subscribe();
+            tokio::spawn(async move {
+                restore(&p, &me).await;
+                loop {
+                    match events.recv().await {
+                        Ok(e) => {
+                            if let Some(run) = ended_run(&e) {
+                                let _ = me.cast(ControlMsg::Ended(run.as_bytes().to_vec()));
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                            tracing::warn!(
+                                missed = n,
+                                "the control actor missed events; reading back what runs"
+                            );
+                            restore(&p, &me).await;
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    }
+                }
+            });
+        }
         Ok(ControlState {
             persistence: args.persistence,
             results: args.results,
@@ -738,7 +1245,8 @@ impl Actor for Control {
             settings: args.settings,
             rng: SmallRng::seed_from_u64(now().as_micros() as u64),
             flows: args.flows.into_iter().map(|f| (f.name().to_owned(), f)).collect(),
-            waiting: std::collections::VecDeque::new(),
+            dispatch: Dispatch::default(),
+            slots: Slots::default(),
         })
     }
 
@@ -782,6 +1290,7 @@ impl Actor for Control {
                 if let Ok(report) = codec::decode::<MemberStatus>(&bytes) {
                     let status = s.heartbeat(report);
                     let _ = reply.send(encode(&status));
+                    s.pump();
                 }
             }
             ControlMsg::Request(bytes, reply) => match codec::decode::<Request>(&bytes) {
@@ -793,20 +1302,64 @@ impl Actor for Control {
                     )));
                 }
             },
-            ControlMsg::Place(bytes) => {
-                if let Ok((run, flow, due)) = codec::decode::<(FlowRunId, String, Timestamp)>(&bytes) {
-                    s.place_or_wait(Waiting {
-                        run,
-                        flow,
-                        due,
-                        late: false,
-                    });
+            ControlMsg::Place(bytes) => match codec::decode::<Placement>(&bytes) {
+                Ok(p) => s.due(p),
+                Err(e) => tracing::error!(error = %e, "an undecodable placement"),
+            },
+            ControlMsg::Ended(bytes) => {
+                if let Some(run) = run_id(&bytes) {
+                    s.ended(run);
+                }
+            }
+            ControlMsg::Restore(bytes) => {
+                if let Ok(running) = codec::decode::<Vec<Running>>(&bytes) {
+                    s.dispatch.clear_active();
+                    for r in running {
+                        s.dispatch
+                            .restore(r.run, r.queue.as_deref(), r.deployment, r.node);
+                    }
+                    s.pump();
+                }
+            }
+            ControlMsg::Queues(bytes) => {
+                if let Ok(queues) = codec::decode::<Vec<flotilla_runtime::WorkQueue>>(&bytes) {
+                    s.dispatch.set_queues(queues);
+                    s.pump();
                 }
             }
             ControlMsg::Tick => {
                 s.check();
                 s.place_waiting();
+                let served = s.slots.expire(Instant::now());
+                s.grant(served);
             }
+            ControlMsg::Limits(bytes) => {
+                if let Ok(limits) = codec::decode::<Vec<flotilla_runtime::ConcurrencyLimit>>(&bytes) {
+                    let served = s.slots.set_all(&limits, Instant::now());
+                    s.grant(served);
+                }
+            }
+            ControlMsg::AcquireSlots(bytes, reply) => match codec::decode::<SlotRequest>(&bytes) {
+                Ok(SlotRequest::Acquire { holder, node, tags }) => {
+                    if let Some(granted) =
+                        s.slots
+                            .acquire(holder, node, tags, Instant::now(), (holder, reply))
+                    {
+                        s.grant(vec![granted]);
+                    }
+                }
+                Ok(other) => tracing::warn!(request = ?other, "a slot request that is not an acquire"),
+                Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
+            },
+            ControlMsg::Slots(bytes) => match codec::decode::<SlotRequest>(&bytes) {
+                Ok(SlotRequest::Renew(holders)) => s.slots.renew(&holders, Instant::now()),
+                Ok(SlotRequest::Release(holders)) => {
+                    let served = s.slots.release(&holders, Instant::now());
+                    s.grant(served);
+                }
+                Ok(other) => tracing::warn!(request = ?other, "an acquire sent without a reply port"),
+                Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
+            },
         }
         Ok(())
     }

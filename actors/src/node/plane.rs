@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_runtime::{Command, Event, codec};
+use flotilla_runtime::{Command, Event, NodeId, TaskRunId, codec};
 use ractor::ActorRef;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::control::{CONTROL_GROUP, ControlMsg};
+use super::slots::{SlotGrant, SlotRequest};
 use crate::persistence::{PersistError, PersistenceHandle, Read, ReadReply, SubmitResult};
 
 /// How long a worker keeps resending a command batch while the control node is unreachable.
@@ -185,5 +186,76 @@ async fn forward(commands: &[Command]) -> Vec<SubmitResult> {
                 backoff = (backoff * 2).min(Duration::from_secs(2));
             }
         }
+    }
+}
+
+/// Tag-limit slots from the control node, wherever it is.
+#[derive(Debug)]
+pub struct ControlSlots {
+    node: NodeId,
+}
+
+impl ControlSlots {
+    /// Slots for task runs of this node.
+    pub fn new(node: NodeId) -> Self {
+        ControlSlots { node }
+    }
+}
+
+/// How long one wait for slots lasts before it is asked again (the control node keeps the
+/// place in line of a holder that asks again).
+const SLOT_WAIT: Duration = Duration::from_secs(10);
+
+impl crate::engine::limits::SlotService for ControlSlots {
+    fn acquire(&self, holder: TaskRunId, tags: Vec<String>) -> crate::engine::BoxFuture<Option<Duration>> {
+        let node = self.node.clone();
+        Box::pin(async move {
+            let request = SlotRequest::Acquire { holder, node, tags };
+            let Ok(bytes) = codec::encode(&request) else {
+                return None;
+            };
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let answer: Option<ractor::rpc::CallResult<Vec<u8>>> = match control_actor() {
+                    Some(control) => {
+                        let bytes = bytes.clone();
+                        control
+                            .call(|port| ControlMsg::AcquireSlots(bytes, port), Some(SLOT_WAIT))
+                            .await
+                            .ok()
+                    }
+                    None => None,
+                };
+                match answer {
+                    Some(ractor::rpc::CallResult::Success(reply)) => match codec::decode::<SlotGrant>(&reply)
+                    {
+                        Ok(SlotGrant::Held { ttl }) => return Some(ttl),
+                        Ok(SlotGrant::Unlimited) => return None,
+                        Err(e) => tracing::error!(error = %e, "an undecodable slot grant"),
+                    },
+                    // Still waiting in line: ask again (the place is kept).
+                    Some(ractor::rpc::CallResult::Timeout) => continue,
+                    Some(ractor::rpc::CallResult::SenderError) | None => {
+                        // No control node now: try again shortly.
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+        })
+    }
+
+    fn renew(&self, holders: Vec<TaskRunId>) {
+        cast_slots(&SlotRequest::Renew(holders));
+    }
+
+    fn release(&self, holders: Vec<TaskRunId>) {
+        cast_slots(&SlotRequest::Release(holders));
+    }
+}
+
+fn cast_slots(request: &SlotRequest) {
+    if let (Some(control), Ok(bytes)) = (control_actor(), codec::encode(request)) {
+        let _ = control.cast(ControlMsg::Slots(bytes));
     }
 }

@@ -24,6 +24,7 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use super::control::{CONTROL_NAME, ControlMsg};
+use super::dispatch::Placement;
 use crate::persistence::{PAGE_MAX, PersistenceHandle, RunFilter};
 
 /// The scheduler's registered name.
@@ -388,7 +389,18 @@ impl SchedulerState {
             }
             let ((at, run), due) = entry.remove_entry();
             if let Some(c) = &control {
-                let msg = flotilla_runtime::codec::encode(&(run, due.flow, at)).unwrap_or_default();
+                let d = self.deps.get(&due.deployment).map(|d| &d.d);
+                let p = Placement {
+                    run,
+                    flow: due.flow.clone(),
+                    due: at,
+                    queue: d.and_then(|d| d.work_queue.clone()),
+                    deployment: Some((
+                        due.deployment,
+                        d.and_then(|d| d.concurrency_limit.map(|l| (l, d.collision))),
+                    )),
+                };
+                let msg = flotilla_runtime::codec::encode(&p).unwrap_or_default();
                 let _ = c.cast(ControlMsg::Place(msg));
             }
             self.stats.handed_out += 1;

@@ -27,6 +27,8 @@ pub enum Tree {
     Logs,
     /// Archived blocks of state histories, by run and block number.
     History,
+    /// Work queues and tag limits, by setting key.
+    Settings,
 }
 
 impl Tree {
@@ -39,6 +41,7 @@ impl Tree {
             Tree::Events => 4,
             Tree::Logs => 5,
             Tree::History => 6,
+            Tree::Settings => 7,
         }
     }
 
@@ -115,12 +118,28 @@ impl std::fmt::Debug for SledKv {
 impl SledKv {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, KvError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .cache_capacity(256 * 1024 * 1024)
-            .open()
-            .map_err(|e| KvError(e.to_string()))?;
+        // A store of this process closed just now may still be held by one of sled's
+        // background threads for a moment (its file lock goes with the last of them): wait a
+        // little for it rather than fail. Another process's lock is refused by the data
+        // directory's own lock before this is reached.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        let db = loop {
+            let opened = sled::Config::new()
+                .path(dir)
+                .flush_every_ms(None)
+                .cache_capacity(256 * 1024 * 1024)
+                .open();
+            match opened {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock")
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(KvError(e.to_string())),
+            }
+        };
         Ok(SledKv {
             db,
             dir: dir.to_path_buf(),

@@ -93,6 +93,8 @@ pub enum Read {
         /// At most this many.
         limit: usize,
     },
+    /// Every work queue and tag limit, by key.
+    Settings,
     /// The unexpired cached Completed state for a cache key.
     Cached {
         /// The cache key.
@@ -149,6 +151,8 @@ pub enum ReadReply {
     Deployment(Option<Box<Deployment>>),
     /// Deployments.
     Deployments(Vec<Deployment>),
+    /// Work queues and tag limits.
+    Settings(Vec<flotilla_runtime::Setting>),
     /// A cached state, if there is one.
     Cached(Option<State>),
     /// Figures.

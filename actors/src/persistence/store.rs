@@ -97,6 +97,8 @@ pub struct StoreJob {
     pub task_runs: Vec<Arc<TaskRun>>,
     /// Deployments put (`Some`) or deleted (`None`).
     pub deployments: Vec<(DeploymentId, Option<Deployment>)>,
+    /// Settings put (`Some`) or deleted (`None`), by key.
+    pub settings: Vec<(String, Option<flotilla_runtime::Setting>)>,
     /// New events, in order.
     pub events: Vec<Arc<Event>>,
     /// Other writes, encoded.
@@ -158,6 +160,13 @@ impl StoreJob {
                 None => ops.push(KvOp::Delete(Tree::Deployments, id.as_bytes().to_vec())),
             }
         }
+        for (key, s) in &self.settings {
+            match s.as_ref().map(codec::encode) {
+                Some(Ok(bytes)) => ops.push(KvOp::Put(Tree::Settings, key.as_bytes().to_vec(), bytes)),
+                Some(Err(e)) => tracing::error!(error = %e, "a setting could not be encoded"),
+                None => ops.push(KvOp::Delete(Tree::Settings, key.as_bytes().to_vec())),
+            }
+        }
         for chunk in self.events.chunks(EVENT_BLOCK_EVENTS) {
             let mut block = EventBlock::default();
             for e in chunk {
@@ -193,6 +202,7 @@ pub struct Store {
     dirty_runs: Vec<FlowRunId>,
     dirty_tasks: Vec<TaskRunId>,
     dirty_deployments: Vec<(DeploymentId, bool)>,
+    dirty_settings: Vec<(String, bool)>,
     cold_ops: Vec<KvOp>,
     new_events: Vec<Arc<Event>>,
     job_log_bytes: u64,
@@ -337,6 +347,7 @@ impl Store {
         load_tree(kv.as_ref(), Tree::FlowRuns, path, |r| hot.put_flow_run(r))?;
         load_tree(kv.as_ref(), Tree::TaskRuns, path, |r| hot.put_task_run(r))?;
         load_tree(kv.as_ref(), Tree::Deployments, path, |d| hot.put_deployment(d))?;
+        load_tree(kv.as_ref(), Tree::Settings, path, |s| hot.put_setting(s))?;
         Ok(Store {
             hot,
             kv,
@@ -347,6 +358,7 @@ impl Store {
             dirty_runs: Vec::new(),
             dirty_tasks: Vec::new(),
             dirty_deployments: Vec::new(),
+            dirty_settings: Vec::new(),
             cold_ops: Vec::new(),
             new_events: Vec::new(),
             job_log_bytes: 0,
@@ -400,6 +412,8 @@ impl Store {
             Write::TaskRun(id) => self.dirty_tasks.push(id),
             Write::Deployment(id) => self.dirty_deployments.push((id, true)),
             Write::DeploymentDeleted(id) => self.dirty_deployments.push((id, false)),
+            Write::Setting(key) => self.dirty_settings.push((key, true)),
+            Write::SettingDeleted(key) => self.dirty_settings.push((key, false)),
             Write::Event(e) => {
                 let e = Arc::new(e);
                 self.events.push(index, e.clone());
@@ -457,7 +471,16 @@ impl Store {
             .drain(..)
             .map(|(id, present)| (id, self.hot.deployment(&id).filter(|_| present).cloned()))
             .collect();
+        let settings = self
+            .dirty_settings
+            .drain(..)
+            .map(|(key, present)| {
+                let s = self.hot.setting(&key).filter(|_| present).cloned();
+                (key, s)
+            })
+            .collect();
         StoreJob {
+            settings,
             upto: self.applied,
             log_bytes: std::mem::take(&mut self.job_log_bytes),
             flow_runs,
@@ -676,6 +699,7 @@ impl Store {
                 limit,
             } => self.logs(flow_run, after, limit)?,
             Read::Deployment(id) => ReadReply::Deployment(hot.deployment(&id).cloned().map(Box::new)),
+            Read::Settings => ReadReply::Settings(hot.settings().cloned().collect()),
             Read::DeploymentByName(name) => {
                 ReadReply::Deployment(hot.deployment_by_name(&name).cloned().map(Box::new))
             }

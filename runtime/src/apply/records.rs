@@ -85,6 +85,79 @@ impl Tx {
         self.done(Reply::DeploymentPut { created })
     }
 
+    pub(super) fn put_setting(mut self, view: &mut impl StateView, setting: Setting) -> Outcome {
+        let checked =
+            check_name(&format!("a {} name", setting.kind()), setting.name()).and_then(|()| match &setting {
+                Setting::WorkQueue(q) if q.priority == 0 => Err(Refusal::Invalid(
+                    "a work queue's priority is 1 (the highest) or more, not 0".into(),
+                )),
+                Setting::WorkQueue(q) if q.concurrency_limit == Some(0) => Err(Refusal::Invalid(
+                    "a work queue's concurrency limit is at least 1 (pause the queue to stop it)".into(),
+                )),
+                Setting::ConcurrencyLimit(l)
+                    if l.lease_ttl.is_zero() || l.lease_ttl > crate::work_queue::LEASE_TTL_MAX =>
+                {
+                    Err(Refusal::Invalid(format!(
+                        "a lease lasts more than 0 s and at most {} s",
+                        crate::work_queue::LEASE_TTL_MAX.as_secs()
+                    )))
+                }
+                _ => Ok(()),
+            });
+        if let Err(r) = checked {
+            return Outcome::refused(r);
+        }
+        let mut setting = setting;
+        if let Setting::ConcurrencyLimit(l) = &mut setting {
+            l.leases.clear();
+        }
+        let key = setting.key();
+        let old = view.hot().setting(&key);
+        if old == Some(&setting) {
+            return self.done(Reply::SettingPut { created: false });
+        }
+        let created = old.is_none();
+        let id = self.next_event_id();
+        let payload = serde_json::to_value(&setting).unwrap_or(serde_json::Value::Null);
+        self.writes.push(Write::Setting(key.clone()));
+        self.writes.push(Write::Event(Event {
+            id,
+            occurred: self.now(),
+            event: format!(
+                "flotilla.{}.{}",
+                setting.kind(),
+                if created { "created" } else { "updated" }
+            ),
+            resource: Resource::new(
+                format!("flotilla.{}.{}", setting.kind(), setting.name()),
+                Some(setting.name()),
+            ),
+            related: Vec::new(),
+            payload: EventPayload::Data(payload),
+        }));
+        view.hot_mut().put_setting(setting);
+        self.done(Reply::SettingPut { created })
+    }
+
+    pub(super) fn delete_setting(mut self, view: &mut impl StateView, key: String) -> Outcome {
+        let Some(old) = view.hot().setting(&key) else {
+            return self.done(Reply::SettingDeleted { existed: false });
+        };
+        let (kind, name) = (old.kind(), old.name().to_owned());
+        let eid = self.next_event_id();
+        self.writes.push(Write::SettingDeleted(key.clone()));
+        self.writes.push(Write::Event(Event {
+            id: eid,
+            occurred: self.now(),
+            event: format!("flotilla.{kind}.deleted"),
+            resource: Resource::new(format!("flotilla.{kind}.{name}"), Some(&name)),
+            related: Vec::new(),
+            payload: EventPayload::Data(serde_json::Value::Null),
+        }));
+        view.hot_mut().delete_setting(&key);
+        self.done(Reply::SettingDeleted { existed: true })
+    }
+
     pub(super) fn delete_deployment(mut self, view: &mut impl StateView, id: DeploymentId) -> Outcome {
         let Some(d) = view.hot().deployment(&id) else {
             return self.done(Reply::DeploymentDeleted { existed: false });

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_runtime::{
-    ApplyContext, Command, Decision, Epoch, FlowRunId, LogIndex, MemState, NodeId, Outcome, Proposal,
-    Refusal, Reply, ResultRef, RunId, State, StateName, StateType, TaskRunId, TransitionId, apply_shadow,
+    AbortReason, ApplyContext, Command, Decision, Epoch, FlowRunId, LogIndex, MemState, NodeId, Outcome,
+    Proposal, Refusal, Reply, ResultRef, RunId, State, StateName, StateType, TaskRunId, TransitionId,
+    apply_shadow,
 };
 use futures::FutureExt;
 use ractor::{ActorCell, ActorId, ActorProcessingErr, ActorRef};
@@ -418,6 +419,26 @@ impl FlowRunState {
 
     pub(super) fn check_written(&mut self, myself: &ActorRef<FlowRunMsg>, results: &[SubmitResult]) {
         for r in results {
+            // Cancelled meanwhile (before this node heard of it): it ends Cancelled, here.
+            let cancelling = match r {
+                Ok(Ok(Reply::FlowRunTransition {
+                    decision: Decision::Abort(AbortReason::Cancelling),
+                    ..
+                })) => true,
+                Ok(Ok(Reply::TaskRunRecorded { decisions, .. })) => decisions.iter().any(|d| {
+                    matches!(
+                        d,
+                        Ok(Decision::Abort(AbortReason::FlowRunNotRunning(Some(
+                            StateType::Cancelling
+                        ))))
+                    )
+                }),
+                _ => false,
+            };
+            if cancelling {
+                let _ = myself.cast(FlowRunMsg::Cancel);
+                return;
+            }
             let problem = match r {
                 Err(e) => Some(e.to_string()),
                 Ok(Err(refusal)) => Some(refusal.to_string()),

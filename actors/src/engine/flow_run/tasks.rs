@@ -131,7 +131,7 @@ impl FlowRunState {
         rec.active = true;
         self.active += 1;
         if self.ctx.limits.limits_any(&rec.spec.tags) {
-            let acquire = self.ctx.limits.acquire(&rec.spec.tags);
+            let acquire = self.ctx.limits.acquire(id, &rec.spec.tags);
             let me = myself.clone();
             tokio::spawn(async move {
                 let slots = acquire.await;

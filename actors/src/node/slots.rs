@@ -1,0 +1,289 @@
+//! Cluster-wide tag limits: at most N running task runs carry a tag. A slot is a lease with a
+//! TTL that its holder renews; a lease not renewed lapses and its slot comes back by itself, so
+//! the slots of a dead node return with no manual reset. A task run takes one slot of every
+//! limited tag it carries at once, or waits for all of them (so two task runs never each hold
+//! what the other waits for); waiters are served oldest first among those that fit.
+//!
+//! Plain data, generic over the waiter's reply so it is tested without actors.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use flotilla_runtime::{ConcurrencyLimit, NodeId, TaskRunId};
+use serde::{Deserialize, Serialize};
+
+/// What a task run asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SlotRequest {
+    /// One slot of every limited tag among `tags`, for `holder` on `node`.
+    Acquire {
+        /// The task run.
+        holder: TaskRunId,
+        /// Its node.
+        node: NodeId,
+        /// Its tags.
+        tags: Vec<String>,
+    },
+    /// Keep these leases.
+    Renew(Vec<TaskRunId>),
+    /// Give these slots back.
+    Release(Vec<TaskRunId>),
+}
+
+/// The answer to an acquire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SlotGrant {
+    /// No tag is limited: nothing to hold.
+    Unlimited,
+    /// Held: renew within this long.
+    Held {
+        /// The lease's TTL (the shortest among the tags).
+        ttl: Duration,
+    },
+}
+
+struct Lease {
+    node: NodeId,
+    expires: Instant,
+}
+
+struct Limit {
+    limit: u32,
+    ttl: Duration,
+    held: HashMap<TaskRunId, Lease>,
+}
+
+struct Waiter<R> {
+    holder: TaskRunId,
+    node: NodeId,
+    tags: Vec<String>,
+    reply: R,
+}
+
+/// The tag limits and who holds their slots.
+pub struct Slots<R> {
+    limits: HashMap<String, Limit>,
+    waiters: VecDeque<Waiter<R>>,
+}
+
+impl<R> Default for Slots<R> {
+    fn default() -> Self {
+        Slots {
+            limits: HashMap::new(),
+            waiters: VecDeque::new(),
+        }
+    }
+}
+
+impl<R> std::fmt::Debug for Slots<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slots")
+            .field("limits", &self.limits.len())
+            .field("waiters", &self.waiters.len())
+            .finish()
+    }
+}
+
+/// A waiter served: its reply and what it got.
+pub type Served<R> = Vec<(R, SlotGrant)>;
+
+impl<R> Slots<R> {
+    /// Puts a limit (its leases stay; a lower limit lets no new holder in until enough end).
+    pub fn put(&mut self, tag: &str, limit: u32, ttl: Duration, now: Instant) -> Served<R> {
+        let l = self.limits.entry(tag.to_owned()).or_insert_with(|| Limit {
+            limit,
+            ttl,
+            held: HashMap::new(),
+        });
+        l.limit = limit;
+        l.ttl = ttl;
+        self.serve(now)
+    }
+
+    /// Makes the limits these (from the store): the others are deleted.
+    pub fn set_all(&mut self, limits: &[ConcurrencyLimit], now: Instant) -> Served<R> {
+        self.limits.retain(|tag, _| limits.iter().any(|l| l.tag == *tag));
+        let mut out = Vec::new();
+        for l in limits {
+            out.extend(self.put(&l.tag, l.limit, l.lease_ttl, now));
+        }
+        out.extend(self.serve(now));
+        out
+    }
+
+    /// Deletes a limit: its waiters are let go.
+    pub fn delete(&mut self, tag: &str, now: Instant) -> Served<R> {
+        self.limits.remove(tag);
+        self.serve(now)
+    }
+
+    /// Frees every slot of a tag.
+    pub fn reset(&mut self, tag: &str, now: Instant) -> Served<R> {
+        if let Some(l) = self.limits.get_mut(tag) {
+            l.held.clear();
+        }
+        self.serve(now)
+    }
+
+    /// A task run asks for slots: granted now (`Some`) or it waits (None, the reply kept).
+    /// A holder that holds its slots already (it asked again) gets them again.
+    pub fn acquire(
+        &mut self,
+        holder: TaskRunId,
+        node: NodeId,
+        tags: Vec<String>,
+        now: Instant,
+        reply: R,
+    ) -> Option<(R, SlotGrant)> {
+        let mut tags: Vec<String> = tags.into_iter().filter(|t| self.limits.contains_key(t)).collect();
+        tags.sort();
+        tags.dedup();
+        if tags.is_empty() {
+            return Some((reply, SlotGrant::Unlimited));
+        }
+        // Asked again (a timed-out wait): the old wait is replaced.
+        self.waiters.retain(|w| w.holder != holder);
+        let holds_all = tags
+            .iter()
+            .all(|t| self.limits.get(t).is_some_and(|l| l.held.contains_key(&holder)));
+        // Oldest first: a waiter for one of these tags goes before.
+        let queued = self
+            .waiters
+            .iter()
+            .any(|w| w.tags.iter().any(|t| tags.contains(t)));
+        if holds_all || (!queued && self.fits(&tags, holder)) {
+            let grant = self.take(&tags, holder, &node, now);
+            return Some((reply, grant));
+        }
+        self.waiters.push_back(Waiter {
+            holder,
+            node,
+            tags,
+            reply,
+        });
+        None
+    }
+
+    /// Renews leases; a lease that lapsed already is taken again if there is room.
+    pub fn renew(&mut self, holders: &[TaskRunId], now: Instant) {
+        for l in self.limits.values_mut() {
+            for h in holders {
+                if let Some(lease) = l.held.get_mut(h) {
+                    lease.expires = now + l.ttl;
+                }
+            }
+        }
+    }
+
+    /// Gives slots back.
+    pub fn release(&mut self, holders: &[TaskRunId], now: Instant) -> Served<R> {
+        for l in self.limits.values_mut() {
+            for h in holders {
+                l.held.remove(h);
+            }
+        }
+        self.waiters.retain(|w| !holders.contains(&w.holder));
+        self.serve(now)
+    }
+
+    /// Lets lapsed leases go.
+    pub fn expire(&mut self, now: Instant) -> Served<R> {
+        let mut any = false;
+        for (tag, l) in &mut self.limits {
+            l.held.retain(|holder, lease| {
+                let keep = lease.expires > now;
+                if !keep {
+                    tracing::warn!(%tag, %holder, node = %lease.node, "a slot's lease lapsed; the slot is free again");
+                    any = true;
+                }
+                keep
+            });
+        }
+        if any { self.serve(now) } else { Vec::new() }
+    }
+
+    /// Every limit with its leases (expiry times from `now` and `wall`, the same instant).
+    pub fn describe(&self, now: Instant, wall: flotilla_runtime::Timestamp) -> Vec<ConcurrencyLimit> {
+        let mut out: Vec<ConcurrencyLimit> = self
+            .limits
+            .iter()
+            .map(|(tag, l)| ConcurrencyLimit {
+                tag: tag.clone(),
+                limit: l.limit,
+                lease_ttl: l.ttl,
+                leases: l
+                    .held
+                    .iter()
+                    .map(|(h, lease)| flotilla_runtime::concurrency::SlotLease {
+                        holder: *h,
+                        node: lease.node.clone(),
+                        expires: wall + lease.expires.saturating_duration_since(now),
+                    })
+                    .collect(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.tag.cmp(&b.tag));
+        out
+    }
+
+    /// How many wait.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+
+    fn fits(&self, tags: &[String], holder: TaskRunId) -> bool {
+        tags.iter().all(|t| {
+            self.limits
+                .get(t)
+                .is_none_or(|l| l.held.contains_key(&holder) || (l.held.len() as u32) < l.limit)
+        })
+    }
+
+    fn take(&mut self, tags: &[String], holder: TaskRunId, node: &NodeId, now: Instant) -> SlotGrant {
+        let mut ttl: Option<Duration> = None;
+        for t in tags {
+            if let Some(l) = self.limits.get_mut(t) {
+                l.held.insert(
+                    holder,
+                    Lease {
+                        node: node.clone(),
+                        expires: now + l.ttl,
+                    },
+                );
+                ttl = Some(ttl.map_or(l.ttl, |x| x.min(l.ttl)));
+            }
+        }
+        match ttl {
+            Some(ttl) => SlotGrant::Held { ttl },
+            None => SlotGrant::Unlimited,
+        }
+    }
+
+    /// Serves the waiters that fit now, oldest first.
+    fn serve(&mut self, now: Instant) -> Served<R> {
+        let mut out = Vec::new();
+        let mut keep = VecDeque::with_capacity(self.waiters.len());
+        // Tags an older waiter still waits for: younger ones wait behind it.
+        let mut behind: Vec<String> = Vec::new();
+        while let Some(w) = self.waiters.pop_front() {
+            let tags: Vec<String> = w
+                .tags
+                .iter()
+                .filter(|t| self.limits.contains_key(*t))
+                .cloned()
+                .collect();
+            if !tags.iter().any(|t| behind.contains(t)) && self.fits(&tags, w.holder) {
+                let grant = self.take(&tags, w.holder, &w.node, now);
+                out.push((w.reply, grant));
+            } else {
+                behind.extend(tags);
+                keep.push_back(w);
+            }
+        }
+        self.waiters = keep;
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests;
