@@ -218,6 +218,22 @@ impl ControlState {
         }
     }
 
+    /// The node making this claim (a Pending proposal), if it is a member declared unreachable.
+    fn dead_claimer(&self, c: &Command) -> Option<NodeId> {
+        let Command::ProposeFlowRunState { proposal, .. } = c else {
+            return None;
+        };
+        let node = proposal.node.as_ref()?;
+        if proposal.state.kind != StateType::Pending {
+            return None;
+        }
+        // A node not heard of yet is joining (its first heartbeat is on its way).
+        match self.members.get(node) {
+            Some(m) if !m.status.reachable => Some(node.clone()),
+            _ => None,
+        }
+    }
+
     /// Proposes a state for a run that has not started.
     fn mark(&mut self, run: FlowRunId, state: State) {
         let proposal = Proposal::new(state, self.tid());
@@ -1260,14 +1276,27 @@ impl Actor for Control {
             ControlMsg::Submit(bytes, reply) => {
                 // Queued in order at once; answered when durable, without holding the actor.
                 let p = s.persistence.clone();
-                let answers: Result<Vec<_>, _> = codec::decode::<Vec<Command>>(&bytes)
-                    .map(|cmds| cmds.into_iter().map(|c| p.enqueue(c)).collect());
+                // A claim counts only from a node whose membership is alive: one declared
+                // unreachable has had its runs crashed and must not take new ones.
+                let answers: Result<Vec<_>, _> = codec::decode::<Vec<Command>>(&bytes).map(|cmds| {
+                    cmds.into_iter()
+                        .map(|c| match s.dead_claimer(&c) {
+                            Some(node) => Err(flotilla_runtime::Refusal::Invalid(format!(
+                                "node {node} is not a live member: it cannot claim runs"
+                            ))),
+                            None => Ok(p.enqueue(c)),
+                        })
+                        .collect()
+                });
                 tokio::spawn(async move {
                     let results: Vec<SubmitResult> = match answers {
                         Ok(answers) => {
                             let mut out = Vec::with_capacity(answers.len());
                             for a in answers {
-                                out.push(a.await.unwrap_or(Err(PersistError::Stopped)));
+                                out.push(match a {
+                                    Ok(a) => a.await.unwrap_or(Err(PersistError::Stopped)),
+                                    Err(refusal) => Ok(Err(refusal)),
+                                });
                             }
                             out
                         }
