@@ -351,6 +351,47 @@ async fn deployment_limits_and_paused_queues() {
         },
     )
     .await;
+    // The CLI sees the queue and its events.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(args)
+            .env("FLOTILLA_ADDR", format!("127.0.0.1:{port}"))
+            .env("FLOTILLA_CERTS", dir.join("certs"))
+            .env_remove("FLOTILLA_CONFIG")
+            .output()
+            .expect("flotilla runs");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let ls: serde_json::Value = serde_json::from_str(&cli(&["work-queue", "ls", "--json"])).expect("json");
+    let later = ls
+        .as_array()
+        .expect("an array")
+        .iter()
+        .find(|q| q["name"] == "later")
+        .expect("the queue listed");
+    assert_eq!(
+        (later["paused"].as_bool(), later["waiting"].as_u64()),
+        (Some(true), Some(1))
+    );
+    let events = cli(&["events", "tail", "--prefix", "flotilla.work-queue.", "--json"]);
+    let names: Vec<String> = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("one event per line"))
+        .map(|e| {
+            format!(
+                "{} {}",
+                e["event"].as_str().unwrap_or(""),
+                e["resource"]["flotilla.resource.name"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    assert_eq!(names, vec!["flotilla.work-queue.created later"]);
+
     std::thread::sleep(Duration::from_millis(1500)); // a span with the queue paused
     assert_eq!(
         state(&client, id).await.0,

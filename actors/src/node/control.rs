@@ -179,7 +179,12 @@ impl ControlState {
             .dispatch(|flow, queue| pick(members, flow, Some(queue)));
         for action in actions {
             match action {
-                Action::Place(p, node) => {
+                Action::Place(p, node, marked) => {
+                    // Handed out long after its time (a downtime of the control node, a busy
+                    // cluster): it starts marked Late.
+                    if !marked && now().saturating_since(p.due) > LATE_AFTER {
+                        self.mark(p.run, State::named(StateName::Late, now()));
+                    }
                     if !send_agent(&node, AgentMsg::Run(p.run.as_bytes().to_vec())) {
                         // The node went away since its last heartbeat: the run waits again.
                         self.dispatch.ended(p.run);

@@ -50,8 +50,8 @@ impl Placement {
 /// What the control actor is to do with a run.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Action {
-    /// Start it on this node.
-    Place(Placement, NodeId),
+    /// Start it on this node (true: it was marked Late already).
+    Place(Placement, NodeId, bool),
     /// Its deployment is at its limit: it waits (Scheduled named AwaitingConcurrencySlot).
     Await(FlowRunId),
     /// Its deployment is at its limit and cancels new runs.
@@ -273,7 +273,7 @@ impl Dispatch {
                         node: Some(node.clone()),
                     },
                 );
-                out.push(Action::Place(entry.p, node));
+                out.push(Action::Place(entry.p, node, entry.late));
             }
         }
         out

@@ -58,7 +58,7 @@ fn placed(actions: &[Action]) -> Vec<FlowRunId> {
     actions
         .iter()
         .filter_map(|a| match a {
-            Action::Place(p, _) => Some(p.run),
+            Action::Place(p, _, _) => Some(p.run),
             _ => None,
         })
         .collect()
