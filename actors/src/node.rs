@@ -185,11 +185,14 @@ impl ClusterNode {
 async fn serve_node_connection(conn: quinn::Connection, server: ActorRef<NodeServerMessage>, local: String) {
     let peer = conn.remote_address().to_string();
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let stream = Box::new(QuicBidi {
-            send,
-            recv,
-            peer: peer.clone(),
-            local: local.clone(),
+        let (stream, ended) = QuicBidi::new(send, recv, peer.clone(), local.clone());
+        let stream = Box::new(stream);
+        // A session that ends (refused, or closed by either side) takes its connection with it,
+        // so the node at the other end dials again rather than wait on a dead link.
+        let c = conn.clone();
+        tokio::spawn(async move {
+            let _ = ended.await;
+            c.close(0u32.into(), b"the cluster session ended");
         });
         if server
             .cast(NodeServerMessage::ConnectionOpenedExternal {
@@ -375,18 +378,22 @@ async fn keep_link(
                 backoff = Duration::from_millis(50);
                 match conn.open_bi().await {
                     Ok((send, recv)) => {
-                        let stream = Box::new(QuicBidi {
-                            send,
-                            recv,
-                            peer: seed.to_string(),
-                            local: local.clone(),
-                        });
-                        if let Err(e) = ractor_cluster::client_connect_external(&server, stream).await {
+                        let (stream, ended) = QuicBidi::new(send, recv, seed.to_string(), local.clone());
+                        if let Err(e) =
+                            ractor_cluster::client_connect_external(&server, Box::new(stream)).await
+                        {
                             tracing::warn!(%seed, error = %e, "cannot open a cluster session");
                         } else {
                             tracing::info!(%seed, "joined");
                         }
-                        let reason = conn.closed().await;
+                        // The link is lost when the connection closes or the session on it ends.
+                        let reason = tokio::select! {
+                            r = conn.closed() => r.to_string(),
+                            _ = ended => {
+                                conn.close(0u32.into(), b"the cluster session ended");
+                                "the cluster session ended".to_owned()
+                            }
+                        };
                         tracing::warn!(%seed, %reason, "lost the link to the seed; dialling again");
                     }
                     Err(e) => tracing::warn!(%seed, error = %e, "cannot open a stream to the seed"),
