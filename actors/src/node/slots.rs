@@ -141,8 +141,11 @@ impl<R> Slots<R> {
         if tags.is_empty() {
             return Some((reply, SlotGrant::Unlimited));
         }
-        // Asked again (a timed-out wait): the old wait is replaced.
-        self.waiters.retain(|w| w.holder != holder);
+        // Asked again after a timed-out wait: it keeps its place in line, with the new reply.
+        if let Some(w) = self.waiters.iter_mut().find(|w| w.holder == holder) {
+            w.reply = reply;
+            return None;
+        }
         let holds_all = tags
             .iter()
             .all(|t| self.limits.get(t).is_some_and(|l| l.held.contains_key(&holder)));

@@ -81,7 +81,11 @@ fn asking_again_keeps_what_is_held_and_replaces_a_wait() {
     assert!(s.acquire(h[1], node("a"), vec!["db".into()], now, 2).is_none());
     assert!(s.acquire(h[1], node("a"), vec!["db".into()], now, 3).is_none());
     assert_eq!(s.waiting(), 1);
-    assert_eq!(s.release(&[h[0]], now), vec![(3, SlotGrant::Held { ttl: TTL })]);
+    // A later waiter stays behind the one that asked again.
+    let h2 = ids(3)[2];
+    assert!(s.acquire(h2, node("b"), vec!["db".into()], now, 4).is_none());
+    assert!(s.acquire(h[1], node("a"), vec!["db".into()], now, 5).is_none());
+    assert_eq!(s.release(&[h[0]], now), vec![(5, SlotGrant::Held { ttl: TTL })]);
 }
 
 #[test]
