@@ -318,7 +318,8 @@ pub async fn work_queue(cmd: WorkQueueCmd) -> anyhow::Result<bool> {
     let s = conn.connect().await?;
     let q = s.client.work_queue(&name, change).await.map_err(|e| s.fail(e))?;
     match q {
-        Some(q) if verb.is_empty() || json => print_queues(std::slice::from_ref(&q), json)?,
+        Some(q) if json => println!("{}", queue_json(&q)),
+        Some(q) if verb.is_empty() => print_queues(std::slice::from_ref(&q), false)?,
         _ => println!("{verb} work queue {name}"),
     }
     Ok(true)

@@ -323,10 +323,11 @@ impl Dispatch {
         let mut out = Vec::new();
         for line in self.ready.values_mut() {
             for ((due, run), e) in line.iter_mut() {
-                if *due > now {
+                // In time order: the rest are not late yet.
+                if now.saturating_since(*due) <= after {
                     break;
                 }
-                if !e.late && now.saturating_since(*due) > after {
+                if !e.late {
                     e.late = true;
                     out.push(*run);
                 }
