@@ -82,6 +82,8 @@ pub struct NodeConfig {
     pub heartbeat_every: Duration,
     /// A member silent this long is unreachable (control node).
     pub unreachable_after: Duration,
+    /// A run not started this long after its scheduled time is marked Late (control node).
+    pub late_after: Duration,
     /// How long a worker tries its seeds before giving up.
     pub join_timeout: Duration,
     /// QUIC keep-alive and idle timeout.
@@ -107,6 +109,7 @@ impl NodeConfig {
             slots: 64,
             heartbeat_every: Duration::from_millis(250),
             unreachable_after: Duration::from_secs(1),
+            late_after: control::LATE_AFTER,
             join_timeout: Duration::from_secs(60),
             transport: TransportSettings::default(),
             log_to_stderr: true,
@@ -433,6 +436,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
             let (p, join) = persistence::start(PersistenceConfig::new(&config.data_dir)).await?;
             let settings = MembershipSettings {
                 unreachable_after: config.unreachable_after,
+                late_after: config.late_after,
                 ..MembershipSettings::default()
             };
             Actor::spawn(

@@ -35,6 +35,8 @@ pub struct FileConfig {
     pub heartbeat: Option<String>,
     /// A member silent this long is unreachable (`"1s"`).
     pub unreachable_after: Option<String>,
+    /// A run not started this long after its time is Late (`"15s"`).
+    pub late_after: Option<String>,
     /// How long a worker tries its seeds (`"60s"`).
     pub join_timeout: Option<String>,
     /// Runs of each deployment the scheduler keeps created ahead.

@@ -47,6 +47,9 @@ pub struct StartArgs {
     /// A member silent this long is marked unreachable [default: 1s].
     #[arg(long, env = "FLOTILLA_UNREACHABLE_AFTER")]
     unreachable_after: Option<String>,
+    /// A run not started this long after its scheduled time is marked Late [default: 15s].
+    #[arg(long, env = "FLOTILLA_LATE_AFTER")]
+    late_after: Option<String>,
     /// How long a worker tries its seeds before giving up [default: 60s].
     #[arg(long, env = "FLOTILLA_JOIN_TIMEOUT")]
     join_timeout: Option<String>,
@@ -136,6 +139,9 @@ impl StartArgs {
         }
         if let Some(s) = self.heartbeat.or(file.heartbeat) {
             config.heartbeat_every = duration("--heartbeat", &s)?;
+        }
+        if let Some(s) = self.late_after.or(file.late_after) {
+            config.late_after = duration("--late-after", &s)?;
         }
         if let Some(s) = self.unreachable_after.or(file.unreachable_after) {
             config.unreachable_after = duration("--unreachable-after", &s)?;

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla::{Client, FlowRun, RunFilter, StateType};
+use flotilla::{Client, FlowRun, RunFilter, StateName, StateType};
 use flotilla_runtime::{DeploymentSpec, Schedule, ScheduleKind, Timestamp};
 
 mod common;
@@ -62,6 +62,9 @@ fn now() -> Timestamp {
     Timestamp::from(chrono::Utc::now())
 }
 
+/// Runs are Late 500 ms after their time (15 s by default), so the downtime makes some.
+const LATE: &[&str] = &["--late-after", "500ms"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deployment_every_second_survives_a_control_node_restart() {
     let tmp = tempfile::tempdir().expect("a temporary directory");
@@ -74,7 +77,7 @@ async fn a_deployment_every_second_survives_a_control_node_restart() {
     };
     nodes
         .children
-        .push(("n1".into(), start_node(dir, "n1", ports[0], None, &[])));
+        .push(("n1".into(), start_node(dir, "n1", ports[0], None, LATE)));
     nodes
         .children
         .push(("n2".into(), start_node(dir, "n2", ports[1], Some(ports[0]), &[])));
@@ -93,8 +96,9 @@ async fn a_deployment_every_second_survives_a_control_node_restart() {
     let down_from = now();
     nodes.children[0].1.kill().expect("SIGKILL n1");
     let _ = nodes.children[0].1.wait();
-    std::thread::sleep(Duration::from_millis(1500)); // the downtime itself, not a synchronisation
-    nodes.restart(0, start_node(dir, "n1", ports[0], None, &[]));
+    std::thread::sleep(Duration::from_millis(2500)); // the downtime itself, not a synchronisation
+    let restart_at = now();
+    nodes.restart(0, start_node(dir, "n1", ports[0], None, LATE));
     let client = connect(dir, ports[0], 2).await;
     let back_at = now();
 
@@ -148,6 +152,22 @@ async fn a_deployment_every_second_survives_a_control_node_restart() {
             r.lifecycle.state
         );
     }
+
+    // Those due well inside the downtime were handed out late, after the restart: Late first.
+    let mut late = 0;
+    for r in runs.iter().filter(|r| {
+        r.expected_start_time > down_from + Duration::from_millis(100)
+            && r.expected_start_time + Duration::from_millis(600) < restart_at
+    }) {
+        let history = client.history(r.id).await.expect("its history");
+        assert!(
+            history.iter().any(|s| s.name == StateName::Late),
+            "{} was due in the downtime and is not marked Late: {history:?}",
+            r.expected_start_time
+        );
+        late += 1;
+    }
+    assert!(late >= 1, "no run was due well inside the downtime");
 
     // Pause: runs not started are cancelled and no new ones come.
     let mut spec = every_second("tick");

@@ -76,6 +76,8 @@ pub struct MembershipSettings {
     pub unreachable_after: Duration,
     /// How often silence is checked.
     pub check_every: Duration,
+    /// A run that starts (or still waits) this long after its scheduled time is marked Late.
+    pub late_after: Duration,
 }
 
 impl Default for MembershipSettings {
@@ -83,6 +85,7 @@ impl Default for MembershipSettings {
         MembershipSettings {
             unreachable_after: Duration::from_secs(1),
             check_every: Duration::from_millis(50),
+            late_after: LATE_AFTER,
         }
     }
 }
@@ -128,7 +131,7 @@ struct Running {
     node: Option<NodeId>,
 }
 
-/// A run whose scheduled time passed this long ago without a node to take it is marked Late.
+/// By default, a run whose scheduled time passed this long ago without starting is marked Late.
 pub const LATE_AFTER: Duration = Duration::from_secs(15);
 
 impl std::fmt::Debug for ControlState {
@@ -182,7 +185,7 @@ impl ControlState {
                 Action::Place(p, node, marked) => {
                     // Handed out long after its time (a downtime of the control node, a busy
                     // cluster): it starts marked Late.
-                    if !marked && now().saturating_since(p.due) > LATE_AFTER {
+                    if !marked && now().saturating_since(p.due) > self.settings.late_after {
                         self.mark(p.run, State::named(StateName::Late, now()));
                     }
                     if !send_agent(&node, AgentMsg::Run(p.run.as_bytes().to_vec())) {
@@ -270,7 +273,7 @@ impl ControlState {
 
     /// Marks Late the runs waiting too long, and hands out what can go.
     fn place_waiting(&mut self) {
-        for run in self.dispatch.late(now(), LATE_AFTER) {
+        for run in self.dispatch.late(now(), self.settings.late_after) {
             self.mark(run, State::named(StateName::Late, now()));
         }
         self.pump();
