@@ -31,16 +31,7 @@ async fn state_of(client: &Client, id: FlowRunId) -> flotilla::FlowRun {
 async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let dir = tmp.path();
-    let init = Command::new(BIN)
-        .args(["cluster", "init", "--nodes", "n1,n2,n3", "--dir"])
-        .arg(dir.join("certs"))
-        .output()
-        .expect("cluster init runs");
-    assert!(
-        init.status.success(),
-        "cluster init: {}",
-        String::from_utf8_lossy(&init.stderr)
-    );
+    init_certs(dir, "n1,n2,n3");
 
     let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
     let mut nodes = Nodes {

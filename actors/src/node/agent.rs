@@ -64,7 +64,8 @@ pub struct AgentArgs {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Agent;
 
-fn id_of(bytes: &[u8]) -> Option<FlowRunId> {
+/// A flow run id from its 16 bytes (as agents and the control actor are sent them).
+pub(crate) fn id_of(bytes: &[u8]) -> Option<FlowRunId> {
     <[u8; 16]>::try_from(bytes).ok().map(FlowRunId::from_bytes)
 }
 

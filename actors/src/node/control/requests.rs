@@ -1,0 +1,752 @@
+//! The client protocol on the control node: each request answered, work that waits on the
+//! store on a task of its own; deployments, work queues, tag limits and events.
+
+use super::*;
+
+impl ControlState {
+    /// Answers a client request. Work that waits on the store runs on a task of its own.
+    pub(super) fn request(&mut self, request: Request, reply: RpcReplyPort<Vec<u8>>) {
+        let p = self.persistence.clone();
+        let answer = |reply: RpcReplyPort<Vec<u8>>, r: Response| {
+            let _ = reply.send(encode(&r));
+        };
+        match request {
+            Request::Status => answer(reply, Response::Status(self.status())),
+            Request::RemoveNode(node) => match self.members.get(&node) {
+                None => answer(
+                    reply,
+                    refused(ErrorKind::NotFound, format!("no member named {node}")),
+                ),
+                Some(m) if m.status.reachable => answer(
+                    reply,
+                    refused(
+                        ErrorKind::Refused,
+                        format!("{node} is reachable; stop it before removing it"),
+                    ),
+                ),
+                Some(_) => {
+                    self.members.remove(&node);
+                    answer(reply, Response::Done);
+                }
+            },
+            Request::RunFlow { flow, params } => {
+                let params = if params.is_null() {
+                    serde_json::json!({})
+                } else {
+                    params
+                };
+                let (retry_policy, resume) = match self.flows.get(&flow) {
+                    Some(f) => {
+                        if let Err(e) = f.check_params(&params) {
+                            return answer(
+                                reply,
+                                refused(ErrorKind::Refused, format!("invalid parameters: {e}")),
+                            );
+                        }
+                        let o = f.options();
+                        (o.retry, o.resume)
+                    }
+                    None => (Default::default(), false),
+                };
+                let Some(node) = self.place(&flow) else {
+                    let known: std::collections::BTreeSet<String> = self
+                        .members
+                        .values()
+                        .flat_map(|m| m.status.flows.clone())
+                        .collect();
+                    let known: Vec<String> = known.into_iter().collect();
+                    let msg = if known.contains(&flow) {
+                        format!("no reachable node runs flow {flow:?} now")
+                    } else {
+                        format!("no node runs a flow named {flow:?} (known: {})", known.join(", "))
+                    };
+                    return answer(reply, refused(ErrorKind::Unavailable, msg));
+                };
+                let id = FlowRunId::new(now(), &mut self.rng);
+                tokio::spawn(async move {
+                    let cmd = Command::CreateFlowRun(NewFlowRun {
+                        id,
+                        flow_name: flow,
+                        parameters: params,
+                        deployment_id: None,
+                        parent_task_run: None,
+                        idempotency_key: None,
+                        tags: vec![],
+                        work_queue: None,
+                        retry_policy,
+                        resume,
+                        scheduled_time: None,
+                    });
+                    let r = match p.submit(cmd).await {
+                        Ok(Ok(Reply::FlowRunCreated { run, .. })) => {
+                            if !send_agent(&node, AgentMsg::Run(run.id.as_bytes().to_vec())) {
+                                // The node went away: the run waits for another one.
+                                replace(&Placement::plain(run.id, run.flow_name.clone(), now()));
+                            }
+                            Response::Ran(run.id)
+                        }
+                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+                        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::Cancel(id) => {
+                let tid = self.tid();
+                tokio::spawn(async move {
+                    let prop = Proposal::new(State::named(StateName::Cancelling, now()), tid);
+                    let r = match p
+                        .submit(Command::ProposeFlowRunState {
+                            run: id,
+                            proposal: prop,
+                        })
+                        .await
+                    {
+                        Ok(Ok(Reply::FlowRunTransition {
+                            decision: Decision::Accept(s) | Decision::Reject(s),
+                            ..
+                        })) => {
+                            // The owner as of the change (a claim just before it counts).
+                            let owner = p.flow_run(id).await.ok().flatten().and_then(|r| r.owner);
+                            if let Some(owner) = owner.filter(|_| !s.is_terminal()) {
+                                let _ = send_agent(&owner, AgentMsg::Cancel(id.as_bytes().to_vec()));
+                            }
+                            Response::State(s)
+                        }
+                        Ok(Ok(Reply::FlowRunTransition {
+                            decision: Decision::Abort(r),
+                            ..
+                        })) => refused(ErrorKind::Refused, r.to_string()),
+                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+                        Ok(Err(refusal)) => not_found_or(refusal),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::Retry { run, force } => {
+                let tid = self.tid();
+                tokio::spawn(async move {
+                    let request = RetryRequest {
+                        transition_id: tid,
+                        resume: false,
+                        force,
+                        message: None,
+                    };
+                    let r = match p.submit(Command::RetryFlowRun { run, request }).await {
+                        Ok(Ok(Reply::Retried { state, .. })) => {
+                            // Placed like a new run, by the control actor.
+                            if let Ok(Some(f)) = p.flow_run(run).await {
+                                replace(&placement_of(&p, &f, now()).await);
+                            }
+                            Response::State(state)
+                        }
+                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+                        Ok(Err(refusal)) => not_found_or(refusal),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::PutDeployment(spec) => {
+                let id = flotilla_runtime::DeploymentId::new(now(), &mut self.rng);
+                tokio::spawn(async move { answer(reply, put_deployment(&p, *spec, id).await) });
+            }
+            Request::WorkQueue { name, change } => {
+                let id = flotilla_runtime::WorkQueueId::new(now(), &mut self.rng);
+                let loads = self.dispatch.loads();
+                tokio::spawn(async move {
+                    let r = queue_change(&p, name, change, id, &loads).await;
+                    answer(reply, r);
+                });
+            }
+            Request::WorkQueues => {
+                let loads = self.dispatch.loads();
+                tokio::spawn(async move {
+                    let r = match p.settings().await {
+                        Ok(settings) => Response::WorkQueues(queue_infos(settings, &loads)),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::ConcurrencyLimits => {
+                answer(
+                    reply,
+                    Response::ConcurrencyLimits(self.slots.describe(Instant::now(), now())),
+                );
+            }
+            Request::ConcurrencyLimit { tag, change } => {
+                let current = self
+                    .slots
+                    .describe(Instant::now(), now())
+                    .into_iter()
+                    .find(|l| l.tag == tag);
+                match change {
+                    LimitChange::Inspect => {
+                        let r = match current {
+                            Some(l) => Response::ConcurrencyLimits(vec![l]),
+                            None => refused(
+                                ErrorKind::NotFound,
+                                format!("no concurrency limit on tag {tag:?}"),
+                            ),
+                        };
+                        answer(reply, r);
+                    }
+                    LimitChange::Reset => {
+                        if current.is_none() {
+                            return answer(
+                                reply,
+                                refused(
+                                    ErrorKind::NotFound,
+                                    format!("no concurrency limit on tag {tag:?}"),
+                                ),
+                            );
+                        }
+                        let served = self.slots.reset(&tag, Instant::now());
+                        self.grant(served);
+                        let l = self
+                            .slots
+                            .describe(Instant::now(), now())
+                            .into_iter()
+                            .find(|l| l.tag == tag);
+                        answer(reply, Response::ConcurrencyLimits(l.into_iter().collect()));
+                    }
+                    LimitChange::Put { limit, lease_ttl_ms } => {
+                        let setting =
+                            flotilla_runtime::Setting::ConcurrencyLimit(flotilla_runtime::ConcurrencyLimit {
+                                tag,
+                                limit,
+                                lease_ttl: Duration::from_millis(lease_ttl_ms),
+                                leases: Vec::new(),
+                            });
+                        tokio::spawn(async move {
+                            let r = put_setting(&p, setting.clone()).await;
+                            let r = match (r, setting) {
+                                (Response::Done, flotilla_runtime::Setting::ConcurrencyLimit(l)) => {
+                                    Response::ConcurrencyLimits(vec![l])
+                                }
+                                (r, _) => r,
+                            };
+                            answer(reply, r);
+                        });
+                    }
+                    LimitChange::Delete => {
+                        tokio::spawn(async move {
+                            let key = flotilla_runtime::work_queue::limit_key(&tag);
+                            let r =
+                                delete_setting(&p, key, format!("no concurrency limit on tag {tag:?}")).await;
+                            answer(reply, r);
+                        });
+                    }
+                }
+            }
+            Request::Events {
+                after,
+                prefix,
+                limit,
+                wait_ms,
+            } => {
+                tokio::spawn(async move {
+                    let r = events(&p, after, prefix, limit, wait_ms).await;
+                    answer(reply, r);
+                });
+            }
+            Request::DeleteDeployment(name) => {
+                tokio::spawn(async move {
+                    let r = match p.deployment_by_name(&name).await {
+                        Ok(Some(d)) => match p.submit(Command::DeleteDeployment { id: d.id }).await {
+                            Ok(Ok(_)) => {
+                                tell_scheduler(d.id);
+                                Response::Done
+                            }
+                            Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+                            Err(e) => persist_err(e),
+                        },
+                        Ok(None) => refused(ErrorKind::NotFound, format!("no deployment named {name:?}")),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::Deployment(name) => {
+                tokio::spawn(async move {
+                    let r = match p.deployment_by_name(&name).await {
+                        Ok(Some(d)) => Response::Deployment(Box::new(d)),
+                        Ok(None) => refused(ErrorKind::NotFound, format!("no deployment named {name:?}")),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::Deployments => {
+                tokio::spawn(async move {
+                    let r = match p.all_deployments().await {
+                        Ok(all) => Response::Deployments(all),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::RunDeployment { name, params } => {
+                let id = FlowRunId::new(now(), &mut self.rng);
+                tokio::spawn(async move {
+                    let d = match p.deployment_by_name(&name).await {
+                        Ok(Some(d)) => d,
+                        Ok(None) => {
+                            return answer(
+                                reply,
+                                refused(ErrorKind::NotFound, format!("no deployment named {name:?}")),
+                            );
+                        }
+                        Err(e) => return answer(reply, persist_err(e)),
+                    };
+                    let cmd = Command::CreateFlowRun(NewFlowRun {
+                        id,
+                        flow_name: d.flow_name.clone(),
+                        parameters: crate::node::scheduler::merge_params(&d.parameters, &params),
+                        deployment_id: Some(d.id),
+                        parent_task_run: None,
+                        idempotency_key: None,
+                        tags: d.tags.clone(),
+                        work_queue: d.work_queue.clone(),
+                        retry_policy: Default::default(),
+                        resume: false,
+                        scheduled_time: None,
+                    });
+                    let r = match p.submit(cmd).await {
+                        Ok(Ok(Reply::FlowRunCreated { run, .. })) => {
+                            replace(&Placement {
+                                run: run.id,
+                                flow: run.flow_name.clone(),
+                                due: now(),
+                                queue: d.work_queue.clone(),
+                                deployment: Some((d.id, d.concurrency_limit.map(|l| (l, d.collision)))),
+                            });
+                            Response::Ran(run.id)
+                        }
+                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+                        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+                        Err(e) => persist_err(e),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::SchedulerStats => {
+                tokio::spawn(async move {
+                    let r = match ractor::registry::where_is(crate::node::scheduler::SCHEDULER_NAME) {
+                        Some(cell) => {
+                            let sched: ActorRef<crate::node::scheduler::SchedulerMsg> = cell.into();
+                            match sched
+                                .call(
+                                    crate::node::scheduler::SchedulerMsg::Stats,
+                                    Some(Duration::from_secs(10)),
+                                )
+                                .await
+                            {
+                                Ok(ractor::rpc::CallResult::Success(st)) => Response::SchedulerStats(st),
+                                _ => refused(ErrorKind::Unavailable, "the scheduler did not answer"),
+                            }
+                        }
+                        None => refused(ErrorKind::Unavailable, "no scheduler runs here"),
+                    };
+                    answer(reply, r);
+                });
+            }
+            Request::Wait { run, timeout_ms } => {
+                tokio::spawn(async move {
+                    let limit = Duration::from_millis(u64::from(timeout_ms.min(WAIT_MS_MAX)));
+                    answer(reply, wait_for_end(&p, run, limit).await);
+                });
+            }
+            other => {
+                let results = self.results.clone();
+                tokio::spawn(async move {
+                    let r = read_request(&p, &results, other).await;
+                    answer(reply, r);
+                });
+            }
+        }
+    }
+}
+
+/// Tells the scheduler a deployment changed.
+fn tell_scheduler(id: flotilla_runtime::DeploymentId) {
+    if let Some(cell) = ractor::registry::where_is(crate::node::scheduler::SCHEDULER_NAME) {
+        let sched: ActorRef<crate::node::scheduler::SchedulerMsg> = cell.into();
+        let _ = sched.cast(crate::node::scheduler::SchedulerMsg::Changed(id));
+    }
+}
+
+/// Creates or replaces a deployment by name.
+async fn put_deployment(
+    p: &PersistenceHandle,
+    spec: flotilla_runtime::DeploymentSpec,
+    id: flotilla_runtime::DeploymentId,
+) -> Response {
+    if let Err(e) = spec.check() {
+        return refused(ErrorKind::Refused, e);
+    }
+    let old = match p.deployment_by_name(&spec.name).await {
+        Ok(old) => old,
+        Err(e) => return persist_err(e),
+    };
+    if let Some(o) = &old
+        && o.spec() == spec
+    {
+        return Response::Deployment(Box::new(o.clone()));
+    }
+    let d = spec.into_deployment(id, old.as_ref(), now());
+    match p.submit(Command::PutDeployment(d.clone())).await {
+        Ok(Ok(_)) => {
+            tell_scheduler(d.id);
+            Response::Deployment(Box::new(d))
+        }
+        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+        Err(e) => persist_err(e),
+    }
+}
+
+fn not_found_or(refusal: flotilla_runtime::Refusal) -> Response {
+    match refusal {
+        flotilla_runtime::Refusal::FlowRunNotFound(id) => {
+            refused(ErrorKind::NotFound, format!("no flow run {id}"))
+        }
+        other => refused(ErrorKind::Refused, other.to_string()),
+    }
+}
+
+/// Tells a node's agent something (it is looked up afresh: remote ids change on reconnect).
+/// Work queues with their figures, by priority then name; the default queue is listed even
+/// when it was never created.
+fn queue_infos(
+    settings: Vec<flotilla_runtime::Setting>,
+    loads: &std::collections::HashMap<String, crate::node::dispatch::QueueLoad>,
+) -> Vec<QueueInfo> {
+    let mut queues: Vec<flotilla_runtime::WorkQueue> = settings
+        .into_iter()
+        .filter_map(|s| match s {
+            flotilla_runtime::Setting::WorkQueue(q) => Some(q),
+            _ => None,
+        })
+        .collect();
+    if !queues.iter().any(|q| q.name == flotilla_runtime::DEFAULT_QUEUE) {
+        queues.push(default_queue(flotilla_runtime::DEFAULT_QUEUE, None));
+    }
+    // Queues runs name without anyone creating them.
+    for name in loads.keys() {
+        if !queues.iter().any(|q| q.name == *name) {
+            queues.push(default_queue(name, None));
+        }
+    }
+    queues.sort_by(|a, b| (a.priority, &a.name).cmp(&(b.priority, &b.name)));
+    queues
+        .into_iter()
+        .map(|q| {
+            let l = loads.get(&q.name).cloned().unwrap_or_default();
+            QueueInfo {
+                queue: q,
+                waiting: l.waiting,
+                active: l.active,
+            }
+        })
+        .collect()
+}
+
+/// A queue as runs find it when nobody created it: priority 1, no limit, not paused. Its id is
+/// nil until it is created.
+fn default_queue(name: &str, id: Option<flotilla_runtime::WorkQueueId>) -> flotilla_runtime::WorkQueue {
+    flotilla_runtime::WorkQueue {
+        id: id.unwrap_or_else(|| flotilla_runtime::WorkQueueId::from_uuid(uuid::Uuid::nil())),
+        name: name.to_owned(),
+        priority: 1,
+        concurrency_limit: None,
+        paused: false,
+    }
+}
+
+async fn queue_change(
+    p: &PersistenceHandle,
+    name: String,
+    change: QueueChange,
+    id: flotilla_runtime::WorkQueueId,
+    loads: &std::collections::HashMap<String, crate::node::dispatch::QueueLoad>,
+) -> Response {
+    let settings = match p.settings().await {
+        Ok(s) => s,
+        Err(e) => return persist_err(e),
+    };
+    let key = flotilla_runtime::work_queue::queue_key(&name);
+    let stored = settings.iter().find_map(|s| match s {
+        flotilla_runtime::Setting::WorkQueue(q) if q.name == name => Some(q.clone()),
+        _ => None,
+    });
+    // The default queue exists before anyone creates it.
+    let current = stored
+        .clone()
+        .or_else(|| (name == flotilla_runtime::DEFAULT_QUEUE).then(|| default_queue(&name, Some(id))));
+    let missing = || refused(ErrorKind::NotFound, format!("no work queue named {name:?}"));
+    let info = |q: flotilla_runtime::WorkQueue| {
+        let l = loads.get(&q.name).cloned().unwrap_or_default();
+        Response::WorkQueues(vec![QueueInfo {
+            queue: q,
+            waiting: l.waiting,
+            active: l.active,
+        }])
+    };
+    let new = match (change, current) {
+        (QueueChange::Inspect, Some(q)) => return info(q),
+        (QueueChange::Delete, _) if stored.is_none() => return missing(),
+        (QueueChange::Delete, _) => {
+            return delete_setting(p, key, format!("no work queue named {name:?}")).await;
+        }
+        (QueueChange::Create { .. }, Some(_)) if stored.is_some() => {
+            return refused(
+                ErrorKind::Refused,
+                format!("a work queue named {name:?} exists already"),
+            );
+        }
+        (
+            QueueChange::Create {
+                priority,
+                concurrency_limit,
+                paused,
+            },
+            _,
+        ) => flotilla_runtime::WorkQueue {
+            id,
+            name: name.clone(),
+            priority,
+            concurrency_limit,
+            paused,
+        },
+        (_, None) => return missing(),
+        (QueueChange::Pause, Some(q)) => flotilla_runtime::WorkQueue { paused: true, ..q },
+        (QueueChange::Resume, Some(q)) => flotilla_runtime::WorkQueue { paused: false, ..q },
+        (QueueChange::SetConcurrencyLimit(l), Some(q)) => flotilla_runtime::WorkQueue {
+            concurrency_limit: l,
+            ..q
+        },
+        (QueueChange::SetPriority(n), Some(q)) => flotilla_runtime::WorkQueue { priority: n, ..q },
+    };
+    match put_setting(p, flotilla_runtime::Setting::WorkQueue(new.clone())).await {
+        Response::Done => info(new),
+        other => other,
+    }
+}
+
+/// Stores a setting and has the control actor read the settings again.
+async fn put_setting(p: &PersistenceHandle, setting: flotilla_runtime::Setting) -> Response {
+    match p.submit(Command::PutSetting { setting, at: now() }).await {
+        Ok(Ok(_)) => {
+            if let Some(me) = control_ref() {
+                reload_settings(p, &me).await;
+            }
+            Response::Done
+        }
+        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+        Err(e) => persist_err(e),
+    }
+}
+
+/// Deletes a setting and has the control actor read the settings again.
+async fn delete_setting(p: &PersistenceHandle, key: String, missing: String) -> Response {
+    match p.submit(Command::DeleteSetting { key, at: now() }).await {
+        Ok(Ok(Reply::SettingDeleted { existed: false })) => refused(ErrorKind::NotFound, missing),
+        Ok(Ok(_)) => {
+            if let Some(me) = control_ref() {
+                reload_settings(p, &me).await;
+            }
+            Response::Done
+        }
+        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+        Err(e) => persist_err(e),
+    }
+}
+
+fn control_ref() -> Option<ActorRef<ControlMsg>> {
+    ractor::registry::where_is(CONTROL_NAME).map(ActorRef::from)
+}
+
+/// Events after a cursor whose names start with `prefix`; waits up to `wait_ms` for one when
+/// there is none yet. Reads at most 20 pages past events that do not match.
+async fn events(
+    p: &PersistenceHandle,
+    after: Option<flotilla_runtime::EventId>,
+    prefix: Option<String>,
+    limit: u32,
+    wait_ms: u32,
+) -> Response {
+    let limit = (limit as usize).clamp(1, PAGE_MAX);
+    let matches = |e: &flotilla_runtime::Event| prefix.as_deref().is_none_or(|x| e.event.starts_with(x));
+    // Subscribe before reading, so an event between the two is not missed.
+    let mut live = p.subscribe();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(wait_ms.min(WAIT_MS_MAX)));
+    let mut cursor = after;
+    loop {
+        let mut out = Vec::new();
+        for _ in 0..20 {
+            let page = match p.events(cursor, PAGE_MAX).await {
+                Ok(page) => page,
+                Err(e) => return persist_err(e),
+            };
+            let Some(last) = page.last() else { break };
+            cursor = Some(last.id);
+            for e in page {
+                if matches(&e) {
+                    out.push(e);
+                    if out.len() == limit {
+                        return Response::Events(out);
+                    }
+                }
+            }
+        }
+        if !out.is_empty() {
+            return Response::Events(out);
+        }
+        // Nothing yet: wait for a matching event (or the deadline).
+        let waited = tokio::time::timeout_at(deadline, async {
+            loop {
+                match live.recv().await {
+                    Ok(e) if matches(&e) => return true,
+                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+                }
+            }
+        })
+        .await;
+        if !matches!(waited, Ok(true)) {
+            return Response::Events(Vec::new());
+        }
+    }
+}
+
+/// The run once it is terminal, or as it is when `limit` has passed.
+async fn wait_for_end(p: &PersistenceHandle, id: FlowRunId, limit: Duration) -> Response {
+    let deadline = tokio::time::Instant::now() + limit;
+    let resource = format!("flotilla.flow-run.{id}");
+    // Subscribe before reading, so an end between the two is not missed.
+    let mut events = p.subscribe();
+    loop {
+        let run = match p.flow_run(id).await {
+            Ok(Some(r)) => r,
+            Ok(None) => return refused(ErrorKind::NotFound, format!("no flow run {id}")),
+            Err(e) => return persist_err(e),
+        };
+        if run.lifecycle.state.is_terminal() {
+            return Response::FlowRun(Box::new(run));
+        }
+        loop {
+            match tokio::time::timeout_at(deadline, events.recv()).await {
+                Err(_) => return Response::FlowRun(Box::new(run)),
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
+                Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
+                    return refused(ErrorKind::Unavailable, "the store stopped".to_owned());
+                }
+                Ok(Ok(e)) => {
+                    if e.resource.id() == Some(resource.as_str()) && e.state().is_some_and(State::is_terminal)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn read_request(p: &PersistenceHandle, results: &ResultStore, request: Request) -> Response {
+    let missing = |id: FlowRunId| refused(ErrorKind::NotFound, format!("no flow run {id}"));
+    match request {
+        Request::FlowRun(id) => match p.flow_run(id).await {
+            Ok(Some(r)) => Response::FlowRun(Box::new(r)),
+            Ok(None) => missing(id),
+            Err(e) => persist_err(e),
+        },
+        Request::FlowRuns {
+            state,
+            after,
+            limit,
+            deployment,
+        } => {
+            let filter = match deployment {
+                Some(d) => RunFilter::Deployment(d),
+                None => state.map_or(RunFilter::All, RunFilter::State),
+            };
+            match p.flow_runs(filter, after, (limit as usize).min(PAGE_MAX)).await {
+                Ok(runs) => Response::FlowRuns(runs),
+                Err(e) => persist_err(e),
+            }
+        }
+        Request::TaskRuns(id) => {
+            let mut all = Vec::new();
+            let mut after = None;
+            loop {
+                match p.task_runs(id, after, PAGE_MAX).await {
+                    Ok(page) if page.is_empty() => break,
+                    Ok(page) => {
+                        after = page.last().map(|t| t.id);
+                        all.extend(page);
+                    }
+                    Err(e) => return persist_err(e),
+                }
+            }
+            Response::TaskRuns(all)
+        }
+        Request::History(id) => {
+            let mut all = Vec::new();
+            loop {
+                match p.flow_run_history(id, all.len(), PAGE_MAX).await {
+                    Ok(Some(page)) if page.is_empty() => break,
+                    Ok(Some(page)) => all.extend(page),
+                    Ok(None) => return missing(id),
+                    Err(e) => return persist_err(e),
+                }
+            }
+            Response::History(all)
+        }
+        Request::Logs { run, after, limit } => match p
+            .read(Read::Logs {
+                flow_run: run,
+                after,
+                limit: limit as usize,
+            })
+            .await
+        {
+            Ok(ReadReply::Logs { lines, next }) => Response::Logs { lines, next },
+            Ok(other) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+            Err(e) => persist_err(e),
+        },
+        Request::Result(id) => match p.flow_run(id).await {
+            Ok(Some(r)) => match (&r.lifecycle.state.kind, &r.lifecycle.state.result) {
+                (StateType::Completed, Some(flotilla_runtime::ResultRef::Inline(b))) => {
+                    Response::Result(b.clone())
+                }
+                (StateType::Completed, Some(stored)) => {
+                    let (results, stored) = (results.clone(), stored.clone());
+                    match tokio::task::spawn_blocking(move || results.load(&stored)).await {
+                        Ok(Ok(bytes)) if bytes.len() + 64 <= flotilla_cluster::frame::FRAME_BYTES_MAX => {
+                            Response::Result(bytes)
+                        }
+                        Ok(Ok(bytes)) => refused(
+                            ErrorKind::Refused,
+                            format!(
+                                "the result is {} bytes, more than one answer carries",
+                                bytes.len()
+                            ),
+                        ),
+                        Ok(Err(e)) => refused(ErrorKind::Unavailable, e.to_string()),
+                        Err(e) => refused(ErrorKind::Unavailable, format!("cannot read the result: {e}")),
+                    }
+                }
+                _ => refused(
+                    ErrorKind::Refused,
+                    format!("flow run {id} is {}; it has no result", r.lifecycle.state),
+                ),
+            },
+            Ok(None) => missing(id),
+            Err(e) => persist_err(e),
+        },
+        other => refused(ErrorKind::Protocol, format!("{other:?} is not served here")),
+    }
+}
