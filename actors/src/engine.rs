@@ -109,6 +109,32 @@ pub struct FlowOptions {
     pub resume: bool,
 }
 
+/// The options of the flows a node knows, by name: what a run created on the control node
+/// (by a client, a deployment or the scheduler) takes from its flow.
+#[derive(Clone, Debug, Default)]
+pub struct FlowCatalog(std::sync::Arc<std::collections::HashMap<String, FlowOptions>>);
+
+impl FlowCatalog {
+    /// The catalog of these flows.
+    pub fn of(flows: &[std::sync::Arc<dyn FlowFn>]) -> Self {
+        FlowCatalog(std::sync::Arc::new(
+            flows.iter().map(|f| (f.name().to_owned(), f.options())).collect(),
+        ))
+    }
+
+    /// A new run of `flow` with the flow's retry policy and resume option (the defaults and no
+    /// automatic resume for a flow this node does not know).
+    pub fn apply(&self, new: flotilla_runtime::NewFlowRun) -> flotilla_runtime::NewFlowRun {
+        match self.0.get(&new.flow_name) {
+            Some(o) => {
+                let (retry, resume) = (o.retry.clone(), o.resume);
+                new.with_options(retry, resume)
+            }
+            None => new.with_options(RetryPolicy::default(), false),
+        }
+    }
+}
+
 /// A registered flow: its name, options and body.
 pub trait FlowFn: Send + Sync + 'static {
     /// The registered name.

@@ -94,6 +94,8 @@ pub struct NodeConfig {
     pub schedule: scheduler::ScheduleSettings,
     /// The work queues this node's worker serves (empty: all).
     pub queues: Vec<String>,
+    /// The largest request or reply it takes or sends (bulk data aside).
+    pub message_bytes_max: usize,
 }
 
 impl NodeConfig {
@@ -115,6 +117,7 @@ impl NodeConfig {
             log_to_stderr: true,
             schedule: scheduler::ScheduleSettings::default(),
             queues: Vec::new(),
+            message_bytes_max: frame::MESSAGE_BYTES_DEFAULT,
         }
     }
 }
@@ -210,13 +213,18 @@ async fn serve_node_connection(conn: quinn::Connection, server: ActorRef<NodeSer
 }
 
 /// Serves one client connection: each stream is one request, answered by the control actor
-/// (a shipped result, by the control node's result store).
-async fn serve_client_connection(conn: quinn::Connection, results: Option<ResultStore>) {
+/// (a shipped result, by the control node's result store). A request or reply over the message
+/// limit is answered with `payload_too_large`; the connection stays up.
+async fn serve_client_connection(
+    conn: quinn::Connection,
+    results: Option<ResultStore>,
+    message_bytes_max: usize,
+) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let results = results.clone();
         tokio::spawn(async move {
-            let response = match frame::read::<Envelope, _>(&mut recv).await {
-                Err(e) => Response::Error(WireError::new(ErrorKind::Protocol, format!("a bad request: {e}"))),
+            let response = match read_request(&mut recv, message_bytes_max).await {
+                Err(e) => Response::Error(e),
                 Ok(env) if env.version != PROTOCOL_VERSION => Response::Error(WireError::new(
                     ErrorKind::Protocol,
                     format!(
@@ -230,10 +238,46 @@ async fn serve_client_connection(conn: quinn::Connection, results: Option<Result
                 }) => put_result(results, key, bytes).await,
                 Ok(env) => ask_control(&env.request).await,
             };
-            let _ = frame::write(&mut send, &response).await;
+            let payload = match codec::encode(&response) {
+                // Bulk data (a result's bytes) may use the whole frame; other replies are held
+                // to the message limit.
+                Ok(p) if p.len() > message_bytes_max && !matches!(response, Response::Result(_)) => {
+                    codec::encode(&Response::Error(WireError::too_large(
+                        "the reply",
+                        p.len(),
+                        message_bytes_max,
+                    )))
+                }
+                other => other,
+            };
+            match payload {
+                Ok(p) => {
+                    if let Err(e) = frame::write_payload(&mut send, &p, frame::FRAME_BYTES_MAX).await {
+                        tracing::warn!(error = %e, "cannot send a reply");
+                    }
+                }
+                Err(e) => tracing::error!(error = %e, "cannot encode a reply"),
+            }
             let _ = send.finish();
         });
     }
+}
+
+/// Reads one request, held to the message limit (a shipped result, bulk data, to the frame
+/// limit). An oversized request is refused by its length prefix, before its bytes are read: the
+/// stream's receiving side is stopped, and the reply still goes out.
+async fn read_request(recv: &mut quinn::RecvStream, message_bytes_max: usize) -> Result<Envelope, WireError> {
+    let bad = |e: frame::FrameError| WireError::new(ErrorKind::Protocol, format!("a bad request: {e}"));
+    let len = frame::read_len(recv).await.map_err(bad)?;
+    if len > message_bytes_max.max(frame::FRAME_BYTES_MAX) {
+        let _ = recv.stop(0u32.into());
+        return Err(WireError::too_large("a request", len, message_bytes_max));
+    }
+    let env: Envelope = frame::read_payload(recv, len).await.map_err(bad)?;
+    if len > message_bytes_max && !matches!(env.request, Request::PutResult { .. }) {
+        return Err(WireError::too_large("a request", len, message_bytes_max));
+    }
+    Ok(env)
 }
 
 /// Keeps a shipped result in this (control) node's result store.
@@ -457,6 +501,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                 scheduler::SchedulerArgs {
                     persistence: p.clone(),
                     settings: config.schedule,
+                    flows: crate::engine::FlowCatalog::of(&flows),
                 },
             )
             .await
@@ -473,13 +518,21 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         let local = local.clone();
         let results = (config.role == Role::Control)
             .then(|| ResultStore::new(config.data_dir.join("results"), usize::MAX));
+        let message_bytes_max = config.message_bytes_max;
         tokio::spawn(async move {
-            while let Some((conn, alpn)) = endpoint.accept().await {
-                if alpn == ALPN_NODE {
-                    tokio::spawn(serve_node_connection(conn, server.clone(), local.clone()));
-                } else if alpn == ALPN_CLIENT {
-                    tokio::spawn(serve_client_connection(conn, results.clone()));
-                }
+            // Each handshake on a task of its own: a slow client never stalls the others.
+            while let Some(incoming) = endpoint.accept_incoming().await {
+                let (server, local, results) = (server.clone(), local.clone(), results.clone());
+                tokio::spawn(async move {
+                    let Some((conn, alpn)) = flotilla_cluster::endpoint::handshake(incoming).await else {
+                        return;
+                    };
+                    if alpn == ALPN_NODE {
+                        serve_node_connection(conn, server, local).await;
+                    } else if alpn == ALPN_CLIENT {
+                        serve_client_connection(conn, results, message_bytes_max).await;
+                    }
+                });
             }
         });
     }

@@ -135,16 +135,35 @@ impl Session {
     }
 }
 
-/// One clear line for a client error.
+/// An error with a stable machine-readable code, printed by `--json` as
+/// `{"error": {"code": …, "message": …}}`.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CodedError {
+    /// `not_found`, `conflict`, `invalid`, `payload_too_large`, `forbidden`, `unavailable`…
+    pub code: &'static str,
+    /// One line for a person.
+    pub message: String,
+}
+
+/// The code of an error: its own when it carries one, else `invalid` (the CLI's own checks of
+/// its input).
+pub fn error_code(e: &anyhow::Error) -> &'static str {
+    e.downcast_ref::<CodedError>().map_or("invalid", |c| c.code)
+}
+
+/// One clear line for a client error, with its code.
 pub fn client_error(addr: &str, e: flotilla::Error) -> anyhow::Error {
-    match e {
+    let code = e.code();
+    let message = match e {
         flotilla::Error::Unreachable(m)
             if m.contains("handshake") || m.contains("certificate") || m.contains("Certificate") =>
         {
-            anyhow::anyhow!("certificate rejected talking to {addr}: {m}")
+            format!("certificate rejected talking to {addr}: {m}")
         }
-        flotilla::Error::Unreachable(m) => anyhow::anyhow!("cannot reach node {addr}: {m}"),
-        flotilla::Error::NotFound(id) => anyhow::anyhow!("no such run: {id}"),
-        other => anyhow::anyhow!("{other}"),
-    }
+        flotilla::Error::Unreachable(m) => format!("cannot reach node {addr}: {m}"),
+        flotilla::Error::NotFound(id) => format!("no such run: {id}"),
+        other => other.to_string(),
+    };
+    anyhow::Error::new(CodedError { code, message })
 }

@@ -121,12 +121,19 @@ pub enum DeploymentCmd {
         /// A parameter over the deployment's, key=value.
         #[arg(long = "param", value_name = "KEY=VALUE", conflicts_with = "params_json")]
         params: Vec<String>,
-        /// Parameters over the deployment's, as one JSON object.
+        /// Parameters over the deployment's, as one JSON object (`@FILE` reads it from a file,
+        /// `@-` from standard input).
         #[arg(long)]
         params_json: Option<String>,
+        /// A key of yours: running again with a key already used returns the existing run.
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
         /// Follow the run until it ends.
         #[arg(long)]
         watch: bool,
+        /// Print the run's id as JSON.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -334,7 +341,9 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
         let name = spec.name.clone();
         let before = match s.client.deployment(&name).await {
             Ok(d) => Some(d),
-            Err(flotilla::Error::Rejected(_)) => None,
+            Err(flotilla::Error::Cluster {
+                code: "not_found", ..
+            }) => None,
             Err(e) => return Err(s.fail(e)),
         };
         let what = match &before {
@@ -383,7 +392,9 @@ pub async fn run(cmd: DeploymentCmd) -> anyhow::Result<bool> {
                 Ok(_) => anyhow::bail!(
                     "a deployment named {name:?} exists (change it with set-schedule, pause, resume, or deploy -f)"
                 ),
-                Err(flotilla::Error::Rejected(_)) => {}
+                Err(flotilla::Error::Cluster {
+                    code: "not_found", ..
+                }) => {}
                 Err(e) => return Err(s.fail(e)),
             }
             let d = s.client.put_deployment(spec).await.map_err(|e| s.fail(e))?;
@@ -469,13 +480,23 @@ pub async fn run(cmd: DeploymentCmd) -> anyhow::Result<bool> {
             name,
             params,
             params_json,
+            idempotency_key,
             watch,
+            json,
             conn,
         } => {
             let p = parameters(&params, params_json.as_deref())?;
             let s = conn.connect().await?;
-            let id = s.client.run_deployment(&name, p).await.map_err(|e| s.fail(e))?;
-            println!("{id}");
+            let id = match idempotency_key.as_deref() {
+                Some(key) => s.client.run_deployment_with_key(&name, p, key).await,
+                None => s.client.run_deployment(&name, p).await,
+            }
+            .map_err(|e| s.fail(e))?;
+            if json {
+                println!("{}", serde_json::json!({ "id": id.to_string() }));
+            } else {
+                println!("{id}");
+            }
             if watch {
                 return crate::flow_run::watch(&s, id).await;
             }

@@ -19,9 +19,14 @@ pub enum FlowRunCmd {
         /// A parameter, key=value (the value read as JSON when it parses, else as a string).
         #[arg(long = "param", value_name = "KEY=VALUE", conflicts_with = "params_json")]
         params: Vec<String>,
-        /// Every parameter as one JSON object.
+        /// Every parameter as one JSON object (`@FILE` reads it from a file, `@-` from
+        /// standard input).
         #[arg(long, value_name = "JSON")]
         params_json: Option<String>,
+        /// A key of yours: creating again with a key already used returns the existing run
+        /// (remembered as long as the run exists).
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
         /// Follow the run until it ends (as `flow-run watch`).
         #[arg(long)]
         watch: bool,
@@ -101,11 +106,37 @@ fn run_id(s: &str) -> anyhow::Result<FlowRunId> {
         .map_err(|e| anyhow::anyhow!("{s:?} is not a flow run id: {e}"))
 }
 
-/// The parameters from `--param k=v…` or `--params-json`.
+/// The most `--params-json @FILE` reads (the node refuses what is over its message limit).
+const PARAMS_FILE_BYTES_MAX: u64 = 256 * 1024 * 1024;
+
+/// The text of `--params-json`: as given, or read from `@FILE` (`@-`: standard input).
+fn params_text(arg: &str) -> anyhow::Result<std::borrow::Cow<'_, str>> {
+    use std::io::Read;
+    let Some(path) = arg.strip_prefix('@') else {
+        return Ok(std::borrow::Cow::Borrowed(arg));
+    };
+    let mut text = String::new();
+    let read = if path == "-" {
+        std::io::stdin()
+            .take(PARAMS_FILE_BYTES_MAX + 1)
+            .read_to_string(&mut text)
+    } else {
+        std::fs::File::open(path).and_then(|f| f.take(PARAMS_FILE_BYTES_MAX + 1).read_to_string(&mut text))
+    };
+    read.map_err(|e| anyhow::anyhow!("--params-json {arg}: cannot read it: {e}"))?;
+    anyhow::ensure!(
+        text.len() as u64 <= PARAMS_FILE_BYTES_MAX,
+        "--params-json {arg}: over {PARAMS_FILE_BYTES_MAX} bytes"
+    );
+    Ok(std::borrow::Cow::Owned(text))
+}
+
+/// The parameters from `--param k=v…` or `--params-json` (JSON, `@FILE` or `@-`).
 pub(crate) fn parameters(params: &[String], json: Option<&str>) -> anyhow::Result<serde_json::Value> {
     if let Some(j) = json {
+        let text = params_text(j)?;
         let v: serde_json::Value =
-            serde_json::from_str(j).map_err(|e| anyhow::anyhow!("--params-json is not JSON: {e}"))?;
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--params-json is not JSON: {e}"))?;
         anyhow::ensure!(
             v.is_object(),
             "--params-json must be a JSON object, such as {{\"count\": 3}}"
@@ -132,13 +163,18 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
             flow,
             params,
             params_json,
+            idempotency_key,
             watch: follow,
             json,
             conn,
         } => {
             let params = parameters(&params, params_json.as_deref())?;
             let s = conn.connect().await?;
-            let id = s.client.run(&flow, params).await.map_err(|e| s.fail(e))?;
+            let id = match idempotency_key.as_deref() {
+                Some(key) => s.client.run_with_key(&flow, params, key).await,
+                None => s.client.run(&flow, params).await,
+            }
+            .map_err(|e| s.fail(e))?;
             if json {
                 println!("{}", serde_json::json!({ "id": id.to_string() }));
             } else {

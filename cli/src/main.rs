@@ -74,6 +74,7 @@ fn init_tracing() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = std::env::args().any(|a| a == "--json");
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -100,6 +101,12 @@ fn main() -> ExitCode {
     match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
+        Err(e) if json => {
+            // Scripts read one JSON object on stdout, the same shape for every failure.
+            let v = serde_json::json!({ "error": { "code": config::error_code(&e), "message": format!("{e:#}") } });
+            println!("{v}");
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE

@@ -143,26 +143,41 @@ impl QuicEndpoint {
     /// handshakes (a certificate the CA did not sign, among others) are logged with the reason.
     pub async fn accept(&self) -> Option<(quinn::Connection, Vec<u8>)> {
         loop {
-            let incoming = self.endpoint.accept().await?;
-            let remote = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => {
-                    let alpn = conn
-                        .handshake_data()
-                        .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
-                        .and_then(|d| d.protocol)
-                        .unwrap_or_default();
-                    return Some((conn, alpn));
-                }
-                Err(e) => {
-                    tracing::warn!(peer = %remote, reason = %e, "refused a connection at the TLS handshake");
-                }
+            let incoming = self.accept_incoming().await?;
+            if let Some(accepted) = handshake(incoming).await {
+                return Some(accepted);
             }
         }
+    }
+
+    /// The next incoming connection, before its TLS handshake: a server hands each to a task
+    /// of its own ([`handshake`]) so that a slow client never stalls the others.
+    pub async fn accept_incoming(&self) -> Option<quinn::Incoming> {
+        self.endpoint.accept().await
     }
 
     /// Closes the endpoint.
     pub fn close(&self) {
         self.endpoint.close(0u32.into(), b"shutting down");
+    }
+}
+
+/// Completes an incoming connection's TLS handshake: the connection and its ALPN protocol, or
+/// None (and a log line) when the handshake failed.
+pub async fn handshake(incoming: quinn::Incoming) -> Option<(quinn::Connection, Vec<u8>)> {
+    let remote = incoming.remote_address();
+    match incoming.await {
+        Ok(conn) => {
+            let alpn = conn
+                .handshake_data()
+                .and_then(|d| d.downcast::<quinn::crypto::rustls::HandshakeData>().ok())
+                .and_then(|d| d.protocol)
+                .unwrap_or_default();
+            Some((conn, alpn))
+        }
+        Err(e) => {
+            tracing::warn!(peer = %remote, reason = %e, "refused a connection at the TLS handshake");
+            None
+        }
     }
 }

@@ -3,8 +3,12 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// The largest frame accepted.
+/// The largest frame accepted: bulk data (a shipped result) may use it all; every other
+/// message is held to the node's message limit ([`MESSAGE_BYTES_DEFAULT`] by default).
 pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+
+/// The default message limit: a request or reply over it is refused with `payload_too_large`.
+pub const MESSAGE_BYTES_DEFAULT: usize = 1024 * 1024;
 
 /// A frame that cannot be read.
 #[derive(Debug, thiserror::Error)]
@@ -32,29 +36,60 @@ pub async fn write<T: serde::Serialize, W: AsyncWrite + Unpin>(
     w: &mut W,
     value: &T,
 ) -> Result<(), FrameError> {
+    write_limited(w, value, FRAME_BYTES_MAX).await
+}
+
+/// Writes one value as a frame of at most `max` bytes. A client sends requests with no limit
+/// of its own (up to 4 GiB) so that the node, which knows its limit, refuses an oversized one
+/// with `payload_too_large` naming both sizes.
+pub async fn write_limited<T: serde::Serialize, W: AsyncWrite + Unpin>(
+    w: &mut W,
+    value: &T,
+    max: usize,
+) -> Result<(), FrameError> {
     let payload = flotilla_runtime::codec::encode(value)?;
-    if payload.len() > FRAME_BYTES_MAX {
+    write_payload(w, &payload, max).await
+}
+
+/// Writes an encoded value as a frame of at most `max` bytes.
+pub async fn write_payload<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    payload: &[u8],
+    max: usize,
+) -> Result<(), FrameError> {
+    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge(payload.len()))?;
+    if payload.len() > max {
         return Err(FrameError::TooLarge(payload.len()));
     }
-    let mut buf = Vec::with_capacity(payload.len() + 4);
-    buf.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    buf.extend_from_slice(&payload);
-    w.write_all(&buf).await?;
+    w.write_all(&len.to_be_bytes()).await?;
+    w.write_all(payload).await?;
     Ok(())
 }
 
 /// Reads one frame's value.
 pub async fn read<T: serde::de::DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R) -> Result<T, FrameError> {
-    let mut len = [0u8; 4];
-    match r.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(FrameError::End),
-        Err(e) => return Err(e.into()),
-    }
-    let len = u32::from_be_bytes(len) as usize;
+    let len = read_len(r).await?;
     if len > FRAME_BYTES_MAX {
         return Err(FrameError::TooLarge(len));
     }
+    read_payload(r, len).await
+}
+
+/// Reads a frame's length prefix (the caller decides whether to read a payload that long).
+pub async fn read_len<R: AsyncRead + Unpin>(r: &mut R) -> Result<usize, FrameError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => Ok(u32::from_be_bytes(len) as usize),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(FrameError::End),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads a payload of `len` bytes (already checked against a limit) and decodes it.
+pub async fn read_payload<T: serde::de::DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    len: usize,
+) -> Result<T, FrameError> {
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload).await?;
     Ok(flotilla_runtime::codec::decode(&payload)?)

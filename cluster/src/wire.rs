@@ -34,6 +34,13 @@ pub enum Request {
         flow: String,
         /// Its parameters, as a JSON object.
         params: serde_json::Value,
+        /// The run's id, chosen once by the client and sent again on a retry: a resent request
+        /// returns the run the first one made.
+        #[serde(default)]
+        id: Option<FlowRunId>,
+        /// The user's key: a run created with a key already used is the existing run.
+        #[serde(default)]
+        idempotency_key: Option<String>,
     },
     /// One flow run.
     FlowRun(FlowRunId),
@@ -97,6 +104,12 @@ pub enum Request {
         name: String,
         /// Parameters over the deployment's (a JSON object, or null).
         params: serde_json::Value,
+        /// The run's id, chosen once by the client and sent again on a retry.
+        #[serde(default)]
+        id: Option<FlowRunId>,
+        /// The user's key: a run created with a key already used is the existing run.
+        #[serde(default)]
+        idempotency_key: Option<String>,
     },
     /// Figures about the scheduler.
     SchedulerStats,
@@ -140,17 +153,65 @@ pub enum Request {
     },
 }
 
-/// How a failed request failed.
+/// How a failed request failed. Each kind has a stable machine-readable [`ErrorKind::code`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorKind {
-    /// The thing asked about does not exist.
+    /// The thing asked about does not exist (`not_found`).
     NotFound,
-    /// The request was turned down (a rule, bad parameters, an unknown flow…).
+    /// The request was turned down by a rule (`refused`).
     Refused,
-    /// The cluster cannot serve it now (no control node, no node runs the flow…).
+    /// The cluster cannot serve it now (no control node, no node runs the flow…)
+    /// (`unavailable`).
     Unavailable,
-    /// The request does not make sense (another protocol version…).
+    /// The request does not make sense (another protocol version…) (`protocol`).
     Protocol,
+    /// It collides with what exists (a name taken, a run in the wrong state) (`conflict`).
+    Conflict,
+    /// Bad input: parameters, names, values out of range (`invalid`).
+    Invalid,
+    /// Over the node's message limit (`payload_too_large`).
+    PayloadTooLarge,
+    /// Not allowed for this certificate (`forbidden`).
+    Forbidden,
+}
+
+impl ErrorKind {
+    /// The stable code printed by the CLI's `--json` (`{"error": {"code", "message"}}`).
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::NotFound => "not_found",
+            ErrorKind::Refused => "refused",
+            ErrorKind::Unavailable => "unavailable",
+            ErrorKind::Protocol => "protocol",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Invalid => "invalid",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::Forbidden => "forbidden",
+        }
+    }
+
+    /// The kind of a refusal by the control state's rules.
+    pub fn of_refusal(r: &flotilla_runtime::Refusal) -> ErrorKind {
+        use flotilla_runtime::Refusal;
+        match r {
+            Refusal::FlowRunNotFound(_) | Refusal::TaskRunNotFound(_) | Refusal::WorkQueueNotFound(_) => {
+                ErrorKind::NotFound
+            }
+            Refusal::DeploymentNameTaken { .. }
+            | Refusal::WorkQueueExists(_)
+            | Refusal::StaleEpoch { .. }
+            | Refusal::FlowRunNotRunning { .. }
+            | Refusal::NotRetriable(_) => ErrorKind::Conflict,
+            Refusal::Invalid(_) => ErrorKind::Invalid,
+            _ => ErrorKind::Refused,
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
 }
 
 /// An error, as sent.
@@ -164,6 +225,16 @@ pub struct WireError {
 }
 
 impl WireError {
+    /// A request or reply over the message limit.
+    pub fn too_large(what: &str, size: usize, limit: usize) -> Self {
+        WireError::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "{what} of {size} bytes is over the message limit of {limit} bytes (send large inputs as a result or in smaller pieces)"
+            ),
+        )
+    }
+
     /// An error of a kind.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         WireError {

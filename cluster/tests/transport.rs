@@ -183,6 +183,8 @@ async fn a_stream_cut_anywhere_is_an_error_not_a_hang() {
         request: Request::RunFlow {
             flow: "f".into(),
             params: serde_json::json!({"a": [1, 2, 3]}),
+            id: None,
+            idempotency_key: Some("k".into()),
         },
     };
     let mut whole = Vec::new();

@@ -151,6 +151,11 @@ pub enum Reply {
         /// False when it replaced one.
         created: bool,
     },
+    /// A work queue as it is after an edit.
+    WorkQueueEdited {
+        /// The queue.
+        queue: crate::work_queue::WorkQueue,
+    },
     /// A setting was deleted.
     SettingDeleted {
         /// Whether it existed.
@@ -205,6 +210,12 @@ pub enum Refusal {
     /// The command is malformed.
     #[error("invalid command: {0}")]
     Invalid(String),
+    /// No such work queue.
+    #[error("no work queue named {0:?}")]
+    WorkQueueNotFound(String),
+    /// A work queue by that name exists already.
+    #[error("a work queue named {0:?} exists already")]
+    WorkQueueExists(String),
 }
 
 impl From<RetryRefusal> for Refusal {
@@ -288,6 +299,7 @@ fn apply_with(view: &mut impl StateView, command: Command, at: ApplyContext, rec
         Command::AppendEvent(e) => tx.append_event(view, e),
         Command::PutSetting { setting, .. } => tx.put_setting(view, setting),
         Command::DeleteSetting { key, .. } => tx.delete_setting(view, key),
+        Command::EditWorkQueue { name, id, edit, .. } => tx.edit_work_queue(view, &name, id, edit),
     }
 }
 

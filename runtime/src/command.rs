@@ -62,6 +62,74 @@ fn yes() -> bool {
     true
 }
 
+impl NewFlowRun {
+    /// A new run of `flow_name`, due now, with the default options: the one constructor of a
+    /// new flow run, used by the SDK, `flow-run create`, deployments and the scheduler alike.
+    pub fn new(id: FlowRunId, flow_name: impl Into<String>, parameters: serde_json::Value) -> Self {
+        NewFlowRun {
+            id,
+            flow_name: flow_name.into(),
+            parameters,
+            deployment_id: None,
+            parent_task_run: None,
+            idempotency_key: None,
+            tags: Vec::new(),
+            work_queue: None,
+            retry_policy: RetryPolicy::default(),
+            resume: true,
+            scheduled_time: None,
+        }
+    }
+
+    /// A run of a deployment: its flow, its parameters under `overrides` (a JSON object's keys
+    /// replace the deployment's), its tags and its work queue.
+    pub fn of_deployment(id: FlowRunId, d: &Deployment, overrides: &serde_json::Value) -> Self {
+        NewFlowRun {
+            deployment_id: Some(d.id),
+            tags: d.tags.clone(),
+            work_queue: d.work_queue.clone(),
+            ..NewFlowRun::new(id, d.flow_name.clone(), merge_params(&d.parameters, overrides))
+        }
+    }
+
+    /// With the flow's own options: its retry policy and whether a crash resumes it.
+    pub fn with_options(self, retry_policy: RetryPolicy, resume: bool) -> Self {
+        NewFlowRun {
+            retry_policy,
+            resume,
+            ..self
+        }
+    }
+
+    /// With a key: creating again with it returns the existing run.
+    pub fn with_key(self, key: Option<String>) -> Self {
+        NewFlowRun {
+            idempotency_key: key,
+            ..self
+        }
+    }
+
+    /// Due at `t`.
+    pub fn due_at(self, t: Timestamp) -> Self {
+        NewFlowRun {
+            scheduled_time: Some(t),
+            ..self
+        }
+    }
+}
+
+/// Parameters over a base: the keys of `over` (a JSON object) replace those of `base`; the
+/// result is always an object.
+pub fn merge_params(base: &serde_json::Value, over: &serde_json::Value) -> serde_json::Value {
+    let mut m = base.as_object().cloned().unwrap_or_default();
+    if let Some(o) = over.as_object() {
+        for (k, v) in o {
+            m.insert(k.clone(), v.clone());
+        }
+    }
+    serde_json::Value::Object(m)
+}
+
 /// A new task run (one call of a task in a flow run).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct NewTaskRun {
@@ -192,6 +260,17 @@ pub enum Command {
         /// When the requester made the change (with the key, what makes it idempotent).
         at: Timestamp,
     },
+    /// Change one field of a work queue (or create it), applied to the queue as it is then.
+    EditWorkQueue {
+        /// The queue's name.
+        name: String,
+        /// Its id if this creates it.
+        id: crate::ids::WorkQueueId,
+        /// The change.
+        edit: crate::work_queue::QueueEdit,
+        /// When the requester asked (with the name and field, what makes it idempotent).
+        at: Timestamp,
+    },
     /// Delete a work queue or a tag limit.
     DeleteSetting {
         /// Its key (`work-queue/NAME`, `concurrency-limit/TAG`).
@@ -272,6 +351,10 @@ impl Command {
             Command::AppendEvent(e) => IdempotencyKey::Event(e.id),
             Command::PutSetting { setting, at } => IdempotencyKey::Setting(setting.key(), *at),
             Command::DeleteSetting { key, at } => IdempotencyKey::DeleteSetting(key.clone(), *at),
+            Command::EditWorkQueue { name, edit, at, .. } => IdempotencyKey::Setting(
+                format!("{}/{}", crate::work_queue::queue_key(name), edit.field()),
+                *at,
+            ),
         }
     }
 
@@ -292,6 +375,7 @@ impl Command {
             Command::AppendEvent(_) => "append-event",
             Command::PutSetting { .. } => "put-setting",
             Command::DeleteSetting { .. } => "delete-setting",
+            Command::EditWorkQueue { .. } => "edit-work-queue",
         }
     }
 }

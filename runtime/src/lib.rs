@@ -49,4 +49,4 @@ pub use state::{ResultRef, State, StateDetails, StateName, StateType};
 pub use task_run::{TaskRun, TaskRunKey};
 pub use time::Timestamp;
 pub use view::{MemState, StateView};
-pub use work_queue::{DEFAULT_QUEUE, Setting, WorkQueue};
+pub use work_queue::{DEFAULT_QUEUE, QueueEdit, Setting, WorkQueue};

@@ -21,6 +21,76 @@ pub struct WorkQueue {
     pub paused: bool,
 }
 
+/// One change to one work queue, applied in order with every other change to it (so two
+/// changes sent at once never overwrite each other).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum QueueEdit {
+    /// Create it (refused if it exists).
+    Create {
+        /// 1 is the highest.
+        priority: u32,
+        /// At most this many of its runs at once.
+        concurrency_limit: Option<u32>,
+        /// Created paused.
+        paused: bool,
+    },
+    /// Hand out nothing.
+    Pause,
+    /// Hand out again.
+    Resume,
+    /// Change (or, with None, lift) its concurrency limit.
+    SetConcurrencyLimit(Option<u32>),
+    /// Change its priority.
+    SetPriority(u32),
+}
+
+impl QueueEdit {
+    /// The queue after this edit (`current` is None when it does not exist).
+    pub fn edit(&self, current: Option<&WorkQueue>, name: &str, id: WorkQueueId) -> Option<WorkQueue> {
+        let base = || WorkQueue {
+            id,
+            name: name.to_owned(),
+            priority: 1,
+            concurrency_limit: None,
+            paused: false,
+        };
+        let mut q = match (self, current) {
+            (QueueEdit::Create { .. }, Some(_)) => return None,
+            (QueueEdit::Create { .. }, None) => base(),
+            (_, Some(q)) => q.clone(),
+            // The default queue exists before anyone creates it.
+            (_, None) if name == DEFAULT_QUEUE => base(),
+            (_, None) => return None,
+        };
+        match *self {
+            QueueEdit::Create {
+                priority,
+                concurrency_limit,
+                paused,
+            } => {
+                q.priority = priority;
+                q.concurrency_limit = concurrency_limit;
+                q.paused = paused;
+            }
+            QueueEdit::Pause => q.paused = true,
+            QueueEdit::Resume => q.paused = false,
+            QueueEdit::SetConcurrencyLimit(l) => q.concurrency_limit = l,
+            QueueEdit::SetPriority(p) => q.priority = p,
+        }
+        Some(q)
+    }
+
+    /// A short name of the field it changes.
+    pub fn field(&self) -> &'static str {
+        match self {
+            QueueEdit::Create { .. } => "create",
+            QueueEdit::Pause | QueueEdit::Resume => "paused",
+            QueueEdit::SetConcurrencyLimit(_) => "concurrency-limit",
+            QueueEdit::SetPriority(_) => "priority",
+        }
+    }
+}
+
 /// The queue a run without one goes to.
 pub const DEFAULT_QUEUE: &str = "default";
 

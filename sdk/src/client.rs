@@ -17,11 +17,11 @@ use tokio::sync::broadcast;
 
 use crate::error::Error;
 
-fn now() -> Timestamp {
+pub(crate) fn now() -> Timestamp {
     Timestamp::from(chrono::Utc::now())
 }
 
-fn rng() -> SmallRng {
+pub(crate) fn rng() -> SmallRng {
     SmallRng::seed_from_u64(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -156,7 +156,18 @@ impl Client {
 
     /// An ad-hoc run of a deployment, `params` over its parameters.
     pub async fn run_deployment(&self, name: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
-        self.remote_only()?.run_deployment(name, params).await
+        self.remote_only()?.run_deployment(name, params, None).await
+    }
+
+    /// As [`Client::run_deployment`], under the user's idempotency key: a key already used
+    /// returns the existing run.
+    pub async fn run_deployment_with_key(
+        &self,
+        name: &str,
+        params: serde_json::Value,
+        key: &str,
+    ) -> Result<FlowRunId, Error> {
+        self.remote_only()?.run_deployment(name, params, Some(key)).await
     }
 
     /// The scheduler's figures.
@@ -218,7 +229,19 @@ impl Client {
     /// Creates a run of the flow `flow` with JSON `params` (an object of the flow's arguments
     /// by name) and has a node run it. Returns at once with the run's id.
     pub async fn run(&self, flow: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
-        dispatch!(self, run(flow, params))
+        dispatch!(self, run(flow, params, None))
+    }
+
+    /// As [`Client::run`], under the user's idempotency key: a run created with a key already
+    /// used is the existing run (its id is returned, nothing new runs). A key is remembered as
+    /// long as its run exists.
+    pub async fn run_with_key(
+        &self,
+        flow: &str,
+        params: serde_json::Value,
+        key: &str,
+    ) -> Result<FlowRunId, Error> {
+        dispatch!(self, run(flow, params, Some(key)))
     }
 
     /// Runs a flow and waits for it to finish; returns the finished run.
@@ -350,7 +373,12 @@ impl Client {
 impl Local {
     /// Creates a run of the flow `flow` with JSON `params` (an object of the flow's arguments
     /// by name) and has this node run it. Returns at once with the run's id.
-    async fn run(&self, flow: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
+    async fn run(
+        &self,
+        flow: &str,
+        params: serde_json::Value,
+        key: Option<&str>,
+    ) -> Result<FlowRunId, Error> {
         let Some(f) = self.engine.flow(flow) else {
             return Err(Error::UnknownFlow {
                 name: flow.to_owned(),
@@ -365,29 +393,20 @@ impl Local {
         f.check_params(&params).map_err(Error::Parameters)?;
         let options = f.options();
         let id = FlowRunId::new(now(), &mut rng());
-        let reply = self
-            .persistence
-            .submit(Command::CreateFlowRun(NewFlowRun {
-                id,
-                flow_name: flow.to_owned(),
-                parameters: params,
-                deployment_id: None,
-                parent_task_run: None,
-                idempotency_key: None,
-                tags: vec![],
-                work_queue: None,
-                retry_policy: options.retry,
-                resume: options.resume,
-                scheduled_time: None,
-            }))
-            .await??;
-        let Reply::FlowRunCreated { run, .. } = reply else {
+        let new = NewFlowRun::new(id, flow, params)
+            .with_options(options.retry, options.resume)
+            .with_key(key.map(str::to_owned));
+        let reply = self.persistence.submit(Command::CreateFlowRun(new)).await??;
+        let Reply::FlowRunCreated { run, created } = reply else {
             return Err(Error::NoResult {
                 run: id,
                 reason: format!("unexpected answer {reply:?}"),
             });
         };
-        self.engine.run(run.id)?;
+        // A run that existed under the key was started when it was made.
+        if created {
+            self.engine.run(run.id)?;
+        }
         Ok(run.id)
     }
 

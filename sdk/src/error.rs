@@ -140,4 +140,38 @@ pub enum Error {
     /// The node answered something this client does not understand.
     #[error("protocol error: {0}")]
     Protocol(String),
+    /// The cluster turned the request down, with a stable code (`not_found`, `conflict`,
+    /// `invalid`, `payload_too_large`, `forbidden`, `refused`).
+    #[error("{message}")]
+    Cluster {
+        /// The stable machine-readable code.
+        code: &'static str,
+        /// One line that says what happened.
+        message: String,
+    },
+}
+
+impl Error {
+    /// A stable machine-readable code for this error: `not_found`, `conflict`, `invalid`,
+    /// `payload_too_large`, `forbidden`, `unavailable`, `refused`, `timeout`, `protocol`.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::NotFound(_) | Error::NoResult { .. } => "not_found",
+            Error::UnknownFlow { .. } | Error::Parameters(_) => "invalid",
+            Error::Refused(r) => match r {
+                Refusal::FlowRunNotFound(_) | Refusal::TaskRunNotFound(_) | Refusal::WorkQueueNotFound(_) => {
+                    "not_found"
+                }
+                Refusal::Invalid(_) => "invalid",
+                _ => "conflict",
+            },
+            Error::Storage(_) | Error::Engine(_) | Error::Unreachable(_) | Error::Unavailable(_) => {
+                "unavailable"
+            }
+            Error::Timeout(_) => "timeout",
+            Error::Rejected(_) => "refused",
+            Error::Protocol(_) => "protocol",
+            Error::Cluster { code, .. } => code,
+        }
+    }
 }

@@ -50,9 +50,12 @@ async fn resolve(addr: &str) -> Result<(SocketAddr, String), Error> {
 fn wire_error(e: WireError, run: Option<FlowRunId>) -> Error {
     match (e.kind, run) {
         (ErrorKind::NotFound, Some(id)) if e.message.starts_with("no flow run") => Error::NotFound(id),
-        (ErrorKind::NotFound | ErrorKind::Refused, _) => Error::Rejected(e.message),
         (ErrorKind::Unavailable, _) => Error::Unavailable(e.message),
         (ErrorKind::Protocol, _) => Error::Protocol(e.message),
+        (kind, _) => Error::Cluster {
+            code: kind.code(),
+            message: e.message,
+        },
     }
 }
 
@@ -113,13 +116,16 @@ impl Remote {
             let conn = self.connection().await?;
             let exchange = async {
                 let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-                frame::write(&mut send, &envelope)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                send.finish().map_err(|e| e.to_string())?;
-                frame::read::<Response, _>(&mut recv)
-                    .await
-                    .map_err(|e| e.to_string())
+                // No limit of our own: the node refuses an oversized request by its length
+                // prefix, stops reading, and still answers why.
+                let written = frame::write_limited(&mut send, &envelope, u32::MAX as usize).await;
+                if written.is_ok() {
+                    let _ = send.finish();
+                }
+                match frame::read::<Response, _>(&mut recv).await {
+                    Ok(r) => Ok(r),
+                    Err(e) => Err(written.err().map_or_else(|| e.to_string(), |w| w.to_string())),
+                }
             };
             match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
                 Ok(Ok(Response::Error(e))) => return Err(wire_error(e, run)),
@@ -142,17 +148,21 @@ impl Remote {
         }
     }
 
-    pub(crate) async fn run(&self, flow: &str, params: serde_json::Value) -> Result<FlowRunId, Error> {
-        match self
-            .ask(
-                Request::RunFlow {
-                    flow: flow.to_owned(),
-                    params,
-                },
-                None,
-            )
-            .await?
-        {
+    pub(crate) async fn run(
+        &self,
+        flow: &str,
+        params: serde_json::Value,
+        key: Option<&str>,
+    ) -> Result<FlowRunId, Error> {
+        // The run's id is chosen here, once: a resend of the request carries it again, and the
+        // node returns the run the first one made.
+        let request = Request::RunFlow {
+            flow: flow.to_owned(),
+            params,
+            id: Some(FlowRunId::new(crate::client::now(), &mut crate::client::rng())),
+            idempotency_key: key.map(str::to_owned),
+        };
+        match self.ask(request, None).await? {
             Response::Ran(id) => Ok(id),
             other => Err(unexpected(&other)),
         }
@@ -259,7 +269,7 @@ impl Remote {
         match self.ask(Request::Result(id), Some(id)).await {
             Ok(Response::Result(b)) => Ok(b),
             Ok(other) => Err(unexpected(&other)),
-            Err(Error::Rejected(reason) | Error::Unavailable(reason)) => {
+            Err(Error::Cluster { message: reason, .. } | Error::Unavailable(reason)) => {
                 Err(Error::NoResult { run: id, reason })
             }
             Err(e) => Err(e),
@@ -330,17 +340,15 @@ impl Remote {
         &self,
         name: &str,
         params: serde_json::Value,
+        key: Option<&str>,
     ) -> Result<FlowRunId, Error> {
-        match self
-            .ask(
-                Request::RunDeployment {
-                    name: name.to_owned(),
-                    params,
-                },
-                None,
-            )
-            .await?
-        {
+        let request = Request::RunDeployment {
+            name: name.to_owned(),
+            params,
+            id: Some(FlowRunId::new(crate::client::now(), &mut crate::client::rng())),
+            idempotency_key: key.map(str::to_owned),
+        };
+        match self.ask(request, None).await? {
             Response::Ran(id) => Ok(id),
             other => Err(unexpected(&other)),
         }

@@ -114,6 +114,8 @@ pub struct ControlState {
     /// The flows this node knows: their parameters are checked and their options applied when
     /// a run is created (a flow only other nodes know is checked when it runs).
     flows: std::collections::HashMap<String, Arc<dyn FlowFn>>,
+    /// Their options, which the runs made here take.
+    catalog: crate::engine::FlowCatalog,
     /// Runs due, by queue and deployment, and those running: placed as soon as a node can
     /// take them and their limits let them.
     dispatch: Dispatch,
@@ -520,6 +522,7 @@ impl Actor for Control {
             members: BTreeMap::new(),
             settings: args.settings,
             rng: SmallRng::seed_from_u64(now().as_micros() as u64),
+            catalog: crate::engine::FlowCatalog::of(&args.flows),
             flows: args.flows.into_iter().map(|f| (f.name().to_owned(), f)).collect(),
             dispatch: Dispatch::default(),
             slots: Slots::default(),

@@ -116,6 +116,8 @@ pub struct SchedulerState {
     armed: Option<Timestamp>,
     rng: SmallRng,
     stats: SchedulerStats,
+    /// The options of the flows this node knows (its runs take them).
+    flows: crate::engine::FlowCatalog,
 }
 
 impl std::fmt::Debug for SchedulerState {
@@ -149,16 +151,7 @@ fn parse_key(k: &str) -> Option<(usize, Timestamp, Timestamp)> {
     Some((i, Timestamp::from_micros(version), Timestamp::from_micros(t)))
 }
 
-/// Parameters of a schedule's runs: the deployment's, the schedule's over them.
-pub fn merge_params(base: &serde_json::Value, over: &serde_json::Value) -> serde_json::Value {
-    let mut m = base.as_object().cloned().unwrap_or_default();
-    if let Some(o) = over.as_object() {
-        for (k, v) in o {
-            m.insert(k.clone(), v.clone());
-        }
-    }
-    serde_json::Value::Object(m)
-}
+pub use flotilla_runtime::command::merge_params;
 
 /// The CPU time of the thread handling a message (its wall time if the handler moved to
 /// another thread across an await).
@@ -210,6 +203,8 @@ pub struct SchedulerArgs {
     pub persistence: PersistenceHandle,
     /// How far ahead.
     pub settings: ScheduleSettings,
+    /// The options of the flows this node knows.
+    pub flows: crate::engine::FlowCatalog,
 }
 
 impl SchedulerState {
@@ -342,19 +337,16 @@ impl SchedulerState {
         let enqueued: Vec<_> = make
             .into_iter()
             .map(|(t, i)| {
-                let cmd = Command::CreateFlowRun(NewFlowRun {
-                    id: FlowRunId::new(t0, &mut self.rng),
-                    flow_name: d.flow_name.clone(),
-                    parameters: merge_params(&d.parameters, &d.schedules[i].parameters),
-                    deployment_id: Some(d.id),
-                    parent_task_run: None,
-                    idempotency_key: Some(key(d, i, t)),
-                    tags: d.tags.clone(),
-                    work_queue: d.work_queue.clone(),
-                    retry_policy: Default::default(),
-                    resume: false,
-                    scheduled_time: Some(t),
-                });
+                let cmd = Command::CreateFlowRun(
+                    self.flows
+                        .apply(NewFlowRun::of_deployment(
+                            FlowRunId::new(t0, &mut self.rng),
+                            d,
+                            &d.schedules[i].parameters,
+                        ))
+                        .with_key(Some(key(d, i, t)))
+                        .due_at(t),
+                );
                 (t, self.persistence.enqueue(cmd))
             })
             .collect();
@@ -484,6 +476,7 @@ impl Actor for Scheduler {
             armed: None,
             rng: SmallRng::seed_from_u64(now().as_micros() as u64 ^ 0x5eed),
             stats: SchedulerStats::default(),
+            flows: args.flows,
         };
         let at = now();
         for d in s.persistence.all_deployments().await? {

@@ -122,6 +122,7 @@ impl StoreJob {
             acc.flow_runs.extend(job.flow_runs);
             acc.task_runs.extend(job.task_runs);
             acc.deployments.extend(job.deployments);
+            acc.settings.extend(job.settings);
             acc.events.extend(job.events);
             acc.ops.extend(job.ops);
         }
@@ -134,6 +135,9 @@ impl StoreJob {
         let mut seen = HashSet::new();
         acc.deployments.reverse();
         acc.deployments.retain(|(id, _)| seen.insert(*id));
+        let mut seen = HashSet::new();
+        acc.settings.reverse();
+        acc.settings.retain(|(key, _)| seen.insert(key.clone()));
         acc
     }
 
@@ -753,6 +757,50 @@ mod tests {
         let found: Event = codec::decode(back.find(&events[3].id).unwrap()).unwrap();
         assert_eq!(found, events[3]);
         assert!(back.find(&event(9).id).is_none());
+    }
+
+    fn queue(name: &str, priority: u32) -> flotilla_runtime::Setting {
+        flotilla_runtime::Setting::WorkQueue(flotilla_runtime::WorkQueue {
+            id: flotilla_runtime::WorkQueueId::from_bytes([0; 16]),
+            name: name.into(),
+            priority,
+            concurrency_limit: None,
+            paused: false,
+        })
+    }
+
+    /// Regression: merging queued jobs dropped every job's settings but the first's, so a
+    /// setting acknowledged under load was never written to the store (and lost on restart once
+    /// the log was truncated past it).
+    #[test]
+    fn merged_jobs_keep_every_jobs_settings_the_latest_winning() {
+        let job = |upto: u64, settings: Vec<(String, Option<flotilla_runtime::Setting>)>| StoreJob {
+            upto: LogIndex::new(upto),
+            settings,
+            ..StoreJob::default()
+        };
+        let merged = StoreJob::merge(vec![
+            job(1, vec![("work-queue/a".into(), Some(queue("a", 1)))]),
+            job(2, vec![("work-queue/b".into(), Some(queue("b", 2)))]),
+            job(
+                3,
+                vec![
+                    ("work-queue/a".into(), Some(queue("a", 3))),
+                    ("work-queue/c".into(), None),
+                ],
+            ),
+        ]);
+        assert_eq!(merged.upto, LogIndex::new(3));
+        let mut got = merged.settings.clone();
+        got.sort_by(|x, y| x.0.cmp(&y.0));
+        assert_eq!(
+            got,
+            vec![
+                ("work-queue/a".to_string(), Some(queue("a", 3))),
+                ("work-queue/b".to_string(), Some(queue("b", 2))),
+                ("work-queue/c".to_string(), None),
+            ]
+        );
     }
 
     #[test]

@@ -85,6 +85,34 @@ impl Tx {
         self.done(Reply::DeploymentPut { created })
     }
 
+    /// One change to one work queue, made to the queue as it is now.
+    pub(super) fn edit_work_queue(
+        self,
+        view: &mut impl StateView,
+        name: &str,
+        id: crate::ids::WorkQueueId,
+        edit: crate::work_queue::QueueEdit,
+    ) -> Outcome {
+        let current = match view.hot().setting(&crate::work_queue::queue_key(name)) {
+            Some(Setting::WorkQueue(q)) => Some(q.clone()),
+            _ => None,
+        };
+        let Some(queue) = edit.edit(current.as_ref(), name, id) else {
+            return Outcome::refused(match current {
+                Some(_) => Refusal::WorkQueueExists(name.to_owned()),
+                None => Refusal::WorkQueueNotFound(name.to_owned()),
+            });
+        };
+        let out = self.put_setting(view, Setting::WorkQueue(queue.clone()));
+        match out.reply {
+            Ok(_) => Outcome {
+                reply: Ok(Reply::WorkQueueEdited { queue }),
+                ..out
+            },
+            Err(_) => out,
+        }
+    }
+
     pub(super) fn put_setting(mut self, view: &mut impl StateView, setting: Setting) -> Outcome {
         let checked =
             check_name(&format!("a {} name", setting.kind()), setting.name()).and_then(|()| match &setting {

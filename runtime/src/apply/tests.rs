@@ -622,3 +622,104 @@ proptest! {
         }
     }
 }
+
+/// Regression: a work-queue change read the whole queue, changed one field and wrote it back,
+/// so two changes to one queue sent at once could undo each other. Each change is now one
+/// command on one field, applied to the queue as it is then.
+#[test]
+fn work_queue_edits_change_one_field_each_in_order() {
+    use crate::work_queue::QueueEdit;
+    let mut w = World::new();
+    let qid = crate::ids::WorkQueueId::from_bytes([7; 16]);
+    let edit = |w: &mut World, edit: QueueEdit| {
+        let at = w.now;
+        w.apply(Command::EditWorkQueue {
+            name: "q".into(),
+            id: qid,
+            edit,
+            at,
+        })
+        .reply
+    };
+    assert!(matches!(
+        edit(&mut w, QueueEdit::Pause),
+        Err(Refusal::WorkQueueNotFound(_))
+    ));
+    edit(
+        &mut w,
+        QueueEdit::Create {
+            priority: 1,
+            concurrency_limit: None,
+            paused: false,
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        edit(
+            &mut w,
+            QueueEdit::Create {
+                priority: 2,
+                concurrency_limit: None,
+                paused: false
+            }
+        ),
+        Err(Refusal::WorkQueueExists(_))
+    ));
+    // Three changes of three fields, as three clients sent them at once.
+    edit(&mut w, QueueEdit::SetPriority(5)).unwrap();
+    edit(&mut w, QueueEdit::SetConcurrencyLimit(Some(3))).unwrap();
+    let last = edit(&mut w, QueueEdit::Pause).unwrap();
+    let want = crate::work_queue::WorkQueue {
+        id: qid,
+        name: "q".into(),
+        priority: 5,
+        concurrency_limit: Some(3),
+        paused: true,
+    };
+    assert_eq!(last, Reply::WorkQueueEdited { queue: want.clone() });
+    assert_eq!(
+        w.state.hot.setting("work-queue/q"),
+        Some(&crate::work_queue::Setting::WorkQueue(want))
+    );
+    assert!(matches!(
+        edit(&mut w, QueueEdit::SetPriority(0)),
+        Err(Refusal::Invalid(_))
+    ));
+    // The default queue can be changed before anyone creates it.
+    let out = w.apply(Command::EditWorkQueue {
+        name: crate::work_queue::DEFAULT_QUEUE.into(),
+        id: qid,
+        edit: QueueEdit::SetPriority(9),
+        at: w.now,
+    });
+    assert!(matches!(out.reply, Ok(Reply::WorkQueueEdited { queue }) if queue.priority == 9));
+}
+
+#[test]
+fn the_one_constructor_takes_a_deployments_parameters_tags_and_queue() {
+    let d = crate::deployment::DeploymentSpec {
+        name: "nightly".into(),
+        flow_name: "etl".into(),
+        parameters: serde_json::json!({"a": 1, "b": 2}),
+        schedules: vec![],
+        work_queue: Some("gpu".into()),
+        tags: vec!["t".into()],
+        concurrency_limit: None,
+        collision: Default::default(),
+        paused: false,
+    }
+    .into_deployment(
+        crate::ids::DeploymentId::from_bytes([3; 16]),
+        None,
+        Timestamp::from_millis(1),
+    );
+    let n = NewFlowRun::of_deployment(fid(9), &d, &serde_json::json!({"b": 3}))
+        .with_options(RetryPolicy::none(), true)
+        .with_key(Some("k".into()));
+    assert_eq!(n.parameters, serde_json::json!({"a": 1, "b": 3}));
+    assert_eq!(n.deployment_id, Some(d.id));
+    assert_eq!(n.work_queue.as_deref(), Some("gpu"));
+    assert_eq!(n.tags, vec!["t".to_string()]);
+    assert_eq!(n.idempotency_key.as_deref(), Some("k"));
+    assert!(n.resume);
+}

@@ -29,25 +29,25 @@ impl ControlState {
                     answer(reply, Response::Done);
                 }
             },
-            Request::RunFlow { flow, params } => {
+            Request::RunFlow {
+                flow,
+                params,
+                id,
+                idempotency_key,
+            } => {
                 let params = if params.is_null() {
                     serde_json::json!({})
                 } else {
                     params
                 };
-                let (retry_policy, resume) = match self.flows.get(&flow) {
-                    Some(f) => {
-                        if let Err(e) = f.check_params(&params) {
-                            return answer(
-                                reply,
-                                refused(ErrorKind::Refused, format!("invalid parameters: {e}")),
-                            );
-                        }
-                        let o = f.options();
-                        (o.retry, o.resume)
-                    }
-                    None => (Default::default(), false),
-                };
+                if let Some(f) = self.flows.get(&flow)
+                    && let Err(e) = f.check_params(&params)
+                {
+                    return answer(
+                        reply,
+                        refused(ErrorKind::Invalid, format!("invalid parameters: {e}")),
+                    );
+                }
                 let Some(node) = self.place(&flow) else {
                     let known: std::collections::BTreeSet<String> = self
                         .members
@@ -62,31 +62,27 @@ impl ControlState {
                     };
                     return answer(reply, refused(ErrorKind::Unavailable, msg));
                 };
-                let id = FlowRunId::new(now(), &mut self.rng);
+                // The client's id, the same on its retries: a resent request finds its run.
+                let id = id.unwrap_or_else(|| FlowRunId::new(now(), &mut self.rng));
+                let cmd = Command::CreateFlowRun(
+                    self.catalog
+                        .apply(NewFlowRun::new(id, flow, params))
+                        .with_key(idempotency_key),
+                );
                 tokio::spawn(async move {
-                    let cmd = Command::CreateFlowRun(NewFlowRun {
-                        id,
-                        flow_name: flow,
-                        parameters: params,
-                        deployment_id: None,
-                        parent_task_run: None,
-                        idempotency_key: None,
-                        tags: vec![],
-                        work_queue: None,
-                        retry_policy,
-                        resume,
-                        scheduled_time: None,
-                    });
                     let r = match p.submit(cmd).await {
-                        Ok(Ok(Reply::FlowRunCreated { run, .. })) => {
-                            if !send_agent(&node, AgentMsg::Run(run.id.as_bytes().to_vec())) {
+                        Ok(Ok(Reply::FlowRunCreated { run, created })) => {
+                            // A run that existed was handed out when it was made.
+                            if created && !send_agent(&node, AgentMsg::Run(run.id.as_bytes().to_vec())) {
                                 // The node went away: the run waits for another one.
                                 replace(&Placement::plain(run.id, run.flow_name.clone(), now()));
                             }
                             Response::Ran(run.id)
                         }
-                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
-                        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+                        Ok(Ok(other)) => {
+                            refused(ErrorKind::Unavailable, format!("unexpected answer {other:?}"))
+                        }
+                        Ok(Err(refusal)) => refused(ErrorKind::of_refusal(&refusal), refusal.to_string()),
                         Err(e) => persist_err(e),
                     };
                     answer(reply, r);
@@ -118,7 +114,9 @@ impl ControlState {
                             decision: Decision::Abort(r),
                             ..
                         })) => refused(ErrorKind::Refused, r.to_string()),
-                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+                        Ok(Ok(other)) => {
+                            refused(ErrorKind::Unavailable, format!("unexpected answer {other:?}"))
+                        }
                         Ok(Err(refusal)) => not_found_or(refusal),
                         Err(e) => persist_err(e),
                     };
@@ -142,7 +140,9 @@ impl ControlState {
                             }
                             Response::State(state)
                         }
-                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+                        Ok(Ok(other)) => {
+                            refused(ErrorKind::Unavailable, format!("unexpected answer {other:?}"))
+                        }
                         Ok(Err(refusal)) => not_found_or(refusal),
                         Err(e) => persist_err(e),
                     };
@@ -261,7 +261,7 @@ impl ControlState {
                                 tell_scheduler(d.id);
                                 Response::Done
                             }
-                            Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+                            Ok(Err(refusal)) => refused(ErrorKind::of_refusal(&refusal), refusal.to_string()),
                             Err(e) => persist_err(e),
                         },
                         Ok(None) => refused(ErrorKind::NotFound, format!("no deployment named {name:?}")),
@@ -289,8 +289,14 @@ impl ControlState {
                     answer(reply, r);
                 });
             }
-            Request::RunDeployment { name, params } => {
-                let id = FlowRunId::new(now(), &mut self.rng);
+            Request::RunDeployment {
+                name,
+                params,
+                id,
+                idempotency_key,
+            } => {
+                let id = id.unwrap_or_else(|| FlowRunId::new(now(), &mut self.rng));
+                let catalog = self.catalog.clone();
                 tokio::spawn(async move {
                     let d = match p.deployment_by_name(&name).await {
                         Ok(Some(d)) => d,
@@ -302,32 +308,28 @@ impl ControlState {
                         }
                         Err(e) => return answer(reply, persist_err(e)),
                     };
-                    let cmd = Command::CreateFlowRun(NewFlowRun {
-                        id,
-                        flow_name: d.flow_name.clone(),
-                        parameters: crate::node::scheduler::merge_params(&d.parameters, &params),
-                        deployment_id: Some(d.id),
-                        parent_task_run: None,
-                        idempotency_key: None,
-                        tags: d.tags.clone(),
-                        work_queue: d.work_queue.clone(),
-                        retry_policy: Default::default(),
-                        resume: false,
-                        scheduled_time: None,
-                    });
+                    let cmd = Command::CreateFlowRun(
+                        catalog
+                            .apply(NewFlowRun::of_deployment(id, &d, &params))
+                            .with_key(idempotency_key),
+                    );
                     let r = match p.submit(cmd).await {
-                        Ok(Ok(Reply::FlowRunCreated { run, .. })) => {
-                            replace(&Placement {
-                                run: run.id,
-                                flow: run.flow_name.clone(),
-                                due: now(),
-                                queue: d.work_queue.clone(),
-                                deployment: Some((d.id, d.concurrency_limit.map(|l| (l, d.collision)))),
-                            });
+                        Ok(Ok(Reply::FlowRunCreated { run, created })) => {
+                            if created {
+                                replace(&Placement {
+                                    run: run.id,
+                                    flow: run.flow_name.clone(),
+                                    due: now(),
+                                    queue: d.work_queue.clone(),
+                                    deployment: Some((d.id, d.concurrency_limit.map(|l| (l, d.collision)))),
+                                });
+                            }
                             Response::Ran(run.id)
                         }
-                        Ok(Ok(other)) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
-                        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+                        Ok(Ok(other)) => {
+                            refused(ErrorKind::Unavailable, format!("unexpected answer {other:?}"))
+                        }
+                        Ok(Err(refusal)) => refused(ErrorKind::of_refusal(&refusal), refusal.to_string()),
                         Err(e) => persist_err(e),
                     };
                     answer(reply, r);
@@ -403,7 +405,7 @@ async fn put_deployment(
             tell_scheduler(d.id);
             Response::Deployment(Box::new(d))
         }
-        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+        Ok(Err(refusal)) => refused(ErrorKind::of_refusal(&refusal), refusal.to_string()),
         Err(e) => persist_err(e),
     }
 }
@@ -473,20 +475,6 @@ async fn queue_change(
     id: flotilla_runtime::WorkQueueId,
     loads: &std::collections::HashMap<String, crate::node::dispatch::QueueLoad>,
 ) -> Response {
-    let settings = match p.settings().await {
-        Ok(s) => s,
-        Err(e) => return persist_err(e),
-    };
-    let key = flotilla_runtime::work_queue::queue_key(&name);
-    let stored = settings.iter().find_map(|s| match s {
-        flotilla_runtime::Setting::WorkQueue(q) if q.name == name => Some(q.clone()),
-        _ => None,
-    });
-    // The default queue exists before anyone creates it.
-    let current = stored
-        .clone()
-        .or_else(|| (name == flotilla_runtime::DEFAULT_QUEUE).then(|| default_queue(&name, Some(id))));
-    let missing = || refused(ErrorKind::NotFound, format!("no work queue named {name:?}"));
     let info = |q: flotilla_runtime::WorkQueue| {
         let l = loads.get(&q.name).cloned().unwrap_or_default();
         Response::WorkQueues(vec![QueueInfo {
@@ -495,44 +483,61 @@ async fn queue_change(
             active: l.active,
         }])
     };
-    let new = match (change, current) {
-        (QueueChange::Inspect, Some(q)) => return info(q),
-        (QueueChange::Delete, _) if stored.is_none() => return missing(),
-        (QueueChange::Delete, _) => {
-            return delete_setting(p, key, format!("no work queue named {name:?}")).await;
+    let key = flotilla_runtime::work_queue::queue_key(&name);
+    // Each change is one command on one field, applied to the queue as it is then: two
+    // changes sent at once never overwrite each other.
+    let edit = match change {
+        QueueChange::Inspect => {
+            let settings = match p.settings().await {
+                Ok(s) => s,
+                Err(e) => return persist_err(e),
+            };
+            let stored = settings.into_iter().find_map(|s| match s {
+                flotilla_runtime::Setting::WorkQueue(q) if q.name == name => Some(q),
+                _ => None,
+            });
+            // The default queue exists before anyone creates it.
+            return match stored
+                .or_else(|| (name == flotilla_runtime::DEFAULT_QUEUE).then(|| default_queue(&name, None)))
+            {
+                Some(q) => info(q),
+                None => refused(ErrorKind::NotFound, format!("no work queue named {name:?}")),
+            };
         }
-        (QueueChange::Create { .. }, Some(_)) if stored.is_some() => {
-            return refused(
-                ErrorKind::Refused,
-                format!("a work queue named {name:?} exists already"),
-            );
-        }
-        (
-            QueueChange::Create {
-                priority,
-                concurrency_limit,
-                paused,
-            },
-            _,
-        ) => flotilla_runtime::WorkQueue {
-            id,
-            name: name.clone(),
+        QueueChange::Delete => return delete_setting(p, key, format!("no work queue named {name:?}")).await,
+        QueueChange::Create {
+            priority,
+            concurrency_limit,
+            paused,
+        } => flotilla_runtime::QueueEdit::Create {
             priority,
             concurrency_limit,
             paused,
         },
-        (_, None) => return missing(),
-        (QueueChange::Pause, Some(q)) => flotilla_runtime::WorkQueue { paused: true, ..q },
-        (QueueChange::Resume, Some(q)) => flotilla_runtime::WorkQueue { paused: false, ..q },
-        (QueueChange::SetConcurrencyLimit(l), Some(q)) => flotilla_runtime::WorkQueue {
-            concurrency_limit: l,
-            ..q
-        },
-        (QueueChange::SetPriority(n), Some(q)) => flotilla_runtime::WorkQueue { priority: n, ..q },
+        QueueChange::Pause => flotilla_runtime::QueueEdit::Pause,
+        QueueChange::Resume => flotilla_runtime::QueueEdit::Resume,
+        QueueChange::SetConcurrencyLimit(l) => flotilla_runtime::QueueEdit::SetConcurrencyLimit(l),
+        QueueChange::SetPriority(n) => flotilla_runtime::QueueEdit::SetPriority(n),
     };
-    match put_setting(p, flotilla_runtime::Setting::WorkQueue(new.clone())).await {
-        Response::Done => info(new),
-        other => other,
+    let cmd = Command::EditWorkQueue {
+        name,
+        id,
+        edit,
+        at: now(),
+    };
+    match p.submit(cmd).await {
+        Ok(Ok(Reply::WorkQueueEdited { queue })) => {
+            if let Some(me) = control_ref() {
+                reload_settings(p, &me).await;
+            }
+            info(queue)
+        }
+        Ok(Ok(other)) => refused(ErrorKind::Unavailable, format!("an unexpected reply: {other:?}")),
+        Ok(Err(refusal @ flotilla_runtime::Refusal::WorkQueueNotFound(_))) => {
+            refused(ErrorKind::NotFound, refusal.to_string())
+        }
+        Ok(Err(refusal)) => refused(ErrorKind::of_refusal(&refusal), refusal.to_string()),
+        Err(e) => persist_err(e),
     }
 }
 
@@ -545,7 +550,7 @@ async fn put_setting(p: &PersistenceHandle, setting: flotilla_runtime::Setting) 
             }
             Response::Done
         }
-        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+        Ok(Err(refusal)) => refused(ErrorKind::of_refusal(&refusal), refusal.to_string()),
         Err(e) => persist_err(e),
     }
 }
@@ -560,7 +565,7 @@ async fn delete_setting(p: &PersistenceHandle, key: String, missing: String) -> 
             }
             Response::Done
         }
-        Ok(Err(refusal)) => refused(ErrorKind::Refused, refusal.to_string()),
+        Ok(Err(refusal)) => refused(ErrorKind::of_refusal(&refusal), refusal.to_string()),
         Err(e) => persist_err(e),
     }
 }
@@ -714,7 +719,7 @@ async fn read_request(p: &PersistenceHandle, results: &ResultStore, request: Req
             .await
         {
             Ok(ReadReply::Logs { lines, next }) => Response::Logs { lines, next },
-            Ok(other) => refused(ErrorKind::Refused, format!("unexpected answer {other:?}")),
+            Ok(other) => refused(ErrorKind::Unavailable, format!("unexpected answer {other:?}")),
             Err(e) => persist_err(e),
         },
         Request::Result(id) => match p.flow_run(id).await {
