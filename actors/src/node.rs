@@ -584,6 +584,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         queues: config.queues.clone(),
         heartbeat_every: config.heartbeat_every,
         view: view.clone(),
+        incarnation: u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0),
     };
     Actor::spawn(None, Agent, args)
         .await

@@ -279,6 +279,9 @@ pub struct MemberStatus {
     pub queues: Vec<String>,
     /// When it was last heard from.
     pub last_heartbeat: Option<Timestamp>,
+    /// Which start of the node this is (it changes on every restart).
+    #[serde(default)]
+    pub incarnation: u64,
 }
 
 /// The cluster's members.

@@ -118,6 +118,17 @@ impl NewFlowRun {
     }
 }
 
+/// About how many bytes a JSON value takes encoded (never less than MessagePack's size).
+pub fn json_size(v: &serde_json::Value) -> usize {
+    match v {
+        serde_json::Value::Null | serde_json::Value::Bool(_) => 1,
+        serde_json::Value::Number(_) => 9,
+        serde_json::Value::String(s) => s.len() + 5,
+        serde_json::Value::Array(a) => 5 + a.iter().map(json_size).sum::<usize>(),
+        serde_json::Value::Object(o) => 5 + o.iter().map(|(k, v)| k.len() + 5 + json_size(v)).sum::<usize>(),
+    }
+}
+
 /// Parameters over a base: the keys of `over` (a JSON object) replace those of `base`; the
 /// result is always an object.
 pub fn merge_params(base: &serde_json::Value, over: &serde_json::Value) -> serde_json::Value {
@@ -355,6 +366,51 @@ impl Command {
                 format!("{}/{}", crate::work_queue::queue_key(name), edit.field()),
                 *at,
             ),
+        }
+    }
+
+    /// About how many bytes the command takes encoded (never less): what batches between nodes
+    /// are capped by, without encoding each command twice.
+    pub fn size_hint(&self) -> usize {
+        const BASE: usize = 160;
+        let state = |p: &Proposal| {
+            BASE + p.state.message.as_ref().map_or(0, String::len)
+                + match &p.state.result {
+                    Some(crate::state::ResultRef::Inline(b)) => b.len(),
+                    Some(crate::state::ResultRef::Stored { key, .. }) => key.len() + 16,
+                    None => 0,
+                }
+        };
+        match self {
+            Command::CreateFlowRun(n) => {
+                BASE + n.flow_name.len()
+                    + json_size(&n.parameters)
+                    + n.tags.iter().map(|t| t.len() + 2).sum::<usize>()
+                    + n.idempotency_key.as_ref().map_or(0, String::len)
+            }
+            Command::CreateTaskRun(n) => {
+                BASE + n.key.task_key.len() + n.cache_key.as_ref().map_or(0, String::len)
+            }
+            Command::ProposeFlowRunState { proposal, .. } | Command::ProposeTaskRunState { proposal, .. } => {
+                state(proposal)
+            }
+            Command::RecordTaskRun {
+                create, proposals, ..
+            } => {
+                create.as_ref().map_or(0, |n| BASE + n.key.task_key.len())
+                    + proposals.iter().map(state).sum::<usize>()
+            }
+            Command::AppendLogs { lines, .. } => {
+                BASE + lines
+                    .iter()
+                    .map(|l| 64 + l.message.len() + l.target.len())
+                    .sum::<usize>()
+            }
+            Command::PutDeployment(d) => BASE * 4 + json_size(&d.parameters),
+            Command::AppendEvent(e) => {
+                BASE * 2 + json_size(&serde_json::to_value(&e.payload).unwrap_or_default())
+            }
+            _ => BASE * 2,
         }
     }
 

@@ -119,6 +119,9 @@ pub enum AbortReason {
     },
     /// A flow run's claim (Pending) came without an epoch or a node.
     ClaimNeedsEpochAndNode,
+    /// A state only the run's node sets (Running, Completed, Failed, Crashed…) came without
+    /// the epoch the node holds: a node's proposals are always fenced.
+    EpochRequired(StateType),
     /// The proposer is not the node that owns the run.
     NotOwner {
         /// The owner.
@@ -156,6 +159,10 @@ impl fmt::Display for AbortReason {
             AbortReason::ClaimNeedsEpochAndNode => {
                 f.write_str("a claim (Pending) must carry the run's epoch and the claiming node")
             }
+            AbortReason::EpochRequired(t) => write!(
+                f,
+                "{t} is set by the run's node, which sends the epoch it holds; a proposal without one is refused"
+            ),
             AbortReason::NotOwner { owner } => write!(f, "the run is owned by node {owner}"),
             AbortReason::Terminal(t) => write!(f, "the run is {t}, a terminal state; only a retry leaves it"),
             AbortReason::AlreadyClaimed(t) => write!(f, "the run is already claimed ({t})"),
@@ -269,6 +276,20 @@ fn resent(current: &Lifecycle, proposed: &Proposal) -> Option<Decision> {
 /// that a node declared dead cannot overwrite its successor's work. A claim must carry one.
 fn check_epoch(proposed: &Proposal, ctx: &RuleContext<'_>) -> Result<(), AbortReason> {
     match proposed.epoch {
+        // Users and the control plane wait, pause or cancel a run; every other state is a
+        // node's, and a node always says which epoch it holds (fix 5: a proposal without one
+        // could overwrite the run's current owner).
+        None if !matches!(
+            proposed.state.kind,
+            StateType::Scheduled
+                | StateType::Pending
+                | StateType::Cancelling
+                | StateType::Cancelled
+                | StateType::Paused
+        ) =>
+        {
+            Err(AbortReason::EpochRequired(proposed.state.kind))
+        }
         Some(e) if e < ctx.epoch => Err(AbortReason::StaleEpoch {
             proposed: e,
             current: ctx.epoch,

@@ -209,3 +209,57 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    const WAIT: Duration = Duration::from_secs(20);
+
+    /// Regression (fix 2): a flow-run actor whose claim was refused stayed alive and kept its
+    /// slot among the worker's running runs, so with one slot nothing ran again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_claim_gives_its_slot_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = Node::builder()
+            .data_dir(dir.path())
+            .builtin_flows()
+            .slots(1)
+            .log_to_stderr(false)
+            .start()
+            .await
+            .unwrap();
+        let client = node.client();
+        let first = tokio::time::timeout(WAIT, client.run_and_wait("noop", serde_json::json!({})))
+            .await
+            .expect("the first run timed out")
+            .unwrap();
+        // Once the worker has let the first run go, it is started again: its claim is refused
+        // (it is Completed), and its actor must leave the slot.
+        let idle = || async {
+            while node.engine.load().await.unwrap() != (0, 0) {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(WAIT, idle())
+            .await
+            .expect("the worker never went idle");
+        node.engine.run(first.id).unwrap();
+        // The worker takes the start before this question (its mailbox keeps order): the slot
+        // must come free again.
+        tokio::time::timeout(WAIT, idle())
+            .await
+            .expect("the actor of a refused claim kept its slot");
+        let second = tokio::time::timeout(WAIT, client.run_and_wait("noop", serde_json::json!({})))
+            .await
+            .expect("a run after a refused claim never got the node's one slot")
+            .unwrap();
+        assert_eq!(
+            second.lifecycle.state.kind,
+            flotilla_runtime::StateType::Completed
+        );
+        node.shutdown().await;
+    }
+}

@@ -181,11 +181,16 @@ impl Actor for FlowRunActor {
         myself: ActorRef<Self::Msg>,
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        if !s.claim(&myself).await? {
-            if s.phase == Phase::Starting && s.outbox.queue.is_empty() {
-                // Either another worker has it, or it is not due yet (a RetryFlow is on its way).
+        match s.claim(&myself).await? {
+            state::Claim::Claimed => {}
+            // Not due yet: a RetryFlow is on its way.
+            state::Claim::Later => return Ok(()),
+            // Another node has it, or it ended: this actor leaves, and with it its slot (fix 2:
+            // it stayed, holding the slot, and a later start of the run was ignored).
+            state::Claim::Refused => {
+                myself.stop(Some("the claim was refused".into()));
+                return Ok(());
             }
-            return Ok(());
         }
         let running = s.proposal(State::named(StateName::Running, now()));
         let cmd = Command::ProposeFlowRunState {

@@ -166,13 +166,46 @@ impl LogCapture {
     }
 }
 
+/// The most bytes (about) of log lines in one command.
+pub const LOG_BATCH_BYTES_MAX: usize = 256 * 1024;
+
+/// Waits for a log batch's acknowledgement; sends it again (with backoff, up to 2 s apart)
+/// until the control plane takes it or refuses it for good.
+async fn acknowledged(
+    persistence: ControlPlane,
+    cmd: Command,
+    mut answer: oneshot::Receiver<crate::persistence::SubmitResult>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match answer.await {
+            Ok(Ok(_)) => return,
+            // The persistence actor stopped (the node is going down), or the batch can never
+            // be sent.
+            Err(_)
+            | Ok(Err(
+                crate::persistence::PersistError::Stopped | crate::persistence::PersistError::Encode(_),
+            )) => {
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "a log batch was not acknowledged; sending it again");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                answer = persistence.enqueue(cmd.clone());
+            }
+        }
+    }
+}
+
 async fn ship(
     mut rx: mpsc::UnboundedReceiver<ShipMsg>,
     persistence: ControlPlane,
     batch_max: usize,
     interval: Duration,
 ) {
-    let mut pending: HashMap<FlowRunId, Vec<LogLine>> = HashMap::new();
+    // Per run: the lines waiting and about how many bytes they take.
+    let mut pending: HashMap<FlowRunId, (Vec<LogLine>, usize)> = HashMap::new();
     let mut rng = SmallRng::seed_from_u64(
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -180,15 +213,18 @@ async fn ship(
     );
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let send = |run: FlowRunId, lines: Vec<LogLine>, rng: &mut SmallRng| {
+    let send = |run: FlowRunId, (lines, _): (Vec<LogLine>, usize), rng: &mut SmallRng| {
         let now = Timestamp::from(chrono::Utc::now());
         let cmd = Command::AppendLogs {
             batch: LogBatchId::new(now, rng),
             flow_run: run,
             lines,
         };
-        // Written behind: a failure is reported by the persistence actor itself.
-        drop(persistence.enqueue(cmd));
+        // Written behind, and sent again until it is acknowledged (a resent batch keeps its id,
+        // so it is stored once and in its place): no captured line is lost to a lost message.
+        let persistence = persistence.clone();
+        let answer = persistence.enqueue(cmd.clone());
+        tokio::spawn(acknowledged(persistence, cmd, answer));
     };
     loop {
         tokio::select! {
@@ -196,8 +232,11 @@ async fn ship(
                 Some(ShipMsg::Line(line)) => {
                     let run = line.flow_run;
                     let batch = pending.entry(run).or_default();
-                    batch.push(line);
-                    if batch.len() >= batch_max
+                    batch.1 += 64 + line.message.len() + line.target.len();
+                    batch.0.push(line);
+                    // Capped by lines and by bytes (fix 3: a run printing megabytes at once
+                    // made one command over the cluster's frame limit).
+                    if (batch.0.len() >= batch_max || batch.1 >= LOG_BATCH_BYTES_MAX)
                         && let Some(lines) = pending.remove(&run)
                     {
                         send(run, lines, &mut rng);

@@ -262,13 +262,25 @@ impl Actor for Worker {
             let mut rng = SmallRng::seed_from_u64(now().as_micros() as u64);
             let crashed =
                 State::named(StateName::Crashed, now()).with_message(format!("the engine failed: {reason}"));
-            let p = Proposal::new(crashed, TransitionId::new(now(), &mut rng));
-            drop(
-                state
-                    .ctx
-                    .persistence
-                    .enqueue(Command::ProposeFlowRunState { run: id, proposal: p }),
-            );
+            let tid = TransitionId::new(now(), &mut rng);
+            let (ctx, me) = (state.ctx.clone(), state.ctx.config.node.clone());
+            // Fenced like every proposal of a node: under the epoch this node holds, and only
+            // while it still owns the run.
+            tokio::spawn(async move {
+                match ctx.persistence.flow_run(id).await {
+                    Ok(Some(run)) if run.owner.as_ref() == Some(&me) => {
+                        let proposal = Proposal::from_worker(crashed, tid, run.epoch, me);
+                        let _ = ctx
+                            .persistence
+                            .submit(Command::ProposeFlowRunState { run: id, proposal })
+                            .await;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(flow_run = %id, error = %e, "cannot read the run to mark it Crashed")
+                    }
+                }
+            });
         }
         if state.running.remove(&id).is_some() {
             state.start_queued(&myself).await;

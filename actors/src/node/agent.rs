@@ -58,6 +58,9 @@ pub struct AgentArgs {
     pub heartbeat_every: Duration,
     /// Where the latest membership it learned goes.
     pub view: Arc<RwLock<ClusterStatus>>,
+    /// This start of the node (its start time in microseconds): what tells one life of a node
+    /// from the next.
+    pub incarnation: u64,
 }
 
 /// The agent actor.
@@ -116,6 +119,7 @@ impl Actor for Agent {
                     flows: s.engine.flow_names(),
                     queues: s.queues.clone(),
                     last_heartbeat: None,
+                    incarnation: s.incarnation,
                 };
                 let Ok(bytes) = codec::encode(&report) else {
                     return Ok(());

@@ -295,10 +295,12 @@ impl ControlState {
                 m.status.reachable = false;
                 let node = m.status.name.clone();
                 tracing::warn!(node = %node, silent_ms = m.last_seen.elapsed().as_millis() as u64, "member unreachable");
+                // The key names the node's life that ended, never the clock: the same death
+                // declared twice is one crash.
                 let cmd = Command::MarkNodeCrashed {
                     node: node.clone(),
                     message: format!("node {node} became unreachable"),
-                    key: format!("unreachable/{node}/{}", now()),
+                    key: format!("crash/{node}/{}", m.status.incarnation),
                 };
                 drop(self.persistence.enqueue(cmd));
             }

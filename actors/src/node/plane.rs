@@ -20,6 +20,12 @@ pub const RESEND_FOR: Duration = Duration::from_secs(120);
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// The most commands sent to the control node in one call.
 pub const BATCH_MAX: usize = 1024;
+/// The most bytes (about) sent to the control node in one call: a batch never comes near the
+/// cluster's frame limit, whatever its commands hold.
+pub const BATCH_BYTES_MAX: usize = 512 * 1024;
+/// The largest batch ever sent: over it the session's frame limit would close the session, so
+/// such a command is failed here instead.
+const SEND_BYTES_MAX: usize = 15 * 1024 * 1024;
 
 /// The control plane.
 #[derive(Clone, Debug)]
@@ -108,11 +114,29 @@ impl RemoteControl {
     pub fn start() -> Self {
         let (tx, mut rx) = mpsc::unbounded_channel::<(Command, oneshot::Sender<SubmitResult>)>();
         tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
+            let mut next = None;
+            loop {
+                let first = match next.take() {
+                    Some(x) => x,
+                    None => match rx.recv().await {
+                        Some(x) => x,
+                        None => break,
+                    },
+                };
+                // Capped by count and by bytes (fix 3: a batch of large log lines made a frame
+                // over the session's limit, which closed the session again and again).
+                let mut bytes = first.0.size_hint();
                 let mut batch = vec![first];
-                while batch.len() < BATCH_MAX {
+                while batch.len() < BATCH_MAX && bytes < BATCH_BYTES_MAX {
                     match rx.try_recv() {
-                        Ok(x) => batch.push(x),
+                        Ok(x) if bytes + x.0.size_hint() > BATCH_BYTES_MAX => {
+                            next = Some(x);
+                            break;
+                        }
+                        Ok(x) => {
+                            bytes += x.0.size_hint();
+                            batch.push(x);
+                        }
                         Err(_) => break,
                     }
                 }
@@ -159,6 +183,12 @@ impl RemoteControl {
 async fn forward(commands: &[Command]) -> Vec<SubmitResult> {
     let fail = |e: PersistError| commands.iter().map(|_| Err(e.clone())).collect();
     let bytes = match codec::encode(commands) {
+        Ok(b) if b.len() > SEND_BYTES_MAX => {
+            return fail(PersistError::Encode(format!(
+                "a command of {} bytes is over the {SEND_BYTES_MAX} a node sends the control node at once",
+                b.len()
+            )));
+        }
         Ok(b) => b,
         Err(e) => return fail(PersistError::Encode(e.to_string())),
     };

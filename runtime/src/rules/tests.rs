@@ -529,3 +529,35 @@ fn a_workers_time_is_kept_within_the_current_state_and_now() {
         t(10)
     );
 }
+
+/// Regression (fix 5): a node's proposal without an epoch was accepted, so a worker's Crashed
+/// with no epoch could overwrite the work of the run's new owner. A node's states need the
+/// epoch; users and the control plane may still wait, pause and cancel without one.
+#[test]
+fn a_nodes_state_without_an_epoch_is_refused() {
+    for name in [
+        StateName::Running,
+        StateName::Completed,
+        StateName::Failed,
+        StateName::Crashed,
+    ] {
+        let d = decide(&in_state(StateName::Running), &user(name, 1), &Ctx::owned());
+        assert_eq!(
+            aborted(&d),
+            &AbortReason::EpochRequired(name.state_type()),
+            "{name}"
+        );
+    }
+    let d = decide(
+        &in_state(StateName::Running),
+        &user(StateName::Cancelling, 1),
+        &Ctx::owned(),
+    );
+    assert!(d.is_accept(), "{d:?}");
+    let d = decide(
+        &in_state(StateName::Scheduled),
+        &user(StateName::Late, 2),
+        &Ctx::flow(),
+    );
+    assert!(d.is_accept(), "{d:?}");
+}

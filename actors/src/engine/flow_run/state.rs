@@ -460,10 +460,10 @@ impl FlowRunState {
         }
     }
 
-    pub(super) async fn claim(&mut self, myself: &ActorRef<FlowRunMsg>) -> Result<bool, ActorProcessingErr> {
+    pub(super) async fn claim(&mut self, myself: &ActorRef<FlowRunMsg>) -> Result<Claim, ActorProcessingErr> {
         let p = self.ctx.persistence.clone();
         let Some(run) = p.flow_run(self.id).await? else {
-            return Ok(false);
+            return Ok(Claim::Refused);
         };
         self.epoch = run.epoch;
         // A run that never ran has no task runs to read back.
@@ -505,16 +505,16 @@ impl FlowRunState {
                     let _ = me;
                     FlowRunMsg::RetryFlow
                 });
-                return Ok(false);
+                return Ok(Claim::Later);
             }
             other => {
                 tracing::debug!(flow_run = %self.id, answer = ?other, "not claimed");
-                return Ok(false);
+                return Ok(Claim::Refused);
             }
         }
         // The shadow: the run and every task run it has (a resumed run finds its results).
         if fresh {
-            return Ok(true);
+            return Ok(Claim::Claimed);
         }
         let mut after = None;
         loop {
@@ -525,8 +525,20 @@ impl FlowRunState {
                 self.shadow.hot.put_task_run(t);
             }
         }
-        Ok(true)
+        Ok(Claim::Claimed)
     }
+}
+
+/// How a claim went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Claim {
+    /// This node owns the run now.
+    Claimed,
+    /// Not due yet: the claim is made again when it is.
+    Later,
+    /// Refused (another node has it, it ended, it is gone): the actor stops and gives its
+    /// slot back.
+    Refused,
 }
 
 fn other_name(_: &Reply) -> StateName {
