@@ -13,6 +13,7 @@ pub mod apply;
 pub mod codec;
 pub mod command;
 pub mod concurrency;
+pub mod control;
 pub mod cron;
 pub mod deployment;
 pub mod event;
