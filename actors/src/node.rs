@@ -238,21 +238,21 @@ async fn serve_client_connection(
                 }) => put_result(results, key, bytes).await,
                 Ok(env) => ask_control(&env.request).await,
             };
-            let payload = match codec::encode(&response) {
+            let encoded = match frame::encode_frame(&response) {
                 // Bulk data (a result's bytes) may use the whole frame; other replies are held
                 // to the message limit.
-                Ok(p) if p.len() > message_bytes_max && !matches!(response, Response::Result(_)) => {
-                    codec::encode(&Response::Error(WireError::too_large(
+                Ok(f) if f.len() - 4 > message_bytes_max && !matches!(response, Response::Result(_)) => {
+                    frame::encode_frame(&Response::Error(WireError::too_large(
                         "the reply",
-                        p.len(),
+                        f.len() - 4,
                         message_bytes_max,
                     )))
                 }
                 other => other,
             };
-            match payload {
-                Ok(p) => {
-                    if let Err(e) = frame::write_payload(&mut send, &p, frame::FRAME_BYTES_MAX).await {
+            match encoded {
+                Ok(f) => {
+                    if let Err(e) = frame::write_frame(&mut send, &f, frame::FRAME_BYTES_MAX).await {
                         tracing::warn!(error = %e, "cannot send a reply");
                     }
                 }

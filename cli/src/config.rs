@@ -37,6 +37,8 @@ pub struct FileConfig {
     pub unreachable_after: Option<String>,
     /// A run not started this long after its time is Late (`"15s"`).
     pub late_after: Option<String>,
+    /// The largest request or reply a node takes, in bytes.
+    pub message_limit: Option<usize>,
     /// How long a worker tries its seeds (`"60s"`).
     pub join_timeout: Option<String>,
     /// Runs of each deployment the scheduler keeps created ahead.

@@ -50,6 +50,10 @@ pub struct StartArgs {
     /// A run not started this long after its scheduled time is marked Late [default: 15s].
     #[arg(long, env = "FLOTILLA_LATE_AFTER")]
     late_after: Option<String>,
+    /// The largest request or reply, in bytes; larger ones are refused with `payload_too_large`
+    /// (results travel apart, up to 16 MiB) [default: 1048576].
+    #[arg(long, env = "FLOTILLA_MESSAGE_LIMIT", value_name = "BYTES")]
+    message_limit: Option<usize>,
     /// How long a worker tries its seeds before giving up [default: 60s].
     #[arg(long, env = "FLOTILLA_JOIN_TIMEOUT")]
     join_timeout: Option<String>,
@@ -142,6 +146,13 @@ impl StartArgs {
         }
         if let Some(s) = self.late_after.or(file.late_after) {
             config.late_after = duration("--late-after", &s)?;
+        }
+        if let Some(n) = self.message_limit.or(file.message_limit) {
+            anyhow::ensure!(
+                (4096..=16 * 1024 * 1024).contains(&n),
+                "--message-limit {n}: between 4096 and 16777216 bytes"
+            );
+            config.message_bytes_max = n;
         }
         if let Some(s) = self.unreachable_after.or(file.unreachable_after) {
             config.unreachable_after = duration("--unreachable-after", &s)?;

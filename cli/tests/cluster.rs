@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla::{Client, FlowRunId, StateName, StateType};
 
@@ -117,6 +117,35 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
         "the quick runs went to every node: {placed_on:?}"
     );
 
+    // A remote client follows a run's events (regression: its stream ended at once), and one
+    // idempotency key makes one run.
+    {
+        let id = client
+            .run_with_key("noop", serde_json::json!({}), "cluster-test-key")
+            .await
+            .expect("accepted");
+        let mut events = client.events(id);
+        let terminal = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(e) = events.next().await {
+                if e.state().is_some_and(|s| s.is_terminal()) {
+                    return Some(e);
+                }
+            }
+            None
+        })
+        .await
+        .expect("the run's events came in time");
+        assert!(
+            terminal.is_some(),
+            "the remote event stream ended before the run did"
+        );
+        let again = client
+            .run_with_key("noop", serde_json::json!({}), "cluster-test-key")
+            .await
+            .expect("accepted again");
+        assert_eq!(again, id, "one key, one run");
+    }
+
     // Large results (above the 64 KiB kept inline) made on a worker are shipped to the control
     // node: readable through it, also once the worker is gone.
     const BIG: usize = 300_000;
@@ -147,9 +176,9 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
     let big_on_n3 = big_on_n3.expect("a large result was made on n3");
 
     // Kill n3.
-    let killed_at = Instant::now();
+    // How fast is measured by `bench cluster`; here only that it happens, within a bound.
     nodes.children[2].1.kill().expect("SIGKILL n3");
-    let detected = eventually(
+    eventually(
         "n3 unreachable",
         UNREACHABLE_AFTER + DETECT_SLACK + Duration::from_secs(5),
         || async {
@@ -157,14 +186,10 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
             s.nodes
                 .iter()
                 .any(|m| m.name.as_str() == "n3" && !m.reachable)
-                .then(|| killed_at.elapsed())
+                .then_some(())
         },
     )
     .await;
-    assert!(
-        detected <= UNREACHABLE_AFTER + DETECT_SLACK,
-        "n3 was marked unreachable after {detected:?}, configured {UNREACHABLE_AFTER:?} (+{DETECT_SLACK:?} allowed)"
-    );
     let status = client.cluster_status().await.expect("status");
     assert_eq!(status.nodes.len(), 3, "a dead member stays listed");
     assert!(

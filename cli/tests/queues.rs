@@ -368,6 +368,32 @@ async fn deployment_limits_and_paused_queues() {
         );
         String::from_utf8(out.stdout).expect("utf-8")
     };
+    // A request over the message limit (1 MiB) is refused with a code, the node stays up, and
+    // `--json` prints the error as one object on stdout.
+    let big = dir.join("big.json");
+    std::fs::write(
+        &big,
+        serde_json::to_vec(&serde_json::json!({"command": ["true"], "blob": "x".repeat(3 << 20)}))
+            .expect("json"),
+    )
+    .expect("written");
+    let out = std::process::Command::new(BIN)
+        .args(["flow-run", "create", "command", "--json", "--params-json"])
+        .arg(format!("@{}", big.display()))
+        .env("FLOTILLA_ADDR", format!("127.0.0.1:{port}"))
+        .env("FLOTILLA_CERTS", dir.join("certs"))
+        .env_remove("FLOTILLA_CONFIG")
+        .output()
+        .expect("flotilla runs");
+    assert!(!out.status.success(), "a 3 MiB request was accepted");
+    let err: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON error on stdout");
+    assert_eq!(err["error"]["code"], "payload_too_large", "{err}");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("1048576")),
+        "{err}"
+    );
     let ls: serde_json::Value = serde_json::from_str(&cli(&["work-queue", "ls", "--json"])).expect("json");
     let later = ls
         .as_array()

@@ -47,22 +47,32 @@ pub async fn write_limited<T: serde::Serialize, W: AsyncWrite + Unpin>(
     value: &T,
     max: usize,
 ) -> Result<(), FrameError> {
-    let payload = flotilla_runtime::codec::encode(value)?;
-    write_payload(w, &payload, max).await
+    let frame = encode_frame(value)?;
+    write_frame(w, &frame, max).await
 }
 
-/// Writes an encoded value as a frame of at most `max` bytes.
-pub async fn write_payload<W: AsyncWrite + Unpin>(
+/// A value encoded as a whole frame (length prefix and payload, in one buffer).
+pub fn encode_frame<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, FrameError> {
+    let mut frame = Vec::with_capacity(132);
+    frame.extend_from_slice(&[0; 4]);
+    flotilla_runtime::codec::encode_into(value, &mut frame)?;
+    let len = frame.len() - 4;
+    let len32 = u32::try_from(len).map_err(|_| FrameError::TooLarge(len))?;
+    frame[..4].copy_from_slice(&len32.to_be_bytes());
+    Ok(frame)
+}
+
+/// Writes a frame made by [`encode_frame`] whose payload is at most `max` bytes, in one write.
+pub async fn write_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
-    payload: &[u8],
+    frame: &[u8],
     max: usize,
 ) -> Result<(), FrameError> {
-    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge(payload.len()))?;
-    if payload.len() > max {
-        return Err(FrameError::TooLarge(payload.len()));
+    let len = frame.len().saturating_sub(4);
+    if len > max {
+        return Err(FrameError::TooLarge(len));
     }
-    w.write_all(&len.to_be_bytes()).await?;
-    w.write_all(payload).await?;
+    w.write_all(frame).await?;
     Ok(())
 }
 

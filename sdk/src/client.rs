@@ -354,13 +354,40 @@ impl Client {
         }
     }
 
-    /// Follows a flow run's events (its own and its task runs') from now on (embedded client;
-    /// a remote client polls [`Client::history`] and [`Client::logs_page`]).
+    /// Follows a flow run's events (its own and its task runs') from now on. A remote client
+    /// long-polls the node's events while the stream is held.
     pub fn events(&self, id: FlowRunId) -> RunEvents {
         match &self.inner {
             Inner::Embedded(l) => l.events(id),
-            Inner::Remote(_) => {
-                let (_tx, rx) = broadcast::channel(1);
+            Inner::Remote(r) => {
+                // Long polls of the node's events, from a little before now (the node's clock
+                // may run behind this one), handed on while anyone listens.
+                let (tx, rx) = broadcast::channel(1024);
+                let remote = r.clone();
+                tokio::spawn(async move {
+                    let start = now() - std::time::Duration::from_secs(2);
+                    let mut after = Some(flotilla_runtime::EventId::at(
+                        start,
+                        flotilla_runtime::LogIndex::ZERO,
+                        0,
+                    ));
+                    while tx.receiver_count() > 0 {
+                        let page = match remote
+                            .events(after, None, 1000, std::time::Duration::from_secs(5))
+                            .await
+                        {
+                            Ok(page) => page,
+                            // The node is gone: the stream ends.
+                            Err(_) => return,
+                        };
+                        for e in page {
+                            after = Some(e.id);
+                            if tx.send(Arc::new(e)).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
                 RunEvents {
                     rx,
                     resource: format!("flotilla.flow-run.{id}"),

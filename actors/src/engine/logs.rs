@@ -222,9 +222,14 @@ async fn ship(
         };
         // Written behind, and sent again until it is acknowledged (a resent batch keeps its id,
         // so it is stored once and in its place): no captured line is lost to a lost message.
-        let persistence = persistence.clone();
-        let answer = persistence.enqueue(cmd.clone());
-        tokio::spawn(acknowledged(persistence, cmd, answer));
+        match &persistence {
+            // In-process, the store's own failure is the node's: nothing to resend to.
+            ControlPlane::Local(_) => drop(persistence.enqueue(cmd)),
+            ControlPlane::Remote(_) => {
+                let answer = persistence.enqueue(cmd.clone());
+                tokio::spawn(acknowledged(persistence.clone(), cmd, answer));
+            }
+        }
     };
     loop {
         tokio::select! {
