@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use flotilla::{LimitChange, QueueChange, QueueInfo};
-use flotilla_runtime::{ConcurrencyLimit, Event, EventId, Timestamp};
+use flotilla_runtime::{ConcurrencyLimit, Event, EventId, QueueEdit, Timestamp};
 
 use crate::config::{Conn, duration};
 
@@ -282,16 +282,16 @@ pub async fn work_queue(cmd: WorkQueueCmd) -> anyhow::Result<bool> {
                 concurrency_limit != Some(0),
                 "--concurrency-limit is at least 1 (pause the queue to stop it)"
             );
-            let change = QueueChange::Create {
+            let change = QueueChange::Edit(QueueEdit::Create {
                 priority,
                 concurrency_limit,
                 paused,
-            };
+            });
             (conn, name, change, json)
         }
         WorkQueueCmd::Inspect { name, json, conn } => (conn, name, QueueChange::Inspect, json),
-        WorkQueueCmd::Pause { name, conn } => (conn, name, QueueChange::Pause, false),
-        WorkQueueCmd::Resume { name, conn } => (conn, name, QueueChange::Resume, false),
+        WorkQueueCmd::Pause { name, conn } => (conn, name, QueueChange::Edit(QueueEdit::Pause), false),
+        WorkQueueCmd::Resume { name, conn } => (conn, name, QueueChange::Edit(QueueEdit::Resume), false),
         WorkQueueCmd::SetConcurrencyLimit { name, limit, conn } => {
             let limit = match limit.as_str() {
                 "none" => None,
@@ -299,19 +299,29 @@ pub async fn work_queue(cmd: WorkQueueCmd) -> anyhow::Result<bool> {
                     anyhow::anyhow!("limit {n:?}: expected a number of at least 1, or none")
                 })?),
             };
-            (conn, name, QueueChange::SetConcurrencyLimit(limit), false)
+            (
+                conn,
+                name,
+                QueueChange::Edit(QueueEdit::SetConcurrencyLimit(limit)),
+                false,
+            )
         }
         WorkQueueCmd::SetPriority { name, priority, conn } => {
             anyhow::ensure!(priority >= 1, "a priority is 1 (the highest) or more");
-            (conn, name, QueueChange::SetPriority(priority), false)
+            (
+                conn,
+                name,
+                QueueChange::Edit(QueueEdit::SetPriority(priority)),
+                false,
+            )
         }
         WorkQueueCmd::Delete { name, conn } => (conn, name, QueueChange::Delete, false),
     };
     let verb = match &change {
-        QueueChange::Create { .. } => "created",
-        QueueChange::Pause => "paused",
-        QueueChange::Resume => "resumed",
-        QueueChange::SetConcurrencyLimit(_) | QueueChange::SetPriority(_) => "updated",
+        QueueChange::Edit(QueueEdit::Create { .. }) => "created",
+        QueueChange::Edit(QueueEdit::Pause) => "paused",
+        QueueChange::Edit(QueueEdit::Resume) => "resumed",
+        QueueChange::Edit(QueueEdit::SetConcurrencyLimit(_) | QueueEdit::SetPriority(_)) => "updated",
         QueueChange::Delete => "deleted",
         QueueChange::Inspect => "",
     };

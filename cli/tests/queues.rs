@@ -330,11 +330,11 @@ async fn deployment_limits_and_paused_queues() {
     cancel(&client, first).await;
 
     // A paused queue hands out nothing until resumed.
-    let create = QueueChange::Create {
+    let create = QueueChange::Edit(flotilla_runtime::QueueEdit::Create {
         priority: 2,
         concurrency_limit: None,
         paused: true,
-    };
+    });
     client.work_queue("later", create).await.expect("a queue");
     let mut queued = deployment("queued", "noop", serde_json::json!({}));
     queued.work_queue = Some("later".into());
@@ -427,7 +427,7 @@ async fn deployment_limits_and_paused_queues() {
     );
     let resumed = Timestamp::from(chrono::Utc::now());
     client
-        .work_queue("later", QueueChange::Resume)
+        .work_queue("later", QueueChange::Edit(flotilla_runtime::QueueEdit::Resume))
         .await
         .expect("resumed");
     assert_eq!(wait_end(&client, id).await, StateType::Completed);

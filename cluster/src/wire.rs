@@ -338,23 +338,8 @@ pub enum Response {
 /// A change to a work queue.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum QueueChange {
-    /// Create it (refused if it exists).
-    Create {
-        /// 1 is the highest.
-        priority: u32,
-        /// At most this many of its runs at once.
-        concurrency_limit: Option<u32>,
-        /// Created paused.
-        paused: bool,
-    },
-    /// Hand out nothing.
-    Pause,
-    /// Hand out again.
-    Resume,
-    /// Change (or, with None, lift) its concurrency limit.
-    SetConcurrencyLimit(Option<u32>),
-    /// Change its priority.
-    SetPriority(u32),
+    /// Create it or change one of its fields (applied in order with every other change).
+    Edit(flotilla_runtime::QueueEdit),
     /// Delete it (its runs go on in a queue with default settings).
     Delete,
     /// Nothing: read it.

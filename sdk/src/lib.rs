@@ -69,7 +69,8 @@ pub use flotilla_actors::persistence::RunFilter;
 pub use flotilla_cluster::wire::{ClusterStatus, LimitChange, MemberStatus, QueueChange, QueueInfo};
 pub use flotilla_macros::{flow, task};
 pub use flotilla_runtime::{
-    Event, FlowRun, FlowRunId, LogLevel, LogLine, State, StateName, StateType, TaskRun, TaskRunId, TaskRunKey,
+    Event, FlowRun, FlowRunId, LogLevel, LogLine, QueueEdit, State, StateName, StateType, TaskRun, TaskRunId,
+    TaskRunKey,
 };
 pub use handle::{Completion, FlowFuture, TaskFuture, TaskHandle};
 pub use node::{Node, NodeBuilder};

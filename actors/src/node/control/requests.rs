@@ -505,19 +505,7 @@ async fn queue_change(
             };
         }
         QueueChange::Delete => return delete_setting(p, key, format!("no work queue named {name:?}")).await,
-        QueueChange::Create {
-            priority,
-            concurrency_limit,
-            paused,
-        } => flotilla_runtime::QueueEdit::Create {
-            priority,
-            concurrency_limit,
-            paused,
-        },
-        QueueChange::Pause => flotilla_runtime::QueueEdit::Pause,
-        QueueChange::Resume => flotilla_runtime::QueueEdit::Resume,
-        QueueChange::SetConcurrencyLimit(l) => flotilla_runtime::QueueEdit::SetConcurrencyLimit(l),
-        QueueChange::SetPriority(n) => flotilla_runtime::QueueEdit::SetPriority(n),
+        QueueChange::Edit(edit) => edit,
     };
     let cmd = Command::EditWorkQueue {
         name,
