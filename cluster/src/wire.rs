@@ -282,6 +282,10 @@ pub struct MemberStatus {
     /// Which start of the node this is (it changes on every restart).
     #[serde(default)]
     pub incarnation: u64,
+    /// In a node's heartbeat: the flow runs it holds (running or queued), so that a run handed
+    /// to it and never started is taken back. Empty in the cluster's status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub holds: Vec<FlowRunId>,
 }
 
 /// The cluster's members.

@@ -29,6 +29,7 @@
 
 mod command;
 mod effect;
+pub mod handouts;
 mod ids;
 mod input;
 mod leases;
@@ -45,6 +46,7 @@ pub use command::{
     ClientReply, ClientResult, ControlCommand, ControlOutcome, ControlReply, LeaseCommand, LeaseReply,
 };
 pub use effect::{Effect, ToNodeMsg};
+pub use handouts::Handouts;
 pub use ids::{Incarnation, RequestId, derived_id};
 pub use input::{ClientRequest, CreateRun, Input, NodeMsg, TimerKind};
 pub use leases::{LeaseRecord, Leases};

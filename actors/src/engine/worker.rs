@@ -52,6 +52,9 @@ pub(crate) fn now() -> Timestamp {
     Timestamp::from(chrono::Utc::now())
 }
 
+/// The most flow runs a node lists in one heartbeat.
+pub const HELD_MAX: usize = 10_000;
+
 /// Messages of the worker.
 pub enum WorkerMsg {
     /// Run this flow run (claim it, then run it) when a slot is free.
@@ -64,6 +67,8 @@ pub enum WorkerMsg {
     Ended(FlowRunId),
     /// How many flow runs run and wait here.
     Load(oneshot::Sender<(usize, usize)>),
+    /// The flow runs that run and wait here (at most [`HELD_MAX`]).
+    Held(oneshot::Sender<Vec<FlowRunId>>),
 }
 
 impl ractor::Message for WorkerMsg {}
@@ -76,6 +81,7 @@ impl std::fmt::Debug for WorkerMsg {
             WorkerMsg::Cancel(id) => write!(f, "Cancel({id})"),
             WorkerMsg::Ended(id) => write!(f, "Ended({id})"),
             WorkerMsg::Load(_) => f.write_str("Load"),
+            WorkerMsg::Held(_) => f.write_str("Held"),
         }
     }
 }
@@ -237,6 +243,16 @@ impl Actor for Worker {
             }
             WorkerMsg::Load(reply) => {
                 let _ = reply.send((state.running.len(), state.queue.len()));
+            }
+            WorkerMsg::Held(reply) => {
+                let held = state
+                    .running
+                    .keys()
+                    .chain(state.queue.iter())
+                    .take(HELD_MAX)
+                    .copied()
+                    .collect();
+                let _ = reply.send(held);
             }
         }
         Ok(())
@@ -411,6 +427,15 @@ impl EngineHandle {
         let (tx, rx) = oneshot::channel();
         self.worker
             .cast(WorkerMsg::Load(tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// The flow runs that run and wait here (at most [`HELD_MAX`]).
+    pub async fn held(&self) -> Result<Vec<FlowRunId>, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.worker
+            .cast(WorkerMsg::Held(tx))
             .map_err(|_| EngineError::Stopped)?;
         rx.await.map_err(|_| EngineError::Stopped)
     }

@@ -109,6 +109,7 @@ impl Actor for Agent {
                     return Ok(());
                 };
                 let (running, queued) = s.engine.load().await.unwrap_or((0, 0));
+                let holds = s.engine.held().await.unwrap_or_default();
                 let report = MemberStatus {
                     name: s.node.clone(),
                     addr: s.addr.clone(),
@@ -120,6 +121,7 @@ impl Actor for Agent {
                     queues: s.queues.clone(),
                     last_heartbeat: None,
                     incarnation: s.incarnation,
+                    holds,
                 };
                 let Ok(bytes) = codec::encode(&report) else {
                     return Ok(());

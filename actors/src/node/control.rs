@@ -69,6 +69,9 @@ pub enum ControlMsg {
     Slots(Vec<u8>),
     /// Time to look for silent members.
     Tick,
+    /// A run handed to a node that never started it, still waiting (an encoded [`Placement`]):
+    /// placed again.
+    TakeBack(Vec<u8>),
 }
 
 /// How membership works.
@@ -121,6 +124,8 @@ pub struct ControlState {
     dispatch: Dispatch,
     /// Tag limits and their leases.
     slots: Slots<SlotWaiter>,
+    /// Runs handed to nodes and not yet seen there (taken back if their node never starts them).
+    handouts: flotilla_runtime::control::Handouts,
 }
 
 /// A task run waiting for slots: who, and where to answer.
@@ -192,6 +197,7 @@ impl ControlState {
                     if !marked && now().saturating_since(p.due) > self.settings.late_after {
                         self.mark(p.run, State::named(StateName::Late, now()));
                     }
+                    self.handouts.handed(p.run, node.clone());
                     if !send_agent(&node, AgentMsg::Run(p.run.as_bytes().to_vec())) {
                         // The node went away since its last heartbeat: the run waits again.
                         self.dispatch.ended(p.run);
@@ -290,6 +296,7 @@ impl ControlState {
     /// Looks for members silent too long: they become unreachable and their runs crash.
     fn check(&mut self) {
         let after = self.settings.unreachable_after;
+        let mut gone = Vec::new();
         for m in self.members.values_mut() {
             if m.status.reachable && m.last_seen.elapsed() > after {
                 m.status.reachable = false;
@@ -303,11 +310,41 @@ impl ControlState {
                     key: format!("crash/{node}/{}", m.status.incarnation),
                 };
                 drop(self.persistence.enqueue(cmd));
+                gone.push(node);
             }
+        }
+        // Runs handed to a node that died before it started them wait for another node.
+        for node in gone {
+            let back = self.handouts.take_node(&node);
+            self.take_back(&node, back);
+        }
+    }
+
+    /// Runs handed to `node` that it never started: each is placed again if it still waits
+    /// (Scheduled, claimed by nobody).
+    fn take_back(&self, node: &NodeId, runs: Vec<FlowRunId>) {
+        for run in runs {
+            tracing::warn!(%node, flow_run = %run, "a run handed to the node never started there; placing it again");
+            let p = self.persistence.clone();
+            tokio::spawn(async move {
+                if let Ok(Some(r)) = p.flow_run(run).await
+                    && r.lifecycle.state.kind == StateType::Scheduled
+                    && r.owner.is_none()
+                    && let Some(me) =
+                        ractor::registry::where_is(CONTROL_NAME).map(ActorRef::<ControlMsg>::from)
+                    && let Ok(bytes) = codec::encode(&placement_of(&p, &r, r.expected_start_time).await)
+                {
+                    let _ = me.cast(ControlMsg::TakeBack(bytes));
+                }
+            });
         }
     }
 
     fn heartbeat(&mut self, report: MemberStatus) -> ClusterStatus {
+        // A run handed to the node and left out of its heartbeats was never started there:
+        // taken back, and placed again if it still waits (fix 8).
+        let back = self.handouts.heartbeat(&report.name, &report.holds);
+        self.take_back(&report.name, back);
         let entry = self.members.entry(report.name.clone()).or_insert_with(|| Member {
             status: report.clone(),
             last_seen: Instant::now(),
@@ -319,6 +356,7 @@ impl ControlState {
         entry.status = MemberStatus {
             reachable: true,
             last_heartbeat: Some(now()),
+            holds: Vec::new(),
             ..report
         };
         entry.last_seen = Instant::now();
@@ -528,6 +566,7 @@ impl Actor for Control {
             flows: args.flows.into_iter().map(|f| (f.name().to_owned(), f)).collect(),
             dispatch: Dispatch::default(),
             slots: Slots::default(),
+            handouts: Default::default(),
         })
     }
 
@@ -602,9 +641,17 @@ impl Actor for Control {
             },
             ControlMsg::Ended(bytes) => {
                 if let Some(run) = super::agent::id_of(&bytes) {
+                    s.handouts.forget(&run);
                     s.ended(run);
                 }
             }
+            ControlMsg::TakeBack(bytes) => match codec::decode::<Placement>(&bytes) {
+                Ok(p) => {
+                    s.ended(p.run);
+                    s.due(p);
+                }
+                Err(e) => tracing::error!(error = %e, "an undecodable placement"),
+            },
             ControlMsg::Restore(bytes) => {
                 if let Ok(running) = codec::decode::<Vec<Running>>(&bytes) {
                     s.dispatch.clear_active();

@@ -64,6 +64,7 @@ impl ControlState {
                 };
                 // The client's id, the same on its retries: a resent request finds its run.
                 let id = id.unwrap_or_else(|| FlowRunId::new(now(), &mut self.rng));
+                self.handouts.handed(id, node.clone());
                 let cmd = Command::CreateFlowRun(
                     self.catalog
                         .apply(NewFlowRun::new(id, flow, params))
