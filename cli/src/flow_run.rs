@@ -42,9 +42,13 @@ pub enum FlowRunCmd {
         /// CANCELLING, CANCELLED, CRASHED, PAUSED).
         #[arg(long)]
         state: Option<String>,
-        /// At most this many.
+        /// At most this many (1 to 1,000; the next page's cursor is printed on stderr when
+        /// more remain).
         #[arg(long, default_value_t = 100)]
         limit: usize,
+        /// Where a previous page ended (its `next cursor:`).
+        #[arg(long)]
+        cursor: Option<String>,
         /// A JSON array on stdout.
         #[arg(long)]
         json: bool,
@@ -99,6 +103,22 @@ pub enum FlowRunCmd {
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+/// The most items one page of a listing holds.
+const PAGE_MAX: usize = 1000;
+
+/// A listing's cursor: opaque to users (`r` and the last run's id, without dashes).
+fn run_cursor(last: FlowRunId) -> String {
+    format!("r{}", last.as_uuid().simple())
+}
+
+fn cursor_run(cursor: &str) -> anyhow::Result<FlowRunId> {
+    cursor
+        .strip_prefix('r')
+        .and_then(|hex| uuid::Uuid::try_parse(hex).ok())
+        .map(FlowRunId::from_uuid)
+        .ok_or_else(|| anyhow::anyhow!("--cursor {cursor:?} is not a cursor this command printed"))
 }
 
 fn run_id(s: &str) -> anyhow::Result<FlowRunId> {
@@ -188,9 +208,15 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
         FlowRunCmd::Ls {
             state,
             limit,
+            cursor,
             json,
             conn,
         } => {
+            anyhow::ensure!(
+                (1..=PAGE_MAX).contains(&limit),
+                "--limit {limit}: from 1 to {PAGE_MAX} (follow `next cursor:` for more)"
+            );
+            let after = cursor.as_deref().map(cursor_run).transpose()?;
             let filter = match state {
                 None => RunFilter::All,
                 Some(s) => RunFilter::State(
@@ -200,17 +226,22 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
                 ),
             };
             let s = conn.connect().await?;
-            let mut runs = Vec::new();
-            let mut after = None;
-            while runs.len() < limit {
-                let page = s
+            let runs = s
+                .client
+                .flow_runs(filter.clone(), after, limit)
+                .await
+                .map_err(|e| s.fail(e))?;
+            // A full page: say where the next one starts, if there is one.
+            if runs.len() == limit
+                && let Some(last) = runs.last()
+                && !s
                     .client
-                    .flow_runs(filter.clone(), after, (limit - runs.len()).min(1000))
+                    .flow_runs(filter.clone(), Some(last.id), 1)
                     .await
-                    .map_err(|e| s.fail(e))?;
-                let Some(last) = page.last() else { break };
-                after = Some(last.id);
-                runs.extend(page);
+                    .map_err(|e| s.fail(e))?
+                    .is_empty()
+            {
+                eprintln!("next cursor: {}", run_cursor(last.id));
             }
             if json {
                 println!(

@@ -394,6 +394,32 @@ async fn deployment_limits_and_paused_queues() {
             .is_some_and(|m| m.contains("1048576")),
         "{err}"
     );
+    // Listings are paged: a full page prints the next page's cursor on stderr, and the cursor
+    // brings the page after it.
+    let page = |extra: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(["flow-run", "ls", "--limit", "1", "--json"])
+            .args(extra)
+            .env("FLOTILLA_ADDR", format!("127.0.0.1:{port}"))
+            .env("FLOTILLA_CERTS", dir.join("certs"))
+            .env_remove("FLOTILLA_CONFIG")
+            .output()
+            .expect("flotilla runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let runs: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("a bare JSON array");
+        let stderr = String::from_utf8(out.stderr).expect("utf-8");
+        let next = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("next cursor: "))
+            .map(str::to_owned);
+        (runs, next)
+    };
+    let (first, next) = page(&[]);
+    assert_eq!(first.len(), 1);
+    let next = next.expect("more than one run exists: a cursor");
+    let (second, _) = page(&["--cursor", &next]);
+    assert_eq!(second.len(), 1);
+    assert_ne!(first[0]["id"], second[0]["id"], "the cursor moved on");
     let ls: serde_json::Value = serde_json::from_str(&cli(&["work-queue", "ls", "--json"])).expect("json");
     let later = ls
         .as_array()
