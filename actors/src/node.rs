@@ -190,6 +190,14 @@ impl ClusterNode {
 /// Carries one incoming node connection's streams to the node server as ractor_cluster sessions.
 async fn serve_node_connection(conn: quinn::Connection, server: ActorRef<NodeServerMessage>, local: String) {
     let peer = conn.remote_address().to_string();
+    if !flotilla_cluster::role::CertRole::of_peer(&conn).may_join() {
+        tracing::warn!(%peer, "refused a node session from a client's certificate");
+        conn.close(
+            1u32.into(),
+            b"forbidden: a client certificate cannot join the cluster",
+        );
+        return;
+    }
     while let Ok((send, recv)) = conn.accept_bi().await {
         let (stream, ended) = QuicBidi::new(send, recv, peer.clone(), local.clone());
         let stream = Box::new(stream);
@@ -220,23 +228,13 @@ async fn serve_client_connection(
     results: Option<ResultStore>,
     message_bytes_max: usize,
 ) {
+    let role = flotilla_cluster::role::CertRole::of_peer(&conn);
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let results = results.clone();
         tokio::spawn(async move {
             let response = match read_request(&mut recv, message_bytes_max).await {
                 Err(e) => Response::Error(e),
-                Ok(env) if env.version != PROTOCOL_VERSION => Response::Error(WireError::new(
-                    ErrorKind::Protocol,
-                    format!(
-                        "protocol version {} is not spoken here (this node speaks {PROTOCOL_VERSION})",
-                        env.version
-                    ),
-                )),
-                Ok(Envelope {
-                    request: Request::PutResult { key, bytes },
-                    ..
-                }) => put_result(results, key, bytes).await,
-                Ok(env) => ask_control(&env.request).await,
+                Ok(env) => answer(env, role, results).await,
             };
             let encoded = match frame::encode_frame(&response) {
                 // Bulk data (a result's bytes) may use the whole frame; other replies are held
@@ -260,6 +258,30 @@ async fn serve_client_connection(
             }
             let _ = send.finish();
         });
+    }
+}
+
+/// Answers one request of a peer whose certificate has `role`.
+async fn answer(
+    env: Envelope,
+    role: flotilla_cluster::role::CertRole,
+    results: Option<ResultStore>,
+) -> Response {
+    if env.version != PROTOCOL_VERSION {
+        return Response::Error(WireError::new(
+            ErrorKind::Protocol,
+            format!(
+                "protocol version {} is not spoken here (this node speaks {PROTOCOL_VERSION})",
+                env.version
+            ),
+        ));
+    }
+    if let Some(e) = env.request.forbidden_for(role) {
+        return Response::Error(e);
+    }
+    match env.request {
+        Request::PutResult { key, bytes } => put_result(results, key, bytes).await,
+        request => ask_control(&request).await,
     }
 }
 

@@ -39,6 +39,18 @@ pub enum ClusterCmd {
         #[arg(long, value_delimiter = ',')]
         san: Vec<String>,
     },
+    /// Issue a client certificate (NAME.pem, NAME.key) from the cluster's CA; use it with
+    /// `--identity NAME`.
+    AddClient {
+        /// The client's name.
+        name: String,
+        /// The cluster's certificates directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Its requests may only read: any other is refused with `forbidden`.
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Every member: address, role, reachable or not, slots, flows, last heartbeat.
     Status {
         /// One JSON object on stdout.
@@ -83,6 +95,12 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
         ClusterCmd::AddNode { name, dir, san } => {
             certs::add_node(&dir, &name, &san)?;
             println!("wrote {name}.pem and {name}.key to {}", dir.display());
+            Ok(())
+        }
+        ClusterCmd::AddClient { name, dir, read_only } => {
+            certs::add_client(&dir, &name, read_only)?;
+            let what = if read_only { " (read-only)" } else { "" };
+            println!("wrote {name}.pem and {name}.key{what} to {}", dir.display());
             Ok(())
         }
         ClusterCmd::Status { json, conn } => {
@@ -269,6 +287,7 @@ async fn local(n: u16, dir: &Path, port: u16) -> anyhow::Result<()> {
         addr: Some(format!("127.0.0.1:{port}")),
         certs: Some(dir.join("certs")),
         config: None,
+        identity: None,
     };
     let ready = tokio::select! {
         r = wait_ready(&conn, usize::from(n), Duration::from_secs(60)) => r,
@@ -339,6 +358,7 @@ impl LocalCluster {
             addr: Some(format!("127.0.0.1:{port}")),
             certs: Some(dir.join("certs")),
             config: None,
+            identity: None,
         };
         match wait_ready(&conn, usize::from(n), Duration::from_secs(60)).await {
             Ok(client) => Ok(LocalCluster { children, client }),

@@ -92,6 +92,10 @@ pub struct Conn {
     /// A TOML config file (keys `addr`, `certs`).
     #[arg(long, env = "FLOTILLA_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    /// The client certificate to use: NAME.pem and NAME.key in the certificates directory
+    /// [default: admin].
+    #[arg(long, env = "FLOTILLA_IDENTITY", global = true)]
+    pub identity: Option<String>,
 }
 
 impl Conn {
@@ -108,13 +112,14 @@ impl Conn {
             .clone()
             .or(file.certs)
             .unwrap_or_else(|| Path::new(DEFAULT_LOCAL_DIR).join("certs"));
-        if !certs.join("admin.pem").is_file() {
+        let identity = self.identity.as_deref().unwrap_or("admin");
+        if !certs.join(format!("{identity}.pem")).is_file() {
             anyhow::bail!(
-                "no client certificate in {} (expected ca.pem, admin.pem and admin.key): pass --certs or set FLOTILLA_CERTS",
+                "no client certificate in {} (expected ca.pem, {identity}.pem and {identity}.key): pass --certs or set FLOTILLA_CERTS",
                 certs.display()
             );
         }
-        match flotilla::Client::connect(&addr, &certs).await {
+        match flotilla::Client::connect_as(&addr, &certs, identity).await {
             Ok(client) => Ok(Session { client, addr }),
             Err(e) => Err(client_error(&addr, e)),
         }

@@ -420,6 +420,33 @@ async fn deployment_limits_and_paused_queues() {
     let (second, _) = page(&["--cursor", &next]);
     assert_eq!(second.len(), 1);
     assert_ne!(first[0]["id"], second[0]["id"], "the cursor moved on");
+    // A read-only client reads, and anything else it asks is refused with `forbidden`.
+    let added = std::process::Command::new(BIN)
+        .args(["cluster", "add-client", "viewer", "--read-only", "--dir"])
+        .arg(dir.join("certs"))
+        .output()
+        .expect("flotilla runs");
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    let viewer = |args: &[&str]| {
+        std::process::Command::new(BIN)
+            .args(args)
+            .args(["--identity", "viewer", "--json"])
+            .env("FLOTILLA_ADDR", format!("127.0.0.1:{port}"))
+            .env("FLOTILLA_CERTS", dir.join("certs"))
+            .env_remove("FLOTILLA_CONFIG")
+            .output()
+            .expect("flotilla runs")
+    };
+    let read = viewer(&["flow-run", "ls"]);
+    assert!(read.status.success(), "{}", String::from_utf8_lossy(&read.stdout));
+    let write = viewer(&["flow-run", "create", "noop"]);
+    assert!(!write.status.success(), "a read-only client created a run");
+    let err: serde_json::Value = serde_json::from_slice(&write.stdout).expect("a JSON error");
+    assert_eq!(err["error"]["code"], "forbidden", "{err}");
     let ls: serde_json::Value = serde_json::from_str(&cli(&["work-queue", "ls", "--json"])).expect("json");
     let later = ls
         .as_array()

@@ -8,6 +8,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rand::RngExt;
+
+use crate::role::{CLIENT_MARK, NODE_MARK, READ_ONLY_MARK};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
@@ -113,12 +115,13 @@ fn check_name(name: &str) -> Result<(), CertError> {
 
 /// Issues `name.pem`/`name.key` in `dir`, signed by the CA there. Node certificates carry the
 /// node's name, `localhost`, `127.0.0.1`, `::1` and `sans` as subject alternative names.
-fn issue(dir: &Path, name: &str, sans: &[String], ca_key: &KeyPair) -> Result<(), CertError> {
+fn issue(dir: &Path, name: &str, sans: &[String], role: &str, ca_key: &KeyPair) -> Result<(), CertError> {
     let mut names = vec![
         name.to_owned(),
         "localhost".to_owned(),
         "127.0.0.1".to_owned(),
         "::1".to_owned(),
+        role.to_owned(),
     ];
     names.extend(sans.iter().filter(|s| !s.is_empty()).cloned());
     names.dedup();
@@ -162,21 +165,32 @@ pub fn init(dir: &Path, nodes: &[String], sans: &[String]) -> Result<(), CertErr
     };
     write_new(&dir.join(COOKIE), cookie.as_bytes(), 0o600)?;
     for n in nodes {
-        issue(dir, n, sans, &ca_key)?;
+        issue(dir, n, sans, NODE_MARK, &ca_key)?;
     }
-    issue(dir, ADMIN, &[], &ca_key)
+    issue(dir, ADMIN, &[], CLIENT_MARK, &ca_key)
 }
 
 /// Issues one more node certificate from the CA in `dir`.
 pub fn add_node(dir: &Path, name: &str, sans: &[String]) -> Result<(), CertError> {
     check_name(name)?;
+    issue(dir, name, sans, NODE_MARK, &ca_key(dir)?)
+}
+
+/// Issues a client certificate (`name.pem`/`name.key`) from the CA in `dir`; a read-only
+/// client's requests that would change anything are refused with `forbidden`.
+pub fn add_client(dir: &Path, name: &str, read_only: bool) -> Result<(), CertError> {
+    check_name(name)?;
+    let role = if read_only { READ_ONLY_MARK } else { CLIENT_MARK };
+    issue(dir, name, &[], role, &ca_key(dir)?)
+}
+
+fn ca_key(dir: &Path) -> Result<KeyPair, CertError> {
     let key_path = dir.join(format!("{CA}.key"));
     let pem = fs::read_to_string(&key_path).map_err(io(&key_path))?;
-    let ca_key = KeyPair::from_pem(&pem).map_err(|e| CertError::Invalid {
+    KeyPair::from_pem(&pem).map_err(|e| CertError::Invalid {
         path: key_path.clone(),
         reason: e.to_string(),
-    })?;
-    issue(dir, name, sans, &ca_key)
+    })
 }
 
 /// The cookie of the cluster whose certificates are in `dir`.

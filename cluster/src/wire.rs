@@ -153,6 +153,51 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// Whether it changes anything (a read-only client's such requests are `forbidden`).
+    pub fn is_mutating(&self) -> bool {
+        match self {
+            Request::Status
+            | Request::FlowRun(_)
+            | Request::FlowRuns { .. }
+            | Request::TaskRuns(_)
+            | Request::History(_)
+            | Request::Logs { .. }
+            | Request::Result(_)
+            | Request::Wait { .. }
+            | Request::Deployment(_)
+            | Request::Deployments
+            | Request::SchedulerStats
+            | Request::WorkQueues
+            | Request::ConcurrencyLimits
+            | Request::Events { .. } => false,
+            Request::WorkQueue { change, .. } => *change != QueueChange::Inspect,
+            Request::ConcurrencyLimit { change, .. } => *change != LimitChange::Inspect,
+            Request::RunFlow { .. }
+            | Request::Cancel(_)
+            | Request::Retry { .. }
+            | Request::RemoveNode(_)
+            | Request::PutDeployment(_)
+            | Request::DeleteDeployment(_)
+            | Request::RunDeployment { .. }
+            | Request::PutResult { .. } => true,
+        }
+    }
+
+    /// Why a peer with this certificate may not ask it, if it may not.
+    pub fn forbidden_for(&self, role: crate::role::CertRole) -> Option<WireError> {
+        use crate::role::CertRole;
+        let why = match role {
+            CertRole::Node if !matches!(self, Request::PutResult { .. }) => {
+                "a node's certificate speaks the node protocol; use a client certificate"
+            }
+            CertRole::ReadOnlyClient if self.is_mutating() => "this client certificate is read-only",
+            _ => return None,
+        };
+        Some(WireError::new(ErrorKind::Forbidden, why))
+    }
+}
+
 /// How a failed request failed. Each kind has a stable machine-readable [`ErrorKind::code`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ErrorKind {

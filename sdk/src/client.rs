@@ -105,10 +105,15 @@ impl Client {
     }
 
     /// Connects to a cluster node at `addr` (`host:port`) with the certificates in `certs`
-    /// (`ca.pem`, `admin.pem`, `admin.key`): the same API as the embedded client, except
-    /// [`Client::events`].
+    /// (`ca.pem`, `admin.pem`, `admin.key`): the same API as the embedded client.
     pub async fn connect(addr: &str, certs: &std::path::Path) -> Result<Client, Error> {
-        let remote = crate::remote::Remote::connect(addr, certs).await?;
+        Client::connect_as(addr, certs, flotilla_cluster::certs::ADMIN).await
+    }
+
+    /// As [`Client::connect`], with the client certificate `identity` (`identity.pem` and
+    /// `identity.key` in `certs`, as `flotilla cluster add-client` writes them).
+    pub async fn connect_as(addr: &str, certs: &std::path::Path, identity: &str) -> Result<Client, Error> {
+        let remote = crate::remote::Remote::connect(addr, certs, identity).await?;
         Ok(Client {
             inner: Inner::Remote(Arc::new(remote)),
         })

@@ -68,9 +68,9 @@ fn unexpected(r: &Response) -> Error {
 }
 
 impl Remote {
-    pub(crate) async fn connect(addr: &str, certs: &Path) -> Result<Remote, Error> {
+    pub(crate) async fn connect(addr: &str, certs: &Path, identity: &str) -> Result<Remote, Error> {
         let (sock, server_name) = resolve(addr).await?;
-        let identity = Identity::load(certs, flotilla_cluster::certs::ADMIN)
+        let identity = Identity::load(certs, identity)
             .map_err(|e| Error::Unreachable(format!("cannot load the client certificate: {e}")))?;
         let local: SocketAddr = if sock.is_ipv6() {
             ([0u16; 8], 0).into()
