@@ -188,7 +188,12 @@ impl ClusterNode {
 }
 
 /// Carries one incoming node connection's streams to the node server as ractor_cluster sessions.
-async fn serve_node_connection(conn: quinn::Connection, server: ActorRef<NodeServerMessage>, local: String) {
+async fn serve_node_connection(
+    conn: quinn::Connection,
+    server: ActorRef<NodeServerMessage>,
+    local: String,
+    certs: flotilla_cluster::identity::PeerCerts,
+) {
     let peer = conn.remote_address().to_string();
     if !flotilla_cluster::role::CertRole::of_peer(&conn).may_join() {
         tracing::warn!(%peer, "refused a node session from a client's certificate");
@@ -198,8 +203,11 @@ async fn serve_node_connection(conn: quinn::Connection, server: ActorRef<NodeSer
         );
         return;
     }
+    // Its sessions carry a label under which its certificate is kept: the name a session
+    // claims is checked against it.
+    let label = certs.label(&conn);
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let (stream, ended) = QuicBidi::new(send, recv, peer.clone(), local.clone());
+        let (stream, ended) = QuicBidi::new(send, recv, label.clone(), local.clone());
         let stream = Box::new(stream);
         // A session that ends (refused, or closed by either side) takes its connection with it,
         // so the node at the other end dials again rather than wait on a dead link.
@@ -218,6 +226,7 @@ async fn serve_node_connection(conn: quinn::Connection, server: ActorRef<NodeSer
             break;
         }
     }
+    certs.forget(&label);
 }
 
 /// Serves one client connection: each stream is one request, answered by the control actor
@@ -496,6 +505,13 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     let (node_server, _) = Actor::spawn(None, server, ())
         .await
         .map_err(|e| NodeError::Spawn(e.to_string()))?;
+    let peer_certs = flotilla_cluster::identity::PeerCerts::default();
+    node_server
+        .cast(NodeServerMessage::SubscribeToEvents {
+            id: "flotilla.check-names".to_owned(),
+            subscription: Box::new(flotilla_cluster::identity::CheckNames(peer_certs.clone())),
+        })
+        .map_err(|e| NodeError::Spawn(e.to_string()))?;
 
     let (plane, persistence) = match config.role {
         Role::Control => {
@@ -544,13 +560,14 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         tokio::spawn(async move {
             // Each handshake on a task of its own: a slow client never stalls the others.
             while let Some(incoming) = endpoint.accept_incoming().await {
-                let (server, local, results) = (server.clone(), local.clone(), results.clone());
+                let (server, local, results, certs) =
+                    (server.clone(), local.clone(), results.clone(), peer_certs.clone());
                 tokio::spawn(async move {
                     let Some((conn, alpn)) = flotilla_cluster::endpoint::handshake(incoming).await else {
                         return;
                     };
                     if alpn == ALPN_NODE {
-                        serve_node_connection(conn, server, local).await;
+                        serve_node_connection(conn, server, local, certs).await;
                     } else if alpn == ALPN_CLIENT {
                         serve_client_connection(conn, results, message_bytes_max).await;
                     }

@@ -371,3 +371,59 @@ fn cli_errors_are_one_line_with_a_non_zero_exit() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("JSON object"));
 }
+
+/// A node must be the node its certificate names: one claiming another name (n2's certificate
+/// presented as n3) is refused and never becomes a member, while the real n2 joins.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_claiming_another_name_than_its_certificates_is_refused() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    init_certs(dir, "n1,n2");
+    let certs = dir.join("certs");
+    std::fs::copy(certs.join("n2.pem"), certs.join("n3.pem")).expect("copied");
+    std::fs::copy(certs.join("n2.key"), certs.join("n3.key")).expect("copied");
+    let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
+    let mut nodes = Nodes {
+        children: Vec::new(),
+        dir: dir.to_owned(),
+    };
+    nodes
+        .children
+        .push(("n1".into(), start_node(dir, "n1", ports[0], None, &[])));
+    nodes.children.push((
+        "n3".into(),
+        start_node(dir, "n3", ports[2], Some(ports[0]), &["--join-timeout", "3s"]),
+    ));
+    nodes
+        .children
+        .push(("n2".into(), start_node(dir, "n2", ports[1], Some(ports[0]), &[])));
+    let addr = format!("127.0.0.1:{}", ports[0]);
+    let client = eventually("a client connects to n1", Duration::from_secs(30), || async {
+        Client::connect(&addr, &certs).await.ok()
+    })
+    .await;
+    eventually("n2 joins", Duration::from_secs(30), || async {
+        let s = client.cluster_status().await.ok()?;
+        s.nodes.iter().any(|m| m.name.as_str() == "n2").then_some(())
+    })
+    .await;
+    // The impostor gives up when its join time runs out, refused at every try.
+    let impostor = &mut nodes.children[1].1;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let exited = loop {
+        if let Some(status) = impostor.try_wait().expect("its status") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the impostor neither joined nor gave up in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // polling a process, bounded above
+    };
+    assert!(!exited.success(), "a node with another's certificate started");
+    let s = client.cluster_status().await.expect("status");
+    assert!(
+        s.nodes.iter().all(|m| m.name.as_str() != "n3"),
+        "the impostor became a member: {s:?}"
+    );
+}

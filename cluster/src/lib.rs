@@ -9,6 +9,7 @@ pub mod bidi;
 pub mod certs;
 pub mod endpoint;
 pub mod frame;
+pub mod identity;
 pub mod role;
 pub mod tls;
 pub mod wire;
