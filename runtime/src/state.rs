@@ -164,6 +164,9 @@ pub enum StateName {
     Failed,
     /// Failed because it ran past its timeout.
     TimedOut,
+    /// Failed because its concurrency slot's lease was not renewed in time (it is retried by
+    /// its policy, waiting for a slot again).
+    LeaseLost,
     /// Crashed.
     Crashed,
 }
@@ -183,7 +186,7 @@ impl StateName {
             StateName::Cancelling => StateType::Cancelling,
             StateName::Cancelled => StateType::Cancelled,
             StateName::Completed | StateName::Cached => StateType::Completed,
-            StateName::Failed | StateName::TimedOut => StateType::Failed,
+            StateName::Failed | StateName::TimedOut | StateName::LeaseLost => StateType::Failed,
             StateName::Crashed => StateType::Crashed,
         }
     }

@@ -290,6 +290,11 @@ impl Actor for FlowRunActor {
                                 .with_message(format!("timed out after {after:?}"));
                             s.attempt_failed(&myself, task, attempt, st);
                         }
+                        AttemptOutcome::LeaseLost => {
+                            let st = State::named(StateName::LeaseLost, now())
+                                .with_message("its concurrency slot's lease was not renewed in time");
+                            s.attempt_failed(&myself, task, attempt, st);
+                        }
                         AttemptOutcome::ResultNotStored(e) => {
                             let st = State::named(StateName::Failed, now())
                                 .with_message(format!("the result could not be stored: {e}"));

@@ -22,6 +22,8 @@ pub enum AttemptOutcome {
     Failed(String),
     /// It ran past its timeout.
     TimedOut(Duration),
+    /// Its concurrency slot's lease was lost: it was stopped.
+    LeaseLost,
     /// Its result could not be stored.
     ResultNotStored(String),
 }
@@ -52,6 +54,8 @@ pub struct TaskRunArgs {
     pub results: ResultStore,
     /// Log capture.
     pub logs: LogCapture,
+    /// Set when the lease of its concurrency slots is lost (cluster tag limits).
+    pub lease_lost: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for TaskRunArgs {
@@ -85,14 +89,22 @@ impl Actor for TaskRunActor {
         let fut = s
             .logs
             .instrument((s.body)(a), a.flow_run, Some(a.task_run), &s.name);
-        let finished = match s.timeout {
-            Some(t) => tokio::time::timeout(t, fut).await.ok(),
-            None => Some(fut.await),
+        let timed = async {
+            match s.timeout {
+                Some(t) => tokio::time::timeout(t, fut).await.ok(),
+                None => Some(fut.await),
+            }
+        };
+        // No task runs on a slot it no longer holds: a lost lease stops the body.
+        let finished = tokio::select! {
+            f = timed => Some(f),
+            () = super::limits::lease_lost(s.lease_lost.take()) => None,
         };
         let outcome = match finished {
-            Some(Ok(bytes)) => store(&s.results, a, bytes).await,
-            Some(Err(message)) => AttemptOutcome::Failed(message),
-            None => AttemptOutcome::TimedOut(s.timeout.unwrap_or_default()),
+            Some(Some(Ok(bytes))) => store(&s.results, a, bytes).await,
+            Some(Some(Err(message))) => AttemptOutcome::Failed(message),
+            Some(None) => AttemptOutcome::TimedOut(s.timeout.unwrap_or_default()),
+            None => AttemptOutcome::LeaseLost,
         };
         let _ = s.parent.cast(FlowRunMsg::TaskDone {
             task: a.task_run,

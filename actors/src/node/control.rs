@@ -65,8 +65,12 @@ pub enum ControlMsg {
     /// encoded `SlotGrant`, comes when it holds them.
     #[rpc]
     AcquireSlots(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// Leases renewed or released (an encoded `SlotRequest`).
+    /// Leases released (an encoded `SlotRequest::Release`).
     Slots(Vec<u8>),
+    /// A holder renews its leases (an encoded `SlotRequest::Renew`); the answer, an encoded
+    /// `bool`, says whether it holds them (false: it lost its slots and must stop).
+    #[rpc]
+    RenewSlots(Vec<u8>, RpcReplyPort<Vec<u8>>),
     /// Time to look for silent members.
     Tick,
     /// A run handed to a node that never started it, still waiting (an encoded [`Placement`]):
@@ -126,6 +130,8 @@ pub struct ControlState {
     slots: Slots<SlotWaiter>,
     /// Runs handed to nodes and not yet seen there (taken back if their node never starts them).
     handouts: flotilla_runtime::control::Handouts,
+    /// Whether the runs under way were read back once since the start.
+    restored: bool,
 }
 
 /// A task run waiting for slots: who, and where to answer.
@@ -567,6 +573,7 @@ impl Actor for Control {
             dispatch: Dispatch::default(),
             slots: Slots::default(),
             handouts: Default::default(),
+            restored: false,
         })
     }
 
@@ -654,6 +661,12 @@ impl Actor for Control {
             },
             ControlMsg::Restore(bytes) => {
                 if let Ok(running) = codec::decode::<Vec<Running>>(&bytes) {
+                    // Started with runs under way: their task runs may hold slots this node no
+                    // longer remembers. New holders wait until every such lease has run out.
+                    if !s.restored && !running.is_empty() {
+                        s.slots.restarted(Instant::now());
+                    }
+                    s.restored = true;
                     s.dispatch.clear_active();
                     for r in running {
                         s.dispatch
@@ -692,13 +705,20 @@ impl Actor for Control {
                 Ok(other) => tracing::warn!(request = ?other, "a slot request that is not an acquire"),
                 Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
             },
+            ControlMsg::RenewSlots(bytes, reply) => match codec::decode::<SlotRequest>(&bytes) {
+                Ok(SlotRequest::Renew { holder, node, tags }) => {
+                    let held = s.slots.renew(holder, node, &tags, Instant::now());
+                    let _ = reply.send(encode(&held));
+                }
+                Ok(other) => tracing::warn!(request = ?other, "a slot request that is not a renewal"),
+                Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
+            },
             ControlMsg::Slots(bytes) => match codec::decode::<SlotRequest>(&bytes) {
-                Ok(SlotRequest::Renew(holders)) => s.slots.renew(&holders, Instant::now()),
                 Ok(SlotRequest::Release(holders)) => {
                     let served = s.slots.release(&holders, Instant::now());
                     s.grant(served);
                 }
-                Ok(other) => tracing::warn!(request = ?other, "an acquire sent without a reply port"),
+                Ok(other) => tracing::warn!(request = ?other, "a slot request sent without a reply port"),
                 Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
             },
         }

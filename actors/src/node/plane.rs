@@ -275,8 +275,23 @@ impl crate::engine::limits::SlotService for ControlSlots {
         })
     }
 
-    fn renew(&self, holders: Vec<TaskRunId>) {
-        cast_slots(&SlotRequest::Renew(holders));
+    fn renew(&self, holder: TaskRunId, tags: Vec<String>) -> crate::engine::BoxFuture<Option<bool>> {
+        let request = SlotRequest::Renew {
+            holder,
+            node: self.node.clone(),
+            tags,
+        };
+        Box::pin(async move {
+            let bytes = codec::encode(&request).ok()?;
+            let control = control_actor()?;
+            match control
+                .call(|port| ControlMsg::RenewSlots(bytes, port), Some(CALL_TIMEOUT))
+                .await
+            {
+                Ok(ractor::rpc::CallResult::Success(reply)) => codec::decode::<bool>(&reply).ok(),
+                _ => None,
+            }
+        })
     }
 
     fn release(&self, holders: Vec<TaskRunId>) {

@@ -24,8 +24,16 @@ pub enum SlotRequest {
         /// Its tags.
         tags: Vec<String>,
     },
-    /// Keep these leases.
-    Renew(Vec<TaskRunId>),
+    /// Keep this holder's leases (its tags with it: a lease that lapsed is taken again if a
+    /// slot is free). Answered with whether it holds them.
+    Renew {
+        /// The task run.
+        holder: TaskRunId,
+        /// Its node.
+        node: NodeId,
+        /// Its tags.
+        tags: Vec<String>,
+    },
     /// Give these slots back.
     Release(Vec<TaskRunId>),
 }
@@ -64,6 +72,10 @@ struct Waiter<R> {
 pub struct Slots<R> {
     limits: HashMap<String, Limit>,
     waiters: VecDeque<Waiter<R>>,
+    /// After a restart of the control node its leases are gone from memory while their holders
+    /// still run: until then no slot is given to a new holder, only taken again by one that
+    /// renews (every holder that does not has stopped by itself before).
+    new_holders_from: Option<Instant>,
 }
 
 impl<R> Default for Slots<R> {
@@ -71,6 +83,7 @@ impl<R> Default for Slots<R> {
         Slots {
             limits: HashMap::new(),
             waiters: VecDeque::new(),
+            new_holders_from: None,
         }
     }
 }
@@ -154,7 +167,8 @@ impl<R> Slots<R> {
             .waiters
             .iter()
             .any(|w| w.tags.iter().any(|t| tags.contains(t)));
-        if holds_all || (!queued && self.fits(&tags, holder)) {
+        let open = self.new_holders_from.is_none_or(|t| now >= t);
+        if holds_all || (open && !queued && self.fits(&tags, holder)) {
             let grant = self.take(&tags, holder, &node, now);
             return Some((reply, grant));
         }
@@ -167,15 +181,56 @@ impl<R> Slots<R> {
         None
     }
 
-    /// Renews leases; a lease that lapsed already is taken again if there is room.
-    pub fn renew(&mut self, holders: &[TaskRunId], now: Instant) {
-        for l in self.limits.values_mut() {
-            for h in holders {
-                if let Some(lease) = l.held.get_mut(h) {
+    /// The control node restarted with holders possibly running: new holders wait one lease
+    /// TTL (the longest), while those that renew take their slots again.
+    pub fn restarted(&mut self, now: Instant) {
+        let ttl = self.limits.values().map(|l| l.ttl).max().unwrap_or_default();
+        if !ttl.is_zero() {
+            self.new_holders_from = Some(now + ttl);
+        }
+    }
+
+    /// Renews a holder's leases: true while it holds a slot of each of its limited tags. A
+    /// lease that lapsed (or was forgotten by a restart) is taken again if a slot is free and
+    /// nobody waits for it; otherwise the holder is told it lost its slots (and holds none).
+    pub fn renew(&mut self, holder: TaskRunId, node: NodeId, tags: &[String], now: Instant) -> bool {
+        let mut tags: Vec<String> = tags
+            .iter()
+            .filter(|t| self.limits.contains_key(*t))
+            .cloned()
+            .collect();
+        tags.sort();
+        tags.dedup();
+        let holds_all = tags
+            .iter()
+            .all(|t| self.limits.get(t).is_some_and(|l| l.held.contains_key(&holder)));
+        if holds_all {
+            for t in &tags {
+                if let Some(l) = self.limits.get_mut(t)
+                    && let Some(lease) = l.held.get_mut(&holder)
+                {
                     lease.expires = now + l.ttl;
                 }
             }
+            return true;
         }
+        // Waiters go first, except while a restart holds new holders back: then the holders
+        // of before take their slots again first.
+        let open = self.new_holders_from.is_none_or(|t| now >= t);
+        let queued = open
+            && self
+                .waiters
+                .iter()
+                .any(|w| w.holder != holder && w.tags.iter().any(|t| tags.contains(t)));
+        if !queued && self.fits(&tags, holder) {
+            self.take(&tags, holder, &node, now);
+            return true;
+        }
+        // Lost: whatever it still holds goes back.
+        for l in self.limits.values_mut() {
+            l.held.remove(&holder);
+        }
+        false
     }
 
     /// Gives slots back.
@@ -189,9 +244,13 @@ impl<R> Slots<R> {
         self.serve(now)
     }
 
-    /// Lets lapsed leases go.
+    /// Lets lapsed leases go (and, once a restart's wait is over, serves the waiters).
     pub fn expire(&mut self, now: Instant) -> Served<R> {
         let mut any = false;
+        if self.new_holders_from.is_some_and(|t| now >= t) {
+            self.new_holders_from = None;
+            any = true;
+        }
         for (tag, l) in &mut self.limits {
             l.held.retain(|holder, lease| {
                 let keep = lease.expires > now;
@@ -265,6 +324,9 @@ impl<R> Slots<R> {
     /// Serves the waiters that fit now, oldest first.
     fn serve(&mut self, now: Instant) -> Served<R> {
         let mut out = Vec::new();
+        if self.new_holders_from.is_some_and(|t| now < t) {
+            return out;
+        }
         let mut keep = VecDeque::with_capacity(self.waiters.len());
         // Tags an older waiter still waits for: younger ones wait behind it.
         let mut behind: Vec<String> = Vec::new();

@@ -173,6 +173,7 @@ impl FlowRunState {
                     timeout: rec.spec.timeout,
                     results: self.ctx.results.clone(),
                     logs: self.ctx.logs.clone(),
+                    lease_lost: slots.as_ref().and_then(Slots::lost),
                 };
                 rec.slots = slots;
                 self.ctx.spawner.spawn(args, myself.get_cell());

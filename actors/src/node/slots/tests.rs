@@ -63,7 +63,7 @@ fn a_lease_not_renewed_lapses_and_its_slot_returns() {
     assert!(s.acquire(h[0], node("dead"), vec!["db".into()], t0, 0).is_some());
     assert!(s.acquire(h[1], node("live"), vec!["db".into()], t0, 1).is_none());
     // Renewed: still held after the first TTL.
-    s.renew(&[h[0]], t0 + Duration::from_secs(1));
+    assert!(s.renew(h[0], node("dead"), &["db".into()], t0 + Duration::from_secs(1)));
     assert!(s.expire(t0 + Duration::from_millis(2500)).is_empty());
     // Not renewed again: it lapses, the waiter gets it.
     let served = s.expire(t0 + Duration::from_millis(3100));
@@ -110,4 +110,108 @@ fn several_tags_are_taken_together_and_a_reset_frees_a_tag() {
     // A deleted limit lets its waiters go.
     let served = s.delete("b", now);
     assert_eq!(served, vec![(2, SlotGrant::Unlimited)]);
+}
+
+/// Regression (fix 6): a renewal after the lease lapsed did not take the slot again, nor tell
+/// the holder it had lost it: it ran on, beside the slot's new holder.
+#[test]
+fn a_lapsed_lease_is_taken_again_if_free_else_the_holder_hears_it_lost_it() {
+    let t0 = Instant::now();
+    let mut s: Slots<u8> = Slots::default();
+    s.put("db", 1, TTL, t0);
+    let h = ids(2);
+    assert!(s.acquire(h[0], node("a"), vec!["db".into()], t0, 0).is_some());
+    assert!(s.expire(t0 + TTL + Duration::from_millis(1)).is_empty());
+    // Free: taken again.
+    assert!(s.renew(
+        h[0],
+        node("a"),
+        &["db".into()],
+        t0 + TTL + Duration::from_millis(2)
+    ));
+    // Lapsed again and taken by another: lost.
+    let t1 = t0 + TTL * 3;
+    assert!(s.expire(t1).is_empty());
+    assert!(s.acquire(h[1], node("b"), vec!["db".into()], t1, 1).is_some());
+    assert!(!s.renew(h[0], node("a"), &["db".into()], t1));
+    assert_eq!(
+        s.describe(t1, flotilla_runtime::Timestamp::from_micros(0))[0]
+            .leases
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn after_a_restart_holders_take_their_slots_again_before_anyone_new() {
+    let t0 = Instant::now();
+    let mut s: Slots<u8> = Slots::default();
+    s.put("db", 1, TTL, t0);
+    s.restarted(t0);
+    let h = ids(2);
+    // A new holder waits, even with the slot free.
+    assert!(s.acquire(h[1], node("b"), vec!["db".into()], t0, 1).is_none());
+    // The holder of before renews: it takes its slot again, ahead of the waiter.
+    assert!(s.renew(h[0], node("a"), &["db".into()], t0 + Duration::from_millis(10)));
+    // Once the wait is over and the old lease lapsed, the waiter is served.
+    assert!(s.expire(t0 + TTL / 2).is_empty());
+    let served = s.expire(t0 + TTL * 2);
+    assert_eq!(served, vec![(1, SlotGrant::Held { ttl: TTL })]);
+}
+
+proptest::proptest! {
+    /// Whatever the order of acquires, renewals, releases, expiries and control restarts
+    /// (leases forgotten), no instant has more holders than the limit: a holder counts from
+    /// its grant or acknowledged renewal until 80 % of the TTL later, as a worker keeps it.
+    #[test]
+    fn no_instant_has_more_holders_than_the_limit(
+        ops in proptest::collection::vec((0u8..5, 0usize..6, 1u64..400), 1..300)
+    ) {
+        const LIMIT: u32 = 2;
+        let t0 = Instant::now();
+        let mut s: Slots<usize> = Slots::default();
+        s.put("db", LIMIT, TTL, t0);
+        let h = ids(6);
+        // Per holder: until when it believes it holds a slot.
+        let mut believes: Vec<Option<Instant>> = vec![None; 6];
+        let keep = TTL.mul_f64(0.8);
+        let mut now = t0;
+        for (op, i, step_ms) in ops {
+            now += Duration::from_millis(step_ms);
+            match op {
+                0 => {
+                    if let Some((who, _)) = s.acquire(h[i], node("n"), vec!["db".into()], now, i) {
+                        believes[who] = Some(now + keep);
+                    }
+                }
+                1 if believes[i].is_some_and(|d| now < d) => {
+                    if s.renew(h[i], node("n"), &["db".into()], now) {
+                        believes[i] = Some(now + keep);
+                    } else {
+                        believes[i] = None;
+                    }
+                }
+                2 => {
+                    believes[i] = None;
+                    for (who, _) in s.release(&[h[i]], now) {
+                        believes[who] = Some(now + keep);
+                    }
+                }
+                3 => {
+                    for (who, _) in s.expire(now) {
+                        believes[who] = Some(now + keep);
+                    }
+                }
+                4 => {
+                    // The control node restarts: its leases and waiters are forgotten.
+                    s = Slots::default();
+                    s.put("db", LIMIT, TTL, now);
+                    s.restarted(now);
+                }
+                _ => {}
+            }
+            let holding = believes.iter().filter(|d| d.is_some_and(|d| now < d)).count();
+            proptest::prop_assert!(holding as u32 <= LIMIT, "{holding} holders believe they hold a slot at once");
+        }
+    }
 }
