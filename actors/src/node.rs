@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod control;
 pub mod dispatch;
+pub mod link;
 pub mod plane;
 pub mod scheduler;
 pub mod slots;
@@ -332,59 +333,18 @@ async fn put_result(results: Option<ResultStore>, key: String, bytes: Vec<u8>) -
     }
 }
 
-/// Ships a worker's large results to the control node over a QUIC stream of their own (the
-/// client protocol, with the node's certificate), to the control member the agent last
-/// learned of.
+/// Ships a worker's large results to the control node over a QUIC connection of their own
+/// (the client protocol, with the node's certificate).
 #[derive(Debug)]
-struct QuicShipper {
-    endpoint: QuicEndpoint,
-    view: Arc<RwLock<ClusterStatus>>,
-    conn: tokio::sync::Mutex<Option<(SocketAddr, quinn::Connection)>>,
-}
+struct QuicShipper(link::ControlLink);
 
 impl QuicShipper {
     async fn ship_async(&self, key: &str, bytes: &[u8]) -> Result<(), String> {
-        let control = {
-            let view = self.view.read().unwrap_or_else(|e| e.into_inner());
-            view.nodes
-                .iter()
-                .find(|m| m.role == Role::Control.as_str())
-                .map(|m| (m.addr.clone(), m.name.to_string()))
+        let request = Request::PutResult {
+            key: key.to_owned(),
+            bytes: bytes.to_vec(),
         };
-        let (addr, name) = control.ok_or("no control node is known yet")?;
-        let addr: SocketAddr = addr
-            .parse()
-            .map_err(|e| format!("the control node's address {addr:?}: {e}"))?;
-        let mut slot = self.conn.lock().await;
-        let conn = match slot.as_ref() {
-            Some((a, c)) if *a == addr && c.close_reason().is_none() => c.clone(),
-            _ => {
-                let c = self
-                    .endpoint
-                    .connect(addr, &name, ALPN_CLIENT)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                *slot = Some((addr, c.clone()));
-                c
-            }
-        };
-        drop(slot);
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-        let envelope = Envelope {
-            version: PROTOCOL_VERSION,
-            request: Request::PutResult {
-                key: key.to_owned(),
-                bytes: bytes.to_vec(),
-            },
-        };
-        frame::write(&mut send, &envelope)
-            .await
-            .map_err(|e| e.to_string())?;
-        send.finish().map_err(|e| e.to_string())?;
-        match frame::read::<Response, _>(&mut recv)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        match self.0.ask(request).await? {
             Response::Done => Ok(()),
             Response::Error(e) => Err(e.message),
             other => Err(format!("unexpected answer {other:?}")),
@@ -607,11 +567,10 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     let view = Arc::new(RwLock::new(ClusterStatus::default()));
     ec.cluster_slots = Some(Arc::new(plane::ControlSlots::new(config.name.clone())));
     if config.role == Role::Worker {
-        ec.result_shipper = Some(Arc::new(QuicShipper {
-            endpoint: endpoint.clone(),
-            view: view.clone(),
-            conn: tokio::sync::Mutex::new(None),
-        }));
+        ec.result_shipper = Some(Arc::new(QuicShipper(link::ControlLink::new(
+            endpoint.clone(),
+            view.clone(),
+        ))));
     }
     let (engine, engine_join) = worker::start(ec, plane.clone(), flows).await?;
     let args = AgentArgs {
@@ -624,6 +583,8 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         heartbeat_every: config.heartbeat_every,
         view: view.clone(),
         incarnation: u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0),
+        link: (config.role == Role::Worker)
+            .then(|| Arc::new(link::ControlLink::new(endpoint.clone(), view.clone()))),
     };
     Actor::spawn(None, Agent, args)
         .await

@@ -113,5 +113,23 @@ mod tests {
         assert!(write.forbidden_for(CertRole::Unmarked).is_none());
         assert!(read.forbidden_for(CertRole::Node).is_some());
         assert!(ship.forbidden_for(CertRole::Node).is_none());
+        let beat = Request::Heartbeat(Box::new(crate::wire::MemberStatus {
+            name: "n2".parse().unwrap(),
+            addr: String::new(),
+            role: "worker".into(),
+            reachable: true,
+            slots_used: 0,
+            slots_total: 1,
+            flows: vec![],
+            queues: vec![],
+            last_heartbeat: None,
+            incarnation: 1,
+            holds: vec![],
+        }));
+        assert!(beat.forbidden_for(CertRole::Node).is_none());
+        assert!(
+            beat.forbidden_for(CertRole::Client).is_some(),
+            "a client reported a heartbeat"
+        );
     }
 }

@@ -142,6 +142,9 @@ pub enum Request {
         /// When there is none yet, wait up to this long for one (≤ [`WAIT_MS_MAX`]).
         wait_ms: u32,
     },
+    /// A node's heartbeat (its report), on a connection of its own; answered with the
+    /// membership.
+    Heartbeat(Box<MemberStatus>),
     /// Keep a large result in the control node's result store (a node shipping what a run
     /// made; the key is the result store's).
     PutResult {
@@ -180,7 +183,8 @@ impl Request {
             | Request::PutDeployment(_)
             | Request::DeleteDeployment(_)
             | Request::RunDeployment { .. }
-            | Request::PutResult { .. } => true,
+            | Request::PutResult { .. }
+            | Request::Heartbeat(_) => true,
         }
     }
 
@@ -188,8 +192,11 @@ impl Request {
     pub fn forbidden_for(&self, role: crate::role::CertRole) -> Option<WireError> {
         use crate::role::CertRole;
         let why = match role {
-            CertRole::Node if !matches!(self, Request::PutResult { .. }) => {
+            CertRole::Node if !matches!(self, Request::PutResult { .. } | Request::Heartbeat(_)) => {
                 "a node's certificate speaks the node protocol; use a client certificate"
+            }
+            CertRole::Client | CertRole::ReadOnlyClient if matches!(self, Request::Heartbeat(_)) => {
+                "only a node's certificate reports a node's heartbeat"
             }
             CertRole::ReadOnlyClient if self.is_mutating() => "this client certificate is read-only",
             _ => return None,

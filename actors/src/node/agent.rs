@@ -61,6 +61,9 @@ pub struct AgentArgs {
     /// This start of the node (its start time in microseconds): what tells one life of a node
     /// from the next.
     pub incarnation: u64,
+    /// A worker's own connection to the control node, for heartbeats (None: through the
+    /// cluster session, as the control node's own agent does).
+    pub link: Option<Arc<super::link::ControlLink>>,
 }
 
 /// The agent actor.
@@ -123,11 +126,25 @@ impl Actor for Agent {
                     incarnation: s.incarnation,
                     holds,
                 };
+                let view = s.view.clone();
+                let timeout = s.heartbeat_every * 4;
+                // Once the control node is known, heartbeats go on the node's own connection to
+                // it, never behind bulk traffic in the cluster session.
+                if let Some(link) = s.link.clone().filter(|l| l.knows_control()) {
+                    tokio::spawn(async move {
+                        let request = flotilla_cluster::wire::Request::Heartbeat(Box::new(report));
+                        if let Ok(Ok(flotilla_cluster::wire::Response::Status(status))) =
+                            tokio::time::timeout(timeout, link.ask(request)).await
+                            && let Ok(mut v) = view.write()
+                        {
+                            *v = status;
+                        }
+                    });
+                    return Ok(());
+                }
                 let Ok(bytes) = codec::encode(&report) else {
                     return Ok(());
                 };
-                let view = s.view.clone();
-                let timeout = s.heartbeat_every * 4;
                 // Not awaited here: a slow control node must not stall the agent.
                 tokio::spawn(async move {
                     if let Ok(ractor::rpc::CallResult::Success(reply)) = control

@@ -12,6 +12,11 @@ impl ControlState {
         };
         match request {
             Request::Status => answer(reply, Response::Status(self.status())),
+            Request::Heartbeat(report) => {
+                let status = self.heartbeat(*report);
+                answer(reply, Response::Status(status));
+                self.pump();
+            }
             Request::RemoveNode(node) => match self.members.get(&node) {
                 None => answer(
                     reply,
