@@ -570,7 +570,12 @@ impl Local {
             .result
             .as_ref()
             .ok_or_else(|| no(format!("it is {}", run.lifecycle.state)))?;
-        self.engine.ctx().results.load(r).map_err(|e| no(e.to_string()))
+        self.engine
+            .ctx()
+            .results
+            .load_async(r)
+            .await
+            .map_err(|e| no(e.to_string()))
     }
 
     /// Cancels a flow run: one not yet running ends Cancelled at once; a running one stops its

@@ -142,6 +142,24 @@ impl ResultStore {
         Ok(())
     }
 
+    /// As [`ResultStore::load`], off the async runtime's threads when it reads a file.
+    pub async fn load_async(&self, r: &ResultRef) -> Result<Vec<u8>, ResultError> {
+        match r {
+            ResultRef::Inline(b) => Ok(b.clone()),
+            ResultRef::Stored { key, .. } => {
+                let (store, r2, key) = (self.clone(), r.clone(), key.clone());
+                tokio::task::spawn_blocking(move || store.load(&r2))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(ResultError::Io {
+                            key,
+                            source: std::io::Error::other(e.to_string()),
+                        })
+                    })
+            }
+        }
+    }
+
     /// Reads a result back, checking its size and checksum.
     pub fn load(&self, r: &ResultRef) -> Result<Vec<u8>, ResultError> {
         match r {

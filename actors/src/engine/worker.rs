@@ -461,17 +461,10 @@ impl EngineHandle {
             SmallRng::seed_from_u64(now().as_micros() as u64 ^ u64::from_le_bytes([1, 2, 3, 4, 5, 6, 7, 8]));
         let options = flow.options();
         let create = Command::CreateFlowRun(NewFlowRun {
-            id: FlowRunId::new(now(), &mut rng),
-            flow_name: flow.name().to_owned(),
-            parameters: params,
-            deployment_id: None,
             parent_task_run: Some(parent),
-            idempotency_key: Some(idempotency_key),
-            tags: vec![],
-            work_queue: None,
-            retry_policy: options.retry,
-            resume: options.resume,
-            scheduled_time: None,
+            ..NewFlowRun::new(FlowRunId::new(now(), &mut rng), flow.name(), params)
+                .with_options(options.retry, options.resume)
+                .with_key(Some(idempotency_key))
         });
         let run = match p.submit(create).await {
             Ok(Ok(Reply::FlowRunCreated { run, .. })) => run,
@@ -487,7 +480,12 @@ impl EngineHandle {
                     .result
                     .as_ref()
                     .ok_or("the completed subflow run has no result")?;
-                return self.ctx.results.load(result).map_err(|e| e.to_string());
+                return self
+                    .ctx
+                    .results
+                    .load_async(result)
+                    .await
+                    .map_err(|e| e.to_string());
             }
             k if k.is_terminal() => {
                 let request = RetryRequest {

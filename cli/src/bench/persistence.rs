@@ -138,19 +138,10 @@ async fn create_runs(handle: &PersistenceHandle, n: usize) -> anyhow::Result<Vec
         let handle = handle.clone();
         tasks.spawn(async move {
             for id in chunk {
-                let cmd = Command::CreateFlowRun(NewFlowRun {
-                    id,
-                    flow_name: "bench".into(),
-                    parameters: serde_json::Value::Null,
-                    deployment_id: None,
-                    parent_task_run: None,
-                    idempotency_key: None,
-                    tags: vec![],
-                    work_queue: None,
-                    retry_policy: RetryPolicy::none(),
-                    resume: true,
-                    scheduled_time: None,
-                });
+                let cmd = Command::CreateFlowRun(
+                    NewFlowRun::new(id, "bench", serde_json::Value::Null)
+                        .with_options(RetryPolicy::none(), true),
+                );
                 match handle.submit(cmd).await? {
                     Ok(Reply::FlowRunCreated { .. }) => {}
                     other => bail!("could not create a run: {other:?}"),

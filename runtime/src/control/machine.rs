@@ -184,18 +184,17 @@ impl ControlMachine {
         }
         let command = match request {
             ClientRequest::CreateRun(c) => Command::CreateFlowRun(NewFlowRun {
-                // fix 4: the run's id is derived from the request's, never fresh.
-                id: FlowRunId::from_uuid(*request_id.as_uuid()),
-                flow_name: c.flow_name,
-                parameters: c.parameters,
-                deployment_id: None,
-                parent_task_run: None,
-                idempotency_key: c.idempotency_key,
                 tags: c.tags,
                 work_queue: c.work_queue,
-                retry_policy: Default::default(),
-                resume: c.resume,
                 scheduled_time: c.scheduled_time,
+                // fix 4: the run's id is derived from the request's, never fresh.
+                ..NewFlowRun::new(
+                    FlowRunId::from_uuid(*request_id.as_uuid()),
+                    c.flow_name,
+                    c.parameters,
+                )
+                .with_options(Default::default(), c.resume)
+                .with_key(c.idempotency_key)
             }),
             ClientRequest::CancelRun { run } => Command::ProposeFlowRunState {
                 run,

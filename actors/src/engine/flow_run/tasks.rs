@@ -43,7 +43,10 @@ impl FlowRunState {
                 let state = run.lifecycle.state.clone();
                 if state.kind == StateType::Completed {
                     // Recorded: return the result without running the task again.
-                    let loaded = state.result.as_ref().map(|r| self.ctx.results.load(r));
+                    let loaded = match state.result.as_ref() {
+                        Some(r) => Some(self.ctx.results.load_async(r).await),
+                        None => None,
+                    };
                     let result = match loaded {
                         Some(Ok(bytes)) => Ok(bytes),
                         Some(Err(e)) => Err(TaskFailure::ResultUnreadable {
@@ -179,7 +182,11 @@ impl FlowRunState {
                 self.ctx.spawner.spawn(args, myself.get_cell());
             }
             Decision::Reject(s) if s.name == StateName::Cached => {
-                let result = match s.result.as_ref().map(|r| self.ctx.results.load(r)) {
+                let loaded = match s.result.as_ref() {
+                    Some(r) => Some(self.ctx.results.load_async(r).await),
+                    None => None,
+                };
+                let result = match loaded {
                     Some(Ok(bytes)) => Ok(bytes),
                     Some(Err(e)) => Err(TaskFailure::ResultUnreadable {
                         run: id,
