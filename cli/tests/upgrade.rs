@@ -1,0 +1,95 @@
+//! A data directory written by the release before the control machine (format 1) opens with
+//! this build: its runs, work queues, tag limits and deployments are all there, and it takes
+//! new work. The fixture was made by that release: a control node given a work queue, a tag
+//! limit, a deployment and three command runs, then SIGKILLed (so opening it replays its log).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests may panic on what they set up
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use flotilla::{Client, LimitChange, QueueChange, StateType};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_of_the_previous_release_opens_and_takes_new_work() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let fixture = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/cluster-0.1-before-control-machine.tar.gz");
+    let untar = std::process::Command::new("tar")
+        .arg("-xzf")
+        .arg(&fixture)
+        .arg("-C")
+        .arg(dir)
+        .output()
+        .expect("tar runs");
+    assert!(
+        untar.status.success(),
+        "{}",
+        String::from_utf8_lossy(&untar.stderr)
+    );
+    std::fs::rename(dir.join("data"), dir.join("n1")).expect("the data directory in place");
+
+    let port = free_udp_port();
+    let _nodes = Nodes {
+        children: vec![("n1".into(), start_node(dir, "n1", port, None, &[]))],
+        dir: dir.to_owned(),
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let certs = dir.join("certs");
+    let client = eventually(
+        "the old data directory opens",
+        Duration::from_secs(30),
+        || async { Client::connect(&addr, &certs).await.ok() },
+    )
+    .await;
+
+    let runs = client
+        .flow_runs(flotilla::RunFilter::State(StateType::Completed), None, 100)
+        .await
+        .expect("the runs");
+    assert_eq!(runs.len(), 3, "the three completed runs of the old release");
+    for r in &runs {
+        assert_eq!(r.flow_name, "command");
+        let history = client.history(r.id).await.expect("its history");
+        assert!(history.len() >= 4, "{history:?}");
+    }
+    let q = client
+        .work_queue("upgrade-q", QueueChange::Inspect)
+        .await
+        .expect("the queue")
+        .expect("listed");
+    assert_eq!((q.queue.priority, q.queue.concurrency_limit), (3, Some(2)));
+    let db = client
+        .concurrency_limit("db", LimitChange::Inspect)
+        .await
+        .expect("the tag limit")
+        .expect("listed");
+    assert_eq!(db.limit, 2);
+    let d = client.deployment("nightly").await.expect("the deployment");
+    assert_eq!(d.work_queue.as_deref(), Some("upgrade-q"));
+
+    // And it takes new work, in the new format's commands too.
+    let id = client
+        .run_with_key(
+            "command",
+            serde_json::json!({"command": ["true"]}),
+            "after-upgrade",
+        )
+        .await
+        .expect("a new run");
+    let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+        .await
+        .expect("in time")
+        .expect("readable");
+    assert_eq!(run.lifecycle.state.kind, StateType::Completed);
+    client
+        .work_queue(
+            "upgrade-q",
+            QueueChange::Edit(flotilla_runtime::QueueEdit::SetPriority(4)),
+        )
+        .await
+        .expect("changed");
+}
