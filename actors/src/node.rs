@@ -8,6 +8,7 @@ pub mod control;
 pub mod dispatch;
 pub mod link;
 pub mod plane;
+pub mod replies;
 pub mod scheduler;
 pub mod slots;
 
@@ -237,14 +238,21 @@ async fn serve_client_connection(
     conn: quinn::Connection,
     results: Option<ResultStore>,
     message_bytes_max: usize,
+    replies: replies::Replies,
 ) {
     let role = flotilla_cluster::role::CertRole::of_peer(&conn);
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let results = results.clone();
+        let (results, replies) = (results.clone(), replies.clone());
         tokio::spawn(async move {
             let response = match read_request(&mut recv, message_bytes_max).await {
                 Err(e) => Response::Error(e),
-                Ok(env) => answer(env, role, results).await,
+                // A resent request gets its first answer.
+                Ok(env) => match env.request_id {
+                    Some(id) if env.request.is_mutating() => {
+                        replies.once(id, answer(env, role, results)).await
+                    }
+                    _ => answer(env, role, results).await,
+                },
             };
             let encoded = match frame::encode_frame(&response) {
                 // Bulk data (a result's bytes) may use the whole frame; other replies are held
@@ -517,11 +525,17 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         let results = (config.role == Role::Control)
             .then(|| ResultStore::new(config.data_dir.join("results"), usize::MAX));
         let message_bytes_max = config.message_bytes_max;
+        let replies = replies::Replies::default();
         tokio::spawn(async move {
             // Each handshake on a task of its own: a slow client never stalls the others.
             while let Some(incoming) = endpoint.accept_incoming().await {
-                let (server, local, results, certs) =
-                    (server.clone(), local.clone(), results.clone(), peer_certs.clone());
+                let (server, local, results, certs, replies) = (
+                    server.clone(),
+                    local.clone(),
+                    results.clone(),
+                    peer_certs.clone(),
+                    replies.clone(),
+                );
                 tokio::spawn(async move {
                     let Some((conn, alpn)) = flotilla_cluster::endpoint::handshake(incoming).await else {
                         return;
@@ -529,7 +543,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                     if alpn == ALPN_NODE {
                         serve_node_connection(conn, server, local, certs).await;
                     } else if alpn == ALPN_CLIENT {
-                        serve_client_connection(conn, results, message_bytes_max).await;
+                        serve_client_connection(conn, results, message_bytes_max, replies).await;
                     }
                 });
             }

@@ -21,6 +21,11 @@ pub struct Envelope {
     pub version: u16,
     /// The request.
     pub request: Request,
+    /// The client's id for this request, chosen once and sent again with every retry of it: a
+    /// node answers a request it already answered with the first answer (and a retry that
+    /// arrives while the first is under way waits for it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<flotilla_runtime::control::RequestId>,
 }
 
 /// What a client can ask.

@@ -104,11 +104,17 @@ impl Remote {
     }
 
     /// One request, one answer; a request on a connection found dead is sent once more on a
-    /// fresh one (every request here is a read or carries its own idempotency on the server).
+    /// fresh one, with the same request id: the node answers a resent request with its first
+    /// answer.
     async fn ask(&self, request: Request, run: Option<FlowRunId>) -> Result<Response, Error> {
+        let request_id = request.is_mutating().then(|| {
+            let id = FlowRunId::new(crate::client::now(), &mut crate::client::rng());
+            flotilla_runtime::control::RequestId::from_uuid(*id.as_uuid())
+        });
         let envelope = Envelope {
             version: PROTOCOL_VERSION,
             request,
+            request_id,
         };
         let mut tries = 0;
         loop {

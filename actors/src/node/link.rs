@@ -66,6 +66,7 @@ impl ControlLink {
         let envelope = Envelope {
             version: PROTOCOL_VERSION,
             request,
+            request_id: None,
         };
         frame::write(&mut send, &envelope)
             .await
