@@ -110,26 +110,54 @@ pub struct FlowOptions {
 }
 
 /// The options of the flows a node knows, by name: what a run created on the control node
-/// (by a client, a deployment or the scheduler) takes from its flow.
+/// (by a client, a deployment or the scheduler) takes from its flow. Its own flows first; those
+/// only other nodes run are learned from their heartbeats.
 #[derive(Clone, Debug, Default)]
-pub struct FlowCatalog(std::sync::Arc<std::collections::HashMap<String, FlowOptions>>);
+pub struct FlowCatalog {
+    own: std::sync::Arc<std::collections::HashMap<String, (RetryPolicy, bool)>>,
+    learned: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, (RetryPolicy, bool)>>>,
+}
 
 impl FlowCatalog {
     /// The catalog of these flows.
     pub fn of(flows: &[std::sync::Arc<dyn FlowFn>]) -> Self {
-        FlowCatalog(std::sync::Arc::new(
-            flows.iter().map(|f| (f.name().to_owned(), f.options())).collect(),
-        ))
+        FlowCatalog {
+            own: std::sync::Arc::new(
+                flows
+                    .iter()
+                    .map(|f| {
+                        let o = f.options();
+                        (f.name().to_owned(), (o.retry, o.resume))
+                    })
+                    .collect(),
+            ),
+            learned: Default::default(),
+        }
+    }
+
+    /// Learns the options of a flow another node runs (its own flows are not overridden).
+    pub fn learn(&self, flow: &str, retry: &RetryPolicy, resume: bool) {
+        if self.own.contains_key(flow) {
+            return;
+        }
+        let mut learned = self.learned.write().unwrap_or_else(|e| e.into_inner());
+        if learned.get(flow).is_none_or(|(r, x)| r != retry || *x != resume) {
+            learned.insert(flow.to_owned(), (retry.clone(), resume));
+        }
     }
 
     /// A new run of `flow` with the flow's retry policy and resume option (the defaults and no
-    /// automatic resume for a flow this node does not know).
+    /// automatic resume for a flow no node has told of).
     pub fn apply(&self, new: flotilla_runtime::NewFlowRun) -> flotilla_runtime::NewFlowRun {
-        match self.0.get(&new.flow_name) {
-            Some(o) => {
-                let (retry, resume) = (o.retry.clone(), o.resume);
-                new.with_options(retry, resume)
-            }
+        let found = self.own.get(&new.flow_name).cloned().or_else(|| {
+            self.learned
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&new.flow_name)
+                .cloned()
+        });
+        match found {
+            Some((retry, resume)) => new.with_options(retry, resume),
             None => new.with_options(RetryPolicy::default(), false),
         }
     }
@@ -222,4 +250,37 @@ pub enum TaskFailure {
     /// The flow run is no longer running here (cancelled, crashed, or taken over).
     #[error("the flow run stopped: {0}")]
     Aborted(String),
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Regression (fix 7): runs made on the control node (deployments, the scheduler, clients)
+    /// took the default options, whatever their flow declares. A flow only another node runs is
+    /// learned from that node's heartbeats.
+    #[test]
+    fn runs_take_the_options_of_their_flow_learned_from_the_nodes_that_run_it() {
+        let catalog = FlowCatalog::default();
+        let new = || {
+            flotilla_runtime::NewFlowRun::new(FlowRunId::from_bytes([1; 16]), "etl", serde_json::json!({}))
+        };
+        let unknown = catalog.apply(new());
+        assert_eq!(unknown.retry_policy, RetryPolicy::default());
+        assert!(!unknown.resume);
+        let retry = RetryPolicy {
+            retries: 3,
+            ..RetryPolicy::default()
+        };
+        catalog.learn("etl", &retry, true);
+        let known = catalog.apply(new());
+        assert_eq!(known.retry_policy, retry);
+        assert!(known.resume);
+        // The catalog is shared: a clone (the scheduler's) sees what the control actor learned.
+        let other = catalog.clone();
+        catalog.learn("etl", &RetryPolicy::default(), false);
+        assert!(!other.apply(new()).resume);
+    }
 }

@@ -481,6 +481,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         })
         .map_err(|e| NodeError::Spawn(e.to_string()))?;
 
+    let catalog = crate::engine::FlowCatalog::of(&flows);
     let (plane, persistence) = match config.role {
         Role::Control => {
             let (p, join) = persistence::start(PersistenceConfig::new(&config.data_dir)).await?;
@@ -497,6 +498,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                     settings,
                     flows: flows.clone(),
                     results: ResultStore::new(config.data_dir.join("results"), usize::MAX),
+                    catalog: catalog.clone(),
                 },
             )
             .await
@@ -507,7 +509,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                 scheduler::SchedulerArgs {
                     persistence: p.clone(),
                     settings: config.schedule,
-                    flows: crate::engine::FlowCatalog::of(&flows),
+                    flows: catalog.clone(),
                 },
             )
             .await

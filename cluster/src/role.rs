@@ -125,6 +125,7 @@ mod tests {
             last_heartbeat: None,
             incarnation: 1,
             holds: vec![],
+            flow_options: Default::default(),
         }));
         assert!(beat.forbidden_for(CertRole::Node).is_none());
         assert!(

@@ -314,8 +314,17 @@ pub struct SchedulerStats {
     pub busy_us: u64,
 }
 
+/// What a run of a flow takes from the flow when it is created.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FlowDefaults {
+    /// Flow-level retries.
+    pub retry: flotilla_runtime::RetryPolicy,
+    /// Whether a crash of its node resumes it.
+    pub resume: bool,
+}
+
 /// A member of the cluster, as the control node sees it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MemberStatus {
     /// Its name.
     pub name: NodeId,
@@ -343,10 +352,14 @@ pub struct MemberStatus {
     /// to it and never started is taken back. Empty in the cluster's status.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub holds: Vec<FlowRunId>,
+    /// In a node's heartbeat: the options of the flows it runs, which runs created for them on
+    /// the control node take. Empty in the cluster's status.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub flow_options: std::collections::BTreeMap<String, FlowDefaults>,
 }
 
 /// The cluster's members.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterStatus {
     /// Every member.
     pub nodes: Vec<MemberStatus>,

@@ -408,6 +408,23 @@ impl EngineHandle {
         names
     }
 
+    /// What runs of each flow this node runs take from it, by name.
+    pub fn flow_defaults(&self) -> std::collections::BTreeMap<String, flotilla_cluster::wire::FlowDefaults> {
+        self.flows
+            .iter()
+            .map(|(name, f)| {
+                let o = f.options();
+                (
+                    name.clone(),
+                    flotilla_cluster::wire::FlowDefaults {
+                        retry: o.retry,
+                        resume: o.resume,
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// Has the worker run a flow run (claim it, run it) when a slot is free.
     pub fn run(&self, id: FlowRunId) -> Result<(), EngineError> {
         self.worker

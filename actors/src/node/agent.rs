@@ -125,6 +125,7 @@ impl Actor for Agent {
                     last_heartbeat: None,
                     incarnation: s.incarnation,
                     holds,
+                    flow_options: s.engine.flow_defaults(),
                 };
                 let view = s.view.clone();
                 let timeout = s.heartbeat_every * 4;

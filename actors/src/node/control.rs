@@ -359,10 +359,14 @@ impl ControlState {
         if !entry.status.reachable {
             tracing::info!(node = %report.name, "member reachable");
         }
+        for (flow, o) in &report.flow_options {
+            self.catalog.learn(flow, &o.retry, o.resume);
+        }
         entry.status = MemberStatus {
             reachable: true,
             last_heartbeat: Some(now()),
             holds: Vec::new(),
+            flow_options: Default::default(),
             ..report
         };
         entry.last_seen = Instant::now();
@@ -522,6 +526,8 @@ pub struct ControlArgs {
     pub flows: Vec<Arc<dyn FlowFn>>,
     /// The control node's result store (large results, shipped by the nodes that made them).
     pub results: ResultStore,
+    /// The flows' options (shared with the scheduler; learned from the nodes' heartbeats).
+    pub catalog: crate::engine::FlowCatalog,
 }
 
 impl Actor for Control {
@@ -568,7 +574,7 @@ impl Actor for Control {
             members: BTreeMap::new(),
             settings: args.settings,
             rng: SmallRng::seed_from_u64(now().as_micros() as u64),
-            catalog: crate::engine::FlowCatalog::of(&args.flows),
+            catalog: args.catalog,
             flows: args.flows.into_iter().map(|f| (f.name().to_owned(), f)).collect(),
             dispatch: Dispatch::default(),
             slots: Slots::default(),
