@@ -125,23 +125,10 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
 
 /// The status as the JSON the CLI prints.
 pub fn status_json(status: &ClusterStatus) -> serde_json::Value {
-    let nodes: Vec<serde_json::Value> = status
-        .nodes
-        .iter()
-        .map(|m| {
-            serde_json::json!({
-                "name": m.name.as_str(),
-                "addr": m.addr,
-                "role": m.role,
-                "reachable": m.reachable,
-                "slots_used": m.slots_used,
-                "slots_total": m.slots_total,
-                "flows": m.flows,
-                "last_heartbeat": m.last_heartbeat.map(|t| t.to_string()),
-            })
-        })
-        .collect();
-    serde_json::json!({ "nodes": nodes })
+    let out = crate::output::StatusOut {
+        nodes: status.nodes.iter().map(Into::into).collect(),
+    };
+    serde_json::to_value(out).unwrap_or_default()
 }
 
 fn print_status(status: &ClusterStatus) {

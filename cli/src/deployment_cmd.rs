@@ -288,21 +288,13 @@ fn next_times(d: &Deployment, n: usize) -> Vec<Timestamp> {
 }
 
 fn deployment_json(d: &Deployment) -> serde_json::Value {
-    serde_json::json!({
-        "id": d.id.to_string(),
-        "name": d.name,
-        "flow": d.flow_name,
-        "parameters": d.parameters,
-        "schedules": d.schedules.iter().map(describe_schedule).collect::<Vec<_>>(),
-        "queue": d.work_queue,
-        "tags": d.tags,
-        "concurrency_limit": d.concurrency_limit,
-        "collision": match d.collision { CollisionStrategy::Enqueue => "enqueue", CollisionStrategy::CancelNew => "cancel-new" },
-        "paused": d.paused,
-        "created": d.created.to_string(),
-        "updated": d.updated.to_string(),
-        "next": if d.paused { Vec::new() } else { next_times(d, 5).iter().map(ToString::to_string).collect() },
-    })
+    let next = if d.paused {
+        Vec::new()
+    } else {
+        next_times(d, 5).iter().map(ToString::to_string).collect()
+    };
+    let out = crate::output::DeploymentOut::new(d, d.schedules.iter().map(describe_schedule).collect(), next);
+    serde_json::to_value(out).unwrap_or_default()
 }
 
 pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
@@ -493,7 +485,7 @@ pub async fn run(cmd: DeploymentCmd) -> anyhow::Result<bool> {
             }
             .map_err(|e| s.fail(e))?;
             if json {
-                println!("{}", serde_json::json!({ "id": id.to_string() }));
+                crate::output::print(&crate::output::IdOut { id: id.to_string() })?;
             } else {
                 println!("{id}");
             }

@@ -8,6 +8,7 @@ use flotilla::{FlowRun, FlowRunId, LogLine, RunFilter, StateType};
 use flotilla_runtime::LogCursor;
 
 use crate::config::{Conn, Session};
+use crate::output::RunOut;
 
 /// Flow run commands.
 #[derive(Debug, Subcommand)]
@@ -196,7 +197,7 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
             }
             .map_err(|e| s.fail(e))?;
             if json {
-                println!("{}", serde_json::json!({ "id": id.to_string() }));
+                crate::output::print(&crate::output::IdOut { id: id.to_string() })?;
             } else {
                 println!("{id}");
             }
@@ -246,7 +247,7 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
             if json {
                 println!(
                     "{}",
-                    serde_json::to_string(&runs.iter().map(run_json).collect::<Vec<_>>())?
+                    serde_json::to_string(&runs.iter().map(RunOut::from).collect::<Vec<_>>())?
                 );
             } else {
                 print_runs(&runs);
@@ -260,20 +261,12 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
             let history = s.client.history(id).await.map_err(|e| s.fail(e))?;
             let tasks = s.client.task_runs(id).await.map_err(|e| s.fail(e))?;
             if json {
-                let v = serde_json::json!({
-                    "run": run_json(&run),
-                    "parameters": run.parameters,
-                    "history": history.iter().map(|st| serde_json::json!({
-                        "state": st.name.to_string(), "type": st.kind.to_string(),
-                        "timestamp": st.timestamp.to_string(), "message": st.message,
-                    })).collect::<Vec<_>>(),
-                    "task_runs": tasks.iter().map(|t| serde_json::json!({
-                        "id": t.id.to_string(), "task": t.key.task_key, "call": t.key.call_index,
-                        "state": t.lifecycle.state.name.to_string(), "runs": t.lifecycle.run_count,
-                        "message": t.lifecycle.state.message,
-                    })).collect::<Vec<_>>(),
-                });
-                println!("{v}");
+                crate::output::print(&crate::output::InspectOut {
+                    run: RunOut::from(&run),
+                    parameters: &run.parameters,
+                    history: history.iter().map(Into::into).collect(),
+                    task_runs: tasks.iter().map(Into::into).collect(),
+                })?;
             } else {
                 let mut out = std::io::stdout().lock();
                 writeln!(out, "flow run  {}", run.id)?;
@@ -379,21 +372,6 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
     }
 }
 
-fn run_json(r: &FlowRun) -> serde_json::Value {
-    serde_json::json!({
-        "id": r.id.to_string(),
-        "flow": r.flow_name,
-        "state": r.lifecycle.state.name.to_string(),
-        "type": r.lifecycle.state.kind.to_string(),
-        "message": r.lifecycle.state.message,
-        "node": r.owner.as_ref().map(|n| n.as_str().to_owned()),
-        "created": r.created.to_string(),
-        "start_time": r.lifecycle.start_time.map(|t| t.to_string()),
-        "end_time": r.lifecycle.end_time.map(|t| t.to_string()),
-        "run_count": r.lifecycle.run_count,
-    })
-}
-
 fn print_runs(runs: &[FlowRun]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
@@ -430,10 +408,7 @@ fn print_line(out: &mut impl Write, l: &LogLine, json: bool) {
         writeln!(
             out,
             "{}",
-            serde_json::json!({
-                "timestamp": l.timestamp.to_string(), "level": l.level.to_string(),
-                "task_run": l.task_run.map(|t| t.to_string()), "message": l.message,
-            })
+            serde_json::to_string(&crate::output::LogLineOut::from(l)).unwrap_or_default()
         )
     } else {
         writeln!(out, "{}", format_line(l))

@@ -12,6 +12,7 @@ mod demo;
 mod deployment_cmd;
 mod flow_run;
 mod node_cmd;
+mod output;
 mod queue_cmd;
 mod schedule_cmd;
 
@@ -103,8 +104,13 @@ fn main() -> ExitCode {
         Ok(false) => ExitCode::FAILURE,
         Err(e) if json => {
             // Scripts read one JSON object on stdout, the same shape for every failure.
-            let v = serde_json::json!({ "error": { "code": config::error_code(&e), "message": format!("{e:#}") } });
-            println!("{v}");
+            let out = output::ErrorOut {
+                error: output::ErrorBody {
+                    code: config::error_code(&e),
+                    message: format!("{e:#}"),
+                },
+            };
+            println!("{}", serde_json::to_string(&out).unwrap_or_default());
             ExitCode::FAILURE
         }
         Err(e) => {

@@ -169,15 +169,7 @@ pub enum EventsCmd {
 }
 
 fn queue_json(q: &QueueInfo) -> serde_json::Value {
-    serde_json::json!({
-        "name": q.queue.name,
-        "id": q.queue.id.to_string(),
-        "priority": q.queue.priority,
-        "concurrency_limit": q.queue.concurrency_limit,
-        "paused": q.queue.paused,
-        "waiting": q.waiting,
-        "running": q.active,
-    })
+    serde_json::to_value(crate::output::QueueOut::from(q)).unwrap_or_default()
 }
 
 fn print_queues(all: &[QueueInfo], json: bool) -> anyhow::Result<()> {
@@ -212,17 +204,7 @@ fn print_queues(all: &[QueueInfo], json: bool) -> anyhow::Result<()> {
 }
 
 fn limit_json(l: &ConcurrencyLimit) -> serde_json::Value {
-    serde_json::json!({
-        "tag": l.tag,
-        "limit": l.limit,
-        "lease_ttl_ms": l.lease_ttl.as_millis() as u64,
-        "held": l.leases.len(),
-        "leases": l.leases.iter().map(|s| serde_json::json!({
-            "task_run": s.holder.to_string(),
-            "node": s.node.to_string(),
-            "expires": s.expires.to_string(),
-        })).collect::<Vec<_>>(),
-    })
+    serde_json::to_value(crate::output::LimitOut::from(l)).unwrap_or_default()
 }
 
 fn print_limits(all: &[ConcurrencyLimit], json: bool, leases: bool) -> anyhow::Result<()> {

@@ -58,10 +58,11 @@ pub fn run(cmd: ScheduleCmd) -> anyhow::Result<()> {
         })
         .collect();
     if json {
-        println!(
-            "{}",
-            serde_json::json!({ "expression": expression, "timezone": timezone, "next": next })
-        );
+        crate::output::print(&crate::output::PreviewOut {
+            expression: &expression,
+            timezone: &timezone,
+            next,
+        })?;
     } else {
         if next.is_empty() {
             println!("no fire times after {after}");
