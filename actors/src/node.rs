@@ -98,6 +98,8 @@ pub struct NodeConfig {
     pub queues: Vec<String>,
     /// The largest request or reply it takes or sends (bulk data aside).
     pub message_bytes_max: usize,
+    /// How long the control node keeps events, logs and terminal runs.
+    pub retention: persistence::Retention,
 }
 
 impl NodeConfig {
@@ -120,6 +122,7 @@ impl NodeConfig {
             schedule: scheduler::ScheduleSettings::default(),
             queues: Vec::new(),
             message_bytes_max: frame::MESSAGE_BYTES_DEFAULT,
+            retention: persistence::Retention::default(),
         }
     }
 }
@@ -484,7 +487,11 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     let catalog = crate::engine::FlowCatalog::of(&flows);
     let (plane, persistence) = match config.role {
         Role::Control => {
-            let (p, join) = persistence::start(PersistenceConfig::new(&config.data_dir)).await?;
+            let pconfig = PersistenceConfig {
+                retention: config.retention,
+                ..PersistenceConfig::new(&config.data_dir)
+            };
+            let (p, join) = persistence::start(pconfig).await?;
             let settings = MembershipSettings {
                 unreachable_after: config.unreachable_after,
                 late_after: config.late_after,

@@ -34,11 +34,11 @@ use serde::Serialize;
 use tokio::sync::broadcast;
 
 pub use command_log::{CommandLog, LogEntry, LogEntryRef};
-pub use config::PersistenceConfig;
+pub use config::{PersistenceConfig, Retention};
 pub use error::{OpenError, PersistError};
 pub use kv::{KvError, KvOp, KvStore, MemKv, SledKv, Tree};
 pub use read::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter, StoreStats};
-pub use store::{Store, StoreJob};
+pub use store::{ColdPrune, Store, StoreJob};
 
 use inbox::{Ack, Inbox};
 use log_io::DirIo;
@@ -83,6 +83,13 @@ pub enum PersistenceMsg {
     },
     /// Periodic: hand what was applied to the store thread.
     Tick,
+    /// Periodic: forget what is older than the retention windows.
+    Prune,
+    /// A pruning command was applied; `more` when more runs are due.
+    Pruned {
+        /// Whether to prune again at once.
+        more: bool,
+    },
 }
 
 impl ractor::Message for PersistenceMsg {}
@@ -96,6 +103,8 @@ impl std::fmt::Debug for PersistenceMsg {
             PersistenceMsg::Stored { upto, .. } => write!(f, "Stored({upto})"),
             PersistenceMsg::Checkpointed { upto } => write!(f, "Checkpointed({upto})"),
             PersistenceMsg::Tick => f.write_str("Tick"),
+            PersistenceMsg::Prune => f.write_str("Prune"),
+            PersistenceMsg::Pruned { more } => write!(f, "Pruned({more})"),
         }
     }
 }
@@ -229,19 +238,19 @@ fn open_with(
     if replayed > 0 {
         tracing::info!(commands = replayed, from = %store.applied(), "replaying the command log");
     }
-    let store_err = |e: KvError| OpenError::Store {
+    let store_err = |reason: String| OpenError::Store {
         path: store_path.to_owned(),
-        reason: e.0,
+        reason,
     };
     for (n, entry) in entries.into_iter().enumerate() {
         let _ = store.apply(entry.index, entry.now, entry.command);
         if n % 4096 == 4095 {
-            kv.apply(&store.take_job().into_ops()).map_err(store_err)?;
+            store.take_job().write(kv.as_ref()).map_err(store_err)?;
         }
     }
-    kv.apply(&store.take_job().into_ops()).map_err(store_err)?;
+    store.take_job().write(kv.as_ref()).map_err(store_err)?;
     store.stored_through(store.applied());
-    kv.checkpoint().map_err(store_err)?;
+    kv.checkpoint().map_err(|e| store_err(e.0))?;
     log.truncate_through(store.applied())
         .map_err(|e| OpenError::io(path_str(&log_dir), e))?;
     Ok(OpenedStore {
@@ -280,6 +289,7 @@ pub struct PersistenceState {
     failed: Option<PersistError>,
     unsent_bytes: u64,
     last_store_job: std::time::Instant,
+    pruning: bool,
     _lock: File,
 }
 
@@ -425,6 +435,37 @@ impl PersistenceState {
         }
     }
 
+    /// Queues a pruning command (one at a time) with cut-offs from the clock; its answer
+    /// comes back as [`PersistenceMsg::Pruned`].
+    fn prune(&mut self, myself: &ActorRef<PersistenceMsg>) {
+        if self.pruning || self.failed.is_some() {
+            return;
+        }
+        let now = Self::clock();
+        let r = self.config.retention;
+        let before = |d: std::time::Duration| {
+            Timestamp::from_micros(
+                now.as_micros()
+                    .saturating_sub(i64::try_from(d.as_micros()).unwrap_or(i64::MAX)),
+            )
+        };
+        let command = Command::Prune(flotilla_runtime::Prune {
+            runs_before: before(r.runs),
+            events_before: before(r.events),
+            logs_before: before(r.logs),
+            runs_max: Retention::RUNS_PER_COMMAND,
+        });
+        let (ack, answer) = tokio::sync::oneshot::channel();
+        self.pending.push_back((command, ack));
+        self.pruning = true;
+        let me = myself.clone();
+        tokio::spawn(async move {
+            let more = matches!(answer.await, Ok(Ok(Ok(Reply::Pruned { more: true, .. }))));
+            let _ = me.cast(PersistenceMsg::Pruned { more });
+        });
+        self.start_batch();
+    }
+
     fn stats(&self) -> StoreStats {
         StoreStats {
             applied: self.store.applied(),
@@ -462,6 +503,7 @@ impl Actor for Persistence {
         let (store_tx, store_thread) =
             spawn_store_thread(store.kv().clone(), myself.clone(), &config, applied)?;
         myself.send_interval(config.store_write_interval, || PersistenceMsg::Tick);
+        myself.send_interval(config.retention.interval(), || PersistenceMsg::Prune);
         Ok(PersistenceState {
             store,
             config,
@@ -481,13 +523,14 @@ impl Actor for Persistence {
             failed: None,
             unsent_bytes: 0,
             last_store_job: std::time::Instant::now(),
+            pruning: false,
             _lock: lock,
         })
     }
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -535,6 +578,13 @@ impl Actor for Persistence {
             PersistenceMsg::Tick => {
                 if state.last_store_job.elapsed() >= state.config.store_write_interval {
                     state.send_store_job();
+                }
+            }
+            PersistenceMsg::Prune => state.prune(&myself),
+            PersistenceMsg::Pruned { more } => {
+                state.pruning = false;
+                if more {
+                    state.prune(&myself);
                 }
             }
             PersistenceMsg::Checkpointed { upto } => {

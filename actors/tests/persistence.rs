@@ -441,3 +441,119 @@ async fn a_corrupt_log_is_refused_with_the_segment_named() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pruning_forgets_old_runs_events_and_logs_and_keeps_the_histories_of_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = SmallRng::seed_from_u64(8);
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    let user_event = |at: Timestamp, rng: &mut SmallRng| Event {
+        id: flotilla_runtime::EventId::new(at, rng),
+        occurred: at,
+        event: "user.deployed".into(),
+        resource: Resource::new("app.service.web", Some("web")),
+        related: vec![],
+        payload: EventPayload::Data(serde_json::json!({})),
+    };
+    // Events are stored in the order of their ids: an old one comes first.
+    let old = user_event(Timestamp::from_millis(5), &mut rng);
+    submit(&h, Command::AppendEvent(old)).await;
+    let (done, live) = (
+        FlowRunId::new(Timestamp::from_millis(1), &mut rng),
+        FlowRunId::new(Timestamp::from_millis(2), &mut rng),
+    );
+    run_through(&h, done, &mut rng).await;
+    submit(&h, new_run(live)).await;
+    submit(&h, propose(live, StateName::Pending, &mut rng)).await;
+    let now = Timestamp::from(chrono::Utc::now());
+    // Log batches: an ancient one of each run, and a recent one of the live run.
+    for (run, at) in [
+        (done, Timestamp::from_millis(10)),
+        (live, Timestamp::from_millis(10)),
+        (live, now),
+    ] {
+        let line = LogLine {
+            flow_run: run,
+            task_run: None,
+            timestamp: at,
+            level: LogLevel::Info,
+            target: "t".into(),
+            message: format!("at {at}"),
+        };
+        submit(
+            &h,
+            Command::AppendLogs {
+                batch: LogBatchId::new(at, &mut rng),
+                flow_run: run,
+                lines: vec![line],
+            },
+        )
+        .await;
+    }
+    let new = user_event(now, &mut rng);
+    submit(&h, Command::AppendEvent(new.clone())).await;
+    let hour = Duration::from_secs(3600);
+    let prune = Command::Prune(flotilla_runtime::Prune {
+        runs_before: now + hour,
+        events_before: Timestamp::from_micros(now.as_micros() - hour.as_micros() as i64),
+        logs_before: Timestamp::from_micros(now.as_micros() - hour.as_micros() as i64),
+        runs_max: 100,
+    });
+    assert!(matches!(
+        submit(&h, prune).await,
+        Reply::Pruned {
+            flow_runs: 1,
+            task_runs: 0,
+            more: false
+        }
+    ));
+    assert!(h.flow_run(done).await.unwrap().is_none());
+    h.stop(join).await;
+
+    // What the store holds after a restart: only the live run, its history and recent log, the
+    // recent user event.
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    assert!(h.flow_run(done).await.unwrap().is_none());
+    assert!(h.flow_run_history(done, 0, 100).await.unwrap().is_none());
+    let names: Vec<StateName> = h
+        .flow_run_history(live, 0, 100)
+        .await
+        .unwrap()
+        .expect("the live run's history")
+        .iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, [StateName::Scheduled, StateName::Pending]);
+    let events = h.events(None, 1000).await.unwrap();
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "flotilla.flow-run.Scheduled",
+            "flotilla.flow-run.Pending",
+            "user.deployed"
+        ],
+        "{events:?}"
+    );
+    assert_eq!(events[2], new);
+    let logs = |run| {
+        let h = h.clone();
+        async move {
+            let ReadReply::Logs { lines, .. } = h
+                .read(Read::Logs {
+                    flow_run: run,
+                    after: None,
+                    limit: 100,
+                })
+                .await
+                .unwrap()
+            else {
+                panic!()
+            };
+            lines.into_iter().map(|l| l.timestamp).collect::<Vec<_>>()
+        }
+    };
+    assert!(logs(done).await.is_empty());
+    assert_eq!(logs(live).await, [now]);
+    h.stop(join).await;
+}

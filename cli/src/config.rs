@@ -47,6 +47,12 @@ pub struct FileConfig {
     pub schedule_ahead: Option<String>,
     /// The work queues a node's worker serves (all when absent).
     pub queues: Option<Vec<String>>,
+    /// How long events are kept (`"7d"`).
+    pub retention_events: Option<String>,
+    /// How long log lines are kept (`"7d"`).
+    pub retention_logs: Option<String>,
+    /// How long terminal runs are kept (`"30d"`).
+    pub retention_runs: Option<String>,
     /// Whether a node prints flow and task logs on stderr.
     pub log_to_stderr: Option<bool>,
     /// The node a client talks to.

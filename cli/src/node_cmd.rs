@@ -66,6 +66,17 @@ pub struct StartArgs {
     /// The work queues its worker serves, comma-separated [default: all].
     #[arg(long, env = "FLOTILLA_QUEUES", value_delimiter = ',')]
     queues: Option<Vec<String>>,
+    /// Events older than this are forgotten, but the state changes of runs still kept (their
+    /// histories) [default: 7d].
+    #[arg(long, env = "FLOTILLA_RETENTION_EVENTS")]
+    retention_events: Option<String>,
+    /// Log lines older than this are forgotten [default: 7d].
+    #[arg(long, env = "FLOTILLA_RETENTION_LOGS")]
+    retention_logs: Option<String>,
+    /// Flow runs that ended longer ago than this are forgotten, with their task runs, histories
+    /// and logs [default: 30d].
+    #[arg(long, env = "FLOTILLA_RETENTION_RUNS")]
+    retention_runs: Option<String>,
     /// Do not print flow and task log lines on stderr (they are recorded either way).
     #[arg(long)]
     quiet_runs: bool,
@@ -182,6 +193,32 @@ impl StartArgs {
                 "--queues names 1 to 128 bytes long each"
             );
             config.queues = q.into_iter().map(|n| n.trim().to_owned()).collect();
+        }
+        for (flag, value, field) in [
+            (
+                "--retention-events",
+                self.retention_events.or(file.retention_events),
+                &mut config.retention.events,
+            ),
+            (
+                "--retention-logs",
+                self.retention_logs.or(file.retention_logs),
+                &mut config.retention.logs,
+            ),
+            (
+                "--retention-runs",
+                self.retention_runs.or(file.retention_runs),
+                &mut config.retention.runs,
+            ),
+        ] {
+            if let Some(s) = value {
+                let d = duration(flag, &s)?;
+                anyhow::ensure!(
+                    d >= std::time::Duration::from_secs(1),
+                    "{flag} {s:?}: at least 1s"
+                );
+                *field = d;
+            }
         }
         config.log_to_stderr = !self.quiet_runs && file.log_to_stderr.unwrap_or(true);
         Ok(config)

@@ -73,6 +73,29 @@ pub enum Write {
         /// The lines.
         lines: Vec<LogLine>,
     },
+    /// A flow run was pruned: forget its records, its task runs', their histories and logs.
+    Pruned(PrunedRun),
+    /// Forget events (but state changes) and log batches older than these.
+    PrunedBefore {
+        /// Events before this.
+        events: Timestamp,
+        /// Log batches before this.
+        logs: Timestamp,
+    },
+}
+
+/// A pruned flow run, with what the stores must forget besides its record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PrunedRun {
+    /// The flow run.
+    pub flow_run: FlowRunId,
+    /// Its task runs.
+    pub task_runs: Vec<TaskRunId>,
+    /// Per run (the flow run and each task run), how many history blocks it archived.
+    pub archived: Vec<(RunId, u32)>,
+    /// The state-change events of the recent history windows (those in archived blocks are
+    /// read from the blocks).
+    pub events: Vec<EventId>,
 }
 
 /// What a command did, for its sender.
@@ -165,6 +188,15 @@ pub enum Reply {
     EventAppended {
         /// Its id.
         id: EventId,
+    },
+    /// Old records were forgotten.
+    Pruned {
+        /// Flow runs forgotten.
+        flow_runs: u32,
+        /// Task runs forgotten with them.
+        task_runs: u32,
+        /// Whether more flow runs are due to go (send the command again).
+        more: bool,
     },
 }
 
@@ -300,6 +332,7 @@ fn apply_with(view: &mut impl StateView, command: Command, at: ApplyContext, rec
         Command::PutSetting { setting, .. } => tx.put_setting(view, setting),
         Command::DeleteSetting { key, .. } => tx.delete_setting(view, key),
         Command::EditWorkQueue { name, id, edit, .. } => tx.edit_work_queue(view, &name, id, edit),
+        Command::Prune(p) => tx.prune(view, p),
     }
 }
 

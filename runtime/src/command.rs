@@ -289,6 +289,24 @@ pub enum Command {
         /// When the requester asked.
         at: Timestamp,
     },
+    /// Forget what is older than the retention windows (see [`Prune`]).
+    Prune(Prune),
+}
+
+/// What a [`Command::Prune`] forgets. The cut-offs are absolute times chosen by the sender, so
+/// applying the command again (a replay) forgets nothing more.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prune {
+    /// Terminal flow runs that ended before this go, with their task runs, state histories
+    /// and logs.
+    pub runs_before: Timestamp,
+    /// Events before this go, except the state changes that make up the histories of runs
+    /// still kept (they go with their runs).
+    pub events_before: Timestamp,
+    /// Log batches written before this go.
+    pub logs_before: Timestamp,
+    /// At most this many flow runs per command (the reply says whether more remain).
+    pub runs_max: u32,
 }
 
 /// What makes a command idempotent: a resent command with the same key applies once.
@@ -314,6 +332,8 @@ pub enum IdempotencyKey {
     Setting(String, Timestamp),
     /// A setting deletion.
     DeleteSetting(String, Timestamp),
+    /// A pruning up to these run, event and log cut-offs.
+    Prune(Timestamp, Timestamp, Timestamp),
 }
 
 impl fmt::Display for IdempotencyKey {
@@ -329,6 +349,7 @@ impl fmt::Display for IdempotencyKey {
             IdempotencyKey::Setting(k, at) => write!(f, "setting/{k}/{at}"),
             IdempotencyKey::DeleteSetting(k, at) => write!(f, "delete-setting/{k}/{at}"),
             IdempotencyKey::Event(e) => write!(f, "event/{e}"),
+            IdempotencyKey::Prune(r, e, l) => write!(f, "prune/{r}/{e}/{l}"),
         }
     }
 }
@@ -366,6 +387,7 @@ impl Command {
                 format!("{}/{}", crate::work_queue::queue_key(name), edit.field()),
                 *at,
             ),
+            Command::Prune(p) => IdempotencyKey::Prune(p.runs_before, p.events_before, p.logs_before),
         }
     }
 
@@ -432,6 +454,7 @@ impl Command {
             Command::PutSetting { .. } => "put-setting",
             Command::DeleteSetting { .. } => "delete-setting",
             Command::EditWorkQueue { .. } => "edit-work-queue",
+            Command::Prune(_) => "prune",
         }
     }
 }

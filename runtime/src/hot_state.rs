@@ -114,6 +114,50 @@ impl HotState {
         r
     }
 
+    /// Removes a flow run (not its task runs) with its indexes and idempotency key.
+    pub fn remove_flow_run(&mut self, id: &FlowRunId) -> Option<Arc<FlowRun>> {
+        self.unindex(id);
+        let run = self.flow_runs.remove(id)?;
+        self.flow_run_ids.remove(id);
+        let key = run.idempotency_key.clone().unwrap_or_else(|| run.id.to_string());
+        if self.flow_run_keys.get(&key) == Some(id) {
+            self.flow_run_keys.remove(&key);
+        }
+        Some(run)
+    }
+
+    /// Removes the task runs of a flow run, with their keys; returns them.
+    pub fn remove_task_runs_of(&mut self, flow_run: &FlowRunId) -> Vec<Arc<TaskRun>> {
+        let ids: Vec<TaskRunId> = self
+            .tasks_by_flow
+            .range((*flow_run, TaskRunId::from_bytes([0; 16]))..)
+            .take_while(|(f, _)| f == flow_run)
+            .map(|(_, t)| *t)
+            .collect();
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            self.tasks_by_flow.remove(&(*flow_run, id));
+            if let Some(run) = self.task_runs.remove(&id) {
+                if self.task_run_keys.get(&run.key) == Some(&id) {
+                    self.task_run_keys.remove(&run.key);
+                }
+                out.push(run);
+            }
+        }
+        out
+    }
+
+    /// Forgets cached results that expired before `now`.
+    pub fn prune_cache(&mut self, now: Timestamp) {
+        self.cache
+            .retain(|_, s| s.details.cache_expiration.is_none_or(|e| e > now));
+    }
+
+    /// How many task runs there are.
+    pub fn task_run_count(&self) -> usize {
+        self.task_runs.len()
+    }
+
     /// The non-terminal flow runs a node owns.
     pub fn active_flow_runs_of(&self, node: &NodeId) -> Vec<FlowRunId> {
         self.active_by_node

@@ -31,8 +31,8 @@ pub mod time;
 pub mod view;
 pub mod work_queue;
 
-pub use apply::{ApplyContext, Outcome, Refusal, Reply, Write, apply, apply_shadow};
-pub use command::{Command, IdempotencyKey, NewFlowRun, NewTaskRun, RetryRequest};
+pub use apply::{ApplyContext, Outcome, PrunedRun, Refusal, Reply, Write, apply, apply_shadow};
+pub use command::{Command, IdempotencyKey, NewFlowRun, NewTaskRun, Prune, RetryRequest};
 pub use concurrency::ConcurrencyLimit;
 pub use deployment::{CollisionStrategy, Deployment, DeploymentSpec, Schedule, ScheduleKind};
 pub use event::{Event, EventPayload, Resource};

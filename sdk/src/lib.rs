@@ -65,7 +65,7 @@ pub use command::{COMMAND_FLOW, CommandOutput, NOOP_FLOW, builtin_flows, command
 pub use context::{FlowContext, context};
 pub use error::{Error, NodeError, TaskError};
 pub use flotilla_actors::engine::Durability;
-pub use flotilla_actors::persistence::RunFilter;
+pub use flotilla_actors::persistence::{Retention, RunFilter};
 pub use flotilla_cluster::wire::{ClusterStatus, LimitChange, MemberStatus, QueueChange, QueueInfo};
 pub use flotilla_macros::{flow, task};
 pub use flotilla_runtime::{

@@ -26,6 +26,7 @@ pub struct NodeBuilder {
     result_inline_bytes_max: Option<usize>,
     log_to_stderr: Option<bool>,
     persistence: Option<PersistenceConfig>,
+    retention: Option<flotilla_actors::persistence::Retention>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -97,6 +98,12 @@ impl NodeBuilder {
         self
     }
 
+    /// How long events, logs and terminal runs are kept (default: 7, 7 and 30 days).
+    pub fn retention(mut self, retention: flotilla_actors::persistence::Retention) -> Self {
+        self.retention = Some(retention);
+        self
+    }
+
     /// Replaces the persistence settings (batching, lag and checkpoint bounds).
     pub fn persistence(mut self, config: PersistenceConfig) -> Self {
         self.persistence = Some(config);
@@ -122,6 +129,9 @@ impl NodeBuilder {
         }
         let mut pconfig = self.persistence.unwrap_or_else(|| PersistenceConfig::new(&dir));
         pconfig.data_dir = dir.clone();
+        if let Some(r) = self.retention {
+            pconfig.retention = r;
+        }
         let (persistence, pjoin) = persistence::start(pconfig).await?;
         let mut config = EngineConfig::new(node, &dir);
         config.durability = self.durability;

@@ -30,6 +30,44 @@ pub struct PersistenceConfig {
     pub checkpoint_interval: Duration,
     /// How many events a slow subscriber may fall behind before it misses some (it is told).
     pub event_channel_capacity: usize,
+    /// How long events, logs and terminal runs are kept.
+    pub retention: Retention,
+}
+
+/// How long records are kept before a pruning (itself a logged command) forgets them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// Events (state changes stay as long as their run: they are its history).
+    pub events: Duration,
+    /// Log lines.
+    pub logs: Duration,
+    /// Terminal flow runs, with their task runs, histories and logs.
+    pub runs: Duration,
+}
+
+impl Default for Retention {
+    /// Events and logs 7 days, terminal runs 30 days.
+    fn default() -> Self {
+        const DAY: Duration = Duration::from_secs(24 * 3600);
+        Retention {
+            events: DAY * 7,
+            logs: DAY * 7,
+            runs: DAY * 30,
+        }
+    }
+}
+
+impl Retention {
+    /// How often to prune: every 10 minutes, or a quarter of the shortest window if shorter
+    /// (at least every 100 ms).
+    pub fn interval(&self) -> Duration {
+        let shortest = self.events.min(self.logs).min(self.runs);
+        (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(600))
+    }
+
+    /// The most flow runs one pruning command forgets (the next follows at once while more are
+    /// due).
+    pub const RUNS_PER_COMMAND: u32 = 256;
 }
 
 impl PersistenceConfig {
@@ -47,6 +85,7 @@ impl PersistenceConfig {
             checkpoint_bytes: 64 * 1024 * 1024,
             checkpoint_interval: Duration::from_secs(30),
             event_channel_capacity: 65_536,
+            retention: Retention::default(),
         }
     }
 

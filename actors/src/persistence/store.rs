@@ -9,8 +9,8 @@ use std::sync::Arc;
 use flotilla_runtime::codec;
 use flotilla_runtime::{
     ApplyContext, Command, Deployment, DeploymentId, Event, EventId, FlowRun, FlowRunId, HotState,
-    LogBatchId, LogIndex, LogLine, Refusal, Reply, RunId, State, StateView, TaskRun, TaskRunId, Timestamp,
-    Write, apply,
+    LogBatchId, LogIndex, LogLine, PrunedRun, Refusal, Reply, RunId, State, StateView, TaskRun, TaskRunId,
+    Timestamp, Write, apply,
 };
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
@@ -21,6 +21,8 @@ use super::overlay::{Overlay, RecentEvents};
 use super::read::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter, StoreStats};
 
 const APPLIED_KEY: &[u8] = b"applied";
+/// The event cut-off of the last pruning: blocks before it hold state changes only.
+const EVENTS_PRUNED_KEY: &[u8] = b"events-pruned";
 
 /// Events are stored in blocks of at most this many, keyed by their first event's id: one
 /// store write per block instead of one per event.
@@ -103,6 +105,198 @@ pub struct StoreJob {
     pub events: Vec<Arc<Event>>,
     /// Other writes, encoded.
     pub ops: Vec<KvOp>,
+    /// What to forget once the rest is written: pruned runs, and the event and log cut-offs.
+    pub prune: ColdPrune,
+}
+
+/// What a store job forgets after writing (see [`ColdPrune::ops`]).
+#[derive(Debug, Default)]
+pub struct ColdPrune {
+    /// Pruned flow runs.
+    pub runs: Vec<PrunedRun>,
+    /// The latest event and log cut-offs.
+    pub before: Option<(Timestamp, Timestamp)>,
+}
+
+impl ColdPrune {
+    /// Whether there is nothing to forget.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.before.is_none()
+    }
+
+    fn extend(&mut self, other: ColdPrune) {
+        self.runs.extend(other.runs);
+        if other.before.is_some() {
+            self.before = other.before;
+        }
+    }
+
+    /// The store writes that forget it, read from the store as it is once the job's own writes
+    /// are in: the pruned runs' records, history blocks, logs and state events; the events
+    /// older than the cut-off that are not state changes; log batches older than theirs.
+    pub fn ops(&self, kv: &dyn KvStore) -> Result<Vec<KvOp>, PersistError> {
+        let store = |e: super::kv::KvError| read_err("store", e);
+        let mut ops = Vec::new();
+        let mut dead: std::collections::BTreeSet<EventId> = std::collections::BTreeSet::new();
+        for p in &self.runs {
+            ops.push(KvOp::Delete(Tree::FlowRuns, p.flow_run.as_bytes().to_vec()));
+            for t in &p.task_runs {
+                ops.push(KvOp::Delete(Tree::TaskRuns, t.as_bytes().to_vec()));
+            }
+            for (run, blocks) in &p.archived {
+                for b in 0..*blocks {
+                    let key = history_key(*run, b);
+                    if let Some(bytes) = kv.get(Tree::History, &key).map_err(store)? {
+                        let ids: Vec<EventId> =
+                            codec::decode(&bytes).map_err(|e| read_err("history block", e))?;
+                        dead.extend(ids);
+                    }
+                    ops.push(KvOp::Delete(Tree::History, key));
+                }
+            }
+            dead.extend(p.events.iter().copied());
+            let prefix = p.flow_run.as_bytes();
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+                let page = kv.scan(Tree::Logs, prefix, start, 1_024).map_err(store)?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                ops.extend(page.into_iter().map(|(k, _)| KvOp::Delete(Tree::Logs, k)));
+            }
+        }
+        let mut blocks = EventBlocks::default();
+        // The pruned runs' state changes, one block read per block touched.
+        while let Some(id) = dead.pop_first() {
+            let Some((key, bytes)) = kv.floor(Tree::Events, id.as_bytes()).map_err(store)? else {
+                continue;
+            };
+            let block = blocks.get(key, &bytes)?;
+            retain_events(block, |bid, _| bid != &id && !dead.remove(bid));
+        }
+        if let Some((events_before, logs_before)) = self.before {
+            let cut = EventId::first_at(events_before);
+            let from = match kv.get(Tree::Meta, EVENTS_PRUNED_KEY).map_err(store)? {
+                Some(w) => kv.floor(Tree::Events, &w).map_err(store)?.map(|(k, _)| k),
+                None => None,
+            };
+            let mut start = from.clone();
+            let mut inclusive = true;
+            'scan: loop {
+                let bound = match &start {
+                    Some(k) if inclusive => Bound::Included(k.as_slice()),
+                    Some(k) => Bound::Excluded(k.as_slice()),
+                    None => Bound::Unbounded,
+                };
+                let page = kv.scan(Tree::Events, b"", bound, 64).map_err(store)?;
+                if page.is_empty() {
+                    break;
+                }
+                for (key, bytes) in page {
+                    if key.as_slice() >= cut.as_bytes().as_slice() {
+                        break 'scan;
+                    }
+                    let block = blocks.get(key.clone(), &bytes)?;
+                    retain_events(block, |id, raw| {
+                        id >= &cut || codec::decode::<Event>(raw).map_or(true, |e| e.state().is_some())
+                    });
+                    start = Some(key);
+                }
+                inclusive = false;
+            }
+            ops.push(KvOp::Put(
+                Tree::Meta,
+                EVENTS_PRUNED_KEY.to_vec(),
+                cut.as_bytes().to_vec(),
+            ));
+            let logs_cut = u64::try_from(logs_before.as_millis()).unwrap_or(0);
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+                let page = kv.scan(Tree::Logs, b"", start, 4_096).map_err(store)?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                ops.extend(
+                    page.into_iter()
+                        .filter(|(k, _)| k.get(16..22).is_some_and(|b| v7_millis(b) < logs_cut))
+                        .map(|(k, _)| KvOp::Delete(Tree::Logs, k)),
+                );
+            }
+        }
+        ops.extend(blocks.into_ops()?);
+        Ok(ops)
+    }
+}
+
+impl StoreJob {
+    /// Writes the job to the store: its records, then what it prunes (read from the store with
+    /// those records in), and the applied index last.
+    pub fn write(mut self, kv: &dyn KvStore) -> Result<(), String> {
+        let prune = std::mem::take(&mut self.prune);
+        let mut ops = self.into_ops();
+        if !prune.is_empty() {
+            let applied = ops.pop();
+            kv.apply(&ops).map_err(|e| e.0)?;
+            ops = prune.ops(kv).map_err(|e| e.to_string())?;
+            ops.extend(applied);
+        }
+        kv.apply(&ops).map_err(|e| e.0)
+    }
+}
+
+/// The millisecond prefix of a UUID v7 (its first six bytes).
+fn v7_millis(b: &[u8]) -> u64 {
+    b.iter().take(6).fold(0, |acc, x| (acc << 8) | u64::from(*x))
+}
+
+/// Keeps the events of a block for which `keep` holds (id, encoded event); notes a change.
+fn retain_events(slot: &mut (EventBlock, bool), mut keep: impl FnMut(&EventId, &[u8]) -> bool) {
+    let (block, changed) = slot;
+    let before = block.ids.len();
+    let mut kept_ids = Vec::with_capacity(before);
+    let mut kept = Vec::with_capacity(before);
+    for (id, raw) in block.ids.drain(..).zip(block.events.drain(..)) {
+        if keep(&id, &raw) {
+            kept_ids.push(id);
+            kept.push(raw);
+        }
+    }
+    *changed |= kept_ids.len() != before;
+    block.ids = kept_ids;
+    block.events = kept;
+}
+
+/// Event blocks read and changed by a pruning, written back (or deleted when emptied) at the end.
+#[derive(Default)]
+struct EventBlocks {
+    blocks: std::collections::BTreeMap<Vec<u8>, (EventBlock, bool)>,
+}
+
+impl EventBlocks {
+    /// The block stored under `key` (`bytes`, unless it was read already), to change.
+    fn get(&mut self, key: Vec<u8>, bytes: &[u8]) -> Result<&mut (EventBlock, bool), PersistError> {
+        use std::collections::btree_map::Entry;
+        Ok(match self.blocks.entry(key) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => v.insert((EventBlock::from_stored(bytes)?, false)),
+        })
+    }
+
+    fn into_ops(self) -> Result<Vec<KvOp>, PersistError> {
+        let mut ops = Vec::new();
+        for (key, (block, changed)) in self.blocks {
+            if !changed {
+                continue;
+            }
+            if block.ids.is_empty() {
+                ops.push(KvOp::Delete(Tree::Events, key));
+            } else {
+                let bytes = block.to_stored().map_err(|e| read_err("event block", e))?;
+                ops.push(KvOp::Put(Tree::Events, key, bytes));
+            }
+        }
+        Ok(ops)
+    }
 }
 
 impl StoreJob {
@@ -125,6 +319,7 @@ impl StoreJob {
             acc.settings.extend(job.settings);
             acc.events.extend(job.events);
             acc.ops.extend(job.ops);
+            acc.prune.extend(job.prune);
         }
         let mut seen = HashSet::new();
         acc.flow_runs.reverse();
@@ -210,6 +405,7 @@ pub struct Store {
     cold_ops: Vec<KvOp>,
     new_events: Vec<Arc<Event>>,
     job_log_bytes: u64,
+    prune: ColdPrune,
 }
 
 impl std::fmt::Debug for Store {
@@ -366,6 +562,7 @@ impl Store {
             cold_ops: Vec::new(),
             new_events: Vec::new(),
             job_log_bytes: 0,
+            prune: ColdPrune::default(),
         })
     }
 
@@ -424,6 +621,8 @@ impl Store {
                 self.new_events.push(e.clone());
                 return Some(e);
             }
+            Write::Pruned(p) => self.prune.runs.push(p),
+            Write::PrunedBefore { events, logs } => self.prune.before = Some((events, logs)),
             Write::HistoryBlock { run, block, events } => match codec::encode(&events) {
                 Ok(bytes) => {
                     let key = history_key(run, block);
@@ -492,6 +691,7 @@ impl Store {
             deployments,
             events: std::mem::take(&mut self.new_events),
             ops: std::mem::take(&mut self.cold_ops),
+            prune: std::mem::take(&mut self.prune),
         }
     }
 
@@ -624,6 +824,13 @@ impl Store {
         limit: usize,
     ) -> Result<ReadReply, PersistError> {
         let limit = limit.clamp(1, PAGE_MAX);
+        if self.hot.flow_run(&flow_run).is_none() {
+            // Unknown or pruned (its batches may not be deleted from the store yet).
+            return Ok(ReadReply::Logs {
+                lines: Vec::new(),
+                next: after,
+            });
+        }
         let prefix = flow_run.as_bytes().to_vec();
         let mut lines: Vec<LogLine> = Vec::new();
         let mut cursor = after;

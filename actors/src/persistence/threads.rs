@@ -124,12 +124,11 @@ pub(crate) fn spawn_store_thread(
                 }
                 let job = StoreJob::merge(jobs);
                 let (upto, log_bytes) = (job.upto, job.log_bytes);
-                let ops = job.into_ops();
-                if let Err(e) = kv.apply(&ops) {
+                if let Err(e) = job.write(kv.as_ref()) {
                     let _ = actor.cast(PersistenceMsg::Stored {
                         upto,
                         log_bytes,
-                        result: Err(e.0),
+                        result: Err(e),
                     });
                     return;
                 }

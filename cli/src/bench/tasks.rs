@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use flotilla::{Durability, Node, StateType, flow, task};
+use flotilla::{Durability, Node, Retention, RunFilter, StateType, flow, task};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
@@ -21,7 +21,8 @@ pub struct TasksArgs {
     /// Scale every case's size by this factor (1 = the standard sizes).
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
-    /// Only these cases (sequential, concurrent, retry, empty_flows, empty_flows_sequential).
+    /// Only these cases (sequential, concurrent, retry, empty_flows, empty_flows_sequential,
+    /// memory).
     #[arg(long, value_delimiter = ',')]
     cases: Vec<String>,
     /// Only this durability (default, strict).
@@ -38,6 +39,12 @@ struct CaseResult {
     overhead_us: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The memory case: the resident set after the first flows, in MiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_mib_first: Option<f64>,
+    /// ...and after all of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rss_mib_last: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -103,8 +110,16 @@ async fn bench_empty() -> Result<(), flotilla::TaskError> {
     Ok(())
 }
 
-async fn node(dir: &std::path::Path, durability: Durability) -> anyhow::Result<Node> {
-    Ok(Node::builder()
+async fn node(
+    dir: &std::path::Path,
+    durability: Durability,
+    retention: Option<Retention>,
+) -> anyhow::Result<Node> {
+    let builder = match retention {
+        Some(r) => Node::builder().retention(r),
+        None => Node::builder(),
+    };
+    Ok(builder
         .data_dir(dir)
         .durability(durability)
         .log_to_stderr(false)
@@ -136,7 +151,13 @@ async fn one_flow(
 
 async fn case(name: &'static str, durability: Durability, scale: f64) -> anyhow::Result<CaseResult> {
     let dir = tempfile::Builder::new().prefix("flotilla-bench-").tempdir()?;
-    let node = node(dir.path(), durability).await?;
+    // The memory case keeps runs for a second, so that what stays in memory is live work.
+    let retention = (name == "memory").then_some(Retention {
+        events: Duration::from_secs(1),
+        logs: Duration::from_secs(1),
+        runs: Duration::from_secs(1),
+    });
+    let node = node(dir.path(), durability, retention).await?;
     let client = node.client();
     let dname = match durability {
         Durability::Default => "default",
@@ -167,6 +188,8 @@ async fn case(name: &'static str, durability: Durability, scale: f64) -> anyhow:
                 overhead_us: elapsed.as_secs_f64() * 1e6 / n as f64,
                 p50_ms: p50,
                 p99_ms: p99,
+                rss_mib_first: None,
+                rss_mib_last: None,
             }
         }
         "empty_flows" | "empty_flows_sequential" => {
@@ -206,12 +229,72 @@ async fn case(name: &'static str, durability: Durability, scale: f64) -> anyhow:
                 overhead_us: elapsed.as_secs_f64() * 1e6 / n as f64 * in_flight as f64,
                 p50_ms: hist.value_at_quantile(0.5) as f64 / 1e3,
                 p99_ms: hist.value_at_quantile(0.99) as f64 / 1e3,
+                rss_mib_first: None,
+                rss_mib_last: None,
+            }
+        }
+        "memory" => {
+            let (first, all) = (scaled(10, scale), scaled(1_000, scale));
+            let tasks = 1_000;
+            let started = Instant::now();
+            flows_of(&client, first, tasks).await?;
+            let rss_first = settled_rss(&client).await?;
+            flows_of(&client, all - first, tasks).await?;
+            let rss_last = settled_rss(&client).await?;
+            let elapsed = started.elapsed();
+            CaseResult {
+                case: name,
+                durability: dname,
+                count: all * tasks,
+                per_s: (all * tasks) as f64 / elapsed.as_secs_f64(),
+                overhead_us: elapsed.as_secs_f64() * 1e6 / (all * tasks) as f64,
+                p50_ms: 0.0,
+                p99_ms: 0.0,
+                rss_mib_first: Some(rss_first),
+                rss_mib_last: Some(rss_last),
             }
         }
         other => bail!("unknown case {other:?}"),
     };
     node.shutdown().await;
     Ok(result)
+}
+
+/// Runs `count` flows of `tasks` concurrent tasks each, four at a time.
+async fn flows_of(client: &flotilla::Client, count: u64, tasks: u64) -> anyhow::Result<()> {
+    let mut set = tokio::task::JoinSet::new();
+    for w in 0..4u64 {
+        let client = client.clone();
+        let share = count / 4 + u64::from(w < count % 4);
+        set.spawn(async move {
+            for _ in 0..share {
+                one_flow(&client, "bench_concurrent", tasks).await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+/// The resident set in MiB once the finished runs were pruned (at most 30 s).
+async fn settled_rss(client: &flotilla::Client) -> anyhow::Result<f64> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client.flow_runs(RunFilter::All, None, 10).await?.is_empty() {
+        if Instant::now() > deadline {
+            bail!("finished runs were not pruned within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/self/status")?;
+    Ok(kib / 1024.0)
 }
 
 pub async fn run(args: TasksArgs) -> anyhow::Result<()> {
@@ -224,6 +307,7 @@ pub async fn run(args: TasksArgs) -> anyhow::Result<()> {
         "retry",
         "empty_flows",
         "empty_flows_sequential",
+        "memory",
     ];
     for c in &args.cases {
         if !all.contains(&c.as_str()) {
@@ -245,6 +329,10 @@ pub async fn run(args: TasksArgs) -> anyhow::Result<()> {
             if !args.cases.is_empty() && !args.cases.iter().any(|c| c == name) {
                 continue;
             }
+            // Memory does not depend on the durability: measured once.
+            if name == "memory" && matches!(mode, Durability::Strict) && args.durability.is_none() {
+                continue;
+            }
             let r = case(name, mode, args.scale)
                 .await
                 .with_context(|| format!("case {name}"))?;
@@ -252,6 +340,12 @@ pub async fn run(args: TasksArgs) -> anyhow::Result<()> {
                 "{:<24} {:<8} {:>8} runs  {:>10.0}/s  {:>8.1} µs each  p50 {:.3} ms  p99 {:.3} ms",
                 r.case, r.durability, r.count, r.per_s, r.overhead_us, r.p50_ms, r.p99_ms
             );
+            if let (Some(a), Some(b)) = (r.rss_mib_first, r.rss_mib_last) {
+                eprintln!(
+                    "{:<24} rss {a:.1} MiB after the first flows, {b:.1} MiB after all",
+                    ""
+                );
+            }
             results.push(r);
         }
     }

@@ -235,4 +235,67 @@ impl Tx {
         }
         Outcome::replied(Reply::EventAppended { id }, vec![Write::Event(e)])
     }
+
+    /// Forgets terminal flow runs that ended before the cut-off (their task runs, histories and
+    /// logs with them), expired cache entries, and old events and logs (by the stores).
+    pub(super) fn prune(mut self, view: &mut impl StateView, p: crate::command::Prune) -> Outcome {
+        let max = p.runs_max.max(1) as usize;
+        let mut due = Vec::new();
+        let mut more = false;
+        'kinds: for kind in [
+            StateType::Completed,
+            StateType::Failed,
+            StateType::Cancelled,
+            StateType::Crashed,
+        ] {
+            let mut after = None;
+            loop {
+                let page = view.hot().flow_runs_in_state(kind, after, 1_024);
+                let Some(last) = page.last() else { break };
+                after = Some(last.id);
+                for r in page {
+                    let ended = r.lifecycle.end_time.unwrap_or(r.lifecycle.state.timestamp);
+                    if ended < p.runs_before {
+                        if due.len() == max {
+                            more = true;
+                            break 'kinds;
+                        }
+                        due.push(r.id);
+                    }
+                }
+            }
+        }
+        let mut task_runs = 0u32;
+        for id in &due {
+            let hot = view.hot_mut();
+            let Some(run) = hot.remove_flow_run(id) else {
+                continue;
+            };
+            let mut pruned = PrunedRun {
+                flow_run: *id,
+                task_runs: Vec::new(),
+                archived: vec![(RunId::Flow(*id), run.lifecycle.archived_blocks)],
+                events: run.lifecycle.history.clone(),
+            };
+            for t in hot.remove_task_runs_of(id) {
+                pruned.task_runs.push(t.id);
+                pruned
+                    .archived
+                    .push((RunId::Task(t.id), t.lifecycle.archived_blocks));
+                pruned.events.extend_from_slice(&t.lifecycle.history);
+            }
+            task_runs = task_runs.saturating_add(u32::try_from(pruned.task_runs.len()).unwrap_or(u32::MAX));
+            self.writes.push(Write::Pruned(pruned));
+        }
+        view.hot_mut().prune_cache(self.now());
+        self.writes.push(Write::PrunedBefore {
+            events: p.events_before,
+            logs: p.logs_before,
+        });
+        self.done(Reply::Pruned {
+            flow_runs: u32::try_from(due.len()).unwrap_or(u32::MAX),
+            task_runs,
+            more,
+        })
+    }
 }

@@ -723,3 +723,101 @@ fn the_one_constructor_takes_a_deployments_parameters_tags_and_queue() {
     assert_eq!(n.idempotency_key.as_deref(), Some("k"));
     assert!(n.resume);
 }
+
+#[test]
+fn pruning_forgets_runs_that_ended_before_the_cut_off_with_their_task_runs() {
+    let mut w = World::new();
+    for n in 1..=3 {
+        w.apply(Command::CreateFlowRun(new_run(fid(n))));
+    }
+    // Run 1 ends first, with a task run; run 2 ends later; run 3 never ends.
+    for (n, name) in [(1, StateName::Pending), (2, StateName::Running)] {
+        let p = w.worker(fid(1), name, n, "n1");
+        w.propose(fid(1), p);
+    }
+    let task = NewTaskRun {
+        id: TaskRunId::from_bytes([9; 16]),
+        key: TaskRunKey {
+            flow_run: fid(1),
+            task_key: "t".into(),
+            call_index: 0,
+        },
+        epoch: w.run(fid(1)).epoch,
+        retry_policy: RetryPolicy::none(),
+        cache_key: None,
+        cache_expiration: None,
+        refresh_cache: false,
+        called: None,
+        tags: vec![],
+    };
+    assert!(matches!(
+        w.apply(Command::CreateTaskRun(task)).reply,
+        Ok(Reply::TaskRunCreated { created: true, .. })
+    ));
+    let p = w.worker(fid(1), StateName::Completed, 3, "n1");
+    assert!(w.propose(fid(1), p).is_accept());
+    let history = w.run(fid(1)).lifecycle.history.clone();
+    let cut = w.now + Duration::from_millis(1);
+    for (n, name) in [
+        (4, StateName::Pending),
+        (5, StateName::Running),
+        (6, StateName::Failed),
+    ] {
+        let p = w.worker(fid(2), name, n, "n1");
+        w.propose(fid(2), p);
+    }
+    let prune = |runs_max| {
+        Command::Prune(crate::command::Prune {
+            runs_before: cut,
+            events_before: cut,
+            logs_before: cut,
+            runs_max,
+        })
+    };
+    let out = w.apply(prune(10));
+    assert_eq!(
+        out.reply,
+        Ok(Reply::Pruned {
+            flow_runs: 1,
+            task_runs: 1,
+            more: false
+        })
+    );
+    let pruned = out.writes.iter().find_map(|w| match w {
+        Write::Pruned(p) => Some(p.clone()),
+        _ => None,
+    });
+    let pruned = pruned.expect("a pruned run");
+    assert_eq!(pruned.flow_run, fid(1));
+    assert_eq!(pruned.task_runs, [TaskRunId::from_bytes([9; 16])]);
+    assert!(history.iter().all(|e| pruned.events.contains(e)));
+    assert!(w.state.hot.flow_run(&fid(1)).is_none());
+    assert!(w.state.hot.task_run(&TaskRunId::from_bytes([9; 16])).is_none());
+    assert!(w.state.hot.flow_run_by_key(&fid(1).to_string()).is_none());
+    assert!(w.state.hot.flow_run(&fid(2)).is_some() && w.state.hot.flow_run(&fid(3)).is_some());
+    // Again: nothing more is due.
+    assert!(matches!(
+        w.apply(prune(10)).reply,
+        Ok(Reply::Pruned { flow_runs: 0, .. })
+    ));
+    // A later cut-off takes run 2, one run per command when asked so; run 3 is not terminal.
+    let later = |runs_max| {
+        Command::Prune(crate::command::Prune {
+            runs_before: w.now + Duration::from_secs(1),
+            events_before: cut,
+            logs_before: cut,
+            runs_max,
+        })
+    };
+    let c = later(1);
+    assert!(matches!(
+        w.apply(c).reply,
+        Ok(Reply::Pruned {
+            flow_runs: 1,
+            more: false,
+            ..
+        })
+    ));
+    assert!(w.state.hot.flow_run(&fid(2)).is_none());
+    assert!(w.state.hot.flow_run(&fid(3)).is_some());
+}

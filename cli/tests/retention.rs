@@ -1,0 +1,96 @@
+//! Retention on a `flotilla node` process: a run that ended longer ago than `--retention-runs`
+//! is forgotten with its history and logs (and stays forgotten after a restart); a run still
+//! running is kept; a retention below one second is refused.
+
+use std::time::Duration;
+
+use flotilla::StateType;
+
+mod common;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_runs_are_forgotten_after_the_retention_window() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    init_certs(dir, "n1");
+
+    let refused = std::process::Command::new(BIN)
+        .args(["node", "start", "--name", "n1", "--listen", "127.0.0.1:1"])
+        .arg("--data")
+        .arg(dir.join("refused"))
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .args(["--retention-runs", "10ms"])
+        .env_remove("FLOTILLA_CONFIG")
+        .output()
+        .expect("flotilla runs");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--retention-runs"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    let port = free_udp_port();
+    let retention = [
+        "--retention-runs",
+        "1s",
+        "--retention-events",
+        "1s",
+        "--retention-logs",
+        "1s",
+    ];
+    let mut nodes = Nodes {
+        children: vec![("n1".into(), start_node(dir, "n1", port, None, &retention))],
+        dir: dir.to_owned(),
+    };
+    let client = connect(dir, port, 1).await;
+    let done = client
+        .run(
+            "command",
+            serde_json::json!({"command": ["sh", "-c", "echo hello"]}),
+        )
+        .await
+        .expect("a run");
+    let run = tokio::time::timeout(Duration::from_secs(60), client.wait(done))
+        .await
+        .expect("the run ends in time")
+        .expect("the run");
+    assert_eq!(run.lifecycle.state.kind, StateType::Completed);
+    assert!(!client.logs(done).await.expect("its logs").is_empty());
+    // A run still running is kept.
+    let waiting = client
+        .run("command", serde_json::json!({"command": ["sleep", "60"]}))
+        .await
+        .expect("a long run");
+
+    let gone = |code: &str| code == "not_found";
+    eventually(
+        "the finished run is forgotten",
+        Duration::from_secs(30),
+        || async {
+            match client.flow_run(done).await {
+                Err(e) if gone(e.code()) => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert!(client.logs(done).await.map_or(true, |l| l.is_empty()));
+    assert!(
+        !client
+            .flow_run(waiting)
+            .await
+            .expect("the running run")
+            .lifecycle
+            .state
+            .is_terminal()
+    );
+
+    // Forgotten for good: a restart replays nothing back.
+    nodes.restart(0, start_node(dir, "n1", port, None, &retention));
+    let client = connect(dir, port, 1).await;
+    assert!(matches!(client.flow_run(done).await, Err(e) if gone(e.code())));
+    assert!(client.flow_run(waiting).await.is_ok());
+}
