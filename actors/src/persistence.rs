@@ -38,7 +38,7 @@ pub use config::{PersistenceConfig, Retention};
 pub use error::{OpenError, PersistError};
 pub use kv::{KvError, KvOp, KvStore, MemKv, SledKv, Tree};
 pub use read::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter, StoreStats};
-pub use store::{ColdPrune, Store, StoreJob};
+pub use store::{Cold, ColdPrune, ReadAnswer, Store, StoreJob};
 
 use inbox::{Ack, Inbox};
 use log_io::DirIo;
@@ -539,9 +539,18 @@ impl Actor for Persistence {
                 state.pending.extend(state.inbox.take());
                 state.start_batch();
             }
-            PersistenceMsg::Read(read, port) => {
-                let _ = port.send(state.store.read(read, state.stats()));
-            }
+            PersistenceMsg::Read(read, port) => match state.store.read(read, state.stats()) {
+                ReadAnswer::Ready(r) => {
+                    let _ = port.send(r);
+                }
+                // Histories, events and logs are read from the store on a blocking thread, so
+                // that neither the actor nor the runtime's threads wait on the disk.
+                ReadAnswer::Cold(job) => {
+                    tokio::task::spawn_blocking(move || {
+                        let _ = port.send(job());
+                    });
+                }
+            },
             PersistenceMsg::Logged { last, result } => match result {
                 Ok(()) => {
                     debug_assert_eq!(

@@ -557,3 +557,78 @@ async fn pruning_forgets_old_runs_events_and_logs_and_keeps_the_histories_of_the
     assert_eq!(logs(live).await, [now]);
     h.stop(join).await;
 }
+
+/// A store whose first event scan says it started, then waits until the test lets it go.
+struct SlowEvents {
+    inner: MemKv,
+    gate: std::sync::Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
+}
+
+impl persistence::KvStore for SlowEvents {
+    fn apply(&self, ops: &[persistence::KvOp]) -> Result<(), persistence::KvError> {
+        self.inner.apply(ops)
+    }
+    fn get(&self, tree: persistence::Tree, key: &[u8]) -> Result<Option<Vec<u8>>, persistence::KvError> {
+        self.inner.get(tree, key)
+    }
+    fn scan(
+        &self,
+        tree: persistence::Tree,
+        prefix: &[u8],
+        start: std::ops::Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, persistence::KvError> {
+        if tree == persistence::Tree::Events
+            && let Some((entered, gate)) = self.gate.lock().unwrap().take()
+        {
+            let _ = entered.send(());
+            let _ = gate.recv_timeout(WAIT);
+        }
+        self.inner.scan(tree, prefix, start, limit)
+    }
+    fn floor(
+        &self,
+        tree: persistence::Tree,
+        key: &[u8],
+    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, persistence::KvError> {
+        self.inner.floor(tree, key)
+    }
+    fn checkpoint(&self) -> Result<(), persistence::KvError> {
+        self.inner.checkpoint()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_store_read_does_not_hold_up_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = SmallRng::seed_from_u64(9);
+    let (release, gate) = std::sync::mpsc::channel();
+    let (entered_tx, entered) = std::sync::mpsc::channel();
+    let kv = Arc::new(SlowEvents {
+        inner: MemKv::new(),
+        gate: std::sync::Mutex::new(Some((entered_tx, gate))),
+    });
+    let opened = persistence::open_with_store(PersistenceConfig::for_tests(dir.path()), kv).unwrap();
+    let (h, join) = persistence::start_opened(opened).await.unwrap();
+    // The read waits inside the store...
+    let reader = {
+        let h = h.clone();
+        tokio::spawn(async move { h.events(None, 10).await })
+    };
+    tokio::task::spawn_blocking(move || entered.recv_timeout(WAIT))
+        .await
+        .unwrap()
+        .expect("the read reaches the store");
+    // ...while commands are still written, applied and answered.
+    let id = FlowRunId::new(Timestamp::from_millis(1), &mut rng);
+    run_through(&h, id, &mut rng).await;
+    assert!(!reader.is_finished());
+    release.send(()).unwrap();
+    let events = tokio::time::timeout(WAIT, reader)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(events.len() <= 4);
+    h.stop(join).await;
+}

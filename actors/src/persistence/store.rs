@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::ops::Bound;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use flotilla_runtime::codec;
 use flotilla_runtime::{
@@ -390,12 +390,34 @@ impl StoreJob {
     }
 }
 
+/// The answer to a read (see [`Store::read`]).
+#[allow(missing_debug_implementations)]
+pub enum ReadAnswer {
+    /// Answered from memory.
+    Ready(Result<ReadReply, PersistError>),
+    /// To be answered from the store: run it on a blocking thread.
+    Cold(Box<dyn FnOnce() -> Result<ReadReply, PersistError> + Send>),
+}
+
+impl ReadAnswer {
+    fn cold(f: impl FnOnce() -> Result<ReadReply, PersistError> + Send + 'static) -> Self {
+        ReadAnswer::Cold(Box::new(f))
+    }
+
+    /// The answer, reading the store on this thread if need be.
+    pub fn wait(self) -> Result<ReadReply, PersistError> {
+        match self {
+            ReadAnswer::Ready(r) => r,
+            ReadAnswer::Cold(f) => f(),
+        }
+    }
+}
+
 /// The control state.
 pub struct Store {
     hot: HotState,
     kv: Arc<dyn KvStore>,
-    overlay: Overlay,
-    events: RecentEvents,
+    cold: Cold,
     applied: LogIndex,
     last_now: Timestamp,
     dirty_runs: Vec<FlowRunId>,
@@ -419,43 +441,228 @@ impl std::fmt::Debug for Store {
 
 struct View<'a> {
     hot: &'a mut HotState,
-    overlay: &'a Overlay,
-    events: &'a RecentEvents,
-    kv: &'a dyn KvStore,
+    cold: &'a Cold,
 }
 
-fn find_event(
-    events: &RecentEvents,
-    kv: &dyn KvStore,
-    id: &EventId,
-) -> Result<Option<Arc<Event>>, PersistError> {
-    if let Some(e) = events.get(id) {
-        return Ok(Some(e.clone()));
-    }
-    let Some((_, block)) = kv
-        .floor(Tree::Events, id.as_bytes())
-        .map_err(|e| read_err("store", e))?
-    else {
-        return Ok(None);
-    };
-    let block = EventBlock::from_stored(&block)?;
-    match block.find(id) {
-        Some(bytes) => Ok(Some(Arc::new(
-            codec::decode(bytes).map_err(|e| read_err(&format!("event {id}"), e))?,
-        ))),
-        None => Ok(None),
+/// The cold side of the state: the key-value store, and what was applied but is not in it yet
+/// (records and recent events, behind locks). Cheap to clone: cold reads run on blocking
+/// threads, off the persistence actor, while it goes on applying.
+#[derive(Clone)]
+pub struct Cold {
+    kv: Arc<dyn KvStore>,
+    overlay: Arc<RwLock<Overlay>>,
+    events: Arc<RwLock<RecentEvents>>,
+}
+
+impl std::fmt::Debug for Cold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cold").finish_non_exhaustive()
     }
 }
 
-fn exists(overlay: &Overlay, kv: &dyn KvStore, tree: Tree, key: &[u8]) -> bool {
-    if overlay.get(tree, key).is_some() {
-        return true;
+fn read_lock<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Cold {
+    fn new(kv: Arc<dyn KvStore>) -> Self {
+        Cold {
+            kv,
+            overlay: Arc::default(),
+            events: Arc::default(),
+        }
     }
-    match kv.get(tree, key) {
-        Ok(v) => v.is_some(),
-        Err(e) => {
-            tracing::error!(error = %e, "store read failed during apply; treating the record as absent");
-            false
+
+    /// An event by id: the recent ones first, then the store (in that order, so that one moving
+    /// from the first to the second meanwhile is seen in the second).
+    fn find_event(&self, id: &EventId) -> Result<Option<Arc<Event>>, PersistError> {
+        if let Some(e) = read_lock(&self.events).get(id) {
+            return Ok(Some(e.clone()));
+        }
+        let Some((_, block)) = self
+            .kv
+            .floor(Tree::Events, id.as_bytes())
+            .map_err(|e| read_err("store", e))?
+        else {
+            return Ok(None);
+        };
+        let block = EventBlock::from_stored(&block)?;
+        match block.find(id) {
+            Some(bytes) => Ok(Some(Arc::new(
+                codec::decode(bytes).map_err(|e| read_err(&format!("event {id}"), e))?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    fn exists(&self, tree: Tree, key: &[u8]) -> bool {
+        if read_lock(&self.overlay).get(tree, key).is_some() {
+            return true;
+        }
+        match self.kv.get(tree, key) {
+            Ok(v) => v.is_some(),
+            Err(e) => {
+                tracing::error!(error = %e, "store read failed during apply; treating the record as absent");
+                false
+            }
+        }
+    }
+
+    fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, PersistError> {
+        if let Some(v) = read_lock(&self.overlay).get(tree, key) {
+            return Ok(Some(v.clone()));
+        }
+        self.kv.get(tree, key).map_err(|e| read_err("store", e))
+    }
+
+    /// The overlay first, then the store (see [`Cold::find_event`]).
+    fn scan(
+        &self,
+        tree: Tree,
+        prefix: &[u8],
+        start: Bound<&[u8]>,
+        limit: usize,
+    ) -> Result<Vec<super::kv::Entry>, PersistError> {
+        let b = read_lock(&self.overlay).scan(tree, prefix, start, limit);
+        let mut a = self
+            .kv
+            .scan(tree, prefix, start, limit)
+            .map_err(|e| read_err("store", e))?;
+        if !b.is_empty() {
+            a.extend(b);
+            a.sort_by(|x, y| x.0.cmp(&y.0));
+            a.dedup_by(|x, y| x.0 == y.0);
+            a.truncate(limit);
+        }
+        Ok(a)
+    }
+
+    /// A page of a run's state history: its archived blocks, then its recent window.
+    fn history(
+        &self,
+        run: RunId,
+        archived_blocks: u32,
+        window: &[EventId],
+        offset: usize,
+        limit: usize,
+    ) -> Result<Vec<State>, PersistError> {
+        let mut ids = Vec::new();
+        for block in 0..archived_blocks {
+            let bytes = self
+                .get(Tree::History, &history_key(run, block))?
+                .ok_or_else(|| PersistError::Read(format!("history block {block} of {run} is missing")))?;
+            let part: Vec<EventId> = codec::decode(&bytes).map_err(|e| read_err("history block", e))?;
+            ids.extend(part);
+        }
+        ids.extend_from_slice(window);
+        let mut out = Vec::new();
+        for id in ids.iter().skip(offset).take(limit.min(PAGE_MAX)) {
+            let event = self
+                .find_event(id)?
+                .ok_or_else(|| PersistError::Read(format!("history event {id} is missing")))?;
+            if let Some(s) = event.state() {
+                out.push(s.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` events after `after`, in id order: blocks from the store merged with the
+    /// overlay.
+    fn events_after(&self, after: Option<EventId>, limit: usize) -> Result<Vec<Event>, PersistError> {
+        // The recent ones first (see `find_event`).
+        let recent: Vec<Arc<Event>> = read_lock(&self.events).after(after, limit).cloned().collect();
+        let mut found: Vec<Event> = Vec::new();
+        let mut start = match after {
+            Some(a) => self
+                .kv
+                .floor(Tree::Events, a.as_bytes())
+                .map_err(|e| read_err("store", e))?
+                .map(|(k, _)| k),
+            None => None,
+        };
+        let mut inclusive = true;
+        'blocks: loop {
+            let bound = match &start {
+                Some(k) if inclusive => Bound::Included(k.as_slice()),
+                Some(k) => Bound::Excluded(k.as_slice()),
+                None => Bound::Unbounded,
+            };
+            let page = self
+                .kv
+                .scan(Tree::Events, b"", bound, 16)
+                .map_err(|e| read_err("store", e))?;
+            if page.is_empty() {
+                break;
+            }
+            for (k, v) in &page {
+                let block = EventBlock::from_stored(v)?;
+                for (id, bytes) in block.ids.into_iter().zip(block.events) {
+                    if after.is_none_or(|a| id > a) {
+                        found.push(codec::decode(&bytes).map_err(|e| read_err(&format!("event {id}"), e))?);
+                        if found.len() >= limit {
+                            break 'blocks;
+                        }
+                    }
+                }
+                start = Some(k.clone());
+            }
+            inclusive = false;
+        }
+        found.extend(recent.iter().map(|e| (**e).clone()));
+        found.sort_by_key(|e| e.id);
+        found.dedup_by(|a, b| a.id == b.id);
+        found.truncate(limit);
+        Ok(found)
+    }
+
+    fn logs(
+        &self,
+        flow_run: FlowRunId,
+        after: Option<LogCursor>,
+        limit: usize,
+    ) -> Result<ReadReply, PersistError> {
+        let limit = limit.clamp(1, PAGE_MAX);
+        let prefix = flow_run.as_bytes().to_vec();
+        let mut lines: Vec<LogLine> = Vec::new();
+        let mut cursor = after;
+        let mut start_key = after.map(|c| log_key(&flow_run, &c.batch));
+        let mut first_page = true;
+        loop {
+            let start = match (&start_key, first_page) {
+                (Some(k), true) => Bound::Included(k.as_slice()),
+                (Some(k), false) => Bound::Excluded(k.as_slice()),
+                (None, _) => Bound::Unbounded,
+            };
+            let batches = self.scan(Tree::Logs, &prefix, start, 64)?;
+            if batches.is_empty() {
+                return Ok(ReadReply::Logs { lines, next: cursor });
+            }
+            for (k, v) in &batches {
+                let batch =
+                    LogBatchId::from_bytes(k[16..32].try_into().map_err(|_| read_err("log key", "short"))?);
+                let batch_lines: Vec<LogLine> = codec::decode(v).map_err(|e| read_err("log batch", e))?;
+                let skip = match cursor {
+                    Some(c) if c.batch == batch => c.line as usize,
+                    _ => 0,
+                };
+                for (i, line) in batch_lines.into_iter().enumerate().skip(skip) {
+                    if lines.len() >= limit {
+                        return Ok(ReadReply::Logs { lines, next: cursor });
+                    }
+                    lines.push(line);
+                    cursor = Some(LogCursor {
+                        batch,
+                        line: u32::try_from(i + 1).unwrap_or(u32::MAX),
+                    });
+                }
+            }
+            start_key = batches.last().map(|(k, _)| k.clone());
+            first_page = false;
         }
     }
 }
@@ -468,7 +675,7 @@ impl StateView for View<'_> {
         self.hot
     }
     fn event_exists(&self, id: &EventId) -> bool {
-        match find_event(self.events, self.kv, id) {
+        match self.cold.find_event(id) {
             Ok(v) => v.is_some(),
             Err(e) => {
                 tracing::error!(error = %e, "store read failed during apply; treating the event as absent");
@@ -477,7 +684,7 @@ impl StateView for View<'_> {
         }
     }
     fn log_batch_exists(&self, flow_run: &FlowRunId, batch: &LogBatchId) -> bool {
-        exists(self.overlay, self.kv, Tree::Logs, &log_key(flow_run, batch))
+        self.cold.exists(Tree::Logs, &log_key(flow_run, batch))
     }
 }
 
@@ -550,9 +757,8 @@ impl Store {
         load_tree(kv.as_ref(), Tree::Settings, path, |s| hot.put_setting(s))?;
         Ok(Store {
             hot,
+            cold: Cold::new(kv.clone()),
             kv,
-            overlay: Overlay::default(),
-            events: RecentEvents::default(),
             applied,
             last_now: Timestamp::EPOCH,
             dirty_runs: Vec::new(),
@@ -591,9 +797,7 @@ impl Store {
     ) -> (Result<Reply, Refusal>, Vec<Arc<Event>>) {
         let mut view = View {
             hot: &mut self.hot,
-            overlay: &self.overlay,
-            events: &self.events,
-            kv: self.kv.as_ref(),
+            cold: &self.cold,
         };
         let outcome = apply(&mut view, command, ApplyContext { index, now });
         self.applied = index;
@@ -617,7 +821,7 @@ impl Store {
             Write::SettingDeleted(key) => self.dirty_settings.push((key, false)),
             Write::Event(e) => {
                 let e = Arc::new(e);
-                self.events.push(index, e.clone());
+                write_lock(&self.cold.events).push(index, e.clone());
                 self.new_events.push(e.clone());
                 return Some(e);
             }
@@ -626,7 +830,7 @@ impl Store {
             Write::HistoryBlock { run, block, events } => match codec::encode(&events) {
                 Ok(bytes) => {
                     let key = history_key(run, block);
-                    self.overlay.put(index, Tree::History, key.clone(), bytes.clone());
+                    write_lock(&self.cold.overlay).put(index, Tree::History, key.clone(), bytes.clone());
                     self.cold_ops.push(KvOp::Put(Tree::History, key, bytes));
                 }
                 Err(err) => tracing::error!(error = %err, "a history block could not be encoded"),
@@ -638,7 +842,7 @@ impl Store {
             } => match codec::encode(&lines) {
                 Ok(bytes) => {
                     let key = log_key(&flow_run, &batch);
-                    self.overlay.put(index, Tree::Logs, key.clone(), bytes.clone());
+                    write_lock(&self.cold.overlay).put(index, Tree::Logs, key.clone(), bytes.clone());
                     self.cold_ops.push(KvOp::Put(Tree::Logs, key, bytes));
                 }
                 Err(err) => tracing::error!(error = %err, "log lines could not be encoded"),
@@ -697,8 +901,8 @@ impl Store {
 
     /// The store now holds everything up to `upto`: forget those overlay records.
     pub fn stored_through(&mut self, upto: LogIndex) {
-        self.overlay.stored_through(upto);
-        self.events.stored_through(upto);
+        write_lock(&self.cold.overlay).stored_through(upto);
+        write_lock(&self.cold.events).stored_through(upto);
     }
 
     /// The store, for writing jobs synchronously (recovery).
@@ -706,174 +910,30 @@ impl Store {
         &self.kv
     }
 
-    fn cold_get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, PersistError> {
-        if let Some(v) = self.overlay.get(tree, key) {
-            return Ok(Some(v.clone()));
-        }
-        self.kv.get(tree, key).map_err(|e| read_err("store", e))
-    }
-
-    fn cold_scan(
-        &self,
-        tree: Tree,
-        prefix: &[u8],
-        start: Bound<&[u8]>,
-        limit: usize,
-    ) -> Result<Vec<super::kv::Entry>, PersistError> {
-        let mut a = self
-            .kv
-            .scan(tree, prefix, start, limit)
-            .map_err(|e| read_err("store", e))?;
-        let b = self.overlay.scan(tree, prefix, start, limit);
-        if !b.is_empty() {
-            a.extend(b);
-            a.sort_by(|x, y| x.0.cmp(&y.0));
-            a.dedup_by(|x, y| x.0 == y.0);
-            a.truncate(limit);
-        }
-        Ok(a)
-    }
-
-    /// The ids of a run's whole state history.
-    fn history_ids(&self, run: RunId) -> Result<Option<Vec<EventId>>, PersistError> {
-        let lifecycle = match run {
-            RunId::Flow(id) => self.hot.flow_run(&id).map(|r| &r.lifecycle),
-            RunId::Task(id) => self.hot.task_run(&id).map(|r| &r.lifecycle),
-        };
-        let Some(l) = lifecycle else { return Ok(None) };
-        let mut ids = Vec::with_capacity(l.history_len());
-        for block in 0..l.archived_blocks {
-            let bytes = self
-                .cold_get(Tree::History, &history_key(run, block))?
-                .ok_or_else(|| PersistError::Read(format!("history block {block} of {run} is missing")))?;
-            let part: Vec<EventId> = codec::decode(&bytes).map_err(|e| read_err("history block", e))?;
-            ids.extend(part);
-        }
-        ids.extend_from_slice(&l.history);
-        Ok(Some(ids))
-    }
-
-    fn history(&self, run: RunId, offset: usize, limit: usize) -> Result<Option<Vec<State>>, PersistError> {
-        let Some(events) = self.history_ids(run)? else {
-            return Ok(None);
-        };
-        let mut out = Vec::new();
-        for id in events.iter().skip(offset).take(limit.min(PAGE_MAX)) {
-            let event = find_event(&self.events, self.kv.as_ref(), id)?
-                .ok_or_else(|| PersistError::Read(format!("history event {id} is missing")))?;
-            if let Some(s) = event.state() {
-                out.push(s.clone());
-            }
-        }
-        Ok(Some(out))
-    }
-
-    /// Up to `limit` events after `after`, in id order: blocks from the store merged with the
-    /// overlay.
-    fn events_after(&self, after: Option<EventId>, limit: usize) -> Result<Vec<Event>, PersistError> {
-        let mut found: Vec<Event> = Vec::new();
-        let mut start = match after {
-            Some(a) => self
-                .kv
-                .floor(Tree::Events, a.as_bytes())
-                .map_err(|e| read_err("store", e))?
-                .map(|(k, _)| k),
-            None => None,
-        };
-        let mut inclusive = true;
-        'blocks: loop {
-            let bound = match &start {
-                Some(k) if inclusive => Bound::Included(k.as_slice()),
-                Some(k) => Bound::Excluded(k.as_slice()),
-                None => Bound::Unbounded,
-            };
-            let page = self
-                .kv
-                .scan(Tree::Events, b"", bound, 16)
-                .map_err(|e| read_err("store", e))?;
-            if page.is_empty() {
-                break;
-            }
-            for (k, v) in &page {
-                let block = EventBlock::from_stored(v)?;
-                for (id, bytes) in block.ids.into_iter().zip(block.events) {
-                    if after.is_none_or(|a| id > a) {
-                        found.push(codec::decode(&bytes).map_err(|e| read_err(&format!("event {id}"), e))?);
-                        if found.len() >= limit {
-                            break 'blocks;
-                        }
-                    }
-                }
-                start = Some(k.clone());
-            }
-            inclusive = false;
-        }
-        for e in self.events.after(after, limit) {
-            found.push((**e).clone());
-        }
-        found.sort_by_key(|e| e.id);
-        found.dedup_by(|a, b| a.id == b.id);
-        found.truncate(limit);
-        Ok(found)
-    }
-
-    fn logs(
-        &self,
-        flow_run: FlowRunId,
-        after: Option<LogCursor>,
-        limit: usize,
-    ) -> Result<ReadReply, PersistError> {
-        let limit = limit.clamp(1, PAGE_MAX);
-        if self.hot.flow_run(&flow_run).is_none() {
-            // Unknown or pruned (its batches may not be deleted from the store yet).
-            return Ok(ReadReply::Logs {
-                lines: Vec::new(),
-                next: after,
-            });
-        }
-        let prefix = flow_run.as_bytes().to_vec();
-        let mut lines: Vec<LogLine> = Vec::new();
-        let mut cursor = after;
-        let mut start_key = after.map(|c| log_key(&flow_run, &c.batch));
-        let mut first_page = true;
-        loop {
-            let start = match (&start_key, first_page) {
-                (Some(k), true) => Bound::Included(k.as_slice()),
-                (Some(k), false) => Bound::Excluded(k.as_slice()),
-                (None, _) => Bound::Unbounded,
-            };
-            let batches = self.cold_scan(Tree::Logs, &prefix, start, 64)?;
-            if batches.is_empty() {
-                return Ok(ReadReply::Logs { lines, next: cursor });
-            }
-            for (k, v) in &batches {
-                let batch =
-                    LogBatchId::from_bytes(k[16..32].try_into().map_err(|_| read_err("log key", "short"))?);
-                let batch_lines: Vec<LogLine> = codec::decode(v).map_err(|e| read_err("log batch", e))?;
-                let skip = match cursor {
-                    Some(c) if c.batch == batch => c.line as usize,
-                    _ => 0,
-                };
-                for (i, line) in batch_lines.into_iter().enumerate().skip(skip) {
-                    if lines.len() >= limit {
-                        return Ok(ReadReply::Logs { lines, next: cursor });
-                    }
-                    lines.push(line);
-                    cursor = Some(LogCursor {
-                        batch,
-                        line: u32::try_from(i + 1).unwrap_or(u32::MAX),
-                    });
-                }
-            }
-            start_key = batches.last().map(|(k, _)| k.clone());
-            first_page = false;
-        }
-    }
-
-    /// Answers a read.
-    pub fn read(&self, read: Read, stats: StoreStats) -> Result<ReadReply, PersistError> {
+    /// Answers a read: from the hot state at once, or, for what lives in the store (histories,
+    /// events, logs), as a job to run off the actor.
+    pub fn read(&self, read: Read, stats: StoreStats) -> ReadAnswer {
         let hot = &self.hot;
-        Ok(match read {
+        let cold = self.cold.clone();
+        let history = |run: RunId, offset: usize, limit: usize| {
+            let lifecycle = match run {
+                RunId::Flow(id) => hot.flow_run(&id).map(|r| &r.lifecycle),
+                RunId::Task(id) => hot.task_run(&id).map(|r| &r.lifecycle),
+            };
+            match lifecycle {
+                None => ReadAnswer::Ready(Ok(ReadReply::History(None))),
+                Some(l) => {
+                    let (blocks, window) = (l.archived_blocks, l.history.clone());
+                    let cold = cold.clone();
+                    ReadAnswer::cold(move || {
+                        Ok(ReadReply::History(Some(
+                            cold.history(run, blocks, &window, offset, limit)?,
+                        )))
+                    })
+                }
+            }
+        };
+        ReadAnswer::Ready(Ok(match read {
             Read::FlowRun(id) => ReadReply::FlowRun(hot.flow_run(&id).cloned().map(Box::new)),
             Read::FlowRuns { filter, after, limit } => {
                 let limit = limit.min(PAGE_MAX);
@@ -895,20 +955,30 @@ impl Store {
                     .cloned()
                     .collect(),
             ),
-            Read::FlowRunHistory { run, offset, limit } => {
-                ReadReply::History(self.history(RunId::Flow(run), offset, limit)?)
-            }
-            Read::TaskRunHistory { run, offset, limit } => {
-                ReadReply::History(self.history(RunId::Task(run), offset, limit)?)
-            }
+            Read::FlowRunHistory { run, offset, limit } => return history(RunId::Flow(run), offset, limit),
+            Read::TaskRunHistory { run, offset, limit } => return history(RunId::Task(run), offset, limit),
             Read::Events { after, limit } => {
-                ReadReply::Events(self.events_after(after, limit.clamp(1, PAGE_MAX))?)
+                return ReadAnswer::cold(move || {
+                    Ok(ReadReply::Events(
+                        cold.events_after(after, limit.clamp(1, PAGE_MAX))?,
+                    ))
+                });
             }
             Read::Logs {
                 flow_run,
                 after,
                 limit,
-            } => self.logs(flow_run, after, limit)?,
+            } => {
+                if hot.flow_run(&flow_run).is_none() {
+                    // Unknown or pruned (its batches may not be deleted from the store yet).
+                    ReadReply::Logs {
+                        lines: Vec::new(),
+                        next: after,
+                    }
+                } else {
+                    return ReadAnswer::cold(move || cold.logs(flow_run, after, limit));
+                }
+            }
             Read::Deployment(id) => ReadReply::Deployment(hot.deployment(&id).cloned().map(Box::new)),
             Read::Settings => ReadReply::Settings(hot.settings().cloned().collect()),
             Read::DeploymentByName(name) => {
@@ -928,7 +998,7 @@ impl Store {
                 applied: self.applied,
                 ..stats
             }),
-        })
+        }))
     }
 }
 
