@@ -127,6 +127,25 @@ macro_rules! read_helpers {
         }
 
         /// Every work queue and tag limit, by key.
+        /// Who holds the slots of tag limits, as recorded (None: never recorded).
+        pub async fn slot_holds(
+            &self,
+        ) -> Result<
+            Option<
+                Vec<(
+                    String,
+                    flotilla_runtime::TaskRunId,
+                    flotilla_runtime::NodeId,
+                )>,
+            >,
+            $crate::persistence::PersistError,
+        > {
+            match self.read($crate::persistence::Read::SlotHolds).await? {
+                $crate::persistence::ReadReply::SlotHolds(s) => Ok(s),
+                other => Err($crate::persistence::unexpected(other)),
+            }
+        }
+
         pub async fn settings(
             &self,
         ) -> Result<Vec<flotilla_runtime::Setting>, $crate::persistence::PersistError> {

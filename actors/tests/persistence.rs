@@ -632,3 +632,50 @@ async fn a_slow_store_read_does_not_hold_up_commands() {
     assert!(events.len() <= 4);
     h.stop(join).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slot_holders_are_recorded_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut rng = SmallRng::seed_from_u64(10);
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    // Not complete yet (as in a data directory from before the record): None.
+    assert_eq!(h.slot_holds().await.unwrap(), None);
+    submit(&h, Command::Slots(flotilla_runtime::SlotChange::Complete)).await;
+    assert_eq!(h.slot_holds().await.unwrap(), Some(vec![]));
+    let (a, b) = (
+        flotilla_runtime::TaskRunId::new(Timestamp::from_millis(1), &mut rng),
+        flotilla_runtime::TaskRunId::new(Timestamp::from_millis(2), &mut rng),
+    );
+    let hold = |holder, tags: &[&str]| {
+        Command::Slots(flotilla_runtime::SlotChange::Hold {
+            holder,
+            node: node(),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        })
+    };
+    submit(&h, hold(a, &["db", "web"])).await;
+    submit(&h, hold(b, &["db"])).await;
+    submit(
+        &h,
+        Command::Slots(flotilla_runtime::SlotChange::Free {
+            holders: vec![a],
+            tag: Some("web".into()),
+        }),
+    )
+    .await;
+    submit(
+        &h,
+        Command::Slots(flotilla_runtime::SlotChange::Free {
+            holders: vec![b],
+            tag: None,
+        }),
+    )
+    .await;
+    h.stop(join).await;
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    assert_eq!(
+        h.slot_holds().await.unwrap(),
+        Some(vec![("db".to_owned(), a, node())])
+    );
+    h.stop(join).await;
+}

@@ -227,6 +227,96 @@ async fn the_slots_of_a_killed_node_come_back_within_the_lease_ttl() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_control_node_knows_who_holds_slots() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    init_certs(dir, "n1,n2");
+    let ports = [free_udp_port(), free_udp_port()];
+    let mut n = nodes(dir);
+    let n1_flags = ["--queues", "elsewhere"];
+    n.children
+        .push(("n1".into(), start_node(dir, "n1", ports[0], None, &n1_flags)));
+    n.children.push((
+        "n2".into(),
+        start_node(dir, "n2", ports[1], Some(ports[0]), &["--queues", "work"]),
+    ));
+    let client = connect(dir, ports[0], 2).await;
+    // A long TTL: a control node that forgot its holders would make a new one wait that long.
+    let set = LimitChange::Put {
+        limit: 1,
+        lease_ttl_ms: 30_000,
+    };
+    client.concurrency_limit("db", set).await.expect("the limit");
+    for (name, command) in [("hold", vec!["sleep", "3"]), ("quick", vec!["true"])] {
+        let mut d = deployment(
+            name,
+            "command",
+            serde_json::json!({"command": command, "tags": ["db"]}),
+        );
+        d.work_queue = Some("work".into());
+        client.put_deployment(d).await.expect("a deployment");
+    }
+    let held = client
+        .run_deployment("hold", serde_json::Value::Null)
+        .await
+        .expect("a run");
+    let lease = eventually("n2 holds the slot", Duration::from_secs(30), || async {
+        let l = client
+            .concurrency_limit("db", LimitChange::Inspect)
+            .await
+            .ok()??;
+        l.leases.first().cloned()
+    })
+    .await;
+
+    // SIGKILL and restart the control node: it knows the holder at once, from its record.
+    let old = &mut n.children[0].1;
+    old.kill().expect("SIGKILL n1");
+    old.wait().expect("n1 exits");
+    n.restart(0, start_node(dir, "n1", ports[0], None, &n1_flags));
+    let client = connect(dir, ports[0], 2).await;
+    let l = client
+        .concurrency_limit("db", LimitChange::Inspect)
+        .await
+        .expect("the limit")
+        .expect("the limit exists");
+    assert_eq!(
+        l.leases.iter().map(|x| x.holder).collect::<Vec<_>>(),
+        [lease.holder],
+        "the holder is known after the restart"
+    );
+
+    // Another holder waits for the slot, and gets it when the first ends, not a TTL later.
+    let quick = client
+        .run_deployment("quick", serde_json::Value::Null)
+        .await
+        .expect("a run");
+    assert_eq!(wait_end(&client, held).await, StateType::Completed);
+    assert_eq!(wait_end(&client, quick).await, StateType::Completed);
+    let task = |id| {
+        let client = client.clone();
+        async move {
+            let t = client.task_runs(id).await.expect("task runs");
+            t.into_iter().next().expect("a task run").lifecycle
+        }
+    };
+    let (first, second) = (task(held).await, task(quick).await);
+    let (ended, started) = (
+        first.end_time.expect("the first task ended"),
+        second.start_time.expect("the second task started"),
+    );
+    assert!(
+        started >= ended,
+        "both held the slot at once: {ended} / {started}"
+    );
+    assert!(
+        started.saturating_since(ended) < Duration::from_secs(10),
+        "the second waited {:?} after the first ended",
+        started.saturating_since(ended)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deployment_limits_and_paused_queues() {
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let dir = tmp.path();

@@ -75,6 +75,8 @@ pub enum Write {
     },
     /// A flow run was pruned: forget its records, its task runs', their histories and logs.
     Pruned(PrunedRun),
+    /// The record of slot holders changed.
+    SlotHolds,
     /// Forget events (but state changes) and log batches older than these.
     PrunedBefore {
         /// Events before this.
@@ -189,6 +191,8 @@ pub enum Reply {
         /// Its id.
         id: EventId,
     },
+    /// The record of slot holders was changed.
+    SlotsRecorded,
     /// Old records were forgotten.
     Pruned {
         /// Flow runs forgotten.
@@ -333,6 +337,17 @@ fn apply_with(view: &mut impl StateView, command: Command, at: ApplyContext, rec
         Command::DeleteSetting { key, .. } => tx.delete_setting(view, key),
         Command::EditWorkQueue { name, id, edit, .. } => tx.edit_work_queue(view, &name, id, edit),
         Command::Prune(p) => tx.prune(view, p),
+        Command::Slots(change) => {
+            let hot = view.hot_mut();
+            match change {
+                crate::command::SlotChange::Hold { holder, node, tags } => {
+                    hot.hold_slots(holder, &node, &tags)
+                }
+                crate::command::SlotChange::Free { holders, tag } => hot.free_slots(&holders, tag.as_deref()),
+                crate::command::SlotChange::Complete => hot.slot_holds_completed(),
+            }
+            Outcome::replied(Reply::SlotsRecorded, vec![Write::SlotHolds])
+        }
     }
 }
 

@@ -291,6 +291,36 @@ pub enum Command {
     },
     /// Forget what is older than the retention windows (see [`Prune`]).
     Prune(Prune),
+    /// Record who holds the slots of tag limits (see [`SlotChange`]).
+    Slots(SlotChange),
+}
+
+/// A change to the record of who holds the slots of tag limits. The control node decides who
+/// gets a slot; it records the holding before it tells the holder, so that after a restart it
+/// knows every holder that may be running.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SlotChange {
+    /// `holder`, on `node`, holds a slot of each of `tags`.
+    Hold {
+        /// The task run.
+        holder: TaskRunId,
+        /// Its node.
+        node: NodeId,
+        /// The limited tags it holds a slot of.
+        tags: Vec<String>,
+    },
+    /// These holders hold no slot any more (of `tag` only, when given).
+    Free {
+        /// The task runs.
+        holders: Vec<TaskRunId>,
+        /// Only this tag's slots.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tag: Option<String>,
+    },
+    /// The record names every holder that may run. A control node that starts with no complete
+    /// record (a data directory from before it) makes new holders wait one lease TTL, in which
+    /// every holder of before renews (and is recorded) or stops; then it says so.
+    Complete,
 }
 
 /// What a [`Command::Prune`] forgets. The cut-offs are absolute times chosen by the sender, so
@@ -334,6 +364,8 @@ pub enum IdempotencyKey {
     DeleteSetting(String, Timestamp),
     /// A pruning up to these run, event and log cut-offs.
     Prune(Timestamp, Timestamp, Timestamp),
+    /// A change of slot holders (applying it twice changes nothing more).
+    Slots(String),
 }
 
 impl fmt::Display for IdempotencyKey {
@@ -350,6 +382,7 @@ impl fmt::Display for IdempotencyKey {
             IdempotencyKey::DeleteSetting(k, at) => write!(f, "delete-setting/{k}/{at}"),
             IdempotencyKey::Event(e) => write!(f, "event/{e}"),
             IdempotencyKey::Prune(r, e, l) => write!(f, "prune/{r}/{e}/{l}"),
+            IdempotencyKey::Slots(k) => write!(f, "slots/{k}"),
         }
     }
 }
@@ -388,6 +421,15 @@ impl Command {
                 *at,
             ),
             Command::Prune(p) => IdempotencyKey::Prune(p.runs_before, p.events_before, p.logs_before),
+            Command::Slots(SlotChange::Hold { holder, .. }) => {
+                IdempotencyKey::Slots(format!("hold/{holder}"))
+            }
+            Command::Slots(SlotChange::Complete) => IdempotencyKey::Slots("complete".into()),
+            Command::Slots(SlotChange::Free { holders, tag }) => IdempotencyKey::Slots(format!(
+                "free/{}/{}",
+                tag.as_deref().unwrap_or("*"),
+                holders.first().map(ToString::to_string).unwrap_or_default()
+            )),
         }
     }
 
@@ -455,6 +497,7 @@ impl Command {
             Command::DeleteSetting { .. } => "delete-setting",
             Command::EditWorkQueue { .. } => "edit-work-queue",
             Command::Prune(_) => "prune",
+            Command::Slots(_) => "slots",
         }
     }
 }

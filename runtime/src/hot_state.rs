@@ -31,6 +31,8 @@ pub struct HotState {
     deployments: HashMap<DeploymentId, Deployment>,
     deployment_names: HashMap<String, DeploymentId>,
     settings: std::collections::BTreeMap<String, Setting>,
+    slot_holds: std::collections::BTreeMap<(String, TaskRunId), NodeId>,
+    slot_holds_complete: bool,
 }
 
 fn active_owner(run: &FlowRun) -> Option<&NodeId> {
@@ -151,6 +153,34 @@ impl HotState {
     pub fn prune_cache(&mut self, now: Timestamp) {
         self.cache
             .retain(|_, s| s.details.cache_expiration.is_none_or(|e| e > now));
+    }
+
+    /// Records that `holder` on `node` holds a slot of each of `tags`.
+    pub fn hold_slots(&mut self, holder: TaskRunId, node: &NodeId, tags: &[String]) {
+        for t in tags {
+            self.slot_holds.insert((t.clone(), holder), node.clone());
+        }
+    }
+
+    /// Records that these holders hold no slot (of `tag` only, when given).
+    pub fn free_slots(&mut self, holders: &[TaskRunId], tag: Option<&str>) {
+        self.slot_holds
+            .retain(|(t, h), _| !(holders.contains(h) && tag.is_none_or(|x| x == t)));
+    }
+
+    /// The record of slot holdings names every holder that may run.
+    pub fn slot_holds_completed(&mut self) {
+        self.slot_holds_complete = true;
+    }
+
+    /// Whether the record of slot holdings names every holder that may run.
+    pub fn slot_holds_complete(&self) -> bool {
+        self.slot_holds_complete
+    }
+
+    /// Every recorded slot holding: (tag, holder) and the holder's node.
+    pub fn slot_holds(&self) -> impl Iterator<Item = (&(String, TaskRunId), &NodeId)> {
+        self.slot_holds.iter()
     }
 
     /// How many task runs there are.

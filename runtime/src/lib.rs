@@ -32,7 +32,7 @@ pub mod view;
 pub mod work_queue;
 
 pub use apply::{ApplyContext, Outcome, PrunedRun, Refusal, Reply, Write, apply, apply_shadow};
-pub use command::{Command, IdempotencyKey, NewFlowRun, NewTaskRun, Prune, RetryRequest};
+pub use command::{Command, IdempotencyKey, NewFlowRun, NewTaskRun, Prune, RetryRequest, SlotChange};
 pub use concurrency::ConcurrencyLimit;
 pub use deployment::{CollisionStrategy, Deployment, DeploymentSpec, Schedule, ScheduleKind};
 pub use event::{Event, EventPayload, Resource};

@@ -12,8 +12,8 @@ use flotilla_cluster::wire::{
     WAIT_MS_MAX, WireError,
 };
 use flotilla_runtime::{
-    Command, Decision, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryRequest, State, StateName,
-    StateType, TaskRunId, Timestamp, TransitionId, codec,
+    Command, Decision, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryRequest, SlotChange, State,
+    StateName, StateType, TaskRunId, Timestamp, TransitionId, codec,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
@@ -61,6 +61,9 @@ pub enum ControlMsg {
     Queues(Vec<u8>),
     /// The tag limits now (encoded `Vec<ConcurrencyLimit>`).
     Limits(Vec<u8>),
+    /// The slot holdings recorded before a start (encoded
+    /// `Option<Vec<(tag, TaskRunId, NodeId)>>`; None: never recorded).
+    Holds(Vec<u8>),
     /// A task run asks for slots of its tags (an encoded `SlotRequest::Acquire`); the answer, an
     /// encoded `SlotGrant`, comes when it holds them.
     #[rpc]
@@ -132,6 +135,9 @@ pub struct ControlState {
     handouts: flotilla_runtime::control::Handouts,
     /// Whether the runs under way were read back once since the start.
     restored: bool,
+    /// Whether the slot holdings were recorded before this start (a data directory from before
+    /// the record has none: then new holders wait one lease TTL after a start).
+    holds_known: bool,
 }
 
 /// A task run waiting for slots: who, and where to answer.
@@ -224,21 +230,47 @@ impl ControlState {
         }
     }
 
-    /// Answers waiters that got their slots; a waiter gone (its call timed out) gives them
-    /// back.
-    fn grant(&mut self, mut served: Vec<(SlotWaiter, SlotGrant)>) {
-        while !served.is_empty() {
-            let mut gone = Vec::new();
-            for ((holder, reply), grant) in served {
-                if reply.send(encode(&grant)).is_err() && grant != SlotGrant::Unlimited {
-                    gone.push(holder);
-                }
-            }
-            served = if gone.is_empty() {
-                Vec::new()
-            } else {
-                self.slots.release(&gone, Instant::now())
+    /// Answers waiters that got their slots. A holding is recorded (durably) before its holder
+    /// hears of it, so that a restart of this node knows every holder that may run; a holding
+    /// not recorded, or a waiter gone (its call timed out), gives the slots back.
+    fn grant(&mut self, served: Vec<(SlotWaiter, SlotGrant)>) {
+        for ((holder, reply), grant) in served {
+            let holding = self
+                .slots
+                .holding(holder)
+                .filter(|_| grant != SlotGrant::Unlimited);
+            let Some((node, tags)) = holding else {
+                let _ = reply.send(encode(&grant));
+                continue;
             };
+            let recorded = self
+                .persistence
+                .enqueue(Command::Slots(SlotChange::Hold { holder, node, tags }));
+            tokio::spawn(async move {
+                let ok = matches!(recorded.await, Ok(Ok(Ok(_))));
+                if !ok || reply.send(encode(&grant)).is_err() {
+                    give_back(vec![holder]);
+                }
+            });
+        }
+    }
+
+    /// After a start with no complete record of holdings, once every lease of before has been
+    /// renewed (and recorded) or has lapsed: the record is complete from now on.
+    fn complete_holds(&mut self) {
+        if self.restored && !self.holds_known && !self.slots.waiting_after_restart(Instant::now()) {
+            self.holds_known = true;
+            drop(self.persistence.enqueue(Command::Slots(SlotChange::Complete)));
+        }
+    }
+
+    /// Records that these holders hold no slot (of `tag` only, when given).
+    fn free(&self, holders: Vec<TaskRunId>, tag: Option<String>) {
+        if !holders.is_empty() {
+            drop(
+                self.persistence
+                    .enqueue(Command::Slots(SlotChange::Free { holders, tag })),
+            );
         }
     }
 
@@ -408,6 +440,12 @@ fn ended_run(e: &flotilla_runtime::Event) -> Option<FlowRunId> {
 /// Reads back the work queues and the runs that run now, for the control actor.
 async fn restore(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
     reload_settings(p, me).await;
+    match p.slot_holds().await {
+        Ok(holds) => {
+            let _ = me.cast(ControlMsg::Holds(encode(&holds)));
+        }
+        Err(e) => tracing::error!(error = %e, "cannot read the slot holders"),
+    }
     restore_running(p, me).await;
 }
 
@@ -457,6 +495,14 @@ async fn restore_running(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
         }
     }
     let _ = me.cast(ControlMsg::Restore(encode(&running)));
+}
+
+/// Gives slots back through the control actor (a grant that could not be delivered).
+fn give_back(holders: Vec<TaskRunId>) {
+    if let Some(cell) = ractor::registry::where_is(CONTROL_NAME) {
+        let _ = ActorRef::<ControlMsg>::from(cell)
+            .cast(ControlMsg::Slots(encode(&SlotRequest::Release(holders))));
+    }
 }
 
 /// Hands a run back to the control actor's placement (it waits until a node can take it).
@@ -580,6 +626,7 @@ impl Actor for Control {
             slots: Slots::default(),
             handouts: Default::default(),
             restored: false,
+            holds_known: false,
         })
     }
 
@@ -667,12 +714,14 @@ impl Actor for Control {
             },
             ControlMsg::Restore(bytes) => {
                 if let Ok(running) = codec::decode::<Vec<Running>>(&bytes) {
-                    // Started with runs under way: their task runs may hold slots this node no
-                    // longer remembers. New holders wait until every such lease has run out.
-                    if !s.restored && !running.is_empty() {
+                    // Started with runs under way and no complete record of who holds slots (a
+                    // data directory from before the record, or a restart soon after): new
+                    // holders wait until every lease that may be held was renewed or ran out.
+                    if !s.restored && !running.is_empty() && !s.holds_known {
                         s.slots.restarted(Instant::now());
                     }
                     s.restored = true;
+                    s.complete_holds();
                     s.dispatch.clear_active();
                     for r in running {
                         s.dispatch
@@ -690,8 +739,23 @@ impl Actor for Control {
             ControlMsg::Tick => {
                 s.check();
                 s.place_waiting();
-                let served = s.slots.expire(Instant::now());
+                s.complete_holds();
+                let now = Instant::now();
+                let mut lapsed: BTreeMap<String, Vec<TaskRunId>> = BTreeMap::new();
+                for (tag, holder) in s.slots.lapsed(now) {
+                    lapsed.entry(tag).or_default().push(holder);
+                }
+                for (tag, holders) in lapsed {
+                    s.free(holders, Some(tag));
+                }
+                let served = s.slots.expire(now);
                 s.grant(served);
+            }
+            ControlMsg::Holds(bytes) => {
+                if let Ok(holds) = codec::decode::<Option<Vec<(String, TaskRunId, NodeId)>>>(&bytes) {
+                    s.holds_known = holds.is_some();
+                    s.slots.restore(&holds.unwrap_or_default(), Instant::now());
+                }
             }
             ControlMsg::Limits(bytes) => {
                 if let Ok(limits) = codec::decode::<Vec<flotilla_runtime::ConcurrencyLimit>>(&bytes) {
@@ -713,14 +777,37 @@ impl Actor for Control {
             },
             ControlMsg::RenewSlots(bytes, reply) => match codec::decode::<SlotRequest>(&bytes) {
                 Ok(SlotRequest::Renew { holder, node, tags }) => {
+                    let had = s.slots.holds_all(holder, &tags);
                     let held = s.slots.renew(holder, node, &tags, Instant::now());
-                    let _ = reply.send(encode(&held));
+                    match s.slots.holding(holder).filter(|_| held && !had) {
+                        // Taken again after it lapsed: recorded before the holder hears it.
+                        Some((node, tags)) => {
+                            let recorded = s.persistence.enqueue(Command::Slots(SlotChange::Hold {
+                                holder,
+                                node,
+                                tags,
+                            }));
+                            tokio::spawn(async move {
+                                let ok = matches!(recorded.await, Ok(Ok(Ok(_))));
+                                if !ok || reply.send(encode(&true)).is_err() {
+                                    give_back(vec![holder]);
+                                }
+                            });
+                        }
+                        None => {
+                            if !held {
+                                s.free(vec![holder], None);
+                            }
+                            let _ = reply.send(encode(&held));
+                        }
+                    }
                 }
                 Ok(other) => tracing::warn!(request = ?other, "a slot request that is not a renewal"),
                 Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
             },
             ControlMsg::Slots(bytes) => match codec::decode::<SlotRequest>(&bytes) {
                 Ok(SlotRequest::Release(holders)) => {
+                    s.free(holders.clone(), None);
                     let served = s.slots.release(&holders, Instant::now());
                     s.grant(served);
                 }

@@ -181,6 +181,70 @@ impl<R> Slots<R> {
         None
     }
 
+    /// Takes back the holdings recorded before a restart of the control node, each counted from
+    /// `now` (its holder renews it, or it lapses a TTL from now). Holdings of tags no longer
+    /// limited are dropped.
+    pub fn restore(&mut self, holds: &[(String, TaskRunId, NodeId)], now: Instant) {
+        for (tag, holder, node) in holds {
+            if let Some(l) = self.limits.get_mut(tag) {
+                l.held.insert(
+                    *holder,
+                    Lease {
+                        node: node.clone(),
+                        expires: now + l.ttl,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Whether new holders still wait after a restart (see [`Slots::restarted`]).
+    pub fn waiting_after_restart(&self, now: Instant) -> bool {
+        self.new_holders_from.is_some_and(|t| now < t)
+    }
+
+    /// Whether `holder` holds a slot of each of the limited tags among `tags`.
+    pub fn holds_all(&self, holder: TaskRunId, tags: &[String]) -> bool {
+        tags.iter()
+            .filter_map(|t| self.limits.get(t))
+            .all(|l| l.held.contains_key(&holder))
+    }
+
+    /// What `holder` holds: its node and the tags (None: nothing).
+    pub fn holding(&self, holder: TaskRunId) -> Option<(NodeId, Vec<String>)> {
+        let mut node = None;
+        let mut tags = Vec::new();
+        for (tag, l) in &self.limits {
+            if let Some(lease) = l.held.get(&holder) {
+                node = Some(lease.node.clone());
+                tags.push(tag.clone());
+            }
+        }
+        tags.sort();
+        node.map(|n| (n, tags))
+    }
+
+    /// The holders of a tag's slots.
+    pub fn holders_of(&self, tag: &str) -> Vec<TaskRunId> {
+        self.limits
+            .get(tag)
+            .map(|l| l.held.keys().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// The leases that have lapsed at `now`: (tag, holder).
+    pub fn lapsed(&self, now: Instant) -> Vec<(String, TaskRunId)> {
+        let mut out = Vec::new();
+        for (tag, l) in &self.limits {
+            for (h, lease) in &l.held {
+                if lease.expires <= now {
+                    out.push((tag.clone(), *h));
+                }
+            }
+        }
+        out
+    }
+
     /// The control node restarted with holders possibly running: new holders wait one lease
     /// TTL (the longest), while those that renew take their slots again.
     pub fn restarted(&mut self, now: Instant) {

@@ -95,6 +95,9 @@ pub enum Read {
     },
     /// Every work queue and tag limit, by key.
     Settings,
+    /// Who holds the slots of tag limits, as recorded (None: the record is not complete yet —
+    /// a data directory from before it, not one lease TTL past its first start since).
+    SlotHolds,
     /// The unexpired cached Completed state for a cache key.
     Cached {
         /// The cache key.
@@ -153,6 +156,8 @@ pub enum ReadReply {
     Deployments(Vec<Deployment>),
     /// Work queues and tag limits.
     Settings(Vec<flotilla_runtime::Setting>),
+    /// (tag, holder, node) for every recorded holding.
+    SlotHolds(Option<Vec<(String, flotilla_runtime::TaskRunId, flotilla_runtime::NodeId)>>),
     /// A cached state, if there is one.
     Cached(Option<State>),
     /// Figures.

@@ -21,6 +21,8 @@ use super::overlay::{Overlay, RecentEvents};
 use super::read::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter, StoreStats};
 
 const APPLIED_KEY: &[u8] = b"applied";
+/// The record of slot holders (rewritten whole: it holds at most the sum of the tag limits).
+const SLOT_HOLDS_KEY: &[u8] = b"slot-holds";
 /// The event cut-off of the last pruning: blocks before it hold state changes only.
 const EVENTS_PRUNED_KEY: &[u8] = b"events-pruned";
 
@@ -107,7 +109,13 @@ pub struct StoreJob {
     pub ops: Vec<KvOp>,
     /// What to forget once the rest is written: pruned runs, and the event and log cut-offs.
     pub prune: ColdPrune,
+    /// The record of slot holders (whether complete, the holdings), when it changed.
+    pub slot_holds: Option<SlotHolds>,
 }
+
+/// The record of slot holders as stored: whether it names every holder, and (tag, holder,
+/// node) for each holding.
+pub type SlotHolds = (bool, Vec<(String, TaskRunId, flotilla_runtime::NodeId)>);
 
 /// What a store job forgets after writing (see [`ColdPrune::ops`]).
 #[derive(Debug, Default)]
@@ -320,6 +328,9 @@ impl StoreJob {
             acc.events.extend(job.events);
             acc.ops.extend(job.ops);
             acc.prune.extend(job.prune);
+            if job.slot_holds.is_some() {
+                acc.slot_holds = job.slot_holds;
+            }
         }
         let mut seen = HashSet::new();
         acc.flow_runs.reverse();
@@ -381,6 +392,12 @@ impl StoreJob {
                 ops.push(KvOp::Put(Tree::Events, first.as_bytes().to_vec(), bytes));
             }
         }
+        if let Some(holds) = &self.slot_holds {
+            match codec::encode(holds) {
+                Ok(bytes) => ops.push(KvOp::Put(Tree::Meta, SLOT_HOLDS_KEY.to_vec(), bytes)),
+                Err(e) => tracing::error!(error = %e, "the slot holders could not be encoded"),
+            }
+        }
         ops.push(KvOp::Put(
             Tree::Meta,
             APPLIED_KEY.to_vec(),
@@ -428,6 +445,7 @@ pub struct Store {
     new_events: Vec<Arc<Event>>,
     job_log_bytes: u64,
     prune: ColdPrune,
+    slot_holds_dirty: bool,
 }
 
 impl std::fmt::Debug for Store {
@@ -755,6 +773,17 @@ impl Store {
         load_tree(kv.as_ref(), Tree::TaskRuns, path, |r| hot.put_task_run(r))?;
         load_tree(kv.as_ref(), Tree::Deployments, path, |d| hot.put_deployment(d))?;
         load_tree(kv.as_ref(), Tree::Settings, path, |s| hot.put_setting(s))?;
+        if let Some(bytes) = kv.get(Tree::Meta, SLOT_HOLDS_KEY).map_err(store_err)? {
+            let (complete, holds): SlotHolds = codec::decode(&bytes).map_err(|e| {
+                OpenError::corrupt(path.to_owned(), format!("the slot holders do not decode: {e}"))
+            })?;
+            for (tag, holder, node) in holds {
+                hot.hold_slots(holder, &node, &[tag]);
+            }
+            if complete {
+                hot.slot_holds_completed();
+            }
+        }
         Ok(Store {
             hot,
             cold: Cold::new(kv.clone()),
@@ -769,7 +798,15 @@ impl Store {
             new_events: Vec::new(),
             job_log_bytes: 0,
             prune: ColdPrune::default(),
+            slot_holds_dirty: false,
         })
+    }
+
+    fn slot_holds(&self) -> Vec<(String, TaskRunId, flotilla_runtime::NodeId)> {
+        self.hot
+            .slot_holds()
+            .map(|((tag, holder), node)| (tag.clone(), *holder, node.clone()))
+            .collect()
     }
 
     /// The last log index applied.
@@ -826,6 +863,7 @@ impl Store {
                 return Some(e);
             }
             Write::Pruned(p) => self.prune.runs.push(p),
+            Write::SlotHolds => self.slot_holds_dirty = true,
             Write::PrunedBefore { events, logs } => self.prune.before = Some((events, logs)),
             Write::HistoryBlock { run, block, events } => match codec::encode(&events) {
                 Ok(bytes) => {
@@ -896,6 +934,8 @@ impl Store {
             events: std::mem::take(&mut self.new_events),
             ops: std::mem::take(&mut self.cold_ops),
             prune: std::mem::take(&mut self.prune),
+            slot_holds: std::mem::take(&mut self.slot_holds_dirty)
+                .then(|| (self.hot.slot_holds_complete(), self.slot_holds())),
         }
     }
 
@@ -981,6 +1021,9 @@ impl Store {
             }
             Read::Deployment(id) => ReadReply::Deployment(hot.deployment(&id).cloned().map(Box::new)),
             Read::Settings => ReadReply::Settings(hot.settings().cloned().collect()),
+            Read::SlotHolds => {
+                ReadReply::SlotHolds(self.hot.slot_holds_complete().then(|| self.slot_holds()))
+            }
             Read::DeploymentByName(name) => {
                 ReadReply::Deployment(hot.deployment_by_name(&name).cloned().map(Box::new))
             }

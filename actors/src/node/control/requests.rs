@@ -210,6 +210,7 @@ impl ControlState {
                                 ),
                             );
                         }
+                        self.free(self.slots.holders_of(&tag), Some(tag.clone()));
                         let served = self.slots.reset(&tag, Instant::now());
                         self.grant(served);
                         let l = self

@@ -161,11 +161,11 @@ fn after_a_restart_holders_take_their_slots_again_before_anyone_new() {
 
 proptest::proptest! {
     /// Whatever the order of acquires, renewals, releases, expiries and control restarts
-    /// (leases forgotten), no instant has more holders than the limit: a holder counts from
+    /// (leases forgotten, or restored from the record of holdings), no instant has more holders than the limit: a holder counts from
     /// its grant or acknowledged renewal until 80 % of the TTL later, as a worker keeps it.
     #[test]
     fn no_instant_has_more_holders_than_the_limit(
-        ops in proptest::collection::vec((0u8..5, 0usize..6, 1u64..400), 1..300)
+        ops in proptest::collection::vec((0u8..6, 0usize..6, 1u64..400), 1..300)
     ) {
         const LIMIT: u32 = 2;
         let t0 = Instant::now();
@@ -174,6 +174,12 @@ proptest::proptest! {
         let h = ids(6);
         // Per holder: until when it believes it holds a slot.
         let mut believes: Vec<Option<Instant>> = vec![None; 6];
+        // The durable record of holdings, as the control actor keeps it: a holding recorded
+        // before its holder hears of it, dropped when released, lost or lapsed.
+        let mut recorded: std::collections::BTreeSet<usize> = std::collections::BTreeSet::new();
+        // Whether the record names every holder (not after a start without one, until the
+        // restart wait is over).
+        let mut complete = true;
         let keep = TTL.mul_f64(0.8);
         let mut now = t0;
         for (op, i, step_ms) in ops {
@@ -181,37 +187,87 @@ proptest::proptest! {
             match op {
                 0 => {
                     if let Some((who, _)) = s.acquire(h[i], node("n"), vec!["db".into()], now, i) {
+                        recorded.insert(who);
                         believes[who] = Some(now + keep);
                     }
                 }
                 1 if believes[i].is_some_and(|d| now < d) => {
                     if s.renew(h[i], node("n"), &["db".into()], now) {
+                        recorded.insert(i);
                         believes[i] = Some(now + keep);
                     } else {
+                        recorded.remove(&i);
                         believes[i] = None;
                     }
                 }
                 2 => {
                     believes[i] = None;
+                    recorded.remove(&i);
                     for (who, _) in s.release(&[h[i]], now) {
+                        recorded.insert(who);
                         believes[who] = Some(now + keep);
                     }
                 }
                 3 => {
+                    for (_, holder) in s.lapsed(now) {
+                        recorded.retain(|r| h[*r] != holder);
+                    }
                     for (who, _) in s.expire(now) {
+                        recorded.insert(who);
                         believes[who] = Some(now + keep);
                     }
                 }
                 4 => {
-                    // The control node restarts: its leases and waiters are forgotten.
+                    // The control node restarts with no record (a data directory from before
+                    // it): its leases and waiters are forgotten.
                     s = Slots::default();
                     s.put("db", LIMIT, TTL, now);
                     s.restarted(now);
+                    complete = false;
+                }
+                5 => {
+                    // The control node restarts and reads back the record of holdings, if it
+                    // is complete.
+                    s = Slots::default();
+                    s.put("db", LIMIT, TTL, now);
+                    if complete {
+                        let holds: Vec<(String, TaskRunId, NodeId)> =
+                            recorded.iter().map(|r| ("db".to_owned(), h[*r], node("n"))).collect();
+                        s.restore(&holds, now);
+                    } else {
+                        s.restarted(now);
+                    }
                 }
                 _ => {}
+            }
+            if !complete && !s.waiting_after_restart(now) {
+                complete = true;
             }
             let holding = believes.iter().filter(|d| d.is_some_and(|d| now < d)).count();
             proptest::prop_assert!(holding as u32 <= LIMIT, "{holding} holders believe they hold a slot at once");
         }
     }
+}
+
+#[test]
+fn restored_holdings_count_against_the_limit_and_lapse_unless_renewed() {
+    let t0 = Instant::now();
+    let mut s: Slots<u8> = Slots::default();
+    s.put("db", 1, TTL, t0);
+    let h = ids(3);
+    // Recorded before a restart: one holder of db, one of a tag no longer limited.
+    s.restore(
+        &[("db".into(), h[0], node("a")), ("gone".into(), h[1], node("a"))],
+        t0,
+    );
+    assert_eq!(s.holding(h[0]), Some((node("a"), vec!["db".to_owned()])));
+    assert_eq!(s.holding(h[1]), None);
+    assert_eq!(s.holders_of("db"), [h[0]]);
+    // The slot is taken: a new holder waits, with no restart wait on top.
+    assert!(s.acquire(h[2], node("b"), vec!["db".into()], t0, 2).is_none());
+    assert!(s.holds_all(h[0], &["db".into()]));
+    assert!(s.lapsed(t0 + TTL / 2).is_empty());
+    // Not renewed: it lapses a TTL after the restart, and the waiter gets the slot.
+    assert_eq!(s.lapsed(t0 + TTL), [("db".to_owned(), h[0])]);
+    assert_eq!(s.expire(t0 + TTL), [(2, SlotGrant::Held { ttl: TTL })]);
 }
