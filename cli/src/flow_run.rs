@@ -71,8 +71,15 @@ pub enum FlowRunCmd {
         /// The run's id.
         id: String,
         /// Keep printing new lines until the run ends.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["limit", "cursor"])]
         follow: bool,
+        /// One page of at most this many lines (1 to 1,000; the next page's cursor is printed on
+        /// stderr when more remain) [default: every line].
+        #[arg(long)]
+        limit: Option<usize>,
+        /// Where a previous page ended (its `next cursor:`); pages of 100 unless --limit says.
+        #[arg(long)]
+        cursor: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -119,6 +126,24 @@ fn cursor_run(cursor: &str) -> anyhow::Result<FlowRunId> {
         .strip_prefix('r')
         .and_then(|hex| uuid::Uuid::try_parse(hex).ok())
         .map(FlowRunId::from_uuid)
+        .ok_or_else(|| anyhow::anyhow!("--cursor {cursor:?} is not a cursor this command printed"))
+}
+
+/// A log page's cursor: opaque to users (`l`, the batch id, `.`, the line within it).
+fn log_cursor(c: LogCursor) -> String {
+    format!("l{}.{}", c.batch.as_uuid().simple(), c.line)
+}
+
+fn cursor_log(cursor: &str) -> anyhow::Result<LogCursor> {
+    cursor
+        .strip_prefix('l')
+        .and_then(|rest| rest.split_once('.'))
+        .and_then(|(batch, line)| {
+            Some(LogCursor {
+                batch: flotilla_runtime::LogBatchId::from_uuid(uuid::Uuid::try_parse(batch).ok()?),
+                line: line.parse().ok()?,
+            })
+        })
         .ok_or_else(|| anyhow::anyhow!("--cursor {cursor:?} is not a cursor this command printed"))
 }
 
@@ -314,10 +339,36 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
         FlowRunCmd::Logs {
             id,
             follow,
+            limit,
+            cursor,
             json,
             conn,
         } => {
             let id = run_id(&id)?;
+            if limit.is_some() || cursor.is_some() {
+                let limit = limit.unwrap_or(100);
+                anyhow::ensure!(
+                    (1..=PAGE_MAX).contains(&limit),
+                    "--limit {limit}: from 1 to {PAGE_MAX} (follow `next cursor:` for more)"
+                );
+                let after = cursor.as_deref().map(cursor_log).transpose()?;
+                let s = conn.connect().await?;
+                let (lines, next) = s
+                    .client
+                    .logs_page(id, after, limit)
+                    .await
+                    .map_err(|e| s.fail(e))?;
+                let mut out = std::io::stdout().lock();
+                for l in &lines {
+                    print_line(&mut out, l, json);
+                }
+                if lines.len() == limit
+                    && let Some(next) = next
+                {
+                    eprintln!("next cursor: {}", log_cursor(next));
+                }
+                return Ok(true);
+            }
             let s = conn.connect().await?;
             let mut out = std::io::stdout().lock();
             let mut cursor = None;

@@ -1,6 +1,7 @@
 //! Retention on a `flotilla node` process: a run that ended longer ago than `--retention-runs`
 //! is forgotten with its history and logs (and stays forgotten after a restart); a run still
-//! running is kept; a retention below one second is refused.
+//! running is kept; a retention below one second is refused. And paging a run's logs with
+//! `--limit` and `--cursor`.
 
 use std::time::Duration;
 
@@ -96,4 +97,75 @@ async fn finished_runs_are_forgotten_after_the_retention_window() {
     let client = connect(dir, port, 1).await;
     assert!(matches!(client.flow_run(done).await, Err(e) if gone(e.code())));
     assert!(client.flow_run(waiting).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_logs_are_paged_with_a_cursor() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    init_certs(dir, "n1");
+    let port = free_udp_port();
+    let _nodes = Nodes {
+        children: vec![("n1".into(), start_node(dir, "n1", port, None, &[]))],
+        dir: dir.to_owned(),
+    };
+    let client = connect(dir, port, 1).await;
+    let id = client
+        .run("command", serde_json::json!({"command": ["seq", "1", "250"]}))
+        .await
+        .expect("a run");
+    let run = tokio::time::timeout(Duration::from_secs(60), client.wait(id))
+        .await
+        .expect("the run ends in time")
+        .expect("the run");
+    assert_eq!(run.lifecycle.state.kind, StateType::Completed);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args([
+                "flow-run",
+                "logs",
+                &id.to_string(),
+                "--addr",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(args)
+            .env("FLOTILLA_CERTS", dir.join("certs"))
+            .env_remove("FLOTILLA_CONFIG")
+            .output()
+            .expect("flotilla runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, all, _) = cli(&[]);
+    assert!(ok);
+    let all: Vec<&str> = all.lines().collect();
+    assert!(all.len() >= 250, "{} lines", all.len());
+    // Pages of 100, following the cursor printed on stderr, give the same lines.
+    let mut paged = String::new();
+    let mut cursor: Option<String> = None;
+    for page in 0.. {
+        assert!(page < 10, "the pages never end");
+        let mut args = vec!["--limit", "100"];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let (ok, out, err) = cli(&args);
+        assert!(ok, "{err}");
+        assert!(out.lines().count() <= 100);
+        paged.push_str(&out);
+        match err.lines().find_map(|l| l.strip_prefix("next cursor: ")) {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(paged.lines().collect::<Vec<_>>(), all);
+    let (ok, _, err) = cli(&["--cursor", "nonsense"]);
+    assert!(!ok);
+    assert!(err.contains("not a cursor"), "{err}");
+    let (ok, _, err) = cli(&["--limit", "0"]);
+    assert!(!ok);
+    assert!(err.contains("--limit"), "{err}");
 }
