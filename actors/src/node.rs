@@ -302,7 +302,7 @@ async fn answer(
     }
     match env.request {
         Request::PutResult { key, bytes } => put_result(results, key, bytes).await,
-        request => ask_control(&request).await,
+        request => ask_control(env.request_id, &request).await,
     }
 }
 
@@ -382,21 +382,46 @@ impl crate::engine::results::ResultShipper for QuicShipper {
 }
 
 /// Asks the control actor (local or remote) a client request.
-pub async fn ask_control(request: &flotilla_cluster::wire::Request) -> Response {
+pub async fn ask_control(
+    request_id: Option<flotilla_runtime::control::RequestId>,
+    request: &flotilla_cluster::wire::Request,
+) -> Response {
     let Some(control) = control_actor() else {
         return Response::Error(WireError::new(
             ErrorKind::Unavailable,
             "no control node is connected to this node",
         ));
     };
-    let Ok(bytes) = codec::encode(request) else {
+    // A mutating request with an id is answered once by the control node, its answer kept in
+    // the log; runs are not (they are made once by their id or key already).
+    let once = request_id.filter(|_| {
+        request.is_mutating()
+            && !matches!(
+                request,
+                Request::RunFlow { .. } | Request::RunDeployment { .. } | Request::Heartbeat(_)
+            )
+    });
+    let encoded = match once {
+        Some(id) => codec::encode(&(id, request)).map(|b| (b, true)),
+        None => codec::encode(request).map(|b| (b, false)),
+    };
+    let Ok((bytes, asked)) = encoded else {
         return Response::Error(WireError::new(
             ErrorKind::Protocol,
             "the request cannot be encoded",
         ));
     };
     match control
-        .call(|port| ControlMsg::Request(bytes, port), Some(plane::CALL_TIMEOUT))
+        .call(
+            |port| {
+                if asked {
+                    ControlMsg::Asked(bytes, port)
+                } else {
+                    ControlMsg::Request(bytes, port)
+                }
+            },
+            Some(plane::CALL_TIMEOUT),
+        )
         .await
     {
         Ok(ractor::rpc::CallResult::Success(reply)) => codec::decode(&reply).unwrap_or_else(|e| {

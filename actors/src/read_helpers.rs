@@ -127,6 +127,21 @@ macro_rules! read_helpers {
         }
 
         /// Every work queue and tag limit, by key.
+        /// The answer remembered for a client's request (encoded as it was sent).
+        pub async fn answer_to(
+            &self,
+            request_id: flotilla_runtime::control::RequestId,
+        ) -> Result<Option<Vec<u8>>, $crate::persistence::PersistError> {
+            let now = flotilla_runtime::Timestamp::from(chrono::Utc::now());
+            match self
+                .read($crate::persistence::Read::Answer { request_id, now })
+                .await?
+            {
+                $crate::persistence::ReadReply::Answer(a) => Ok(a),
+                other => Err($crate::persistence::unexpected(other)),
+            }
+        }
+
         /// Who holds the slots of tag limits, as recorded (None: never recorded).
         pub async fn slot_holds(
             &self,

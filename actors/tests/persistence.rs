@@ -679,3 +679,28 @@ async fn slot_holders_are_recorded_and_survive_a_restart() {
     );
     h.stop(join).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remembered_answers_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = PersistenceConfig::for_tests(dir.path());
+    // Checkpoint at every chance: the answers come back from the store, not the log.
+    config.checkpoint_bytes = 1;
+    let (h, join) = start(config.clone()).await;
+    let id = |n: u8| flotilla_runtime::control::RequestId::from_uuid(uuid::Uuid::from_bytes([n; 16]));
+    for n in 1..=3u8 {
+        let remember = Command::Remember(flotilla_runtime::RememberedOutcome {
+            request_id: id(n),
+            answer: vec![n; 8],
+            max: 2,
+            keep: Duration::from_secs(3600),
+        });
+        submit(&h, remember).await;
+    }
+    h.stop(join).await;
+    let (h, join) = start(config).await;
+    assert_eq!(h.answer_to(id(1)).await.unwrap(), None);
+    assert_eq!(h.answer_to(id(2)).await.unwrap(), Some(vec![2; 8]));
+    assert_eq!(h.answer_to(id(3)).await.unwrap(), Some(vec![3; 8]));
+    h.stop(join).await;
+}

@@ -427,3 +427,83 @@ async fn a_node_claiming_another_name_than_its_certificates_is_refused() {
         "the impostor became a member: {s:?}"
     );
 }
+
+/// Sends one request with the given request id on a fresh connection, as the SDK does.
+async fn ask_with_id(
+    dir: &std::path::Path,
+    port: u16,
+    request: flotilla_cluster::wire::Request,
+    id: flotilla_runtime::control::RequestId,
+) -> flotilla_cluster::wire::Response {
+    use flotilla_cluster::endpoint::{QuicEndpoint, TransportSettings};
+    use flotilla_cluster::tls::{ALPN_CLIENT, Identity};
+    use flotilla_cluster::wire::{Envelope, PROTOCOL_VERSION};
+    let identity = Identity::load(&dir.join("certs"), "admin").expect("the admin certificate");
+    let endpoint =
+        QuicEndpoint::client_on(([127, 0, 0, 1], 0).into(), identity, TransportSettings::default())
+            .expect("a client endpoint");
+    let conn = endpoint
+        .connect(([127, 0, 0, 1], port).into(), "127.0.0.1", ALPN_CLIENT)
+        .await
+        .expect("a connection");
+    let (mut send, mut recv) = conn.open_bi().await.expect("a stream");
+    let envelope = Envelope {
+        version: PROTOCOL_VERSION,
+        request,
+        request_id: Some(id),
+    };
+    flotilla_cluster::frame::write_limited(&mut send, &envelope, u32::MAX as usize)
+        .await
+        .expect("the request is sent");
+    let _ = send.finish();
+    tokio::time::timeout(Duration::from_secs(30), flotilla_cluster::frame::read(&mut recv))
+        .await
+        .expect("an answer in time")
+        .expect("an answer")
+}
+
+/// A request sent again with its id gets its first answer, even after a SIGKILL and restart of
+/// the control node: deleting a deployment twice is `Done` twice, not `not_found` the second
+/// time; the same request with a new id is a new request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_request_gets_its_first_answer_across_a_control_restart() {
+    use flotilla_cluster::wire::{Request, Response};
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    init_certs(dir, "n1");
+    let port = free_udp_port();
+    let mut nodes = Nodes {
+        children: vec![("n1".into(), start_node(dir, "n1", port, None, &[]))],
+        dir: dir.to_owned(),
+    };
+    let client = connect(dir, port, 1).await;
+    let spec = flotilla_runtime::DeploymentSpec {
+        name: "once".into(),
+        flow_name: "command".into(),
+        parameters: serde_json::json!({"command": ["true"]}),
+        schedules: vec![],
+        work_queue: None,
+        tags: vec![],
+        concurrency_limit: None,
+        collision: flotilla_runtime::CollisionStrategy::Enqueue,
+        paused: false,
+    };
+    client.put_deployment(spec).await.expect("a deployment");
+    let id = |n: u8| flotilla_runtime::control::RequestId::from_uuid(uuid::Uuid::from_bytes([n; 16]));
+    let delete = || Request::DeleteDeployment("once".into());
+    let first = ask_with_id(dir, port, delete(), id(1)).await;
+    assert!(matches!(first, Response::Done), "{first:?}");
+
+    let old = &mut nodes.children[0].1;
+    old.kill().expect("SIGKILL n1");
+    old.wait().expect("n1 exits");
+    nodes.restart(0, start_node(dir, "n1", port, None, &[]));
+    let _client = connect(dir, port, 1).await;
+    let again = ask_with_id(dir, port, delete(), id(1)).await;
+    assert_eq!(again, first, "the resent request got another answer");
+    let new = ask_with_id(dir, port, delete(), id(2)).await;
+    assert!(
+        matches!(&new, Response::Error(e) if e.kind == flotilla_cluster::wire::ErrorKind::NotFound),
+        "{new:?}"
+    );
+}

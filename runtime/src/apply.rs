@@ -77,6 +77,14 @@ pub enum Write {
     Pruned(PrunedRun),
     /// The record of slot holders changed.
     SlotHolds,
+    /// A request's answer was remembered, in this slot of the ring of remembered answers (a
+    /// slot is reused when the oldest answer is forgotten).
+    Remembered {
+        /// The slot.
+        slot: u32,
+        /// The answer.
+        answer: crate::hot_state::RememberedAnswer,
+    },
     /// Forget events (but state changes) and log batches older than these.
     PrunedBefore {
         /// Events before this.
@@ -191,8 +199,8 @@ pub enum Reply {
         /// Its id.
         id: EventId,
     },
-    /// The record of slot holders was changed.
-    SlotsRecorded,
+    /// A record was kept (slot holders, a request's answer).
+    Recorded,
     /// Old records were forgotten.
     Pruned {
         /// Flow runs forgotten.
@@ -337,6 +345,18 @@ fn apply_with(view: &mut impl StateView, command: Command, at: ApplyContext, rec
         Command::DeleteSetting { key, .. } => tx.delete_setting(view, key),
         Command::EditWorkQueue { name, id, edit, .. } => tx.edit_work_queue(view, &name, id, edit),
         Command::Prune(p) => tx.prune(view, p),
+        Command::Remember(o) => {
+            let writes = view
+                .hot_mut()
+                .remember(&o, at.now)
+                .map(|a| Write::Remembered {
+                    slot: u32::try_from(a.seq % u64::from(o.max.max(1))).unwrap_or(0),
+                    answer: a.clone(),
+                })
+                .into_iter()
+                .collect();
+            Outcome::replied(Reply::Recorded, writes)
+        }
         Command::Slots(change) => {
             let hot = view.hot_mut();
             match change {
@@ -346,7 +366,7 @@ fn apply_with(view: &mut impl StateView, command: Command, at: ApplyContext, rec
                 crate::command::SlotChange::Free { holders, tag } => hot.free_slots(&holders, tag.as_deref()),
                 crate::command::SlotChange::Complete => hot.slot_holds_completed(),
             }
-            Outcome::replied(Reply::SlotsRecorded, vec![Write::SlotHolds])
+            Outcome::replied(Reply::Recorded, vec![Write::SlotHolds])
         }
     }
 }

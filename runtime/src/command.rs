@@ -293,6 +293,24 @@ pub enum Command {
     Prune(Prune),
     /// Record who holds the slots of tag limits (see [`SlotChange`]).
     Slots(SlotChange),
+    /// Remember the answer given to a client's request, so that the request sent again gets it
+    /// instead of acting twice (see [`RememberedOutcome`]).
+    Remember(RememberedOutcome),
+}
+
+/// A client request's answer, remembered by its request id. The bounds travel with it (the
+/// sender's configuration), so that replaying the log forgets exactly what was forgotten.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RememberedOutcome {
+    /// The client's id of the request.
+    pub request_id: crate::control::RequestId,
+    /// The answer, encoded as it was sent.
+    #[serde(with = "serde_bytes")]
+    pub answer: Vec<u8>,
+    /// Remember at most this many answers (the oldest are forgotten first)...
+    pub max: u32,
+    /// ...each at most this long.
+    pub keep: std::time::Duration,
 }
 
 /// A change to the record of who holds the slots of tag limits. The control node decides who
@@ -366,6 +384,8 @@ pub enum IdempotencyKey {
     Prune(Timestamp, Timestamp, Timestamp),
     /// A change of slot holders (applying it twice changes nothing more).
     Slots(String),
+    /// A remembered answer, by request id.
+    Remember(crate::control::RequestId),
 }
 
 impl fmt::Display for IdempotencyKey {
@@ -383,6 +403,7 @@ impl fmt::Display for IdempotencyKey {
             IdempotencyKey::Event(e) => write!(f, "event/{e}"),
             IdempotencyKey::Prune(r, e, l) => write!(f, "prune/{r}/{e}/{l}"),
             IdempotencyKey::Slots(k) => write!(f, "slots/{k}"),
+            IdempotencyKey::Remember(id) => write!(f, "remember/{id}"),
         }
     }
 }
@@ -424,6 +445,7 @@ impl Command {
             Command::Slots(SlotChange::Hold { holder, .. }) => {
                 IdempotencyKey::Slots(format!("hold/{holder}"))
             }
+            Command::Remember(r) => IdempotencyKey::Remember(r.request_id),
             Command::Slots(SlotChange::Complete) => IdempotencyKey::Slots("complete".into()),
             Command::Slots(SlotChange::Free { holders, tag }) => IdempotencyKey::Slots(format!(
                 "free/{}/{}",
@@ -471,6 +493,7 @@ impl Command {
                     .sum::<usize>()
             }
             Command::PutDeployment(d) => BASE * 4 + json_size(&d.parameters),
+            Command::Remember(r) => BASE + r.answer.len(),
             Command::AppendEvent(e) => {
                 BASE * 2 + json_size(&serde_json::to_value(&e.payload).unwrap_or_default())
             }
@@ -498,6 +521,7 @@ impl Command {
             Command::EditWorkQueue { .. } => "edit-work-queue",
             Command::Prune(_) => "prune",
             Command::Slots(_) => "slots",
+            Command::Remember(_) => "remember",
         }
     }
 }

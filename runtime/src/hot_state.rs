@@ -33,6 +33,23 @@ pub struct HotState {
     settings: std::collections::BTreeMap<String, Setting>,
     slot_holds: std::collections::BTreeMap<(String, TaskRunId), NodeId>,
     slot_holds_complete: bool,
+    outcomes: HashMap<crate::control::RequestId, RememberedAnswer>,
+    outcome_order: std::collections::VecDeque<(u64, crate::control::RequestId)>,
+    outcome_seq: u64,
+}
+
+/// A client request's answer, remembered.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RememberedAnswer {
+    /// The request.
+    pub request_id: crate::control::RequestId,
+    /// Its place in the order of remembering (the oldest is forgotten first).
+    pub seq: u64,
+    /// Remembered until then.
+    pub until: Timestamp,
+    /// The answer, encoded as it was sent.
+    #[serde(with = "serde_bytes")]
+    pub answer: Vec<u8>,
 }
 
 fn active_owner(run: &FlowRun) -> Option<&NodeId> {
@@ -166,6 +183,54 @@ impl HotState {
     pub fn free_slots(&mut self, holders: &[TaskRunId], tag: Option<&str>) {
         self.slot_holds
             .retain(|(t, h), _| !(holders.contains(h) && tag.is_none_or(|x| x == t)));
+    }
+
+    /// Remembers a request's answer at `now` (a request remembered already keeps its first
+    /// answer), then forgets the oldest beyond `max` and those older than `keep`. The answer
+    /// remembered, or None when it was remembered before.
+    pub fn remember(
+        &mut self,
+        o: &crate::command::RememberedOutcome,
+        now: Timestamp,
+    ) -> Option<&RememberedAnswer> {
+        if self.outcomes.contains_key(&o.request_id) {
+            return None;
+        }
+        let seq = self.outcome_seq;
+        self.put_answer(RememberedAnswer {
+            request_id: o.request_id,
+            seq,
+            until: now + o.keep,
+            answer: o.answer.clone(),
+        });
+        while self.outcome_order.len() > o.max.max(1) as usize
+            || self
+                .outcome_order
+                .front()
+                .is_some_and(|(_, id)| self.outcomes.get(id).is_none_or(|a| a.until <= now))
+        {
+            if let Some((_, id)) = self.outcome_order.pop_front() {
+                self.outcomes.remove(&id);
+            }
+        }
+        self.outcomes.get(&o.request_id)
+    }
+
+    /// Puts back an answer remembered before (loading a store), in `seq` order.
+    pub fn put_answer(&mut self, a: RememberedAnswer) {
+        self.outcome_seq = self.outcome_seq.max(a.seq + 1);
+        self.outcome_order.push_back((a.seq, a.request_id));
+        self.outcomes.insert(a.request_id, a);
+    }
+
+    /// The answer remembered for a request, if it is still remembered at `now`.
+    pub fn answer_to(&self, id: &crate::control::RequestId, now: Timestamp) -> Option<&RememberedAnswer> {
+        self.outcomes.get(id).filter(|a| a.until > now)
+    }
+
+    /// How many answers are remembered.
+    pub fn answer_count(&self) -> usize {
+        self.outcomes.len()
     }
 
     /// The record of slot holdings names every holder that may run.

@@ -32,12 +32,14 @@ pub mod view;
 pub mod work_queue;
 
 pub use apply::{ApplyContext, Outcome, PrunedRun, Refusal, Reply, Write, apply, apply_shadow};
-pub use command::{Command, IdempotencyKey, NewFlowRun, NewTaskRun, Prune, RetryRequest, SlotChange};
+pub use command::{
+    Command, IdempotencyKey, NewFlowRun, NewTaskRun, Prune, RememberedOutcome, RetryRequest, SlotChange,
+};
 pub use concurrency::ConcurrencyLimit;
 pub use deployment::{CollisionStrategy, Deployment, DeploymentSpec, Schedule, ScheduleKind};
 pub use event::{Event, EventPayload, Resource};
 pub use flow_run::FlowRun;
-pub use hot_state::HotState;
+pub use hot_state::{HotState, RememberedAnswer};
 pub use ids::{
     DeploymentId, Epoch, EventId, FlowRunId, LogBatchId, LogIndex, NodeId, RunId, TaskRunId, TransitionId,
     WorkQueueId,

@@ -50,6 +50,11 @@ pub enum ControlMsg {
     /// A client request (encoded `Request`); the answer is the encoded `Response`.
     #[rpc]
     Request(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// A mutating client request with the client's id for it (encoded `(RequestId, Request)`):
+    /// answered once, the answer remembered in the log, so that the request sent again — even
+    /// after a restart of this node — gets the first answer instead of acting twice.
+    #[rpc]
+    Asked(Vec<u8>, RpcReplyPort<Vec<u8>>),
     /// Place a run (an encoded [`Placement`]) on a live node that runs its flow and serves its
     /// queue, when its queue and deployment let it go.
     Place(Vec<u8>),
@@ -497,6 +502,60 @@ async fn restore_running(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
     let _ = me.cast(ControlMsg::Restore(encode(&running)));
 }
 
+/// Answers a mutating request once: an answer remembered for its id is given again; otherwise
+/// the request is handled, and its answer remembered (durably) before it goes out. A transient
+/// failure (`unavailable`) is not remembered: the request sent again is tried again.
+fn answer_once(
+    p: PersistenceHandle,
+    me: ActorRef<ControlMsg>,
+    id: flotilla_runtime::control::RequestId,
+    request: Request,
+    reply: RpcReplyPort<Vec<u8>>,
+) {
+    tokio::spawn(async move {
+        match p.answer_to(id).await {
+            Ok(Some(first)) => {
+                let _ = reply.send(first);
+                return;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let _ = reply.send(encode(&persist_err(e)));
+                return;
+            }
+        }
+        let answer = match me
+            .call(
+                |port| ControlMsg::Request(encode(&request), port),
+                Some(super::plane::CALL_TIMEOUT),
+            )
+            .await
+        {
+            Ok(ractor::rpc::CallResult::Success(a)) => a,
+            _ => encode(&refused(
+                ErrorKind::Unavailable,
+                "the control node did not answer",
+            )),
+        };
+        let transient = matches!(
+            codec::decode::<Response>(&answer),
+            Ok(Response::Error(e)) if e.kind == ErrorKind::Unavailable
+        );
+        if !transient {
+            let remember = Command::Remember(flotilla_runtime::RememberedOutcome {
+                request_id: id,
+                answer: answer.clone(),
+                max: u32::try_from(super::replies::REPLIES_MAX).unwrap_or(u32::MAX),
+                keep: super::replies::REPLIES_KEEP,
+            });
+            if let Err(e) = p.submit(remember).await {
+                tracing::warn!(error = %e, %id, "an answer could not be remembered");
+            }
+        }
+        let _ = reply.send(answer);
+    });
+}
+
 /// Gives slots back through the control actor (a grant that could not be delivered).
 fn give_back(holders: Vec<TaskRunId>) {
     if let Some(cell) = ractor::registry::where_is(CONTROL_NAME) {
@@ -632,7 +691,7 @@ impl Actor for Control {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -695,6 +754,19 @@ impl Actor for Control {
                     )));
                 }
             },
+            ControlMsg::Asked(bytes, reply) => {
+                match codec::decode::<(flotilla_runtime::control::RequestId, Request)>(&bytes) {
+                    Ok((id, request)) => {
+                        answer_once(s.persistence.clone(), myself.clone(), id, request, reply)
+                    }
+                    Err(e) => {
+                        let _ = reply.send(encode(&refused(
+                            ErrorKind::Protocol,
+                            format!("an undecodable request: {e}"),
+                        )));
+                    }
+                }
+            }
             ControlMsg::Place(bytes) => match codec::decode::<Placement>(&bytes) {
                 Ok(p) => s.due(p),
                 Err(e) => tracing::error!(error = %e, "an undecodable placement"),

@@ -29,6 +29,8 @@ pub enum Tree {
     History,
     /// Work queues and tag limits, by setting key.
     Settings,
+    /// Remembered answers to client requests, in a ring of slots (overwritten, never deleted).
+    Outcomes,
 }
 
 impl Tree {
@@ -42,6 +44,7 @@ impl Tree {
             Tree::Logs => 5,
             Tree::History => 6,
             Tree::Settings => 7,
+            Tree::Outcomes => 8,
         }
     }
 

@@ -95,6 +95,13 @@ pub enum Read {
     },
     /// Every work queue and tag limit, by key.
     Settings,
+    /// The answer remembered for a client's request, if still remembered at `now`.
+    Answer {
+        /// The request.
+        request_id: flotilla_runtime::control::RequestId,
+        /// The time to judge its age by.
+        now: flotilla_runtime::Timestamp,
+    },
     /// Who holds the slots of tag limits, as recorded (None: the record is not complete yet —
     /// a data directory from before it, not one lease TTL past its first start since).
     SlotHolds,
@@ -156,6 +163,8 @@ pub enum ReadReply {
     Deployments(Vec<Deployment>),
     /// Work queues and tag limits.
     Settings(Vec<flotilla_runtime::Setting>),
+    /// A remembered answer, encoded as it was sent.
+    Answer(Option<Vec<u8>>),
     /// (tag, holder, node) for every recorded holding.
     SlotHolds(Option<Vec<(String, flotilla_runtime::TaskRunId, flotilla_runtime::NodeId)>>),
     /// A cached state, if there is one.

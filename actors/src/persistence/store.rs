@@ -111,6 +111,8 @@ pub struct StoreJob {
     pub prune: ColdPrune,
     /// The record of slot holders (whether complete, the holdings), when it changed.
     pub slot_holds: Option<SlotHolds>,
+    /// Answers remembered, by slot of their ring.
+    pub answers: Vec<(u32, flotilla_runtime::RememberedAnswer)>,
 }
 
 /// The record of slot holders as stored: whether it names every holder, and (tag, holder,
@@ -331,6 +333,7 @@ impl StoreJob {
             if job.slot_holds.is_some() {
                 acc.slot_holds = job.slot_holds;
             }
+            acc.answers.extend(job.answers);
         }
         let mut seen = HashSet::new();
         acc.flow_runs.reverse();
@@ -392,6 +395,12 @@ impl StoreJob {
                 ops.push(KvOp::Put(Tree::Events, first.as_bytes().to_vec(), bytes));
             }
         }
+        for (slot, answer) in &self.answers {
+            match codec::encode(answer) {
+                Ok(bytes) => ops.push(KvOp::Put(Tree::Outcomes, slot.to_be_bytes().to_vec(), bytes)),
+                Err(e) => tracing::error!(error = %e, "a remembered answer could not be encoded"),
+            }
+        }
         if let Some(holds) = &self.slot_holds {
             match codec::encode(holds) {
                 Ok(bytes) => ops.push(KvOp::Put(Tree::Meta, SLOT_HOLDS_KEY.to_vec(), bytes)),
@@ -446,6 +455,7 @@ pub struct Store {
     job_log_bytes: u64,
     prune: ColdPrune,
     slot_holds_dirty: bool,
+    answers: Vec<(u32, flotilla_runtime::RememberedAnswer)>,
 }
 
 impl std::fmt::Debug for Store {
@@ -773,6 +783,12 @@ impl Store {
         load_tree(kv.as_ref(), Tree::TaskRuns, path, |r| hot.put_task_run(r))?;
         load_tree(kv.as_ref(), Tree::Deployments, path, |d| hot.put_deployment(d))?;
         load_tree(kv.as_ref(), Tree::Settings, path, |s| hot.put_setting(s))?;
+        let mut answers: Vec<flotilla_runtime::RememberedAnswer> = Vec::new();
+        load_tree(kv.as_ref(), Tree::Outcomes, path, |a| answers.push(a))?;
+        answers.sort_by_key(|a| a.seq);
+        for a in answers {
+            hot.put_answer(a);
+        }
         if let Some(bytes) = kv.get(Tree::Meta, SLOT_HOLDS_KEY).map_err(store_err)? {
             let (complete, holds): SlotHolds = codec::decode(&bytes).map_err(|e| {
                 OpenError::corrupt(path.to_owned(), format!("the slot holders do not decode: {e}"))
@@ -799,6 +815,7 @@ impl Store {
             job_log_bytes: 0,
             prune: ColdPrune::default(),
             slot_holds_dirty: false,
+            answers: Vec::new(),
         })
     }
 
@@ -864,6 +881,7 @@ impl Store {
             }
             Write::Pruned(p) => self.prune.runs.push(p),
             Write::SlotHolds => self.slot_holds_dirty = true,
+            Write::Remembered { slot, answer } => self.answers.push((slot, answer)),
             Write::PrunedBefore { events, logs } => self.prune.before = Some((events, logs)),
             Write::HistoryBlock { run, block, events } => match codec::encode(&events) {
                 Ok(bytes) => {
@@ -934,6 +952,7 @@ impl Store {
             events: std::mem::take(&mut self.new_events),
             ops: std::mem::take(&mut self.cold_ops),
             prune: std::mem::take(&mut self.prune),
+            answers: std::mem::take(&mut self.answers),
             slot_holds: std::mem::take(&mut self.slot_holds_dirty)
                 .then(|| (self.hot.slot_holds_complete(), self.slot_holds())),
         }
@@ -1021,6 +1040,9 @@ impl Store {
             }
             Read::Deployment(id) => ReadReply::Deployment(hot.deployment(&id).cloned().map(Box::new)),
             Read::Settings => ReadReply::Settings(hot.settings().cloned().collect()),
+            Read::Answer { request_id, now } => {
+                ReadReply::Answer(hot.answer_to(&request_id, now).map(|a| a.answer.clone()))
+            }
             Read::SlotHolds => {
                 ReadReply::SlotHolds(self.hot.slot_holds_complete().then(|| self.slot_holds()))
             }

@@ -821,3 +821,33 @@ fn pruning_forgets_runs_that_ended_before_the_cut_off_with_their_task_runs() {
     assert!(w.state.hot.flow_run(&fid(2)).is_none());
     assert!(w.state.hot.flow_run(&fid(3)).is_some());
 }
+
+#[test]
+fn answers_are_remembered_once_at_most_max_and_for_at_most_keep() {
+    let mut w = World::new();
+    let id = |n: u8| crate::control::RequestId::from_uuid(uuid::Uuid::from_bytes([n; 16]));
+    let remember = |n: u8, answer: &[u8], max: u32| {
+        Command::Remember(crate::command::RememberedOutcome {
+            request_id: id(n),
+            answer: answer.to_vec(),
+            max,
+            keep: Duration::from_secs(1),
+        })
+    };
+    w.apply(remember(1, b"first", 2));
+    // Sent again: the first answer stays.
+    assert!(w.apply(remember(1, b"second", 2)).writes.is_empty());
+    assert_eq!(w.state.hot.answer_to(&id(1), w.now).unwrap().answer, b"first");
+    // The count bound: the oldest goes first.
+    w.apply(remember(2, b"b", 2));
+    w.apply(remember(3, b"c", 2));
+    assert!(w.state.hot.answer_to(&id(1), w.now).is_none());
+    assert_eq!(w.state.hot.answer_count(), 2);
+    // The age bound: older than a second is forgotten (and not answered meanwhile).
+    let later = w.now + Duration::from_secs(2);
+    assert!(w.state.hot.answer_to(&id(2), later).is_none());
+    w.now = later;
+    w.apply(remember(4, b"d", 2));
+    assert_eq!(w.state.hot.answer_count(), 1);
+    assert!(w.state.hot.answer_to(&id(4), w.now).is_some());
+}
