@@ -640,7 +640,11 @@ async fn slot_holders_are_recorded_and_survive_a_restart() {
     let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
     // Not complete yet (as in a data directory from before the record): None.
     assert_eq!(h.slot_holds().await.unwrap(), None);
-    submit(&h, Command::Slots(flotilla_runtime::SlotChange::Complete)).await;
+    submit(
+        &h,
+        Command::Slots(flotilla_runtime::SlotChange::Complete { holds: vec![] }),
+    )
+    .await;
     assert_eq!(h.slot_holds().await.unwrap(), Some(vec![]));
     let (a, b) = (
         flotilla_runtime::TaskRunId::new(Timestamp::from_millis(1), &mut rng),

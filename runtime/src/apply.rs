@@ -364,7 +364,13 @@ fn apply_with(view: &mut impl StateView, command: Command, at: ApplyContext, rec
                     hot.hold_slots(holder, &node, &tags)
                 }
                 crate::command::SlotChange::Free { holders, tag } => hot.free_slots(&holders, tag.as_deref()),
-                crate::command::SlotChange::Complete => hot.slot_holds_completed(),
+                crate::command::SlotChange::Complete { holds } => {
+                    hot.clear_slot_holds();
+                    for (tag, holder, node) in holds {
+                        hot.hold_slots(holder, &node, &[tag]);
+                    }
+                    hot.slot_holds_completed();
+                }
             }
             Outcome::replied(Reply::Recorded, vec![Write::SlotHolds])
         }

@@ -335,10 +335,15 @@ pub enum SlotChange {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tag: Option<String>,
     },
-    /// The record names every holder that may run. A control node that starts with no complete
-    /// record (a data directory from before it) makes new holders wait one lease TTL, in which
-    /// every holder of before renews (and is recorded) or stops; then it says so.
-    Complete,
+    /// The record is these holdings, and from now on names every holder that may run. A control
+    /// node that starts with no complete record (a data directory from before it, or a restart
+    /// soon after) makes new holders wait one lease TTL, in which every holder of before renews
+    /// (and is taken again) or stops; then it records what it holds, replacing what the record
+    /// said before (holdings of before that lapsed unseen).
+    Complete {
+        /// Every holding: (tag, holder, node).
+        holds: Vec<(String, TaskRunId, NodeId)>,
+    },
 }
 
 /// What a [`Command::Prune`] forgets. The cut-offs are absolute times chosen by the sender, so
@@ -446,7 +451,9 @@ impl Command {
                 IdempotencyKey::Slots(format!("hold/{holder}"))
             }
             Command::Remember(r) => IdempotencyKey::Remember(r.request_id),
-            Command::Slots(SlotChange::Complete) => IdempotencyKey::Slots("complete".into()),
+            Command::Slots(SlotChange::Complete { holds }) => {
+                IdempotencyKey::Slots(format!("complete/{}", holds.len()))
+            }
             Command::Slots(SlotChange::Free { holders, tag }) => IdempotencyKey::Slots(format!(
                 "free/{}/{}",
                 tag.as_deref().unwrap_or("*"),

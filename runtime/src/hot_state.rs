@@ -233,6 +233,11 @@ impl HotState {
         self.outcomes.len()
     }
 
+    /// Forgets every recorded slot holding.
+    pub fn clear_slot_holds(&mut self) {
+        self.slot_holds.clear();
+    }
+
     /// The record of slot holdings names every holder that may run.
     pub fn slot_holds_completed(&mut self) {
         self.slot_holds_complete = true;

@@ -261,11 +261,16 @@ impl ControlState {
     }
 
     /// After a start with no complete record of holdings, once every lease of before has been
-    /// renewed (and recorded) or has lapsed: the record is complete from now on.
+    /// renewed (and taken again) or has lapsed: the record becomes what this node holds, and is
+    /// complete from now on.
     fn complete_holds(&mut self) {
         if self.restored && !self.holds_known && !self.slots.waiting_after_restart(Instant::now()) {
             self.holds_known = true;
-            drop(self.persistence.enqueue(Command::Slots(SlotChange::Complete)));
+            let holds = self.slots.holdings();
+            drop(
+                self.persistence
+                    .enqueue(Command::Slots(SlotChange::Complete { holds })),
+            );
         }
     }
 

@@ -224,6 +224,21 @@ impl<R> Slots<R> {
         node.map(|n| (n, tags))
     }
 
+    /// Every holding: (tag, holder, node).
+    pub fn holdings(&self) -> Vec<(String, TaskRunId, NodeId)> {
+        let mut out: Vec<(String, TaskRunId, NodeId)> = self
+            .limits
+            .iter()
+            .flat_map(|(tag, l)| {
+                l.held
+                    .iter()
+                    .map(|(h, lease)| (tag.clone(), *h, lease.node.clone()))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     /// The holders of a tag's slots.
     pub fn holders_of(&self, tag: &str) -> Vec<TaskRunId> {
         self.limits

@@ -241,7 +241,13 @@ proptest::proptest! {
                 _ => {}
             }
             if !complete && !s.waiting_after_restart(now) {
+                // The record becomes what the control node holds now.
                 complete = true;
+                recorded = s
+                    .holdings()
+                    .into_iter()
+                    .filter_map(|(_, holder, _)| h.iter().position(|x| *x == holder))
+                    .collect();
             }
             let holding = believes.iter().filter(|d| d.is_some_and(|d| now < d)).count();
             proptest::prop_assert!(holding as u32 <= LIMIT, "{holding} holders believe they hold a slot at once");
