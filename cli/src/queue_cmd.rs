@@ -157,15 +157,38 @@ pub enum EventsCmd {
         /// Start this far back.
         #[arg(long, default_value = "10m")]
         since: String,
-        /// Without --follow, print at most this many (the latest).
+        /// Without --follow, print at most this many (the latest; with --cursor, the next page
+        /// of at most 1,000).
         #[arg(long, default_value_t = 20)]
         limit: usize,
+        /// Print the page of events after this cursor (oldest first) instead of the latest; the
+        /// next page's cursor is printed on stderr when more remain.
+        #[arg(long, conflicts_with_all = ["follow", "since"])]
+        cursor: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+/// An event page's cursor: opaque to users (`e` and the last event's id, without dashes).
+fn event_cursor(last: EventId) -> String {
+    format!("e{}", last.as_uuid().simple())
+}
+
+fn cursor_event(cursor: &str) -> anyhow::Result<Option<EventId>> {
+    if cursor == "start" {
+        return Ok(None);
+    }
+    cursor
+        .strip_prefix('e')
+        .and_then(|hex| uuid::Uuid::try_parse(hex).ok())
+        .map(|u| Some(EventId::from_uuid(u)))
+        .ok_or_else(|| {
+            anyhow::anyhow!("--cursor {cursor:?} is not a cursor this command printed (or `start`)")
+        })
 }
 
 fn queue_json(q: &QueueInfo) -> serde_json::Value {
@@ -387,10 +410,38 @@ pub async fn events(cmd: EventsCmd) -> anyhow::Result<bool> {
         prefix,
         since,
         limit,
+        cursor: from,
         json,
         conn,
     } = cmd;
     anyhow::ensure!(limit >= 1, "--limit is at least 1");
+    if let Some(from) = from {
+        anyhow::ensure!(
+            limit <= 1000,
+            "--limit {limit}: from 1 to 1000 (follow `next cursor:` for more)"
+        );
+        let after = cursor_event(&from)?;
+        let s = conn.connect().await?;
+        let page = s
+            .client
+            .events_page(
+                after,
+                prefix,
+                u32::try_from(limit).unwrap_or(1000),
+                Duration::ZERO,
+            )
+            .await
+            .map_err(|e| s.fail(e))?;
+        for e in &page {
+            print_event(e, json);
+        }
+        if page.len() == limit
+            && let Some(last) = page.last()
+        {
+            eprintln!("next cursor: {}", event_cursor(last.id));
+        }
+        return Ok(true);
+    }
     let since = duration("--since", &since)?;
     let s = conn.connect().await?;
     let start = Timestamp::from(chrono::Utc::now()) - since;

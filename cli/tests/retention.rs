@@ -1,7 +1,7 @@
 //! Retention on a `flotilla node` process: a run that ended longer ago than `--retention-runs`
 //! is forgotten with its history and logs (and stays forgotten after a restart); a run still
-//! running is kept; a retention below one second is refused. And paging a run's logs with
-//! `--limit` and `--cursor`.
+//! running is kept; a retention below one second is refused. And paging a run's logs and the
+//! events with `--limit` and `--cursor`.
 
 use std::time::Duration;
 
@@ -100,7 +100,7 @@ async fn finished_runs_are_forgotten_after_the_retention_window() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_runs_logs_are_paged_with_a_cursor() {
+async fn logs_and_events_are_paged_with_a_cursor() {
     let tmp = tempfile::tempdir().expect("a temporary directory");
     let dir = tmp.path();
     init_certs(dir, "n1");
@@ -168,4 +168,36 @@ async fn a_runs_logs_are_paged_with_a_cursor() {
     let (ok, _, err) = cli(&["--limit", "0"]);
     assert!(!ok);
     assert!(err.contains("--limit"), "{err}");
+
+    // Events page the same way, from the start.
+    let events = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .args(["events", "tail", "--json", "--addr", &format!("127.0.0.1:{port}")])
+            .args(args)
+            .env("FLOTILLA_CERTS", dir.join("certs"))
+            .env_remove("FLOTILLA_CONFIG")
+            .output()
+            .expect("flotilla runs");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (all, _) = events(&["--cursor", "start", "--limit", "1000"]);
+    let all: Vec<&str> = all.lines().collect();
+    assert!(all.len() >= 4, "{} events", all.len());
+    let mut paged = String::new();
+    let mut cursor = "start".to_owned();
+    for page in 0.. {
+        assert!(page < 100, "the pages never end");
+        let (out, err) = events(&["--cursor", &cursor, "--limit", "3"]);
+        assert!(out.lines().count() <= 3);
+        paged.push_str(&out);
+        match err.lines().find_map(|l| l.strip_prefix("next cursor: ")) {
+            Some(c) => cursor = c.to_owned(),
+            None => break,
+        }
+    }
+    assert_eq!(paged.lines().collect::<Vec<_>>(), all);
 }
