@@ -100,6 +100,9 @@ pub struct NodeConfig {
     pub message_bytes_max: usize,
     /// How long the control node keeps events, logs and terminal runs.
     pub retention: persistence::Retention,
+    /// How many answers to mutating requests are remembered (to answer a request sent again
+    /// with its first answer), and how long.
+    pub answers: replies::AnswerBounds,
 }
 
 impl NodeConfig {
@@ -123,6 +126,7 @@ impl NodeConfig {
             queues: Vec::new(),
             message_bytes_max: frame::MESSAGE_BYTES_DEFAULT,
             retention: persistence::Retention::default(),
+            answers: replies::AnswerBounds::default(),
         }
     }
 }
@@ -531,6 +535,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                     flows: flows.clone(),
                     results: ResultStore::new(config.data_dir.join("results"), usize::MAX),
                     catalog: catalog.clone(),
+                    answers: config.answers,
                 },
             )
             .await
@@ -559,7 +564,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         let results = (config.role == Role::Control)
             .then(|| ResultStore::new(config.data_dir.join("results"), usize::MAX));
         let message_bytes_max = config.message_bytes_max;
-        let replies = replies::Replies::default();
+        let replies = replies::Replies::new(config.answers.max, config.answers.keep);
         tokio::spawn(async move {
             // Each handshake on a task of its own: a slow client never stalls the others.
             while let Some(incoming) = endpoint.accept_incoming().await {

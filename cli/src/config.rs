@@ -53,6 +53,10 @@ pub struct FileConfig {
     pub retention_logs: Option<String>,
     /// How long terminal runs are kept (`"30d"`).
     pub retention_runs: Option<String>,
+    /// How many answers to mutating requests a node remembers.
+    pub request_answers_max: Option<usize>,
+    /// How long it remembers them (`"24h"`).
+    pub request_answers_keep: Option<String>,
     /// Whether a node prints flow and task logs on stderr.
     pub log_to_stderr: Option<bool>,
     /// The node a client talks to.

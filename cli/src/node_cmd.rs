@@ -77,6 +77,13 @@ pub struct StartArgs {
     /// and logs [default: 30d].
     #[arg(long, env = "FLOTILLA_RETENTION_RUNS")]
     retention_runs: Option<String>,
+    /// Remember the answers to at most this many mutating requests, so that a request sent
+    /// again gets its first answer [default: 100000].
+    #[arg(long, env = "FLOTILLA_REQUEST_ANSWERS_MAX")]
+    request_answers_max: Option<usize>,
+    /// ...each for this long [default: 24h].
+    #[arg(long, env = "FLOTILLA_REQUEST_ANSWERS_KEEP")]
+    request_answers_keep: Option<String>,
     /// Do not print flow and task log lines on stderr (they are recorded either way).
     #[arg(long)]
     quiet_runs: bool,
@@ -219,6 +226,21 @@ impl StartArgs {
                 );
                 *field = d;
             }
+        }
+        if let Some(n) = self.request_answers_max.or(file.request_answers_max) {
+            anyhow::ensure!(
+                (1..=10_000_000).contains(&n),
+                "--request-answers-max {n}: from 1 to 10000000"
+            );
+            config.answers.max = n;
+        }
+        if let Some(s) = self.request_answers_keep.or(file.request_answers_keep) {
+            let d = duration("--request-answers-keep", &s)?;
+            anyhow::ensure!(
+                d >= std::time::Duration::from_secs(1),
+                "--request-answers-keep {s:?}: at least 1s"
+            );
+            config.answers.keep = d;
         }
         config.log_to_stderr = !self.quiet_runs && file.log_to_stderr.unwrap_or(true);
         Ok(config)

@@ -1,6 +1,6 @@
 //! Retention on a `flotilla node` process: a run that ended longer ago than `--retention-runs`
 //! is forgotten with its history and logs (and stays forgotten after a restart); a run still
-//! running is kept; a retention below one second is refused. And paging a run's logs and the
+//! running is kept; a retention below one second is refused (and bad bounds on remembered answers). And paging a run's logs and the
 //! events with `--limit` and `--cursor`.
 
 use std::time::Duration;
@@ -16,22 +16,25 @@ async fn finished_runs_are_forgotten_after_the_retention_window() {
     let dir = tmp.path();
     init_certs(dir, "n1");
 
-    let refused = std::process::Command::new(BIN)
-        .args(["node", "start", "--name", "n1", "--listen", "127.0.0.1:1"])
-        .arg("--data")
-        .arg(dir.join("refused"))
-        .arg("--certs")
-        .arg(dir.join("certs"))
-        .args(["--retention-runs", "10ms"])
-        .env_remove("FLOTILLA_CONFIG")
-        .output()
-        .expect("flotilla runs");
-    assert!(!refused.status.success());
-    assert!(
-        String::from_utf8_lossy(&refused.stderr).contains("--retention-runs"),
-        "{}",
-        String::from_utf8_lossy(&refused.stderr)
-    );
+    for (flag, value) in [
+        ("--retention-runs", "10ms"),
+        ("--request-answers-max", "0"),
+        ("--request-answers-keep", "10ms"),
+    ] {
+        let refused = std::process::Command::new(BIN)
+            .args(["node", "start", "--name", "n1", "--listen", "127.0.0.1:1"])
+            .arg("--data")
+            .arg(dir.join("refused"))
+            .arg("--certs")
+            .arg(dir.join("certs"))
+            .args([flag, value])
+            .env_remove("FLOTILLA_CONFIG")
+            .output()
+            .expect("flotilla runs");
+        assert!(!refused.status.success());
+        let err = String::from_utf8_lossy(&refused.stderr);
+        assert!(err.contains(flag), "{err}");
+    }
 
     let port = free_udp_port();
     let retention = [

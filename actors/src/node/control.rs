@@ -140,6 +140,8 @@ pub struct ControlState {
     handouts: flotilla_runtime::control::Handouts,
     /// Whether the runs under way were read back once since the start.
     restored: bool,
+    /// How many answers to mutating requests are remembered, and how long.
+    answers: super::replies::AnswerBounds,
     /// Whether the slot holdings were recorded before this start (a data directory from before
     /// the record has none: then new holders wait one lease TTL after a start).
     holds_known: bool,
@@ -513,8 +515,8 @@ async fn restore_running(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
 fn answer_once(
     p: PersistenceHandle,
     me: ActorRef<ControlMsg>,
-    id: flotilla_runtime::control::RequestId,
-    request: Request,
+    bounds: super::replies::AnswerBounds,
+    (id, request): (flotilla_runtime::control::RequestId, Request),
     reply: RpcReplyPort<Vec<u8>>,
 ) {
     tokio::spawn(async move {
@@ -550,8 +552,8 @@ fn answer_once(
             let remember = Command::Remember(flotilla_runtime::RememberedOutcome {
                 request_id: id,
                 answer: answer.clone(),
-                max: u32::try_from(super::replies::REPLIES_MAX).unwrap_or(u32::MAX),
-                keep: super::replies::REPLIES_KEEP,
+                max: u32::try_from(bounds.max).unwrap_or(u32::MAX),
+                keep: bounds.keep,
             });
             if let Err(e) = p.submit(remember).await {
                 tracing::warn!(error = %e, %id, "an answer could not be remembered");
@@ -638,6 +640,8 @@ pub struct ControlArgs {
     pub results: ResultStore,
     /// The flows' options (shared with the scheduler; learned from the nodes' heartbeats).
     pub catalog: crate::engine::FlowCatalog,
+    /// How many answers to mutating requests are remembered in the log, and how long.
+    pub answers: super::replies::AnswerBounds,
 }
 
 impl Actor for Control {
@@ -691,6 +695,7 @@ impl Actor for Control {
             handouts: Default::default(),
             restored: false,
             holds_known: false,
+            answers: args.answers,
         })
     }
 
@@ -761,9 +766,13 @@ impl Actor for Control {
             },
             ControlMsg::Asked(bytes, reply) => {
                 match codec::decode::<(flotilla_runtime::control::RequestId, Request)>(&bytes) {
-                    Ok((id, request)) => {
-                        answer_once(s.persistence.clone(), myself.clone(), id, request, reply)
-                    }
+                    Ok((id, request)) => answer_once(
+                        s.persistence.clone(),
+                        myself.clone(),
+                        s.answers,
+                        (id, request),
+                        reply,
+                    ),
                     Err(e) => {
                         let _ = reply.send(encode(&refused(
                             ErrorKind::Protocol,

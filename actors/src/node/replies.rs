@@ -16,6 +16,26 @@ pub const REPLIES_MAX: usize = 100_000;
 /// By default, an answer is remembered this long.
 pub const REPLIES_KEEP: Duration = Duration::from_secs(24 * 3600);
 
+/// How many answers to mutating requests are remembered, and how long (the count wins under
+/// heavy load).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AnswerBounds {
+    /// At most this many.
+    pub max: usize,
+    /// Each at most this long.
+    pub keep: Duration,
+}
+
+impl Default for AnswerBounds {
+    /// 100,000 answers, 24 hours.
+    fn default() -> Self {
+        AnswerBounds {
+            max: REPLIES_MAX,
+            keep: REPLIES_KEEP,
+        }
+    }
+}
+
 type Slot = Arc<OnceCell<Response>>;
 
 #[derive(Debug)]
