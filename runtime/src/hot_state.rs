@@ -23,6 +23,8 @@ pub struct HotState {
     flow_run_keys: HashMap<String, FlowRunId>,
     by_state: BTreeSet<(StateType, FlowRunId)>,
     by_deployment: BTreeSet<(DeploymentId, FlowRunId)>,
+    /// Terminal runs by when they ended (what pruning takes, oldest first).
+    ended: BTreeSet<(Timestamp, FlowRunId)>,
     active_by_node: HashMap<NodeId, BTreeSet<FlowRunId>>,
     task_runs: HashMap<TaskRunId, Arc<TaskRun>>,
     task_run_keys: HashMap<TaskRunKey, TaskRunId>,
@@ -50,6 +52,14 @@ pub struct RememberedAnswer {
     /// The answer, encoded as it was sent.
     #[serde(with = "serde_bytes")]
     pub answer: Vec<u8>,
+}
+
+/// When a terminal run ended (None: it has not).
+fn ended_at(run: &FlowRun) -> Option<Timestamp> {
+    run.lifecycle
+        .state
+        .is_terminal()
+        .then(|| run.lifecycle.end_time.unwrap_or(run.lifecycle.state.timestamp))
 }
 
 fn active_owner(run: &FlowRun) -> Option<&NodeId> {
@@ -87,6 +97,9 @@ impl HotState {
         if let Some(d) = old.deployment_id {
             self.by_deployment.remove(&(d, old.id));
         }
+        if let Some(t) = ended_at(old) {
+            self.ended.remove(&(t, old.id));
+        }
         if let Some(n) = active_owner(old)
             && let Some(set) = self.active_by_node.get_mut(n)
         {
@@ -102,6 +115,9 @@ impl HotState {
         self.by_state.insert((run.lifecycle.state.kind, run.id));
         if let Some(d) = run.deployment_id {
             self.by_deployment.insert((d, run.id));
+        }
+        if let Some(t) = ended_at(run) {
+            self.ended.insert((t, run.id));
         }
         if let Some(n) = active_owner(run) {
             self.active_by_node.entry(n.clone()).or_default().insert(run.id);
@@ -282,6 +298,17 @@ impl HotState {
             .take_while(|(k, _)| *k == kind)
             .take(limit)
             .filter_map(|(_, id)| self.flow_run(id))
+            .collect()
+    }
+
+    /// Up to `limit` terminal flow runs that ended before `before`, those that ended first
+    /// first.
+    pub fn ended_before(&self, before: Timestamp, limit: usize) -> Vec<FlowRunId> {
+        self.ended
+            .iter()
+            .take_while(|(t, _)| *t < before)
+            .take(limit)
+            .map(|(_, id)| *id)
             .collect()
     }
 

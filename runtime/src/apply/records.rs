@@ -240,31 +240,10 @@ impl Tx {
     /// logs with them), expired cache entries, and old events and logs (by the stores).
     pub(super) fn prune(mut self, view: &mut impl StateView, p: crate::command::Prune) -> Outcome {
         let max = p.runs_max.max(1) as usize;
-        let mut due = Vec::new();
-        let mut more = false;
-        'kinds: for kind in [
-            StateType::Completed,
-            StateType::Failed,
-            StateType::Cancelled,
-            StateType::Crashed,
-        ] {
-            let mut after = None;
-            loop {
-                let page = view.hot().flow_runs_in_state(kind, after, 1_024);
-                let Some(last) = page.last() else { break };
-                after = Some(last.id);
-                for r in page {
-                    let ended = r.lifecycle.end_time.unwrap_or(r.lifecycle.state.timestamp);
-                    if ended < p.runs_before {
-                        if due.len() == max {
-                            more = true;
-                            break 'kinds;
-                        }
-                        due.push(r.id);
-                    }
-                }
-            }
-        }
+        // One more than asked: whether more are due.
+        let mut due = view.hot().ended_before(p.runs_before, max + 1);
+        let more = due.len() > max;
+        due.truncate(max);
         let mut task_runs = 0u32;
         for id in &due {
             let hot = view.hot_mut();

@@ -851,3 +851,46 @@ fn answers_are_remembered_once_at_most_max_and_for_at_most_keep() {
     assert_eq!(w.state.hot.answer_count(), 1);
     assert!(w.state.hot.answer_to(&id(4), w.now).is_some());
 }
+
+#[test]
+fn pruning_takes_the_runs_that_ended_first_and_says_when_more_are_due() {
+    let mut w = World::new();
+    // Ended in the order 3, 1, 2.
+    for n in 1..=3 {
+        w.apply(Command::CreateFlowRun(new_run(fid(n))));
+    }
+    for (i, n) in [3u8, 1, 2].into_iter().enumerate() {
+        let p = w.worker(fid(n), StateName::Pending, 10 * i as u64 + 1, "n1");
+        w.propose(fid(n), p);
+        let p = w.worker(fid(n), StateName::Failed, 10 * i as u64 + 2, "n1");
+        assert!(w.propose(fid(n), p).is_accept());
+    }
+    let prune = |w: &World| {
+        Command::Prune(crate::command::Prune {
+            runs_before: w.now + Duration::from_secs(1),
+            events_before: w.now,
+            logs_before: w.now,
+            runs_max: 2,
+        })
+    };
+    let c = prune(&w);
+    assert_eq!(
+        w.apply(c).reply,
+        Ok(Reply::Pruned {
+            flow_runs: 2,
+            task_runs: 0,
+            more: true
+        })
+    );
+    assert!(w.state.hot.flow_run(&fid(3)).is_none() && w.state.hot.flow_run(&fid(1)).is_none());
+    assert!(w.state.hot.flow_run(&fid(2)).is_some());
+    let c = prune(&w);
+    assert_eq!(
+        w.apply(c).reply,
+        Ok(Reply::Pruned {
+            flow_runs: 1,
+            task_runs: 0,
+            more: false
+        })
+    );
+}
