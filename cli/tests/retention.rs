@@ -1,7 +1,8 @@
 //! Retention on a `flotilla node` process: a run that ended longer ago than `--retention-runs`
 //! is forgotten with its history and logs (and stays forgotten after a restart); a run still
-//! running is kept; a retention below one second is refused (and bad bounds on remembered answers). And paging a run's logs and the
-//! events with `--limit` and `--cursor`.
+//! running is kept; a retention below one second is refused (and bad bounds on remembered
+//! answers). And paging: a run's logs and the events with `--limit` and `--cursor`, a run's
+//! task runs under the message limit.
 
 use std::time::Duration;
 
@@ -203,4 +204,65 @@ async fn logs_and_events_are_paged_with_a_cursor() {
         }
     }
     assert_eq!(paged.lines().collect::<Vec<_>>(), all);
+}
+
+#[flotilla::task]
+async fn step(i: u32) -> Result<u32, String> {
+    Ok(i)
+}
+
+/// Calls `step` `n` times at once.
+#[flotilla::flow]
+async fn many(n: u32) -> Result<u64, flotilla::TaskError> {
+    let mut sum = 0;
+    for h in step.map(0..n) {
+        sum += u64::from(h.await?);
+    }
+    Ok(sum)
+}
+
+fn flow_fn<D: flotilla::__private::FlowDef>(_: D) -> std::sync::Arc<dyn flotilla_actors::engine::FlowFn> {
+    std::sync::Arc::new(flotilla::__private::FlowAdapter::<D>::default())
+}
+
+/// The task runs of a flow run read by a remote client come in pages, each under the node's
+/// message limit: 400 task runs are far over a 64 KiB limit altogether.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_runs_are_read_in_pages_under_the_message_limit() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    init_certs(dir, "n1");
+    let port = free_udp_port();
+    let mut config = flotilla_actors::node::NodeConfig::new(
+        "n1".parse().expect("a name"),
+        ([127, 0, 0, 1], port).into(),
+        dir.join("n1"),
+        dir.join("certs"),
+    );
+    config.message_bytes_max = 64 * 1024;
+    config.log_to_stderr = false;
+    let node = flotilla_actors::node::start(config, vec![flow_fn(many)])
+        .await
+        .expect("the node starts");
+    let client = connect(dir, port, 1).await;
+    let id = client
+        .run("many", serde_json::json!({"n": 400}))
+        .await
+        .expect("a run");
+    let run = tokio::time::timeout(Duration::from_secs(60), client.wait(id))
+        .await
+        .expect("the run ends in time")
+        .expect("the run");
+    assert_eq!(run.lifecycle.state.kind, StateType::Completed);
+    let tasks = client.task_runs(id).await.expect("the task runs");
+    assert_eq!(tasks.len(), 400);
+    let distinct: std::collections::BTreeSet<_> = tasks.iter().map(|t| t.id).collect();
+    assert_eq!(distinct.len(), 400);
+    let history = client.history(id).await.expect("the history");
+    assert_eq!(
+        history.last().map(|s| s.kind),
+        Some(StateType::Completed),
+        "{history:?}"
+    );
+    node.stop().await;
 }

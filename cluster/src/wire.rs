@@ -159,6 +159,27 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// A page of the task runs of a flow run, in creation order, after `after` (answered with
+    /// [`Response::TaskRuns`]).
+    TaskRunsPage {
+        /// The flow run.
+        run: FlowRunId,
+        /// The last task run of the previous page.
+        #[serde(default)]
+        after: Option<flotilla_runtime::TaskRunId>,
+        /// At most this many (1 to 1,000).
+        limit: u32,
+    },
+    /// A page of the states of a flow run, oldest first, from `offset` (answered with
+    /// [`Response::History`]).
+    HistoryPage {
+        /// The flow run.
+        run: FlowRunId,
+        /// States already read.
+        offset: u32,
+        /// At most this many (1 to 1,000).
+        limit: u32,
+    },
 }
 
 impl Request {
@@ -169,7 +190,9 @@ impl Request {
             | Request::FlowRun(_)
             | Request::FlowRuns { .. }
             | Request::TaskRuns(_)
+            | Request::TaskRunsPage { .. }
             | Request::History(_)
+            | Request::HistoryPage { .. }
             | Request::Logs { .. }
             | Request::Result(_)
             | Request::Wait { .. }

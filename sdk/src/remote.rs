@@ -47,6 +47,9 @@ async fn resolve(addr: &str) -> Result<(SocketAddr, String), Error> {
     Ok((first, host))
 }
 
+/// Items asked for per page when reading a whole listing.
+const PAGE_ITEMS: u32 = 500;
+
 fn wire_error(e: WireError, run: Option<FlowRunId>) -> Error {
     match (e.kind, run) {
         (ErrorKind::NotFound, Some(id)) if e.message.starts_with("no flow run") => Error::NotFound(id),
@@ -234,17 +237,54 @@ impl Remote {
         }
     }
 
+    /// Every task run of a flow run, page by page: each page held to the node's message limit
+    /// (a page over it is asked again at half the size).
     pub(crate) async fn task_runs(&self, id: FlowRunId) -> Result<Vec<TaskRun>, Error> {
-        match self.ask(Request::TaskRuns(id), Some(id)).await? {
-            Response::TaskRuns(r) => Ok(r),
-            other => Err(unexpected(&other)),
+        let mut all: Vec<TaskRun> = Vec::new();
+        let mut limit = PAGE_ITEMS;
+        loop {
+            let request = Request::TaskRunsPage {
+                run: id,
+                after: all.last().map(|t| t.id),
+                limit,
+            };
+            match self.ask(request, Some(id)).await {
+                Ok(Response::TaskRuns(page)) => {
+                    let done = page.len() < limit as usize;
+                    all.extend(page);
+                    if done {
+                        return Ok(all);
+                    }
+                }
+                Ok(other) => return Err(unexpected(&other)),
+                Err(e) if e.code() == "payload_too_large" && limit > 1 => limit /= 2,
+                Err(e) => return Err(e),
+            }
         }
     }
 
+    /// Every state of a flow run, page by page (see [`Remote::task_runs`]).
     pub(crate) async fn history(&self, id: FlowRunId) -> Result<Vec<State>, Error> {
-        match self.ask(Request::History(id), Some(id)).await? {
-            Response::History(r) => Ok(r),
-            other => Err(unexpected(&other)),
+        let mut all: Vec<State> = Vec::new();
+        let mut limit = PAGE_ITEMS;
+        loop {
+            let request = Request::HistoryPage {
+                run: id,
+                offset: u32::try_from(all.len()).unwrap_or(u32::MAX),
+                limit,
+            };
+            match self.ask(request, Some(id)).await {
+                Ok(Response::History(page)) => {
+                    let done = page.len() < limit as usize;
+                    all.extend(page);
+                    if done {
+                        return Ok(all);
+                    }
+                }
+                Ok(other) => return Err(unexpected(&other)),
+                Err(e) if e.code() == "payload_too_large" && limit > 1 => limit /= 2,
+                Err(e) => return Err(e),
+            }
         }
     }
 

@@ -693,6 +693,22 @@ async fn read_request(p: &PersistenceHandle, results: &ResultStore, request: Req
             }
             Response::TaskRuns(all)
         }
+        Request::TaskRunsPage { run, after, limit } => {
+            match p.task_runs(run, after, (limit as usize).clamp(1, PAGE_MAX)).await {
+                Ok(page) => Response::TaskRuns(page),
+                Err(e) => persist_err(e),
+            }
+        }
+        Request::HistoryPage { run, offset, limit } => {
+            match p
+                .flow_run_history(run, offset as usize, (limit as usize).clamp(1, PAGE_MAX))
+                .await
+            {
+                Ok(Some(page)) => Response::History(page),
+                Ok(None) => missing(run),
+                Err(e) => persist_err(e),
+            }
+        }
         Request::History(id) => {
             let mut all = Vec::new();
             loop {
