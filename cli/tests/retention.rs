@@ -123,48 +123,21 @@ async fn logs_and_events_are_paged_with_a_cursor() {
         .expect("the run ends in time")
         .expect("the run");
     assert_eq!(run.lifecycle.state.kind, StateType::Completed);
-    let cli = |args: &[&str]| {
-        let out = std::process::Command::new(BIN)
-            .args([
-                "flow-run",
-                "logs",
-                &id.to_string(),
-                "--addr",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(args)
-            .env("FLOTILLA_CERTS", dir.join("certs"))
-            .env_remove("FLOTILLA_CONFIG")
-            .output()
-            .expect("flotilla runs");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let addr = format!("127.0.0.1:{port}");
+    let id = id.to_string();
+    let cli = |args: &[&str]| flotilla_at(dir, &addr, &[&["flow-run", "logs", &id], args].concat());
     let (ok, all, _) = cli(&[]);
     assert!(ok);
     let all: Vec<&str> = all.lines().collect();
     assert!(all.len() >= 250, "{} lines", all.len());
     // Pages of 100, following the cursor printed on stderr, give the same lines.
-    let mut paged = String::new();
-    let mut cursor: Option<String> = None;
-    for page in 0.. {
-        assert!(page < 10, "the pages never end");
+    let paged = every_page(100, |cursor| {
         let mut args = vec!["--limit", "100"];
-        if let Some(c) = &cursor {
-            args.extend(["--cursor", c.as_str()]);
+        if let Some(c) = cursor {
+            args.extend(["--cursor", c]);
         }
-        let (ok, out, err) = cli(&args);
-        assert!(ok, "{err}");
-        assert!(out.lines().count() <= 100);
-        paged.push_str(&out);
-        match err.lines().find_map(|l| l.strip_prefix("next cursor: ")) {
-            Some(c) => cursor = Some(c.to_owned()),
-            None => break,
-        }
-    }
+        cli(&args)
+    });
     assert_eq!(paged.lines().collect::<Vec<_>>(), all);
     let (ok, _, err) = cli(&["--cursor", "nonsense"]);
     assert!(!ok);
@@ -174,36 +147,50 @@ async fn logs_and_events_are_paged_with_a_cursor() {
     assert!(err.contains("--limit"), "{err}");
 
     // Events page the same way, from the start.
-    let events = |args: &[&str]| {
-        let out = std::process::Command::new(BIN)
-            .args(["events", "tail", "--json", "--addr", &format!("127.0.0.1:{port}")])
-            .args(args)
-            .env("FLOTILLA_CERTS", dir.join("certs"))
-            .env_remove("FLOTILLA_CONFIG")
-            .output()
-            .expect("flotilla runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        (
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (all, _) = events(&["--cursor", "start", "--limit", "1000"]);
+    let events = |args: &[&str]| flotilla_at(dir, &addr, &[&["events", "tail", "--json"], args].concat());
+    let (ok, all, err) = events(&["--cursor", "start", "--limit", "1000"]);
+    assert!(ok, "{err}");
     let all: Vec<&str> = all.lines().collect();
     assert!(all.len() >= 4, "{} events", all.len());
+    let paged = every_page(3, |cursor| {
+        events(&["--cursor", cursor.unwrap_or("start"), "--limit", "3"])
+    });
+    assert_eq!(paged.lines().collect::<Vec<_>>(), all);
+}
+
+/// Runs `flotilla ARGS --addr ADDR` with the test's certificates: (success, stdout, stderr).
+fn flotilla_at(dir: &std::path::Path, addr: &str, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(BIN)
+        .args(args)
+        .args(["--addr", addr])
+        .env("FLOTILLA_CERTS", dir.join("certs"))
+        .env_remove("FLOTILLA_CONFIG")
+        .output()
+        .expect("flotilla runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every page a command prints, following the `next cursor:` it prints on stderr (at most 100
+/// pages, each of at most `limit` lines).
+fn every_page(limit: usize, mut page: impl FnMut(Option<&str>) -> (bool, String, String)) -> String {
     let mut paged = String::new();
-    let mut cursor = "start".to_owned();
-    for page in 0.. {
-        assert!(page < 100, "the pages never end");
-        let (out, err) = events(&["--cursor", &cursor, "--limit", "3"]);
-        assert!(out.lines().count() <= 3);
+    let mut cursor: Option<String> = None;
+    for n in 0.. {
+        assert!(n < 100, "the pages never end");
+        let (ok, out, err) = page(cursor.as_deref());
+        assert!(ok, "{err}");
+        assert!(out.lines().count() <= limit);
         paged.push_str(&out);
         match err.lines().find_map(|l| l.strip_prefix("next cursor: ")) {
-            Some(c) => cursor = c.to_owned(),
-            None => break,
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return paged,
         }
     }
-    assert_eq!(paged.lines().collect::<Vec<_>>(), all);
+    unreachable!("the loop returns or fails")
 }
 
 #[flotilla::task]

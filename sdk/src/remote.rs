@@ -237,51 +237,60 @@ impl Remote {
         }
     }
 
-    /// Every task run of a flow run, page by page: each page held to the node's message limit
-    /// (a page over it is asked again at half the size).
+    /// Every task run of a flow run, page by page (see [`Remote::all_pages`]).
     pub(crate) async fn task_runs(&self, id: FlowRunId) -> Result<Vec<TaskRun>, Error> {
-        let mut all: Vec<TaskRun> = Vec::new();
-        let mut limit = PAGE_ITEMS;
-        loop {
-            let request = Request::TaskRunsPage {
+        self.all_pages(
+            id,
+            |all: &[TaskRun], limit| Request::TaskRunsPage {
                 run: id,
                 after: all.last().map(|t| t.id),
                 limit,
-            };
-            match self.ask(request, Some(id)).await {
-                Ok(Response::TaskRuns(page)) => {
-                    let done = page.len() < limit as usize;
-                    all.extend(page);
-                    if done {
-                        return Ok(all);
-                    }
-                }
-                Ok(other) => return Err(unexpected(&other)),
-                Err(e) if e.code() == "payload_too_large" && limit > 1 => limit /= 2,
-                Err(e) => return Err(e),
-            }
-        }
+            },
+            |r| match r {
+                Response::TaskRuns(page) => Ok(page),
+                other => Err(unexpected(&other)),
+            },
+        )
+        .await
     }
 
-    /// Every state of a flow run, page by page (see [`Remote::task_runs`]).
+    /// Every state of a flow run, page by page (see [`Remote::all_pages`]).
     pub(crate) async fn history(&self, id: FlowRunId) -> Result<Vec<State>, Error> {
-        let mut all: Vec<State> = Vec::new();
-        let mut limit = PAGE_ITEMS;
-        loop {
-            let request = Request::HistoryPage {
+        self.all_pages(
+            id,
+            |all: &[State], limit| Request::HistoryPage {
                 run: id,
                 offset: u32::try_from(all.len()).unwrap_or(u32::MAX),
                 limit,
-            };
-            match self.ask(request, Some(id)).await {
-                Ok(Response::History(page)) => {
+            },
+            |r| match r {
+                Response::History(page) => Ok(page),
+                other => Err(unexpected(&other)),
+            },
+        )
+        .await
+    }
+
+    /// A whole listing about run `id`, page by page: `ask` makes the request for the next page
+    /// from what was read so far; each page is held to the node's message limit (a page over it
+    /// is asked again at half the size).
+    async fn all_pages<T>(
+        &self,
+        id: FlowRunId,
+        ask: impl Fn(&[T], u32) -> Request,
+        page_of: impl Fn(Response) -> Result<Vec<T>, Error>,
+    ) -> Result<Vec<T>, Error> {
+        let mut all: Vec<T> = Vec::new();
+        let mut limit = PAGE_ITEMS;
+        loop {
+            match self.ask(ask(&all, limit), Some(id)).await.and_then(&page_of) {
+                Ok(page) => {
                     let done = page.len() < limit as usize;
                     all.extend(page);
                     if done {
                         return Ok(all);
                     }
                 }
-                Ok(other) => return Err(unexpected(&other)),
                 Err(e) if e.code() == "payload_too_large" && limit > 1 => limit /= 2,
                 Err(e) => return Err(e),
             }

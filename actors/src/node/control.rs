@@ -20,6 +20,8 @@ use ractor_cluster::RactorClusterMessage;
 use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
+mod answers;
+mod leases;
 mod requests;
 
 use super::agent::{AgentMsg, agent_of};
@@ -234,55 +236,6 @@ impl ControlState {
                     ),
                 ),
             }
-        }
-    }
-
-    /// Answers waiters that got their slots. A holding is recorded (durably) before its holder
-    /// hears of it, so that a restart of this node knows every holder that may run; a holding
-    /// not recorded, or a waiter gone (its call timed out), gives the slots back.
-    fn grant(&mut self, served: Vec<(SlotWaiter, SlotGrant)>) {
-        for ((holder, reply), grant) in served {
-            let holding = self
-                .slots
-                .holding(holder)
-                .filter(|_| grant != SlotGrant::Unlimited);
-            let Some((node, tags)) = holding else {
-                let _ = reply.send(encode(&grant));
-                continue;
-            };
-            let recorded = self
-                .persistence
-                .enqueue(Command::Slots(SlotChange::Hold { holder, node, tags }));
-            tokio::spawn(async move {
-                let ok = matches!(recorded.await, Ok(Ok(Ok(_))));
-                if !ok || reply.send(encode(&grant)).is_err() {
-                    give_back(vec![holder]);
-                }
-            });
-        }
-    }
-
-    /// After a start with no complete record of holdings, once every lease of before has been
-    /// renewed (and taken again) or has lapsed: the record becomes what this node holds, and is
-    /// complete from now on.
-    fn complete_holds(&mut self) {
-        if self.restored && !self.holds_known && !self.slots.waiting_after_restart(Instant::now()) {
-            self.holds_known = true;
-            let holds = self.slots.holdings();
-            drop(
-                self.persistence
-                    .enqueue(Command::Slots(SlotChange::Complete { holds })),
-            );
-        }
-    }
-
-    /// Records that these holders hold no slot (of `tag` only, when given).
-    fn free(&self, holders: Vec<TaskRunId>, tag: Option<String>) {
-        if !holders.is_empty() {
-            drop(
-                self.persistence
-                    .enqueue(Command::Slots(SlotChange::Free { holders, tag })),
-            );
         }
     }
 
@@ -509,68 +462,6 @@ async fn restore_running(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
     let _ = me.cast(ControlMsg::Restore(encode(&running)));
 }
 
-/// Answers a mutating request once: an answer remembered for its id is given again; otherwise
-/// the request is handled, and its answer remembered (durably) before it goes out. A transient
-/// failure (`unavailable`) is not remembered: the request sent again is tried again.
-fn answer_once(
-    p: PersistenceHandle,
-    me: ActorRef<ControlMsg>,
-    bounds: super::replies::AnswerBounds,
-    (id, request): (flotilla_runtime::control::RequestId, Request),
-    reply: RpcReplyPort<Vec<u8>>,
-) {
-    tokio::spawn(async move {
-        match p.answer_to(id).await {
-            Ok(Some(first)) => {
-                let _ = reply.send(first);
-                return;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                let _ = reply.send(encode(&persist_err(e)));
-                return;
-            }
-        }
-        let answer = match me
-            .call(
-                |port| ControlMsg::Request(encode(&request), port),
-                Some(super::plane::CALL_TIMEOUT),
-            )
-            .await
-        {
-            Ok(ractor::rpc::CallResult::Success(a)) => a,
-            _ => encode(&refused(
-                ErrorKind::Unavailable,
-                "the control node did not answer",
-            )),
-        };
-        let transient = matches!(
-            codec::decode::<Response>(&answer),
-            Ok(Response::Error(e)) if e.kind == ErrorKind::Unavailable
-        );
-        if !transient {
-            let remember = Command::Remember(flotilla_runtime::RememberedOutcome {
-                request_id: id,
-                answer: answer.clone(),
-                max: u32::try_from(bounds.max).unwrap_or(u32::MAX),
-                keep: bounds.keep,
-            });
-            if let Err(e) = p.submit(remember).await {
-                tracing::warn!(error = %e, %id, "an answer could not be remembered");
-            }
-        }
-        let _ = reply.send(answer);
-    });
-}
-
-/// Gives slots back through the control actor (a grant that could not be delivered).
-fn give_back(holders: Vec<TaskRunId>) {
-    if let Some(cell) = ractor::registry::where_is(CONTROL_NAME) {
-        let _ = ActorRef::<ControlMsg>::from(cell)
-            .cast(ControlMsg::Slots(encode(&SlotRequest::Release(holders))));
-    }
-}
-
 /// Hands a run back to the control actor's placement (it waits until a node can take it).
 fn replace(p: &Placement) {
     if let Some(cell) = ractor::registry::where_is(CONTROL_NAME)
@@ -766,7 +657,7 @@ impl Actor for Control {
             },
             ControlMsg::Asked(bytes, reply) => {
                 match codec::decode::<(flotilla_runtime::control::RequestId, Request)>(&bytes) {
-                    Ok((id, request)) => answer_once(
+                    Ok((id, request)) => answers::answer_once(
                         s.persistence.clone(),
                         myself.clone(),
                         s.answers,
@@ -826,21 +717,11 @@ impl Actor for Control {
                 s.check();
                 s.place_waiting();
                 s.complete_holds();
-                let now = Instant::now();
-                let mut lapsed: BTreeMap<String, Vec<TaskRunId>> = BTreeMap::new();
-                for (tag, holder) in s.slots.lapsed(now) {
-                    lapsed.entry(tag).or_default().push(holder);
-                }
-                for (tag, holders) in lapsed {
-                    s.free(holders, Some(tag));
-                }
-                let served = s.slots.expire(now);
-                s.grant(served);
+                s.expire_slots();
             }
             ControlMsg::Holds(bytes) => {
                 if let Ok(holds) = codec::decode::<Option<Vec<(String, TaskRunId, NodeId)>>>(&bytes) {
-                    s.holds_known = holds.is_some();
-                    s.slots.restore(&holds.unwrap_or_default(), Instant::now());
+                    s.restore_holds(holds);
                 }
             }
             ControlMsg::Limits(bytes) => {
@@ -850,53 +731,17 @@ impl Actor for Control {
                 }
             }
             ControlMsg::AcquireSlots(bytes, reply) => match codec::decode::<SlotRequest>(&bytes) {
-                Ok(SlotRequest::Acquire { holder, node, tags }) => {
-                    if let Some(granted) =
-                        s.slots
-                            .acquire(holder, node, tags, Instant::now(), (holder, reply))
-                    {
-                        s.grant(vec![granted]);
-                    }
-                }
+                Ok(SlotRequest::Acquire { holder, node, tags }) => s.acquire_slots(holder, node, tags, reply),
                 Ok(other) => tracing::warn!(request = ?other, "a slot request that is not an acquire"),
                 Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
             },
             ControlMsg::RenewSlots(bytes, reply) => match codec::decode::<SlotRequest>(&bytes) {
-                Ok(SlotRequest::Renew { holder, node, tags }) => {
-                    let had = s.slots.holds_all(holder, &tags);
-                    let held = s.slots.renew(holder, node, &tags, Instant::now());
-                    match s.slots.holding(holder).filter(|_| held && !had) {
-                        // Taken again after it lapsed: recorded before the holder hears it.
-                        Some((node, tags)) => {
-                            let recorded = s.persistence.enqueue(Command::Slots(SlotChange::Hold {
-                                holder,
-                                node,
-                                tags,
-                            }));
-                            tokio::spawn(async move {
-                                let ok = matches!(recorded.await, Ok(Ok(Ok(_))));
-                                if !ok || reply.send(encode(&true)).is_err() {
-                                    give_back(vec![holder]);
-                                }
-                            });
-                        }
-                        None => {
-                            if !held {
-                                s.free(vec![holder], None);
-                            }
-                            let _ = reply.send(encode(&held));
-                        }
-                    }
-                }
+                Ok(SlotRequest::Renew { holder, node, tags }) => s.renew_slots(holder, node, &tags, reply),
                 Ok(other) => tracing::warn!(request = ?other, "a slot request that is not a renewal"),
                 Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
             },
             ControlMsg::Slots(bytes) => match codec::decode::<SlotRequest>(&bytes) {
-                Ok(SlotRequest::Release(holders)) => {
-                    s.free(holders.clone(), None);
-                    let served = s.slots.release(&holders, Instant::now());
-                    s.grant(served);
-                }
+                Ok(SlotRequest::Release(holders)) => s.release_slots(holders),
                 Ok(other) => tracing::warn!(request = ?other, "a slot request sent without a reply port"),
                 Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
             },

@@ -1,0 +1,194 @@
+//! Forgetting what is past its retention in the store: pruned runs' records, old events and
+//! log batches.
+
+use super::*;
+
+/// What a store job forgets after writing (see [`ColdPrune::ops`]).
+#[derive(Debug, Default)]
+pub struct ColdPrune {
+    /// Pruned flow runs.
+    pub runs: Vec<PrunedRun>,
+    /// The latest event and log cut-offs.
+    pub before: Option<(Timestamp, Timestamp)>,
+}
+
+impl ColdPrune {
+    /// Whether there is nothing to forget.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.before.is_none()
+    }
+
+    pub(super) fn extend(&mut self, other: ColdPrune) {
+        self.runs.extend(other.runs);
+        if other.before.is_some() {
+            self.before = other.before;
+        }
+    }
+
+    /// The store writes that forget it, read from the store as it is once the job's own writes
+    /// are in: the pruned runs' records, history blocks, logs and state events; the events
+    /// older than the cut-off that are not state changes; log batches older than theirs.
+    pub fn ops(&self, kv: &dyn KvStore) -> Result<Vec<KvOp>, PersistError> {
+        let store = |e: crate::persistence::kv::KvError| read_err("store", e);
+        let mut ops = Vec::new();
+        let mut dead: std::collections::BTreeSet<EventId> = std::collections::BTreeSet::new();
+        for p in &self.runs {
+            ops.push(KvOp::Delete(Tree::FlowRuns, p.flow_run.as_bytes().to_vec()));
+            for t in &p.task_runs {
+                ops.push(KvOp::Delete(Tree::TaskRuns, t.as_bytes().to_vec()));
+            }
+            for (run, blocks) in &p.archived {
+                for b in 0..*blocks {
+                    let key = history_key(*run, b);
+                    if let Some(bytes) = kv.get(Tree::History, &key).map_err(store)? {
+                        let ids: Vec<EventId> =
+                            codec::decode(&bytes).map_err(|e| read_err("history block", e))?;
+                        dead.extend(ids);
+                    }
+                    ops.push(KvOp::Delete(Tree::History, key));
+                }
+            }
+            dead.extend(p.events.iter().copied());
+            let prefix = p.flow_run.as_bytes();
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+                let page = kv.scan(Tree::Logs, prefix, start, 1_024).map_err(store)?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                ops.extend(page.into_iter().map(|(k, _)| KvOp::Delete(Tree::Logs, k)));
+            }
+        }
+        let mut blocks = EventBlocks::default();
+        // The pruned runs' state changes, one block read per block touched.
+        while let Some(id) = dead.pop_first() {
+            let Some((key, bytes)) = kv.floor(Tree::Events, id.as_bytes()).map_err(store)? else {
+                continue;
+            };
+            let block = blocks.get(key, &bytes)?;
+            retain_events(block, |bid, _| bid != &id && !dead.remove(bid));
+        }
+        if let Some((events_before, logs_before)) = self.before {
+            let cut = EventId::first_at(events_before);
+            let from = match kv.get(Tree::Meta, EVENTS_PRUNED_KEY).map_err(store)? {
+                Some(w) => kv.floor(Tree::Events, &w).map_err(store)?.map(|(k, _)| k),
+                None => None,
+            };
+            let mut start = from.clone();
+            let mut inclusive = true;
+            'scan: loop {
+                let bound = match &start {
+                    Some(k) if inclusive => Bound::Included(k.as_slice()),
+                    Some(k) => Bound::Excluded(k.as_slice()),
+                    None => Bound::Unbounded,
+                };
+                let page = kv.scan(Tree::Events, b"", bound, 64).map_err(store)?;
+                if page.is_empty() {
+                    break;
+                }
+                for (key, bytes) in page {
+                    if key.as_slice() >= cut.as_bytes().as_slice() {
+                        break 'scan;
+                    }
+                    let block = blocks.get(key.clone(), &bytes)?;
+                    retain_events(block, |id, raw| {
+                        id >= &cut || codec::decode::<Event>(raw).map_or(true, |e| e.state().is_some())
+                    });
+                    start = Some(key);
+                }
+                inclusive = false;
+            }
+            ops.push(KvOp::Put(
+                Tree::Meta,
+                EVENTS_PRUNED_KEY.to_vec(),
+                cut.as_bytes().to_vec(),
+            ));
+            let logs_cut = u64::try_from(logs_before.as_millis()).unwrap_or(0);
+            let mut after: Option<Vec<u8>> = None;
+            loop {
+                let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+                let page = kv.scan(Tree::Logs, b"", start, 4_096).map_err(store)?;
+                let Some((last, _)) = page.last() else { break };
+                after = Some(last.clone());
+                ops.extend(
+                    page.into_iter()
+                        .filter(|(k, _)| k.get(16..22).is_some_and(|b| v7_millis(b) < logs_cut))
+                        .map(|(k, _)| KvOp::Delete(Tree::Logs, k)),
+                );
+            }
+        }
+        ops.extend(blocks.into_ops()?);
+        Ok(ops)
+    }
+}
+
+impl StoreJob {
+    /// Writes the job to the store: its records, then what it prunes (read from the store with
+    /// those records in), and the applied index last.
+    pub fn write(mut self, kv: &dyn KvStore) -> Result<(), String> {
+        let prune = std::mem::take(&mut self.prune);
+        let mut ops = self.into_ops();
+        if !prune.is_empty() {
+            let applied = ops.pop();
+            kv.apply(&ops).map_err(|e| e.0)?;
+            ops = prune.ops(kv).map_err(|e| e.to_string())?;
+            ops.extend(applied);
+        }
+        kv.apply(&ops).map_err(|e| e.0)
+    }
+}
+
+/// The millisecond prefix of a UUID v7 (its first six bytes).
+fn v7_millis(b: &[u8]) -> u64 {
+    b.iter().take(6).fold(0, |acc, x| (acc << 8) | u64::from(*x))
+}
+
+/// Keeps the events of a block for which `keep` holds (id, encoded event); notes a change.
+fn retain_events(slot: &mut (EventBlock, bool), mut keep: impl FnMut(&EventId, &[u8]) -> bool) {
+    let (block, changed) = slot;
+    let before = block.ids.len();
+    let mut kept_ids = Vec::with_capacity(before);
+    let mut kept = Vec::with_capacity(before);
+    for (id, raw) in block.ids.drain(..).zip(block.events.drain(..)) {
+        if keep(&id, &raw) {
+            kept_ids.push(id);
+            kept.push(raw);
+        }
+    }
+    *changed |= kept_ids.len() != before;
+    block.ids = kept_ids;
+    block.events = kept;
+}
+
+/// Event blocks read and changed by a pruning, written back (or deleted when emptied) at the end.
+#[derive(Default)]
+struct EventBlocks {
+    blocks: std::collections::BTreeMap<Vec<u8>, (EventBlock, bool)>,
+}
+
+impl EventBlocks {
+    /// The block stored under `key` (`bytes`, unless it was read already), to change.
+    fn get(&mut self, key: Vec<u8>, bytes: &[u8]) -> Result<&mut (EventBlock, bool), PersistError> {
+        use std::collections::btree_map::Entry;
+        Ok(match self.blocks.entry(key) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => v.insert((EventBlock::from_stored(bytes)?, false)),
+        })
+    }
+
+    fn into_ops(self) -> Result<Vec<KvOp>, PersistError> {
+        let mut ops = Vec::new();
+        for (key, (block, changed)) in self.blocks {
+            if !changed {
+                continue;
+            }
+            if block.ids.is_empty() {
+                ops.push(KvOp::Delete(Tree::Events, key));
+            } else {
+                let bytes = block.to_stored().map_err(|e| read_err("event block", e))?;
+                ops.push(KvOp::Put(Tree::Events, key, bytes));
+            }
+        }
+        Ok(ops)
+    }
+}
