@@ -73,19 +73,38 @@ impl RunEvents {
     /// behind skips what it missed (read [`Client::history`] to catch up).
     pub async fn next(&mut self) -> Option<Arc<Event>> {
         loop {
+            match self.next_or_missed().await {
+                Heard::Event(e) => return Some(e),
+                Heard::Missed => continue,
+                Heard::Closed => return None,
+            }
+        }
+    }
+
+    /// The next event of the run, or word that some events were missed (the subscriber fell
+    /// too far behind): whoever waits on a change must then read the run again.
+    async fn next_or_missed(&mut self) -> Heard {
+        loop {
             match self.rx.recv().await {
                 Ok(e) => {
                     let mine = e.resource.id() == Some(&self.resource)
                         || e.related.iter().any(|r| r.id() == Some(&self.resource));
                     if mine {
-                        return Some(e);
+                        return Heard::Event(e);
                     }
                 }
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return None,
+                Err(broadcast::error::RecvError::Lagged(_)) => return Heard::Missed,
+                Err(broadcast::error::RecvError::Closed) => return Heard::Closed,
             }
         }
     }
+}
+
+/// What [`RunEvents::next_or_missed`] heard.
+enum Heard {
+    Event(Arc<Event>),
+    Missed,
+    Closed,
 }
 
 macro_rules! dispatch {
@@ -452,11 +471,17 @@ impl Local {
                 return Ok(run);
             }
             loop {
-                let Some(e) = events.next().await else {
-                    return Err(Error::Timeout(id));
-                };
-                if e.resource.id() == Some(&events.resource) && e.state().is_some_and(State::is_terminal) {
-                    break;
+                match events.next_or_missed().await {
+                    Heard::Event(e) => {
+                        if e.resource.id() == Some(&events.resource)
+                            && e.state().is_some_and(State::is_terminal)
+                        {
+                            break;
+                        }
+                    }
+                    // The end may have been among the missed events: read the run again.
+                    Heard::Missed => break,
+                    Heard::Closed => return Err(Error::Timeout(id)),
                 }
             }
         }

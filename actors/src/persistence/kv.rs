@@ -171,14 +171,27 @@ fn sync_tree(dir: &Path) -> std::io::Result<()> {
 
 impl KvStore for SledKv {
     fn apply(&self, ops: &[KvOp]) -> Result<(), KvError> {
-        let mut batch = sled::Batch::default();
-        for op in ops {
-            match op {
-                KvOp::Put(t, k, v) => batch.insert(t.key(k), v.as_slice()),
-                KvOp::Delete(t, k) => batch.remove(t.key(k)),
+        // A transaction, not `apply_batch`: both are atomic across a crash, but in sled 0.34.7
+        // a batch that removes keys leaks memory (about 2.6 GiB over a million removes of
+        // time-ordered keys, 20,000 live), while the same writes in a transaction stay flat.
+        // Only the store thread writes, so the transaction never conflicts and runs once.
+        let result: sled::transaction::TransactionResult<(), ()> = self.db.transaction(|tx| {
+            for op in ops {
+                match op {
+                    KvOp::Put(t, k, v) => {
+                        tx.insert(t.key(k), v.as_slice())?;
+                    }
+                    KvOp::Delete(t, k) => {
+                        tx.remove(t.key(k))?;
+                    }
+                }
             }
-        }
-        self.db.apply_batch(batch).map_err(sled_err)
+            Ok(())
+        });
+        result.map_err(|e| match e {
+            sled::transaction::TransactionError::Storage(e) => sled_err(e),
+            sled::transaction::TransactionError::Abort(()) => KvError("store transaction aborted".into()),
+        })
     }
 
     fn get(&self, tree: Tree, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
