@@ -435,9 +435,17 @@ async fn ask_with_id(
     request: flotilla_cluster::wire::Request,
     id: flotilla_runtime::control::RequestId,
 ) -> flotilla_cluster::wire::Response {
+    let (_endpoint, conn) = client_connection(dir, port).await;
+    ask_on(&conn, request, id).await
+}
+
+/// A client connection as the admin (with its endpoint, to keep while it is used).
+async fn client_connection(
+    dir: &std::path::Path,
+    port: u16,
+) -> (flotilla_cluster::QuicEndpoint, quinn::Connection) {
     use flotilla_cluster::endpoint::{QuicEndpoint, TransportSettings};
     use flotilla_cluster::tls::{ALPN_CLIENT, Identity};
-    use flotilla_cluster::wire::{Envelope, PROTOCOL_VERSION};
     let identity = Identity::load(&dir.join("certs"), "admin").expect("the admin certificate");
     let endpoint =
         QuicEndpoint::client_on(([127, 0, 0, 1], 0).into(), identity, TransportSettings::default())
@@ -446,6 +454,16 @@ async fn ask_with_id(
         .connect(([127, 0, 0, 1], port).into(), "127.0.0.1", ALPN_CLIENT)
         .await
         .expect("a connection");
+    (endpoint, conn)
+}
+
+/// Sends one request with this id on `conn` and reads the answer.
+async fn ask_on(
+    conn: &quinn::Connection,
+    request: flotilla_cluster::wire::Request,
+    id: flotilla_runtime::control::RequestId,
+) -> flotilla_cluster::wire::Response {
+    use flotilla_cluster::wire::{Envelope, PROTOCOL_VERSION};
     let (mut send, mut recv) = conn.open_bi().await.expect("a stream");
     let envelope = Envelope {
         version: PROTOCOL_VERSION,
@@ -506,4 +524,56 @@ async fn a_resent_request_gets_its_first_answer_across_a_control_restart() {
         matches!(&new, Response::Error(e) if e.kind == flotilla_cluster::wire::ErrorKind::NotFound),
         "{new:?}"
     );
+}
+
+/// A request sent twice at once with one id (a client that retried on another connection while
+/// the first try was still being answered, here to another node) is carried out once: both get
+/// the first answer.
+/// Deleting a deployment twice at once is `Done` twice, never `Done` and `not_found`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_sent_twice_at_once_is_carried_out_once() {
+    use flotilla_cluster::wire::{Request, Response};
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    init_certs(dir, "n1,n2");
+    let ports = [free_udp_port(), free_udp_port()];
+    let _nodes = Nodes {
+        children: vec![
+            ("n1".into(), start_node(dir, "n1", ports[0], None, &[])),
+            ("n2".into(), start_node(dir, "n2", ports[1], Some(ports[0]), &[])),
+        ],
+        dir: dir.to_owned(),
+    };
+    let client = connect(dir, ports[0], 2).await;
+    // One try to the control node, the other to the worker, which forwards it.
+    let ((_ea, a), (_eb, b)) = (
+        client_connection(dir, ports[0]).await,
+        client_connection(dir, ports[1]).await,
+    );
+    for n in 0..20u8 {
+        let name = format!("twice-{n}");
+        client
+            .put_deployment(flotilla_runtime::DeploymentSpec {
+                name: name.clone(),
+                flow_name: "command".into(),
+                parameters: serde_json::json!({"command": ["true"]}),
+                schedules: vec![],
+                work_queue: None,
+                tags: vec![],
+                concurrency_limit: None,
+                collision: flotilla_runtime::CollisionStrategy::Enqueue,
+                paused: false,
+            })
+            .await
+            .expect("a deployment");
+        let id = flotilla_runtime::control::RequestId::from_uuid(uuid::Uuid::from_bytes([n + 1; 16]));
+        let (first, second) = tokio::join!(
+            ask_on(&a, Request::DeleteDeployment(name.clone()), id),
+            ask_on(&b, Request::DeleteDeployment(name.clone()), id)
+        );
+        assert!(
+            matches!(first, Response::Done) && matches!(second, Response::Done),
+            "request {n}, sent twice at once, was carried out twice: {first:?} and {second:?}"
+        );
+    }
 }

@@ -57,6 +57,9 @@ pub enum ControlMsg {
     /// after a restart of this node — gets the first answer instead of acting twice.
     #[rpc]
     Asked(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// The answer to an asked request (encoded `(RequestId, answer)`), remembered: it goes to
+    /// every try of the request that arrived meanwhile.
+    Answered(Vec<u8>),
     /// Place a run (an encoded [`Placement`]) on a live node that runs its flow and serves its
     /// queue, when its queue and deployment let it go.
     Place(Vec<u8>),
@@ -144,6 +147,10 @@ pub struct ControlState {
     restored: bool,
     /// How many answers to mutating requests are remembered, and how long.
     answers: super::replies::AnswerBounds,
+    /// Requests being answered, and every try of each waiting for the answer: a try that
+    /// arrives meanwhile (from this node or another) waits for the first answer rather than
+    /// act again.
+    asking: std::collections::HashMap<flotilla_runtime::control::RequestId, Vec<RpcReplyPort<Vec<u8>>>>,
     /// Whether the slot holdings were recorded before this start (a data directory from before
     /// the record has none: then new holders wait one lease TTL after a start).
     holds_known: bool,
@@ -587,6 +594,7 @@ impl Actor for Control {
             restored: false,
             holds_known: false,
             answers: args.answers,
+            asking: Default::default(),
         })
     }
 
@@ -657,19 +665,34 @@ impl Actor for Control {
             },
             ControlMsg::Asked(bytes, reply) => {
                 match codec::decode::<(flotilla_runtime::control::RequestId, Request)>(&bytes) {
-                    Ok((id, request)) => answers::answer_once(
-                        s.persistence.clone(),
-                        myself.clone(),
-                        s.answers,
-                        (id, request),
-                        reply,
-                    ),
+                    Ok((id, request)) => match s.asking.entry(id) {
+                        std::collections::hash_map::Entry::Occupied(mut tries) => tries.get_mut().push(reply),
+                        std::collections::hash_map::Entry::Vacant(first) => {
+                            first.insert(vec![reply]);
+                            answers::answer_once(
+                                s.persistence.clone(),
+                                myself.clone(),
+                                s.answers,
+                                (id, request),
+                            );
+                        }
+                    },
                     Err(e) => {
                         let _ = reply.send(encode(&refused(
                             ErrorKind::Protocol,
                             format!("an undecodable request: {e}"),
                         )));
                     }
+                }
+            }
+            ControlMsg::Answered(bytes) => {
+                match codec::decode::<(flotilla_runtime::control::RequestId, Vec<u8>)>(&bytes) {
+                    Ok((id, answer)) => {
+                        for reply in s.asking.remove(&id).unwrap_or_default() {
+                            let _ = reply.send(answer.clone());
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "an undecodable answer"),
                 }
             }
             ControlMsg::Place(bytes) => match codec::decode::<Placement>(&bytes) {
