@@ -182,6 +182,23 @@ impl HotState {
         out
     }
 
+    /// Gives back the room of maps that emptied (after a pruning): a map keeps the capacity of
+    /// its busiest moment otherwise, so memory would follow the peak, not the live work. Only
+    /// maps with over four times the room they need are shrunk (to twice), so the cost is
+    /// amortised over the removals that emptied them.
+    pub fn shrink_spare(&mut self) {
+        fn shrink<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) {
+            if m.capacity() > 4 * m.len() + 1024 {
+                m.shrink_to(2 * m.len());
+            }
+        }
+        shrink(&mut self.flow_runs);
+        shrink(&mut self.flow_run_keys);
+        shrink(&mut self.task_runs);
+        shrink(&mut self.task_run_keys);
+        shrink(&mut self.cache);
+    }
+
     /// Forgets cached results that expired before `now`.
     pub fn prune_cache(&mut self, now: Timestamp) {
         self.cache

@@ -204,6 +204,11 @@ impl Node {
         &self.resumed
     }
 
+    /// The store's figures: what is applied, what the store holds, how far it lags.
+    pub async fn store_stats(&self) -> Result<flotilla_actors::persistence::StoreStats, crate::Error> {
+        Ok(self.persistence.stats().await?)
+    }
+
     /// Stops the node: its flow runs stop where they are (they resume when it starts again),
     /// and the store is checkpointed.
     pub async fn shutdown(mut self) {

@@ -238,9 +238,9 @@ async fn case(name: &'static str, durability: Durability, scale: f64) -> anyhow:
             let tasks = 1_000;
             let started = Instant::now();
             flows_of(&client, first, tasks).await?;
-            let rss_first = settled_rss(&client).await?;
+            let rss_first = settled_rss(&node, &client).await?;
             flows_of(&client, all - first, tasks).await?;
-            let rss_last = settled_rss(&client).await?;
+            let rss_last = settled_rss(&node, &client).await?;
             let elapsed = started.elapsed();
             CaseResult {
                 case: name,
@@ -280,7 +280,10 @@ async fn flows_of(client: &flotilla::Client, count: u64, tasks: u64) -> anyhow::
 }
 
 /// The resident set in MiB once the finished runs were pruned (at most 30 s).
-async fn settled_rss(client: &flotilla::Client) -> anyhow::Result<f64> {
+/// The resident set once every finished run is pruned, the store has caught up with the log and
+/// the allocator has given back what was freed (the resident set stopped falling), so that both
+/// measures are taken with the node at rest.
+async fn settled_rss(node: &flotilla::Node, client: &flotilla::Client) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !client.flow_runs(RunFilter::All, None, 10).await?.is_empty() {
         if Instant::now() > deadline {
@@ -288,6 +291,34 @@ async fn settled_rss(client: &flotilla::Client) -> anyhow::Result<f64> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    loop {
+        let stats = node.store_stats().await?;
+        if stats.lag_bytes == 0 && stats.stored == stats.applied {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the store did not catch up with the log within 30 s: {stats:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Freed memory goes back to the system over about a second (jemalloc's decay): at most
+    // 10 s more, until a half-second passes with less than 1 MiB given back.
+    let mut rss = rss_mib()?;
+    let settle = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < settle {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = rss_mib()?;
+        let fell = rss - now;
+        rss = now;
+        if fell < 1.0 {
+            break;
+        }
+    }
+    Ok(rss)
+}
+
+/// This process's resident set, in MiB.
+fn rss_mib() -> anyhow::Result<f64> {
     let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
     let kib: f64 = status
         .lines()

@@ -267,6 +267,7 @@ impl Tx {
             self.writes.push(Write::Pruned(pruned));
         }
         view.hot_mut().prune_cache(self.now());
+        view.hot_mut().shrink_spare();
         self.writes.push(Write::PrunedBefore {
             events: p.events_before,
             logs: p.logs_before,
