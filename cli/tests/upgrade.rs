@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use flotilla::{Client, LimitChange, QueueChange, StateType};
+use flotilla::{LimitChange, QueueChange, StateType};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_data_directory_of_the_previous_release_opens_and_takes_new_work() {
@@ -37,14 +37,8 @@ async fn a_data_directory_of_the_previous_release_opens_and_takes_new_work() {
         children: vec![("n1".into(), start_node(dir, "n1", port, None, &[]))],
         dir: dir.to_owned(),
     };
-    let addr = format!("127.0.0.1:{port}");
-    let certs = dir.join("certs");
-    let client = eventually(
-        "the old data directory opens",
-        Duration::from_secs(30),
-        || async { Client::connect(&addr, &certs).await.ok() },
-    )
-    .await;
+    // The old data directory opens, and the node is a member again (its flows known).
+    let client = connect(dir, port, 1).await;
 
     let runs = client
         .flow_runs(flotilla::RunFilter::State(StateType::Completed), None, 100)
