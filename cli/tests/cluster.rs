@@ -480,6 +480,21 @@ async fn ask_on(
         .expect("an answer")
 }
 
+/// A deployment of `command` running `true`, unscheduled.
+fn true_deployment(name: &str) -> flotilla_runtime::DeploymentSpec {
+    flotilla_runtime::DeploymentSpec {
+        name: name.into(),
+        flow_name: "command".into(),
+        parameters: serde_json::json!({"command": ["true"]}),
+        schedules: vec![],
+        work_queue: None,
+        tags: vec![],
+        concurrency_limit: None,
+        collision: flotilla_runtime::CollisionStrategy::Enqueue,
+        paused: false,
+    }
+}
+
 /// A request sent again with its id gets its first answer, even after a SIGKILL and restart of
 /// the control node: deleting a deployment twice is `Done` twice, not `not_found` the second
 /// time; the same request with a new id is a new request.
@@ -495,18 +510,10 @@ async fn a_resent_request_gets_its_first_answer_across_a_control_restart() {
         dir: dir.to_owned(),
     };
     let client = connect(dir, port, 1).await;
-    let spec = flotilla_runtime::DeploymentSpec {
-        name: "once".into(),
-        flow_name: "command".into(),
-        parameters: serde_json::json!({"command": ["true"]}),
-        schedules: vec![],
-        work_queue: None,
-        tags: vec![],
-        concurrency_limit: None,
-        collision: flotilla_runtime::CollisionStrategy::Enqueue,
-        paused: false,
-    };
-    client.put_deployment(spec).await.expect("a deployment");
+    client
+        .put_deployment(true_deployment("once"))
+        .await
+        .expect("a deployment");
     let id = |n: u8| flotilla_runtime::control::RequestId::from_uuid(uuid::Uuid::from_bytes([n; 16]));
     let delete = || Request::DeleteDeployment("once".into());
     let first = ask_with_id(dir, port, delete(), id(1)).await;
@@ -553,17 +560,7 @@ async fn a_request_sent_twice_at_once_is_carried_out_once() {
     for n in 0..20u8 {
         let name = format!("twice-{n}");
         client
-            .put_deployment(flotilla_runtime::DeploymentSpec {
-                name: name.clone(),
-                flow_name: "command".into(),
-                parameters: serde_json::json!({"command": ["true"]}),
-                schedules: vec![],
-                work_queue: None,
-                tags: vec![],
-                concurrency_limit: None,
-                collision: flotilla_runtime::CollisionStrategy::Enqueue,
-                paused: false,
-            })
+            .put_deployment(true_deployment(&name))
             .await
             .expect("a deployment");
         let id = flotilla_runtime::control::RequestId::from_uuid(uuid::Uuid::from_bytes([n + 1; 16]));
