@@ -555,6 +555,57 @@ async fn pruning_forgets_old_runs_events_and_logs_and_keeps_the_histories_of_the
     };
     assert!(logs(done).await.is_empty());
     assert_eq!(logs(live).await, [now]);
+
+    // The first pruning indexed the logs by time: the next ones walk that index, oldest first.
+    let later = now + Duration::from_millis(1);
+    for at in [Timestamp::from_millis(20), later] {
+        let line = LogLine {
+            flow_run: live,
+            task_run: None,
+            timestamp: at,
+            level: LogLevel::Info,
+            target: "t".into(),
+            message: format!("at {at}"),
+        };
+        submit(
+            &h,
+            Command::AppendLogs {
+                batch: LogBatchId::new(at, &mut rng),
+                flow_run: live,
+                lines: vec![line],
+            },
+        )
+        .await;
+    }
+    let again = Command::Prune(flotilla_runtime::Prune {
+        runs_before: Timestamp::from_millis(1),
+        events_before: Timestamp::from_millis(1),
+        logs_before: Timestamp::from_micros(now.as_micros() - hour.as_micros() as i64),
+        runs_max: 100,
+    });
+    assert!(matches!(
+        submit(&h, again).await,
+        Reply::Pruned { flow_runs: 0, .. }
+    ));
+    h.stop(join).await;
+    let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
+    let ReadReply::Logs { lines, .. } = h
+        .read(Read::Logs {
+            flow_run: live,
+            after: None,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let kept: Vec<Timestamp> = lines.into_iter().map(|l| l.timestamp).collect();
+    assert_eq!(
+        kept,
+        [now, later],
+        "the ancient batch written after the first pruning stays"
+    );
     h.stop(join).await;
 }
 

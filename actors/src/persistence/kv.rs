@@ -31,6 +31,9 @@ pub enum Tree {
     Settings,
     /// Remembered answers to client requests, in a ring of slots (overwritten, never deleted).
     Outcomes,
+    /// Log batches by time: batch id then flow run id, empty values (what log retention walks,
+    /// oldest first, instead of every batch).
+    LogTimes,
 }
 
 impl Tree {
@@ -45,6 +48,7 @@ impl Tree {
             Tree::History => 6,
             Tree::Settings => 7,
             Tree::Outcomes => 8,
+            Tree::LogTimes => 9,
         }
     }
 

@@ -317,6 +317,18 @@ fn log_key(flow_run: &FlowRunId, batch: &LogBatchId) -> Vec<u8> {
     k
 }
 
+/// A log batch's key in [`Tree::LogTimes`]: its id (time-ordered) first.
+fn log_time_key(batch: &LogBatchId, flow_run: &FlowRunId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(32);
+    k.extend_from_slice(batch.as_bytes());
+    k.extend_from_slice(flow_run.as_bytes());
+    k
+}
+
+/// Set once every log batch in the store is also in [`Tree::LogTimes`] (a store written before
+/// that tree existed gets it on its first log pruning).
+const LOG_TIMES_KEY: &[u8] = b"log-times";
+
 fn read_err(what: &str, e: impl std::fmt::Display) -> PersistError {
     PersistError::Read(format!("{what}: {e}"))
 }
@@ -494,6 +506,11 @@ impl Store {
                     let key = log_key(&flow_run, &batch);
                     write_lock(&self.cold.overlay).put(index, Tree::Logs, key.clone(), bytes.clone());
                     self.cold_ops.push(KvOp::Put(Tree::Logs, key, bytes));
+                    self.cold_ops.push(KvOp::Put(
+                        Tree::LogTimes,
+                        log_time_key(&batch, &flow_run),
+                        Vec::new(),
+                    ));
                 }
                 Err(err) => tracing::error!(error = %err, "log lines could not be encoded"),
             },

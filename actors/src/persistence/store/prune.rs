@@ -56,7 +56,14 @@ impl ColdPrune {
                 let page = kv.scan(Tree::Logs, prefix, start, 1_024).map_err(store)?;
                 let Some((last, _)) = page.last() else { break };
                 after = Some(last.clone());
-                ops.extend(page.into_iter().map(|(k, _)| KvOp::Delete(Tree::Logs, k)));
+                for (k, _) in page {
+                    if let Some(batch) = k.get(16..32) {
+                        let mut t = batch.to_vec();
+                        t.extend_from_slice(&k[..16]);
+                        ops.push(KvOp::Delete(Tree::LogTimes, t));
+                    }
+                    ops.push(KvOp::Delete(Tree::Logs, k));
+                }
             }
         }
         let mut blocks = EventBlocks::default();
@@ -104,22 +111,68 @@ impl ColdPrune {
                 cut.as_bytes().to_vec(),
             ));
             let logs_cut = u64::try_from(logs_before.as_millis()).unwrap_or(0);
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-                let page = kv.scan(Tree::Logs, b"", start, 4_096).map_err(store)?;
-                let Some((last, _)) = page.last() else { break };
-                after = Some(last.clone());
-                ops.extend(
-                    page.into_iter()
-                        .filter(|(k, _)| k.get(16..22).is_some_and(|b| v7_millis(b) < logs_cut))
-                        .map(|(k, _)| KvOp::Delete(Tree::Logs, k)),
-                );
+            if kv.get(Tree::Meta, LOG_TIMES_KEY).map_err(store)?.is_some() {
+                prune_logs_by_time(kv, logs_cut, &mut ops)?;
+            } else {
+                index_and_prune_every_log(kv, logs_cut, &mut ops)?;
             }
         }
         ops.extend(blocks.into_ops()?);
         Ok(ops)
     }
+}
+
+/// Forgets the log batches older than `cut` (ms since the epoch), oldest first from
+/// [`Tree::LogTimes`]: the cost follows what is forgotten, not what is kept.
+fn prune_logs_by_time(kv: &dyn KvStore, cut: u64, ops: &mut Vec<KvOp>) -> Result<(), PersistError> {
+    let store = |e: crate::persistence::kv::KvError| read_err("store", e);
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let page = kv.scan(Tree::LogTimes, b"", start, 1_024).map_err(store)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (k, _) in page {
+            if k.get(..6).is_none_or(|b| v7_millis(b) >= cut) {
+                return Ok(());
+            }
+            if let (Some(batch), Some(run)) = (k.get(..16), k.get(16..32)) {
+                let mut log = run.to_vec();
+                log.extend_from_slice(batch);
+                ops.push(KvOp::Delete(Tree::Logs, log));
+            }
+            ops.push(KvOp::Delete(Tree::LogTimes, k));
+        }
+    }
+    Ok(())
+}
+
+/// The first log pruning of a store written before [`Tree::LogTimes`]: walks every batch once,
+/// forgetting those older than `cut` and indexing the rest by time, then marks the index whole.
+fn index_and_prune_every_log(kv: &dyn KvStore, cut: u64, ops: &mut Vec<KvOp>) -> Result<(), PersistError> {
+    let store = |e: crate::persistence::kv::KvError| read_err("store", e);
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let page = kv.scan(Tree::Logs, b"", start, 4_096).map_err(store)?;
+        let Some((last, _)) = page.last() else { break };
+        after = Some(last.clone());
+        for (k, _) in page {
+            let (Some(run), Some(batch)) = (k.get(..16), k.get(16..32)) else {
+                continue;
+            };
+            let mut t = batch.to_vec();
+            t.extend_from_slice(run);
+            if v7_millis(&batch[..6]) < cut {
+                ops.push(KvOp::Delete(Tree::LogTimes, t));
+                ops.push(KvOp::Delete(Tree::Logs, k));
+            } else {
+                ops.push(KvOp::Put(Tree::LogTimes, t, Vec::new()));
+            }
+        }
+    }
+    ops.push(KvOp::Put(Tree::Meta, LOG_TIMES_KEY.to_vec(), Vec::new()));
+    Ok(())
 }
 
 impl StoreJob {
