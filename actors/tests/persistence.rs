@@ -57,6 +57,38 @@ async fn start(config: PersistenceConfig) -> (PersistenceHandle, ractor::concurr
         .expect("start failed")
 }
 
+/// The times of the first 100 log lines of `run`.
+async fn log_times(h: &PersistenceHandle, run: FlowRunId) -> Vec<Timestamp> {
+    let ReadReply::Logs { lines, .. } = h
+        .read(Read::Logs {
+            flow_run: run,
+            after: None,
+            limit: 100,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("not a page of logs")
+    };
+    lines.into_iter().map(|l| l.timestamp).collect()
+}
+
+/// A log batch of `run` with one line, written at `at`.
+fn one_line_batch(run: FlowRunId, at: Timestamp, rng: &mut SmallRng) -> Command {
+    Command::AppendLogs {
+        batch: LogBatchId::new(at, rng),
+        flow_run: run,
+        lines: vec![LogLine {
+            flow_run: run,
+            task_run: None,
+            timestamp: at,
+            level: LogLevel::Info,
+            target: "t".into(),
+            message: format!("at {at}"),
+        }],
+    }
+}
+
 async fn submit(h: &PersistenceHandle, c: Command) -> Reply {
     tokio::time::timeout(WAIT, h.submit(c))
         .await
@@ -472,23 +504,7 @@ async fn pruning_forgets_old_runs_events_and_logs_and_keeps_the_histories_of_the
         (live, Timestamp::from_millis(10)),
         (live, now),
     ] {
-        let line = LogLine {
-            flow_run: run,
-            task_run: None,
-            timestamp: at,
-            level: LogLevel::Info,
-            target: "t".into(),
-            message: format!("at {at}"),
-        };
-        submit(
-            &h,
-            Command::AppendLogs {
-                batch: LogBatchId::new(at, &mut rng),
-                flow_run: run,
-                lines: vec![line],
-            },
-        )
-        .await;
+        submit(&h, one_line_batch(run, at, &mut rng)).await;
     }
     let new = user_event(now, &mut rng);
     submit(&h, Command::AppendEvent(new.clone())).await;
@@ -536,46 +552,13 @@ async fn pruning_forgets_old_runs_events_and_logs_and_keeps_the_histories_of_the
         "{events:?}"
     );
     assert_eq!(events[2], new);
-    let logs = |run| {
-        let h = h.clone();
-        async move {
-            let ReadReply::Logs { lines, .. } = h
-                .read(Read::Logs {
-                    flow_run: run,
-                    after: None,
-                    limit: 100,
-                })
-                .await
-                .unwrap()
-            else {
-                panic!()
-            };
-            lines.into_iter().map(|l| l.timestamp).collect::<Vec<_>>()
-        }
-    };
-    assert!(logs(done).await.is_empty());
-    assert_eq!(logs(live).await, [now]);
+    assert!(log_times(&h, done).await.is_empty());
+    assert_eq!(log_times(&h, live).await, [now]);
 
     // The first pruning indexed the logs by time: the next ones walk that index, oldest first.
     let later = now + Duration::from_millis(1);
     for at in [Timestamp::from_millis(20), later] {
-        let line = LogLine {
-            flow_run: live,
-            task_run: None,
-            timestamp: at,
-            level: LogLevel::Info,
-            target: "t".into(),
-            message: format!("at {at}"),
-        };
-        submit(
-            &h,
-            Command::AppendLogs {
-                batch: LogBatchId::new(at, &mut rng),
-                flow_run: live,
-                lines: vec![line],
-            },
-        )
-        .await;
+        submit(&h, one_line_batch(live, at, &mut rng)).await;
     }
     let again = Command::Prune(flotilla_runtime::Prune {
         runs_before: Timestamp::from_millis(1),
@@ -589,20 +572,8 @@ async fn pruning_forgets_old_runs_events_and_logs_and_keeps_the_histories_of_the
     ));
     h.stop(join).await;
     let (h, join) = start(PersistenceConfig::for_tests(dir.path())).await;
-    let ReadReply::Logs { lines, .. } = h
-        .read(Read::Logs {
-            flow_run: live,
-            after: None,
-            limit: 100,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
-    let kept: Vec<Timestamp> = lines.into_iter().map(|l| l.timestamp).collect();
     assert_eq!(
-        kept,
+        log_times(&h, live).await,
         [now, later],
         "the ancient batch written after the first pruning stays"
     );

@@ -49,22 +49,13 @@ impl ColdPrune {
                 }
             }
             dead.extend(p.events.iter().copied());
-            let prefix = p.flow_run.as_bytes();
-            let mut after: Option<Vec<u8>> = None;
-            loop {
-                let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-                let page = kv.scan(Tree::Logs, prefix, start, 1_024).map_err(store)?;
-                let Some((last, _)) = page.last() else { break };
-                after = Some(last.clone());
-                for (k, _) in page {
-                    if let Some(batch) = k.get(16..32) {
-                        let mut t = batch.to_vec();
-                        t.extend_from_slice(&k[..16]);
-                        ops.push(KvOp::Delete(Tree::LogTimes, t));
-                    }
-                    ops.push(KvOp::Delete(Tree::Logs, k));
+            each_key(kv, Tree::Logs, p.flow_run.as_bytes(), |k| {
+                if let Some(t) = swap_halves(&k) {
+                    ops.push(KvOp::Delete(Tree::LogTimes, t));
                 }
-            }
+                ops.push(KvOp::Delete(Tree::Logs, k));
+                true
+            })?;
         }
         let mut blocks = EventBlocks::default();
         // The pruned runs' state changes, one block read per block touched.
@@ -125,54 +116,70 @@ impl ColdPrune {
 /// Forgets the log batches older than `cut` (ms since the epoch), oldest first from
 /// [`Tree::LogTimes`]: the cost follows what is forgotten, not what is kept.
 fn prune_logs_by_time(kv: &dyn KvStore, cut: u64, ops: &mut Vec<KvOp>) -> Result<(), PersistError> {
-    let store = |e: crate::persistence::kv::KvError| read_err("store", e);
-    let mut after: Option<Vec<u8>> = None;
-    loop {
-        let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-        let page = kv.scan(Tree::LogTimes, b"", start, 1_024).map_err(store)?;
-        let Some((last, _)) = page.last() else { break };
-        after = Some(last.clone());
-        for (k, _) in page {
-            if k.get(..6).is_none_or(|b| v7_millis(b) >= cut) {
-                return Ok(());
-            }
-            if let (Some(batch), Some(run)) = (k.get(..16), k.get(16..32)) {
-                let mut log = run.to_vec();
-                log.extend_from_slice(batch);
-                ops.push(KvOp::Delete(Tree::Logs, log));
-            }
-            ops.push(KvOp::Delete(Tree::LogTimes, k));
+    each_key(kv, Tree::LogTimes, b"", |k| {
+        if k.get(..6).is_none_or(|b| v7_millis(b) >= cut) {
+            return false;
         }
-    }
-    Ok(())
+        if let Some(log) = swap_halves(&k) {
+            ops.push(KvOp::Delete(Tree::Logs, log));
+        }
+        ops.push(KvOp::Delete(Tree::LogTimes, k));
+        true
+    })
 }
 
 /// The first log pruning of a store written before [`Tree::LogTimes`]: walks every batch once,
 /// forgetting those older than `cut` and indexing the rest by time, then marks the index whole.
 fn index_and_prune_every_log(kv: &dyn KvStore, cut: u64, ops: &mut Vec<KvOp>) -> Result<(), PersistError> {
-    let store = |e: crate::persistence::kv::KvError| read_err("store", e);
+    each_key(kv, Tree::Logs, b"", |k| {
+        // A log key is the run's id then the batch's, whose first 6 bytes are its time.
+        let Some(t) = swap_halves(&k) else { return true };
+        if v7_millis(&t[..6]) < cut {
+            ops.push(KvOp::Delete(Tree::LogTimes, t));
+            ops.push(KvOp::Delete(Tree::Logs, k));
+        } else {
+            ops.push(KvOp::Put(Tree::LogTimes, t, Vec::new()));
+        }
+        true
+    })?;
+    ops.push(KvOp::Put(Tree::Meta, LOG_TIMES_KEY.to_vec(), Vec::new()));
+    Ok(())
+}
+
+/// Calls `f` with each key of `tree` under `prefix`, in order, a page at a time, until it
+/// returns false.
+fn each_key(
+    kv: &dyn KvStore,
+    tree: Tree,
+    prefix: &[u8],
+    mut f: impl FnMut(Vec<u8>) -> bool,
+) -> Result<(), PersistError> {
     let mut after: Option<Vec<u8>> = None;
     loop {
         let start = after.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-        let page = kv.scan(Tree::Logs, b"", start, 4_096).map_err(store)?;
-        let Some((last, _)) = page.last() else { break };
+        let page = kv
+            .scan(tree, prefix, start, 1_024)
+            .map_err(|e| read_err("store", e))?;
+        let Some((last, _)) = page.last() else {
+            return Ok(());
+        };
         after = Some(last.clone());
         for (k, _) in page {
-            let (Some(run), Some(batch)) = (k.get(..16), k.get(16..32)) else {
-                continue;
-            };
-            let mut t = batch.to_vec();
-            t.extend_from_slice(run);
-            if v7_millis(&batch[..6]) < cut {
-                ops.push(KvOp::Delete(Tree::LogTimes, t));
-                ops.push(KvOp::Delete(Tree::Logs, k));
-            } else {
-                ops.push(KvOp::Put(Tree::LogTimes, t, Vec::new()));
+            if !f(k) {
+                return Ok(());
             }
         }
     }
-    ops.push(KvOp::Put(Tree::Meta, LOG_TIMES_KEY.to_vec(), Vec::new()));
-    Ok(())
+}
+
+/// A 32-byte key with its two halves swapped: a log key (run, batch) as its
+/// [`Tree::LogTimes`] key (batch, run), and back.
+fn swap_halves(k: &[u8]) -> Option<Vec<u8>> {
+    let (first, second) = (k.get(..16)?, k.get(16..32)?);
+    let mut out = Vec::with_capacity(32);
+    out.extend_from_slice(second);
+    out.extend_from_slice(first);
+    Some(out)
 }
 
 impl StoreJob {
