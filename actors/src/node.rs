@@ -5,12 +5,10 @@
 
 pub mod agent;
 pub mod control;
-pub mod dispatch;
 pub mod link;
 pub mod plane;
 pub mod replies;
 pub mod scheduler;
-pub mod slots;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

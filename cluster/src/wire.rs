@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use flotilla_runtime::{
     Deployment, DeploymentId, DeploymentSpec, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State,
-    StateType, TaskRun, Timestamp,
+    StateType, TaskRun,
 };
 
 /// The longest a [`Request::Wait`] waits.
@@ -337,49 +337,7 @@ pub struct SchedulerStats {
     pub busy_us: u64,
 }
 
-/// What a run of a flow takes from the flow when it is created.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FlowDefaults {
-    /// Flow-level retries.
-    pub retry: flotilla_runtime::RetryPolicy,
-    /// Whether a crash of its node resumes it.
-    pub resume: bool,
-}
-
-/// A member of the cluster, as the control node sees it.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct MemberStatus {
-    /// Its name.
-    pub name: NodeId,
-    /// Where it listens.
-    pub addr: String,
-    /// `control` or `worker`.
-    pub role: String,
-    /// Whether it was heard from recently.
-    pub reachable: bool,
-    /// Flow runs it runs now.
-    pub slots_used: u32,
-    /// Flow runs it may run at once.
-    pub slots_total: u32,
-    /// The flows it can run.
-    pub flows: Vec<String>,
-    /// The work queues it serves (empty: all).
-    #[serde(default)]
-    pub queues: Vec<String>,
-    /// When it was last heard from.
-    pub last_heartbeat: Option<Timestamp>,
-    /// Which start of the node this is (it changes on every restart).
-    #[serde(default)]
-    pub incarnation: u64,
-    /// In a node's heartbeat: the flow runs it holds (running or queued), so that a run handed
-    /// to it and never started is taken back. Empty in the cluster's status.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub holds: Vec<FlowRunId>,
-    /// In a node's heartbeat: the options of the flows it runs, which runs created for them on
-    /// the control node take. Empty in the cluster's status.
-    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
-    pub flow_options: std::collections::BTreeMap<String, FlowDefaults>,
-}
+pub use flotilla_runtime::control::{FlowDefaults, MemberStatus};
 
 /// The cluster's members.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

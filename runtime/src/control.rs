@@ -28,6 +28,8 @@
 //! run + epoch, request id).
 
 mod command;
+pub mod coordinator;
+pub mod dispatch;
 mod effect;
 pub mod handouts;
 mod ids;
@@ -36,6 +38,8 @@ mod leases;
 mod machine;
 mod membership;
 mod requests;
+mod roster;
+pub mod slots;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -45,6 +49,8 @@ use std::time::Duration;
 pub use command::{
     ClientReply, ClientResult, ControlCommand, ControlOutcome, ControlReply, LeaseCommand, LeaseReply,
 };
+pub use coordinator::Coordinator;
+pub use dispatch::{Placement, QueueLoad};
 pub use effect::{Effect, ToNodeMsg};
 pub use handouts::Handouts;
 pub use ids::{Incarnation, RequestId, derived_id};
@@ -53,6 +59,8 @@ pub use leases::{LeaseRecord, Leases};
 pub use machine::ControlMachine;
 pub use membership::{Member, Membership};
 pub use requests::RequestOutcomes;
+pub use roster::{FlowDefaults, MemberStatus};
+pub use slots::{SlotGrant, SlotRequest};
 pub use state::{ControlState, Holder};
 
 /// How the control machine works: every figure with its unit in the name.

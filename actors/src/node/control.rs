@@ -1,19 +1,24 @@
-//! The control actor, on the control node: the cluster's one entrance to the control state.
-//! It takes commands and reads from workers (in order, durable before it answers), keeps the
-//! membership from their heartbeats, marks a member unreachable after a silence and crashes
-//! its runs, places flow runs on live nodes, and serves the client protocol.
+//! The control actor, on the control node: the cluster's one entrance to the control state,
+//! and the driver of the [`Coordinator`]. It takes commands and reads from workers (in order,
+//! durable before it answers) and serves the client protocol; every live decision —
+//! membership, placement, dispatch, tag-limit slots — is the coordinator's, a pure machine in
+//! the runtime crate: this actor turns messages into its inputs and carries out its effects
+//! (the log, messages to nodes, reads of the store).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_cluster::wire::{
     ClusterStatus, ErrorKind, LimitChange, MemberStatus, QueueChange, QueueInfo, Request, Response,
     WAIT_MS_MAX, WireError,
 };
+use flotilla_runtime::control::coordinator::{
+    Coordinator, CoordinatorConfig, Effect, Input, Notice, Running, SlotAnswer,
+};
+use flotilla_runtime::control::{Placement, SlotRequest};
 use flotilla_runtime::{
-    Command, Decision, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryRequest, SlotChange, State,
-    StateName, StateType, TaskRunId, Timestamp, TransitionId, codec,
+    Command, Decision, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryRequest, State, StateName,
+    StateType, TaskRunId, Timestamp, codec,
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::RactorClusterMessage;
@@ -21,12 +26,11 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 mod answers;
-mod leases;
 mod requests;
 
+pub use flotilla_runtime::control::coordinator::LATE_AFTER;
+
 use super::agent::{AgentMsg, agent_of};
-use super::dispatch::{Action, Dispatch, Placement};
-use super::slots::{SlotGrant, SlotRequest, Slots};
 use crate::engine::FlowFn;
 use crate::engine::results::ResultStore;
 use crate::persistence::{
@@ -112,22 +116,18 @@ impl Default for MembershipSettings {
     }
 }
 
-struct Member {
-    status: MemberStatus,
-    last_seen: Instant,
-    /// Runs placed on it since its last heartbeat.
-    placed: u32,
-}
-
 /// The control actor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Control;
 
+/// Where a task run waiting for slots is answered.
+type SlotReply = RpcReplyPort<Vec<u8>>;
+
 /// The control actor's state.
 pub struct ControlState {
     persistence: PersistenceHandle,
-    members: BTreeMap<NodeId, Member>,
-    settings: MembershipSettings,
+    /// The live decisions.
+    coordinator: Coordinator<SlotReply>,
     rng: SmallRng,
     /// Large results.
     results: ResultStore,
@@ -136,45 +136,18 @@ pub struct ControlState {
     flows: std::collections::HashMap<String, Arc<dyn FlowFn>>,
     /// Their options, which the runs made here take.
     catalog: crate::engine::FlowCatalog,
-    /// Runs due, by queue and deployment, and those running: placed as soon as a node can
-    /// take them and their limits let them.
-    dispatch: Dispatch,
-    /// Tag limits and their leases.
-    slots: Slots<SlotWaiter>,
-    /// Runs handed to nodes and not yet seen there (taken back if their node never starts them).
-    handouts: flotilla_runtime::control::Handouts,
-    /// Whether the runs under way were read back once since the start.
-    restored: bool,
     /// How many answers to mutating requests are remembered, and how long.
     answers: super::replies::AnswerBounds,
     /// Requests being answered, and every try of each waiting for the answer: a try that
     /// arrives meanwhile (from this node or another) waits for the first answer rather than
     /// act again.
     asking: std::collections::HashMap<flotilla_runtime::control::RequestId, Vec<RpcReplyPort<Vec<u8>>>>,
-    /// Whether the slot holdings were recorded before this start (a data directory from before
-    /// the record has none: then new holders wait one lease TTL after a start).
-    holds_known: bool,
 }
-
-/// A task run waiting for slots: who, and where to answer.
-type SlotWaiter = (TaskRunId, RpcReplyPort<Vec<u8>>);
-
-/// A run running, as read back from the store.
-#[derive(serde::Serialize, serde::Deserialize, Debug)]
-struct Running {
-    run: FlowRunId,
-    queue: Option<String>,
-    deployment: Option<flotilla_runtime::DeploymentId>,
-    node: Option<NodeId>,
-}
-
-/// By default, a run whose scheduled time passed this long ago without starting is marked Late.
-pub const LATE_AFTER: Duration = Duration::from_secs(15);
 
 impl std::fmt::Debug for ControlState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlState")
-            .field("members", &self.members.len())
+            .field("coordinator", &self.coordinator)
             .finish_non_exhaustive()
     }
 }
@@ -198,136 +171,56 @@ fn persist_err(e: PersistError) -> Response {
 impl ControlState {
     fn status(&self) -> ClusterStatus {
         ClusterStatus {
-            nodes: self.members.values().map(|m| m.status.clone()).collect(),
+            nodes: self.coordinator.members(),
         }
     }
 
-    /// The live member that runs `flow` with the most free room (slots in use counting the runs
-    /// placed on it since its last heartbeat).
-    fn place(&mut self, flow: &str) -> Option<NodeId> {
-        pick(&mut self.members, flow, None)
-    }
-
-    /// Hands out every due run that can go now; marks those its deployment holds back.
-    fn pump(&mut self) {
-        if self.dispatch.waiting() == 0 {
-            return;
-        }
-        let members = &mut self.members;
-        let actions = self
-            .dispatch
-            .dispatch(|flow, queue| pick(members, flow, Some(queue)));
-        for action in actions {
-            match action {
-                Action::Place(p, node, marked) => {
-                    // Handed out long after its time (a downtime of the control node, a busy
-                    // cluster): it starts marked Late.
-                    if !marked && now().saturating_since(p.due) > self.settings.late_after {
-                        self.mark(p.run, State::named(StateName::Late, now()));
-                    }
-                    self.handouts.handed(p.run, node.clone());
-                    if !send_agent(&node, AgentMsg::Run(p.run.as_bytes().to_vec())) {
+    /// Feeds the coordinator one input and carries out what it decides.
+    fn drive(&mut self, input: Input<SlotReply>) {
+        let mut effects: std::collections::VecDeque<Effect<SlotReply>> =
+            self.coordinator.handle(now(), input).into();
+        while let Some(effect) = effects.pop_front() {
+            match effect {
+                Effect::Append(command) => drop(self.persistence.enqueue(command)),
+                Effect::Start { node, placement } => {
+                    if !send_agent(&node, AgentMsg::Run(placement.run.as_bytes().to_vec())) {
                         // The node went away since its last heartbeat: the run waits again.
-                        self.dispatch.ended(p.run);
-                        if let Some(m) = self.members.get_mut(&node) {
-                            m.status.reachable = false;
-                        }
-                        self.dispatch.add(p);
+                        let input = Input::StartFailed { node, placement };
+                        effects.extend(self.coordinator.handle(now(), input));
                     }
                 }
-                Action::Await(run) => self.mark(run, State::named(StateName::AwaitingConcurrencySlot, now())),
-                Action::Cancel(run) => self.mark(
-                    run,
-                    State::named(StateName::Cancelling, now()).with_message(
-                        "its deployment is at its concurrency limit (collision strategy cancel-new)",
-                    ),
-                ),
+                Effect::Recheck { node, runs } => self.take_back(&node, runs),
+                Effect::Hold {
+                    holder,
+                    node,
+                    tags,
+                    reply,
+                    answer,
+                } => self.record_hold(holder, node, tags, reply, answer),
+                Effect::Answer { reply, answer } => {
+                    let _ = reply.send(slot_answer(answer));
+                }
+                Effect::Notice(notice) => match notice {
+                    Notice::Unreachable { node, silent } => {
+                        tracing::warn!(%node, silent_ms = silent.as_millis() as u64, "member unreachable");
+                    }
+                    Notice::Reachable(node) => tracing::info!(%node, "member reachable"),
+                    Notice::LeaseLapsed { tag, holder } => {
+                        tracing::warn!(%tag, %holder, "a slot's lease lapsed; the slot is free again");
+                    }
+                },
             }
         }
     }
 
-    /// The node making this claim (a Pending proposal), if it is a member declared unreachable.
-    fn dead_claimer(&self, c: &Command) -> Option<NodeId> {
-        let Command::ProposeFlowRunState { proposal, .. } = c else {
-            return None;
-        };
-        let node = proposal.node.as_ref()?;
-        if proposal.state.kind != StateType::Pending {
-            return None;
+    /// A member's heartbeat: the flows' options it runs are learned, and the cluster's status
+    /// is the answer.
+    fn heartbeat(&mut self, report: MemberStatus) -> ClusterStatus {
+        for (flow, o) in &report.flow_options {
+            self.catalog.learn(flow, &o.retry, o.resume);
         }
-        // A node not heard of yet is joining (its first heartbeat is on its way).
-        match self.members.get(node) {
-            Some(m) if !m.status.reachable => Some(node.clone()),
-            _ => None,
-        }
-    }
-
-    /// Proposes a state for a run that has not started.
-    fn mark(&mut self, run: FlowRunId, state: State) {
-        let proposal = Proposal::new(state, self.tid());
-        drop(
-            self.persistence
-                .enqueue(Command::ProposeFlowRunState { run, proposal }),
-        );
-    }
-
-    /// A run came due.
-    fn due(&mut self, p: Placement) {
-        self.dispatch.add(p);
-        self.pump();
-    }
-
-    /// A run ended: its node has a free slot again.
-    fn ended(&mut self, run: FlowRunId) {
-        if let Some(node) = self.dispatch.ended(run)
-            && let Some(m) = self.members.get_mut(&node)
-        {
-            if m.placed > 0 {
-                m.placed -= 1;
-            } else {
-                m.status.slots_used = m.status.slots_used.saturating_sub(1);
-            }
-        }
-        self.pump();
-    }
-
-    /// Marks Late the runs waiting too long, and hands out what can go.
-    fn place_waiting(&mut self) {
-        for run in self.dispatch.late(now(), self.settings.late_after) {
-            self.mark(run, State::named(StateName::Late, now()));
-        }
-        self.pump();
-    }
-
-    fn tid(&mut self) -> TransitionId {
-        TransitionId::new(now(), &mut self.rng)
-    }
-
-    /// Looks for members silent too long: they become unreachable and their runs crash.
-    fn check(&mut self) {
-        let after = self.settings.unreachable_after;
-        let mut gone = Vec::new();
-        for m in self.members.values_mut() {
-            if m.status.reachable && m.last_seen.elapsed() > after {
-                m.status.reachable = false;
-                let node = m.status.name.clone();
-                tracing::warn!(node = %node, silent_ms = m.last_seen.elapsed().as_millis() as u64, "member unreachable");
-                // The key names the node's life that ended, never the clock: the same death
-                // declared twice is one crash.
-                let cmd = Command::MarkNodeCrashed {
-                    node: node.clone(),
-                    message: format!("node {node} became unreachable"),
-                    key: format!("crash/{node}/{}", m.status.incarnation),
-                };
-                drop(self.persistence.enqueue(cmd));
-                gone.push(node);
-            }
-        }
-        // Runs handed to a node that died before it started them wait for another node.
-        for node in gone {
-            let back = self.handouts.take_node(&node);
-            self.take_back(&node, back);
-        }
+        self.drive(Input::Heartbeat(report));
+        self.status()
     }
 
     /// Runs handed to `node` that it never started: each is placed again if it still waits
@@ -350,54 +243,50 @@ impl ControlState {
         }
     }
 
-    fn heartbeat(&mut self, report: MemberStatus) -> ClusterStatus {
-        // A run handed to the node and left out of its heartbeats was never started there:
-        // taken back, and placed again if it still waits (fix 8).
-        let back = self.handouts.heartbeat(&report.name, &report.holds);
-        self.take_back(&report.name, back);
-        let entry = self.members.entry(report.name.clone()).or_insert_with(|| Member {
-            status: report.clone(),
-            last_seen: Instant::now(),
-            placed: 0,
+    /// Records that `holder` holds these slots, then sends it `answer`; a holding not recorded,
+    /// or a holder gone, gives the slots back.
+    fn record_hold(
+        &self,
+        holder: TaskRunId,
+        node: NodeId,
+        tags: Vec<String>,
+        reply: SlotReply,
+        answer: SlotAnswer,
+    ) {
+        let recorded = self
+            .persistence
+            .enqueue(Command::Slots(flotilla_runtime::SlotChange::Hold {
+                holder,
+                node,
+                tags,
+            }));
+        tokio::spawn(async move {
+            let ok = matches!(recorded.await, Ok(Ok(Ok(_))));
+            if !ok || reply.send(slot_answer(answer)).is_err() {
+                give_back(vec![holder]);
+            }
         });
-        if !entry.status.reachable {
-            tracing::info!(node = %report.name, "member reachable");
-        }
-        for (flow, o) in &report.flow_options {
-            self.catalog.learn(flow, &o.retry, o.resume);
-        }
-        entry.status = MemberStatus {
-            reachable: true,
-            last_heartbeat: Some(now()),
-            holds: Vec::new(),
-            flow_options: Default::default(),
-            ..report
-        };
-        entry.last_seen = Instant::now();
-        entry.placed = 0;
-        self.status()
+    }
+
+    fn tid(&mut self) -> flotilla_runtime::TransitionId {
+        flotilla_runtime::TransitionId::new(now(), &mut self.rng)
     }
 }
 
-/// The live member that runs `flow` (and serves `queue`, then only with a free slot) with the
-/// most free room; the run counts against it until its next heartbeat.
-fn pick(members: &mut BTreeMap<NodeId, Member>, flow: &str, queue: Option<&str>) -> Option<NodeId> {
-    let load =
-        |m: &Member| f64::from(m.status.slots_used + m.placed) / f64::from(m.status.slots_total.max(1));
-    let best = members
-        .values_mut()
-        .filter(|m| {
-            m.status.reachable
-                && m.status.slots_total > 0
-                && m.status.flows.iter().any(|f| f == flow)
-                && queue.is_none_or(|q| {
-                    (m.status.queues.is_empty() || m.status.queues.iter().any(|x| x == q))
-                        && m.status.slots_used + m.placed < m.status.slots_total
-                })
-        })
-        .min_by(|a, b| load(a).total_cmp(&load(b)))?;
-    best.placed += 1;
-    Some(best.status.name.clone())
+/// A slot answer as the task run's node decodes it.
+fn slot_answer(answer: SlotAnswer) -> Vec<u8> {
+    match answer {
+        SlotAnswer::Grant(grant) => encode(&grant),
+        SlotAnswer::Renewed(held) => encode(&held),
+    }
+}
+
+/// Gives slots back through the control actor (a grant that could not be delivered).
+fn give_back(holders: Vec<TaskRunId>) {
+    if let Some(cell) = ractor::registry::where_is(CONTROL_NAME) {
+        let _ = ActorRef::<ControlMsg>::from(cell)
+            .cast(ControlMsg::Slots(encode(&SlotRequest::Release(holders))));
+    }
 }
 
 /// The flow run an event says ended.
@@ -583,16 +472,13 @@ impl Actor for Control {
         Ok(ControlState {
             persistence: args.persistence,
             results: args.results,
-            members: BTreeMap::new(),
-            settings: args.settings,
+            coordinator: Coordinator::new(CoordinatorConfig {
+                unreachable_after: args.settings.unreachable_after,
+                late_after: args.settings.late_after,
+            }),
             rng: SmallRng::seed_from_u64(now().as_micros() as u64),
             catalog: args.catalog,
             flows: args.flows.into_iter().map(|f| (f.name().to_owned(), f)).collect(),
-            dispatch: Dispatch::default(),
-            slots: Slots::default(),
-            handouts: Default::default(),
-            restored: false,
-            holds_known: false,
             answers: args.answers,
             asking: Default::default(),
         })
@@ -612,10 +498,8 @@ impl Actor for Control {
                 // unreachable has had its runs crashed and must not take new ones.
                 let answers: Result<Vec<_>, _> = codec::decode::<Vec<Command>>(&bytes).map(|cmds| {
                     cmds.into_iter()
-                        .map(|c| match s.dead_claimer(&c) {
-                            Some(node) => Err(flotilla_runtime::Refusal::Invalid(format!(
-                                "node {node} is not a live member: it cannot claim runs"
-                            ))),
+                        .map(|c| match s.coordinator.refuse_claim(&c) {
+                            Some(refusal) => Err(refusal),
                             None => Ok(p.enqueue(c)),
                         })
                         .collect()
@@ -651,7 +535,6 @@ impl Actor for Control {
                 if let Ok(report) = codec::decode::<MemberStatus>(&bytes) {
                     let status = s.heartbeat(report);
                     let _ = reply.send(encode(&status));
-                    s.pump();
                 }
             }
             ControlMsg::Request(bytes, reply) => match codec::decode::<Request>(&bytes) {
@@ -696,75 +579,61 @@ impl Actor for Control {
                 }
             }
             ControlMsg::Place(bytes) => match codec::decode::<Placement>(&bytes) {
-                Ok(p) => s.due(p),
+                Ok(p) => s.drive(Input::Due(p)),
                 Err(e) => tracing::error!(error = %e, "an undecodable placement"),
             },
             ControlMsg::Ended(bytes) => {
                 if let Some(run) = super::agent::id_of(&bytes) {
-                    s.handouts.forget(&run);
-                    s.ended(run);
+                    s.drive(Input::Ended(run));
                 }
             }
             ControlMsg::TakeBack(bytes) => match codec::decode::<Placement>(&bytes) {
-                Ok(p) => {
-                    s.ended(p.run);
-                    s.due(p);
-                }
+                Ok(p) => s.drive(Input::TakeBack(p)),
                 Err(e) => tracing::error!(error = %e, "an undecodable placement"),
             },
-            ControlMsg::Restore(bytes) => {
-                if let Ok(running) = codec::decode::<Vec<Running>>(&bytes) {
-                    // Started with runs under way and no complete record of who holds slots (a
-                    // data directory from before the record, or a restart soon after): new
-                    // holders wait until every lease that may be held was renewed or ran out.
-                    if !s.restored && !running.is_empty() && !s.holds_known {
-                        s.slots.restarted(Instant::now());
-                    }
-                    s.restored = true;
-                    s.complete_holds();
-                    s.dispatch.clear_active();
-                    for r in running {
-                        s.dispatch
-                            .restore(r.run, r.queue.as_deref(), r.deployment, r.node);
-                    }
-                    s.pump();
-                }
-            }
-            ControlMsg::Queues(bytes) => {
-                if let Ok(queues) = codec::decode::<Vec<flotilla_runtime::WorkQueue>>(&bytes) {
-                    s.dispatch.set_queues(queues);
-                    s.pump();
-                }
-            }
-            ControlMsg::Tick => {
-                s.check();
-                s.place_waiting();
-                s.complete_holds();
-                s.expire_slots();
-            }
+            ControlMsg::Restore(bytes) => match codec::decode::<Vec<Running>>(&bytes) {
+                Ok(running) => s.drive(Input::Restore(running)),
+                Err(e) => tracing::error!(error = %e, "undecodable runs"),
+            },
+            ControlMsg::Queues(bytes) => match codec::decode::<Vec<flotilla_runtime::WorkQueue>>(&bytes) {
+                Ok(queues) => s.drive(Input::Queues(queues)),
+                Err(e) => tracing::error!(error = %e, "undecodable work queues"),
+            },
+            ControlMsg::Tick => s.drive(Input::Tick),
             ControlMsg::Holds(bytes) => {
-                if let Ok(holds) = codec::decode::<Option<Vec<(String, TaskRunId, NodeId)>>>(&bytes) {
-                    s.restore_holds(holds);
+                match codec::decode::<Option<Vec<(String, TaskRunId, NodeId)>>>(&bytes) {
+                    Ok(holds) => s.drive(Input::Holds(holds)),
+                    Err(e) => tracing::error!(error = %e, "undecodable slot holdings"),
                 }
             }
             ControlMsg::Limits(bytes) => {
-                if let Ok(limits) = codec::decode::<Vec<flotilla_runtime::ConcurrencyLimit>>(&bytes) {
-                    let served = s.slots.set_all(&limits, Instant::now());
-                    s.grant(served);
+                match codec::decode::<Vec<flotilla_runtime::ConcurrencyLimit>>(&bytes) {
+                    Ok(limits) => s.drive(Input::Limits(limits)),
+                    Err(e) => tracing::error!(error = %e, "undecodable tag limits"),
                 }
             }
             ControlMsg::AcquireSlots(bytes, reply) => match codec::decode::<SlotRequest>(&bytes) {
-                Ok(SlotRequest::Acquire { holder, node, tags }) => s.acquire_slots(holder, node, tags, reply),
+                Ok(SlotRequest::Acquire { holder, node, tags }) => s.drive(Input::Acquire {
+                    holder,
+                    node,
+                    tags,
+                    reply,
+                }),
                 Ok(other) => tracing::warn!(request = ?other, "a slot request that is not an acquire"),
                 Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
             },
             ControlMsg::RenewSlots(bytes, reply) => match codec::decode::<SlotRequest>(&bytes) {
-                Ok(SlotRequest::Renew { holder, node, tags }) => s.renew_slots(holder, node, &tags, reply),
+                Ok(SlotRequest::Renew { holder, node, tags }) => s.drive(Input::Renew {
+                    holder,
+                    node,
+                    tags,
+                    reply,
+                }),
                 Ok(other) => tracing::warn!(request = ?other, "a slot request that is not a renewal"),
                 Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
             },
             ControlMsg::Slots(bytes) => match codec::decode::<SlotRequest>(&bytes) {
-                Ok(SlotRequest::Release(holders)) => s.release_slots(holders),
+                Ok(SlotRequest::Release(holders)) => s.drive(Input::Release(holders)),
                 Ok(other) => tracing::warn!(request = ?other, "a slot request sent without a reply port"),
                 Err(e) => tracing::error!(error = %e, "an undecodable slot request"),
             },

@@ -11,8 +11,8 @@ use ractor::ActorRef;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::control::{CONTROL_GROUP, ControlMsg};
-use super::slots::{SlotGrant, SlotRequest};
 use crate::persistence::{PersistError, PersistenceHandle, Read, ReadReply, SubmitResult};
+use flotilla_runtime::control::{SlotGrant, SlotRequest};
 
 /// How long a worker keeps resending a command batch while the control node is unreachable.
 pub const RESEND_FOR: Duration = Duration::from_secs(120);

@@ -24,8 +24,8 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 use super::control::{CONTROL_NAME, ControlMsg};
-use super::dispatch::Placement;
 use crate::persistence::{PAGE_MAX, PersistenceHandle, RunFilter};
+use flotilla_runtime::control::Placement;
 
 /// The scheduler's registered name.
 pub const SCHEDULER_NAME: &str = "flotilla.scheduler";

@@ -15,25 +15,21 @@ impl ControlState {
             Request::Heartbeat(report) => {
                 let status = self.heartbeat(*report);
                 answer(reply, Response::Status(status));
-                self.pump();
             }
-            Request::RemoveNode(node) => match self.members.get(&node) {
-                None => answer(
-                    reply,
-                    refused(ErrorKind::NotFound, format!("no member named {node}")),
-                ),
-                Some(m) if m.status.reachable => answer(
-                    reply,
-                    refused(
+            Request::RemoveNode(node) => {
+                use flotilla_runtime::control::coordinator::RemoveRefused;
+                let r = match self.coordinator.remove_member(&node) {
+                    Ok(()) => Response::Done,
+                    Err(RemoveRefused::NotFound) => {
+                        refused(ErrorKind::NotFound, format!("no member named {node}"))
+                    }
+                    Err(RemoveRefused::Reachable) => refused(
                         ErrorKind::Refused,
                         format!("{node} is reachable; stop it before removing it"),
                     ),
-                ),
-                Some(_) => {
-                    self.members.remove(&node);
-                    answer(reply, Response::Done);
-                }
-            },
+                };
+                answer(reply, r);
+            }
             Request::RunFlow {
                 flow,
                 params,
@@ -53,23 +49,19 @@ impl ControlState {
                         refused(ErrorKind::Invalid, format!("invalid parameters: {e}")),
                     );
                 }
-                let Some(node) = self.place(&flow) else {
-                    let known: std::collections::BTreeSet<String> = self
-                        .members
-                        .values()
-                        .flat_map(|m| m.status.flows.clone())
-                        .collect();
-                    let known: Vec<String> = known.into_iter().collect();
-                    let msg = if known.contains(&flow) {
-                        format!("no reachable node runs flow {flow:?} now")
-                    } else {
-                        format!("no node runs a flow named {flow:?} (known: {})", known.join(", "))
-                    };
-                    return answer(reply, refused(ErrorKind::Unavailable, msg));
-                };
                 // The client's id, the same on its retries: a resent request finds its run.
                 let id = id.unwrap_or_else(|| FlowRunId::new(now(), &mut self.rng));
-                self.handouts.handed(id, node.clone());
+                let node = match self.coordinator.place_new(id, &flow) {
+                    Ok(node) => node,
+                    Err(known) => {
+                        let msg = if known.contains(&flow) {
+                            format!("no reachable node runs flow {flow:?} now")
+                        } else {
+                            format!("no node runs a flow named {flow:?} (known: {})", known.join(", "))
+                        };
+                        return answer(reply, refused(ErrorKind::Unavailable, msg));
+                    }
+                };
                 let cmd = Command::CreateFlowRun(
                     self.catalog
                         .apply(NewFlowRun::new(id, flow, params))
@@ -161,14 +153,14 @@ impl ControlState {
             }
             Request::WorkQueue { name, change } => {
                 let id = flotilla_runtime::WorkQueueId::new(now(), &mut self.rng);
-                let loads = self.dispatch.loads();
+                let loads = self.coordinator.loads();
                 tokio::spawn(async move {
                     let r = queue_change(&p, name, change, id, &loads).await;
                     answer(reply, r);
                 });
             }
             Request::WorkQueues => {
-                let loads = self.dispatch.loads();
+                let loads = self.coordinator.loads();
                 tokio::spawn(async move {
                     let r = match p.settings().await {
                         Ok(settings) => Response::WorkQueues(queue_infos(settings, &loads)),
@@ -178,17 +170,10 @@ impl ControlState {
                 });
             }
             Request::ConcurrencyLimits => {
-                answer(
-                    reply,
-                    Response::ConcurrencyLimits(self.slots.describe(Instant::now(), now())),
-                );
+                answer(reply, Response::ConcurrencyLimits(self.coordinator.limits()));
             }
             Request::ConcurrencyLimit { tag, change } => {
-                let current = self
-                    .slots
-                    .describe(Instant::now(), now())
-                    .into_iter()
-                    .find(|l| l.tag == tag);
+                let current = self.coordinator.limits().into_iter().find(|l| l.tag == tag);
                 match change {
                     LimitChange::Inspect => {
                         let r = match current {
@@ -210,14 +195,8 @@ impl ControlState {
                                 ),
                             );
                         }
-                        self.free(self.slots.holders_of(&tag), Some(tag.clone()));
-                        let served = self.slots.reset(&tag, Instant::now());
-                        self.grant(served);
-                        let l = self
-                            .slots
-                            .describe(Instant::now(), now())
-                            .into_iter()
-                            .find(|l| l.tag == tag);
+                        self.drive(Input::ResetLimit(tag.clone()));
+                        let l = self.coordinator.limits().into_iter().find(|l| l.tag == tag);
                         answer(reply, Response::ConcurrencyLimits(l.into_iter().collect()));
                     }
                     LimitChange::Put { limit, lease_ttl_ms } => {
@@ -431,7 +410,7 @@ fn not_found_or(refusal: flotilla_runtime::Refusal) -> Response {
 /// when it was never created.
 fn queue_infos(
     settings: Vec<flotilla_runtime::Setting>,
-    loads: &std::collections::HashMap<String, crate::node::dispatch::QueueLoad>,
+    loads: &std::collections::HashMap<String, flotilla_runtime::control::QueueLoad>,
 ) -> Vec<QueueInfo> {
     let mut queues: Vec<flotilla_runtime::WorkQueue> = settings
         .into_iter()
@@ -480,7 +459,7 @@ async fn queue_change(
     name: String,
     change: QueueChange,
     id: flotilla_runtime::WorkQueueId,
-    loads: &std::collections::HashMap<String, crate::node::dispatch::QueueLoad>,
+    loads: &std::collections::HashMap<String, flotilla_runtime::control::QueueLoad>,
 ) -> Response {
     let info = |q: flotilla_runtime::WorkQueue| {
         let l = loads.get(&q.name).cloned().unwrap_or_default();

@@ -4,15 +4,16 @@
 //! the deployment's own line (named AwaitingConcurrencySlot) or is cancelled (`cancel-new`),
 //! so it never holds back the runs behind it; a slot that frees brings its oldest back.
 //!
-//! Plain data, no actor: the control actor owns one and says what happened (a run came due, a
+//! Plain data, no actor: the coordinator ([`super::Coordinator`]) owns one and says what happened (a run came due, a
 //! run ended, a queue changed); it answers with what to do (place these runs on these nodes,
 //! mark these runs).
 
 use std::collections::{BTreeMap, HashMap};
 
-use flotilla_runtime::{
-    CollisionStrategy, DEFAULT_QUEUE, DeploymentId, FlowRunId, NodeId, Timestamp, WorkQueue,
-};
+use crate::deployment::CollisionStrategy;
+use crate::ids::{DeploymentId, FlowRunId, NodeId};
+use crate::time::Timestamp;
+use crate::work_queue::{DEFAULT_QUEUE, WorkQueue};
 use serde::{Deserialize, Serialize};
 
 /// A run handed to placement.

@@ -67,7 +67,7 @@ fn placed(actions: &[Action]) -> Vec<FlowRunId> {
 fn queue(name: &str, priority: u32, limit: Option<u32>, paused: bool) -> WorkQueue {
     let mut rng = SmallRng::seed_from_u64(1);
     WorkQueue {
-        id: flotilla_runtime::WorkQueueId::new(t(0), &mut rng),
+        id: crate::ids::WorkQueueId::new(t(0), &mut rng),
         name: name.into(),
         priority,
         concurrency_limit: limit,

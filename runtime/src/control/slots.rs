@@ -4,13 +4,17 @@
 //! limited tag it carries at once, or waits for all of them (so two task runs never each hold
 //! what the other waits for); waiters are served oldest first among those that fit.
 //!
-//! Plain data, generic over the waiter's reply so it is tested without actors.
+//! Plain data, generic over the waiter's reply (the driver's reply port, or a test's token).
+//! Time is an argument: nothing here reads a clock.
 
-use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::collections::{BTreeMap, VecDeque};
+use std::time::Duration;
 
-use flotilla_runtime::{ConcurrencyLimit, NodeId, TaskRunId};
 use serde::{Deserialize, Serialize};
+
+use crate::concurrency::{ConcurrencyLimit, SlotLease};
+use crate::ids::{NodeId, TaskRunId};
+use crate::time::Timestamp;
 
 /// What a task run asks for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,13 +56,13 @@ pub enum SlotGrant {
 
 struct Lease {
     node: NodeId,
-    expires: Instant,
+    expires: Timestamp,
 }
 
 struct Limit {
     limit: u32,
     ttl: Duration,
-    held: HashMap<TaskRunId, Lease>,
+    held: BTreeMap<TaskRunId, Lease>,
 }
 
 struct Waiter<R> {
@@ -70,18 +74,18 @@ struct Waiter<R> {
 
 /// The tag limits and who holds their slots.
 pub struct Slots<R> {
-    limits: HashMap<String, Limit>,
+    limits: BTreeMap<String, Limit>,
     waiters: VecDeque<Waiter<R>>,
     /// After a restart of the control node its leases are gone from memory while their holders
     /// still run: until then no slot is given to a new holder, only taken again by one that
     /// renews (every holder that does not has stopped by itself before).
-    new_holders_from: Option<Instant>,
+    new_holders_from: Option<Timestamp>,
 }
 
 impl<R> Default for Slots<R> {
     fn default() -> Self {
         Slots {
-            limits: HashMap::new(),
+            limits: BTreeMap::new(),
             waiters: VecDeque::new(),
             new_holders_from: None,
         }
@@ -102,11 +106,11 @@ pub type Served<R> = Vec<(R, SlotGrant)>;
 
 impl<R> Slots<R> {
     /// Puts a limit (its leases stay; a lower limit lets no new holder in until enough end).
-    pub fn put(&mut self, tag: &str, limit: u32, ttl: Duration, now: Instant) -> Served<R> {
+    pub fn put(&mut self, tag: &str, limit: u32, ttl: Duration, now: Timestamp) -> Served<R> {
         let l = self.limits.entry(tag.to_owned()).or_insert_with(|| Limit {
             limit,
             ttl,
-            held: HashMap::new(),
+            held: BTreeMap::new(),
         });
         l.limit = limit;
         l.ttl = ttl;
@@ -114,7 +118,7 @@ impl<R> Slots<R> {
     }
 
     /// Makes the limits these (from the store): the others are deleted.
-    pub fn set_all(&mut self, limits: &[ConcurrencyLimit], now: Instant) -> Served<R> {
+    pub fn set_all(&mut self, limits: &[ConcurrencyLimit], now: Timestamp) -> Served<R> {
         self.limits.retain(|tag, _| limits.iter().any(|l| l.tag == *tag));
         let mut out = Vec::new();
         for l in limits {
@@ -125,13 +129,13 @@ impl<R> Slots<R> {
     }
 
     /// Deletes a limit: its waiters are let go.
-    pub fn delete(&mut self, tag: &str, now: Instant) -> Served<R> {
+    pub fn delete(&mut self, tag: &str, now: Timestamp) -> Served<R> {
         self.limits.remove(tag);
         self.serve(now)
     }
 
     /// Frees every slot of a tag.
-    pub fn reset(&mut self, tag: &str, now: Instant) -> Served<R> {
+    pub fn reset(&mut self, tag: &str, now: Timestamp) -> Served<R> {
         if let Some(l) = self.limits.get_mut(tag) {
             l.held.clear();
         }
@@ -145,7 +149,7 @@ impl<R> Slots<R> {
         holder: TaskRunId,
         node: NodeId,
         tags: Vec<String>,
-        now: Instant,
+        now: Timestamp,
         reply: R,
     ) -> Option<(R, SlotGrant)> {
         let mut tags: Vec<String> = tags.into_iter().filter(|t| self.limits.contains_key(t)).collect();
@@ -184,7 +188,7 @@ impl<R> Slots<R> {
     /// Takes back the holdings recorded before a restart of the control node, each counted from
     /// `now` (its holder renews it, or it lapses a TTL from now). Holdings of tags no longer
     /// limited are dropped.
-    pub fn restore(&mut self, holds: &[(String, TaskRunId, NodeId)], now: Instant) {
+    pub fn restore(&mut self, holds: &[(String, TaskRunId, NodeId)], now: Timestamp) {
         for (tag, holder, node) in holds {
             if let Some(l) = self.limits.get_mut(tag) {
                 l.held.insert(
@@ -199,7 +203,7 @@ impl<R> Slots<R> {
     }
 
     /// Whether new holders still wait after a restart (see [`Slots::restarted`]).
-    pub fn waiting_after_restart(&self, now: Instant) -> bool {
+    pub fn waiting_after_restart(&self, now: Timestamp) -> bool {
         self.new_holders_from.is_some_and(|t| now < t)
     }
 
@@ -248,7 +252,7 @@ impl<R> Slots<R> {
     }
 
     /// The leases that have lapsed at `now`: (tag, holder).
-    pub fn lapsed(&self, now: Instant) -> Vec<(String, TaskRunId)> {
+    pub fn lapsed(&self, now: Timestamp) -> Vec<(String, TaskRunId)> {
         let mut out = Vec::new();
         for (tag, l) in &self.limits {
             for (h, lease) in &l.held {
@@ -262,7 +266,7 @@ impl<R> Slots<R> {
 
     /// The control node restarted with holders possibly running: new holders wait one lease
     /// TTL (the longest), while those that renew take their slots again.
-    pub fn restarted(&mut self, now: Instant) {
+    pub fn restarted(&mut self, now: Timestamp) {
         let ttl = self.limits.values().map(|l| l.ttl).max().unwrap_or_default();
         if !ttl.is_zero() {
             self.new_holders_from = Some(now + ttl);
@@ -272,7 +276,7 @@ impl<R> Slots<R> {
     /// Renews a holder's leases: true while it holds a slot of each of its limited tags. A
     /// lease that lapsed (or was forgotten by a restart) is taken again if a slot is free and
     /// nobody waits for it; otherwise the holder is told it lost its slots (and holds none).
-    pub fn renew(&mut self, holder: TaskRunId, node: NodeId, tags: &[String], now: Instant) -> bool {
+    pub fn renew(&mut self, holder: TaskRunId, node: NodeId, tags: &[String], now: Timestamp) -> bool {
         let mut tags: Vec<String> = tags
             .iter()
             .filter(|t| self.limits.contains_key(*t))
@@ -313,7 +317,7 @@ impl<R> Slots<R> {
     }
 
     /// Gives slots back.
-    pub fn release(&mut self, holders: &[TaskRunId], now: Instant) -> Served<R> {
+    pub fn release(&mut self, holders: &[TaskRunId], now: Timestamp) -> Served<R> {
         for l in self.limits.values_mut() {
             for h in holders {
                 l.held.remove(h);
@@ -324,27 +328,24 @@ impl<R> Slots<R> {
     }
 
     /// Lets lapsed leases go (and, once a restart's wait is over, serves the waiters).
-    pub fn expire(&mut self, now: Instant) -> Served<R> {
+    pub fn expire(&mut self, now: Timestamp) -> Served<R> {
         let mut any = false;
         if self.new_holders_from.is_some_and(|t| now >= t) {
             self.new_holders_from = None;
             any = true;
         }
-        for (tag, l) in &mut self.limits {
-            l.held.retain(|holder, lease| {
+        for l in self.limits.values_mut() {
+            l.held.retain(|_, lease| {
                 let keep = lease.expires > now;
-                if !keep {
-                    tracing::warn!(%tag, %holder, node = %lease.node, "a slot's lease lapsed; the slot is free again");
-                    any = true;
-                }
+                any |= !keep;
                 keep
             });
         }
         if any { self.serve(now) } else { Vec::new() }
     }
 
-    /// Every limit with its leases (expiry times from `now` and `wall`, the same instant).
-    pub fn describe(&self, now: Instant, wall: flotilla_runtime::Timestamp) -> Vec<ConcurrencyLimit> {
+    /// Every limit with its leases.
+    pub fn describe(&self) -> Vec<ConcurrencyLimit> {
         let mut out: Vec<ConcurrencyLimit> = self
             .limits
             .iter()
@@ -355,10 +356,10 @@ impl<R> Slots<R> {
                 leases: l
                     .held
                     .iter()
-                    .map(|(h, lease)| flotilla_runtime::concurrency::SlotLease {
+                    .map(|(h, lease)| SlotLease {
                         holder: *h,
                         node: lease.node.clone(),
-                        expires: wall + lease.expires.saturating_duration_since(now),
+                        expires: lease.expires,
                     })
                     .collect(),
             })
@@ -380,7 +381,7 @@ impl<R> Slots<R> {
         })
     }
 
-    fn take(&mut self, tags: &[String], holder: TaskRunId, node: &NodeId, now: Instant) -> SlotGrant {
+    fn take(&mut self, tags: &[String], holder: TaskRunId, node: &NodeId, now: Timestamp) -> SlotGrant {
         let mut ttl: Option<Duration> = None;
         for t in tags {
             if let Some(l) = self.limits.get_mut(t) {
@@ -401,7 +402,7 @@ impl<R> Slots<R> {
     }
 
     /// Serves the waiters that fit now, oldest first.
-    fn serve(&mut self, now: Instant) -> Served<R> {
+    fn serve(&mut self, now: Timestamp) -> Served<R> {
         let mut out = Vec::new();
         if self.new_holders_from.is_some_and(|t| now < t) {
             return out;

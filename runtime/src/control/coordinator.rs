@@ -1,0 +1,586 @@
+//! The coordinator: the control node's live decisions, as a pure machine its control actor
+//! drives. It keeps the membership from the nodes' heartbeats and declares a silent node
+//! unreachable (its runs crash); it places due runs on live nodes by work queue, priority and
+//! deployment limit, marks those that wait too long Late, and takes back a run handed to a node
+//! that never started it; it grants, renews and expires tag-limit slots, each holding recorded
+//! in the log before its holder hears of it.
+//!
+//! ```text
+//! Coordinator::handle(&mut self, now, Input) -> Vec<Effect>
+//! Input  = Heartbeat | Tick | Due | Ended | StartFailed | TakeBack | Restore | Queues | Limits
+//!        | Holds | Acquire | Renew | Release | ResetLimit
+//! Effect = Append(Command) | Start { node, placement } | Recheck { node, runs }
+//!        | Hold { holder, .., reply, answer } | Answer { reply, answer } | Notice(..)
+//! ```
+//!
+//! Every durable change is an [`Effect::Append`] of a [`Command`] with a key derived from what it
+//! is about (`crash/{node}/{incarnation}`, a transition id derived from the run and the time), so
+//! that the same decision made again is one change. What the coordinator keeps (membership,
+//! the runs waiting and running, the leases) is memory, rebuilt after a start from the store
+//! ([`Input::Restore`], [`Input::Queues`], [`Input::Limits`], [`Input::Holds`]) and the nodes' next
+//! heartbeats. Time is an argument (`now`); nothing here reads a clock. `R` is the driver's way
+//! to answer a task run waiting for slots (a reply port; a token in tests).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::dispatch::{Action, Dispatch, Placement, QueueLoad};
+use super::handouts::Handouts;
+use super::ids::derived_id;
+use super::roster::{MemberStatus, Roster};
+use super::slots::{Served, SlotGrant, Slots};
+use crate::apply::Refusal;
+use crate::command::{Command, SlotChange};
+use crate::concurrency::ConcurrencyLimit;
+use crate::ids::{DeploymentId, FlowRunId, NodeId, TaskRunId, TransitionId};
+use crate::rules::Proposal;
+use crate::state::{State, StateName, StateType};
+use crate::time::Timestamp;
+use crate::work_queue::WorkQueue;
+
+#[cfg(test)]
+mod tests;
+
+/// How the coordinator works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoordinatorConfig {
+    /// A member silent this long is unreachable.
+    pub unreachable_after: Duration,
+    /// A run that starts (or still waits) this long after its scheduled time is marked Late.
+    pub late_after: Duration,
+}
+
+/// By default, a run whose scheduled time passed this long ago without starting is marked Late.
+pub const LATE_AFTER: Duration = Duration::from_secs(15);
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            unreachable_after: Duration::from_secs(1),
+            late_after: LATE_AFTER,
+        }
+    }
+}
+
+/// A run running, as read back from the store after a start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Running {
+    /// The run.
+    pub run: FlowRunId,
+    /// Its work queue.
+    pub queue: Option<String>,
+    /// Its deployment.
+    pub deployment: Option<DeploymentId>,
+    /// The node that holds it.
+    pub node: Option<NodeId>,
+}
+
+/// One input of [`Coordinator::handle`].
+#[derive(Debug)]
+pub enum Input<R> {
+    /// A member's heartbeat.
+    Heartbeat(MemberStatus),
+    /// Time to look for silent members, late runs and lapsed leases.
+    Tick,
+    /// A run came due: placed when a node can take it and its limits let it go.
+    Due(Placement),
+    /// A flow run ended (or was cancelled): its slots free.
+    Ended(FlowRunId),
+    /// The start of a run could not be sent to its node: the run waits again.
+    StartFailed {
+        /// The node.
+        node: NodeId,
+        /// The run.
+        placement: Placement,
+    },
+    /// A run handed to a node that never started it, still waiting: placed again.
+    TakeBack(Placement),
+    /// The runs running now, read back after a start or a missed event.
+    Restore(Vec<Running>),
+    /// The work queues now.
+    Queues(Vec<WorkQueue>),
+    /// The tag limits now.
+    Limits(Vec<ConcurrencyLimit>),
+    /// The slot holdings recorded before this start (None: never recorded).
+    Holds(Option<Vec<(String, TaskRunId, NodeId)>>),
+    /// A task run asks for a slot of each limited tag among `tags`.
+    Acquire {
+        /// The task run.
+        holder: TaskRunId,
+        /// Its node.
+        node: NodeId,
+        /// Its tags.
+        tags: Vec<String>,
+        /// Where to answer.
+        reply: R,
+    },
+    /// A holder renews its leases.
+    Renew {
+        /// The task run.
+        holder: TaskRunId,
+        /// Its node.
+        node: NodeId,
+        /// Its tags.
+        tags: Vec<String>,
+        /// Where to answer.
+        reply: R,
+    },
+    /// Holders give their slots back.
+    Release(Vec<TaskRunId>),
+    /// Every slot of a tag is freed (its holders hear it when they renew).
+    ResetLimit(String),
+}
+
+/// What a task run asking for slots is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotAnswer {
+    /// An acquire's answer.
+    Grant(SlotGrant),
+    /// A renewal's answer: whether it holds its slots (false: it lost them and must stop).
+    Renewed(bool),
+}
+
+/// Something worth a line in the node's log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Notice {
+    /// A member was silent too long.
+    Unreachable {
+        /// The member.
+        node: NodeId,
+        /// How long it was silent.
+        silent: Duration,
+    },
+    /// A member unreachable before was heard from again.
+    Reachable(NodeId),
+    /// A lease was not renewed in time: its slot is free again.
+    LeaseLapsed {
+        /// The tag.
+        tag: String,
+        /// The holder.
+        holder: TaskRunId,
+    },
+}
+
+/// One effect of [`Coordinator::handle`]; the driver carries them out in order.
+#[derive(Debug)]
+pub enum Effect<R> {
+    /// Append a command to the log (nobody waits for its answer).
+    Append(Command),
+    /// Tell `node` to start the run; if it cannot be reached, give back
+    /// [`Input::StartFailed`].
+    Start {
+        /// The node.
+        node: NodeId,
+        /// The run.
+        placement: Placement,
+    },
+    /// These runs were handed to `node`, which never started them: read each back and give
+    /// [`Input::TakeBack`] for each still Scheduled and claimed by nobody.
+    Recheck {
+        /// The node.
+        node: NodeId,
+        /// The runs.
+        runs: Vec<FlowRunId>,
+    },
+    /// Record (durably) that `holder` holds these slots, then answer it; if the record fails or
+    /// the holder is gone, give back [`Input::Release`] for it.
+    Hold {
+        /// The holder.
+        holder: TaskRunId,
+        /// Its node.
+        node: NodeId,
+        /// The tags it holds.
+        tags: Vec<String>,
+        /// Where to answer.
+        reply: R,
+        /// The answer.
+        answer: SlotAnswer,
+    },
+    /// Answer a task run about its slots.
+    Answer {
+        /// Where to answer.
+        reply: R,
+        /// The answer.
+        answer: SlotAnswer,
+    },
+    /// Log this.
+    Notice(Notice),
+}
+
+/// Why a member cannot be removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoveRefused {
+    /// No such member.
+    NotFound,
+    /// It is reachable: stop it first.
+    Reachable,
+}
+
+/// The coordinator (see the module docs).
+pub struct Coordinator<R> {
+    config: CoordinatorConfig,
+    roster: Roster,
+    dispatch: Dispatch,
+    slots: Slots<(TaskRunId, R)>,
+    handouts: Handouts,
+    /// Whether the runs under way were read back once since the start.
+    restored: bool,
+    /// Whether the slot holdings were recorded before this start (a data directory from before
+    /// the record has none: then new holders wait one lease TTL after a start).
+    holds_known: bool,
+}
+
+impl<R> std::fmt::Debug for Coordinator<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("roster", &self.roster)
+            .field("dispatch", &self.dispatch)
+            .field("slots", &self.slots)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R> Coordinator<R> {
+    /// A coordinator that knows nothing yet.
+    pub fn new(config: CoordinatorConfig) -> Self {
+        Coordinator {
+            config,
+            roster: Roster::default(),
+            dispatch: Dispatch::default(),
+            slots: Slots::default(),
+            handouts: Handouts::default(),
+            restored: false,
+            holds_known: false,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CoordinatorConfig {
+        &self.config
+    }
+
+    /// Handles one input at `now`; returns what to do, in order.
+    pub fn handle(&mut self, now: Timestamp, input: Input<R>) -> Vec<Effect<R>> {
+        let mut out = Vec::new();
+        match input {
+            Input::Heartbeat(report) => self.heartbeat(now, report, &mut out),
+            Input::Tick => self.tick(now, &mut out),
+            Input::Due(p) => {
+                self.dispatch.add(p);
+                self.pump(now, &mut out);
+            }
+            Input::Ended(run) => {
+                self.handouts.forget(&run);
+                self.ended(run);
+                self.pump(now, &mut out);
+            }
+            Input::StartFailed { node, placement } => {
+                self.handouts.forget(&placement.run);
+                self.dispatch.ended(placement.run);
+                self.roster.unreachable(&node);
+                self.dispatch.add(placement);
+            }
+            Input::TakeBack(p) => {
+                self.ended(p.run);
+                self.dispatch.add(p);
+                self.pump(now, &mut out);
+            }
+            Input::Restore(running) => self.restore(now, running, &mut out),
+            Input::Queues(queues) => {
+                self.dispatch.set_queues(queues);
+                self.pump(now, &mut out);
+            }
+            Input::Limits(limits) => {
+                let served = self.slots.set_all(&limits, now);
+                self.grant(served, &mut out);
+            }
+            Input::Holds(holds) => {
+                self.holds_known = holds.is_some();
+                self.slots.restore(&holds.unwrap_or_default(), now);
+            }
+            Input::Acquire {
+                holder,
+                node,
+                tags,
+                reply,
+            } => {
+                if let Some(granted) = self.slots.acquire(holder, node, tags, now, (holder, reply)) {
+                    self.grant(vec![granted], &mut out);
+                }
+            }
+            Input::Renew {
+                holder,
+                node,
+                tags,
+                reply,
+            } => self.renew(now, holder, node, &tags, reply, &mut out),
+            Input::Release(holders) => {
+                Self::free(holders.clone(), None, &mut out);
+                let served = self.slots.release(&holders, now);
+                self.grant(served, &mut out);
+            }
+            Input::ResetLimit(tag) => {
+                Self::free(self.slots.holders_of(&tag), Some(tag.clone()), &mut out);
+                let served = self.slots.reset(&tag, now);
+                self.grant(served, &mut out);
+            }
+        }
+        out
+    }
+
+    /// Every member's status.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        self.roster.statuses()
+    }
+
+    /// Forgets a member declared unreachable.
+    pub fn remove_member(&mut self, node: &NodeId) -> Result<(), RemoveRefused> {
+        match self.roster.get(node) {
+            None => Err(RemoveRefused::NotFound),
+            Some(m) if m.reachable => Err(RemoveRefused::Reachable),
+            Some(_) => {
+                self.roster.remove(node);
+                Ok(())
+            }
+        }
+    }
+
+    /// Picks the node for a new run of `flow` made by a client and hands it `run` (taken back if
+    /// the node does not start it). Err: no reachable node runs it, with every flow known.
+    pub fn place_new(&mut self, run: FlowRunId, flow: &str) -> Result<NodeId, Vec<String>> {
+        match self.roster.pick(flow, None) {
+            Some(node) => {
+                self.handouts.handed(run, node.clone());
+                Ok(node)
+            }
+            None => Err(self.roster.flows().into_iter().collect()),
+        }
+    }
+
+    /// Every queue's figures (queues with runs waiting or running).
+    pub fn loads(&self) -> std::collections::HashMap<String, QueueLoad> {
+        self.dispatch.loads()
+    }
+
+    /// Every tag limit with its leases.
+    pub fn limits(&self) -> Vec<ConcurrencyLimit> {
+        self.slots.describe()
+    }
+
+    /// A claim of a run (a Pending proposal naming a node) made by a member declared
+    /// unreachable is refused: its runs have crashed and it must not take new ones. A node not
+    /// heard of yet is joining (its first heartbeat is on its way).
+    pub fn refuse_claim(&self, command: &Command) -> Option<Refusal> {
+        let Command::ProposeFlowRunState { proposal, .. } = command else {
+            return None;
+        };
+        let node = proposal.node.as_ref()?;
+        (proposal.state.kind == StateType::Pending && self.roster.is_down(node))
+            .then(|| Refusal::Invalid(format!("node {node} is not a live member: it cannot claim runs")))
+    }
+
+    fn heartbeat(&mut self, now: Timestamp, report: MemberStatus, out: &mut Vec<Effect<R>>) {
+        // A run handed to the node and left out of its heartbeats was never started there:
+        // taken back, and placed again if it still waits (fix 8).
+        let back = self.handouts.heartbeat(&report.name, &report.holds);
+        if !back.is_empty() {
+            out.push(Effect::Recheck {
+                node: report.name.clone(),
+                runs: back,
+            });
+        }
+        let node = report.name.clone();
+        if self.roster.heard(now, report) {
+            out.push(Effect::Notice(Notice::Reachable(node)));
+        }
+        self.pump(now, out);
+    }
+
+    fn tick(&mut self, now: Timestamp, out: &mut Vec<Effect<R>>) {
+        for (node, incarnation, silent) in self.roster.silent(now, self.config.unreachable_after) {
+            out.push(Effect::Notice(Notice::Unreachable {
+                node: node.clone(),
+                silent,
+            }));
+            // The key names the node's life that ended, never the clock: the same death
+            // declared twice is one crash.
+            out.push(Effect::Append(Command::MarkNodeCrashed {
+                node: node.clone(),
+                message: format!("node {node} became unreachable"),
+                key: format!("crash/{node}/{incarnation}"),
+            }));
+            // Runs handed to it that it never started wait for another node.
+            let runs = self.handouts.take_node(&node);
+            if !runs.is_empty() {
+                out.push(Effect::Recheck { node, runs });
+            }
+        }
+        for run in self.dispatch.late(now, self.config.late_after) {
+            Self::mark(now, run, State::named(StateName::Late, now), out);
+        }
+        self.pump(now, out);
+        self.complete_holds(now, out);
+        self.expire_slots(now, out);
+    }
+
+    /// Hands out every due run that can go now; marks those its deployment holds back.
+    fn pump(&mut self, now: Timestamp, out: &mut Vec<Effect<R>>) {
+        if self.dispatch.waiting() == 0 {
+            return;
+        }
+        let roster = &mut self.roster;
+        let actions = self
+            .dispatch
+            .dispatch(|flow, queue| roster.pick(flow, Some(queue)));
+        for action in actions {
+            match action {
+                Action::Place(p, node, marked) => {
+                    // Handed out long after its time (a downtime of the control node, a busy
+                    // cluster): it starts marked Late.
+                    if !marked && now.saturating_since(p.due) > self.config.late_after {
+                        Self::mark(now, p.run, State::named(StateName::Late, now), out);
+                    }
+                    self.handouts.handed(p.run, node.clone());
+                    out.push(Effect::Start { node, placement: p });
+                }
+                Action::Await(run) => Self::mark(
+                    now,
+                    run,
+                    State::named(StateName::AwaitingConcurrencySlot, now),
+                    out,
+                ),
+                Action::Cancel(run) => Self::mark(
+                    now,
+                    run,
+                    State::named(StateName::Cancelling, now).with_message(
+                        "its deployment is at its concurrency limit (collision strategy cancel-new)",
+                    ),
+                    out,
+                ),
+            }
+        }
+    }
+
+    /// Proposes a state for a run that has not started, under a transition id derived from the
+    /// run, the state and the time (the same decision made again is one transition).
+    fn mark(now: Timestamp, run: FlowRunId, state: State, out: &mut Vec<Effect<R>>) {
+        let key = format!("mark/{run}/{}/{}", state.name, now.as_micros());
+        let proposal = Proposal::new(state, TransitionId::from_uuid(derived_id(&key)));
+        out.push(Effect::Append(Command::ProposeFlowRunState { run, proposal }));
+    }
+
+    /// A run ended: its node has a free slot again.
+    fn ended(&mut self, run: FlowRunId) {
+        if let Some(node) = self.dispatch.ended(run) {
+            self.roster.freed(&node);
+        }
+    }
+
+    fn restore(&mut self, now: Timestamp, running: Vec<Running>, out: &mut Vec<Effect<R>>) {
+        // Started with runs under way and no complete record of who holds slots (a data
+        // directory from before the record, or a restart soon after): new holders wait until
+        // every lease that may be held was renewed or ran out.
+        if !self.restored && !running.is_empty() && !self.holds_known {
+            self.slots.restarted(now);
+        }
+        self.restored = true;
+        self.complete_holds(now, out);
+        self.dispatch.clear_active();
+        for r in running {
+            self.dispatch
+                .restore(r.run, r.queue.as_deref(), r.deployment, r.node);
+        }
+        self.pump(now, out);
+    }
+
+    fn renew(
+        &mut self,
+        now: Timestamp,
+        holder: TaskRunId,
+        node: NodeId,
+        tags: &[String],
+        reply: R,
+        out: &mut Vec<Effect<R>>,
+    ) {
+        let had = self.slots.holds_all(holder, tags);
+        let held = self.slots.renew(holder, node, tags, now);
+        // One taken again after it lapsed is recorded before the holder hears it.
+        match self.slots.holding(holder).filter(|_| held && !had) {
+            Some((node, tags)) => out.push(Effect::Hold {
+                holder,
+                node,
+                tags,
+                reply,
+                answer: SlotAnswer::Renewed(true),
+            }),
+            None => {
+                if !held {
+                    Self::free(vec![holder], None, out);
+                }
+                out.push(Effect::Answer {
+                    reply,
+                    answer: SlotAnswer::Renewed(held),
+                });
+            }
+        }
+    }
+
+    /// Answers waiters that got their slots; a holding is recorded before its holder hears of
+    /// it, so that a restart of the control node knows every holder that may run.
+    fn grant(&self, served: Served<(TaskRunId, R)>, out: &mut Vec<Effect<R>>) {
+        for ((holder, reply), grant) in served {
+            let answer = SlotAnswer::Grant(grant);
+            match self
+                .slots
+                .holding(holder)
+                .filter(|_| grant != SlotGrant::Unlimited)
+            {
+                Some((node, tags)) => out.push(Effect::Hold {
+                    holder,
+                    node,
+                    tags,
+                    reply,
+                    answer,
+                }),
+                None => out.push(Effect::Answer { reply, answer }),
+            }
+        }
+    }
+
+    /// After a start with no complete record of holdings, once every lease of before has been
+    /// renewed (and taken again) or has lapsed: the record becomes what is held now, and is
+    /// complete from then on.
+    fn complete_holds(&mut self, now: Timestamp, out: &mut Vec<Effect<R>>) {
+        if self.restored && !self.holds_known && !self.slots.waiting_after_restart(now) {
+            self.holds_known = true;
+            let holds = self.slots.holdings();
+            out.push(Effect::Append(Command::Slots(SlotChange::Complete { holds })));
+        }
+    }
+
+    /// Records that these holders hold no slot (of `tag` only, when given).
+    fn free(holders: Vec<TaskRunId>, tag: Option<String>, out: &mut Vec<Effect<R>>) {
+        if !holders.is_empty() {
+            out.push(Effect::Append(Command::Slots(SlotChange::Free { holders, tag })));
+        }
+    }
+
+    /// Lets lapsed leases go (recorded by tag) and serves the waiters that fit now.
+    fn expire_slots(&mut self, now: Timestamp, out: &mut Vec<Effect<R>>) {
+        let mut lapsed: BTreeMap<String, Vec<TaskRunId>> = BTreeMap::new();
+        for (tag, holder) in self.slots.lapsed(now) {
+            out.push(Effect::Notice(Notice::LeaseLapsed {
+                tag: tag.clone(),
+                holder,
+            }));
+            lapsed.entry(tag).or_default().push(holder);
+        }
+        for (tag, holders) in lapsed {
+            Self::free(holders, Some(tag), out);
+        }
+        let served = self.slots.expire(now);
+        self.grant(served, out);
+    }
+}

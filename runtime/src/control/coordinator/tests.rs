@@ -1,0 +1,193 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use super::*;
+use crate::ids::DeploymentId;
+
+const T0: Timestamp = Timestamp::from_micros(1_800_000_000_000_000);
+
+fn node(n: &str) -> NodeId {
+    n.parse().expect("a node name")
+}
+
+fn run(n: u8) -> FlowRunId {
+    FlowRunId::from_bytes([n; 16])
+}
+
+fn member(name: &str, slots_total: u32, incarnation: u64) -> MemberStatus {
+    MemberStatus {
+        name: node(name),
+        addr: String::new(),
+        role: "worker".into(),
+        reachable: true,
+        slots_used: 0,
+        slots_total,
+        flows: vec!["f".into()],
+        queues: Vec::new(),
+        last_heartbeat: None,
+        incarnation,
+        holds: Vec::new(),
+        flow_options: Default::default(),
+    }
+}
+
+fn at(ms: u64) -> Timestamp {
+    T0 + Duration::from_millis(ms)
+}
+
+fn starts(effects: &[Effect<u32>]) -> Vec<(NodeId, FlowRunId)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Start { node, placement } => Some((node.clone(), placement.run)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn appended(effects: &[Effect<u32>]) -> Vec<&Command> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Append(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn due_runs_go_to_the_least_loaded_member_and_one_placed_late_is_marked_late() {
+    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
+    c.handle(T0, Input::Heartbeat(member("a", 2, 1)));
+    c.handle(T0, Input::Heartbeat(member("b", 2, 1)));
+    let mut placed = Vec::new();
+    for n in 1..=4 {
+        let effects = c.handle(T0, Input::Due(Placement::plain(run(n), "f".into(), T0)));
+        placed.extend(starts(&effects));
+        assert!(appended(&effects).is_empty(), "a run due now is not late");
+    }
+    let on_a = placed.iter().filter(|(n, _)| *n == node("a")).count();
+    assert_eq!((placed.len(), on_a), (4, 2), "spread over both: {placed:?}");
+    // Both full: the fifth waits, and is placed marked Late once a slot frees long after.
+    let effects = c.handle(T0, Input::Due(Placement::plain(run(5), "f".into(), T0)));
+    assert!(starts(&effects).is_empty());
+    let later = at(20_000);
+    for name in ["a", "b"] {
+        let full = MemberStatus {
+            slots_used: 2,
+            ..member(name, 2, 1)
+        };
+        assert!(starts(&c.handle(later, Input::Heartbeat(full))).is_empty());
+    }
+    let effects = c.handle(later, Input::Ended(run(1)));
+    assert_eq!(starts(&effects).len(), 1, "{effects:?}");
+    assert!(
+        matches!(appended(&effects)[..], [Command::ProposeFlowRunState { run: r, proposal }]
+            if *r == run(5) && proposal.state.name == StateName::Late),
+        "{effects:?}"
+    );
+}
+
+#[test]
+fn a_silent_member_is_declared_dead_once_by_its_incarnation_and_its_claims_are_refused() {
+    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
+    c.handle(T0, Input::Heartbeat(member("a", 2, 7)));
+    let effects = c.handle(T0, Input::Due(Placement::plain(run(1), "f".into(), T0)));
+    assert_eq!(starts(&effects), vec![(node("a"), run(1))]);
+    assert!(appended(&c.handle(at(900), Input::Tick)).is_empty());
+    let effects = c.handle(at(1_100), Input::Tick);
+    let crash: Vec<&Command> = appended(&effects);
+    assert!(
+        matches!(crash[..], [Command::MarkNodeCrashed { node: n, key, .. }] if *n == node("a") && key == "crash/a/7"),
+        "{effects:?}"
+    );
+    // The run handed to it and never started is read back to be placed again.
+    assert!(
+        effects.iter().any(
+            |e| matches!(e, Effect::Recheck { node: n, runs } if *n == node("a") && *runs == vec![run(1)])
+        )
+    );
+    assert!(
+        appended(&c.handle(at(1_200), Input::Tick)).is_empty(),
+        "declared once"
+    );
+    let claim = Command::ProposeFlowRunState {
+        run: run(2),
+        proposal: Proposal::from_worker(
+            State::named(StateName::Pending, at(1_200)),
+            TransitionId::from_uuid(derived_id("t")),
+            crate::ids::Epoch::FIRST,
+            node("a"),
+        ),
+    };
+    assert!(c.refuse_claim(&claim).is_some());
+    c.handle(at(1_300), Input::Heartbeat(member("a", 2, 8)));
+    assert!(c.refuse_claim(&claim).is_none(), "heard from again");
+}
+
+#[test]
+fn a_deployment_at_its_limit_holds_its_next_run_back_until_one_ends() {
+    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
+    c.handle(T0, Input::Heartbeat(member("a", 4, 1)));
+    let d = DeploymentId::from_uuid(derived_id("d"));
+    let p = |n| Placement {
+        deployment: Some((d, Some((1, crate::deployment::CollisionStrategy::Enqueue)))),
+        ..Placement::plain(run(n), "f".into(), T0)
+    };
+    assert_eq!(starts(&c.handle(T0, Input::Due(p(1)))).len(), 1);
+    let effects = c.handle(T0, Input::Due(p(2)));
+    assert!(starts(&effects).is_empty());
+    assert!(
+        matches!(appended(&effects)[..], [Command::ProposeFlowRunState { proposal, .. }]
+        if proposal.state.name == StateName::AwaitingConcurrencySlot)
+    );
+    assert_eq!(
+        starts(&c.handle(at(10), Input::Ended(run(1)))),
+        vec![(node("a"), run(2))]
+    );
+}
+
+#[test]
+fn a_holding_is_recorded_before_its_holder_hears_of_it() {
+    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
+    let limit = ConcurrencyLimit {
+        tag: "db".into(),
+        limit: 1,
+        lease_ttl: Duration::from_secs(2),
+        leases: Vec::new(),
+    };
+    c.handle(T0, Input::Limits(vec![limit]));
+    let holder = |n: u8| TaskRunId::from_bytes([n; 16]);
+    let acquire = |n: u8| Input::Acquire {
+        holder: holder(n),
+        node: node("a"),
+        tags: vec!["db".into(), "free".into()],
+        reply: u32::from(n),
+    };
+    let effects = c.handle(T0, acquire(1));
+    assert!(
+        matches!(&effects[..], [Effect::Hold { holder: h, tags, reply: 1, .. }] if *h == holder(1) && *tags == vec!["db".to_owned()]),
+        "{effects:?}"
+    );
+    assert!(c.handle(T0, acquire(2)).is_empty(), "the second waits");
+    // The first never renews: its lease lapses, is recorded free, and the waiter gets it.
+    let effects = c.handle(at(2_100), Input::Tick);
+    assert!(effects.iter().any(|e| matches!(e, Effect::Append(Command::Slots(SlotChange::Free { holders, .. })) if *holders == vec![holder(1)])));
+    assert!(effects.iter().any(|e| matches!(e, Effect::Hold { reply: 2, .. })));
+    // A tag with no limit is answered at once, with nothing to record.
+    let effects = c.handle(
+        at(2_200),
+        Input::Acquire {
+            holder: holder(3),
+            node: node("a"),
+            tags: vec!["free".into()],
+            reply: 3,
+        },
+    );
+    assert!(matches!(
+        effects[..],
+        [Effect::Answer {
+            reply: 3,
+            answer: SlotAnswer::Grant(SlotGrant::Unlimited)
+        }]
+    ));
+}
