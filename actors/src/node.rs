@@ -624,6 +624,8 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         ))));
     }
     let (engine, engine_join) = worker::start(ec, plane.clone(), flows).await?;
+    // Which start of this node this is: a new one on every start.
+    let incarnation = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
     let args = AgentArgs {
         node: config.name.clone(),
         addr: local,
@@ -633,14 +635,14 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         queues: config.queues.clone(),
         heartbeat_every: config.heartbeat_every,
         view: view.clone(),
-        incarnation: u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0),
+        incarnation,
         link: (config.role == Role::Worker)
             .then(|| Arc::new(link::ControlLink::new(endpoint.clone(), view.clone()))),
     };
     Actor::spawn(None, Agent, args)
         .await
         .map_err(|e| NodeError::Spawn(e.to_string()))?;
-    engine.recover().await?;
+    engine.recover(incarnation).await?;
     Ok(ClusterNode {
         endpoint,
         engine,

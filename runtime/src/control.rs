@@ -1,5 +1,15 @@
-//! The control machine: every decision of the control plane, as a pure, deterministic machine
-//! in the style of quinn-proto and openraft's engine.
+//! The control plane's decisions, as pure, deterministic machines in the style of quinn-proto
+//! and openraft's engine.
+//!
+//! - [`Coordinator`] is what the control node runs: membership and failure detection, placement
+//!   by work queue and deployment limit, take-back of runs never started, tag-limit slots. Its
+//!   control actor feeds it inputs and carries out its effects (see [`coordinator`]).
+//! - [`ControlMachine`] (below) models the replicated protocol that comes next: assignments and
+//!   proposals under epochs, leases and request outcomes as its own commands.
+//!
+//! Both run under a seeded simulation (`runtime/tests/simulation.rs`).
+//!
+//! The control machine:
 //!
 //! ```text
 //! ControlMachine::handle(&mut self, now, &ControlState, Input) -> Vec<Effect>

@@ -6,6 +6,8 @@
 //! `FLOTILLA_SIM_SEEDS` (default 1000) seeds run; `FLOTILLA_SIM_SEED=<seed>` replays one.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "simulation/coordinator.rs"]
+mod coordinator;
 #[path = "simulation/invariants.rs"]
 mod invariants;
 #[path = "simulation/nodes.rs"]
@@ -625,6 +627,33 @@ fn the_control_machine_keeps_its_invariants_under_faults() {
         commands += sim.log.len();
     }
     eprintln!("{runs} runs, {commands} commands, {:?}", started.elapsed());
+}
+
+fn run_coordinator_seed(seed: u64) -> coordinator::Sim {
+    let mut sim = coordinator::Sim::new(seed);
+    if let Err(what) = sim.run() {
+        panic!(
+            "coordinator simulation seed {seed} failed: {what}\nreplay: FLOTILLA_SIM_SEED={seed} cargo test -p flotilla-runtime --test simulation the_coordinator\nlast {} events:\n{}",
+            sim.trace.len(),
+            sim.trace.join("\n")
+        );
+    }
+    sim
+}
+
+#[test]
+fn the_coordinator_keeps_its_invariants_under_faults() {
+    let started = std::time::Instant::now();
+    let (mut runs, mut restarts) = (0, 0);
+    for seed in seeds() {
+        let sim = run_coordinator_seed(seed);
+        runs += sim.runs();
+        restarts += sim.control_restarts;
+    }
+    eprintln!(
+        "coordinator: {runs} runs, {restarts} control restarts, {:?}",
+        started.elapsed()
+    );
 }
 
 #[test]

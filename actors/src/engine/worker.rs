@@ -545,10 +545,12 @@ impl EngineHandle {
     /// back to Scheduled (named Resuming, with a new epoch) and run again, skipping the task
     /// calls that completed. Scheduled runs of this node's flows are queued, except those of
     /// deployments: the scheduler hands those out when they are due. Returns the runs resumed.
-    pub async fn recover(&self) -> Result<Vec<FlowRunId>, EngineError> {
+    /// `incarnation` names this start of the node: the crash it declares is keyed by it, so
+    /// that declaring it again is one change.
+    pub async fn recover(&self, incarnation: u64) -> Result<Vec<FlowRunId>, EngineError> {
         let p = &self.ctx.persistence;
         let node = self.ctx.config.node.clone();
-        let key = format!("crash/{node}/{}", now());
+        let key = format!("crash/{node}/restart/{incarnation}");
         let crashed = match p
             .submit(Command::MarkNodeCrashed {
                 node,

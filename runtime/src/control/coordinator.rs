@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::dispatch::{Action, Dispatch, Placement, QueueLoad};
+use super::dispatch::{Action, Dispatch, Placement, QueueLoad, Whereabouts};
 use super::handouts::Handouts;
 use super::ids::derived_id;
 use super::roster::{MemberStatus, Roster};
@@ -369,16 +369,33 @@ impl<R> Coordinator<R> {
         self.slots.describe()
     }
 
-    /// A claim of a run (a Pending proposal naming a node) made by a member declared
-    /// unreachable is refused: its runs have crashed and it must not take new ones. A node not
-    /// heard of yet is joining (its first heartbeat is on its way).
+    /// Whether a claim of a run (a Pending proposal naming a node) is refused: one made by a
+    /// member declared unreachable (its runs have crashed and it must not take new ones; a node
+    /// not heard of yet is joining, its first heartbeat on its way), and one of a run that
+    /// dispatch placed on another node or holds waiting (a start that arrived after its run was
+    /// taken back, or after a restart of the control node, must not run it beside its limits).
     pub fn refuse_claim(&self, command: &Command) -> Option<Refusal> {
-        let Command::ProposeFlowRunState { proposal, .. } = command else {
+        let Command::ProposeFlowRunState { run, proposal } = command else {
             return None;
         };
         let node = proposal.node.as_ref()?;
-        (proposal.state.kind == StateType::Pending && self.roster.is_down(node))
-            .then(|| Refusal::Invalid(format!("node {node} is not a live member: it cannot claim runs")))
+        if proposal.state.kind != StateType::Pending {
+            return None;
+        }
+        if self.roster.is_down(node) {
+            return Some(Refusal::Invalid(format!(
+                "node {node} is not a live member: it cannot claim runs"
+            )));
+        }
+        match self.dispatch.whereabouts(run) {
+            Whereabouts::Waiting => Some(Refusal::Invalid(format!(
+                "flow run {run} waits to be placed: node {node} was not given it"
+            ))),
+            Whereabouts::Placed(Some(other)) if other != node => Some(Refusal::Invalid(format!(
+                "flow run {run} was placed on node {other}, not {node}"
+            ))),
+            _ => None,
+        }
     }
 
     fn heartbeat(&mut self, now: Timestamp, report: MemberStatus, out: &mut Vec<Effect<R>>) {

@@ -59,6 +59,17 @@ pub enum Action {
     Cancel(FlowRunId),
 }
 
+/// Where a run is, as dispatch knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Whereabouts<'a> {
+    /// Due, and waiting to be placed.
+    Waiting,
+    /// Placed, on this node if known (a run read back after a restart may have none).
+    Placed(Option<&'a NodeId>),
+    /// Not placed by dispatch (a run made for a node directly, or recovered by its node).
+    Unknown,
+}
+
 struct Entry {
     p: Placement,
     late: bool,
@@ -335,6 +346,17 @@ impl Dispatch {
             }
         }
         out
+    }
+
+    /// Where a run is: waiting to be placed, placed (on a node, if known), or not here.
+    pub fn whereabouts(&self, run: &FlowRunId) -> Whereabouts<'_> {
+        if self.spots.contains_key(run) {
+            Whereabouts::Waiting
+        } else if let Some(a) = self.active.get(run) {
+            Whereabouts::Placed(a.node.as_ref())
+        } else {
+            Whereabouts::Unknown
+        }
     }
 
     /// Forgets what runs: a resync follows with [`Dispatch::restore`].

@@ -1,0 +1,939 @@
+//! Seeded simulation of the coordinator, the machine the control actor drives: worker nodes
+//! that heartbeat, claim the runs they are told to start, run one task per run holding
+//! tag-limit slots, crash, restart and get cut off; a client making runs in three work queues
+//! and two limited deployments; a control node that restarts (losing what it had not logged);
+//! messages lost, repeated and delayed. After every step: no tag has more task runs believing
+//! they hold a slot than its limit, and no queue or deployment has more runs under way than
+//! its limit. Once quiet: every run ended, and no slot is held.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use flotilla_runtime::control::coordinator::{
+    Coordinator, CoordinatorConfig, Effect, Input, Running, SlotAnswer,
+};
+use flotilla_runtime::control::{MemberStatus, Placement, SlotGrant, derived_id};
+use flotilla_runtime::{
+    ApplyContext, CollisionStrategy, Command, ConcurrencyLimit, Decision, DeploymentId, FlowRunId, LogIndex,
+    MemState, NewFlowRun, NodeId, Proposal, Reply, Setting, State, StateName, StateType, StateView,
+    TaskRunId, Timestamp, TransitionId, WorkQueue, WorkQueueId, apply,
+};
+
+use crate::Rng;
+
+const FAULT_PHASE: Duration = Duration::from_secs(8);
+const QUIET_MAX: Duration = Duration::from_secs(40);
+const BEAT_EVERY: Duration = Duration::from_millis(100);
+const TICK_EVERY: Duration = Duration::from_millis(50);
+const RESEND_AFTER: Duration = Duration::from_millis(400);
+const TRACE_MAX: usize = 60;
+/// (tag, limit, lease TTL in ms)
+const LIMITS: [(&str, u32, u64); 2] = [("db", 2, 800), ("gpu", 1, 500)];
+const TAG_SETS: [&[&str]; 4] = [&["db"], &["gpu"], &["db", "gpu"], &["free"]];
+/// (queue, priority, concurrency limit)
+const QUEUES: [(&str, u32, Option<u32>); 3] = [("default", 1, None), ("etl", 1, Some(2)), ("bulk", 2, None)];
+/// (deployment key, limit, collision)
+const DEPLOYMENTS: [(&str, u32, CollisionStrategy); 2] = [
+    ("one-at-a-time", 1, CollisionStrategy::Enqueue),
+    ("two-or-cancel", 2, CollisionStrategy::CancelNew),
+];
+
+/// Where a task run's slot answer goes back to: which request it answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Token {
+    task: TaskRunId,
+    sent_at: Timestamp,
+}
+
+#[derive(Debug)]
+enum Msg {
+    /// Control → node (the incarnation addressed).
+    Start(NodeId, u64, FlowRunId),
+    Slots(NodeId, u64, Token, SlotAnswer),
+    /// Node → control.
+    Beat(MemberStatus),
+    Acquire(NodeId, Token, Vec<String>),
+    Renew(NodeId, Token, Vec<String>),
+    Release(TaskRunId),
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Waiting for its slots since it asked.
+    Acquiring(Timestamp),
+    /// Holding them (it believes) until `deadline`; renewing since `renewing`, if it is.
+    Holding {
+        deadline: Timestamp,
+        renewing: Option<Timestamp>,
+        work_left: Duration,
+    },
+}
+
+#[derive(Debug)]
+struct Task {
+    id: TaskRunId,
+    tags: Vec<String>,
+    ttl: Duration,
+    phase: Phase,
+}
+
+#[derive(Debug)]
+struct SimNode {
+    name: NodeId,
+    up: bool,
+    incarnation: u64,
+    slots: u32,
+    queues: Vec<String>,
+    runs: BTreeMap<FlowRunId, (flotilla_runtime::Epoch, Task)>,
+    /// Runs done whose end is not acknowledged yet (sent again until it is, as the worker's
+    /// link does).
+    finishing: Vec<(FlowRunId, flotilla_runtime::Epoch, Timestamp)>,
+    next_beat: Timestamp,
+    down_until: Timestamp,
+    cut_off_until: Timestamp,
+}
+
+/// A command the coordinator appended, not logged yet: when it will be, and the slot answer it
+/// is recorded for (sent once it is).
+type Unlogged = (Timestamp, Command, Option<(NodeId, Token, SlotAnswer)>);
+
+/// One simulated run.
+pub struct Sim {
+    rng: Rng,
+    pub now: Timestamp,
+    start: Timestamp,
+    pub state: MemState,
+    index: u64,
+    coord: Coordinator<Token>,
+    /// The coordinator's appends not logged yet: (due, command, the slot answer it is recorded
+    /// for).
+    unlogged: Vec<Unlogged>,
+    nodes: Vec<SimNode>,
+    msgs: Vec<(Timestamp, u64, Msg)>,
+    msg_seq: u64,
+    next_tick: Timestamp,
+    next_run: Timestamp,
+    made: u64,
+    ended: BTreeSet<FlowRunId>,
+    pub trace: Vec<String>,
+    pub control_restarts: u32,
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn node_name(i: usize) -> NodeId {
+    format!("n{}", i + 1).parse().expect("a node name")
+}
+
+fn deployment(key: &str) -> DeploymentId {
+    DeploymentId::from_uuid(derived_id(&format!("deployment/{key}")))
+}
+
+impl Sim {
+    pub fn new(seed: u64) -> Self {
+        let start = Timestamp::from_micros(1_800_000_000_000_000);
+        let mut rng = Rng(seed);
+        let nodes = (0..3)
+            .map(|i| SimNode {
+                name: node_name(i),
+                up: true,
+                incarnation: 1,
+                slots: 1 + rng.below(3) as u32,
+                // One node serves only the bulk queue.
+                queues: if i == 2 { vec!["bulk".into()] } else { Vec::new() },
+                runs: BTreeMap::new(),
+                finishing: Vec::new(),
+                next_beat: start,
+                down_until: start,
+                cut_off_until: start,
+            })
+            .collect();
+        let mut sim = Sim {
+            rng,
+            now: start,
+            start,
+            state: MemState::new(),
+            index: 0,
+            coord: Coordinator::new(Self::config()),
+            unlogged: Vec::new(),
+            nodes,
+            msgs: Vec::new(),
+            msg_seq: 0,
+            next_tick: start,
+            next_run: start,
+            made: 0,
+            ended: BTreeSet::new(),
+            trace: Vec::new(),
+            control_restarts: 0,
+        };
+        for (name, priority, concurrency_limit) in QUEUES {
+            let q = WorkQueue {
+                id: WorkQueueId::from_uuid(derived_id(&format!("queue/{name}"))),
+                name: name.into(),
+                priority,
+                concurrency_limit,
+                paused: false,
+            };
+            let _ = sim.log(Command::PutSetting {
+                setting: Setting::WorkQueue(q),
+                at: start,
+            });
+        }
+        for (tag, limit, ttl) in LIMITS {
+            let l = ConcurrencyLimit {
+                tag: tag.into(),
+                limit,
+                lease_ttl: ms(ttl),
+                leases: Vec::new(),
+            };
+            let _ = sim.log(Command::PutSetting {
+                setting: Setting::ConcurrencyLimit(l),
+                at: start,
+            });
+        }
+        sim.control_started();
+        sim
+    }
+
+    fn config() -> CoordinatorConfig {
+        CoordinatorConfig {
+            unreachable_after: Duration::from_secs(1),
+            late_after: Duration::from_secs(2),
+        }
+    }
+
+    fn note(&mut self, what: String) {
+        let t = self.now.saturating_since(self.start).as_millis();
+        self.trace.push(format!("{t:>6} ms  {what}"));
+        if self.trace.len() > TRACE_MAX {
+            self.trace.remove(0);
+        }
+    }
+
+    /// Appends and applies a command (durable at once); a run it ended is told to the
+    /// coordinator, as the store's events tell the control actor.
+    fn log(&mut self, command: Command) -> Result<Reply, flotilla_runtime::Refusal> {
+        self.index += 1;
+        let at = ApplyContext {
+            index: LogIndex::new(self.index),
+            now: self.now,
+        };
+        let out = apply(&mut self.state, command, at);
+        let changed: Vec<FlowRunId> = out
+            .writes
+            .iter()
+            .filter_map(|w| match w {
+                flotilla_runtime::Write::FlowRun(id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for run in changed {
+            let terminal = self
+                .state
+                .hot()
+                .flow_run(&run)
+                .is_some_and(|r| r.lifecycle.state.is_terminal());
+            if terminal && self.ended.insert(run) {
+                self.drive(Input::Ended(run));
+            }
+        }
+        out.reply
+    }
+
+    fn send(&mut self, delay: Duration, msg: Msg) {
+        self.msg_seq += 1;
+        self.msgs.push((self.now + delay, self.msg_seq, msg));
+    }
+
+    /// Sends with the network's faults: lost, repeated, delayed.
+    fn send_faulty(&mut self, msg: Msg, repeat: impl Fn(&Msg) -> Msg) {
+        if self.faults() && self.rng.chance(40) {
+            return;
+        }
+        let delay = self.rng.ms(1, 60);
+        if self.faults() && self.rng.chance(30) {
+            let again = repeat(&msg);
+            let later = self.rng.ms(1, 150);
+            self.send(later, again);
+        }
+        self.send(delay, msg);
+    }
+
+    fn faults(&self) -> bool {
+        self.now.saturating_since(self.start) < FAULT_PHASE
+    }
+
+    /// The coordinator handles an input; its effects are carried out.
+    fn drive(&mut self, input: Input<Token>) {
+        let effects = self.coord.handle(self.now, input);
+        for e in effects {
+            match e {
+                Effect::Append(command) => {
+                    let at = self.now + self.rng.ms(0, 20);
+                    self.unlogged.push((at, command, None));
+                }
+                Effect::Start { node, placement } => {
+                    let Some(n) = self.nodes.iter().find(|n| n.name == node) else {
+                        continue;
+                    };
+                    let inc = n.incarnation;
+                    self.note(format!("start {} on {node}", short(placement.run)));
+                    self.send_faulty(Msg::Start(node.clone(), inc, placement.run), |m| match m {
+                        Msg::Start(n, i, r) => Msg::Start(n.clone(), *i, *r),
+                        _ => unreachable!(),
+                    });
+                }
+                Effect::Recheck { runs, .. } => {
+                    for run in runs {
+                        if let Some(p) = self.waiting_placement(run) {
+                            self.drive(Input::TakeBack(p));
+                        }
+                    }
+                }
+                Effect::Hold {
+                    holder,
+                    node,
+                    tags,
+                    reply,
+                    answer,
+                } => {
+                    let at = self.now + self.rng.ms(0, 20);
+                    let command = Command::Slots(flotilla_runtime::SlotChange::Hold {
+                        holder,
+                        node: node.clone(),
+                        tags,
+                    });
+                    self.unlogged.push((at, command, Some((node, reply, answer))));
+                }
+                Effect::Answer { reply, answer } => {
+                    if let Some(node) = self.node_of(reply.task) {
+                        self.answer(node, reply, answer);
+                    }
+                }
+                Effect::Notice(n) => self.note(format!("notice {n:?}")),
+            }
+        }
+    }
+
+    fn node_of(&self, task: TaskRunId) -> Option<NodeId> {
+        self.nodes
+            .iter()
+            .find(|n| n.runs.values().any(|(_, t)| t.id == task))
+            .map(|n| n.name.clone())
+    }
+
+    fn answer(&mut self, node: NodeId, token: Token, answer: SlotAnswer) {
+        let Some(inc) = self.nodes.iter().find(|n| n.name == node).map(|n| n.incarnation) else {
+            return;
+        };
+        self.send_faulty(Msg::Slots(node, inc, token, answer), |m| match m {
+            Msg::Slots(n, i, t, a) => Msg::Slots(n.clone(), *i, *t, *a),
+            _ => unreachable!(),
+        });
+    }
+
+    /// The run as placement sees it, if it still waits (Scheduled, claimed by nobody).
+    fn waiting_placement(&self, run: FlowRunId) -> Option<Placement> {
+        let r = self.state.hot().flow_run(&run)?;
+        if r.lifecycle.state.kind != StateType::Scheduled || r.owner.is_some() {
+            return None;
+        }
+        let deployment = r.deployment_id.map(|d| {
+            let limit = DEPLOYMENTS
+                .iter()
+                .find(|(key, ..)| deployment(key) == d)
+                .map(|(_, l, c)| (*l, *c));
+            (d, limit)
+        });
+        Some(Placement {
+            run,
+            flow: r.flow_name.clone(),
+            due: r.expected_start_time,
+            queue: r.work_queue.clone(),
+            deployment,
+        })
+    }
+
+    /// The control node (re)starts: a new coordinator reads back the settings, the slot
+    /// holdings, the runs under way and the runs waiting.
+    fn control_started(&mut self) {
+        self.coord = Coordinator::new(Self::config());
+        let hot = self.state.hot();
+        let holds = hot.slot_holds_complete().then(|| {
+            hot.slot_holds()
+                .map(|((tag, holder), node)| (tag.clone(), *holder, node.clone()))
+                .collect::<Vec<_>>()
+        });
+        let (mut queues, mut limits) = (Vec::new(), Vec::new());
+        for s in hot.settings() {
+            match s {
+                Setting::WorkQueue(q) => queues.push(q.clone()),
+                Setting::ConcurrencyLimit(l) => limits.push(l.clone()),
+            }
+        }
+        let mut running = Vec::new();
+        let mut waiting = Vec::new();
+        for r in hot.flow_runs() {
+            match r.lifecycle.state.kind {
+                StateType::Pending | StateType::Running | StateType::Cancelling => running.push(Running {
+                    run: r.id,
+                    queue: r.work_queue.clone(),
+                    deployment: r.deployment_id,
+                    node: r.owner.clone(),
+                }),
+                StateType::Scheduled => waiting.push(r.id),
+                _ => {}
+            }
+        }
+        self.drive(Input::Queues(queues));
+        self.drive(Input::Limits(limits));
+        self.drive(Input::Holds(holds));
+        self.drive(Input::Restore(running));
+        for run in waiting {
+            if let Some(p) = self.waiting_placement(run) {
+                self.drive(Input::Due(p));
+            }
+        }
+    }
+
+    /// A client makes a run in a random queue, maybe of a limited deployment.
+    fn make_run(&mut self) {
+        self.made += 1;
+        let id = FlowRunId::from_uuid(derived_id(&format!("run/{}", self.made)));
+        let queue = QUEUES[self.rng.below(3) as usize].0;
+        let d = match self.rng.below(4) {
+            0 => Some(DEPLOYMENTS[0]),
+            1 => Some(DEPLOYMENTS[1]),
+            _ => None,
+        };
+        let new = NewFlowRun {
+            work_queue: Some(queue.into()),
+            deployment_id: d.map(|(key, ..)| deployment(key)),
+            scheduled_time: Some(self.now),
+            ..NewFlowRun::new(id, "f", serde_json::Value::Null)
+        };
+        let _ = self.log(Command::CreateFlowRun(new));
+        self.note(format!(
+            "made {} in {queue}, deployment {:?}",
+            short(id),
+            d.map(|d| d.0)
+        ));
+        if let Some(p) = self.waiting_placement(id) {
+            self.drive(Input::Due(p));
+        }
+    }
+
+    fn tid(&self, run: FlowRunId, what: &str) -> TransitionId {
+        TransitionId::from_uuid(derived_id(&format!("{what}/{run}/{}", self.now.as_micros())))
+    }
+
+    /// A node is told to start a run: it claims it (refused if the control node declared it
+    /// dead, or another holds the run) and runs it with one task.
+    fn start_on(&mut self, i: usize, run: FlowRunId) {
+        let node = self.nodes[i].name.clone();
+        if self.nodes[i].runs.contains_key(&run) {
+            return;
+        }
+        let Some(epoch) = self.state.hot().flow_run(&run).map(|r| r.epoch) else {
+            return;
+        };
+        let claim = Command::ProposeFlowRunState {
+            run,
+            proposal: Proposal::from_worker(
+                State::named(StateName::Pending, self.now),
+                self.tid(run, "claim"),
+                epoch,
+                node.clone(),
+            ),
+        };
+        if let Some(refusal) = self.coord.refuse_claim(&claim) {
+            self.note(format!("{node} claim of {} refused: {refusal}", short(run)));
+            return;
+        }
+        if !accepted(&self.log(claim)) {
+            return;
+        }
+        let running = Command::ProposeFlowRunState {
+            run,
+            proposal: Proposal::from_worker(
+                State::named(StateName::Running, self.now),
+                self.tid(run, "run"),
+                epoch,
+                node.clone(),
+            ),
+        };
+        if !accepted(&self.log(running)) {
+            return;
+        }
+        let tags: Vec<String> = TAG_SETS[self.rng.below(4) as usize]
+            .iter()
+            .map(|t| (*t).to_owned())
+            .collect();
+        let ttl = tags
+            .iter()
+            .filter_map(|t| LIMITS.iter().find(|(l, ..)| l == t).map(|(_, _, ttl)| ms(*ttl)))
+            .min()
+            .unwrap_or(ms(1_000));
+        let task = Task {
+            id: TaskRunId::from_uuid(derived_id(&format!("task/{run}/{}", self.now.as_micros()))),
+            tags: tags.clone(),
+            ttl,
+            phase: Phase::Acquiring(self.now),
+        };
+        self.note(format!("{node} runs {}, task tags {tags:?}", short(run)));
+        let token = Token {
+            task: task.id,
+            sent_at: self.now,
+        };
+        self.nodes[i].runs.insert(run, (epoch, task));
+        self.send_to_control(i, Msg::Acquire(node, token, tags));
+    }
+
+    fn send_to_control(&mut self, i: usize, msg: Msg) {
+        if self.nodes[i].cut_off_until > self.now {
+            return;
+        }
+        self.send_faulty(msg, |m| match m {
+            Msg::Beat(s) => Msg::Beat(s.clone()),
+            Msg::Acquire(n, t, tags) => Msg::Acquire(n.clone(), *t, tags.clone()),
+            Msg::Renew(n, t, tags) => Msg::Renew(n.clone(), *t, tags.clone()),
+            Msg::Release(t) => Msg::Release(*t),
+            _ => unreachable!(),
+        });
+    }
+
+    /// A message arrives.
+    fn deliver(&mut self, msg: Msg) {
+        match msg {
+            Msg::Start(node, inc, run) => {
+                if let Some(i) = self.live_node(&node, inc) {
+                    self.start_on(i, run);
+                }
+            }
+            Msg::Slots(node, inc, token, answer) => {
+                if let Some(i) = self.live_node(&node, inc) {
+                    self.slot_answer(i, token, answer);
+                }
+            }
+            Msg::Beat(status) => self.drive(Input::Heartbeat(status)),
+            Msg::Acquire(node, reply, tags) => self.drive(Input::Acquire {
+                holder: reply.task,
+                node,
+                tags,
+                reply,
+            }),
+            Msg::Renew(node, reply, tags) => self.drive(Input::Renew {
+                holder: reply.task,
+                node,
+                tags,
+                reply,
+            }),
+            Msg::Release(task) => self.drive(Input::Release(vec![task])),
+        }
+    }
+
+    fn live_node(&self, node: &NodeId, inc: u64) -> Option<usize> {
+        self.nodes
+            .iter()
+            .position(|n| n.name == *node && n.up && n.incarnation == inc && n.cut_off_until <= self.now)
+    }
+
+    fn slot_answer(&mut self, i: usize, token: Token, answer: SlotAnswer) {
+        let now = self.now;
+        let node = self.nodes[i].name.clone();
+        let Some((_, task)) = self.nodes[i].runs.values_mut().find(|(_, t)| t.id == token.task) else {
+            return;
+        };
+        let work = ms(100 + (token.sent_at.as_micros() as u64 / 1000) % 600);
+        match (&mut task.phase, answer) {
+            (Phase::Acquiring(_), SlotAnswer::Grant(grant)) => {
+                let ttl = match grant {
+                    SlotGrant::Held { ttl } => ttl,
+                    SlotGrant::Unlimited => ms(3_600_000),
+                };
+                task.ttl = ttl;
+                task.phase = Phase::Holding {
+                    // It counts its lease from when it asked, and stops at 80% of it unless
+                    // a renewal is acknowledged.
+                    deadline: token.sent_at + ttl.mul_f64(0.8),
+                    renewing: None,
+                    work_left: work,
+                };
+            }
+            (
+                Phase::Holding {
+                    deadline, renewing, ..
+                },
+                SlotAnswer::Renewed(true),
+            ) if *renewing == Some(token.sent_at) => {
+                *deadline = (*deadline).max(token.sent_at + task.ttl.mul_f64(0.8));
+                *renewing = None;
+            }
+            (Phase::Holding { .. }, SlotAnswer::Renewed(false)) => {
+                // Lost its slots: stops, and asks again.
+                task.phase = Phase::Acquiring(now);
+                let (tags, id) = (task.tags.clone(), task.id);
+                self.note(format!("{node} task {} lost its lease", short_task(id)));
+                self.send_to_control(
+                    i,
+                    Msg::Acquire(
+                        node,
+                        Token {
+                            task: id,
+                            sent_at: now,
+                        },
+                        tags,
+                    ),
+                );
+            }
+            _ => {}
+        }
+    }
+
+    /// What each node does at `now`: heartbeats, renewals, resends, tasks that end.
+    fn nodes_act(&mut self) {
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].up {
+                if self.nodes[i].down_until <= self.now {
+                    let n = &mut self.nodes[i];
+                    n.up = true;
+                    n.incarnation += 1;
+                    n.next_beat = self.now;
+                    let (name, inc) = (n.name.clone(), n.incarnation);
+                    self.note(format!("{name} restarts"));
+                    // What its previous life ran crashed with it (the worker's recover).
+                    let crash = Command::MarkNodeCrashed {
+                        node: name.clone(),
+                        message: "its node restarted".into(),
+                        key: format!("crash/{name}/restart/{inc}"),
+                    };
+                    let _ = self.log(crash);
+                }
+                continue;
+            }
+            if self.nodes[i].next_beat <= self.now {
+                self.nodes[i].next_beat = self.now + BEAT_EVERY;
+                let n = &self.nodes[i];
+                let status = MemberStatus {
+                    name: n.name.clone(),
+                    addr: String::new(),
+                    role: "worker".into(),
+                    reachable: true,
+                    slots_used: n.runs.len() as u32,
+                    slots_total: n.slots,
+                    flows: vec!["f".into()],
+                    queues: n.queues.clone(),
+                    last_heartbeat: None,
+                    incarnation: n.incarnation,
+                    holds: n.runs.keys().copied().collect(),
+                    flow_options: Default::default(),
+                };
+                self.send_to_control(i, Msg::Beat(status));
+            }
+            let runs: Vec<FlowRunId> = self.nodes[i].runs.keys().copied().collect();
+            for run in runs {
+                self.task_acts(i, run);
+            }
+            if self.nodes[i].cut_off_until <= self.now {
+                let node = self.nodes[i].name.clone();
+                for (run, epoch, at) in std::mem::take(&mut self.nodes[i].finishing) {
+                    let end = Command::ProposeFlowRunState {
+                        run,
+                        proposal: Proposal::from_worker(
+                            State::named(StateName::Completed, at),
+                            TransitionId::from_uuid(derived_id(&format!("end/{run}/{}", at.as_micros()))),
+                            epoch,
+                            node.clone(),
+                        ),
+                    };
+                    let reply = self.log(end);
+                    let how = if accepted(&reply) { "ok" } else { "refused" };
+                    self.note(format!("{node} ends {}: {how}", short(run)));
+                }
+            }
+        }
+    }
+
+    fn task_acts(&mut self, i: usize, run: FlowRunId) {
+        let now = self.now;
+        let node = self.nodes[i].name.clone();
+        let Some((epoch, task)) = self.nodes[i].runs.get_mut(&run) else {
+            return;
+        };
+        let epoch = *epoch;
+        let mut send = None;
+        let mut done = false;
+        match &mut task.phase {
+            Phase::Acquiring(since) => {
+                if now.saturating_since(*since) >= RESEND_AFTER {
+                    *since = now;
+                    send = Some(Msg::Acquire(
+                        node.clone(),
+                        Token {
+                            task: task.id,
+                            sent_at: now,
+                        },
+                        task.tags.clone(),
+                    ));
+                }
+            }
+            Phase::Holding {
+                deadline,
+                renewing,
+                work_left,
+            } => {
+                if now >= *deadline {
+                    // No renewal acknowledged in time: it stops (LeaseLost) and waits again.
+                    task.phase = Phase::Acquiring(now);
+                    send = Some(Msg::Acquire(
+                        node.clone(),
+                        Token {
+                            task: task.id,
+                            sent_at: now,
+                        },
+                        task.tags.clone(),
+                    ));
+                } else {
+                    *work_left = work_left.saturating_sub(TICK_EVERY);
+                    if work_left.is_zero() {
+                        done = true;
+                    } else if renewing.is_none_or(|r| now.saturating_since(r) >= task.ttl / 4)
+                        && now + task.ttl / 2 >= *deadline
+                    {
+                        *renewing = Some(now);
+                        send = Some(Msg::Renew(
+                            node.clone(),
+                            Token {
+                                task: task.id,
+                                sent_at: now,
+                            },
+                            task.tags.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+        if done {
+            let Some((_, task)) = self.nodes[i].runs.remove(&run) else {
+                return;
+            };
+            self.send_to_control(i, Msg::Release(task.id));
+            self.nodes[i].finishing.push((run, epoch, now));
+        } else if let Some(msg) = send {
+            self.send_to_control(i, msg);
+        }
+    }
+
+    /// Faults of the step: a node crashes or is cut off, the control node restarts.
+    fn faults_act(&mut self) {
+        if !self.faults() {
+            return;
+        }
+        if self.rng.chance(4) {
+            let i = self.rng.below(3) as usize;
+            if self.nodes[i].up {
+                let down = self.rng.ms(200, 1_500);
+                let n = &mut self.nodes[i];
+                n.up = false;
+                n.runs.clear();
+                n.finishing.clear();
+                n.down_until = self.now + down;
+                let name = n.name.clone();
+                self.note(format!("{name} crashes for {down:?}"));
+            }
+        }
+        if self.rng.chance(3) {
+            let i = self.rng.below(3) as usize;
+            let cut = self.rng.ms(300, 2_500);
+            self.nodes[i].cut_off_until = self.now + cut;
+            let name = self.nodes[i].name.clone();
+            self.note(format!("{name} cut off for {cut:?}"));
+        }
+        if self.rng.chance(3) {
+            let lost = self.unlogged.len();
+            self.unlogged.clear();
+            self.control_restarts += 1;
+            self.note(format!("control restarts ({lost} commands not logged are lost)"));
+            self.control_started();
+        }
+    }
+
+    /// The coordinator's appends whose time came are logged; a holding recorded is answered.
+    fn log_due(&mut self) {
+        let now = self.now;
+        let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unlogged)
+            .into_iter()
+            .partition(|(at, ..)| *at <= now);
+        self.unlogged = rest;
+        for (_, command, then) in due {
+            let ok = self.log(command).is_ok();
+            if let Some((node, token, answer)) = then {
+                if ok {
+                    self.answer(node, token, answer);
+                } else {
+                    self.drive(Input::Release(vec![token.task]));
+                }
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        for (tag, limit, _) in LIMITS {
+            let believers: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|n| n.up)
+                .flat_map(|n| n.runs.values())
+                .filter(|(_, t)| {
+                    t.tags.iter().any(|x| x == tag)
+                        && matches!(t.phase, Phase::Holding { deadline, .. } if deadline > self.now)
+                })
+                .map(|(_, t)| short_task(t.id))
+                .collect();
+            if believers.len() as u32 > limit {
+                return Err(format!(
+                    "{} task runs believe they hold a {tag} slot (limit {limit}): {believers:?}",
+                    believers.len()
+                ));
+            }
+        }
+        let mut per_queue: BTreeMap<String, u32> = BTreeMap::new();
+        let mut per_deployment: BTreeMap<DeploymentId, u32> = BTreeMap::new();
+        for r in self.state.hot().flow_runs() {
+            if matches!(r.lifecycle.state.kind, StateType::Pending | StateType::Running) {
+                *per_queue
+                    .entry(r.work_queue.clone().unwrap_or_default())
+                    .or_default() += 1;
+                if let Some(d) = r.deployment_id {
+                    *per_deployment.entry(d).or_default() += 1;
+                }
+            }
+        }
+        for (name, _, limit) in QUEUES {
+            let n = per_queue.get(name).copied().unwrap_or(0);
+            if limit.is_some_and(|l| n > l) {
+                return Err(format!("{n} runs under way in queue {name} (limit {limit:?})"));
+            }
+        }
+        for (key, limit, _) in DEPLOYMENTS {
+            let n = per_deployment.get(&deployment(key)).copied().unwrap_or(0);
+            if n > limit {
+                return Err(format!("{n} runs under way of deployment {key} (limit {limit})"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Once quiet: every run ended, no slot held.
+    fn settled(&self) -> Result<(), String> {
+        let open: Vec<String> = self
+            .state
+            .hot()
+            .flow_runs()
+            .filter(|r| !r.lifecycle.state.is_terminal())
+            .map(|r| format!("{} {}", short(r.id), r.lifecycle.state.name))
+            .collect();
+        if !open.is_empty() {
+            let nodes: Vec<String> = self
+                .nodes
+                .iter()
+                .map(|n| {
+                    let runs: Vec<String> = n
+                        .runs
+                        .iter()
+                        .map(|(r, (_, t))| format!("{} {:?}", short(*r), t.phase))
+                        .collect();
+                    format!(
+                        "{} up {} slots {} queues {:?} runs {runs:?}",
+                        n.name, n.up, n.slots, n.queues
+                    )
+                })
+                .collect();
+            return Err(format!(
+                "runs never ended: {open:?}\nnodes: {nodes:#?}\ncoordinator: {:?} members {:?}",
+                self.coord,
+                self.coord.members()
+            ));
+        }
+        let held: Vec<String> = self
+            .coord
+            .limits()
+            .iter()
+            .flat_map(|l| {
+                l.leases
+                    .iter()
+                    .map(move |x| format!("{} {}", l.tag, short_task(x.holder)))
+            })
+            .collect();
+        if !held.is_empty() {
+            return Err(format!("slots still held once quiet: {held:?}"));
+        }
+        Ok(())
+    }
+
+    pub fn run(&mut self) -> Result<(), String> {
+        let end = self.start + FAULT_PHASE + QUIET_MAX;
+        while self.now < end {
+            let step = self.rng.ms(5, 25);
+            self.now = self.now + step;
+            if self.faults() && self.next_run <= self.now {
+                self.next_run = self.now + self.rng.ms(20, 200);
+                self.make_run();
+            }
+            self.faults_act();
+            self.log_due();
+            loop {
+                let now = self.now;
+                let Some(pos) = self
+                    .msgs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (at, ..))| *at <= now)
+                    .min_by_key(|(_, (at, seq, _))| (*at, *seq))
+                    .map(|(i, _)| i)
+                else {
+                    break;
+                };
+                let (_, _, msg) = self.msgs.swap_remove(pos);
+                self.deliver(msg);
+                self.check()?;
+            }
+            if self.next_tick <= self.now {
+                self.next_tick = self.now + TICK_EVERY;
+                self.drive(Input::Tick);
+            }
+            self.nodes_act();
+            self.check()?;
+            if !self.faults() && self.settled().is_ok() && self.msgs.is_empty() {
+                return Ok(());
+            }
+        }
+        self.settled()
+    }
+
+    pub fn runs(&self) -> usize {
+        self.made as usize
+    }
+}
+
+fn accepted(reply: &Result<Reply, flotilla_runtime::Refusal>) -> bool {
+    matches!(
+        reply,
+        Ok(Reply::FlowRunTransition {
+            decision: Decision::Accept(_),
+            ..
+        })
+    )
+}
+
+fn short(run: FlowRunId) -> String {
+    let s = run.to_string();
+    s[s.len() - 6..].to_owned()
+}
+
+fn short_task(t: TaskRunId) -> String {
+    let s = t.to_string();
+    s[s.len() - 6..].to_owned()
+}
