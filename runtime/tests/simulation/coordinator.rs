@@ -252,7 +252,12 @@ impl Sim {
         if self.faults() && self.rng.chance(40) {
             return;
         }
-        let delay = self.rng.ms(1, 60);
+        // Now and then a slow link: a message arrives long after the ones sent after it.
+        let delay = if self.faults() && self.rng.chance(15) {
+            self.rng.ms(300, 1_200)
+        } else {
+            self.rng.ms(1, 60)
+        };
         if self.faults() && self.rng.chance(30) {
             let again = repeat(&msg);
             let later = self.rng.ms(1, 150);
@@ -271,7 +276,7 @@ impl Sim {
         for e in effects {
             match e {
                 Effect::Append(command) => {
-                    let at = self.now + self.rng.ms(0, 20);
+                    let at = self.log_at();
                     self.unlogged.push((at, command, None));
                 }
                 Effect::Start { node, placement } => {
@@ -299,7 +304,7 @@ impl Sim {
                     reply,
                     answer,
                 } => {
-                    let at = self.now + self.rng.ms(0, 20);
+                    let at = self.log_at();
                     let command = Command::Slots(flotilla_runtime::SlotChange::Hold {
                         holder,
                         node: node.clone(),
@@ -315,6 +320,13 @@ impl Sim {
                 Effect::Notice(n) => self.note(format!("notice {n:?}")),
             }
         }
+    }
+
+    /// When an append will be logged: a little later, and never before the one appended before
+    /// it (the log keeps their order, so a restart loses a suffix of them).
+    fn log_at(&mut self) -> Timestamp {
+        let at = self.now + self.rng.ms(0, 20);
+        self.unlogged.last().map_or(at, |(last, ..)| at.max(*last))
     }
 
     fn node_of(&self, task: TaskRunId) -> Option<NodeId> {
@@ -797,6 +809,11 @@ impl Sim {
                     "{} task runs believe they hold a {tag} slot (limit {limit}): {believers:?}",
                     believers.len()
                 ));
+            }
+        }
+        for l in self.coord.limits() {
+            if l.leases.len() as u32 > l.limit {
+                return Err(format!("{} leases of {} (limit {})", l.leases.len(), l.tag, l.limit));
             }
         }
         let mut per_queue: BTreeMap<String, u32> = BTreeMap::new();
