@@ -498,9 +498,9 @@ impl Actor for Control {
                 // unreachable has had its runs crashed and must not take new ones.
                 let answers: Result<Vec<_>, _> = codec::decode::<Vec<Command>>(&bytes).map(|cmds| {
                     cmds.into_iter()
-                        .map(|c| match s.coordinator.refuse_claim(&c) {
-                            Some(refusal) => Err(refusal),
-                            None => Ok(p.enqueue(c)),
+                        .map(|c| match s.coordinator.admit(&c) {
+                            Err(refusal) => Err(refusal),
+                            Ok(()) => Ok(p.enqueue(c)),
                         })
                         .collect()
                 });

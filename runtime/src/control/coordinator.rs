@@ -225,6 +225,9 @@ pub struct Coordinator<R> {
     dispatch: Dispatch,
     slots: Slots<(TaskRunId, R)>,
     handouts: Handouts,
+    /// Runs handed to a node that never showed them, being read back (by node) before they are
+    /// taken back: a claim admitted meanwhile cancels the take-back.
+    rechecking: BTreeMap<FlowRunId, NodeId>,
     /// Whether the runs under way were read back once since the start.
     restored: bool,
     /// Whether the slot holdings were recorded before this start (a data directory from before
@@ -251,6 +254,7 @@ impl<R> Coordinator<R> {
             dispatch: Dispatch::default(),
             slots: Slots::default(),
             handouts: Handouts::default(),
+            rechecking: BTreeMap::new(),
             restored: false,
             holds_known: false,
         }
@@ -283,6 +287,10 @@ impl<R> Coordinator<R> {
                 self.dispatch.add(placement);
             }
             Input::TakeBack(p) => {
+                // Claimed since it was read back (or read back before a restart): not taken.
+                if self.rechecking.remove(&p.run).is_none() {
+                    return out;
+                }
                 self.ended(p.run);
                 self.dispatch.add(p);
                 self.pump(now, &mut out);
@@ -369,12 +377,30 @@ impl<R> Coordinator<R> {
         self.slots.describe()
     }
 
-    /// Whether a claim of a run (a Pending proposal naming a node) is refused: one made by a
-    /// member declared unreachable (its runs have crashed and it must not take new ones; a node
-    /// not heard of yet is joining, its first heartbeat on its way), and one of a run that
-    /// dispatch placed on another node or holds waiting (a start that arrived after its run was
-    /// taken back, or after a restart of the control node, must not run it beside its limits).
-    pub fn refuse_claim(&self, command: &Command) -> Option<Refusal> {
+    /// Admits a command from a node, or refuses it. Refused: a claim of a run (a Pending
+    /// proposal naming a node) made by a member declared unreachable (its runs have crashed and
+    /// it must not take new ones; a node not heard of yet is joining, its first heartbeat on its
+    /// way), and one of a run that dispatch placed on another node or holds waiting (a start
+    /// that arrived after its run was taken back, or after a restart of the control node, must
+    /// not run it beside its limits). A claim admitted of a run being read back cancels its
+    /// take-back, and the run is watched again in its node's heartbeats (should the claim still
+    /// fail).
+    pub fn admit(&mut self, command: &Command) -> Result<(), Refusal> {
+        if let Some(refusal) = self.refuse_claim(command) {
+            return Err(refusal);
+        }
+        if let Command::ProposeFlowRunState { run, proposal } = command
+            && proposal.state.kind == StateType::Pending
+            && let Some(node) = &proposal.node
+            && self.rechecking.get(run) == Some(node)
+        {
+            self.rechecking.remove(run);
+            self.handouts.handed(*run, node.clone());
+        }
+        Ok(())
+    }
+
+    fn refuse_claim(&self, command: &Command) -> Option<Refusal> {
         let Command::ProposeFlowRunState { run, proposal } = command else {
             return None;
         };
@@ -402,17 +428,26 @@ impl<R> Coordinator<R> {
         // A run handed to the node and left out of its heartbeats was never started there:
         // taken back, and placed again if it still waits (fix 8).
         let back = self.handouts.heartbeat(&report.name, &report.holds);
-        if !back.is_empty() {
-            out.push(Effect::Recheck {
-                node: report.name.clone(),
-                runs: back,
-            });
-        }
+        self.recheck(&report.name, back, out);
         let node = report.name.clone();
         if self.roster.heard(now, report) {
             out.push(Effect::Notice(Notice::Reachable(node)));
         }
         self.pump(now, out);
+    }
+
+    /// Runs handed to `node` that it never showed: read back, and taken back if they still wait.
+    fn recheck(&mut self, node: &NodeId, runs: Vec<FlowRunId>, out: &mut Vec<Effect<R>>) {
+        if runs.is_empty() {
+            return;
+        }
+        for run in &runs {
+            self.rechecking.insert(*run, node.clone());
+        }
+        out.push(Effect::Recheck {
+            node: node.clone(),
+            runs,
+        });
     }
 
     fn tick(&mut self, now: Timestamp, out: &mut Vec<Effect<R>>) {
@@ -430,9 +465,7 @@ impl<R> Coordinator<R> {
             }));
             // Runs handed to it that it never started wait for another node.
             let runs = self.handouts.take_node(&node);
-            if !runs.is_empty() {
-                out.push(Effect::Recheck { node, runs });
-            }
+            self.recheck(&node, runs, out);
         }
         for run in self.dispatch.late(now, self.config.late_after) {
             Self::mark(now, run, State::named(StateName::Late, now), out);

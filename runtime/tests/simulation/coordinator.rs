@@ -55,6 +55,9 @@ enum Msg {
     Acquire(NodeId, Token, Vec<String>),
     Renew(NodeId, Token, Vec<String>),
     Release(TaskRunId),
+    /// Control → itself: read a run back, then take it back if it still waits.
+    Recheck(FlowRunId),
+    TakeBack(Placement),
 }
 
 #[derive(Debug)]
@@ -291,10 +294,11 @@ impl Sim {
                     });
                 }
                 Effect::Recheck { runs, .. } => {
+                    // The driver reads each run from the store, off the actor, and sends
+                    // itself a take-back: both take a while, as claims go on meanwhile.
                     for run in runs {
-                        if let Some(p) = self.waiting_placement(run) {
-                            self.drive(Input::TakeBack(p));
-                        }
+                        let delay = self.rng.ms(0, 30);
+                        self.send(delay, Msg::Recheck(run));
                     }
                 }
                 Effect::Hold {
@@ -460,7 +464,7 @@ impl Sim {
                 node.clone(),
             ),
         };
-        if let Some(refusal) = self.coord.refuse_claim(&claim) {
+        if let Err(refusal) = self.coord.admit(&claim) {
             self.note(format!("{node} claim of {} refused: {refusal}", short(run)));
             return;
         }
@@ -543,6 +547,18 @@ impl Sim {
                 reply,
             }),
             Msg::Release(task) => self.drive(Input::Release(vec![task])),
+            Msg::Recheck(run) => {
+                if let Some(p) = self.waiting_placement(run) {
+                    // Now and then the store is slow to answer.
+                    let delay = if self.rng.chance(100) {
+                        self.rng.ms(100, 400)
+                    } else {
+                        self.rng.ms(0, 30)
+                    };
+                    self.send(delay, Msg::TakeBack(p));
+                }
+            }
+            Msg::TakeBack(p) => self.drive(Input::TakeBack(p)),
         }
     }
 
@@ -813,7 +829,12 @@ impl Sim {
         }
         for l in self.coord.limits() {
             if l.leases.len() as u32 > l.limit {
-                return Err(format!("{} leases of {} (limit {})", l.leases.len(), l.tag, l.limit));
+                return Err(format!(
+                    "{} leases of {} (limit {})",
+                    l.leases.len(),
+                    l.tag,
+                    l.limit
+                ));
             }
         }
         let mut per_queue: BTreeMap<String, u32> = BTreeMap::new();

@@ -119,9 +119,9 @@ fn a_silent_member_is_declared_dead_once_by_its_incarnation_and_its_claims_are_r
             node("a"),
         ),
     };
-    assert!(c.refuse_claim(&claim).is_some());
+    assert!(c.admit(&claim).is_err());
     c.handle(at(1_300), Input::Heartbeat(member("a", 2, 8)));
-    assert!(c.refuse_claim(&claim).is_none(), "heard from again");
+    assert!(c.admit(&claim).is_ok(), "heard from again");
 }
 
 #[test]
@@ -190,4 +190,46 @@ fn a_holding_is_recorded_before_its_holder_hears_of_it() {
             answer: SlotAnswer::Grant(SlotGrant::Unlimited)
         }]
     ));
+}
+
+#[test]
+fn a_run_claimed_while_it_is_read_back_is_not_taken_back() {
+    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
+    c.handle(T0, Input::Heartbeat(member("a", 2, 1)));
+    let p = Placement::plain(run(1), "f".into(), T0);
+    assert_eq!(
+        starts(&c.handle(T0, Input::Due(p.clone()))),
+        vec![(node("a"), run(1))]
+    );
+    // Left out of two heartbeats: read back.
+    c.handle(at(100), Input::Heartbeat(member("a", 2, 1)));
+    let effects = c.handle(at(200), Input::Heartbeat(member("a", 2, 1)));
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Recheck { runs, .. } if *runs == vec![run(1)]))
+    );
+    // Its late start is claimed before the read's take-back arrives: the take-back is dropped.
+    let claim = Command::ProposeFlowRunState {
+        run: run(1),
+        proposal: Proposal::from_worker(
+            State::named(StateName::Pending, at(210)),
+            TransitionId::from_uuid(derived_id("claim")),
+            crate::ids::Epoch::FIRST,
+            node("a"),
+        ),
+    };
+    assert!(c.admit(&claim).is_ok());
+    assert!(c.handle(at(220), Input::TakeBack(p.clone())).is_empty());
+    // Another node asking for the run is refused: it is placed on a.
+    let other = Command::ProposeFlowRunState {
+        run: run(1),
+        proposal: Proposal::from_worker(
+            State::named(StateName::Pending, at(230)),
+            TransitionId::from_uuid(derived_id("claim-b")),
+            crate::ids::Epoch::FIRST,
+            node("b"),
+        ),
+    };
+    assert!(c.admit(&other).is_err());
 }
