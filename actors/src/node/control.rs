@@ -26,7 +26,11 @@ use rand::SeedableRng;
 use rand::rngs::SmallRng;
 
 mod answers;
+mod effects;
 mod requests;
+
+use effects::{ended_run, reload_settings, replace, restore};
+pub(crate) use effects::{placement_of, send_agent};
 
 pub use flotilla_runtime::control::coordinator::LATE_AFTER;
 
@@ -175,44 +179,6 @@ impl ControlState {
         }
     }
 
-    /// Feeds the coordinator one input and carries out what it decides.
-    fn drive(&mut self, input: Input<SlotReply>) {
-        let mut effects: std::collections::VecDeque<Effect<SlotReply>> =
-            self.coordinator.handle(now(), input).into();
-        while let Some(effect) = effects.pop_front() {
-            match effect {
-                Effect::Append(command) => drop(self.persistence.enqueue(command)),
-                Effect::Start { node, placement } => {
-                    if !send_agent(&node, AgentMsg::Run(placement.run.as_bytes().to_vec())) {
-                        // The node went away since its last heartbeat: the run waits again.
-                        let input = Input::StartFailed { node, placement };
-                        effects.extend(self.coordinator.handle(now(), input));
-                    }
-                }
-                Effect::Recheck { node, runs } => self.take_back(&node, runs),
-                Effect::Hold {
-                    holder,
-                    node,
-                    tags,
-                    reply,
-                    answer,
-                } => self.record_hold(holder, node, tags, reply, answer),
-                Effect::Answer { reply, answer } => {
-                    let _ = reply.send(slot_answer(answer));
-                }
-                Effect::Notice(notice) => match notice {
-                    Notice::Unreachable { node, silent } => {
-                        tracing::warn!(%node, silent_ms = silent.as_millis() as u64, "member unreachable");
-                    }
-                    Notice::Reachable(node) => tracing::info!(%node, "member reachable"),
-                    Notice::LeaseLapsed { tag, holder } => {
-                        tracing::warn!(%tag, %holder, "a slot's lease lapsed; the slot is free again");
-                    }
-                },
-            }
-        }
-    }
-
     /// A member's heartbeat: the flows' options it runs are learned, and the cluster's status
     /// is the answer.
     fn heartbeat(&mut self, report: MemberStatus) -> ClusterStatus {
@@ -223,191 +189,8 @@ impl ControlState {
         self.status()
     }
 
-    /// Runs handed to `node` that it never started: each is placed again if it still waits
-    /// (Scheduled, claimed by nobody).
-    fn take_back(&self, node: &NodeId, runs: Vec<FlowRunId>) {
-        for run in runs {
-            tracing::warn!(%node, flow_run = %run, "a run handed to the node never started there; placing it again");
-            let p = self.persistence.clone();
-            tokio::spawn(async move {
-                if let Ok(Some(r)) = p.flow_run(run).await
-                    && r.lifecycle.state.kind == StateType::Scheduled
-                    && r.owner.is_none()
-                    && let Some(me) =
-                        ractor::registry::where_is(CONTROL_NAME).map(ActorRef::<ControlMsg>::from)
-                    && let Ok(bytes) = codec::encode(&placement_of(&p, &r, r.expected_start_time).await)
-                {
-                    let _ = me.cast(ControlMsg::TakeBack(bytes));
-                }
-            });
-        }
-    }
-
-    /// Records that `holder` holds these slots, then sends it `answer`; a holding not recorded,
-    /// or a holder gone, gives the slots back.
-    fn record_hold(
-        &self,
-        holder: TaskRunId,
-        node: NodeId,
-        tags: Vec<String>,
-        reply: SlotReply,
-        answer: SlotAnswer,
-    ) {
-        let recorded = self
-            .persistence
-            .enqueue(Command::Slots(flotilla_runtime::SlotChange::Hold {
-                holder,
-                node,
-                tags,
-            }));
-        tokio::spawn(async move {
-            let ok = matches!(recorded.await, Ok(Ok(Ok(_))));
-            if !ok || reply.send(slot_answer(answer)).is_err() {
-                give_back(vec![holder]);
-            }
-        });
-    }
-
     fn tid(&mut self) -> flotilla_runtime::TransitionId {
         flotilla_runtime::TransitionId::new(now(), &mut self.rng)
-    }
-}
-
-/// A slot answer as the task run's node decodes it.
-fn slot_answer(answer: SlotAnswer) -> Vec<u8> {
-    match answer {
-        SlotAnswer::Grant(grant) => encode(&grant),
-        SlotAnswer::Renewed(held) => encode(&held),
-    }
-}
-
-/// Gives slots back through the control actor (a grant that could not be delivered).
-fn give_back(holders: Vec<TaskRunId>) {
-    if let Some(cell) = ractor::registry::where_is(CONTROL_NAME) {
-        let _ = ActorRef::<ControlMsg>::from(cell)
-            .cast(ControlMsg::Slots(encode(&SlotRequest::Release(holders))));
-    }
-}
-
-/// The flow run an event says ended.
-fn ended_run(e: &flotilla_runtime::Event) -> Option<FlowRunId> {
-    let state = e.event.strip_prefix("flotilla.flow-run.")?;
-    if !matches!(state, "Completed" | "Failed" | "Cancelled" | "Crashed") {
-        return None;
-    }
-    e.resource.id()?.strip_prefix("flotilla.flow-run.")?.parse().ok()
-}
-
-/// Reads back the work queues and the runs that run now, for the control actor.
-async fn restore(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
-    reload_settings(p, me).await;
-    match p.slot_holds().await {
-        Ok(holds) => {
-            let _ = me.cast(ControlMsg::Holds(encode(&holds)));
-        }
-        Err(e) => tracing::error!(error = %e, "cannot read the slot holders"),
-    }
-    restore_running(p, me).await;
-}
-
-/// Reads back the work queues and tag limits, for the control actor.
-async fn reload_settings(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
-    match p.settings().await {
-        Ok(settings) => {
-            let (mut queues, mut limits) = (Vec::new(), Vec::new());
-            for s in settings {
-                match s {
-                    flotilla_runtime::Setting::WorkQueue(q) => queues.push(q),
-                    flotilla_runtime::Setting::ConcurrencyLimit(l) => limits.push(l),
-                }
-            }
-            let _ = me.cast(ControlMsg::Queues(encode(&queues)));
-            let _ = me.cast(ControlMsg::Limits(encode(&limits)));
-        }
-        Err(e) => tracing::error!(error = %e, "cannot read the work queues"),
-    }
-}
-
-/// Reads back the runs that run now, for the control actor.
-async fn restore_running(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
-    let mut running = Vec::new();
-    for state in [StateType::Pending, StateType::Running, StateType::Cancelling] {
-        let mut after = None;
-        loop {
-            let page = match p.flow_runs(RunFilter::State(state), after, PAGE_MAX).await {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot read the runs running");
-                    return;
-                }
-            };
-            let Some(last) = page.last() else { break };
-            after = Some(last.id);
-            running.extend(
-                page.into_iter()
-                    .filter(|r| r.parent_task_run.is_none())
-                    .map(|r| Running {
-                        run: r.id,
-                        queue: r.work_queue.clone(),
-                        deployment: r.deployment_id,
-                        node: r.owner.clone(),
-                    }),
-            );
-        }
-    }
-    let _ = me.cast(ControlMsg::Restore(encode(&running)));
-}
-
-/// Hands a run back to the control actor's placement (it waits until a node can take it).
-fn replace(p: &Placement) {
-    if let Some(cell) = ractor::registry::where_is(CONTROL_NAME)
-        && let Ok(msg) = flotilla_runtime::codec::encode(p)
-    {
-        let _ = ActorRef::<ControlMsg>::from(cell).cast(ControlMsg::Place(msg));
-    }
-}
-
-/// How a run is placed: its queue, and its deployment's limit read from the store.
-pub(crate) async fn placement_of(
-    p: &PersistenceHandle,
-    run: &flotilla_runtime::FlowRun,
-    due: Timestamp,
-) -> Placement {
-    let deployment = match run.deployment_id {
-        Some(id) => {
-            let limit = p
-                .deployment(id)
-                .await
-                .ok()
-                .flatten()
-                .and_then(|d| d.concurrency_limit.map(|l| (l, d.collision)));
-            Some((id, limit))
-        }
-        None => None,
-    };
-    Placement {
-        run: run.id,
-        flow: run.flow_name.clone(),
-        due,
-        queue: run.work_queue.clone(),
-        deployment,
-    }
-}
-
-/// Sends a node's agent a message; false (and a log line) when it cannot be reached.
-pub(crate) fn send_agent(node: &NodeId, msg: AgentMsg) -> bool {
-    match agent_of(node) {
-        Some(agent) => match agent.cast(msg) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(%node, error = %e, "cannot reach the node's agent");
-                false
-            }
-        },
-        None => {
-            tracing::warn!(%node, "the node's agent is not connected");
-            false
-        }
     }
 }
 
