@@ -2,9 +2,10 @@
 //! that heartbeat, claim the runs they are told to start, run one task per run holding
 //! tag-limit slots, crash, restart and get cut off; a client making runs in three work queues
 //! and two limited deployments; a control node that restarts (losing what it had not logged);
-//! messages lost, repeated and delayed. After every step: no tag has more task runs believing
-//! they hold a slot than its limit, and no queue or deployment has more runs under way than
-//! its limit. Once quiet: every run ended, and no slot is held.
+//! messages lost, repeated and delayed (now and then by a slow link); the store's read-backs
+//! taking a while. After every step: no tag has more task runs believing they hold a slot than
+//! its limit, nor more leases; no queue or deployment has more runs under way than its limit;
+//! never two nodes run one run under its epoch. Once quiet: every run ended, no slot is held.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -826,6 +827,24 @@ impl Sim {
                     believers.len()
                 ));
             }
+        }
+        // Never two nodes running one run under its epoch (a copy of an earlier epoch, or of a
+        // run that ended, is a zombie whose proposals are refused).
+        let mut copies: BTreeMap<FlowRunId, Vec<String>> = BTreeMap::new();
+        for n in self.nodes.iter().filter(|n| n.up) {
+            for (run, (epoch, _)) in &n.runs {
+                let live = self
+                    .state
+                    .hot()
+                    .flow_run(run)
+                    .is_some_and(|r| r.epoch == *epoch && !r.lifecycle.state.is_terminal());
+                if live {
+                    copies.entry(*run).or_default().push(n.name.to_string());
+                }
+            }
+        }
+        if let Some((run, nodes)) = copies.iter().find(|(_, nodes)| nodes.len() > 1) {
+            return Err(format!("{} runs on {nodes:?} under one epoch", short(*run)));
         }
         for l in self.coord.limits() {
             if l.leases.len() as u32 > l.limit {
