@@ -21,6 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use flotilla_runtime::control::FlowDefaults;
 use flotilla_runtime::{FlowRunId, NodeId, RetryPolicy, TaskRunId};
 
 pub use env::{FlowEnv, TaskCall};
@@ -107,6 +108,20 @@ pub struct FlowOptions {
     pub version: Option<String>,
     /// Whether a run whose node died is resumed automatically.
     pub resume: bool,
+    /// Whether a boolean `resume` parameter of a run decides that for the run (the built-in
+    /// `command` flow's `"resume": false`).
+    pub resume_param: bool,
+}
+
+impl FlowOptions {
+    /// What runs of the flow made on another node take from it.
+    pub fn defaults(&self) -> FlowDefaults {
+        FlowDefaults {
+            retry: self.retry.clone(),
+            resume: self.resume,
+            resume_param: self.resume_param,
+        }
+    }
 }
 
 /// The options of the flows a node knows, by name: what a run created on the control node
@@ -114,8 +129,8 @@ pub struct FlowOptions {
 /// only other nodes run are learned from their heartbeats.
 #[derive(Clone, Debug, Default)]
 pub struct FlowCatalog {
-    own: std::sync::Arc<std::collections::HashMap<String, (RetryPolicy, bool)>>,
-    learned: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, (RetryPolicy, bool)>>>,
+    own: std::sync::Arc<std::collections::HashMap<String, FlowDefaults>>,
+    learned: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, FlowDefaults>>>,
 }
 
 impl FlowCatalog {
@@ -125,10 +140,7 @@ impl FlowCatalog {
             own: std::sync::Arc::new(
                 flows
                     .iter()
-                    .map(|f| {
-                        let o = f.options();
-                        (f.name().to_owned(), (o.retry, o.resume))
-                    })
+                    .map(|f| (f.name().to_owned(), f.options().defaults()))
                     .collect(),
             ),
             learned: Default::default(),
@@ -136,13 +148,13 @@ impl FlowCatalog {
     }
 
     /// Learns the options of a flow another node runs (its own flows are not overridden).
-    pub fn learn(&self, flow: &str, retry: &RetryPolicy, resume: bool) {
+    pub fn learn(&self, flow: &str, defaults: &FlowDefaults) {
         if self.own.contains_key(flow) {
             return;
         }
         let mut learned = self.learned.write().unwrap_or_else(|e| e.into_inner());
-        if learned.get(flow).is_none_or(|(r, x)| r != retry || *x != resume) {
-            learned.insert(flow.to_owned(), (retry.clone(), resume));
+        if learned.get(flow) != Some(defaults) {
+            learned.insert(flow.to_owned(), defaults.clone());
         }
     }
 
@@ -157,7 +169,11 @@ impl FlowCatalog {
                 .cloned()
         });
         match found {
-            Some((retry, resume)) => new.with_options(retry, resume),
+            Some(d) => {
+                let asked = new.parameters.get("resume").and_then(serde_json::Value::as_bool);
+                let resume = asked.filter(|_| d.resume_param).unwrap_or(d.resume);
+                new.with_options(d.retry, resume)
+            }
             None => new.with_options(RetryPolicy::default(), false),
         }
     }
@@ -274,13 +290,18 @@ mod tests {
             retries: 3,
             ..RetryPolicy::default()
         };
-        catalog.learn("etl", &retry, true);
+        let learned = |retry: &RetryPolicy, resume| FlowDefaults {
+            retry: retry.clone(),
+            resume,
+            resume_param: false,
+        };
+        catalog.learn("etl", &learned(&retry, true));
         let known = catalog.apply(new());
         assert_eq!(known.retry_policy, retry);
         assert!(known.resume);
         // The catalog is shared: a clone (the scheduler's) sees what the control actor learned.
         let other = catalog.clone();
-        catalog.learn("etl", &RetryPolicy::default(), false);
+        catalog.learn("etl", &learned(&RetryPolicy::default(), false));
         assert!(!other.apply(new()).resume);
     }
 }

@@ -642,7 +642,25 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     Actor::spawn(None, Agent, args)
         .await
         .map_err(|e| NodeError::Spawn(e.to_string()))?;
-    engine.recover(incarnation).await?;
+    // What this node's previous life left resumes where the control plane places it (under
+    // its queue's and deployment's limits), not necessarily here.
+    let resumed = engine.recover(incarnation, true).await?;
+    if !resumed.is_empty() {
+        match plane::control_actor() {
+            Some(control) => {
+                let ids: Vec<[u8; 16]> = resumed.iter().map(|r| *r.as_bytes()).collect();
+                if let Ok(bytes) = flotilla_runtime::codec::encode(&ids)
+                    && control.cast(ControlMsg::Resumed(bytes)).is_err()
+                {
+                    tracing::error!(
+                        runs = resumed.len(),
+                        "the resumed runs could not be handed to the control node"
+                    );
+                }
+            }
+            None => tracing::error!(runs = resumed.len(), "no control node to place the resumed runs"),
+        }
+    }
     Ok(ClusterNode {
         endpoint,
         engine,

@@ -18,9 +18,12 @@ const UNREACHABLE_AFTER: Duration = Duration::from_secs(1);
 const DETECT_SLACK: Duration = Duration::from_secs(2);
 
 /// A command that runs until its node dies (it watches its parent), so a killed node leaves
-/// no program behind.
+/// no program behind; not resumed elsewhere (it would run forever there).
 fn long_command() -> serde_json::Value {
-    serde_json::json!({"command": ["sh", "-c", "while kill -0 $PPID 2>/dev/null; do sleep 0.1; done"]})
+    serde_json::json!({
+        "command": ["sh", "-c", "while kill -0 $PPID 2>/dev/null; do sleep 0.1; done"],
+        "resume": false,
+    })
 }
 
 async fn state_of(client: &Client, id: FlowRunId) -> flotilla::FlowRun {

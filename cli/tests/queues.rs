@@ -161,7 +161,8 @@ async fn the_slots_of_a_killed_node_come_back_within_the_lease_ttl() {
     let mut hold = deployment(
         "hold",
         "command",
-        serde_json::json!({"command": ["sleep", "60"], "tags": ["db"]}),
+        // Not resumed once its node is lost: the slot is to come back.
+        serde_json::json!({"command": ["sleep", "60"], "tags": ["db"], "resume": false}),
     );
     hold.work_queue = Some("work".into());
     client.put_deployment(hold).await.expect("a deployment");

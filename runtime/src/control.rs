@@ -60,7 +60,7 @@ pub use command::{
     ClientReply, ClientResult, ControlCommand, ControlOutcome, ControlReply, LeaseCommand, LeaseReply,
 };
 pub use coordinator::Coordinator;
-pub use dispatch::{Placement, QueueLoad};
+pub use dispatch::{Placement, QueueLoad, Whereabouts};
 pub use effect::{Effect, ToNodeMsg};
 pub use handouts::Handouts;
 pub use ids::{Incarnation, RequestId, derived_id};

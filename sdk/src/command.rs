@@ -5,12 +5,15 @@
 //! flotilla flow-run create command --params-json '{"command": ["sh", "-c", "echo hi"], "timeout": "30s", "retries": 2}' --watch
 //! ```
 //!
-//! Parameters (only `command` is required): `command` (an argument vector, or a string run by
-//! `sh -c`), `env` (variables added to the node's environment), `cwd`, `timeout` (per attempt,
-//! `"30s"`), `retries`, `retry_delay`, `tags` (the task's tags: cluster-wide concurrency limits
-//! on a tag hold it until a slot frees). The run completes with `{"exit_code": 0, "lines": N}`;
-//! it fails on a non-zero exit, a signal, a timeout, or a program that cannot be started, with
-//! the reason in its state's message.
+//! Parameters (`command` or `steps` is required): `command` (an argument vector, or a string
+//! run by `sh -c`), or `steps` (a list of them, each its own task run `step-1`, `step-2`, …,
+//! run in order: a pipeline whose node is lost resumes on another node at the first step not
+//! completed), `env` (variables added to the node's environment), `cwd`, `timeout` (per
+//! attempt, `"30s"`), `retries`, `retry_delay`, `tags` (the task's tags: cluster-wide
+//! concurrency limits on a tag hold it until a slot frees), `resume` (default true: a run whose
+//! node is lost resumes elsewhere; false leaves it Crashed). The run completes with
+//! `{"exit_code": 0, "lines": N}`; it fails on a non-zero exit, a signal, a timeout, or a
+//! program that cannot be started, with the reason (and the step) in its state's message.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
@@ -30,6 +33,8 @@ pub const COMMAND_FLOW: &str = "command";
 
 /// The longest argument vector accepted, in bytes.
 const COMMAND_BYTES_MAX: usize = 64 * 1024;
+/// The most steps accepted.
+const STEPS_MAX: usize = 1_000;
 /// The most environment variables accepted.
 const ENV_VARS_MAX: usize = 256;
 /// A longer output line is cut here (the rest of it is dropped, and the cut said).
@@ -47,7 +52,10 @@ enum Program {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CommandParams {
-    command: Program,
+    #[serde(default)]
+    command: Option<Program>,
+    #[serde(default)]
+    steps: Vec<Program>,
     #[serde(default)]
     env: BTreeMap<String, String>,
     #[serde(default)]
@@ -60,12 +68,18 @@ struct CommandParams {
     retry_delay: Option<String>,
     #[serde(default)]
     tags: Vec<String>,
+    /// Read when the run is made (the flow's `resume_param`).
+    #[serde(default)]
+    resume: Option<bool>,
 }
 
 /// The parameters, checked.
 #[derive(Clone, Debug)]
 struct Checked {
-    argv: Vec<String>,
+    /// One argument vector per step (one for `command`).
+    steps: Vec<Vec<String>>,
+    /// Whether they came as `steps` (each task run named `step-N`).
+    named_steps: bool,
     env: BTreeMap<String, String>,
     cwd: Option<String>,
     timeout: Option<Duration>,
@@ -87,25 +101,51 @@ fn duration(field: &str, s: &str) -> Result<Duration, String> {
         .map_err(|e| format!("{field} {s:?} is not a duration such as \"30s\" or \"5m\": {e}"))
 }
 
-fn check(params: &serde_json::Value) -> Result<Checked, String> {
-    let p: CommandParams = serde_json::from_value(params.clone()).map_err(|e| {
-        format!("flow command: {e} (expected {{\"command\": [\"prog\", \"arg\", …] or \"shell line\", \"env\": {{…}}, \"cwd\": \"…\", \"timeout\": \"30s\", \"retries\": 2, \"retry_delay\": \"1s\", \"tags\": [\"db\"]}})")
-    })?;
-    let argv = match p.command {
+/// A program's argument vector, checked; `what` names it in errors.
+fn argv_of(program: Program, what: &str) -> Result<Vec<String>, String> {
+    let argv = match program {
         Program::Argv(v) => v,
         Program::Shell(s) => vec!["sh".to_owned(), "-c".to_owned(), s],
     };
     if argv.first().is_none_or(|a| a.is_empty()) {
-        return Err("flow command: \"command\" is empty".to_owned());
+        return Err(format!("flow command: {what} is empty"));
     }
     let bytes: usize = argv.iter().map(String::len).sum();
     if bytes > COMMAND_BYTES_MAX {
         return Err(format!(
-            "flow command: the command is {bytes} bytes, over the limit of {COMMAND_BYTES_MAX}"
+            "flow command: {what} is {bytes} bytes, over the limit of {COMMAND_BYTES_MAX}"
         ));
     }
     if argv.iter().any(|a| a.contains('\0')) {
-        return Err("flow command: an argument contains a NUL byte".to_owned());
+        return Err(format!("flow command: an argument of {what} contains a NUL byte"));
+    }
+    Ok(argv)
+}
+
+fn check(params: &serde_json::Value) -> Result<Checked, String> {
+    let p: CommandParams = serde_json::from_value(params.clone()).map_err(|e| {
+        format!("flow command: {e} (expected {{\"command\": [\"prog\", \"arg\", …] or \"shell line\", or \"steps\": [[…], …], \"env\": {{…}}, \"cwd\": \"…\", \"timeout\": \"30s\", \"retries\": 2, \"retry_delay\": \"1s\", \"tags\": [\"db\"], \"resume\": true}})")
+    })?;
+    let (programs, named_steps) = match (p.command, p.steps.is_empty()) {
+        (Some(c), true) => (vec![c], false),
+        (None, false) if p.steps.len() <= STEPS_MAX => (p.steps, true),
+        (None, false) => {
+            return Err(format!(
+                "flow command: {} steps, over the limit of {STEPS_MAX}",
+                p.steps.len()
+            ));
+        }
+        (Some(_), false) => return Err("flow command: give \"command\" or \"steps\", not both".to_owned()),
+        (None, true) => return Err("flow command: \"command\" or \"steps\" is required".to_owned()),
+    };
+    let mut steps = Vec::with_capacity(programs.len());
+    for (i, program) in programs.into_iter().enumerate() {
+        let what = if named_steps {
+            format!("step {}", i + 1)
+        } else {
+            "the command".to_owned()
+        };
+        steps.push(argv_of(program, &what)?);
     }
     if p.env.len() > ENV_VARS_MAX {
         return Err(format!(
@@ -133,7 +173,8 @@ fn check(params: &serde_json::Value) -> Result<Checked, String> {
         return Err("flow command: at most 32 tags, each 1 to 128 bytes long".to_owned());
     }
     Ok(Checked {
-        argv,
+        steps,
+        named_steps,
         env: p.env,
         cwd: p.cwd,
         timeout,
@@ -221,7 +262,8 @@ impl FlowFn for CommandFlow {
 
     fn options(&self) -> FlowOptions {
         FlowOptions {
-            resume: false,
+            resume: true,
+            resume_param: true,
             ..FlowOptions::default()
         }
     }
@@ -233,27 +275,47 @@ impl FlowFn for CommandFlow {
     fn run(&self, env: FlowEnv, params: serde_json::Value) -> BoxFuture<Result<Vec<u8>, String>> {
         Box::pin(async move {
             let c = Arc::new(check(&params)?);
-            let spec = TaskSpec {
-                name: COMMAND_FLOW.to_owned(),
-                retry: c.retry.clone(),
-                timeout: c.timeout,
-                tags: c.tags.clone(),
-                ..TaskSpec::default()
-            };
-            let body: TaskBody = Arc::new(move |attempt| {
-                let c = c.clone();
-                Box::pin(async move { run_once(&c, attempt).await })
-            });
-            match env.task(spec, body).await {
-                Ok(bytes) => Ok(bytes),
-                Err(TaskFailure::Failed { message, .. }) => Err(message),
-                Err(TaskFailure::TimedOut { after, .. }) => Err(format!(
-                    "the command timed out after {} and was killed",
-                    humantime::format_duration(after)
-                )),
-                Err(other) => Err(other.to_string()),
+            if !c.named_steps {
+                return step(&env, &c, 0, COMMAND_FLOW.to_owned()).await;
             }
+            // In order, each its own task run: resumed, the steps that completed return their
+            // recorded results without running again.
+            let mut lines = 0;
+            for i in 0..c.steps.len() {
+                let name = format!("step-{}", i + 1);
+                let out = step(&env, &c, i, name)
+                    .await
+                    .map_err(|e| format!("step {} of {}: {e}", i + 1, c.steps.len()))?;
+                lines += rmp_serde::from_slice::<CommandOutput>(&out).map_or(0, |o| o.lines);
+            }
+            rmp_serde::to_vec_named(&CommandOutput { exit_code: 0, lines })
+                .map_err(|e| format!("cannot encode the result: {e}"))
         })
+    }
+}
+
+/// Runs step `i` of `c` as a task run named `name`.
+async fn step(env: &FlowEnv, c: &Arc<Checked>, i: usize, name: String) -> Result<Vec<u8>, String> {
+    let spec = TaskSpec {
+        name,
+        retry: c.retry.clone(),
+        timeout: c.timeout,
+        tags: c.tags.clone(),
+        ..TaskSpec::default()
+    };
+    let c = c.clone();
+    let body: TaskBody = Arc::new(move |attempt| {
+        let c = c.clone();
+        Box::pin(async move { run_once(&c, &c.steps[i], attempt).await })
+    });
+    match env.task(spec, body).await {
+        Ok(bytes) => Ok(bytes),
+        Err(TaskFailure::Failed { message, .. }) => Err(message),
+        Err(TaskFailure::TimedOut { after, .. }) => Err(format!(
+            "the command timed out after {} and was killed",
+            humantime::format_duration(after)
+        )),
+        Err(other) => Err(other.to_string()),
     }
 }
 
@@ -271,9 +333,9 @@ impl Drop for GroupGuard {
     }
 }
 
-async fn run_once(c: &Checked, attempt: TaskAttempt) -> Result<Vec<u8>, String> {
-    let mut cmd = tokio::process::Command::new(&c.argv[0]);
-    cmd.args(&c.argv[1..])
+async fn run_once(c: &Checked, argv: &[String], attempt: TaskAttempt) -> Result<Vec<u8>, String> {
+    let mut cmd = tokio::process::Command::new(&argv[0]);
+    cmd.args(&argv[1..])
         .envs(&c.env)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -286,10 +348,10 @@ async fn run_once(c: &Checked, attempt: TaskAttempt) -> Result<Vec<u8>, String> 
     }
     let mut child = cmd.spawn().map_err(|e| {
         let cwd = c.cwd.as_deref().map(|d| format!(" in {d}")).unwrap_or_default();
-        format!("cannot start {:?}{cwd}: {e}", c.argv[0])
+        format!("cannot start {:?}{cwd}: {e}", argv[0])
     })?;
     let mut guard = GroupGuard(child.id());
-    tracing::debug!(program = %c.argv[0], attempt = attempt.attempt, pid = ?child.id(), "started");
+    tracing::debug!(program = %argv[0], attempt = attempt.attempt, pid = ?child.id(), "started");
     let out = child.stdout.take().map(|s| pump(s, false));
     let err = child.stderr.take().map(|s| pump(s, true));
     let (status, n_out, n_err) =
@@ -392,11 +454,15 @@ mod tests {
     #[test]
     fn parameters_are_checked() {
         let ok = check(&serde_json::json!({"command": ["echo", "hi"], "timeout": "2s", "retries": 2, "retry_delay": "1s"})).unwrap();
-        assert_eq!(ok.argv, ["echo", "hi"]);
+        assert_eq!(ok.steps, [["echo", "hi"]]);
+        assert!(!ok.named_steps);
         assert_eq!(ok.timeout, Some(Duration::from_secs(2)));
         assert_eq!(ok.retry.retries, 2);
         let sh = check(&serde_json::json!({"command": "exit 3"})).unwrap();
-        assert_eq!(sh.argv, ["sh", "-c", "exit 3"]);
+        assert_eq!(sh.steps, [["sh", "-c", "exit 3"]]);
+        let steps = check(&serde_json::json!({"steps": [["true"], "echo two"], "resume": false})).unwrap();
+        assert_eq!(steps.steps, [vec!["true"], vec!["sh", "-c", "echo two"]]);
+        assert!(steps.named_steps);
         for bad in [
             serde_json::json!({}),
             serde_json::json!({"command": []}),
@@ -407,6 +473,10 @@ mod tests {
             serde_json::json!({"command": ["x"], "colour": "red"}),
             serde_json::json!({"command": ["x"], "env": {"A=B": "c"}}),
             serde_json::json!({"command": ["x".repeat(COMMAND_BYTES_MAX + 1)]}),
+            serde_json::json!({"command": ["x"], "steps": [["y"]]}),
+            serde_json::json!({"steps": [["x"], []]}),
+            serde_json::json!({"steps": vec![["true"]; STEPS_MAX + 1]}),
+            serde_json::json!({"command": ["x"], "resume": "no"}),
         ] {
             assert!(check(&bad).is_err(), "{bad} was accepted");
         }

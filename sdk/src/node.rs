@@ -154,7 +154,7 @@ impl NodeBuilder {
         };
         // This start of the node (an embedded node's life, as a cluster node's incarnation).
         let incarnation = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
-        let resumed = match engine.recover(incarnation).await {
+        let resumed = match engine.recover(incarnation, false).await {
             Ok(r) => r,
             Err(e) => {
                 engine.stop(ejoin).await;

@@ -412,16 +412,7 @@ impl EngineHandle {
     pub fn flow_defaults(&self) -> std::collections::BTreeMap<String, flotilla_cluster::wire::FlowDefaults> {
         self.flows
             .iter()
-            .map(|(name, f)| {
-                let o = f.options();
-                (
-                    name.clone(),
-                    flotilla_cluster::wire::FlowDefaults {
-                        retry: o.retry,
-                        resume: o.resume,
-                    },
-                )
-            })
+            .map(|(name, f)| (name.clone(), f.options().defaults()))
             .collect()
     }
 
@@ -546,8 +537,10 @@ impl EngineHandle {
     /// calls that completed. Scheduled runs of this node's flows are queued, except those of
     /// deployments: the scheduler hands those out when they are due. Returns the runs resumed.
     /// `incarnation` names this start of the node: the crash it declares is keyed by it, so
-    /// that declaring it again is one change.
-    pub async fn recover(&self, incarnation: u64) -> Result<Vec<FlowRunId>, EngineError> {
+    /// that declaring it again is one change. With `hand_off` (a cluster node), the runs
+    /// resumed are not run here but returned, for the control plane to place under their
+    /// queue's and deployment's limits, and the Scheduled runs are left to it.
+    pub async fn recover(&self, incarnation: u64, hand_off: bool) -> Result<Vec<FlowRunId>, EngineError> {
         let p = &self.ctx.persistence;
         let node = self.ctx.config.node.clone();
         let key = format!("crash/{node}/restart/{incarnation}");
@@ -579,8 +572,13 @@ impl EngineHandle {
             };
             if let Ok(Ok(_)) = p.submit(Command::RetryFlowRun { run: id, request }).await {
                 resumed.push(id);
-                self.run(id)?;
+                if !hand_off {
+                    self.run(id)?;
+                }
             }
+        }
+        if hand_off {
+            return Ok(resumed);
         }
         let mut after = None;
         loop {

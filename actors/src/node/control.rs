@@ -13,7 +13,7 @@ use flotilla_cluster::wire::{
     WAIT_MS_MAX, WireError,
 };
 use flotilla_runtime::control::coordinator::{
-    Coordinator, CoordinatorConfig, Effect, Input, Notice, Running, SlotAnswer,
+    Coordinator, CoordinatorConfig, Effect, Input, Notice, Running, SlotAnswer, resume_after_loss,
 };
 use flotilla_runtime::control::{Placement, SlotRequest};
 use flotilla_runtime::{
@@ -92,6 +92,9 @@ pub enum ControlMsg {
     /// `bool`, says whether it holds them (false: it lost its slots and must stop).
     #[rpc]
     RenewSlots(Vec<u8>, RpcReplyPort<Vec<u8>>),
+    /// Runs a restarted node resumed (their ids' 16 bytes each, encoded): placed as they are
+    /// now, under their queue's and deployment's limits.
+    Resumed(Vec<u8>),
     /// Time to look for silent members.
     Tick,
     /// A run handed to a node that never started it, still waiting (an encoded [`Placement`]):
@@ -183,7 +186,7 @@ impl ControlState {
     /// is the answer.
     fn heartbeat(&mut self, report: MemberStatus) -> ClusterStatus {
         for (flow, o) in &report.flow_options {
-            self.catalog.learn(flow, &o.retry, o.resume);
+            self.catalog.learn(flow, o);
         }
         self.drive(Input::Heartbeat(report));
         self.status()
@@ -383,6 +386,21 @@ impl Actor for Control {
                 Err(e) => tracing::error!(error = %e, "undecodable work queues"),
             },
             ControlMsg::Tick => s.drive(Input::Tick),
+            ControlMsg::Resumed(bytes) => match codec::decode::<Vec<[u8; 16]>>(&bytes) {
+                Ok(ids) => {
+                    let p = s.persistence.clone();
+                    tokio::spawn(async move {
+                        for id in ids {
+                            if let Ok(Some(r)) = p.flow_run(FlowRunId::from_bytes(id)).await
+                                && r.lifecycle.state.kind == StateType::Scheduled
+                            {
+                                replace(&placement_of(&p, &r, now()).await);
+                            }
+                        }
+                    });
+                }
+                Err(e) => tracing::error!(error = %e, "undecodable resumed runs"),
+            },
             ControlMsg::Holds(bytes) => {
                 match codec::decode::<Option<Vec<(String, TaskRunId, NodeId)>>>(&bytes) {
                     Ok(holds) => s.drive(Input::Holds(holds)),

@@ -32,8 +32,9 @@ use super::ids::derived_id;
 use super::roster::{MemberStatus, Roster};
 use super::slots::{Served, SlotGrant, Slots};
 use crate::apply::Refusal;
-use crate::command::{Command, SlotChange};
+use crate::command::{Command, RetryRequest, SlotChange};
 use crate::concurrency::ConcurrencyLimit;
+use crate::flow_run::FlowRun;
 use crate::ids::{DeploymentId, FlowRunId, NodeId, TaskRunId, TransitionId};
 use crate::rules::Proposal;
 use crate::state::{State, StateName, StateType};
@@ -168,6 +169,15 @@ pub enum Notice {
 pub enum Effect<R> {
     /// Append a command to the log (nobody waits for its answer).
     Append(Command),
+    /// Append this `MarkNodeCrashed` of a node declared dead, then resume elsewhere each run it
+    /// crashed that [`resume_after_loss`] says is to be, and hand the resumed runs back as
+    /// [`Input::Due`].
+    DeclareDead {
+        /// The node.
+        node: NodeId,
+        /// The command.
+        command: Command,
+    },
     /// Tell `node` to start the run; if it cannot be reached, give back
     /// [`Input::StartFailed`].
     Start {
@@ -207,6 +217,26 @@ pub enum Effect<R> {
     },
     /// Log this.
     Notice(Notice),
+}
+
+/// The command that resumes on another node a run its dead `node` left Crashed, if it is to be
+/// resumed: a top-level run (a subflow is resumed by its parent) whose flow resumes after a
+/// crash. Scheduled, named Resuming, under the next epoch; the transition id is derived from the
+/// run and the epoch it crashed under, so that resuming it again is one change.
+pub fn resume_after_loss(run: &FlowRun, node: &NodeId) -> Option<Command> {
+    if !run.resume || run.parent_task_run.is_some() || run.lifecycle.state.kind != StateType::Crashed {
+        return None;
+    }
+    let key = format!("resume/{}/{}", run.id, run.epoch.get());
+    Some(Command::RetryFlowRun {
+        run: run.id,
+        request: RetryRequest {
+            transition_id: TransitionId::from_uuid(derived_id(&key)),
+            resume: true,
+            force: false,
+            message: Some(format!("resumed after its node {node} was lost")),
+        },
+    })
 }
 
 /// Why a member cannot be removed.
@@ -272,11 +302,14 @@ impl<R> Coordinator<R> {
             Input::Heartbeat(report) => self.heartbeat(now, report, &mut out),
             Input::Tick => self.tick(now, &mut out),
             Input::Due(p) => {
+                // Placed afresh (resumed, retried): a read-back of it from before is moot.
+                self.rechecking.remove(&p.run);
                 self.dispatch.add(p);
                 self.pump(now, &mut out);
             }
             Input::Ended(run) => {
                 self.handouts.forget(&run);
+                self.rechecking.remove(&run);
                 self.ended(run);
                 self.pump(now, &mut out);
             }
@@ -372,6 +405,11 @@ impl<R> Coordinator<R> {
         self.dispatch.loads()
     }
 
+    /// Where dispatch has a run: waiting to be placed, placed (on which node), or not at all.
+    pub fn whereabouts(&self, run: &FlowRunId) -> Whereabouts<'_> {
+        self.dispatch.whereabouts(run)
+    }
+
     /// Every tag limit with its leases.
     pub fn limits(&self) -> Vec<ConcurrencyLimit> {
         self.slots.describe()
@@ -383,8 +421,8 @@ impl<R> Coordinator<R> {
     /// way), and one of a run that dispatch placed on another node or holds waiting (a start
     /// that arrived after its run was taken back, or after a restart of the control node, must
     /// not run it beside its limits). A claim admitted of a run being read back cancels its
-    /// take-back, and the run is watched again in its node's heartbeats (should the claim still
-    /// fail).
+    /// take-back (as its end does, or its being placed afresh), and the run is watched in its
+    /// claimer's heartbeats (should the claim still fail).
     pub fn admit(&mut self, command: &Command) -> Result<(), Refusal> {
         if let Some(refusal) = self.refuse_claim(command) {
             return Err(refusal);
@@ -392,9 +430,8 @@ impl<R> Coordinator<R> {
         if let Command::ProposeFlowRunState { run, proposal } = command
             && proposal.state.kind == StateType::Pending
             && let Some(node) = &proposal.node
-            && self.rechecking.get(run) == Some(node)
+            && self.rechecking.remove(run).is_some()
         {
-            self.rechecking.remove(run);
             self.handouts.handed(*run, node.clone());
         }
         Ok(())
@@ -458,11 +495,14 @@ impl<R> Coordinator<R> {
             }));
             // The key names the node's life that ended, never the clock: the same death
             // declared twice is one crash.
-            out.push(Effect::Append(Command::MarkNodeCrashed {
+            out.push(Effect::DeclareDead {
                 node: node.clone(),
-                message: format!("node {node} became unreachable"),
-                key: format!("crash/{node}/{incarnation}"),
-            }));
+                command: Command::MarkNodeCrashed {
+                    node: node.clone(),
+                    message: format!("node {node} became unreachable"),
+                    key: format!("crash/{node}/{incarnation}"),
+                },
+            });
             // Runs handed to it that it never started wait for another node.
             let runs = self.handouts.take_node(&node);
             self.recheck(&node, runs, out);

@@ -91,18 +91,19 @@ enum Spot {
 
 type Line = BTreeMap<(Timestamp, FlowRunId), Entry>;
 
-/// The runs waiting and running, by queue and deployment.
+/// The runs waiting and running, by queue and deployment (ordered maps: the same inputs give
+/// the same decisions in the same order, which a seeded simulation replays).
 #[derive(Default)]
 pub struct Dispatch {
-    queues: HashMap<String, WorkQueue>,
-    ready: HashMap<String, Line>,
-    blocked: HashMap<DeploymentId, Line>,
-    spots: HashMap<FlowRunId, (Spot, Timestamp)>,
-    active: HashMap<FlowRunId, Active>,
-    per_queue: HashMap<String, u32>,
-    per_deployment: HashMap<DeploymentId, u32>,
+    queues: BTreeMap<String, WorkQueue>,
+    ready: BTreeMap<String, Line>,
+    blocked: BTreeMap<DeploymentId, Line>,
+    spots: BTreeMap<FlowRunId, (Spot, Timestamp)>,
+    active: BTreeMap<FlowRunId, Active>,
+    per_queue: BTreeMap<String, u32>,
+    per_deployment: BTreeMap<DeploymentId, u32>,
     /// The last limit seen per deployment.
-    limits: HashMap<DeploymentId, (u32, CollisionStrategy)>,
+    limits: BTreeMap<DeploymentId, (u32, CollisionStrategy)>,
 }
 
 /// Figures of one queue.

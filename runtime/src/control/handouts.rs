@@ -58,8 +58,11 @@ impl Handouts {
         back
     }
 
-    /// A heartbeat of `node` listing the runs it holds (running or queued): those seen are
-    /// done with; the runs it left out [`MISSED_MAX`] times in a row are returned, taken back.
+    /// A heartbeat of `node` listing the runs it holds (running or queued): the runs it left
+    /// out [`MISSED_MAX`] times in a row are returned, taken back. A run seen is still watched
+    /// until it ends ([`Handouts::forget`]): a copy the node dropped without ending it (a stale
+    /// copy of a run it was given again under a new epoch, refused and stopped) leaves the run
+    /// waiting, and it is read back like one never started.
     pub fn heartbeat(&mut self, node: &NodeId, holds: &[FlowRunId]) -> Vec<FlowRunId> {
         let mut back = Vec::new();
         self.runs.retain(|run, h| {
@@ -67,7 +70,8 @@ impl Handouts {
                 return true;
             }
             if holds.contains(run) {
-                return false;
+                h.missed = 0;
+                return true;
             }
             h.missed += 1;
             if h.missed >= MISSED_MAX {
@@ -106,8 +110,10 @@ mod tests {
         // Another node's heartbeats say nothing of n2's runs.
         assert!(h.heartbeat(&node("n3"), &[]).is_empty());
         assert_eq!(h.heartbeat(&node("n2"), &[]), vec![run(1)]);
-        // Run 2 was seen: it is the node's now, never taken back.
+        // Run 2 was seen, then left out twice (its copy dropped without ending): read back too.
+        assert!(h.heartbeat(&node("n2"), &[run(2)]).is_empty());
         assert!(h.heartbeat(&node("n2"), &[]).is_empty());
+        assert_eq!(h.heartbeat(&node("n2"), &[]), vec![run(2)]);
         assert_eq!(h.heartbeat(&node("n3"), &[]), vec![run(3)]);
         assert!(h.is_empty());
     }

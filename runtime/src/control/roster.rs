@@ -18,6 +18,9 @@ pub struct FlowDefaults {
     pub retry: RetryPolicy,
     /// Whether a crash of its node resumes it.
     pub resume: bool,
+    /// Whether a boolean `resume` parameter of a run decides that for the run.
+    #[serde(default)]
+    pub resume_param: bool,
 }
 
 /// A member of the cluster, as the control node sees it.

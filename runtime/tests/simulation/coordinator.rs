@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use flotilla_runtime::control::coordinator::{
-    Coordinator, CoordinatorConfig, Effect, Input, Running, SlotAnswer,
+    Coordinator, CoordinatorConfig, Effect, Input, Running, SlotAnswer, resume_after_loss,
 };
 use flotilla_runtime::control::{MemberStatus, Placement, SlotGrant, derived_id};
 use flotilla_runtime::{
@@ -99,7 +99,17 @@ struct SimNode {
 
 /// A command the coordinator appended, not logged yet: when it will be, and the slot answer it
 /// is recorded for (sent once it is).
-type Unlogged = (Timestamp, Command, Option<(NodeId, Token, SlotAnswer)>);
+type Unlogged = (Timestamp, Command, Then);
+
+/// What follows when an append is logged.
+#[derive(Debug)]
+enum Then {
+    Nothing,
+    /// Answer a task run about its slots (a holding logged).
+    Answer(NodeId, Token, SlotAnswer),
+    /// Resume elsewhere what the dead node's crash left (a node's death logged).
+    Resume(NodeId),
+}
 
 /// One simulated run.
 pub struct Sim {
@@ -239,7 +249,10 @@ impl Sim {
                 .hot()
                 .flow_run(&run)
                 .is_some_and(|r| r.lifecycle.state.is_terminal());
-            if terminal && self.ended.insert(run) {
+            // Each time it ends (a run resumed after a crash ends again).
+            if !terminal {
+                self.ended.remove(&run);
+            } else if self.ended.insert(run) {
                 self.drive(Input::Ended(run));
             }
         }
@@ -281,7 +294,11 @@ impl Sim {
             match e {
                 Effect::Append(command) => {
                     let at = self.log_at();
-                    self.unlogged.push((at, command, None));
+                    self.unlogged.push((at, command, Then::Nothing));
+                }
+                Effect::DeclareDead { node, command } => {
+                    let at = self.log_at();
+                    self.unlogged.push((at, command, Then::Resume(node)));
                 }
                 Effect::Start { node, placement } => {
                     let Some(n) = self.nodes.iter().find(|n| n.name == node) else {
@@ -315,7 +332,8 @@ impl Sim {
                         node: node.clone(),
                         tags,
                     });
-                    self.unlogged.push((at, command, Some((node, reply, answer))));
+                    self.unlogged
+                        .push((at, command, Then::Answer(node, reply, answer)));
                 }
                 Effect::Answer { reply, answer } => {
                     if let Some(node) = self.node_of(reply.task) {
@@ -404,6 +422,20 @@ impl Sim {
                 _ => {}
             }
         }
+        // The hot state's maps iterate in no fixed order: sorted, a seed replays the same.
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        limits.sort_by(|a, b| a.tag.cmp(&b.tag));
+        running.sort_by_key(|r| r.run);
+        waiting.sort();
+        // ... and then shuffled by the seed: the store reads them back in any order.
+        for i in (1..waiting.len()).rev() {
+            let j = self.rng.below(i as u64 + 1) as usize;
+            waiting.swap(i, j);
+        }
+        let holds = holds.map(|mut h| {
+            h.sort();
+            h
+        });
         self.drive(Input::Queues(queues));
         self.drive(Input::Limits(limits));
         self.drive(Input::Holds(holds));
@@ -425,7 +457,9 @@ impl Sim {
             1 => Some(DEPLOYMENTS[1]),
             _ => None,
         };
+        let resume = self.rng.chance(500);
         let new = NewFlowRun {
+            resume,
             work_queue: Some(queue.into()),
             deployment_id: d.map(|(key, ..)| deployment(key)),
             scheduled_time: Some(self.now),
@@ -638,7 +672,23 @@ impl Sim {
                         message: "its node restarted".into(),
                         key: format!("crash/{name}/restart/{inc}"),
                     };
-                    let _ = self.log(crash);
+                    // ... and what resumes, it hands to the control plane to place.
+                    if let Ok(Reply::NodeCrashed { crashed, .. }) = self.log(crash) {
+                        for run in crashed {
+                            let resume = self
+                                .state
+                                .hot()
+                                .flow_run(&run)
+                                .and_then(|r| resume_after_loss(r, &name));
+                            if let Some(command) = resume
+                                && self.log(command).is_ok()
+                                && let Some(p) = self.waiting_placement(run)
+                            {
+                                self.note(format!("{name} resumes {}", short(run)));
+                                self.drive(Input::Due(p));
+                            }
+                        }
+                    }
                 }
                 continue;
             }
@@ -797,12 +847,34 @@ impl Sim {
             .partition(|(at, ..)| *at <= now);
         self.unlogged = rest;
         for (_, command, then) in due {
-            let ok = self.log(command).is_ok();
-            if let Some((node, token, answer)) = then {
-                if ok {
-                    self.answer(node, token, answer);
-                } else {
-                    self.drive(Input::Release(vec![token.task]));
+            let reply = self.log(command);
+            match then {
+                Then::Nothing => {}
+                Then::Answer(node, token, answer) => {
+                    if reply.is_ok() {
+                        self.answer(node, token, answer);
+                    } else {
+                        self.drive(Input::Release(vec![token.task]));
+                    }
+                }
+                Then::Resume(node) => {
+                    let Ok(Reply::NodeCrashed { crashed, .. }) = reply else {
+                        continue;
+                    };
+                    for run in crashed {
+                        let resume = self
+                            .state
+                            .hot()
+                            .flow_run(&run)
+                            .and_then(|r| resume_after_loss(r, &node));
+                        if let Some(command) = resume
+                            && self.log(command).is_ok()
+                            && let Some(p) = self.waiting_placement(run)
+                        {
+                            self.note(format!("resume {} lost with {node}", short(run)));
+                            self.drive(Input::Due(p));
+                        }
+                    }
                 }
             }
         }
@@ -892,6 +964,18 @@ impl Sim {
             .filter(|r| !r.lifecycle.state.is_terminal())
             .map(|r| format!("{} {}", short(r.id), r.lifecycle.state.name))
             .collect();
+        // A run that resumes after a crash ends Completed once quiet (or Cancelled by its
+        // deployment's cancel-new), never left Crashed.
+        let crashed: Vec<String> = self
+            .state
+            .hot()
+            .flow_runs()
+            .filter(|r| r.resume && r.lifecycle.state.kind == StateType::Crashed)
+            .map(|r| short(r.id))
+            .collect();
+        if !crashed.is_empty() && open.is_empty() {
+            return Err(format!("runs that resume were left Crashed: {crashed:?}"));
+        }
         if !open.is_empty() {
             let nodes: Vec<String> = self
                 .nodes
@@ -908,8 +992,22 @@ impl Sim {
                     )
                 })
                 .collect();
+            let placed: Vec<String> = self
+                .state
+                .hot()
+                .flow_runs()
+                .filter_map(|r| match self.coord.whereabouts(&r.id) {
+                    flotilla_runtime::control::Whereabouts::Placed(n) => Some(format!(
+                        "{} {} on {n:?} (owner {:?})",
+                        short(r.id),
+                        r.lifecycle.state.name,
+                        r.owner
+                    )),
+                    _ => None,
+                })
+                .collect();
             return Err(format!(
-                "runs never ended: {open:?}\nnodes: {nodes:#?}\ncoordinator: {:?} members {:?}",
+                "runs never ended: {open:?}\nplaced: {placed:?}\nnodes: {nodes:#?}\ncoordinator: {:?} members {:?}",
                 self.coord,
                 self.coord.members()
             ));

@@ -340,6 +340,7 @@ pub fn flow(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                     timeout: #timeout,
                     version: #version,
                     resume: #resume,
+                    resume_param: false,
                 }
             }
             fn run(params: Self::Params) -> ::flotilla::__private::BoxFuture<::std::result::Result<#ok, ::std::string::String>> {

@@ -12,6 +12,7 @@ impl ControlState {
         while let Some(effect) = effects.pop_front() {
             match effect {
                 Effect::Append(command) => drop(self.persistence.enqueue(command)),
+                Effect::DeclareDead { node, command } => self.declare_dead(node, command),
                 Effect::Start { node, placement } => {
                     if !send_agent(&node, AgentMsg::Run(placement.run.as_bytes().to_vec())) {
                         // The node went away since its last heartbeat: the run waits again.
@@ -43,12 +44,12 @@ impl ControlState {
         }
     }
 
-    /// Runs handed to `node` that it never started: each is placed again if it still waits
+    /// Runs handed to `node` that it does not run: each is placed again if it still waits
     /// (Scheduled, claimed by nobody).
     pub(super) fn take_back(&self, node: &NodeId, runs: Vec<FlowRunId>) {
         for run in runs {
-            tracing::warn!(%node, flow_run = %run, "a run handed to the node never started there; placing it again");
             let p = self.persistence.clone();
+            let node = node.clone();
             tokio::spawn(async move {
                 if let Ok(Some(r)) = p.flow_run(run).await
                     && r.lifecycle.state.kind == StateType::Scheduled
@@ -57,10 +58,54 @@ impl ControlState {
                         ractor::registry::where_is(CONTROL_NAME).map(ActorRef::<ControlMsg>::from)
                     && let Ok(bytes) = codec::encode(&placement_of(&p, &r, r.expected_start_time).await)
                 {
+                    tracing::warn!(%node, flow_run = %run, "a run handed to the node is not running there; placing it again");
                     let _ = me.cast(ControlMsg::TakeBack(bytes));
                 }
             });
         }
+    }
+
+    /// Declares a node dead (its runs crash), then resumes on other nodes the runs that
+    /// [`resume_after_loss`] says are to be: each is placed again once it is Scheduled under its
+    /// next epoch.
+    pub(super) fn declare_dead(&self, node: NodeId, command: Command) {
+        let p = self.persistence.clone();
+        tokio::spawn(async move {
+            let crashed = match p.submit(command).await {
+                Ok(Ok(Reply::NodeCrashed { crashed, .. })) => crashed,
+                Ok(Ok(other)) => {
+                    tracing::error!(%node, answer = ?other, "an unexpected answer to a node's death");
+                    return;
+                }
+                Ok(Err(refusal)) => {
+                    tracing::error!(%node, %refusal, "a node's death was refused");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(%node, error = %e, "a node's death could not be recorded");
+                    return;
+                }
+            };
+            for id in crashed {
+                let Ok(Some(run)) = p.flow_run(id).await else {
+                    continue;
+                };
+                let Some(resume) = resume_after_loss(&run, &node) else {
+                    continue;
+                };
+                match p.submit(resume).await {
+                    Ok(Ok(Reply::Retried { epoch, .. })) => {
+                        tracing::info!(%node, flow_run = %id, epoch = epoch.get(), "resuming a run of a lost node elsewhere");
+                        if let Ok(Some(r)) = p.flow_run(id).await {
+                            replace(&placement_of(&p, &r, now()).await);
+                        }
+                    }
+                    other => {
+                        tracing::warn!(%node, flow_run = %id, answer = ?other, "a run of a lost node could not be resumed")
+                    }
+                }
+            }
+        });
     }
 
     /// Records that `holder` holds these slots, then sends it `answer`; a holding not recorded,

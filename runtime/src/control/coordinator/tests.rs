@@ -44,11 +44,12 @@ fn starts(effects: &[Effect<u32>]) -> Vec<(NodeId, FlowRunId)> {
         .collect()
 }
 
+/// The commands appended (a node's death among them).
 fn appended(effects: &[Effect<u32>]) -> Vec<&Command> {
     effects
         .iter()
         .filter_map(|e| match e {
-            Effect::Append(c) => Some(c),
+            Effect::Append(c) | Effect::DeclareDead { command: c, .. } => Some(c),
             _ => None,
         })
         .collect()

@@ -1,0 +1,141 @@
+//! A worker lost in the middle of a pipeline: its run resumes on another node, the steps that
+//! had completed are not run again, and the run completes there.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::{Nodes, connect, eventually, free_udp_port, init_certs, start_node};
+use flotilla::{FlowRunId, StateName, StateType};
+use flotilla_runtime::{CollisionStrategy, DeploymentSpec, Timestamp};
+
+const STEPS: usize = 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_whose_worker_is_killed_finishes_on_another_node() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    init_certs(dir, "n1,n2,n3");
+    let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
+    let mut nodes = Nodes {
+        children: Vec::new(),
+        dir: dir.to_owned(),
+    };
+    // The control node serves only the `ops` queue: the pipeline runs on a worker.
+    nodes.children.push((
+        "n1".into(),
+        start_node(dir, "n1", ports[0], None, &["--queues", "ops"]),
+    ));
+    for (i, name) in ["n2", "n3"].into_iter().enumerate() {
+        let child = start_node(dir, name, ports[i + 1], Some(ports[0]), &[]);
+        nodes.children.push((name.into(), child));
+    }
+    let client = connect(dir, ports[0], 3).await;
+
+    // 20 steps of 100 ms, each noting its number in a file when it completes.
+    let out = dir.join("steps.out");
+    let steps: Vec<serde_json::Value> = (1..=STEPS)
+        .map(|i| serde_json::json!(["sh", "-c", format!("sleep 0.1; echo {i} >> {}", out.display())]))
+        .collect();
+    let spec = DeploymentSpec {
+        name: "pipeline".into(),
+        flow_name: "command".into(),
+        parameters: serde_json::json!({ "steps": steps }),
+        schedules: vec![],
+        work_queue: Some("work".into()),
+        tags: vec![],
+        concurrency_limit: None,
+        collision: CollisionStrategy::Enqueue,
+        paused: false,
+    };
+    client.put_deployment(spec).await.expect("a deployment");
+    let id: FlowRunId = client
+        .run_deployment("pipeline", serde_json::Value::Null)
+        .await
+        .expect("a run of the pipeline");
+
+    // Once a few steps completed on its worker, the worker is killed.
+    let owner = eventually("three steps complete", Duration::from_secs(30), || async {
+        let run = client.flow_run(id).await.ok()?;
+        let done = client
+            .task_runs(id)
+            .await
+            .ok()?
+            .iter()
+            .filter(|t| t.lifecycle.state.kind == StateType::Completed)
+            .count();
+        (done >= 3).then(|| run.owner.map(|o| o.to_string())).flatten()
+    })
+    .await;
+    assert_ne!(owner, "n1", "the control node serves only ops");
+    let victim = nodes
+        .children
+        .iter()
+        .position(|(n, _)| *n == owner)
+        .expect("the owner is one of the nodes");
+    nodes.children[victim].1.kill().expect("the worker is killed");
+    let killed_at = Timestamp::from(chrono::Utc::now());
+    let _ = nodes.children[victim].1.wait();
+    let before: BTreeMap<String, u32> = client
+        .task_runs(id)
+        .await
+        .expect("the task runs")
+        .iter()
+        .filter(|t| t.lifecycle.state.kind == StateType::Completed)
+        .map(|t| (t.key.task_key.clone(), t.lifecycle.run_count))
+        .collect();
+
+    // Crashed with its node is not its end: it goes on elsewhere.
+    let run = eventually("the pipeline completes", Duration::from_secs(60), || async {
+        let run = client.flow_run(id).await.ok()?;
+        (run.lifecycle.state.kind == StateType::Completed).then_some(run)
+    })
+    .await;
+    let survivor = run.owner.expect("an owner").to_string();
+    assert!(survivor != owner && survivor != "n1", "finished on {survivor}");
+
+    // Crashed with its node, resumed under the next epoch, running again within 2 s.
+    let history = client.history(id).await.expect("the history");
+    let names: Vec<StateName> = history.iter().map(|s| s.name).collect();
+    let crashed = names
+        .iter()
+        .position(|n| *n == StateName::Crashed)
+        .unwrap_or_else(|| panic!("no Crashed in {names:?}"));
+    assert_eq!(names.get(crashed + 1), Some(&StateName::Resuming), "{names:?}");
+    let running_again = history[crashed..]
+        .iter()
+        .find(|s| s.name == StateName::Running)
+        .expect("Running again after the resume");
+    let resumed_after = running_again.timestamp.saturating_since(killed_at);
+    assert!(
+        resumed_after <= Duration::from_secs(2),
+        "resumed {resumed_after:?} after the kill"
+    );
+
+    // The steps that had completed ran once; every step ran.
+    let task_runs = client.task_runs(id).await.expect("the task runs");
+    assert_eq!(task_runs.len(), STEPS, "one task run per step");
+    for t in &task_runs {
+        assert_eq!(t.lifecycle.state.kind, StateType::Completed, "{}", t.key);
+        if let Some(count) = before.get(&t.key.task_key) {
+            assert_eq!(t.lifecycle.run_count, *count, "{} ran again", t.key);
+        }
+    }
+    let written = std::fs::read_to_string(&out).expect("the steps' output");
+    let mut times: BTreeMap<usize, usize> = BTreeMap::new();
+    for line in written.lines() {
+        *times
+            .entry(line.trim().parse().expect("a step number"))
+            .or_default() += 1;
+    }
+    for step in 1..=STEPS {
+        let n = times.get(&step).copied().unwrap_or(0);
+        let completed_before = before.contains_key(&format!("step-{step}"));
+        assert!(n >= 1, "step {step} never ran: {times:?}");
+        assert!(
+            !completed_before || n == 1,
+            "step {step} completed before the kill and ran {n} times"
+        );
+    }
+}
