@@ -384,8 +384,12 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
                     None
                 };
                 cursor = drain_logs(&s, id, cursor, |l| print_line(&mut out, l, json)).await?;
-                if run.is_none_or(|r| r.lifecycle.state.is_terminal()) {
-                    // A run that ended has every line recorded before its final state.
+                if run.is_none_or(|r| {
+                    r.still_going(flotilla_runtime::Timestamp::from(chrono::Utc::now()))
+                        .is_none()
+                }) {
+                    // A run that ended has every line recorded before its final state (a run
+                    // Crashed that resumes elsewhere has not ended: its logs go on).
                     if follow {
                         drain_logs(&s, id, cursor, |l| print_line(&mut out, l, json)).await?;
                     }
@@ -507,7 +511,10 @@ pub async fn watch(s: &Session, id: FlowRunId) -> anyhow::Result<bool> {
             .wait_for(id, Duration::from_millis(200))
             .await
             .map_err(|e| s.fail(e))?;
-        let terminal = run.lifecycle.state.is_terminal();
+        // Crashed with its node is not the end of a run that resumes elsewhere.
+        let terminal = run
+            .still_going(flotilla_runtime::Timestamp::from(chrono::Utc::now()))
+            .is_none();
         let mut announce = |run: &FlowRun| {
             let state = run.lifecycle.state.name.to_string();
             if state != last_state {

@@ -86,12 +86,17 @@ async fn a_pipeline_whose_worker_is_killed_finishes_on_another_node() {
         .map(|t| (t.key.task_key.clone(), t.lifecycle.run_count))
         .collect();
 
-    // Crashed with its node is not its end: it goes on elsewhere.
-    let run = eventually("the pipeline completes", Duration::from_secs(60), || async {
-        let run = client.flow_run(id).await.ok()?;
-        (run.lifecycle.state.kind == StateType::Completed).then_some(run)
-    })
-    .await;
+    // Crashed with its node is not its end: a waiter waits on while it goes on elsewhere.
+    let run = tokio::time::timeout(Duration::from_secs(60), client.wait(id))
+        .await
+        .expect("the pipeline ends in time")
+        .expect("the run");
+    assert_eq!(
+        run.lifecycle.state.kind,
+        StateType::Completed,
+        "{}",
+        run.lifecycle.state
+    );
     let survivor = run.owner.expect("an owner").to_string();
     assert!(survivor != owner && survivor != "n1", "finished on {survivor}");
 

@@ -61,3 +61,68 @@ pub const NAME_LEN_MAX: usize = 256;
 pub const TAGS_MAX: usize = 64;
 /// An upper bound on the encoded size of a run's parameters.
 pub const PARAMETERS_BYTES_MAX: usize = 1024 * 1024;
+
+/// How long a run that resumes after a crash may stay Crashed before a waiter takes Crashed as
+/// its end (it is resumed on another node as soon as its node's death is recorded).
+pub const RESUME_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl FlowRun {
+    /// Whether a waiter is done with the run at `at`: None when it ended; Some(d) when it may
+    /// still change, within `d` at the latest (`Duration::MAX`: not ended at all). The Crashed
+    /// state of a run that resumes is not its end until it stayed so for [`RESUME_GRACE`].
+    pub fn still_going(&self, at: Timestamp) -> Option<std::time::Duration> {
+        let s = &self.lifecycle.state;
+        if !s.is_terminal() {
+            return Some(std::time::Duration::MAX);
+        }
+        let resumes =
+            s.kind == crate::state::StateType::Crashed && self.resume && self.parent_task_run.is_none();
+        let crashed_for = at.saturating_since(s.timestamp);
+        (resumes && crashed_for < RESUME_GRACE).then(|| RESUME_GRACE - crashed_for)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::time::Duration;
+
+    use super::*;
+    use crate::apply::{ApplyContext, apply};
+    use crate::command::{Command, NewFlowRun};
+    use crate::ids::LogIndex;
+    use crate::state::{State, StateName};
+    use crate::view::{MemState, StateView};
+
+    fn run(resume: bool) -> FlowRun {
+        let mut view = MemState::new();
+        let id = FlowRunId::from_bytes([7; 16]);
+        let new =
+            NewFlowRun::new(id, "f", serde_json::Value::Null).with_options(RetryPolicy::default(), resume);
+        let at = ApplyContext {
+            index: LogIndex::new(1),
+            now: Timestamp::from_micros(1_800_000_000_000_000),
+        };
+        let _ = apply(&mut view, Command::CreateFlowRun(new), at);
+        view.hot().flow_run(&id).expect("made").clone()
+    }
+
+    #[test]
+    fn crashed_is_the_end_of_a_run_only_if_it_does_not_resume_or_stayed_crashed() {
+        let t = Timestamp::from_micros(1_800_000_000_000_000);
+        let mut r = run(true);
+        assert_eq!(r.still_going(t), Some(Duration::MAX), "Scheduled");
+        r.lifecycle.state = State::named(StateName::Crashed, t);
+        assert_eq!(
+            r.still_going(t + Duration::from_secs(1)),
+            Some(RESUME_GRACE - Duration::from_secs(1))
+        );
+        assert_eq!(r.still_going(t + RESUME_GRACE), None, "stayed Crashed");
+        let mut r = run(false);
+        r.lifecycle.state = State::named(StateName::Crashed, t);
+        assert_eq!(r.still_going(t), None, "does not resume");
+        r.lifecycle.state = State::named(StateName::Completed, t);
+        assert_eq!(r.still_going(t), None);
+    }
+}

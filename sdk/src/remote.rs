@@ -14,7 +14,7 @@ use flotilla_cluster::wire::{
     WireError,
 };
 use flotilla_runtime::{
-    Deployment, DeploymentSpec, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, TaskRun,
+    Deployment, DeploymentSpec, FlowRun, FlowRunId, LogCursor, LogLine, NodeId, State, TaskRun, Timestamp,
 };
 use tokio::sync::Mutex;
 
@@ -189,7 +189,10 @@ impl Remote {
                 )
                 .await?
             {
-                Response::FlowRun(r) if r.lifecycle.state.is_terminal() => return Ok(*r),
+                // Crashed is not the end of a run that is about to resume elsewhere.
+                Response::FlowRun(r) if r.still_going(Timestamp::from(chrono::Utc::now())).is_none() => {
+                    return Ok(*r);
+                }
                 Response::FlowRun(_) => continue,
                 other => return Err(unexpected(&other)),
             }

@@ -388,15 +388,12 @@ impl<R> Coordinator<R> {
         }
     }
 
-    /// Picks the node for a new run of `flow` made by a client and hands it `run` (taken back if
-    /// the node does not start it). Err: no reachable node runs it, with every flow known.
-    pub fn place_new(&mut self, run: FlowRunId, flow: &str) -> Result<NodeId, Vec<String>> {
-        match self.roster.pick(flow, None) {
-            Some(node) => {
-                self.handouts.handed(run, node.clone());
-                Ok(node)
-            }
-            None => Err(self.roster.flows().into_iter().collect()),
+    /// Whether a reachable member runs `flow`. Err: none does, with every flow known.
+    pub fn runs_flow(&self, flow: &str) -> Result<(), Vec<String>> {
+        if self.roster.runs_flow(flow) {
+            Ok(())
+        } else {
+            Err(self.roster.flows().into_iter().collect())
         }
     }
 
@@ -453,6 +450,9 @@ impl<R> Coordinator<R> {
         match self.dispatch.whereabouts(run) {
             Whereabouts::Waiting => Some(Refusal::Invalid(format!(
                 "flow run {run} waits to be placed: node {node} was not given it"
+            ))),
+            Whereabouts::Dropped => Some(Refusal::Invalid(format!(
+                "flow run {run} is cancelled: its deployment is at its concurrency limit"
             ))),
             Whereabouts::Placed(Some(other)) if other != node => Some(Refusal::Invalid(format!(
                 "flow run {run} was placed on node {other}, not {node}"
@@ -521,9 +521,7 @@ impl<R> Coordinator<R> {
             return;
         }
         let roster = &mut self.roster;
-        let actions = self
-            .dispatch
-            .dispatch(|flow, queue| roster.pick(flow, Some(queue)));
+        let actions = self.dispatch.dispatch(|flow, queue| roster.pick(flow, queue));
         for action in actions {
             match action {
                 Action::Place(p, node, marked) => {

@@ -66,7 +66,9 @@ pub enum Whereabouts<'a> {
     Waiting,
     /// Placed, on this node if known (a run read back after a restart may have none).
     Placed(Option<&'a NodeId>),
-    /// Not placed by dispatch (a run made for a node directly, or recovered by its node).
+    /// Cancelled by its deployment's limit (cancel-new), not ended yet.
+    Dropped,
+    /// Not placed by dispatch (a subflow, run by its parent's node).
     Unknown,
 }
 
@@ -102,6 +104,8 @@ pub struct Dispatch {
     active: BTreeMap<FlowRunId, Active>,
     per_queue: BTreeMap<String, u32>,
     per_deployment: BTreeMap<DeploymentId, u32>,
+    /// Runs cancelled by their deployment's limit (cancel-new), until they end.
+    dropped: std::collections::BTreeSet<FlowRunId>,
     /// The last limit seen per deployment.
     limits: BTreeMap<DeploymentId, (u32, CollisionStrategy)>,
 }
@@ -194,7 +198,10 @@ impl Dispatch {
 
     /// A run came due. A run already waiting or running is not added twice.
     pub fn add(&mut self, p: Placement) -> Option<Action> {
-        if self.spots.contains_key(&p.run) || self.active.contains_key(&p.run) {
+        if self.spots.contains_key(&p.run)
+            || self.active.contains_key(&p.run)
+            || self.dropped.contains(&p.run)
+        {
             return None;
         }
         if let Some((d, Some(limit))) = p.deployment {
@@ -262,6 +269,7 @@ impl Dispatch {
                         }
                         CollisionStrategy::CancelNew => {
                             self.spots.remove(&run);
+                            self.dropped.insert(run);
                             out.push(Action::Cancel(run));
                         }
                     }
@@ -295,6 +303,7 @@ impl Dispatch {
     /// A run ended (or was cancelled before it started): its slots free, and the oldest run its
     /// deployment held back goes back to its queue. Returns the node it ran on.
     pub fn ended(&mut self, run: FlowRunId) -> Option<NodeId> {
+        self.dropped.remove(&run);
         if let Some((spot, due)) = self.spots.remove(&run) {
             match spot {
                 Spot::Ready(q) => {
@@ -353,6 +362,8 @@ impl Dispatch {
     pub fn whereabouts(&self, run: &FlowRunId) -> Whereabouts<'_> {
         if self.spots.contains_key(run) {
             Whereabouts::Waiting
+        } else if self.dropped.contains(run) {
+            Whereabouts::Dropped
         } else if let Some(a) = self.active.get(run) {
             Whereabouts::Placed(a.node.as_ref())
         } else {

@@ -69,6 +69,8 @@ struct Member {
 #[derive(Default)]
 pub struct Roster {
     members: BTreeMap<NodeId, Member>,
+    /// Turns of [`Roster::pick`]: members equally loaded take turns.
+    turn: usize,
 }
 
 impl std::fmt::Debug for Roster {
@@ -101,6 +103,13 @@ impl Roster {
             .values()
             .flat_map(|m| m.status.flows.iter().cloned())
             .collect()
+    }
+
+    /// Whether a reachable member runs `flow`.
+    pub fn runs_flow(&self, flow: &str) -> bool {
+        self.members
+            .values()
+            .any(|m| m.status.reachable && m.status.flows.iter().any(|f| f == flow))
     }
 
     /// A member's heartbeat at `now`: it is reachable, its figures are its own again (the runs
@@ -161,25 +170,33 @@ impl Roster {
         }
     }
 
-    /// The live member that runs `flow` (and serves `queue`, then only with a free slot) with
-    /// the most free room; the run counts against it until its next heartbeat.
-    pub fn pick(&mut self, flow: &str, queue: Option<&str>) -> Option<NodeId> {
+    /// The live member that runs `flow`, serves `queue` and has a free slot, with the most free
+    /// room (members equally loaded take turns); the run counts against it until its next
+    /// heartbeat or its end.
+    pub fn pick(&mut self, flow: &str, queue: &str) -> Option<NodeId> {
         let load =
             |m: &Member| f64::from(m.status.slots_used + m.placed) / f64::from(m.status.slots_total.max(1));
+        let n = self.members.len().max(1);
+        let turn = self.turn % n;
         let best = self
             .members
             .values_mut()
-            .filter(|m| {
+            .enumerate()
+            .filter(|(_, m)| {
                 m.status.reachable
-                    && m.status.slots_total > 0
+                    && m.status.slots_used + m.placed < m.status.slots_total
                     && m.status.flows.iter().any(|f| f == flow)
-                    && queue.is_none_or(|q| {
-                        (m.status.queues.is_empty() || m.status.queues.iter().any(|x| x == q))
-                            && m.status.slots_used + m.placed < m.status.slots_total
-                    })
+                    && (m.status.queues.is_empty() || m.status.queues.iter().any(|x| x == queue))
             })
-            .min_by(|a, b| load(a).total_cmp(&load(b)))?;
+            .min_by(|(i, a), (j, b)| {
+                let after_turn = |k: &usize| (k + n - turn) % n;
+                load(a)
+                    .total_cmp(&load(b))
+                    .then(after_turn(i).cmp(&after_turn(j)))
+            })
+            .map(|(_, m)| m)?;
         best.placed += 1;
+        self.turn = self.turn.wrapping_add(1);
         Some(best.status.name.clone())
     }
 }

@@ -949,7 +949,19 @@ impl Sim {
         for (key, limit, _) in DEPLOYMENTS {
             let n = per_deployment.get(&deployment(key)).copied().unwrap_or(0);
             if n > limit {
-                return Err(format!("{n} runs under way of deployment {key} (limit {limit})"));
+                let runs: Vec<String> = self
+                    .state
+                    .hot()
+                    .flow_runs()
+                    .filter(|r| {
+                        r.deployment_id == Some(deployment(key))
+                            && matches!(r.lifecycle.state.kind, StateType::Pending | StateType::Running)
+                    })
+                    .map(|r| format!("{} on {:?}", short(r.id), r.owner))
+                    .collect();
+                return Err(format!(
+                    "{n} runs under way of deployment {key} (limit {limit}): {runs:?}"
+                ));
             }
         }
         Ok(())

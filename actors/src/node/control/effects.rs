@@ -217,6 +217,28 @@ pub(super) async fn restore_running(p: &PersistenceHandle, me: &ActorRef<Control
         }
     }
     let _ = me.cast(ControlMsg::Restore(encode(&running)));
+    // Runs made without a deployment and not started: placed (those of deployments are the
+    // scheduler's to hand out).
+    let mut after = None;
+    loop {
+        let page = match p
+            .flow_runs(RunFilter::State(StateType::Scheduled), after, PAGE_MAX)
+            .await
+        {
+            Ok(page) => page,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the runs waiting");
+                return;
+            }
+        };
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        for r in page {
+            if r.parent_task_run.is_none() && r.deployment_id.is_none() && r.owner.is_none() {
+                replace(&placement_of(p, &r, r.expected_start_time).await);
+            }
+        }
+    }
 }
 
 /// Hands a run back to the control actor's placement (it waits until a node can take it).

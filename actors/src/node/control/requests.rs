@@ -51,17 +51,14 @@ impl ControlState {
                 }
                 // The client's id, the same on its retries: a resent request finds its run.
                 let id = id.unwrap_or_else(|| FlowRunId::new(now(), &mut self.rng));
-                let node = match self.coordinator.place_new(id, &flow) {
-                    Ok(node) => node,
-                    Err(known) => {
-                        let msg = if known.contains(&flow) {
-                            format!("no reachable node runs flow {flow:?} now")
-                        } else {
-                            format!("no node runs a flow named {flow:?} (known: {})", known.join(", "))
-                        };
-                        return answer(reply, refused(ErrorKind::Unavailable, msg));
-                    }
-                };
+                if let Err(known) = self.coordinator.runs_flow(&flow) {
+                    let msg = if known.contains(&flow) {
+                        format!("no reachable node runs flow {flow:?} now")
+                    } else {
+                        format!("no node runs a flow named {flow:?} (known: {})", known.join(", "))
+                    };
+                    return answer(reply, refused(ErrorKind::Unavailable, msg));
+                }
                 let cmd = Command::CreateFlowRun(
                     self.catalog
                         .apply(NewFlowRun::new(id, flow, params))
@@ -70,9 +67,9 @@ impl ControlState {
                 tokio::spawn(async move {
                     let r = match p.submit(cmd).await {
                         Ok(Ok(Reply::FlowRunCreated { run, created })) => {
-                            // A run that existed was handed out when it was made.
-                            if created && !send_agent(&node, AgentMsg::Run(run.id.as_bytes().to_vec())) {
-                                // The node went away: the run waits for another one.
+                            // Placed like every run, in the default work queue: it goes to a
+                            // node that serves it. (A run that existed was placed when made.)
+                            if created {
                                 replace(&Placement::plain(run.id, run.flow_name.clone(), now()));
                             }
                             Response::Ran(run.id)
@@ -601,7 +598,8 @@ async fn events(
     }
 }
 
-/// The run once it is terminal, or as it is when `limit` has passed.
+/// The run once it ended (a run that resumes after a crash has not ended when Crashed), or as
+/// it is after `limit`.
 async fn wait_for_end(p: &PersistenceHandle, id: FlowRunId, limit: Duration) -> Response {
     let deadline = tokio::time::Instant::now() + limit;
     let resource = format!("flotilla.flow-run.{id}");
@@ -613,19 +611,20 @@ async fn wait_for_end(p: &PersistenceHandle, id: FlowRunId, limit: Duration) -> 
             Ok(None) => return refused(ErrorKind::NotFound, format!("no flow run {id}")),
             Err(e) => return persist_err(e),
         };
-        if run.lifecycle.state.is_terminal() {
+        let Some(for_at_most) = run.still_going(now()) else {
             return Response::FlowRun(Box::new(run));
-        }
+        };
+        let until = deadline.min(tokio::time::Instant::now() + for_at_most.min(limit));
         loop {
-            match tokio::time::timeout_at(deadline, events.recv()).await {
-                Err(_) => return Response::FlowRun(Box::new(run)),
+            match tokio::time::timeout_at(until, events.recv()).await {
+                Err(_) if until >= deadline => return Response::FlowRun(Box::new(run)),
+                Err(_) => break,
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) => break,
                 Ok(Err(tokio::sync::broadcast::error::RecvError::Closed)) => {
                     return refused(ErrorKind::Unavailable, "the store stopped".to_owned());
                 }
                 Ok(Ok(e)) => {
-                    if e.resource.id() == Some(resource.as_str()) && e.state().is_some_and(State::is_terminal)
-                    {
+                    if e.resource.id() == Some(resource.as_str()) && e.state().is_some() {
                         break;
                     }
                 }
