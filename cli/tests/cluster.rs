@@ -153,11 +153,20 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
     // node: readable through it, also once the worker is gone.
     const BIG: usize = 300_000;
     let mut big_on_n3 = None;
+    // Three at once, so that they spread over the nodes (an idle cluster gives a lone run to
+    // the first of its least loaded nodes).
+    let mut batch = Vec::new();
     for _ in 0..30 {
-        let id = client
-            .run("noop", serde_json::json!({"result_bytes": BIG}))
-            .await
-            .expect("accepted");
+        if batch.is_empty() {
+            for _ in 0..3 {
+                let id = client
+                    .run("noop", serde_json::json!({"result_bytes": BIG}))
+                    .await
+                    .expect("accepted");
+                batch.push(id);
+            }
+        }
+        let id = batch.remove(0);
         let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
             .await
             .expect("in time")

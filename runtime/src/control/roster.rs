@@ -69,8 +69,6 @@ struct Member {
 #[derive(Default)]
 pub struct Roster {
     members: BTreeMap<NodeId, Member>,
-    /// Turns of [`Roster::pick`]: members equally loaded take turns.
-    turn: usize,
 }
 
 impl std::fmt::Debug for Roster {
@@ -171,32 +169,21 @@ impl Roster {
     }
 
     /// The live member that runs `flow`, serves `queue` and has a free slot, with the most free
-    /// room (members equally loaded take turns); the run counts against it until its next
-    /// heartbeat or its end.
+    /// room; the run counts against it until its next heartbeat or its end.
     pub fn pick(&mut self, flow: &str, queue: &str) -> Option<NodeId> {
         let load =
             |m: &Member| f64::from(m.status.slots_used + m.placed) / f64::from(m.status.slots_total.max(1));
-        let n = self.members.len().max(1);
-        let turn = self.turn % n;
         let best = self
             .members
             .values_mut()
-            .enumerate()
-            .filter(|(_, m)| {
+            .filter(|m| {
                 m.status.reachable
                     && m.status.slots_used + m.placed < m.status.slots_total
                     && m.status.flows.iter().any(|f| f == flow)
                     && (m.status.queues.is_empty() || m.status.queues.iter().any(|x| x == queue))
             })
-            .min_by(|(i, a), (j, b)| {
-                let after_turn = |k: &usize| (k + n - turn) % n;
-                load(a)
-                    .total_cmp(&load(b))
-                    .then(after_turn(i).cmp(&after_turn(j)))
-            })
-            .map(|(_, m)| m)?;
+            .min_by(|a, b| load(a).total_cmp(&load(b)))?;
         best.placed += 1;
-        self.turn = self.turn.wrapping_add(1);
         Some(best.status.name.clone())
     }
 }

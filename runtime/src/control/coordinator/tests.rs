@@ -234,18 +234,3 @@ fn a_run_claimed_while_it_is_read_back_is_not_taken_back() {
     };
     assert!(c.admit(&other).is_err());
 }
-
-#[test]
-fn runs_one_after_another_take_turns_among_idle_members() {
-    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
-    for name in ["a", "b", "c"] {
-        c.handle(T0, Input::Heartbeat(member(name, 2, 1)));
-    }
-    let mut on = Vec::new();
-    for n in 1..=6 {
-        let effects = c.handle(T0, Input::Due(Placement::plain(run(n), "f".into(), T0)));
-        on.extend(starts(&effects).into_iter().map(|(node, _)| node.to_string()));
-        c.handle(T0, Input::Ended(run(n)));
-    }
-    assert_eq!(on, ["a", "b", "c", "a", "b", "c"]);
-}
