@@ -93,7 +93,8 @@ pub fn duration(what: &str, s: &str) -> anyhow::Result<std::time::Duration> {
 /// How a client reaches a node.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Conn {
-    /// A node's address, host:port [default: 127.0.0.1:7101].
+    /// A node's address, host:port [default: 127.0.0.1:7101]; several, separated by commas,
+    /// are tried in turn (any node of the cluster answers).
     #[arg(long, env = "FLOTILLA_ADDR", global = true)]
     pub addr: Option<String>,
     /// The certificates directory: ca.pem, admin.pem, admin.key [default: .flotilla-local/certs].

@@ -1,5 +1,6 @@
 //! A worker lost in the middle of a pipeline: its run resumes on another node, the steps that
-//! had completed are not run again, and the run completes there.
+//! had completed are not run again, and the run completes there. A client given several
+//! addresses goes on through the next node when the one it talks to dies.
 
 mod common;
 
@@ -143,4 +144,61 @@ async fn a_pipeline_whose_worker_is_killed_finishes_on_another_node() {
             "step {step} completed before the kill and ran {n} times"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_given_several_addresses_goes_on_through_another_node() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    init_certs(dir, "n1,n2");
+    let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
+    let mut nodes = Nodes {
+        children: Vec::new(),
+        dir: dir.to_owned(),
+    };
+    nodes
+        .children
+        .push(("n1".into(), start_node(dir, "n1", ports[0], None, &[])));
+    nodes
+        .children
+        .push(("n2".into(), start_node(dir, "n2", ports[1], Some(ports[0]), &[])));
+    // Both members up (through n1), then a client of "nobody, n2, n1": it talks to n2.
+    let _ = connect(dir, ports[0], 2).await;
+    let addrs = format!(
+        "127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
+        ports[2], ports[1], ports[0]
+    );
+    let certs = dir.join("certs");
+    let client = flotilla::Client::connect(&addrs, &certs)
+        .await
+        .expect("connects to the first node that answers");
+    let run = |client: flotilla::Client| async move {
+        let id = client.run("noop", serde_json::Value::Null).await.expect("a run");
+        tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+            .await
+            .expect("in time")
+            .expect("the run")
+    };
+    assert_eq!(
+        run(client.clone()).await.lifecycle.state.kind,
+        StateType::Completed
+    );
+
+    // n2 dies: the same client goes on through n1.
+    nodes.children[1].1.kill().expect("SIGKILL n2");
+    let _ = nodes.children[1].1.wait();
+    let status = eventually("n1 answers the same client", Duration::from_secs(30), || async {
+        client.cluster_status().await.ok()
+    })
+    .await;
+    assert!(
+        status
+            .nodes
+            .iter()
+            .any(|m| m.name.as_str() == "n1" && m.reachable)
+    );
+    assert_eq!(
+        run(client.clone()).await.lifecycle.state.kind,
+        StateType::Completed
+    );
 }

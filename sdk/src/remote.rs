@@ -25,9 +25,10 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub(crate) struct Remote {
     endpoint: QuicEndpoint,
-    addr: SocketAddr,
-    server_name: String,
-    conn: Mutex<Option<quinn::Connection>>,
+    /// The nodes to talk to (any node of the cluster answers), each with its server name.
+    addrs: Vec<(SocketAddr, String)>,
+    /// The connection in use, and which of `addrs` it goes to.
+    conn: Mutex<(Option<quinn::Connection>, usize)>,
 }
 
 /// Splits `host:port` (or `[v6]:port`) and resolves it.
@@ -71,8 +72,18 @@ fn unexpected(r: &Response) -> Error {
 }
 
 impl Remote {
+    /// Connects to the first node of `addr` (`host:port`, or several separated by commas) that
+    /// answers; later, a connection lost is made again to the next that answers.
     pub(crate) async fn connect(addr: &str, certs: &Path, identity: &str) -> Result<Remote, Error> {
-        let (sock, server_name) = resolve(addr).await?;
+        let mut addrs = Vec::new();
+        for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            addrs.push(resolve(one).await?);
+        }
+        let Some(&(sock, _)) = addrs.first() else {
+            return Err(Error::Unreachable(format!(
+                "{addr:?} names no address (expected host:port)"
+            )));
+        };
         let identity = Identity::load(certs, identity)
             .map_err(|e| Error::Unreachable(format!("cannot load the client certificate: {e}")))?;
         let local: SocketAddr = if sock.is_ipv6() {
@@ -84,31 +95,44 @@ impl Remote {
             .map_err(|e| Error::Unreachable(e.to_string()))?;
         let remote = Remote {
             endpoint,
-            addr: sock,
-            server_name,
-            conn: Mutex::new(None),
+            addrs,
+            conn: Mutex::new((None, 0)),
         };
         remote.connection().await?;
         Ok(remote)
     }
 
+    /// The connection in use, or a new one: to the node of the last one first, then to each
+    /// other in turn.
     async fn connection(&self) -> Result<quinn::Connection, Error> {
         let mut slot = self.conn.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| c.close_reason().is_none()) {
+        if let Some(c) = slot.0.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok(c.clone());
         }
-        let c = self
-            .endpoint
-            .connect(self.addr, &self.server_name, ALPN_CLIENT)
-            .await
-            .map_err(|e| Error::Unreachable(e.to_string()))?;
-        *slot = Some(c.clone());
-        Ok(c)
+        let mut failures = Vec::new();
+        for k in 0..self.addrs.len() {
+            let i = (slot.1 + k) % self.addrs.len();
+            let (sock, name) = &self.addrs[i];
+            match self.endpoint.connect(*sock, name, ALPN_CLIENT).await {
+                Ok(c) => {
+                    *slot = (Some(c.clone()), i);
+                    return Ok(c);
+                }
+                Err(e) => failures.push(format!("{sock}: {e}")),
+            }
+        }
+        Err(Error::Unreachable(failures.join("; ")))
     }
 
-    /// One request, one answer; a request on a connection found dead is sent once more on a
-    /// fresh one, with the same request id: the node answers a resent request with its first
-    /// answer.
+    /// The address of the node in use.
+    async fn addr(&self) -> SocketAddr {
+        let i = self.conn.lock().await.1;
+        self.addrs[i].0
+    }
+
+    /// One request, one answer; a request on a connection found dead is sent again on a fresh
+    /// one (to the next node that answers, when there are several), with the same request id:
+    /// a resent request gets its first answer.
     async fn ask(&self, request: Request, run: Option<FlowRunId>) -> Result<Response, Error> {
         let request_id = request.is_mutating().then(|| {
             let id = FlowRunId::new(crate::client::now(), &mut crate::client::rng());
@@ -139,18 +163,23 @@ impl Remote {
             match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
                 Ok(Ok(Response::Error(e))) => return Err(wire_error(e, run)),
                 Ok(Ok(r)) => return Ok(r),
-                Ok(Err(e)) if tries >= 2 || conn.close_reason().is_none() => {
+                Ok(Err(e)) if tries > self.addrs.len() || conn.close_reason().is_none() => {
                     let why = conn.close_reason().map_or(e, |r| r.to_string());
                     return Err(Error::Unreachable(format!(
                         "lost the connection to {}: {why}",
-                        self.addr
+                        self.addr().await
                     )));
                 }
-                Ok(Err(_)) => continue,
+                Ok(Err(_)) => {
+                    // The next try connects afresh, starting with the next node.
+                    let mut slot = self.conn.lock().await;
+                    slot.1 = (slot.1 + 1) % self.addrs.len();
+                    continue;
+                }
                 Err(_) => {
                     return Err(Error::Unreachable(format!(
                         "{} did not answer in {REQUEST_TIMEOUT:?}",
-                        self.addr
+                        self.addr().await
                     )));
                 }
             }
