@@ -7,7 +7,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Nodes, connect, eventually, free_udp_port, init_certs, start_node};
+use common::{Nodes, connect, eventually, free_udp_port, init_certs};
 use flotilla::{FlowRunId, StateName, StateType};
 use flotilla_runtime::{CollisionStrategy, DeploymentSpec, Timestamp};
 
@@ -19,19 +19,11 @@ async fn a_pipeline_whose_worker_is_killed_finishes_on_another_node() {
     let dir = tmp.path();
     init_certs(dir, "n1,n2,n3");
     let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
-    let mut nodes = Nodes {
-        children: Vec::new(),
-        dir: dir.to_owned(),
-    };
+    let mut nodes = Nodes::new(dir);
     // The control node serves only the `ops` queue: the pipeline runs on a worker.
-    nodes.children.push((
-        "n1".into(),
-        start_node(dir, "n1", ports[0], None, &["--queues", "ops"]),
-    ));
-    for (i, name) in ["n2", "n3"].into_iter().enumerate() {
-        let child = start_node(dir, name, ports[i + 1], Some(ports[0]), &[]);
-        nodes.children.push((name.into(), child));
-    }
+    nodes.start("n1", ports[0], None, &["--queues", "ops"]);
+    nodes.start("n2", ports[1], Some(ports[0]), &[]);
+    nodes.start("n3", ports[2], Some(ports[0]), &[]);
     let client = connect(dir, ports[0], 3).await;
 
     // 20 steps of 100 ms, each noting its number in a file when it completes.
@@ -152,16 +144,9 @@ async fn a_client_given_several_addresses_goes_on_through_another_node() {
     let dir = tmp.path();
     init_certs(dir, "n1,n2");
     let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
-    let mut nodes = Nodes {
-        children: Vec::new(),
-        dir: dir.to_owned(),
-    };
-    nodes
-        .children
-        .push(("n1".into(), start_node(dir, "n1", ports[0], None, &[])));
-    nodes
-        .children
-        .push(("n2".into(), start_node(dir, "n2", ports[1], Some(ports[0]), &[])));
+    let mut nodes = Nodes::new(dir);
+    nodes.start("n1", ports[0], None, &[]);
+    nodes.start("n2", ports[1], Some(ports[0]), &[]);
     // Both members up (through n1), then a client of "nobody, n2, n1": it talks to n2.
     let _ = connect(dir, ports[0], 2).await;
     let addrs = format!(

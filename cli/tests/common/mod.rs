@@ -35,6 +35,20 @@ impl Drop for Nodes {
 }
 
 impl Nodes {
+    /// No node yet; their logs go to `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Nodes {
+            children: Vec::new(),
+            dir: dir.to_owned(),
+        }
+    }
+
+    /// Starts node `name` (see [`start_node`]).
+    pub fn start(&mut self, name: &str, port: u16, join: Option<u16>, extra: &[&str]) {
+        let child = start_node(&self.dir, name, port, join, extra);
+        self.children.push((name.to_owned(), child));
+    }
+
     /// Replaces node `i`'s process (after it died), reaping the old one.
     pub fn restart(&mut self, i: usize, child: Child) {
         let mut dead = std::mem::replace(&mut self.children[i].1, child);

@@ -479,10 +479,6 @@ impl Sim {
         }
     }
 
-    fn tid(&self, run: FlowRunId, what: &str) -> TransitionId {
-        TransitionId::from_uuid(derived_id(&format!("{what}/{run}/{}", self.now.as_micros())))
-    }
-
     /// Faults of the step: a node crashes or is cut off, the control node restarts.
     fn faults_act(&mut self) {
         if !self.faults() {

@@ -7,6 +7,28 @@ use super::*;
 impl Sim {
     /// A node is told to start a run: it claims it (refused if the control node declared it
     /// dead, or another holds the run) and runs it with one task.
+    /// A node's proposal of `state` at `at` for a run it holds under `epoch`, its transition id
+    /// derived from the run, the state and the time.
+    fn proposal(
+        &self,
+        run: FlowRunId,
+        epoch: flotilla_runtime::Epoch,
+        node: &NodeId,
+        state: StateName,
+        at: Timestamp,
+    ) -> Command {
+        let key = format!("{state}/{run}/{}", at.as_micros());
+        Command::ProposeFlowRunState {
+            run,
+            proposal: Proposal::from_worker(
+                State::named(state, at),
+                TransitionId::from_uuid(derived_id(&key)),
+                epoch,
+                node.clone(),
+            ),
+        }
+    }
+
     fn start_on(&mut self, i: usize, run: FlowRunId) {
         let node = self.nodes[i].name.clone();
         if self.nodes[i].runs.contains_key(&run) {
@@ -15,15 +37,7 @@ impl Sim {
         let Some(epoch) = self.state.hot().flow_run(&run).map(|r| r.epoch) else {
             return;
         };
-        let claim = Command::ProposeFlowRunState {
-            run,
-            proposal: Proposal::from_worker(
-                State::named(StateName::Pending, self.now),
-                self.tid(run, "claim"),
-                epoch,
-                node.clone(),
-            ),
-        };
+        let claim = self.proposal(run, epoch, &node, StateName::Pending, self.now);
         if let Err(refusal) = self.coord.admit(&claim) {
             self.note(format!("{node} claim of {} refused: {refusal}", short(run)));
             return;
@@ -31,15 +45,7 @@ impl Sim {
         if !accepted(&self.log(claim)) {
             return;
         }
-        let running = Command::ProposeFlowRunState {
-            run,
-            proposal: Proposal::from_worker(
-                State::named(StateName::Running, self.now),
-                self.tid(run, "run"),
-                epoch,
-                node.clone(),
-            ),
-        };
+        let running = self.proposal(run, epoch, &node, StateName::Running, self.now);
         if !accepted(&self.log(running)) {
             return;
         }
@@ -230,15 +236,7 @@ impl Sim {
             if self.nodes[i].cut_off_until <= self.now {
                 let node = self.nodes[i].name.clone();
                 for (run, epoch, at) in std::mem::take(&mut self.nodes[i].finishing) {
-                    let end = Command::ProposeFlowRunState {
-                        run,
-                        proposal: Proposal::from_worker(
-                            State::named(StateName::Completed, at),
-                            TransitionId::from_uuid(derived_id(&format!("end/{run}/{}", at.as_micros()))),
-                            epoch,
-                            node.clone(),
-                        ),
-                    };
+                    let end = self.proposal(run, epoch, &node, StateName::Completed, at);
                     let reply = self.log(end);
                     let how = if accepted(&reply) { "ok" } else { "refused" };
                     self.note(format!("{node} ends {}: {how}", short(run)));
