@@ -9,7 +9,8 @@
 //! Coordinator::handle(&mut self, now, Input) -> Vec<Effect>
 //! Input  = Heartbeat | Tick | Due | Ended | StartFailed | TakeBack | Restore | Queues | Limits
 //!        | Holds | Acquire | Renew | Release | ResetLimit
-//! Effect = Append(Command) | Start { node, placement } | Recheck { node, runs }
+//! Effect = Append(Command) | DeclareDead { node, command } | Start { node, placement }
+//!        | Recheck { node, runs }
 //!        | Hold { holder, .., reply, answer } | Answer { reply, answer } | Notice(..)
 //! ```
 //!

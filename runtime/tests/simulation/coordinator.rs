@@ -84,6 +84,21 @@ struct Task {
     phase: Phase,
 }
 
+impl Task {
+    /// Its request for its slots from `node` at `now` (a renewal, or an acquire).
+    fn ask(&self, node: &NodeId, now: Timestamp, renew: bool) -> Msg {
+        let token = Token {
+            task: self.id,
+            sent_at: now,
+        };
+        if renew {
+            Msg::Renew(node.clone(), token, self.tags.clone())
+        } else {
+            Msg::Acquire(node.clone(), token, self.tags.clone())
+        }
+    }
+}
+
 #[derive(Debug)]
 struct SimNode {
     name: NodeId,

@@ -65,12 +65,9 @@ impl Sim {
             phase: Phase::Acquiring(self.now),
         };
         self.note(format!("{node} runs {}, task tags {tags:?}", short(run)));
-        let token = Token {
-            task: task.id,
-            sent_at: self.now,
-        };
+        let ask = task.ask(&node, self.now, false);
         self.nodes[i].runs.insert(run, (epoch, task));
-        self.send_to_control(i, Msg::Acquire(node, token, tags));
+        self.send_to_control(i, ask);
     }
 
     fn send_to_control(&mut self, i: usize, msg: Msg) {
@@ -168,19 +165,9 @@ impl Sim {
             (Phase::Holding { .. }, SlotAnswer::Renewed(false)) => {
                 // Lost its slots: stops, and asks again.
                 task.phase = Phase::Acquiring(now);
-                let (tags, id) = (task.tags.clone(), task.id);
+                let (ask, id) = (task.ask(&node, now, false), task.id);
                 self.note(format!("{node} task {} lost its lease", short_task(id)));
-                self.send_to_control(
-                    i,
-                    Msg::Acquire(
-                        node,
-                        Token {
-                            task: id,
-                            sent_at: now,
-                        },
-                        tags,
-                    ),
-                );
+                self.send_to_control(i, ask);
             }
             _ => {}
         }
@@ -258,14 +245,7 @@ impl Sim {
             Phase::Acquiring(since) => {
                 if now.saturating_since(*since) >= RESEND_AFTER {
                     *since = now;
-                    send = Some(Msg::Acquire(
-                        node.clone(),
-                        Token {
-                            task: task.id,
-                            sent_at: now,
-                        },
-                        task.tags.clone(),
-                    ));
+                    send = Some(task.ask(&node, now, false));
                 }
             }
             Phase::Holding {
@@ -276,14 +256,7 @@ impl Sim {
                 if now >= *deadline {
                     // No renewal acknowledged in time: it stops (LeaseLost) and waits again.
                     task.phase = Phase::Acquiring(now);
-                    send = Some(Msg::Acquire(
-                        node.clone(),
-                        Token {
-                            task: task.id,
-                            sent_at: now,
-                        },
-                        task.tags.clone(),
-                    ));
+                    send = Some(task.ask(&node, now, false));
                 } else {
                     *work_left = work_left.saturating_sub(TICK_EVERY);
                     if work_left.is_zero() {
@@ -292,14 +265,7 @@ impl Sim {
                         && now + task.ttl / 2 >= *deadline
                     {
                         *renewing = Some(now);
-                        send = Some(Msg::Renew(
-                            node.clone(),
-                            Token {
-                                task: task.id,
-                                sent_at: now,
-                            },
-                            task.tags.clone(),
-                        ));
+                        send = Some(task.ask(&node, now, true));
                     }
                 }
             }
