@@ -1,7 +1,7 @@
 //! The control actor, on the control node: the cluster's one entrance to the control state,
-//! and the driver of the [`Coordinator`]. It takes commands and reads from workers (in order,
+//! and the driver of the [`ControlMachine`]. It takes commands and reads from workers (in order,
 //! durable before it answers) and serves the client protocol; every live decision —
-//! membership, placement, dispatch, tag-limit slots — is the coordinator's, a pure machine in
+//! membership, placement, dispatch, tag-limit slots — is the control machine's, a pure machine in
 //! the runtime crate: this actor turns messages into its inputs and carries out its effects
 //! (the log, messages to nodes, reads of the store).
 
@@ -12,8 +12,8 @@ use flotilla_cluster::wire::{
     ClusterStatus, ErrorKind, LimitChange, MemberStatus, QueueChange, QueueInfo, Request, Response,
     WAIT_MS_MAX, WireError,
 };
-use flotilla_runtime::control::coordinator::{
-    Coordinator, CoordinatorConfig, Effect, Input, Notice, Running, SlotAnswer, resume_after_loss,
+use flotilla_runtime::control::machine::{
+    ControlConfig, ControlMachine, Effect, Input, Notice, Running, SlotAnswer, resume_after_loss,
 };
 use flotilla_runtime::control::{Placement, SlotRequest};
 use flotilla_runtime::{
@@ -32,7 +32,7 @@ mod requests;
 use effects::{ended_run, reload_settings, replace, restore};
 pub(crate) use effects::{placement_of, send_agent};
 
-pub use flotilla_runtime::control::coordinator::LATE_AFTER;
+pub use flotilla_runtime::control::machine::LATE_AFTER;
 
 use super::agent::{AgentMsg, agent_of};
 use crate::engine::FlowFn;
@@ -134,7 +134,7 @@ type SlotReply = RpcReplyPort<Vec<u8>>;
 pub struct ControlState {
     persistence: PersistenceHandle,
     /// The live decisions.
-    coordinator: Coordinator<SlotReply>,
+    machine: ControlMachine<SlotReply>,
     rng: SmallRng,
     /// Large results.
     results: ResultStore,
@@ -154,7 +154,7 @@ pub struct ControlState {
 impl std::fmt::Debug for ControlState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ControlState")
-            .field("coordinator", &self.coordinator)
+            .field("machine", &self.machine)
             .finish_non_exhaustive()
     }
 }
@@ -178,7 +178,7 @@ fn persist_err(e: PersistError) -> Response {
 impl ControlState {
     fn status(&self) -> ClusterStatus {
         ClusterStatus {
-            nodes: self.coordinator.members(),
+            nodes: self.machine.members(),
         }
     }
 
@@ -258,7 +258,7 @@ impl Actor for Control {
         Ok(ControlState {
             persistence: args.persistence,
             results: args.results,
-            coordinator: Coordinator::new(CoordinatorConfig {
+            machine: ControlMachine::new(ControlConfig {
                 unreachable_after: args.settings.unreachable_after,
                 late_after: args.settings.late_after,
             }),
@@ -284,7 +284,7 @@ impl Actor for Control {
                 // unreachable has had its runs crashed and must not take new ones.
                 let answers: Result<Vec<_>, _> = codec::decode::<Vec<Command>>(&bytes).map(|cmds| {
                     cmds.into_iter()
-                        .map(|c| match s.coordinator.admit(&c) {
+                        .map(|c| match s.machine.admit(&c) {
                             Err(refusal) => Err(refusal),
                             Ok(()) => Ok(p.enqueue(c)),
                         })

@@ -4,7 +4,7 @@
 //! the deployment's own line (named AwaitingConcurrencySlot) or is cancelled (`cancel-new`),
 //! so it never holds back the runs behind it; a slot that frees brings its oldest back.
 //!
-//! Plain data, no actor: the coordinator ([`super::Coordinator`]) owns one and says what happened (a run came due, a
+//! Plain data, no actor: the control machine ([`super::ControlMachine`]) owns one and says what happened (a run came due, a
 //! run ended, a queue changed); it answers with what to do (place these runs on these nodes,
 //! mark these runs).
 

@@ -1,75 +1,293 @@
-//! The control machine: reads the applied state, decides, and says what to do.
+//! The control machine: the control node's live decisions, as a pure machine its control actor
+//! drives. It keeps the membership from the nodes' heartbeats and declares a silent node
+//! unreachable (its runs crash); it places due runs on live nodes by work queue, priority and
+//! deployment limit, marks those that wait too long Late, and takes back a run handed to a node
+//! that never started it; it grants, renews and expires tag-limit slots, each holding recorded
+//! in the log before its holder hears of it.
+//!
+//! ```text
+//! ControlMachine::handle(&mut self, now, Input) -> Vec<Effect>
+//! Input  = Heartbeat | Tick | Due | Ended | StartFailed | TakeBack | Restore | Queues | Limits
+//!        | Holds | Acquire | Renew | Release | ResetLimit
+//! Effect = Append(Command) | DeclareDead { node, command } | Start { node, placement }
+//!        | Recheck { node, runs }
+//!        | Hold { holder, .., reply, answer } | Answer { reply, answer } | Notice(..)
+//! ```
+//!
+//! Every durable change is an [`Effect::Append`] of a [`Command`] with a key derived from what it
+//! is about (`crash/{node}/{incarnation}`, a transition id derived from the run and the time), so
+//! that the same decision made again is one change. What the control machine keeps (membership,
+//! the runs waiting and running, the leases) is memory, rebuilt after a start from the store
+//! ([`Input::Restore`], [`Input::Queues`], [`Input::Limits`], [`Input::Holds`]) and the nodes' next
+//! heartbeats. Time is an argument (`now`); nothing here reads a clock. `R` is the driver's way
+//! to answer a task run waiting for slots (a reply port; a token in tests).
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::BTreeMap;
+use std::time::Duration;
 
-use super::ControlConfig;
-use super::command::{ClientReply, ControlCommand, ControlOutcome, ControlReply, LeaseCommand};
-use super::effect::{Effect, ToNodeMsg};
-use super::ids::{Incarnation, RequestId};
-use super::input::{ClientRequest, Input, NodeMsg, TimerKind};
-use super::membership::Membership;
-use super::state::ControlState;
-use crate::command::{Command, NewFlowRun};
-use crate::ids::{Epoch, FlowRunId, NodeId, TaskRunId, TransitionId};
+use serde::{Deserialize, Serialize};
+
+use super::dispatch::{Action, Dispatch, Placement, QueueLoad, Whereabouts};
+use super::handouts::Handouts;
+use super::ids::derived_id;
+use super::roster::{MemberStatus, Roster};
+use super::slots::{Served, SlotGrant, Slots};
+use crate::apply::Refusal;
+use crate::command::{Command, RetryRequest, SlotChange};
+use crate::concurrency::ConcurrencyLimit;
+use crate::flow_run::FlowRun;
+use crate::ids::{DeploymentId, FlowRunId, NodeId, TaskRunId, TransitionId};
 use crate::rules::Proposal;
 use crate::state::{State, StateName, StateType};
 use crate::time::Timestamp;
-use crate::view::StateView;
+use crate::work_queue::WorkQueue;
 
-mod leasing;
-mod placement;
+#[cfg(test)]
+mod tests;
 
-/// A command appended and not applied yet, so that it is not appended again meanwhile.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-enum Flight {
-    Assign(FlowRunId),
-    Reclaim(FlowRunId),
-    Resume(FlowRunId),
-    NodeDead(NodeId, Incarnation),
-    Expire,
+/// How the control machine works.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ControlConfig {
+    /// A member silent this long is unreachable.
+    pub unreachable_after: Duration,
+    /// A run that starts (or still waits) this long after its scheduled time is marked Late.
+    pub late_after: Duration,
 }
 
-/// A lease request waiting for room.
+/// By default, a run whose scheduled time passed this long ago without starting is marked Late.
+pub const LATE_AFTER: Duration = Duration::from_secs(15);
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            unreachable_after: Duration::from_secs(1),
+            late_after: LATE_AFTER,
+        }
+    }
+}
+
+/// A run running, as read back from the store after a start.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Running {
+    /// The run.
+    pub run: FlowRunId,
+    /// Its work queue.
+    pub queue: Option<String>,
+    /// Its deployment.
+    pub deployment: Option<DeploymentId>,
+    /// The node that holds it.
+    pub node: Option<NodeId>,
+}
+
+/// One input of [`ControlMachine::handle`].
+#[derive(Debug)]
+pub enum Input<R> {
+    /// A member's heartbeat.
+    Heartbeat(MemberStatus),
+    /// Time to look for silent members, late runs and lapsed leases.
+    Tick,
+    /// A run came due: placed when a node can take it and its limits let it go.
+    Due(Placement),
+    /// A flow run ended (or was cancelled): its slots free.
+    Ended(FlowRunId),
+    /// The start of a run could not be sent to its node: the run waits again.
+    StartFailed {
+        /// The node.
+        node: NodeId,
+        /// The run.
+        placement: Placement,
+    },
+    /// A run handed to a node that never started it, still waiting: placed again.
+    TakeBack(Placement),
+    /// The runs running now, read back after a start or a missed event.
+    Restore(Vec<Running>),
+    /// The work queues now.
+    Queues(Vec<WorkQueue>),
+    /// The tag limits now.
+    Limits(Vec<ConcurrencyLimit>),
+    /// The slot holdings recorded before this start (None: never recorded).
+    Holds(Option<Vec<(String, TaskRunId, NodeId)>>),
+    /// A task run asks for a slot of each limited tag among `tags`.
+    Acquire {
+        /// The task run.
+        holder: TaskRunId,
+        /// Its node.
+        node: NodeId,
+        /// Its tags.
+        tags: Vec<String>,
+        /// Where to answer.
+        reply: R,
+    },
+    /// A holder renews its leases.
+    Renew {
+        /// The task run.
+        holder: TaskRunId,
+        /// Its node.
+        node: NodeId,
+        /// Its tags.
+        tags: Vec<String>,
+        /// Where to answer.
+        reply: R,
+    },
+    /// Holders give their slots back.
+    Release(Vec<TaskRunId>),
+    /// Every slot of a tag is freed (its holders hear it when they renew).
+    ResetLimit(String),
+}
+
+/// What a task run asking for slots is told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotAnswer {
+    /// An acquire's answer.
+    Grant(SlotGrant),
+    /// A renewal's answer: whether it holds its slots (false: it lost them and must stop).
+    Renewed(bool),
+}
+
+/// Something worth a line in the node's log.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Waiter {
-    holder: TaskRunId,
-    node: NodeId,
-    incarnation: Incarnation,
-    tags: Vec<String>,
-    sent_at: Timestamp,
+pub enum Notice {
+    /// A member was silent too long.
+    Unreachable {
+        /// The member.
+        node: NodeId,
+        /// How long it was silent.
+        silent: Duration,
+    },
+    /// A member unreachable before was heard from again.
+    Reachable(NodeId),
+    /// A lease was not renewed in time: its slot is free again.
+    LeaseLapsed {
+        /// The tag.
+        tag: String,
+        /// The holder.
+        holder: TaskRunId,
+    },
 }
 
-/// Where a Scheduled, unowned run waits: its queue's priority (1 first), when it is due.
-type WaitKey = (u32, Timestamp, FlowRunId);
+/// One effect of [`ControlMachine::handle`]; the driver carries them out in order.
+#[derive(Debug)]
+pub enum Effect<R> {
+    /// Append a command to the log (nobody waits for its answer).
+    Append(Command),
+    /// Append this `MarkNodeCrashed` of a node declared dead, then resume elsewhere each run it
+    /// crashed that [`resume_after_loss`] says is to be, and hand the resumed runs back as
+    /// [`Input::Due`].
+    DeclareDead {
+        /// The node.
+        node: NodeId,
+        /// The command.
+        command: Command,
+    },
+    /// Tell `node` to start the run; if it cannot be reached, give back
+    /// [`Input::StartFailed`].
+    Start {
+        /// The node.
+        node: NodeId,
+        /// The run.
+        placement: Placement,
+    },
+    /// These runs were handed to `node`, which never started them: read each back and give
+    /// [`Input::TakeBack`] for each still Scheduled and claimed by nobody.
+    Recheck {
+        /// The node.
+        node: NodeId,
+        /// The runs.
+        runs: Vec<FlowRunId>,
+    },
+    /// Record (durably) that `holder` holds these slots, then answer it; if the record fails or
+    /// the holder is gone, give back [`Input::Release`] for it.
+    Hold {
+        /// The holder.
+        holder: TaskRunId,
+        /// Its node.
+        node: NodeId,
+        /// The tags it holds.
+        tags: Vec<String>,
+        /// Where to answer.
+        reply: R,
+        /// The answer.
+        answer: SlotAnswer,
+    },
+    /// Answer a task run about its slots.
+    Answer {
+        /// Where to answer.
+        reply: R,
+        /// The answer.
+        answer: SlotAnswer,
+    },
+    /// Log this.
+    Notice(Notice),
+}
 
-/// The control machine (see the module docs of [`crate::control`]).
-#[derive(Clone, Debug)]
-pub struct ControlMachine {
+/// The command that resumes on another node a run its dead `node` left Crashed, if it is to be
+/// resumed: a top-level run (a subflow is resumed by its parent) whose flow resumes after a
+/// crash. Scheduled, named Resuming, under the next epoch; the transition id is derived from the
+/// run and the epoch it crashed under, so that resuming it again is one change.
+pub fn resume_after_loss(run: &FlowRun, node: &NodeId) -> Option<Command> {
+    if !run.resume || run.parent_task_run.is_some() || run.lifecycle.state.kind != StateType::Crashed {
+        return None;
+    }
+    let key = format!("resume/{}/{}", run.id, run.epoch.get());
+    Some(Command::RetryFlowRun {
+        run: run.id,
+        request: RetryRequest {
+            transition_id: TransitionId::from_uuid(derived_id(&key)),
+            resume: true,
+            force: false,
+            message: Some(format!("resumed after its node {node} was lost")),
+        },
+    })
+}
+
+/// Why a member cannot be removed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemoveRefused {
+    /// No such member.
+    NotFound,
+    /// It is reachable: stop it first.
+    Reachable,
+}
+
+/// The control machine (see the module docs).
+pub struct ControlMachine<R> {
     config: ControlConfig,
-    members: Membership,
-    /// Client requests appended and not applied yet.
-    pending: BTreeSet<RequestId>,
-    in_flight: BTreeSet<Flight>,
-    waiters: VecDeque<Waiter>,
-    /// Acquires appended and not applied yet: their limited tags.
-    acquiring: BTreeMap<TaskRunId, Vec<String>>,
-    /// The runs waiting to be placed, in placement order, and each one's key.
-    queue: BTreeSet<WaitKey>,
-    queued: BTreeMap<FlowRunId, WaitKey>,
+    roster: Roster,
+    dispatch: Dispatch,
+    slots: Slots<(TaskRunId, R)>,
+    handouts: Handouts,
+    /// Runs handed to a node that never showed them, being read back (by node) before they are
+    /// taken back: a claim admitted meanwhile cancels the take-back.
+    rechecking: BTreeMap<FlowRunId, NodeId>,
+    /// Whether the runs under way were read back once since the start.
+    restored: bool,
+    /// Whether the slot holdings were recorded before this start (a data directory from before
+    /// the record has none: then new holders wait one lease TTL after a start).
+    holds_known: bool,
 }
 
-impl ControlMachine {
-    /// A machine that knows nothing yet: give it [`Input::Started`] first.
+impl<R> std::fmt::Debug for ControlMachine<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlMachine")
+            .field("roster", &self.roster)
+            .field("dispatch", &self.dispatch)
+            .field("slots", &self.slots)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R> ControlMachine<R> {
+    /// A control machine that knows nothing yet.
     pub fn new(config: ControlConfig) -> Self {
         ControlMachine {
             config,
-            members: Membership::default(),
-            pending: BTreeSet::new(),
-            in_flight: BTreeSet::new(),
-            waiters: VecDeque::new(),
-            acquiring: BTreeMap::new(),
-            queue: BTreeSet::new(),
-            queued: BTreeMap::new(),
+            roster: Roster::default(),
+            dispatch: Dispatch::default(),
+            slots: Slots::default(),
+            handouts: Handouts::default(),
+            rechecking: BTreeMap::new(),
+            restored: false,
+            holds_known: false,
         }
     }
 
@@ -78,470 +296,380 @@ impl ControlMachine {
         &self.config
     }
 
-    /// The live membership.
-    pub fn members(&self) -> &Membership {
-        &self.members
-    }
-
-    /// How many runs wait to be placed.
-    pub fn waiting_runs(&self) -> usize {
-        self.queue.len()
-    }
-
-    /// Handles one input at `now`, reading the applied `state`; returns what to do, in order.
-    pub fn handle<V: StateView>(
-        &mut self,
-        now: Timestamp,
-        state: &ControlState<V>,
-        input: Input,
-    ) -> Vec<Effect> {
+    /// Handles one input at `now`; returns what to do, in order.
+    pub fn handle(&mut self, now: Timestamp, input: Input<R>) -> Vec<Effect<R>> {
         let mut out = Vec::new();
         match input {
-            Input::Started => self.start(now, state, &mut out),
-            Input::Client { request_id, request } => self.client(now, state, request_id, request, &mut out),
-            Input::Node { node, msg } => self.node(now, state, node, msg, &mut out),
-            Input::Timer(TimerKind::Tick) => self.tick(now, state, &mut out),
-            Input::Applied { command, outcome, .. } => self.applied(now, state, command, outcome, &mut out),
+            Input::Heartbeat(report) => self.heartbeat(now, report, &mut out),
+            Input::Tick => self.tick(now, &mut out),
+            Input::Due(p) => {
+                // Placed afresh (resumed, retried): a read-back of it from before is moot.
+                self.rechecking.remove(&p.run);
+                self.dispatch.add(p);
+                self.pump(now, &mut out);
+            }
+            Input::Ended(run) => {
+                self.handouts.forget(&run);
+                self.rechecking.remove(&run);
+                self.ended(run);
+                self.pump(now, &mut out);
+            }
+            Input::StartFailed { node, placement } => {
+                self.handouts.forget(&placement.run);
+                self.dispatch.ended(placement.run);
+                self.roster.unreachable(&node);
+                self.dispatch.add(placement);
+            }
+            Input::TakeBack(p) => {
+                // Claimed since it was read back (or read back before a restart): not taken.
+                if self.rechecking.remove(&p.run).is_none() {
+                    return out;
+                }
+                self.ended(p.run);
+                self.dispatch.add(p);
+                self.pump(now, &mut out);
+            }
+            Input::Restore(running) => self.restore(now, running, &mut out),
+            Input::Queues(queues) => {
+                self.dispatch.set_queues(queues);
+                self.pump(now, &mut out);
+            }
+            Input::Limits(limits) => {
+                let served = self.slots.set_all(&limits, now);
+                self.grant(served, &mut out);
+            }
+            Input::Holds(holds) => {
+                self.holds_known = holds.is_some();
+                self.slots.restore(&holds.unwrap_or_default(), now);
+            }
+            Input::Acquire {
+                holder,
+                node,
+                tags,
+                reply,
+            } => {
+                if let Some(granted) = self.slots.acquire(holder, node, tags, now, (holder, reply)) {
+                    self.grant(vec![granted], &mut out);
+                }
+            }
+            Input::Renew {
+                holder,
+                node,
+                tags,
+                reply,
+            } => self.renew(now, holder, node, &tags, reply, &mut out),
+            Input::Release(holders) => {
+                Self::free(holders.clone(), None, &mut out);
+                let served = self.slots.release(&holders, now);
+                self.grant(served, &mut out);
+            }
+            Input::ResetLimit(tag) => {
+                Self::free(self.slots.holders_of(&tag), Some(tag.clone()), &mut out);
+                let served = self.slots.reset(&tag, now);
+                self.grant(served, &mut out);
+            }
         }
         out
     }
 
-    fn start<V: StateView>(&mut self, now: Timestamp, state: &ControlState<V>, out: &mut Vec<Effect>) {
-        *self = ControlMachine::new(self.config.clone());
-        for (_, h) in state.holders() {
-            self.members.recovered(h.node.clone(), h.incarnation, now);
-        }
-        for kind in [StateType::Scheduled, StateType::Crashed] {
-            let mut after = None;
-            loop {
-                let page: Vec<(FlowRunId, Epoch, bool)> = state
-                    .view()
-                    .hot()
-                    .flow_runs_in_state(kind, after, 1_000)
-                    .into_iter()
-                    .map(|r| (r.id, r.epoch, r.resume))
-                    .collect();
-                let Some(last) = page.last() else { break };
-                after = Some(last.0);
-                for (run, epoch, resume) in page {
-                    if kind == StateType::Scheduled {
-                        self.index_run(state, run);
-                    } else if resume {
-                        // Crashed before the restart and not resumed yet.
-                        self.append_once(Flight::Resume(run), ControlCommand::Resume { run, epoch }, out);
-                    }
-                }
+    /// Every member's status.
+    pub fn members(&self) -> Vec<MemberStatus> {
+        self.roster.statuses()
+    }
+
+    /// Forgets a member declared unreachable.
+    pub fn remove_member(&mut self, node: &NodeId) -> Result<(), RemoveRefused> {
+        match self.roster.get(node) {
+            None => Err(RemoveRefused::NotFound),
+            Some(m) if m.reachable => Err(RemoveRefused::Reachable),
+            Some(_) => {
+                self.roster.remove(node);
+                Ok(())
             }
         }
-        self.place(now, state, out);
-        out.push(Effect::SetTimer {
-            at: now + self.config.tick_interval,
-            timer: TimerKind::Tick,
-        });
     }
 
-    fn append_once(&mut self, flight: Flight, command: ControlCommand, out: &mut Vec<Effect>) {
-        if self.in_flight.insert(flight) {
-            out.push(Effect::Append(command));
+    /// Whether a reachable member runs `flow`. Err: none does, with every flow known.
+    pub fn runs_flow(&self, flow: &str) -> Result<(), Vec<String>> {
+        if self.roster.runs_flow(flow) {
+            Ok(())
+        } else {
+            Err(self.roster.flows().into_iter().collect())
         }
     }
 
-    fn send(out: &mut Vec<Effect>, node: &NodeId, incarnation: Incarnation, msg: ToNodeMsg) {
-        out.push(Effect::Send {
-            node: node.clone(),
-            incarnation,
-            msg,
-        });
+    /// Every queue's figures (queues with runs waiting or running).
+    pub fn loads(&self) -> std::collections::HashMap<String, QueueLoad> {
+        self.dispatch.loads()
     }
 
-    fn client<V: StateView>(
-        &mut self,
-        now: Timestamp,
-        state: &ControlState<V>,
-        request_id: RequestId,
-        request: ClientRequest,
-        out: &mut Vec<Effect>,
-    ) {
-        if self.pending.contains(&request_id) {
-            return; // its reply comes when it is applied
-        }
-        // fix 4: a resent request gets the first outcome, and a created run's id is the request's.
-        if let Some(result) = state.requests().get(&request_id) {
-            out.push(Effect::Reply {
-                request_id,
-                result: result.clone(),
-            });
-            return;
-        }
-        if self.pending.len() >= self.config.pending_requests_max {
-            out.push(Effect::Reply {
-                request_id,
-                result: Err(crate::apply::Refusal::Invalid(
-                    "too many requests in flight: retry later".into(),
-                )),
-            });
-            return;
-        }
-        let command = match request {
-            ClientRequest::CreateRun(c) => Command::CreateFlowRun(NewFlowRun {
-                tags: c.tags,
-                work_queue: c.work_queue,
-                scheduled_time: c.scheduled_time,
-                // fix 4: the run's id is derived from the request's, never fresh.
-                ..NewFlowRun::new(
-                    FlowRunId::from_uuid(*request_id.as_uuid()),
-                    c.flow_name,
-                    c.parameters,
-                )
-                .with_options(Default::default(), c.resume)
-                .with_key(c.idempotency_key)
-            }),
-            ClientRequest::CancelRun { run } => Command::ProposeFlowRunState {
-                run,
-                proposal: Proposal::new(
-                    State::named(StateName::Cancelling, now),
-                    TransitionId::from_uuid(*request_id.as_uuid()),
-                ),
-            },
-            ClientRequest::PutSetting(setting) => Command::PutSetting { setting, at: now },
-        };
-        self.pending.insert(request_id);
-        out.push(Effect::Append(ControlCommand::Client { request_id, command }));
+    /// Where dispatch has a run: waiting to be placed, placed (on which node), or not at all.
+    pub fn whereabouts(&self, run: &FlowRunId) -> Whereabouts<'_> {
+        self.dispatch.whereabouts(run)
     }
 
-    fn declare_dead(&mut self, node: &NodeId, incarnation: Incarnation, out: &mut Vec<Effect>) {
-        if let Some(m) = self.members.get_mut(node)
-            && m.incarnation == incarnation
+    /// Every tag limit with its leases.
+    pub fn limits(&self) -> Vec<ConcurrencyLimit> {
+        self.slots.describe()
+    }
+
+    /// Admits a command from a node, or refuses it. Refused: a claim of a run (a Pending
+    /// proposal naming a node) made by a member declared unreachable (its runs have crashed and
+    /// it must not take new ones; a node not heard of yet is joining, its first heartbeat on its
+    /// way), and one of a run that dispatch placed on another node or holds waiting (a start
+    /// that arrived after its run was taken back, or after a restart of the control node, must
+    /// not run it beside its limits). A claim admitted of a run being read back cancels its
+    /// take-back (as its end does, or its being placed afresh), and the run is watched in its
+    /// claimer's heartbeats (should the claim still fail).
+    pub fn admit(&mut self, command: &Command) -> Result<(), Refusal> {
+        if let Some(refusal) = self.refuse_claim(command) {
+            return Err(refusal);
+        }
+        if let Command::ProposeFlowRunState { run, proposal } = command
+            && proposal.state.kind == StateType::Pending
+            && let Some(node) = &proposal.node
+            && self.rechecking.remove(run).is_some()
         {
-            m.alive = false;
+            self.handouts.handed(*run, node.clone());
         }
-        let command = ControlCommand::NodeDead {
-            node: node.clone(),
-            incarnation,
-        };
-        self.append_once(Flight::NodeDead(node.clone(), incarnation), command, out);
+        Ok(())
     }
 
-    fn node<V: StateView>(
-        &mut self,
-        now: Timestamp,
-        state: &ControlState<V>,
-        node: NodeId,
-        msg: NodeMsg,
-        out: &mut Vec<Effect>,
-    ) {
-        let inc = msg.incarnation();
-        if state.is_dead(&node, inc) {
-            Self::send(out, &node, inc, ToNodeMsg::Dead);
+    fn refuse_claim(&self, command: &Command) -> Option<Refusal> {
+        let Command::ProposeFlowRunState { run, proposal } = command else {
+            return None;
+        };
+        let node = proposal.node.as_ref()?;
+        if proposal.state.kind != StateType::Pending {
+            return None;
+        }
+        if self.roster.is_down(node) {
+            return Some(Refusal::Invalid(format!(
+                "node {node} is not a live member: it cannot claim runs"
+            )));
+        }
+        match self.dispatch.whereabouts(run) {
+            Whereabouts::Waiting => Some(Refusal::Invalid(format!(
+                "flow run {run} waits to be placed: node {node} was not given it"
+            ))),
+            Whereabouts::Dropped => Some(Refusal::Invalid(format!(
+                "flow run {run} is cancelled: its deployment is at its concurrency limit"
+            ))),
+            Whereabouts::Placed(Some(other)) if other != node => Some(Refusal::Invalid(format!(
+                "flow run {run} was placed on node {other}, not {node}"
+            ))),
+            _ => None,
+        }
+    }
+
+    fn heartbeat(&mut self, now: Timestamp, report: MemberStatus, out: &mut Vec<Effect<R>>) {
+        // A run handed to the node and left out of its heartbeats was never started there:
+        // taken back, and placed again if it still waits (fix 8).
+        let back = self.handouts.heartbeat(&report.name, &report.holds);
+        self.recheck(&report.name, back, out);
+        let node = report.name.clone();
+        if self.roster.heard(now, report) {
+            out.push(Effect::Notice(Notice::Reachable(node)));
+        }
+        self.pump(now, out);
+    }
+
+    /// Runs handed to `node` that it never showed: read back, and taken back if they still wait.
+    fn recheck(&mut self, node: &NodeId, runs: Vec<FlowRunId>, out: &mut Vec<Effect<R>>) {
+        if runs.is_empty() {
             return;
         }
-        let known = self.members.get(&node).map(|m| (m.incarnation, m.alive));
-        match msg {
-            NodeMsg::Join { slots, flows, .. } => {
-                match known {
-                    Some((i, _)) if i > inc => return, // from an earlier life, delayed
-                    Some((i, false)) if i == inc => return Self::send(out, &node, inc, ToNodeMsg::Dead),
-                    Some((i, _)) if i < inc => self.declare_dead(&node, i, out),
-                    _ => {}
+        for run in &runs {
+            self.rechecking.insert(*run, node.clone());
+        }
+        out.push(Effect::Recheck {
+            node: node.clone(),
+            runs,
+        });
+    }
+
+    fn tick(&mut self, now: Timestamp, out: &mut Vec<Effect<R>>) {
+        for (node, incarnation, silent) in self.roster.silent(now, self.config.unreachable_after) {
+            out.push(Effect::Notice(Notice::Unreachable {
+                node: node.clone(),
+                silent,
+            }));
+            // The key names the node's life that ended, never the clock: the same death
+            // declared twice is one crash.
+            out.push(Effect::DeclareDead {
+                node: node.clone(),
+                command: Command::MarkNodeCrashed {
+                    node: node.clone(),
+                    message: format!("node {node} became unreachable"),
+                    key: format!("crash/{node}/{incarnation}"),
+                },
+            });
+            // Runs handed to it that it never started wait for another node.
+            let runs = self.handouts.take_node(&node);
+            self.recheck(&node, runs, out);
+        }
+        for run in self.dispatch.late(now, self.config.late_after) {
+            Self::mark(now, run, State::named(StateName::Late, now), out);
+        }
+        self.pump(now, out);
+        self.complete_holds(now, out);
+        self.expire_slots(now, out);
+    }
+
+    /// Hands out every due run that can go now; marks those its deployment holds back.
+    fn pump(&mut self, now: Timestamp, out: &mut Vec<Effect<R>>) {
+        if self.dispatch.waiting() == 0 {
+            return;
+        }
+        let roster = &mut self.roster;
+        let actions = self.dispatch.dispatch(|flow, queue| roster.pick(flow, queue));
+        for action in actions {
+            match action {
+                Action::Place(p, node, marked) => {
+                    // Handed out long after its time (a downtime of the control node, a busy
+                    // cluster): it starts marked Late.
+                    if !marked && now.saturating_since(p.due) > self.config.late_after {
+                        Self::mark(now, p.run, State::named(StateName::Late, now), out);
+                    }
+                    self.handouts.handed(p.run, node.clone());
+                    out.push(Effect::Start { node, placement: p });
                 }
-                // Runs still held by an earlier incarnation (known from the applied state only).
-                let earlier: BTreeSet<Incarnation> = state
-                    .held_by(&node)
-                    .map(|(_, h)| h.incarnation)
-                    .filter(|i| *i < inc)
-                    .collect();
-                for i in earlier {
-                    self.declare_dead(&node, i, out);
-                }
-                self.members.join(node, inc, slots, flows, now);
-                self.place(now, state, out);
+                Action::Await(run) => Self::mark(
+                    now,
+                    run,
+                    State::named(StateName::AwaitingConcurrencySlot, now),
+                    out,
+                ),
+                Action::Cancel(run) => Self::mark(
+                    now,
+                    run,
+                    State::named(StateName::Cancelling, now).with_message(
+                        "its deployment is at its concurrency limit (collision strategy cancel-new)",
+                    ),
+                    out,
+                ),
             }
-            NodeMsg::Heartbeat { seq, running, .. } => {
-                match known {
-                    None => return Self::send(out, &node, inc, ToNodeMsg::Rejoin),
-                    Some((i, _)) if i > inc => return,
-                    Some((i, _)) if i < inc => return Self::send(out, &node, inc, ToNodeMsg::Rejoin),
-                    Some((_, false)) => return Self::send(out, &node, inc, ToNodeMsg::Dead),
-                    _ => {}
-                }
-                self.heartbeat(now, state, &node, inc, seq, &running, out);
-            }
-            NodeMsg::StateProposal {
-                run,
-                epoch,
-                state: proposed,
-                transition,
-                ..
-            } => out.push(Effect::Append(ControlCommand::Propose {
-                run,
-                node,
-                incarnation: inc,
-                epoch,
-                state: proposed,
-                transition,
-            })),
-            NodeMsg::Acquire {
+        }
+    }
+
+    /// Proposes a state for a run that has not started, under a transition id derived from the
+    /// run, the state and the time (the same decision made again is one transition).
+    fn mark(now: Timestamp, run: FlowRunId, state: State, out: &mut Vec<Effect<R>>) {
+        let key = format!("mark/{run}/{}/{}", state.name, now.as_micros());
+        let proposal = Proposal::new(state, TransitionId::from_uuid(derived_id(&key)));
+        out.push(Effect::Append(Command::ProposeFlowRunState { run, proposal }));
+    }
+
+    /// A run ended: its node has a free slot again.
+    fn ended(&mut self, run: FlowRunId) {
+        if let Some(node) = self.dispatch.ended(run) {
+            self.roster.freed(&node);
+        }
+    }
+
+    fn restore(&mut self, now: Timestamp, running: Vec<Running>, out: &mut Vec<Effect<R>>) {
+        // Started with runs under way and no complete record of who holds slots (a data
+        // directory from before the record, or a restart soon after): new holders wait until
+        // every lease that may be held was renewed or ran out.
+        if !self.restored && !running.is_empty() && !self.holds_known {
+            self.slots.restarted(now);
+        }
+        self.restored = true;
+        self.complete_holds(now, out);
+        self.dispatch.clear_active();
+        for r in running {
+            self.dispatch
+                .restore(r.run, r.queue.as_deref(), r.deployment, r.node);
+        }
+        self.pump(now, out);
+    }
+
+    fn renew(
+        &mut self,
+        now: Timestamp,
+        holder: TaskRunId,
+        node: NodeId,
+        tags: &[String],
+        reply: R,
+        out: &mut Vec<Effect<R>>,
+    ) {
+        let had = self.slots.holds_all(holder, tags);
+        let held = self.slots.renew(holder, node, tags, now);
+        // One taken again after it lapsed is recorded before the holder hears it.
+        match self.slots.holding(holder).filter(|_| held && !had) {
+            Some((node, tags)) => out.push(Effect::Hold {
                 holder,
+                node,
                 tags,
-                sent_at,
-                ..
-            } => {
-                let waiter = Waiter {
+                reply,
+                answer: SlotAnswer::Renewed(true),
+            }),
+            None => {
+                if !held {
+                    Self::free(vec![holder], None, out);
+                }
+                out.push(Effect::Answer {
+                    reply,
+                    answer: SlotAnswer::Renewed(held),
+                });
+            }
+        }
+    }
+
+    /// Answers waiters that got their slots; a holding is recorded before its holder hears of
+    /// it, so that a restart of the control node knows every holder that may run.
+    fn grant(&self, served: Served<(TaskRunId, R)>, out: &mut Vec<Effect<R>>) {
+        for ((holder, reply), grant) in served {
+            let answer = SlotAnswer::Grant(grant);
+            match self
+                .slots
+                .holding(holder)
+                .filter(|_| grant != SlotGrant::Unlimited)
+            {
+                Some((node, tags)) => out.push(Effect::Hold {
                     holder,
                     node,
-                    incarnation: inc,
                     tags,
-                    sent_at,
-                };
-                self.acquire(now, state, waiter, out);
+                    reply,
+                    answer,
+                }),
+                None => out.push(Effect::Answer { reply, answer }),
             }
-            NodeMsg::Renew {
+        }
+    }
+
+    /// After a start with no complete record of holdings, once every lease of before has been
+    /// renewed (and taken again) or has lapsed: the record becomes what is held now, and is
+    /// complete from then on.
+    fn complete_holds(&mut self, now: Timestamp, out: &mut Vec<Effect<R>>) {
+        if self.restored && !self.holds_known && !self.slots.waiting_after_restart(now) {
+            self.holds_known = true;
+            let holds = self.slots.holdings();
+            out.push(Effect::Append(Command::Slots(SlotChange::Complete { holds })));
+        }
+    }
+
+    /// Records that these holders hold no slot (of `tag` only, when given).
+    fn free(holders: Vec<TaskRunId>, tag: Option<String>, out: &mut Vec<Effect<R>>) {
+        if !holders.is_empty() {
+            out.push(Effect::Append(Command::Slots(SlotChange::Free { holders, tag })));
+        }
+    }
+
+    /// Lets lapsed leases go (recorded by tag) and serves the waiters that fit now.
+    fn expire_slots(&mut self, now: Timestamp, out: &mut Vec<Effect<R>>) {
+        let mut lapsed: BTreeMap<String, Vec<TaskRunId>> = BTreeMap::new();
+        for (tag, holder) in self.slots.lapsed(now) {
+            out.push(Effect::Notice(Notice::LeaseLapsed {
+                tag: tag.clone(),
                 holder,
-                tags,
-                sent_at,
-                ..
-            } => out.push(Effect::Append(ControlCommand::Lease(LeaseCommand::Renew {
-                holder,
-                node,
-                incarnation: inc,
-                tags,
-                sent_at,
-            }))),
-            NodeMsg::Release { holders, .. } => {
-                self.waiters.retain(|w| !holders.contains(&w.holder));
-                out.push(Effect::Append(ControlCommand::Lease(LeaseCommand::Release {
-                    holders,
-                    node,
-                })));
-            }
+            }));
+            lapsed.entry(tag).or_default().push(holder);
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn heartbeat<V: StateView>(
-        &mut self,
-        now: Timestamp,
-        state: &ControlState<V>,
-        node: &NodeId,
-        inc: Incarnation,
-        seq: u64,
-        running: &[(FlowRunId, Epoch)],
-        out: &mut Vec<Effect>,
-    ) {
-        let Some(m) = self.members.get_mut(node) else {
-            return;
-        };
-        if m.last_seq.is_some_and(|s| s >= seq) {
-            return; // a repeated or overtaken heartbeat says nothing new
+        for (tag, holders) in lapsed {
+            Self::free(holders, Some(tag), out);
         }
-        m.last_heard = now;
-        m.last_seq = Some(seq);
-        if !m.joined {
-            Self::send(out, node, inc, ToNodeMsg::Rejoin);
-        }
-        for &(run, epoch) in running {
-            match state.holder(&run) {
-                Some(h) if h.node == *node && h.incarnation == inc && h.epoch == epoch => {
-                    if state
-                        .run(&run)
-                        .is_some_and(|r| r.lifecycle.state.kind == StateType::Cancelling)
-                    {
-                        Self::send(out, node, inc, ToNodeMsg::CancelRun { run, epoch });
-                    }
-                }
-                // fix 8: a copy the node does not hold (an old epoch, a run taken back or
-                // ended) is stopped. (Fix 5's stop on a refused proposal catches most of them
-                // too: this one also catches copies that propose nothing.)
-                _ => Self::send(
-                    out,
-                    node,
-                    inc,
-                    ToNodeMsg::StopRun {
-                        run,
-                        epoch: Some(epoch),
-                    },
-                ),
-            }
-        }
-        let held: Vec<(FlowRunId, Epoch)> = state
-            .held_by(node)
-            .filter(|(_, h)| h.incarnation == inc)
-            .map(|(r, h)| (r, h.epoch))
-            .collect();
-        for &(run, epoch) in &held {
-            let missed = self.members.missed(node, run, running.contains(&(run, epoch)));
-            // fix 8: a run its holder leaves out of consecutive heartbeats was never started
-            // (its start was lost) or was lost: it is taken back and placed again.
-            if missed >= self.config.missed_heartbeats_max {
-                let command = ControlCommand::Reclaim {
-                    run,
-                    node: node.clone(),
-                    incarnation: inc,
-                    epoch,
-                };
-                self.append_once(Flight::Reclaim(run), command, out);
-            }
-        }
-        let runs: Vec<FlowRunId> = held.iter().map(|(r, _)| *r).collect();
-        self.members.keep_runs(node, &runs);
-    }
-
-    fn tick<V: StateView>(&mut self, now: Timestamp, state: &ControlState<V>, out: &mut Vec<Effect>) {
-        for (node, inc) in self.members.silent(now, self.config.unreachable_after) {
-            self.declare_dead(&node, inc, out);
-        }
-        let expired = state.leases().expired(now, self.config.lease_waiters_max);
-        if !expired.is_empty() {
-            let command = ControlCommand::Lease(LeaseCommand::Expire { leases: expired });
-            self.append_once(Flight::Expire, command, out);
-        }
-        self.serve_waiters(now, state, out);
-        self.place(now, state, out);
-        out.push(Effect::SetTimer {
-            at: now + self.config.tick_interval,
-            timer: TimerKind::Tick,
-        });
-    }
-
-    fn applied<V: StateView>(
-        &mut self,
-        now: Timestamp,
-        state: &ControlState<V>,
-        command: ControlCommand,
-        outcome: ControlOutcome,
-        out: &mut Vec<Effect>,
-    ) {
-        match (command, &outcome.reply) {
-            (ControlCommand::Client { request_id, .. }, ControlReply::Client(result)) => {
-                self.pending.remove(&request_id);
-                out.push(Effect::Reply {
-                    request_id,
-                    result: result.clone(),
-                });
-                if let Ok(ClientReply::RunState {
-                    run,
-                    state: StateType::Cancelling,
-                }) = result
-                    && let Some(h) = state.holder(run)
-                {
-                    let msg = ToNodeMsg::CancelRun {
-                        run: *run,
-                        epoch: h.epoch,
-                    };
-                    Self::send(out, &h.node, h.incarnation, msg);
-                }
-            }
-            (
-                ControlCommand::Assign {
-                    run,
-                    node,
-                    incarnation,
-                    ..
-                },
-                ControlReply::Assigned(result),
-            ) => {
-                self.in_flight.remove(&Flight::Assign(run));
-                if let Some(m) = self.members.get_mut(&node)
-                    && m.incarnation == incarnation
-                {
-                    m.placing = m.placing.saturating_sub(1);
-                }
-                if let Ok(epoch) = result {
-                    Self::send(
-                        out,
-                        &node,
-                        incarnation,
-                        ToNodeMsg::StartRun { run, epoch: *epoch },
-                    );
-                }
-            }
-            (
-                ControlCommand::Propose {
-                    run,
-                    node,
-                    incarnation,
-                    epoch,
-                    transition,
-                    ..
-                },
-                ControlReply::Proposed {
-                    decision,
-                    state: now_is,
-                },
-            ) => match (decision, epoch) {
-                (Ok(_), Some(epoch)) => {
-                    let state = now_is.unwrap_or(StateType::Crashed);
-                    let msg = ToNodeMsg::Decided {
-                        run,
-                        epoch,
-                        transition,
-                        state,
-                    };
-                    Self::send(out, &node, incarnation, msg);
-                }
-                // fix 5: a refused proposal means the copy is not the node's: it stops it.
-                _ => Self::send(out, &node, incarnation, ToNodeMsg::StopRun { run, epoch }),
-            },
-            (
-                ControlCommand::Reclaim {
-                    run,
-                    node,
-                    incarnation,
-                    epoch,
-                },
-                ControlReply::Reclaimed(now_is),
-            ) => {
-                self.in_flight.remove(&Flight::Reclaim(run));
-                self.members.keep_runs(&node, &[]);
-                Self::send(
-                    out,
-                    &node,
-                    incarnation,
-                    ToNodeMsg::StopRun {
-                        run,
-                        epoch: Some(epoch),
-                    },
-                );
-                if *now_is == Some(StateType::Crashed) {
-                    self.resume(state, run, out);
-                }
-            }
-            (ControlCommand::NodeDead { node, incarnation }, ControlReply::NodeDead { crashed, .. }) => {
-                self.in_flight
-                    .remove(&Flight::NodeDead(node.clone(), incarnation));
-                if self
-                    .members
-                    .get(&node)
-                    .is_some_and(|m| m.incarnation == incarnation)
-                {
-                    self.members.remove(&node);
-                }
-                for run in crashed {
-                    self.resume(state, *run, out);
-                }
-            }
-            (ControlCommand::Resume { run, .. }, _) => {
-                self.in_flight.remove(&Flight::Resume(run));
-            }
-            (ControlCommand::Lease(cmd), ControlReply::Lease(reply)) => {
-                self.lease_applied(now, state, cmd, reply, out)
-            }
-            _ => {}
-        }
-        for run in outcome.flow_runs() {
-            self.index_run(state, run);
-        }
-        self.place(now, state, out);
-    }
-
-    /// Resumes a crashed run if it may be.
-    fn resume<V: StateView>(&mut self, state: &ControlState<V>, run: FlowRunId, out: &mut Vec<Effect>) {
-        if let Some(r) = state.run(&run)
-            && r.resume
-            && r.lifecycle.state.kind == StateType::Crashed
-        {
-            let command = ControlCommand::Resume { run, epoch: r.epoch };
-            self.append_once(Flight::Resume(run), command, out);
-        }
+        let served = self.slots.expire(now);
+        self.grant(served, out);
     }
 }

@@ -1,14 +1,14 @@
-//! The control actor carrying out the coordinator's effects: appends to the log, starts sent
+//! The control actor carrying out the control machine's effects: appends to the log, starts sent
 //! to nodes, runs read back from the store, slot holdings logged before their holders hear of
-//! them; and the reads of the store that give the coordinator what it starts from.
+//! them; and the reads of the store that give the control machine what it starts from.
 
 use super::*;
 
 impl ControlState {
-    /// Feeds the coordinator one input and carries out what it decides.
+    /// Feeds the control machine one input and carries out what it decides.
     pub(super) fn drive(&mut self, input: Input<SlotReply>) {
         let mut effects: std::collections::VecDeque<Effect<SlotReply>> =
-            self.coordinator.handle(now(), input).into();
+            self.machine.handle(now(), input).into();
         while let Some(effect) = effects.pop_front() {
             match effect {
                 Effect::Append(command) => drop(self.persistence.enqueue(command)),
@@ -17,7 +17,7 @@ impl ControlState {
                     if !send_agent(&node, AgentMsg::Run(placement.run.as_bytes().to_vec())) {
                         // The node went away since its last heartbeat: the run waits again.
                         let input = Input::StartFailed { node, placement };
-                        effects.extend(self.coordinator.handle(now(), input));
+                        effects.extend(self.machine.handle(now(), input));
                     }
                 }
                 Effect::Recheck { node, runs } => self.take_back(&node, runs),

@@ -17,8 +17,8 @@ impl ControlState {
                 answer(reply, Response::Status(status));
             }
             Request::RemoveNode(node) => {
-                use flotilla_runtime::control::coordinator::RemoveRefused;
-                let r = match self.coordinator.remove_member(&node) {
+                use flotilla_runtime::control::machine::RemoveRefused;
+                let r = match self.machine.remove_member(&node) {
                     Ok(()) => Response::Done,
                     Err(RemoveRefused::NotFound) => {
                         refused(ErrorKind::NotFound, format!("no member named {node}"))
@@ -51,7 +51,7 @@ impl ControlState {
                 }
                 // The client's id, the same on its retries: a resent request finds its run.
                 let id = id.unwrap_or_else(|| FlowRunId::new(now(), &mut self.rng));
-                if let Err(known) = self.coordinator.runs_flow(&flow) {
+                if let Err(known) = self.machine.runs_flow(&flow) {
                     let msg = if known.contains(&flow) {
                         format!("no reachable node runs flow {flow:?} now")
                     } else {
@@ -150,14 +150,14 @@ impl ControlState {
             }
             Request::WorkQueue { name, change } => {
                 let id = flotilla_runtime::WorkQueueId::new(now(), &mut self.rng);
-                let loads = self.coordinator.loads();
+                let loads = self.machine.loads();
                 tokio::spawn(async move {
                     let r = queue_change(&p, name, change, id, &loads).await;
                     answer(reply, r);
                 });
             }
             Request::WorkQueues => {
-                let loads = self.coordinator.loads();
+                let loads = self.machine.loads();
                 tokio::spawn(async move {
                     let r = match p.settings().await {
                         Ok(settings) => Response::WorkQueues(queue_infos(settings, &loads)),
@@ -167,10 +167,10 @@ impl ControlState {
                 });
             }
             Request::ConcurrencyLimits => {
-                answer(reply, Response::ConcurrencyLimits(self.coordinator.limits()));
+                answer(reply, Response::ConcurrencyLimits(self.machine.limits()));
             }
             Request::ConcurrencyLimit { tag, change } => {
-                let current = self.coordinator.limits().into_iter().find(|l| l.tag == tag);
+                let current = self.machine.limits().into_iter().find(|l| l.tag == tag);
                 match change {
                     LimitChange::Inspect => {
                         let r = match current {
@@ -193,7 +193,7 @@ impl ControlState {
                             );
                         }
                         self.drive(Input::ResetLimit(tag.clone()));
-                        let l = self.coordinator.limits().into_iter().find(|l| l.tag == tag);
+                        let l = self.machine.limits().into_iter().find(|l| l.tag == tag);
                         answer(reply, Response::ConcurrencyLimits(l.into_iter().collect()));
                     }
                     LimitChange::Put { limit, lease_ttl_ms } => {

@@ -57,7 +57,7 @@ fn appended(effects: &[Effect<u32>]) -> Vec<&Command> {
 
 #[test]
 fn due_runs_go_to_the_least_loaded_member_and_one_placed_late_is_marked_late() {
-    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
     c.handle(T0, Input::Heartbeat(member("a", 2, 1)));
     c.handle(T0, Input::Heartbeat(member("b", 2, 1)));
     let mut placed = Vec::new();
@@ -90,7 +90,7 @@ fn due_runs_go_to_the_least_loaded_member_and_one_placed_late_is_marked_late() {
 
 #[test]
 fn a_silent_member_is_declared_dead_once_by_its_incarnation_and_its_claims_are_refused() {
-    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
     c.handle(T0, Input::Heartbeat(member("a", 2, 7)));
     let effects = c.handle(T0, Input::Due(Placement::plain(run(1), "f".into(), T0)));
     assert_eq!(starts(&effects), vec![(node("a"), run(1))]);
@@ -127,7 +127,7 @@ fn a_silent_member_is_declared_dead_once_by_its_incarnation_and_its_claims_are_r
 
 #[test]
 fn a_deployment_at_its_limit_holds_its_next_run_back_until_one_ends() {
-    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
     c.handle(T0, Input::Heartbeat(member("a", 4, 1)));
     let d = DeploymentId::from_uuid(derived_id("d"));
     let p = |n| Placement {
@@ -149,7 +149,7 @@ fn a_deployment_at_its_limit_holds_its_next_run_back_until_one_ends() {
 
 #[test]
 fn a_holding_is_recorded_before_its_holder_hears_of_it() {
-    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
     let limit = ConcurrencyLimit {
         tag: "db".into(),
         limit: 1,
@@ -195,7 +195,7 @@ fn a_holding_is_recorded_before_its_holder_hears_of_it() {
 
 #[test]
 fn a_run_claimed_while_it_is_read_back_is_not_taken_back() {
-    let mut c: Coordinator<u32> = Coordinator::new(CoordinatorConfig::default());
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
     c.handle(T0, Input::Heartbeat(member("a", 2, 1)));
     let p = Placement::plain(run(1), "f".into(), T0);
     assert_eq!(

@@ -1,17 +1,26 @@
-//! Seeded simulation of the coordinator, the machine the control actor drives: worker nodes
-//! that heartbeat, claim the runs they are told to start, run one task per run holding
-//! tag-limit slots, crash, restart and get cut off; a client making runs in three work queues
-//! and two limited deployments; a control node that restarts (losing what it had not logged);
-//! messages lost, repeated and delayed (now and then by a slow link); the store's read-backs
-//! taking a while. After every step: no tag has more task runs believing they hold a slot than
-//! its limit, nor more leases; no queue or deployment has more runs under way than its limit;
-//! never two nodes run one run under its epoch. Once quiet: every run ended, no slot is held.
+//! Seeded simulation of the control machine, driven as the control actor drives it: worker
+//! nodes that heartbeat, claim the runs they are told to start, run one task per run holding
+//! tag-limit slots, crash, restart (their previous life's late, epoch-less proposals still in
+//! flight) and get cut off; a client making runs in three work queues and two limited
+//! deployments through a lossy link, sending each request again until it is answered (now and
+//! then its user runs the command again with the same `--idempotency-key`); a scheduler firing
+//! a deployment's schedule, which fires again what it fired last after a restart; a control node
+//! that restarts (losing what it had not logged); messages lost, repeated and delayed (now and
+//! then by a slow link); the store's read-backs taking a while. Every command goes through the
+//! real `apply`.
+//!
+//! After every step: no tag has more task runs believing they hold a slot than its limit, nor
+//! more leases; no queue or deployment has more runs under way than its limit; never two nodes
+//! run one run under its epoch; no node's proposal is accepted for a run it does not hold under
+//! the run's epoch; no run completes twice; no run the client was told of is lost; one request,
+//! one idempotency key, one fire time: one run. Once quiet: every run ended, no slot is held, no
+//! run that resumes is left Crashed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use flotilla_runtime::control::coordinator::{
-    Coordinator, CoordinatorConfig, Effect, Input, Running, SlotAnswer, resume_after_loss,
+use flotilla_runtime::control::machine::{
+    ControlConfig, ControlMachine, Effect, Input, Running, SlotAnswer, resume_after_loss,
 };
 use flotilla_runtime::control::{MemberStatus, Placement, SlotGrant, derived_id};
 use flotilla_runtime::{
@@ -22,8 +31,12 @@ use flotilla_runtime::{
 
 use crate::Rng;
 
-#[path = "coordinator_nodes.rs"]
+#[path = "clients.rs"]
+mod clients;
+#[path = "nodes.rs"]
 mod nodes;
+
+use clients::{Client, Scheduler};
 
 const FAULT_PHASE: Duration = Duration::from_secs(8);
 const QUIET_MAX: Duration = Duration::from_secs(40);
@@ -49,7 +62,7 @@ struct Token {
     sent_at: Timestamp,
 }
 
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 enum Msg {
     /// Control → node (the incarnation addressed).
     Start(NodeId, u64, FlowRunId),
@@ -62,6 +75,12 @@ enum Msg {
     /// Control → itself: read a run back, then take it back if it still waits.
     Recheck(FlowRunId),
     TakeBack(Placement),
+    /// Client → control: make this run (sent again, the same, until answered).
+    Create(Box<NewFlowRun>),
+    /// Control → client: the run made for the request of this run id.
+    Created(FlowRunId, FlowRunId),
+    /// A node's previous life → control: a late proposal of a run it held under an epoch.
+    Late(NodeId, flotilla_runtime::Epoch, Command),
 }
 
 #[derive(Debug)]
@@ -107,6 +126,8 @@ struct SimNode {
     slots: u32,
     queues: Vec<String>,
     runs: BTreeMap<FlowRunId, (flotilla_runtime::Epoch, Task)>,
+    /// What it ran when it crashed (its late proposals are sent when it restarts).
+    lost: Vec<(FlowRunId, flotilla_runtime::Epoch)>,
     /// Runs done whose end is not acknowledged yet (sent again until it is, as the worker's
     /// link does).
     finishing: Vec<(FlowRunId, flotilla_runtime::Epoch, Timestamp)>,
@@ -115,7 +136,7 @@ struct SimNode {
     cut_off_until: Timestamp,
 }
 
-/// A command the coordinator appended, not logged yet: when it will be, and the slot answer it
+/// A command the control machine appended, not logged yet: when it will be, and the slot answer it
 /// is recorded for (sent once it is).
 type Unlogged = (Timestamp, Command, Then);
 
@@ -136,8 +157,8 @@ pub struct Sim {
     start: Timestamp,
     pub state: MemState,
     index: u64,
-    coord: Coordinator<Token>,
-    /// The coordinator's appends not logged yet: (due, command, the slot answer it is recorded
+    coord: ControlMachine<Token>,
+    /// the control machine's appends not logged yet: (due, command, the slot answer it is recorded
     /// for).
     unlogged: Vec<Unlogged>,
     nodes: Vec<SimNode>,
@@ -149,6 +170,14 @@ pub struct Sim {
     ended: BTreeSet<FlowRunId>,
     pub trace: Vec<String>,
     pub control_restarts: u32,
+    client: Client,
+    scheduler: Scheduler,
+    /// The run made under each idempotency key.
+    keyed: BTreeMap<String, FlowRunId>,
+    /// How many times each run's Completed was accepted.
+    completions: BTreeMap<FlowRunId, u32>,
+    /// A broken invariant seen while a command was logged.
+    violation: Option<String>,
 }
 
 fn ms(n: u64) -> Duration {
@@ -176,6 +205,7 @@ impl Sim {
                 // One node serves only the bulk queue.
                 queues: if i == 2 { vec!["bulk".into()] } else { Vec::new() },
                 runs: BTreeMap::new(),
+                lost: Vec::new(),
                 finishing: Vec::new(),
                 next_beat: start,
                 down_until: start,
@@ -188,7 +218,7 @@ impl Sim {
             start,
             state: MemState::new(),
             index: 0,
-            coord: Coordinator::new(Self::config()),
+            coord: ControlMachine::new(Self::config()),
             unlogged: Vec::new(),
             nodes,
             msgs: Vec::new(),
@@ -199,6 +229,11 @@ impl Sim {
             ended: BTreeSet::new(),
             trace: Vec::new(),
             control_restarts: 0,
+            client: Client::default(),
+            scheduler: Scheduler::new(),
+            keyed: BTreeMap::new(),
+            completions: BTreeMap::new(),
+            violation: None,
         };
         for (name, priority, concurrency_limit) in QUEUES {
             let q = WorkQueue {
@@ -229,8 +264,8 @@ impl Sim {
         sim
     }
 
-    fn config() -> CoordinatorConfig {
-        CoordinatorConfig {
+    fn config() -> ControlConfig {
+        ControlConfig {
             unreachable_after: Duration::from_secs(1),
             late_after: Duration::from_secs(2),
         }
@@ -245,14 +280,36 @@ impl Sim {
     }
 
     /// Appends and applies a command (durable at once); a run it ended is told to the
-    /// coordinator, as the store's events tell the control actor.
+    /// control machine, as the store's events tell the control actor.
     fn log(&mut self, command: Command) -> Result<Reply, flotilla_runtime::Refusal> {
         self.index += 1;
+        let proposed = match &command {
+            Command::ProposeFlowRunState { run, .. } => Some(*run),
+            _ => None,
+        };
         let at = ApplyContext {
             index: LogIndex::new(self.index),
             now: self.now,
         };
         let out = apply(&mut self.state, command, at);
+        if let Ok(Reply::FlowRunCreated { run, created: true }) = &out.reply {
+            self.made_under_key(run);
+        }
+        if let (
+            Some(run),
+            Ok(Reply::FlowRunTransition {
+                decision: Decision::Accept(s),
+                ..
+            }),
+        ) = (proposed, &out.reply)
+            && s.kind == StateType::Completed
+        {
+            let n = self.completions.entry(run).or_default();
+            *n += 1;
+            if *n > 1 && self.violation.is_none() {
+                self.violation = Some(format!("{} completed {n} times", short(run)));
+            }
+        }
         let changed: Vec<FlowRunId> = out
             .writes
             .iter()
@@ -283,7 +340,7 @@ impl Sim {
     }
 
     /// Sends with the network's faults: lost, repeated, delayed.
-    fn send_faulty(&mut self, msg: Msg, repeat: impl Fn(&Msg) -> Msg) {
+    fn send_faulty(&mut self, msg: Msg) {
         if self.faults() && self.rng.chance(40) {
             return;
         }
@@ -294,7 +351,7 @@ impl Sim {
             self.rng.ms(1, 60)
         };
         if self.faults() && self.rng.chance(30) {
-            let again = repeat(&msg);
+            let again = msg.clone();
             let later = self.rng.ms(1, 150);
             self.send(later, again);
         }
@@ -305,7 +362,7 @@ impl Sim {
         self.now.saturating_since(self.start) < FAULT_PHASE
     }
 
-    /// The coordinator handles an input; its effects are carried out.
+    /// The control machine handles an input; its effects are carried out.
     fn drive(&mut self, input: Input<Token>) {
         let effects = self.coord.handle(self.now, input);
         for e in effects {
@@ -324,10 +381,7 @@ impl Sim {
                     };
                     let inc = n.incarnation;
                     self.note(format!("start {} on {node}", short(placement.run)));
-                    self.send_faulty(Msg::Start(node.clone(), inc, placement.run), |m| match m {
-                        Msg::Start(n, i, r) => Msg::Start(n.clone(), *i, *r),
-                        _ => unreachable!(),
-                    });
+                    self.send_faulty(Msg::Start(node.clone(), inc, placement.run));
                 }
                 Effect::Recheck { runs, .. } => {
                     // The driver reads each run from the store, off the actor, and sends
@@ -381,10 +435,7 @@ impl Sim {
         let Some(inc) = self.nodes.iter().find(|n| n.name == node).map(|n| n.incarnation) else {
             return;
         };
-        self.send_faulty(Msg::Slots(node, inc, token, answer), |m| match m {
-            Msg::Slots(n, i, t, a) => Msg::Slots(n.clone(), *i, *t, *a),
-            _ => unreachable!(),
-        });
+        self.send_faulty(Msg::Slots(node, inc, token, answer));
     }
 
     /// The run as placement sees it, if it still waits (Scheduled, claimed by nobody).
@@ -409,10 +460,10 @@ impl Sim {
         })
     }
 
-    /// The control node (re)starts: a new coordinator reads back the settings, the slot
+    /// The control node (re)starts: a new control machine reads back the settings, the slot
     /// holdings, the runs under way and the runs waiting.
     fn control_started(&mut self) {
-        self.coord = Coordinator::new(Self::config());
+        self.coord = ControlMachine::new(Self::config());
         let hot = self.state.hot();
         let holds = hot.slot_holds_complete().then(|| {
             hot.slot_holds()
@@ -465,35 +516,6 @@ impl Sim {
         }
     }
 
-    /// A client makes a run in a random queue, maybe of a limited deployment.
-    fn make_run(&mut self) {
-        self.made += 1;
-        let id = FlowRunId::from_uuid(derived_id(&format!("run/{}", self.made)));
-        let queue = QUEUES[self.rng.below(3) as usize].0;
-        let d = match self.rng.below(4) {
-            0 => Some(DEPLOYMENTS[0]),
-            1 => Some(DEPLOYMENTS[1]),
-            _ => None,
-        };
-        let resume = self.rng.chance(500);
-        let new = NewFlowRun {
-            resume,
-            work_queue: Some(queue.into()),
-            deployment_id: d.map(|(key, ..)| deployment(key)),
-            scheduled_time: Some(self.now),
-            ..NewFlowRun::new(id, "f", serde_json::Value::Null)
-        };
-        let _ = self.log(Command::CreateFlowRun(new));
-        self.note(format!(
-            "made {} in {queue}, deployment {:?}",
-            short(id),
-            d.map(|d| d.0)
-        ));
-        if let Some(p) = self.waiting_placement(id) {
-            self.drive(Input::Due(p));
-        }
-    }
-
     /// Faults of the step: a node crashes or is cut off, the control node restarts.
     fn faults_act(&mut self) {
         if !self.faults() {
@@ -505,7 +527,10 @@ impl Sim {
                 let down = self.rng.ms(200, 1_500);
                 let n = &mut self.nodes[i];
                 n.up = false;
-                n.runs.clear();
+                n.lost = std::mem::take(&mut n.runs)
+                    .into_iter()
+                    .map(|(r, (e, _))| (r, e))
+                    .collect();
                 n.finishing.clear();
                 n.down_until = self.now + down;
                 let name = n.name.clone();
@@ -524,11 +549,13 @@ impl Sim {
             self.unlogged.clear();
             self.control_restarts += 1;
             self.note(format!("control restarts ({lost} commands not logged are lost)"));
+            let back = self.rng.below(4) as u32;
+            self.scheduler.restarted(back);
             self.control_started();
         }
     }
 
-    /// Resumes the runs a node's crash left that resume, each placed by the coordinator (as the
+    /// Resumes the runs a node's crash left that resume, each placed by the control machine (as the
     /// control actor does for a node declared dead, and for the runs a restarted node hands it).
     fn resume_crashed(&mut self, node: &NodeId, crashed: Vec<FlowRunId>) {
         for run in crashed {
@@ -547,7 +574,7 @@ impl Sim {
         }
     }
 
-    /// The coordinator's appends whose time came are logged; a holding recorded is answered.
+    /// the control machine's appends whose time came are logged; a holding recorded is answered.
     fn log_due(&mut self) {
         let now = self.now;
         let (due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unlogged)
@@ -713,7 +740,7 @@ impl Sim {
                 })
                 .collect();
             return Err(format!(
-                "runs never ended: {open:?}\nplaced: {placed:?}\nnodes: {nodes:#?}\ncoordinator: {:?} members {:?}",
+                "runs never ended: {open:?}\nplaced: {placed:?}\nnodes: {nodes:#?}\nmachine: {:?} members {:?}",
                 self.coord,
                 self.coord.members()
             ));
@@ -731,7 +758,7 @@ impl Sim {
         if !held.is_empty() {
             return Err(format!("slots still held once quiet: {held:?}"));
         }
-        Ok(())
+        self.clients_settled()
     }
 
     pub fn run(&mut self) -> Result<(), String> {
@@ -744,6 +771,7 @@ impl Sim {
                 self.make_run();
             }
             self.faults_act();
+            self.clients_act();
             self.log_due();
             loop {
                 let now = self.now;
@@ -767,6 +795,7 @@ impl Sim {
             }
             self.nodes_act();
             self.check()?;
+            self.check_clients()?;
             if !self.faults() && self.settled().is_ok() && self.msgs.is_empty() {
                 return Ok(());
             }
