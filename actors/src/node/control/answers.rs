@@ -1,16 +1,74 @@
-//! Answering a mutating client request once, its answer remembered in the log.
+//! Taking commands from nodes (each admitted by the control machine, answered once durable),
+//! and answering a mutating client request once, its answer remembered in the log.
 
 use super::*;
+
+impl ControlState {
+    /// Commands from a node, queued in order at once and answered when durable, without
+    /// holding the actor. A claim counts only if the control machine admits it (its node alive,
+    /// the run placed there).
+    pub(super) fn submit(&mut self, bytes: &[u8], reply: RpcReplyPort<Vec<u8>>) {
+        let p = self.persistence.clone();
+        let answers: Result<Vec<_>, _> = codec::decode::<Vec<Command>>(bytes).map(|cmds| {
+            cmds.into_iter()
+                .map(|c| match self.machine.admit(&c) {
+                    Err(refusal) => Err(refusal),
+                    Ok(()) => Ok(p.enqueue(c)),
+                })
+                .collect()
+        });
+        tokio::spawn(async move {
+            let results: Vec<SubmitResult> = match answers {
+                Ok(answers) => {
+                    let mut out = Vec::with_capacity(answers.len());
+                    for a in answers {
+                        out.push(match a {
+                            Ok(a) => a.await.unwrap_or(Err(PersistError::Stopped)),
+                            Err(refusal) => Ok(Err(refusal)),
+                        });
+                    }
+                    out
+                }
+                Err(e) => vec![Err(PersistError::Encode(format!("an undecodable batch: {e}")))],
+            };
+            let _ = reply.send(encode(&results));
+        });
+    }
+
+    /// A mutating request with the client's id for it: a try that arrives while the first is
+    /// being answered waits for its answer rather than act again.
+    pub(super) fn asked(&mut self, bytes: &[u8], reply: RpcReplyPort<Vec<u8>>, me: &ActorRef<ControlMsg>) {
+        match codec::decode::<(RequestId, Request)>(bytes) {
+            Ok((id, request)) => match self.asking.entry(id) {
+                std::collections::hash_map::Entry::Occupied(mut tries) => tries.get_mut().push(reply),
+                std::collections::hash_map::Entry::Vacant(first) => {
+                    first.insert(vec![reply]);
+                    answer_once(self.persistence.clone(), me.clone(), self.answers, (id, request));
+                }
+            },
+            Err(e) => undecodable(reply, e),
+        }
+    }
+
+    /// The answer to an asked request, handed to every try waiting for it.
+    pub(super) fn answered(&mut self, bytes: &[u8]) {
+        if let Some((id, answer)) = decoded::<(RequestId, Vec<u8>)>(bytes, "an answer") {
+            for reply in self.asking.remove(&id).unwrap_or_default() {
+                let _ = reply.send(answer.clone());
+            }
+        }
+    }
+}
 
 /// Answers a mutating request once: an answer remembered for its id is given again; otherwise
 /// the request is handled, and its answer remembered (durably) before it goes out. A transient
 /// failure (`unavailable`) is not remembered: the request sent again is tried again. The answer
 /// goes back to the actor as [`ControlMsg::Answered`], which hands it to every try waiting.
-pub(super) fn answer_once(
+fn answer_once(
     p: PersistenceHandle,
     me: ActorRef<ControlMsg>,
     bounds: crate::node::replies::AnswerBounds,
-    (id, request): (flotilla_runtime::control::RequestId, Request),
+    (id, request): (RequestId, Request),
 ) {
     tokio::spawn(async move {
         let answer = answer(&p, &me, bounds, id, request).await;
@@ -27,7 +85,7 @@ async fn answer(
     p: &PersistenceHandle,
     me: &ActorRef<ControlMsg>,
     bounds: crate::node::replies::AnswerBounds,
-    id: flotilla_runtime::control::RequestId,
+    id: RequestId,
     request: Request,
 ) -> Vec<u8> {
     match p.answer_to(id).await {

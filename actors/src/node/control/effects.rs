@@ -150,6 +150,45 @@ pub(super) fn give_back(holders: Vec<TaskRunId>) {
     }
 }
 
+/// Follows the store's events for the control actor: a run that ends frees its slots; after
+/// missed events, what runs is read back. Reads back what runs first.
+pub(super) fn follow_ends(p: PersistenceHandle, me: ActorRef<ControlMsg>) {
+    let mut events = p.subscribe();
+    tokio::spawn(async move {
+        restore(&p, &me).await;
+        loop {
+            match events.recv().await {
+                Ok(e) => {
+                    if let Some(run) = ended_run(&e) {
+                        let _ = me.cast(ControlMsg::Ended(run.as_bytes().to_vec()));
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        missed = n,
+                        "the control actor missed events; reading back what runs"
+                    );
+                    restore(&p, &me).await;
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+}
+
+/// Runs a restarted node resumed (their ids): each placed as it is now, if it still waits.
+pub(super) fn place_resumed(p: PersistenceHandle, ids: Vec<[u8; 16]>) {
+    tokio::spawn(async move {
+        for id in ids {
+            if let Ok(Some(r)) = p.flow_run(FlowRunId::from_bytes(id)).await
+                && r.lifecycle.state.kind == StateType::Scheduled
+            {
+                replace(&placement_of(&p, &r, now()).await);
+            }
+        }
+    });
+}
+
 /// The flow run an event says ended.
 pub(super) fn ended_run(e: &flotilla_runtime::Event) -> Option<FlowRunId> {
     let state = e.event.strip_prefix("flotilla.flow-run.")?;
