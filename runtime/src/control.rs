@@ -5,7 +5,9 @@
 //!
 //! Its parts, each a pure structure of its own: the [`roster`](MemberStatus) of members from
 //! their heartbeats, [`dispatch`] (which run goes where, under which limits), [`slots`]
-//! (tag-limit leases), [`handouts`] (runs handed to a node, watched until they end).
+//! (tag-limit leases), [`handouts`] (runs handed to a node, watched until they end). The
+//! [`scheduler`] is a machine of its own: which runs deployments' schedules make, and when each
+//! is handed to placement.
 //!
 //! The durable control state is not here: it is the store's, changed only by
 //! [`crate::apply::apply`] of a [`crate::Command`] in log order, so replaying the log rebuilds
@@ -18,6 +20,7 @@ pub mod handouts;
 mod ids;
 pub mod machine;
 mod roster;
+pub mod scheduler;
 pub mod slots;
 
 pub use dispatch::{Placement, QueueLoad, Whereabouts};

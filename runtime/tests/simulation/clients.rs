@@ -1,15 +1,20 @@
 //! The clients of the control machine simulation: a user asking for runs through a lossy link
 //! (each request sent again, the same, until it is answered; now and then the command run again
-//! under the same `--idempotency-key`), a scheduler firing a deployment's schedule, and a
-//! restarted node's previous life whose late proposals carry no epoch — with what each must
-//! see: one request, one key, one fire time: one run; nothing answered lost; no node's proposal
-//! accepted for a run it does not hold under the run's epoch.
+//! under the same `--idempotency-key`), the scheduler machine making a deployment's runs ahead
+//! of its fire times and handing each out when due (rebuilt from the store at each control
+//! restart; the deployment deleted when the faults stop), and a restarted node's previous life
+//! whose late proposals carry no epoch — with what each must see: one request, one key, one
+//! fire time: one run; nothing answered lost; no node's proposal accepted for a run it does not
+//! hold under the run's epoch.
 
 use super::*;
 
-const SCHEDULE_EVERY: Duration = Duration::from_millis(500);
-/// The scheduled deployment's key (no limit).
-const SCHEDULED: &str = "every-500ms";
+use flotilla_runtime::control::scheduler::{self, Ahead, KnownRun};
+use flotilla_runtime::{Deployment, Schedule, ScheduleKind};
+
+/// The scheduled deployment's key (no limit): two schedules, each every second, half a second
+/// apart.
+const SCHEDULED: &str = "twice-a-second";
 
 /// A user's requests and what they were answered.
 #[derive(Debug, Default)]
@@ -22,22 +27,77 @@ pub struct Client {
     keys: BTreeMap<String, BTreeSet<FlowRunId>>,
 }
 
-/// The scheduler's memory: the next fire time (the `k`th of the schedule). A control restart
-/// loses it: the scheduler reads back an older mark and fires again what it fired last.
+/// The scheduler machine, and the wake-ups it asked for (lost with the control node).
 #[derive(Debug)]
 pub struct Scheduler {
-    next: u32,
-    firings: u64,
+    machine: scheduler::Scheduler,
+    wakes: BTreeSet<Timestamp>,
+    /// Whether the deployment was deleted (once the faults stop).
+    deleted: bool,
 }
 
 impl Scheduler {
     pub fn new() -> Self {
-        Scheduler { next: 0, firings: 0 }
+        Scheduler {
+            machine: scheduler::Scheduler::new(Ahead {
+                runs: 3,
+                time: Duration::from_secs(1),
+                max: 10,
+            }),
+            wakes: BTreeSet::new(),
+            deleted: false,
+        }
     }
+}
 
-    /// The control node restarted: `back` fire times are fired again.
-    pub fn restarted(&mut self, back: u32) {
-        self.next = self.next.saturating_sub(back);
+/// The deployments: one on two schedules (no limit), and the limited ones the
+/// client makes runs of (no schedule).
+fn deployments(start: Timestamp) -> Vec<Deployment> {
+    let mut all = vec![scheduled(start)];
+    for (key, limit, collision) in DEPLOYMENTS {
+        all.push(Deployment {
+            id: deployment(key),
+            name: key.into(),
+            schedules: Vec::new(),
+            concurrency_limit: Some(limit),
+            collision,
+            work_queue: Some(queue_of(key).into()),
+            ..scheduled(start)
+        });
+    }
+    all
+}
+
+/// A limited deployment's work queue (its runs are made in it).
+fn queue_of(key: &str) -> &'static str {
+    if key == DEPLOYMENTS[0].0 { "etl" } else { "default" }
+}
+
+fn scheduled(start: Timestamp) -> Deployment {
+    Deployment {
+        id: deployment(SCHEDULED),
+        name: SCHEDULED.into(),
+        flow_name: "f".into(),
+        parameters: serde_json::json!({}),
+        schedules: [0, 500]
+            .into_iter()
+            .map(|offset| Schedule {
+                kind: ScheduleKind::Interval {
+                    every: Duration::from_secs(1),
+                    anchor: start + Duration::from_millis(offset),
+                },
+                active: true,
+                parameters: serde_json::json!({}),
+                catchup: offset == 0,
+            })
+            .collect(),
+        work_queue: Some("default".into()),
+        tags: Vec::new(),
+        concurrency_limit: None,
+        collision: CollisionStrategy::Enqueue,
+        paused: false,
+        created: start,
+        updated: start,
     }
 }
 
@@ -47,11 +107,15 @@ impl Sim {
     pub(super) fn make_run(&mut self) {
         self.made += 1;
         let id = FlowRunId::from_uuid(derived_id(&format!("run/{}", self.made)));
-        let queue = QUEUES[self.rng.below(3) as usize].0;
         let d = match self.rng.below(4) {
             0 => Some(DEPLOYMENTS[0]),
             1 => Some(DEPLOYMENTS[1]),
             _ => None,
+        };
+        // A deployment's runs are made in its queue.
+        let queue = match d {
+            Some((key, ..)) => queue_of(key),
+            None => QUEUES[self.rng.below(3) as usize].0,
         };
         let key = self.rng.chance(200).then(|| format!("key-{}", self.made));
         let new = NewFlowRun {
@@ -109,30 +173,91 @@ impl Sim {
                 ..NewFlowRun::new(id, "f", serde_json::Value::Null)
             });
         }
-        while self.start + SCHEDULE_EVERY * self.scheduler.next <= now {
-            self.fire();
+    }
+
+    /// The scheduler's wake-ups that came; once the faults stop, its deployment is deleted.
+    pub(super) fn scheduler_acts(&mut self) {
+        if !self.faults() && !self.scheduler.deleted {
+            self.scheduler.deleted = true;
+            self.note("the scheduled deployment is deleted".into());
+            let id = deployment(SCHEDULED);
+            self.schedule(scheduler::Input::Changed { id, deployment: None });
+        }
+        while let Some(&at) = self.scheduler.wakes.first()
+            && at <= self.now
+        {
+            self.scheduler.wakes.remove(&at);
+            self.schedule(scheduler::Input::Wake);
         }
     }
 
-    /// The scheduler fires its next fire time: a run keyed by the deployment and the time.
-    fn fire(&mut self) {
-        let k = self.scheduler.next;
-        self.scheduler.next += 1;
-        self.scheduler.firings += 1;
-        let at = self.start + SCHEDULE_EVERY * k;
-        let id = FlowRunId::from_uuid(derived_id(&format!("fired/{}", self.scheduler.firings)));
-        let new = NewFlowRun {
-            resume: true,
-            work_queue: Some("default".into()),
-            deployment_id: Some(deployment(SCHEDULED)),
-            scheduled_time: Some(at),
-            idempotency_key: Some(format!("scheduled/{SCHEDULED}/{}", at.as_micros())),
-            ..NewFlowRun::new(id, "f", serde_json::Value::Null)
-        };
-        if let Ok(Reply::FlowRunCreated { run, created: true }) = self.log(Command::CreateFlowRun(new)) {
-            self.note(format!("schedule fires {k}: {}", short(run.id)));
-            if let Some(p) = self.waiting_placement(run.id) {
-                self.drive(Input::Due(p));
+    /// The control node (re)starts its scheduler: a new machine, given the deployment and its
+    /// runs as the store has them.
+    pub(super) fn scheduler_started(&mut self) {
+        self.scheduler.machine = Scheduler::new().machine;
+        self.scheduler.wakes.clear();
+        for deployment in deployments(self.start) {
+            if deployment.name == SCHEDULED && self.scheduler.deleted {
+                continue;
+            }
+            let d = deployment.id;
+            let mut runs: Vec<KnownRun> = self
+                .state
+                .hot()
+                .flow_runs()
+                .filter(|r| r.deployment_id == Some(d))
+                .map(|r| KnownRun {
+                    id: r.id,
+                    key: r.idempotency_key.clone(),
+                    due: r.expected_start_time,
+                    waiting: r.lifecycle.state.kind == StateType::Scheduled && r.owner.is_none(),
+                })
+                .collect();
+            runs.sort_by_key(|r| r.id);
+            self.schedule(scheduler::Input::Loaded { deployment, runs });
+        }
+        self.schedule(scheduler::Input::Started);
+    }
+
+    /// The scheduler machine handles an input; its effects are carried out as the scheduler
+    /// actor does: runs made (then it is told which wait), due runs handed to placement.
+    fn schedule(&mut self, input: scheduler::Input) {
+        let mut inputs = std::collections::VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            for effect in self.scheduler.machine.handle(self.now, input) {
+                match effect {
+                    scheduler::Effect::Create {
+                        deployment,
+                        generation,
+                        runs,
+                    } => {
+                        let mut made = Vec::new();
+                        for (at, new) in runs {
+                            if let Ok(Reply::FlowRunCreated { run, .. }) =
+                                self.log(Command::CreateFlowRun(new))
+                                && run.lifecycle.state.kind == StateType::Scheduled
+                                && run.owner.is_none()
+                            {
+                                made.push((at, run.id));
+                            }
+                        }
+                        inputs.push_back(scheduler::Input::Created {
+                            deployment,
+                            generation,
+                            runs: made,
+                        });
+                    }
+                    scheduler::Effect::Append(command) => {
+                        let _ = self.log(command);
+                    }
+                    scheduler::Effect::HandOut(p) => {
+                        self.note(format!("the schedule's {} is due", short(p.run)));
+                        self.drive(Input::Due(p));
+                    }
+                    scheduler::Effect::WakeAt(at) => {
+                        self.scheduler.wakes.insert(at);
+                    }
+                }
             }
         }
     }
@@ -220,13 +345,28 @@ impl Sim {
         }
     }
 
-    /// A run made under a key (the user's, or a fire time's): the first under its key.
+    /// A run made under a key (the user's, or a fire time's): the first under its key, and the
+    /// first of its fire time (`sched/{deployment}/{schedule}/{version}/{time}`: whatever the
+    /// version, as the deployment never changes here).
     pub(super) fn made_under_key(&mut self, run: &flotilla_runtime::FlowRun) {
-        if let Some(key) = &run.idempotency_key
-            && let Some(first) = self.keyed.insert(key.clone(), run.id)
-        {
+        let Some(key) = &run.idempotency_key else {
+            return;
+        };
+        if let Some(first) = self.keyed.insert(key.clone(), run.id) {
             self.broken(format!(
                 "two runs under the key {key}: {} and {}",
+                short(first),
+                short(run.id)
+            ));
+        }
+        let parts: Vec<&str> = key.split('/').collect();
+        if let ["sched", deployment, schedule, _version, time] = parts[..]
+            && let Some(first) = self
+                .keyed
+                .insert(format!("fire/{deployment}/{schedule}/{time}"), run.id)
+        {
+            self.broken(format!(
+                "two runs for the fire time {time} of schedule {schedule}: {} and {}",
                 short(first),
                 short(run.id)
             ));

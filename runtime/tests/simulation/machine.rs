@@ -510,10 +510,14 @@ impl Sim {
         self.drive(Input::Holds(holds));
         self.drive(Input::Restore(running));
         for run in waiting {
-            if let Some(p) = self.waiting_placement(run) {
+            // Those of a deployment are the scheduler's to hand out.
+            if let Some(p) = self.waiting_placement(run)
+                && p.deployment.is_none()
+            {
                 self.drive(Input::Due(p));
             }
         }
+        self.scheduler_started();
     }
 
     /// Faults of the step: a node crashes or is cut off, the control node restarts.
@@ -549,8 +553,6 @@ impl Sim {
             self.unlogged.clear();
             self.control_restarts += 1;
             self.note(format!("control restarts ({lost} commands not logged are lost)"));
-            let back = self.rng.below(4) as u32;
-            self.scheduler.restarted(back);
             self.control_started();
         }
     }
@@ -772,6 +774,7 @@ impl Sim {
             }
             self.faults_act();
             self.clients_act();
+            self.scheduler_acts();
             self.log_due();
             loop {
                 let now = self.now;
@@ -803,8 +806,9 @@ impl Sim {
         self.settled()
     }
 
+    /// How many runs were made (by the client and the scheduler).
     pub fn runs(&self) -> usize {
-        self.made as usize
+        self.state.hot().flow_runs().count()
     }
 }
 
