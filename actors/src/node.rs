@@ -9,6 +9,7 @@ pub mod link;
 pub mod plane;
 pub mod replies;
 pub mod scheduler;
+pub mod typed;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -20,7 +21,7 @@ use flotilla_cluster::wire::{
     ClusterStatus, Envelope, ErrorKind, PROTOCOL_VERSION, Request, Response, WireError,
 };
 use flotilla_cluster::{ALPN_CLIENT, ALPN_NODE, Identity, QuicEndpoint, TransportSettings, certs, frame};
-use flotilla_runtime::{NodeId, codec};
+use flotilla_runtime::NodeId;
 use ractor::{Actor, ActorRef};
 use ractor_cluster::{NodeServer, NodeServerMessage};
 
@@ -31,6 +32,7 @@ use crate::persistence::{self, PersistenceConfig, PersistenceHandle};
 use agent::{Agent, AgentArgs};
 use control::{Control, ControlArgs, ControlMsg, MembershipSettings};
 use plane::{ControlPlane, RemoteControl, control_actor};
+use typed::Wire;
 
 /// What a node does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -403,30 +405,18 @@ pub async fn ask_control(
                 Request::RunFlow { .. } | Request::RunDeployment { .. } | Request::Heartbeat(_)
             )
     });
-    let encoded = match once {
-        Some(id) => codec::encode(&(id, request)).map(|b| (b, true)),
-        None => codec::encode(request).map(|b| (b, false)),
-    };
-    let Ok((bytes, asked)) = encoded else {
-        return Response::Error(WireError::new(
-            ErrorKind::Protocol,
-            "the request cannot be encoded",
-        ));
-    };
+    let request = request.clone();
     match control
         .call(
-            |port| {
-                if asked {
-                    ControlMsg::Asked(bytes, port)
-                } else {
-                    ControlMsg::Request(bytes, port)
-                }
+            |port| match once {
+                Some(id) => ControlMsg::Asked(Wire::new((id, request)), port),
+                None => ControlMsg::Request(Wire::new(request), port),
             },
             Some(plane::CALL_TIMEOUT),
         )
         .await
     {
-        Ok(ractor::rpc::CallResult::Success(reply)) => codec::decode(&reply).unwrap_or_else(|e| {
+        Ok(ractor::rpc::CallResult::Success(reply)) => reply.get().unwrap_or_else(|e| {
             Response::Error(WireError::new(
                 ErrorKind::Protocol,
                 format!("an undecodable answer: {e}"),
@@ -648,12 +638,10 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     if !resumed.is_empty() {
         match plane::control_actor() {
             Some(control) => {
-                let ids: Vec<[u8; 16]> = resumed.iter().map(|r| *r.as_bytes()).collect();
-                if let Ok(bytes) = flotilla_runtime::codec::encode(&ids)
-                    && control.cast(ControlMsg::Resumed(bytes)).is_err()
-                {
+                let n = resumed.len();
+                if control.cast(ControlMsg::Resumed(Wire::new(resumed))).is_err() {
                     tracing::error!(
-                        runs = resumed.len(),
+                        runs = n,
                         "the resumed runs could not be handed to the control node"
                     );
                 }

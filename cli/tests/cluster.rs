@@ -155,8 +155,10 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
     let mut big_on_n3 = None;
     // Three at once, so that they spread over the nodes (an idle cluster gives a lone run to
     // the first of its least loaded nodes).
+    // Until one lands on n3 (it may be busy with the long runs for a while), within a bound.
     let mut batch = Vec::new();
-    for _ in 0..30 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         if batch.is_empty() {
             for _ in 0..3 {
                 let id = client

@@ -6,12 +6,13 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use flotilla_cluster::wire::{ClusterStatus, MemberStatus};
-use flotilla_runtime::{FlowRunId, NodeId, codec};
+use flotilla_runtime::{FlowRunId, NodeId};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use ractor_cluster::RactorClusterMessage;
 
 use super::control::ControlMsg;
 use super::plane::control_actor;
+use super::typed::Wire;
 use crate::engine::EngineHandle;
 
 /// The process group of a node's agent.
@@ -31,10 +32,10 @@ pub fn agent_of(node: &NodeId) -> Option<ActorRef<AgentMsg>> {
 #[derive(RactorClusterMessage)]
 #[allow(missing_debug_implementations)]
 pub enum AgentMsg {
-    /// Run this flow run (its id's 16 bytes) here.
-    Run(Vec<u8>),
-    /// Cancel this flow run (its id's 16 bytes) if it runs here.
-    Cancel(Vec<u8>),
+    /// Run this flow run here.
+    Run(Wire<FlowRunId>),
+    /// Cancel this flow run if it runs here.
+    Cancel(Wire<FlowRunId>),
     /// Time to report to the control node.
     Tick,
 }
@@ -70,11 +71,6 @@ pub struct AgentArgs {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Agent;
 
-/// A flow run id from its 16 bytes (as agents and the control actor are sent them).
-pub(crate) fn id_of(bytes: &[u8]) -> Option<FlowRunId> {
-    <[u8; 16]>::try_from(bytes).ok().map(FlowRunId::from_bytes)
-}
-
 impl Actor for Agent {
     type Msg = AgentMsg;
     type State = AgentArgs;
@@ -97,16 +93,14 @@ impl Actor for Agent {
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            AgentMsg::Run(bytes) => {
-                if let Some(id) = id_of(&bytes) {
-                    let _ = s.engine.run(id);
-                }
-            }
-            AgentMsg::Cancel(bytes) => {
-                if let Some(id) = id_of(&bytes) {
-                    let _ = s.engine.cancel(id);
-                }
-            }
+            AgentMsg::Run(id) => match id.get() {
+                Ok(id) => drop(s.engine.run(id)),
+                Err(e) => tracing::error!(error = %e, "an undecodable run to start"),
+            },
+            AgentMsg::Cancel(id) => match id.get() {
+                Ok(id) => drop(s.engine.cancel(id)),
+                Err(e) => tracing::error!(error = %e, "an undecodable run to cancel"),
+            },
             AgentMsg::Tick => {
                 let Some(control) = control_actor() else {
                     return Ok(());
@@ -143,15 +137,15 @@ impl Actor for Agent {
                     });
                     return Ok(());
                 }
-                let Ok(bytes) = codec::encode(&report) else {
-                    return Ok(());
-                };
                 // Not awaited here: a slow control node must not stall the agent.
                 tokio::spawn(async move {
                     if let Ok(ractor::rpc::CallResult::Success(reply)) = control
-                        .call(|port| ControlMsg::Heartbeat(bytes, port), Some(timeout))
+                        .call(
+                            |port| ControlMsg::Heartbeat(Wire::new(report), port),
+                            Some(timeout),
+                        )
                         .await
-                        && let Ok(status) = codec::decode::<ClusterStatus>(&reply)
+                        && let Ok(status) = reply.get()
                         && let Ok(mut v) = view.write()
                     {
                         *v = status;

@@ -15,7 +15,7 @@ use flotilla_cluster::wire::{
 use flotilla_runtime::control::machine::{
     ControlConfig, ControlMachine, Effect, Input, Notice, Running, SlotAnswer, resume_after_loss,
 };
-use flotilla_runtime::control::{Placement, RequestId, SlotRequest};
+use flotilla_runtime::control::{Placement, RequestId, SlotGrant, SlotRequest};
 use flotilla_runtime::{
     Command, Decision, FlowRunId, NewFlowRun, NodeId, Proposal, Reply, RetryRequest, State, StateName,
     StateType, TaskRunId, Timestamp, codec,
@@ -40,6 +40,7 @@ use effects::{reload_settings, replace};
 pub use flotilla_runtime::control::machine::LATE_AFTER;
 
 use super::agent::{AgentMsg, agent_of};
+use super::typed::Wire;
 use crate::engine::FlowFn;
 use crate::engine::results::ResultStore;
 use crate::persistence::{
@@ -54,7 +55,27 @@ pub const CONTROL_GROUP: &str = "flotilla.control";
 pub struct Control;
 
 /// Where a task run waiting for slots is answered.
-type SlotReply = RpcReplyPort<Vec<u8>>;
+enum SlotReply {
+    /// An acquire's: the grant.
+    Acquire(RpcReplyPort<Wire<SlotGrant>>),
+    /// A renewal's: whether the holder still holds its slots.
+    Renew(RpcReplyPort<Wire<bool>>),
+}
+
+impl SlotReply {
+    /// Answers: a grant to an acquire, whether it holds them to a renewal. False when nobody
+    /// waits for the answer any more.
+    fn send(self, answer: SlotAnswer) -> bool {
+        match (self, answer) {
+            (SlotReply::Acquire(port), SlotAnswer::Grant(grant)) => port.send(Wire::new(grant)).is_ok(),
+            (SlotReply::Renew(port), SlotAnswer::Renewed(held)) => port.send(Wire::new(held)).is_ok(),
+            (_, answer) => {
+                tracing::error!(?answer, "a slot answer of the wrong kind");
+                false
+            }
+        }
+    }
+}
 
 /// The control actor's state.
 pub struct ControlState {
@@ -74,7 +95,7 @@ pub struct ControlState {
     /// Requests being answered, and every try of each waiting for the answer: a try that
     /// arrives meanwhile (from this node or another) waits for the first answer rather than
     /// act again.
-    asking: std::collections::HashMap<RequestId, Vec<RpcReplyPort<Vec<u8>>>>,
+    asking: std::collections::HashMap<RequestId, Vec<RpcReplyPort<Wire<Response>>>>,
 }
 
 impl std::fmt::Debug for ControlState {
@@ -93,16 +114,17 @@ fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
     codec::encode(v).unwrap_or_default()
 }
 
-/// A message's payload decoded, or None (and a log line naming `what`).
-fn decoded<T: serde::de::DeserializeOwned>(bytes: &[u8], what: &str) -> Option<T> {
-    codec::decode(bytes)
+/// A message's payload, or None (and a log line naming `what`) if it could not be decoded.
+fn got<T>(payload: Wire<T>, what: &str) -> Option<T> {
+    payload
+        .get()
         .map_err(|e| tracing::error!(error = %e, "{what} could not be decoded"))
         .ok()
 }
 
 /// Answers a request that could not be decoded.
-fn undecodable(reply: RpcReplyPort<Vec<u8>>, e: impl std::fmt::Display) {
-    let _ = reply.send(encode(&refused(
+fn undecodable(reply: RpcReplyPort<Wire<Response>>, e: impl std::fmt::Display) {
+    let _ = reply.send(Wire::new(refused(
         ErrorKind::Protocol,
         format!("an undecodable request: {e}"),
     )));
@@ -176,88 +198,88 @@ impl Actor for Control {
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            ControlMsg::Submit(bytes, reply) => s.submit(&bytes, reply),
-            ControlMsg::Read(bytes, reply) => {
+            ControlMsg::Submit(commands, reply) => s.submit(commands, reply),
+            ControlMsg::Read(read, reply) => {
                 let p = s.persistence.clone();
                 tokio::spawn(async move {
-                    let r = match codec::decode::<Read>(&bytes) {
+                    let r = match read.get() {
                         Ok(read) => p.read(read).await,
                         Err(e) => Err(PersistError::Read(format!("an undecodable read: {e}"))),
                     };
-                    let _ = reply.send(encode(&r));
+                    let _ = reply.send(Wire::new(r));
                 });
             }
-            ControlMsg::Heartbeat(bytes, reply) => {
-                if let Some(report) = decoded::<MemberStatus>(&bytes, "a heartbeat") {
-                    let _ = reply.send(encode(&s.heartbeat(report)));
+            ControlMsg::Heartbeat(report, reply) => {
+                if let Some(report) = got(report, "a heartbeat") {
+                    let _ = reply.send(Wire::new(s.heartbeat(report)));
                 }
             }
-            ControlMsg::Request(bytes, reply) => match codec::decode::<Request>(&bytes) {
+            ControlMsg::Request(request, reply) => match request.get() {
                 Ok(request) => s.request(request, reply),
                 Err(e) => undecodable(reply, e),
             },
-            ControlMsg::Asked(bytes, reply) => s.asked(&bytes, reply, &myself),
-            ControlMsg::Answered(bytes) => s.answered(&bytes),
-            ControlMsg::Place(bytes) => {
-                if let Some(p) = decoded(&bytes, "a placement") {
+            ControlMsg::Asked(asked, reply) => s.asked(asked, reply, &myself),
+            ControlMsg::Answered(answer) => s.answered(answer),
+            ControlMsg::Place(p) => {
+                if let Some(p) = got(p, "a placement") {
                     s.drive(Input::Due(p));
                 }
             }
-            ControlMsg::Ended(bytes) => {
-                if let Some(run) = super::agent::id_of(&bytes) {
+            ControlMsg::Ended(run) => {
+                if let Some(run) = got(run, "a run that ended") {
                     s.drive(Input::Ended(run));
                 }
             }
-            ControlMsg::TakeBack(bytes) => {
-                if let Some(p) = decoded(&bytes, "a placement") {
+            ControlMsg::TakeBack(p) => {
+                if let Some(p) = got(p, "a placement") {
                     s.drive(Input::TakeBack(p));
                 }
             }
-            ControlMsg::Restore(bytes) => {
-                if let Some(running) = decoded(&bytes, "the runs under way") {
+            ControlMsg::Restore(running) => {
+                if let Some(running) = got(running, "the runs under way") {
                     s.drive(Input::Restore(running));
                 }
             }
-            ControlMsg::Queues(bytes) => {
-                if let Some(queues) = decoded(&bytes, "the work queues") {
+            ControlMsg::Queues(queues) => {
+                if let Some(queues) = got(queues, "the work queues") {
                     s.drive(Input::Queues(queues));
                 }
             }
-            ControlMsg::Limits(bytes) => {
-                if let Some(limits) = decoded(&bytes, "the tag limits") {
+            ControlMsg::Limits(limits) => {
+                if let Some(limits) = got(limits, "the tag limits") {
                     s.drive(Input::Limits(limits));
                 }
             }
-            ControlMsg::Holds(bytes) => {
-                if let Some(holds) = decoded(&bytes, "the slot holdings") {
+            ControlMsg::Holds(holds) => {
+                if let Some(holds) = got(holds, "the slot holdings") {
                     s.drive(Input::Holds(holds));
                 }
             }
             ControlMsg::Tick => s.drive(Input::Tick),
-            ControlMsg::Resumed(bytes) => {
-                if let Some(ids) = decoded(&bytes, "resumed runs") {
+            ControlMsg::Resumed(ids) => {
+                if let Some(ids) = got(ids, "resumed runs") {
                     effects::place_resumed(s.persistence.clone(), ids);
                 }
             }
-            ControlMsg::AcquireSlots(bytes, reply) => match decoded(&bytes, "a slot request") {
+            ControlMsg::AcquireSlots(request, reply) => match got(request, "a slot request") {
                 Some(SlotRequest::Acquire { holder, node, tags }) => s.drive(Input::Acquire {
                     holder,
                     node,
                     tags,
-                    reply,
+                    reply: SlotReply::Acquire(reply),
                 }),
                 other => tracing::warn!(request = ?other, "a slot request that is not an acquire"),
             },
-            ControlMsg::RenewSlots(bytes, reply) => match decoded(&bytes, "a slot request") {
+            ControlMsg::RenewSlots(request, reply) => match got(request, "a slot request") {
                 Some(SlotRequest::Renew { holder, node, tags }) => s.drive(Input::Renew {
                     holder,
                     node,
                     tags,
-                    reply,
+                    reply: SlotReply::Renew(reply),
                 }),
                 other => tracing::warn!(request = ?other, "a slot request that is not a renewal"),
             },
-            ControlMsg::Slots(bytes) => match decoded(&bytes, "a slot request") {
+            ControlMsg::Slots(request) => match got(request, "a slot request") {
                 Some(SlotRequest::Release(holders)) => s.drive(Input::Release(holders)),
                 other => tracing::warn!(request = ?other, "a slot request sent without a reply port"),
             },

@@ -11,6 +11,7 @@ use ractor::ActorRef;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::control::{CONTROL_GROUP, ControlMsg};
+use super::typed::Wire;
 use crate::persistence::{PersistError, PersistenceHandle, Read, ReadReply, SubmitResult};
 use flotilla_runtime::control::{SlotGrant, SlotRequest};
 
@@ -99,13 +100,38 @@ pub fn control_actor() -> Option<ActorRef<ControlMsg>> {
         .map(ActorRef::from)
 }
 
-async fn call(msg: impl FnOnce(ractor::RpcReplyPort<Vec<u8>>) -> ControlMsg) -> Result<Vec<u8>, String> {
-    let control = control_actor().ok_or("no control node is connected")?;
+/// Why a call to the control actor brought no answer.
+#[derive(Debug)]
+enum CallError {
+    /// None came (no control node, no answer in time, the call dropped): worth sending again.
+    NoAnswer(String),
+    /// One came that could not be decoded.
+    Undecodable(String),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::NoAnswer(e) => f.write_str(e),
+            CallError::Undecodable(e) => write!(f, "an undecodable answer: {e}"),
+        }
+    }
+}
+
+async fn call<T: Send + 'static>(
+    msg: impl FnOnce(ractor::RpcReplyPort<Wire<T>>) -> ControlMsg,
+) -> Result<T, CallError> {
+    let control =
+        control_actor().ok_or_else(|| CallError::NoAnswer("no control node is connected".into()))?;
     match control.call(msg, Some(CALL_TIMEOUT)).await {
-        Ok(ractor::rpc::CallResult::Success(bytes)) => Ok(bytes),
-        Ok(ractor::rpc::CallResult::Timeout) => Err("the control node did not answer in time".into()),
-        Ok(ractor::rpc::CallResult::SenderError) => Err("the control node dropped the call".into()),
-        Err(e) => Err(e.to_string()),
+        Ok(ractor::rpc::CallResult::Success(reply)) => reply.get().map_err(CallError::Undecodable),
+        Ok(ractor::rpc::CallResult::Timeout) => Err(CallError::NoAnswer(
+            "the control node did not answer in time".into(),
+        )),
+        Ok(ractor::rpc::CallResult::SenderError) => {
+            Err(CallError::NoAnswer("the control node dropped the call".into()))
+        }
+        Err(e) => Err(CallError::NoAnswer(e.to_string())),
     }
 }
 
@@ -160,15 +186,11 @@ impl RemoteControl {
     }
 
     async fn read(&self, read: Read) -> Result<ReadReply, PersistError> {
-        let bytes = codec::encode(&read).map_err(|e| PersistError::Encode(e.to_string()))?;
         let mut last = String::new();
         for attempt in 0..3u32 {
-            match call(|port| ControlMsg::Read(bytes.clone(), port)).await {
-                Ok(reply) => {
-                    return codec::decode::<Result<ReadReply, PersistError>>(&reply)
-                        .map_err(|e| PersistError::Read(format!("an undecodable answer: {e}")))?;
-                }
-                Err(e) => last = e,
+            match call(|port| ControlMsg::Read(Wire::new(read.clone()), port)).await {
+                Ok(reply) => return reply,
+                Err(e) => last = e.to_string(),
             }
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
         }
@@ -182,29 +204,29 @@ impl RemoteControl {
 /// idempotency key), for at most [`RESEND_FOR`].
 async fn forward(commands: &[Command]) -> Vec<SubmitResult> {
     let fail = |e: PersistError| commands.iter().map(|_| Err(e.clone())).collect();
-    let bytes = match codec::encode(commands) {
+    match codec::encode(commands) {
         Ok(b) if b.len() > SEND_BYTES_MAX => {
             return fail(PersistError::Encode(format!(
                 "a command of {} bytes is over the {SEND_BYTES_MAX} a node sends the control node at once",
                 b.len()
             )));
         }
-        Ok(b) => b,
+        Ok(_) => {}
         Err(e) => return fail(PersistError::Encode(e.to_string())),
-    };
+    }
     let deadline = tokio::time::Instant::now() + RESEND_FOR;
     let mut backoff = Duration::from_millis(50);
     loop {
-        match call(|port| ControlMsg::Submit(bytes.clone(), port)).await {
-            Ok(reply) => match codec::decode::<Vec<SubmitResult>>(&reply) {
-                Ok(results) if results.len() == commands.len() => return results,
-                Ok(_) => {
-                    return fail(PersistError::Read(
-                        "the control node answered a different batch".into(),
-                    ));
-                }
-                Err(e) => return fail(PersistError::Read(format!("an undecodable answer: {e}"))),
-            },
+        match call(|port| ControlMsg::Submit(Wire::new(commands.to_vec()), port)).await {
+            Ok(results) if results.len() == commands.len() => return results,
+            Ok(_) => {
+                return fail(PersistError::Read(
+                    "the control node answered a different batch".into(),
+                ));
+            }
+            Err(e @ CallError::Undecodable(_)) => {
+                return fail(PersistError::Read(e.to_string()));
+            }
             Err(e) => {
                 if tokio::time::Instant::now() >= deadline {
                     return fail(PersistError::LogWrite(format!(
@@ -241,24 +263,20 @@ impl crate::engine::limits::SlotService for ControlSlots {
         let node = self.node.clone();
         Box::pin(async move {
             let request = SlotRequest::Acquire { holder, node, tags };
-            let Ok(bytes) = codec::encode(&request) else {
-                return None;
-            };
             let mut backoff = Duration::from_millis(50);
             loop {
-                let answer: Option<ractor::rpc::CallResult<Vec<u8>>> = match control_actor() {
+                let answer = match control_actor() {
                     Some(control) => {
-                        let bytes = bytes.clone();
+                        let request = Wire::new(request.clone());
                         control
-                            .call(|port| ControlMsg::AcquireSlots(bytes, port), Some(SLOT_WAIT))
+                            .call(|port| ControlMsg::AcquireSlots(request, port), Some(SLOT_WAIT))
                             .await
                             .ok()
                     }
                     None => None,
                 };
                 match answer {
-                    Some(ractor::rpc::CallResult::Success(reply)) => match codec::decode::<SlotGrant>(&reply)
-                    {
+                    Some(ractor::rpc::CallResult::Success(reply)) => match reply.get() {
                         Ok(SlotGrant::Held { ttl }) => return Some(ttl),
                         Ok(SlotGrant::Unlimited) => return None,
                         Err(e) => tracing::error!(error = %e, "an undecodable slot grant"),
@@ -282,25 +300,23 @@ impl crate::engine::limits::SlotService for ControlSlots {
             tags,
         };
         Box::pin(async move {
-            let bytes = codec::encode(&request).ok()?;
             let control = control_actor()?;
             match control
-                .call(|port| ControlMsg::RenewSlots(bytes, port), Some(CALL_TIMEOUT))
+                .call(
+                    |port| ControlMsg::RenewSlots(Wire::new(request), port),
+                    Some(CALL_TIMEOUT),
+                )
                 .await
             {
-                Ok(ractor::rpc::CallResult::Success(reply)) => codec::decode::<bool>(&reply).ok(),
+                Ok(ractor::rpc::CallResult::Success(reply)) => reply.get().ok(),
                 _ => None,
             }
         })
     }
 
     fn release(&self, holders: Vec<TaskRunId>) {
-        cast_slots(&SlotRequest::Release(holders));
-    }
-}
-
-fn cast_slots(request: &SlotRequest) {
-    if let (Some(control), Ok(bytes)) = (control_actor(), codec::encode(request)) {
-        let _ = control.cast(ControlMsg::Slots(bytes));
+        if let Some(control) = control_actor() {
+            let _ = control.cast(ControlMsg::Slots(Wire::new(SlotRequest::Release(holders))));
+        }
     }
 }

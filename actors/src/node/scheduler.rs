@@ -157,9 +157,8 @@ impl SchedulerState {
                 Effect::HandOut(p) => {
                     if let Some(c) =
                         ractor::registry::where_is(CONTROL_NAME).map(ActorRef::<ControlMsg>::from)
-                        && let Ok(msg) = flotilla_runtime::codec::encode(&p)
                     {
-                        let _ = c.cast(ControlMsg::Place(msg));
+                        let _ = c.cast(ControlMsg::Place(super::typed::Wire::new(p)));
                     }
                 }
                 Effect::WakeAt(at) => {

@@ -7,9 +7,13 @@ impl ControlState {
     /// Commands from a node, queued in order at once and answered when durable, without
     /// holding the actor. A claim counts only if the control machine admits it (its node alive,
     /// the run placed there).
-    pub(super) fn submit(&mut self, bytes: &[u8], reply: RpcReplyPort<Vec<u8>>) {
+    pub(super) fn submit(
+        &mut self,
+        commands: Wire<Vec<Command>>,
+        reply: RpcReplyPort<Wire<Vec<SubmitResult>>>,
+    ) {
         let p = self.persistence.clone();
-        let answers: Result<Vec<_>, _> = codec::decode::<Vec<Command>>(bytes).map(|cmds| {
+        let answers: Result<Vec<_>, _> = commands.get().map(|cmds| {
             cmds.into_iter()
                 .map(|c| match self.machine.admit(&c) {
                     Err(refusal) => Err(refusal),
@@ -31,14 +35,19 @@ impl ControlState {
                 }
                 Err(e) => vec![Err(PersistError::Encode(format!("an undecodable batch: {e}")))],
             };
-            let _ = reply.send(encode(&results));
+            let _ = reply.send(Wire::new(results));
         });
     }
 
     /// A mutating request with the client's id for it: a try that arrives while the first is
     /// being answered waits for its answer rather than act again.
-    pub(super) fn asked(&mut self, bytes: &[u8], reply: RpcReplyPort<Vec<u8>>, me: &ActorRef<ControlMsg>) {
-        match codec::decode::<(RequestId, Request)>(bytes) {
+    pub(super) fn asked(
+        &mut self,
+        asked: Wire<(RequestId, Request)>,
+        reply: RpcReplyPort<Wire<Response>>,
+        me: &ActorRef<ControlMsg>,
+    ) {
+        match asked.get() {
             Ok((id, request)) => match self.asking.entry(id) {
                 std::collections::hash_map::Entry::Occupied(mut tries) => tries.get_mut().push(reply),
                 std::collections::hash_map::Entry::Vacant(first) => {
@@ -51,10 +60,10 @@ impl ControlState {
     }
 
     /// The answer to an asked request, handed to every try waiting for it.
-    pub(super) fn answered(&mut self, bytes: &[u8]) {
-        if let Some((id, answer)) = decoded::<(RequestId, Vec<u8>)>(bytes, "an answer") {
+    pub(super) fn answered(&mut self, answer: Wire<(RequestId, Response)>) {
+        if let Some((id, answer)) = got(answer, "an answer") {
             for reply in self.asking.remove(&id).unwrap_or_default() {
-                let _ = reply.send(answer.clone());
+                let _ = reply.send(Wire::new(answer.clone()));
             }
         }
     }
@@ -72,12 +81,7 @@ fn answer_once(
 ) {
     tokio::spawn(async move {
         let answer = answer(&p, &me, bounds, id, request).await;
-        match codec::encode(&(id, answer)) {
-            Ok(bytes) => {
-                let _ = me.cast(ControlMsg::Answered(bytes));
-            }
-            Err(e) => tracing::error!(error = %e, %id, "an answer could not be encoded"),
-        }
+        let _ = me.cast(ControlMsg::Answered(Wire::new((id, answer))));
     });
 }
 
@@ -87,33 +91,36 @@ async fn answer(
     bounds: crate::node::replies::AnswerBounds,
     id: RequestId,
     request: Request,
-) -> Vec<u8> {
+) -> Response {
     match p.answer_to(id).await {
-        Ok(Some(first)) => return first,
+        Ok(Some(first)) => {
+            return codec::decode::<Response>(&first).unwrap_or_else(|e| {
+                refused(
+                    ErrorKind::Unavailable,
+                    format!("the remembered answer could not be read: {e}"),
+                )
+            });
+        }
         Ok(None) => {}
-        Err(e) => return encode(&persist_err(e)),
+        Err(e) => return persist_err(e),
     }
     let answer = match me
         .call(
-            |port| ControlMsg::Request(encode(&request), port),
+            |port| ControlMsg::Request(Wire::new(request), port),
             Some(crate::node::plane::CALL_TIMEOUT),
         )
         .await
     {
-        Ok(ractor::rpc::CallResult::Success(a)) => a,
-        _ => encode(&refused(
-            ErrorKind::Unavailable,
-            "the control node did not answer",
-        )),
+        Ok(ractor::rpc::CallResult::Success(a)) => a
+            .get()
+            .unwrap_or_else(|e| refused(ErrorKind::Unavailable, format!("an undecodable answer: {e}"))),
+        _ => refused(ErrorKind::Unavailable, "the control node did not answer"),
     };
-    let transient = matches!(
-        codec::decode::<Response>(&answer),
-        Ok(Response::Error(e)) if e.kind == ErrorKind::Unavailable
-    );
+    let transient = matches!(&answer, Response::Error(e) if e.kind == ErrorKind::Unavailable);
     if !transient {
         let remember = Command::Remember(flotilla_runtime::RememberedOutcome {
             request_id: id,
-            answer: answer.clone(),
+            answer: encode(&answer),
             max: u32::try_from(bounds.max).unwrap_or(u32::MAX),
             keep: bounds.keep,
         });

@@ -14,7 +14,7 @@ impl ControlState {
                 Effect::Append(command) => drop(self.persistence.enqueue(command)),
                 Effect::DeclareDead { node, command } => self.declare_dead(node, command),
                 Effect::Start { node, placement } => {
-                    if !send_agent(&node, AgentMsg::Run(placement.run.as_bytes().to_vec())) {
+                    if !send_agent(&node, AgentMsg::Run(Wire::new(placement.run))) {
                         // The node went away since its last heartbeat: the run waits again.
                         let input = Input::StartFailed { node, placement };
                         effects.extend(self.machine.handle(now(), input));
@@ -29,7 +29,7 @@ impl ControlState {
                     answer,
                 } => self.record_hold(holder, node, tags, reply, answer),
                 Effect::Answer { reply, answer } => {
-                    let _ = reply.send(slot_answer(answer));
+                    reply.send(answer);
                 }
                 Effect::Notice(notice) => match notice {
                     Notice::Unreachable { node, silent } => {
@@ -56,10 +56,10 @@ impl ControlState {
                     && r.owner.is_none()
                     && let Some(me) =
                         ractor::registry::where_is(CONTROL_NAME).map(ActorRef::<ControlMsg>::from)
-                    && let Ok(bytes) = codec::encode(&placement_of(&p, &r, r.expected_start_time).await)
                 {
                     tracing::warn!(%node, flow_run = %run, "a run handed to the node is not running there; placing it again");
-                    let _ = me.cast(ControlMsg::TakeBack(bytes));
+                    let placement = placement_of(&p, &r, r.expected_start_time).await;
+                    let _ = me.cast(ControlMsg::TakeBack(Wire::new(placement)));
                 }
             });
         }
@@ -97,7 +97,7 @@ impl ControlState {
                     Ok(Ok(Reply::Retried { epoch, .. })) => {
                         tracing::info!(%node, flow_run = %id, epoch = epoch.get(), "resuming a run of a lost node elsewhere");
                         if let Ok(Some(r)) = p.flow_run(id).await {
-                            replace(&placement_of(&p, &r, now()).await);
+                            replace(placement_of(&p, &r, now()).await);
                         }
                     }
                     other => {
@@ -127,18 +127,10 @@ impl ControlState {
             }));
         tokio::spawn(async move {
             let ok = matches!(recorded.await, Ok(Ok(Ok(_))));
-            if !ok || reply.send(slot_answer(answer)).is_err() {
+            if !ok || !reply.send(answer) {
                 give_back(vec![holder]);
             }
         });
-    }
-}
-
-/// A slot answer as the task run's node decodes it.
-pub(super) fn slot_answer(answer: SlotAnswer) -> Vec<u8> {
-    match answer {
-        SlotAnswer::Grant(grant) => encode(&grant),
-        SlotAnswer::Renewed(held) => encode(&held),
     }
 }
 
@@ -146,7 +138,7 @@ pub(super) fn slot_answer(answer: SlotAnswer) -> Vec<u8> {
 pub(super) fn give_back(holders: Vec<TaskRunId>) {
     if let Some(cell) = ractor::registry::where_is(CONTROL_NAME) {
         let _ = ActorRef::<ControlMsg>::from(cell)
-            .cast(ControlMsg::Slots(encode(&SlotRequest::Release(holders))));
+            .cast(ControlMsg::Slots(Wire::new(SlotRequest::Release(holders))));
     }
 }
 
@@ -160,7 +152,7 @@ pub(super) fn follow_ends(p: PersistenceHandle, me: ActorRef<ControlMsg>) {
             match events.recv().await {
                 Ok(e) => {
                     if let Some(run) = ended_run(&e) {
-                        let _ = me.cast(ControlMsg::Ended(run.as_bytes().to_vec()));
+                        let _ = me.cast(ControlMsg::Ended(Wire::new(run)));
                     }
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
@@ -177,13 +169,13 @@ pub(super) fn follow_ends(p: PersistenceHandle, me: ActorRef<ControlMsg>) {
 }
 
 /// Runs a restarted node resumed (their ids): each placed as it is now, if it still waits.
-pub(super) fn place_resumed(p: PersistenceHandle, ids: Vec<[u8; 16]>) {
+pub(super) fn place_resumed(p: PersistenceHandle, ids: Vec<FlowRunId>) {
     tokio::spawn(async move {
         for id in ids {
-            if let Ok(Some(r)) = p.flow_run(FlowRunId::from_bytes(id)).await
+            if let Ok(Some(r)) = p.flow_run(id).await
                 && r.lifecycle.state.kind == StateType::Scheduled
             {
-                replace(&placement_of(&p, &r, now()).await);
+                replace(placement_of(&p, &r, now()).await);
             }
         }
     });
@@ -203,7 +195,7 @@ pub(super) async fn restore(p: &PersistenceHandle, me: &ActorRef<ControlMsg>) {
     reload_settings(p, me).await;
     match p.slot_holds().await {
         Ok(holds) => {
-            let _ = me.cast(ControlMsg::Holds(encode(&holds)));
+            let _ = me.cast(ControlMsg::Holds(Wire::new(holds)));
         }
         Err(e) => tracing::error!(error = %e, "cannot read the slot holders"),
     }
@@ -221,8 +213,8 @@ pub(super) async fn reload_settings(p: &PersistenceHandle, me: &ActorRef<Control
                     flotilla_runtime::Setting::ConcurrencyLimit(l) => limits.push(l),
                 }
             }
-            let _ = me.cast(ControlMsg::Queues(encode(&queues)));
-            let _ = me.cast(ControlMsg::Limits(encode(&limits)));
+            let _ = me.cast(ControlMsg::Queues(Wire::new(queues)));
+            let _ = me.cast(ControlMsg::Limits(Wire::new(limits)));
         }
         Err(e) => tracing::error!(error = %e, "cannot read the work queues"),
     }
@@ -255,7 +247,7 @@ pub(super) async fn restore_running(p: &PersistenceHandle, me: &ActorRef<Control
             );
         }
     }
-    let _ = me.cast(ControlMsg::Restore(encode(&running)));
+    let _ = me.cast(ControlMsg::Restore(Wire::new(running)));
     // Runs made without a deployment and not started: placed (those of deployments are the
     // scheduler's to hand out).
     let mut after = None;
@@ -274,18 +266,16 @@ pub(super) async fn restore_running(p: &PersistenceHandle, me: &ActorRef<Control
         after = Some(last.id);
         for r in page {
             if r.parent_task_run.is_none() && r.deployment_id.is_none() && r.owner.is_none() {
-                replace(&placement_of(p, &r, r.expected_start_time).await);
+                replace(placement_of(p, &r, r.expected_start_time).await);
             }
         }
     }
 }
 
 /// Hands a run back to the control actor's placement (it waits until a node can take it).
-pub(super) fn replace(p: &Placement) {
-    if let Some(cell) = ractor::registry::where_is(CONTROL_NAME)
-        && let Ok(msg) = flotilla_runtime::codec::encode(p)
-    {
-        let _ = ActorRef::<ControlMsg>::from(cell).cast(ControlMsg::Place(msg));
+pub(super) fn replace(p: Placement) {
+    if let Some(cell) = ractor::registry::where_is(CONTROL_NAME) {
+        let _ = ActorRef::<ControlMsg>::from(cell).cast(ControlMsg::Place(Wire::new(p)));
     }
 }
 

@@ -2,60 +2,60 @@
 
 use super::*;
 
-/// Messages of the control actor (remotable: every payload is encoded bytes).
+/// Messages of the control actor (remotable: each payload a [`Wire`], encoded only when it
+/// crosses to another node).
 #[derive(RactorClusterMessage)]
 #[allow(missing_debug_implementations)]
 pub enum ControlMsg {
-    /// Commands, in order (encoded `Vec<Command>`); the answer is the encoded `Vec<SubmitResult>`.
+    /// Commands, in order ; the answer is each one's result.
     #[rpc]
-    Submit(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// A read (encoded `Read`); the answer is the encoded `Result<ReadReply, PersistError>`.
+    Submit(Wire<Vec<Command>>, RpcReplyPort<Wire<Vec<SubmitResult>>>),
+    /// A read, and its answer.
     #[rpc]
-    Read(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// A member's report (encoded `MemberStatus`); the answer is the encoded `ClusterStatus`.
+    Read(Wire<Read>, RpcReplyPort<Wire<Result<ReadReply, PersistError>>>),
+    /// A member's report; the answer is the cluster's status.
     #[rpc]
-    Heartbeat(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// A client request (encoded `Request`); the answer is the encoded `Response`.
+    Heartbeat(Wire<MemberStatus>, RpcReplyPort<Wire<ClusterStatus>>),
+    /// A client request, and its answer.
     #[rpc]
-    Request(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// A mutating client request with the client's id for it (encoded `(RequestId, Request)`):
+    Request(Wire<Request>, RpcReplyPort<Wire<Response>>),
+    /// A mutating client request with the client's id for it:
     /// answered once, the answer remembered in the log, so that the request sent again — even
     /// after a restart of this node — gets the first answer instead of acting twice.
     #[rpc]
-    Asked(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// The answer to an asked request (encoded `(RequestId, answer)`), remembered: it goes to
+    Asked(Wire<(RequestId, Request)>, RpcReplyPort<Wire<Response>>),
+    /// The answer to an asked request, remembered: it goes to
     /// every try of the request that arrived meanwhile.
-    Answered(Vec<u8>),
-    /// Place a run (an encoded [`Placement`]) on a live node that runs its flow and serves its
+    Answered(Wire<(RequestId, Response)>),
+    /// Place a run on a live node that runs its flow and serves its
     /// queue, when its queue and deployment let it go.
-    Place(Vec<u8>),
-    /// A flow run ended (its id's 16 bytes): its slots free.
-    Ended(Vec<u8>),
-    /// The runs running now (encoded `Vec<Running>`), read back after a start or a missed event.
-    Restore(Vec<u8>),
-    /// The work queues now (encoded `Vec<WorkQueue>`).
-    Queues(Vec<u8>),
-    /// The tag limits now (encoded `Vec<ConcurrencyLimit>`).
-    Limits(Vec<u8>),
-    /// The slot holdings recorded before a start (encoded
-    /// `Option<Vec<(tag, TaskRunId, NodeId)>>`; None: never recorded).
-    Holds(Vec<u8>),
-    /// A task run asks for slots of its tags (an encoded `SlotRequest::Acquire`); the answer, an
-    /// encoded `SlotGrant`, comes when it holds them.
+    Place(Wire<Placement>),
+    /// A flow run ended: its slots free.
+    Ended(Wire<FlowRunId>),
+    /// The runs running now, read back after a start or a missed event.
+    Restore(Wire<Vec<Running>>),
+    /// The work queues now.
+    Queues(Wire<Vec<flotilla_runtime::WorkQueue>>),
+    /// The tag limits now.
+    Limits(Wire<Vec<flotilla_runtime::ConcurrencyLimit>>),
+    /// The slot holdings recorded before a start, (tag, holder, node) each (None: never
+    /// recorded).
+    Holds(Wire<Option<Vec<(String, TaskRunId, NodeId)>>>),
+    /// A task run asks for slots of its tags (a `SlotRequest::Acquire`); the answer comes when it
+    /// holds them.
     #[rpc]
-    AcquireSlots(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// Leases released (an encoded `SlotRequest::Release`).
-    Slots(Vec<u8>),
-    /// A holder renews its leases (an encoded `SlotRequest::Renew`); the answer, an encoded
-    /// `bool`, says whether it holds them (false: it lost its slots and must stop).
+    AcquireSlots(Wire<SlotRequest>, RpcReplyPort<Wire<SlotGrant>>),
+    /// Leases released (a `SlotRequest::Release`).
+    Slots(Wire<SlotRequest>),
+    /// A holder renews its leases (a `SlotRequest::Renew`); the answer says whether it holds them (false: it lost its slots and must stop).
     #[rpc]
-    RenewSlots(Vec<u8>, RpcReplyPort<Vec<u8>>),
-    /// Runs a restarted node resumed (their ids' 16 bytes each, encoded): placed as they are
+    RenewSlots(Wire<SlotRequest>, RpcReplyPort<Wire<bool>>),
+    /// Runs a restarted node resumed: placed as they are
     /// now, under their queue's and deployment's limits.
-    Resumed(Vec<u8>),
+    Resumed(Wire<Vec<FlowRunId>>),
     /// Time to look for silent members.
     Tick,
-    /// A run handed to a node that never started it, still waiting (an encoded [`Placement`]):
+    /// A run handed to a node that never started it, still waiting:
     /// placed again.
-    TakeBack(Vec<u8>),
+    TakeBack(Wire<Placement>),
 }

@@ -5,10 +5,10 @@ use super::*;
 
 impl ControlState {
     /// Answers a client request. Work that waits on the store runs on a task of its own.
-    pub(super) fn request(&mut self, request: Request, reply: RpcReplyPort<Vec<u8>>) {
+    pub(super) fn request(&mut self, request: Request, reply: RpcReplyPort<Wire<Response>>) {
         let p = self.persistence.clone();
-        let answer = |reply: RpcReplyPort<Vec<u8>>, r: Response| {
-            let _ = reply.send(encode(&r));
+        let answer = |reply: RpcReplyPort<Wire<Response>>, r: Response| {
+            let _ = reply.send(Wire::new(r));
         };
         match request {
             Request::Status => answer(reply, Response::Status(self.status())),
@@ -70,7 +70,7 @@ impl ControlState {
                             // Placed like every run, in the default work queue: it goes to a
                             // node that serves it. (A run that existed was placed when made.)
                             if created {
-                                replace(&Placement::plain(run.id, run.flow_name.clone(), now()));
+                                replace(Placement::plain(run.id, run.flow_name.clone(), now()));
                             }
                             Response::Ran(run.id)
                         }
@@ -101,7 +101,7 @@ impl ControlState {
                             // The owner as of the change (a claim just before it counts).
                             let owner = p.flow_run(id).await.ok().flatten().and_then(|r| r.owner);
                             if let Some(owner) = owner.filter(|_| !s.is_terminal()) {
-                                let _ = send_agent(&owner, AgentMsg::Cancel(id.as_bytes().to_vec()));
+                                let _ = send_agent(&owner, AgentMsg::Cancel(Wire::new(id)));
                             }
                             Response::State(s)
                         }
@@ -131,7 +131,7 @@ impl ControlState {
                         Ok(Ok(Reply::Retried { state, .. })) => {
                             // Placed like a new run, by the control actor.
                             if let Ok(Some(f)) = p.flow_run(run).await {
-                                replace(&placement_of(&p, &f, now()).await);
+                                replace(placement_of(&p, &f, now()).await);
                             }
                             Response::State(state)
                         }
@@ -299,7 +299,7 @@ impl ControlState {
                     let r = match p.submit(cmd).await {
                         Ok(Ok(Reply::FlowRunCreated { run, created })) => {
                             if created {
-                                replace(&Placement {
+                                replace(Placement {
                                     run: run.id,
                                     flow: run.flow_name.clone(),
                                     due: now(),
