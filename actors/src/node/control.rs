@@ -240,6 +240,11 @@ impl Actor for Control {
                     s.drive(Input::Restore(running));
                 }
             }
+            ControlMsg::Held(runs) => {
+                if let Some(runs) = got(runs, "the runs held for the scheduler") {
+                    s.drive(Input::Held(runs));
+                }
+            }
             ControlMsg::Queues(queues) => {
                 if let Some(queues) = got(queues, "the work queues") {
                     s.drive(Input::Queues(queues));

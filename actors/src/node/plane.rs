@@ -190,6 +190,7 @@ impl RemoteControl {
         for attempt in 0..3u32 {
             match call(|port| ControlMsg::Read(Wire::new(read.clone()), port)).await {
                 Ok(reply) => return reply,
+                Err(e @ CallError::Undecodable(_)) => return Err(PersistError::Read(e.to_string())),
                 Err(e) => last = e.to_string(),
             }
             tokio::time::sleep(Duration::from_millis(100 << attempt)).await;

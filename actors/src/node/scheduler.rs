@@ -215,6 +215,8 @@ impl SchedulerState {
             after = Some(last.id);
             runs.extend(page.into_iter().map(|r| KnownRun {
                 id: r.id,
+                flow: r.flow_name,
+                queue: r.work_queue,
                 waiting: r.lifecycle.state.kind == StateType::Scheduled && r.owner.is_none(),
                 due: r.expected_start_time,
                 key: r.idempotency_key,

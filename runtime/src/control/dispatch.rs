@@ -106,6 +106,9 @@ pub struct Dispatch {
     per_deployment: BTreeMap<DeploymentId, u32>,
     /// Runs cancelled by their deployment's limit (cancel-new), until they end.
     dropped: std::collections::BTreeSet<FlowRunId>,
+    /// Runs waiting for the scheduler to hand them out (read back after a start): not placed
+    /// yet, so a claim of one is a stale start from before the start.
+    held: std::collections::BTreeSet<FlowRunId>,
     /// The last limit seen per deployment.
     limits: BTreeMap<DeploymentId, (u32, CollisionStrategy)>,
 }
@@ -198,6 +201,7 @@ impl Dispatch {
 
     /// A run came due. A run already waiting or running is not added twice.
     pub fn add(&mut self, p: Placement) -> Option<Action> {
+        self.held.remove(&p.run);
         if self.spots.contains_key(&p.run)
             || self.active.contains_key(&p.run)
             || self.dropped.contains(&p.run)
@@ -304,6 +308,7 @@ impl Dispatch {
     /// deployment held back goes back to its queue. Returns the node it ran on.
     pub fn ended(&mut self, run: FlowRunId) -> Option<NodeId> {
         self.dropped.remove(&run);
+        self.held.remove(&run);
         if let Some((spot, due)) = self.spots.remove(&run) {
             match spot {
                 Spot::Ready(q) => {
@@ -360,7 +365,7 @@ impl Dispatch {
 
     /// Where a run is: waiting to be placed, placed (on a node, if known), or not here.
     pub fn whereabouts(&self, run: &FlowRunId) -> Whereabouts<'_> {
-        if self.spots.contains_key(run) {
+        if self.spots.contains_key(run) || self.held.contains(run) {
             Whereabouts::Waiting
         } else if self.dropped.contains(run) {
             Whereabouts::Dropped
@@ -369,6 +374,20 @@ impl Dispatch {
         } else {
             Whereabouts::Unknown
         }
+    }
+
+    /// Runs that wait for their hand-out (by the scheduler): until it comes, they are waiting.
+    pub fn hold(&mut self, runs: impl IntoIterator<Item = FlowRunId>) {
+        for run in runs {
+            if !self.spots.contains_key(&run) && !self.active.contains_key(&run) {
+                self.held.insert(run);
+            }
+        }
+    }
+
+    /// Whether a run waits for its hand-out by the scheduler.
+    pub fn is_held(&self, run: &FlowRunId) -> bool {
+        self.held.contains(run)
     }
 
     /// Forgets what runs: a resync follows with [`Dispatch::restore`].

@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! ControlMachine::handle(&mut self, now, Input) -> Vec<Effect>
-//! Input  = Heartbeat | Tick | Due | Ended | StartFailed | TakeBack | Restore | Queues | Limits
+//! Input  = Heartbeat | Tick | Due | Ended | StartFailed | TakeBack | Restore | Held | Queues | Limits
 //!        | Holds | Acquire | Renew | Release | ResetLimit
 //! Effect = Append(Command) | DeclareDead { node, command } | Start { node, placement }
 //!        | Recheck { node, runs }
@@ -101,6 +101,9 @@ pub enum Input<R> {
     TakeBack(Placement),
     /// The runs running now, read back after a start or a missed event.
     Restore(Vec<Running>),
+    /// Runs of deployments waiting, read back after a start: the scheduler hands them out when
+    /// due; until then a claim of one (a start sent before the restart) is refused.
+    Held(Vec<FlowRunId>),
     /// The work queues now.
     Queues(Vec<WorkQueue>),
     /// The tag limits now.
@@ -303,8 +306,16 @@ impl<R> ControlMachine<R> {
             Input::Heartbeat(report) => self.heartbeat(now, report, &mut out),
             Input::Tick => self.tick(now, &mut out),
             Input::Due(p) => {
-                // Placed afresh (resumed, retried): a read-back of it from before is moot.
-                self.rechecking.remove(&p.run);
+                // Placed afresh (resumed, retried): a read-back of it from before is moot. A
+                // run already waiting or placed (handed out twice) is left as it is, its
+                // read-back too.
+                if !matches!(
+                    self.dispatch.whereabouts(&p.run),
+                    Whereabouts::Placed(_) | Whereabouts::Waiting
+                ) || self.dispatch.is_held(&p.run)
+                {
+                    self.rechecking.remove(&p.run);
+                }
                 self.dispatch.add(p);
                 self.pump(now, &mut out);
             }
@@ -330,6 +341,7 @@ impl<R> ControlMachine<R> {
                 self.pump(now, &mut out);
             }
             Input::Restore(running) => self.restore(now, running, &mut out),
+            Input::Held(runs) => self.dispatch.hold(runs),
             Input::Queues(queues) => {
                 self.dispatch.set_queues(queues);
                 self.pump(now, &mut out);

@@ -61,6 +61,10 @@ impl Default for Ahead {
 pub struct KnownRun {
     /// The run.
     pub id: FlowRunId,
+    /// Its flow.
+    pub flow: String,
+    /// Its work queue.
+    pub queue: Option<String>,
     /// Its idempotency key (the scheduler's runs carry theirs).
     pub key: Option<String>,
     /// When it is due.
@@ -144,8 +148,8 @@ struct Dep {
     ahead: usize,
     /// The latest fire time made.
     horizon: Option<Timestamp>,
-    /// A `Create` not answered yet.
-    refilling: bool,
+    /// How many runs a `Create` not answered yet asked for (0: none is out).
+    refilling: usize,
     generation: u64,
 }
 
@@ -163,7 +167,7 @@ impl Dep {
             last: vec![None; n],
             ahead: 0,
             horizon: None,
-            refilling: false,
+            refilling: 0,
             generation,
         }
     }
@@ -173,6 +177,8 @@ impl Dep {
 #[derive(Debug)]
 struct Due {
     deployment: DeploymentId,
+    flow: String,
+    queue: Option<String>,
     /// Made by a schedule (counted ahead, cancelled when the deployment changes), not ad hoc.
     scheduled: bool,
 }
@@ -247,19 +253,31 @@ impl Scheduler {
                 generation,
                 runs,
             } => {
-                if let Some(dep) = self.deps.get_mut(&deployment)
-                    && dep.generation == generation
-                {
-                    dep.refilling = false;
-                    for (t, run) in runs {
-                        let due = Due {
-                            deployment,
-                            scheduled: true,
-                        };
-                        self.due.insert((t, run), due);
+                match self.deps.get_mut(&deployment) {
+                    Some(dep) if dep.generation == generation => {
+                        // Runs asked for that do not wait (not made, or taken already) are
+                        // not ahead any more.
+                        let asked = std::mem::take(&mut dep.refilling);
+                        dep.ahead = dep.ahead.saturating_sub(asked.saturating_sub(runs.len()));
+                        for (t, run) in runs {
+                            let due = Due {
+                                deployment,
+                                flow: dep.d.flow_name.clone(),
+                                queue: dep.d.work_queue.clone(),
+                                scheduled: true,
+                            };
+                            self.due.insert((t, run), due);
+                        }
+                        // Due ones already (a slow store) go at once.
+                        self.wake(now, &mut out);
                     }
-                    // Due ones already (a slow store) go at once.
-                    self.wake(now, &mut out);
+                    // Made for the deployment as it was before a change, or since deleted:
+                    // cancelled like the others it made then.
+                    _ => {
+                        for (_, run) in runs {
+                            out.push(cancelled(now, run, &format!("generation-{generation}")));
+                        }
+                    }
                 }
             }
             Input::Wake => {
@@ -282,6 +300,8 @@ impl Scheduler {
                 if run.waiting {
                     let due = Due {
                         deployment: id,
+                        flow: run.flow,
+                        queue: run.queue,
                         scheduled: false,
                     };
                     self.due.insert((run.due, run.id), due);
@@ -303,6 +323,8 @@ impl Scheduler {
                 dep.horizon = Some(dep.horizon.map_or(t, |h| h.max(t)));
                 let due = Due {
                     deployment: id,
+                    flow: run.flow,
+                    queue: run.queue,
                     scheduled: true,
                 };
                 self.due.insert((t, run.id), due);
@@ -331,7 +353,7 @@ impl Scheduler {
     fn refill(&mut self, now: Timestamp, id: DeploymentId, out: &mut Vec<Effect>) {
         let ahead = self.ahead;
         let Some(dep) = self.deps.get_mut(&id) else { return };
-        if dep.d.paused || dep.refilling || !self.started {
+        if dep.d.paused || dep.refilling > 0 || !self.started {
             return;
         }
         let covered = |n: usize, horizon: Option<Timestamp>| {
@@ -363,8 +385,8 @@ impl Scheduler {
             let derived = derived_id(&key).into_bytes();
             let mut random = [0u8; 10];
             random.copy_from_slice(&derived[..10]);
-            // Time-ordered like every run id, and the same for the same fire time.
-            let run = FlowRunId::from_uuid(uuid_v7_from(now, random));
+            // Time-ordered (by fire time) like every run id, and the same for the same key.
+            let run = FlowRunId::from_uuid(uuid_v7_from(t, random));
             let new = NewFlowRun::of_deployment(run, &dep.d, &dep.d.schedules[i].parameters)
                 .with_key(Some(key))
                 .due_at(t);
@@ -376,7 +398,7 @@ impl Scheduler {
         }
         dep.ahead = n;
         dep.horizon = horizon;
-        dep.refilling = true;
+        dep.refilling = make.len();
         self.counts.created += make.len() as u64;
         out.push(Effect::Create {
             deployment: id,
@@ -397,9 +419,9 @@ impl Scheduler {
             let d = self.deps.get(&due.deployment).map(|d| &d.d);
             out.push(Effect::HandOut(Placement {
                 run,
-                flow: d.map(|d| d.flow_name.clone()).unwrap_or_default(),
+                flow: due.flow,
                 due: at,
-                queue: d.and_then(|d| d.work_queue.clone()),
+                queue: due.queue,
                 deployment: Some((
                     due.deployment,
                     d.and_then(|d| d.concurrency_limit.map(|l| (l, d.collision))),

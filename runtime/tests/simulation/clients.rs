@@ -27,11 +27,15 @@ pub struct Client {
     keys: BTreeMap<String, BTreeSet<FlowRunId>>,
 }
 
-/// The scheduler machine, and the wake-ups it asked for (lost with the control node).
+/// The scheduler machine, the wake-ups it asked for and the runs it asked to make that are not
+/// logged yet (both lost with the control node).
 #[derive(Debug)]
 pub struct Scheduler {
     machine: scheduler::Scheduler,
     wakes: BTreeSet<Timestamp>,
+    making: Vec<(Timestamp, scheduler::Effect)>,
+    /// When it (re)starts, if it is down.
+    starting: Option<Timestamp>,
     /// Whether the deployment was deleted (once the faults stop).
     deleted: bool,
 }
@@ -45,8 +49,17 @@ impl Scheduler {
                 max: 10,
             }),
             wakes: BTreeSet::new(),
+            making: Vec::new(),
+            starting: None,
             deleted: false,
         }
+    }
+
+    /// The control node restarted: it starts afresh at `at`.
+    pub fn start_at(&mut self, at: Timestamp) {
+        self.wakes.clear();
+        self.making.clear();
+        self.starting = Some(at);
     }
 }
 
@@ -175,8 +188,24 @@ impl Sim {
         }
     }
 
-    /// The scheduler's wake-ups that came; once the faults stop, its deployment is deleted.
+    /// The scheduler starts when its time came; its runs whose making is logged are told to
+    /// it; its wake-ups that came; once the faults stop, its deployment is deleted.
     pub(super) fn scheduler_acts(&mut self) {
+        if let Some(at) = self.scheduler.starting {
+            if at > self.now {
+                return;
+            }
+            self.scheduler.starting = None;
+            self.scheduler_started();
+        }
+        let now = self.now;
+        let (logged, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.scheduler.making)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.scheduler.making = later;
+        for (_, create) in logged {
+            self.make_scheduled(create);
+        }
         if !self.faults() && !self.scheduler.deleted {
             self.scheduler.deleted = true;
             self.note("the scheduled deployment is deleted".into());
@@ -191,11 +220,36 @@ impl Sim {
         }
     }
 
+    /// The runs of a `Create` are logged: the scheduler is told which wait.
+    fn make_scheduled(&mut self, create: scheduler::Effect) {
+        let scheduler::Effect::Create {
+            deployment,
+            generation,
+            runs,
+        } = create
+        else {
+            return;
+        };
+        let mut made = Vec::new();
+        for (at, new) in runs {
+            if let Ok(Reply::FlowRunCreated { run, .. }) = self.log(Command::CreateFlowRun(new))
+                && run.lifecycle.state.kind == StateType::Scheduled
+                && run.owner.is_none()
+            {
+                made.push((at, run.id));
+            }
+        }
+        self.schedule(scheduler::Input::Created {
+            deployment,
+            generation,
+            runs: made,
+        });
+    }
+
     /// The control node (re)starts its scheduler: a new machine, given the deployment and its
     /// runs as the store has them.
     pub(super) fn scheduler_started(&mut self) {
         self.scheduler.machine = Scheduler::new().machine;
-        self.scheduler.wakes.clear();
         for deployment in deployments(self.start) {
             if deployment.name == SCHEDULED && self.scheduler.deleted {
                 continue;
@@ -208,6 +262,8 @@ impl Sim {
                 .filter(|r| r.deployment_id == Some(d))
                 .map(|r| KnownRun {
                     id: r.id,
+                    flow: r.flow_name.clone(),
+                    queue: r.work_queue.clone(),
                     key: r.idempotency_key.clone(),
                     due: r.expected_start_time,
                     waiting: r.lifecycle.state.kind == StateType::Scheduled && r.owner.is_none(),
@@ -226,26 +282,10 @@ impl Sim {
         while let Some(input) = inputs.pop_front() {
             for effect in self.scheduler.machine.handle(self.now, input) {
                 match effect {
-                    scheduler::Effect::Create {
-                        deployment,
-                        generation,
-                        runs,
-                    } => {
-                        let mut made = Vec::new();
-                        for (at, new) in runs {
-                            if let Ok(Reply::FlowRunCreated { run, .. }) =
-                                self.log(Command::CreateFlowRun(new))
-                                && run.lifecycle.state.kind == StateType::Scheduled
-                                && run.owner.is_none()
-                            {
-                                made.push((at, run.id));
-                            }
-                        }
-                        inputs.push_back(scheduler::Input::Created {
-                            deployment,
-                            generation,
-                            runs: made,
-                        });
+                    create @ scheduler::Effect::Create { .. } => {
+                        // Logged a little later (lost if the control node restarts first).
+                        let at = self.now + self.rng.ms(0, 40);
+                        self.scheduler.making.push((at, create));
                     }
                     scheduler::Effect::Append(command) => {
                         let _ = self.log(command);
@@ -263,10 +303,18 @@ impl Sim {
     }
 
     /// The control node gets a request for a run: it makes it (once: by its run id, or its
-    /// key) and answers with the run.
+    /// key) and, once that is logged, answers with the run. A restart before loses it: the
+    /// client asks again.
     pub(super) fn control_creates(&mut self, new: NewFlowRun) {
+        let at = self.log_at();
         let asked = new.id;
-        match self.log(Command::CreateFlowRun(new)) {
+        self.unlogged
+            .push((at, Command::CreateFlowRun(new), Then::Created(asked)));
+    }
+
+    /// The request for the run `asked` is logged: answered with the run.
+    pub(super) fn created(&mut self, asked: FlowRunId, reply: Result<Reply, flotilla_runtime::Refusal>) {
+        match reply {
             Ok(Reply::FlowRunCreated { run, created }) => {
                 if created {
                     self.note(format!("made {}", short(run.id)));

@@ -148,6 +148,8 @@ enum Then {
     Answer(NodeId, Token, SlotAnswer),
     /// Resume elsewhere what the dead node's crash left (a node's death logged).
     Resume(NodeId),
+    /// Answer the client's request for the run of this id (its run logged).
+    Created(FlowRunId),
 }
 
 /// One simulated run.
@@ -509,15 +511,24 @@ impl Sim {
         self.drive(Input::Limits(limits));
         self.drive(Input::Holds(holds));
         self.drive(Input::Restore(running));
+        // Those of a deployment are the scheduler's to hand out: held until it does.
+        let mut held = Vec::new();
         for run in waiting {
-            // Those of a deployment are the scheduler's to hand out.
-            if let Some(p) = self.waiting_placement(run)
-                && p.deployment.is_none()
-            {
-                self.drive(Input::Due(p));
+            match self.waiting_placement(run) {
+                Some(p) if p.deployment.is_none() => self.drive(Input::Due(p)),
+                Some(p) => held.push(p.run),
+                None => {}
             }
         }
-        self.scheduler_started();
+        self.drive(Input::Held(held));
+        // The scheduler starts a while after the control node (its reads take time): the
+        // fire times that fall meanwhile are caught up or skipped as their schedule says.
+        let after = if self.control_restarts == 0 {
+            Duration::ZERO
+        } else {
+            self.rng.ms(0, 1_500)
+        };
+        self.scheduler.start_at(self.now + after);
     }
 
     /// Faults of the step: a node crashes or is cut off, the control node restarts.
@@ -599,6 +610,7 @@ impl Sim {
                         self.resume_crashed(&node, crashed);
                     }
                 }
+                Then::Created(asked) => self.created(asked, reply),
             }
         }
     }

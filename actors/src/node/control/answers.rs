@@ -95,8 +95,9 @@ async fn answer(
     match p.answer_to(id).await {
         Ok(Some(first)) => {
             return codec::decode::<Response>(&first).unwrap_or_else(|e| {
+                // Not worth sending again: the same answer would be read.
                 refused(
-                    ErrorKind::Unavailable,
+                    ErrorKind::Protocol,
                     format!("the remembered answer could not be read: {e}"),
                 )
             });

@@ -248,8 +248,10 @@ pub(super) async fn restore_running(p: &PersistenceHandle, me: &ActorRef<Control
         }
     }
     let _ = me.cast(ControlMsg::Restore(Wire::new(running)));
-    // Runs made without a deployment and not started: placed (those of deployments are the
-    // scheduler's to hand out).
+    // Runs made without a deployment and not started: placed; those of deployments are the
+    // scheduler's to hand out, held until it does (so that a start sent before this restart
+    // cannot run one beside its deployment's limit).
+    let mut held = Vec::new();
     let mut after = None;
     loop {
         let page = match p
@@ -265,11 +267,17 @@ pub(super) async fn restore_running(p: &PersistenceHandle, me: &ActorRef<Control
         let Some(last) = page.last() else { break };
         after = Some(last.id);
         for r in page {
-            if r.parent_task_run.is_none() && r.deployment_id.is_none() && r.owner.is_none() {
+            if r.parent_task_run.is_some() || r.owner.is_some() {
+                continue;
+            }
+            if r.deployment_id.is_some() {
+                held.push(r.id);
+            } else {
                 replace(placement_of(p, &r, r.expected_start_time).await);
             }
         }
     }
+    let _ = me.cast(ControlMsg::Held(Wire::new(held)));
 }
 
 /// Hands a run back to the control actor's placement (it waits until a node can take it).

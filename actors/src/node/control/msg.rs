@@ -36,6 +36,9 @@ pub enum ControlMsg {
     Restore(Wire<Vec<Running>>),
     /// The work queues now.
     Queues(Wire<Vec<flotilla_runtime::WorkQueue>>),
+    /// Runs of deployments waiting, read back after a start: held until the scheduler hands
+    /// them out (a claim of one before is refused).
+    Held(Wire<Vec<FlowRunId>>),
     /// The tag limits now.
     Limits(Wire<Vec<flotilla_runtime::ConcurrencyLimit>>),
     /// The slot holdings recorded before a start, (tag, holder, node) each (None: never

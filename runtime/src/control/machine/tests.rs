@@ -234,3 +234,63 @@ fn a_run_claimed_while_it_is_read_back_is_not_taken_back() {
     };
     assert!(c.admit(&other).is_err());
 }
+
+/// A node's claim of `run` at `ms`.
+fn claim(n: u8, by: &str, ms: u64) -> Command {
+    Command::ProposeFlowRunState {
+        run: run(n),
+        proposal: Proposal::from_worker(
+            State::named(StateName::Pending, at(ms)),
+            TransitionId::from_uuid(derived_id(&format!("claim/{n}/{by}/{ms}"))),
+            crate::ids::Epoch::FIRST,
+            node(by),
+        ),
+    }
+}
+
+#[test]
+fn a_run_handed_out_twice_is_still_taken_back_when_its_start_was_lost() {
+    // Found by the simulation (seed 531): the scheduler handed out a run the control machine
+    // had placed already; the second hand-out cancelled the read-back of its lost start, and
+    // the run stayed placed on a node that never ran it.
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
+    c.handle(T0, Input::Heartbeat(member("a", 2, 1)));
+    let p = Placement::plain(run(1), "f".into(), T0);
+    assert_eq!(
+        starts(&c.handle(T0, Input::Due(p.clone()))),
+        vec![(node("a"), run(1))]
+    );
+    c.handle(at(100), Input::Heartbeat(member("a", 2, 1)));
+    let effects = c.handle(at(200), Input::Heartbeat(member("a", 2, 1)));
+    assert!(effects.iter().any(|e| matches!(e, Effect::Recheck { .. })));
+    // Handed out again meanwhile: nothing changes, the read-back still counts.
+    assert!(starts(&c.handle(at(210), Input::Due(p.clone()))).is_empty());
+    assert_eq!(
+        starts(&c.handle(at(220), Input::TakeBack(p))),
+        vec![(node("a"), run(1))],
+        "taken back and placed again"
+    );
+}
+
+#[test]
+fn after_a_restart_a_stale_start_of_a_run_held_for_the_scheduler_is_refused() {
+    // Found by the simulation (seed 28): after a restart of the control node, a start sent
+    // before it let a node claim a deployment's run that the new machine did not know yet (the
+    // scheduler hands such runs out), and the run ran beside its deployment's limit.
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
+    c.handle(T0, Input::Heartbeat(member("a", 2, 1)));
+    c.handle(T0, Input::Restore(Vec::new()));
+    c.handle(T0, Input::Held(vec![run(1)]));
+    assert!(c.admit(&claim(1, "a", 10)).is_err(), "held: not placed yet");
+    // Handed out by the scheduler: placed, and its claim by that node is admitted.
+    let d = DeploymentId::from_uuid(derived_id("d"));
+    let p = Placement {
+        deployment: Some((d, Some((1, crate::deployment::CollisionStrategy::Enqueue)))),
+        ..Placement::plain(run(1), "f".into(), T0)
+    };
+    assert_eq!(
+        starts(&c.handle(at(20), Input::Due(p))),
+        vec![(node("a"), run(1))]
+    );
+    assert!(c.admit(&claim(1, "a", 30)).is_ok());
+}

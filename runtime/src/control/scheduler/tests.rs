@@ -51,6 +51,18 @@ fn made(out: &[Effect]) -> Vec<(Timestamp, String)> {
         .collect()
 }
 
+/// The run ids an effect list asks to make.
+fn ids(out: &[Effect]) -> Vec<FlowRunId> {
+    out.iter()
+        .filter_map(|e| match e {
+            Effect::Create { runs, .. } => Some(runs),
+            _ => None,
+        })
+        .flatten()
+        .map(|(_, new)| new.id)
+        .collect()
+}
+
 fn handed_out(out: &[Effect]) -> Vec<FlowRunId> {
     out.iter()
         .filter_map(|e| match e {
@@ -93,6 +105,8 @@ fn known(out: &[Effect]) -> Vec<KnownRun> {
         .flatten()
         .map(|(at, new)| KnownRun {
             id: new.id,
+            flow: new.flow_name.clone(),
+            queue: new.work_queue.clone(),
             key: new.idempotency_key.clone(),
             due: *at,
             waiting: true,
@@ -177,17 +191,17 @@ fn a_restarted_scheduler_makes_no_fire_time_twice_and_hands_out_what_waits() {
         "{again:?} repeats {before:?}"
     );
     assert_eq!(again.first().map(|(at, _)| *at), Some(t(40)));
-    // The same key gives the same run id: a second scheduler's run is the first's.
+    // The same key gives the same run id: a second scheduler's run is the first's, whenever it
+    // makes it.
     let mut other = Scheduler::new(ahead());
-    other.handle(
-        t(1),
-        Input::Loaded {
-            deployment: d,
-            runs: Vec::new(),
-        },
-    );
+    let loaded = Input::Loaded {
+        deployment: d,
+        runs: Vec::new(),
+    };
+    other.handle(t(1), loaded);
     let out3 = other.handle(t(2), Input::Started);
     assert_eq!(made(&out3), before);
+    assert_eq!(ids(&out3), ids(&out));
 }
 
 #[test]
@@ -266,7 +280,7 @@ fn a_changed_deployment_cancels_what_it_made_and_schedules_afresh() {
             .iter()
             .all(|(_, k)| k.contains(&format!("/{}/", t(4).as_micros())))
     );
-    // An answer for the deployment as it was is ignored.
+    // An answer for the deployment as it was: its run is cancelled, nothing handed out.
     let late = s.handle(
         t(5),
         Input::Created {
@@ -275,7 +289,11 @@ fn a_changed_deployment_cancels_what_it_made_and_schedules_afresh() {
             runs: vec![(t(10), FlowRunId::from_uuid(derived_id("late")))],
         },
     );
-    assert!(late.is_empty());
+    let late_run = FlowRunId::from_uuid(derived_id("late"));
+    assert!(
+        matches!(&late[..], [Effect::Append(Command::ProposeFlowRunState { run, .. })] if *run == late_run),
+        "{late:?}"
+    );
     // Deleted: what waits is cancelled, nothing more is made.
     answer(&mut s, t(5), &out);
     let out = s.handle(
@@ -322,6 +340,8 @@ fn a_paused_deployment_makes_nothing_but_its_waiting_ad_hoc_runs_go() {
     let mut s = Scheduler::new(ahead());
     let adhoc = KnownRun {
         id: FlowRunId::from_uuid(derived_id("adhoc")),
+        flow: "etl".into(),
+        queue: Some("urgent".into()),
         key: None,
         due: t(0),
         waiting: true,
@@ -336,4 +356,9 @@ fn a_paused_deployment_makes_nothing_but_its_waiting_ad_hoc_runs_go() {
     let out = s.handle(t(1), Input::Started);
     assert!(made(&out).is_empty());
     assert_eq!(handed_out(&out), vec![adhoc.id]);
+    // It goes in its own queue, with its own flow.
+    let Some(Effect::HandOut(p)) = out.iter().find(|e| matches!(e, Effect::HandOut(_))) else {
+        panic!("not handed out: {out:?}")
+    };
+    assert_eq!((p.flow.as_str(), p.queue.as_deref()), ("etl", Some("urgent")));
 }
