@@ -1,6 +1,7 @@
 //! `flotilla bench …`: benchmarks of this build on this machine.
 
 mod cluster;
+mod failover;
 mod fsync;
 mod persistence;
 mod schedule;
@@ -17,6 +18,9 @@ pub enum BenchCmd {
     Tasks(tasks::TasksArgs),
     /// A local 3-node cluster: remote flow run latency, flow runs/s, failure detection time.
     Cluster(cluster::ClusterArgs),
+    /// Losing a worker: false suspicions with both cores busy, time to notice a SIGKILLed
+    /// worker and to resume its pipeline on another.
+    Failover(failover::FailoverArgs),
     /// Deployments on schedules: how late runs start, and the scheduler's cost.
     Schedule(schedule::ScheduleArgs),
 }
@@ -27,5 +31,6 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Tasks(args) => tasks::run(args).await,
         BenchCmd::Cluster(args) => cluster::run(args).await,
         BenchCmd::Schedule(args) => schedule::run(args).await,
+        BenchCmd::Failover(args) => failover::run(args).await,
     }
 }

@@ -168,7 +168,13 @@ struct Child {
 
 /// Starts `n` nodes as child processes of this binary: n1 the control node on `port`, the
 /// others workers joining it.
-async fn spawn_nodes(n: u16, dir: &Path, port: u16, extra: &[&str]) -> anyhow::Result<Vec<Child>> {
+async fn spawn_nodes(
+    n: u16,
+    dir: &Path,
+    port: u16,
+    extra: &[&str],
+    control_extra: &[&str],
+) -> anyhow::Result<Vec<Child>> {
     anyhow::ensure!(n >= 1, "--nodes must be at least 1");
     anyhow::ensure!(
         u32::from(port) + u32::from(n) <= 65_536,
@@ -204,7 +210,7 @@ async fn spawn_nodes(n: u16, dir: &Path, port: u16, extra: &[&str]) -> anyhow::R
             .stderr(file)
             .kill_on_drop(true);
         if i == 0 {
-            cmd.args(["--role", "control"]);
+            cmd.args(["--role", "control"]).args(control_extra);
         } else {
             cmd.args(["--role", "worker", "--join", &format!("127.0.0.1:{port}")]);
         }
@@ -269,7 +275,7 @@ async fn local(n: u16, dir: &Path, port: u16) -> anyhow::Result<()> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("cannot use {}", dir.display()))?;
-    let mut children = spawn_nodes(n, &dir, port, &[]).await?;
+    let mut children = spawn_nodes(n, &dir, port, &[], &[]).await?;
     let conn = Conn {
         addr: Some(format!("127.0.0.1:{port}")),
         certs: Some(dir.join("certs")),
@@ -340,7 +346,18 @@ impl LocalCluster {
     /// Starts `n` nodes in `dir` on ports from `port`, each given `extra` flags, and waits
     /// until they are all reachable.
     pub async fn start(n: u16, dir: &Path, port: u16, extra: &[&str]) -> anyhow::Result<LocalCluster> {
-        let mut children = spawn_nodes(n, dir, port, extra).await?;
+        Self::start_with(n, dir, port, extra, &[]).await
+    }
+
+    /// As [`LocalCluster::start`], the control node given `control_extra` flags as well.
+    pub async fn start_with(
+        n: u16,
+        dir: &Path,
+        port: u16,
+        extra: &[&str],
+        control_extra: &[&str],
+    ) -> anyhow::Result<LocalCluster> {
+        let mut children = spawn_nodes(n, dir, port, extra, control_extra).await?;
         let conn = Conn {
             addr: Some(format!("127.0.0.1:{port}")),
             certs: Some(dir.join("certs")),

@@ -43,7 +43,7 @@ struct Report {
 }
 
 /// Three consecutive free UDP ports on 127.0.0.1.
-fn free_ports() -> anyhow::Result<u16> {
+pub(super) fn free_ports() -> anyhow::Result<u16> {
     for _ in 0..200 {
         let base = 20_000 + (rand::random::<u16>() % 30_000);
         let ok = (0..3).all(|i| std::net::UdpSocket::bind(("127.0.0.1", base + i)).is_ok());
