@@ -139,6 +139,14 @@ fn persist_err(e: PersistError) -> Response {
 }
 
 impl ControlState {
+    /// Feeds the machine the input a message's payload makes (a payload that could not be
+    /// decoded is logged and dropped).
+    fn feed<T>(&mut self, payload: Wire<T>, what: &str, input: impl FnOnce(T) -> Input<SlotReply>) {
+        if let Some(value) = got(payload, what) {
+            self.drive(input(value));
+        }
+    }
+
     fn status(&self) -> ClusterStatus {
         ClusterStatus {
             nodes: self.machine.members(),
@@ -220,46 +228,14 @@ impl Actor for Control {
             },
             ControlMsg::Asked(asked, reply) => s.asked(asked, reply, &myself),
             ControlMsg::Answered(answer) => s.answered(answer),
-            ControlMsg::Place(p) => {
-                if let Some(p) = got(p, "a placement") {
-                    s.drive(Input::Due(p));
-                }
-            }
-            ControlMsg::Ended(run) => {
-                if let Some(run) = got(run, "a run that ended") {
-                    s.drive(Input::Ended(run));
-                }
-            }
-            ControlMsg::TakeBack(p) => {
-                if let Some(p) = got(p, "a placement") {
-                    s.drive(Input::TakeBack(p));
-                }
-            }
-            ControlMsg::Restore(running) => {
-                if let Some(running) = got(running, "the runs under way") {
-                    s.drive(Input::Restore(running));
-                }
-            }
-            ControlMsg::Held(runs) => {
-                if let Some(runs) = got(runs, "the runs held for the scheduler") {
-                    s.drive(Input::Held(runs));
-                }
-            }
-            ControlMsg::Queues(queues) => {
-                if let Some(queues) = got(queues, "the work queues") {
-                    s.drive(Input::Queues(queues));
-                }
-            }
-            ControlMsg::Limits(limits) => {
-                if let Some(limits) = got(limits, "the tag limits") {
-                    s.drive(Input::Limits(limits));
-                }
-            }
-            ControlMsg::Holds(holds) => {
-                if let Some(holds) = got(holds, "the slot holdings") {
-                    s.drive(Input::Holds(holds));
-                }
-            }
+            ControlMsg::Place(p) => s.feed(p, "a placement", Input::Due),
+            ControlMsg::Ended(run) => s.feed(run, "a run that ended", Input::Ended),
+            ControlMsg::TakeBack(p) => s.feed(p, "a placement", Input::TakeBack),
+            ControlMsg::Restore(running) => s.feed(running, "the runs under way", Input::Restore),
+            ControlMsg::Held(runs) => s.feed(runs, "the runs held for the scheduler", Input::Held),
+            ControlMsg::Queues(queues) => s.feed(queues, "the work queues", Input::Queues),
+            ControlMsg::Limits(limits) => s.feed(limits, "the tag limits", Input::Limits),
+            ControlMsg::Holds(holds) => s.feed(holds, "the slot holdings", Input::Holds),
             ControlMsg::Tick => s.drive(Input::Tick),
             ControlMsg::Resumed(ids) => {
                 if let Some(ids) = got(ids, "resumed runs") {

@@ -195,6 +195,17 @@ fn a_holding_is_recorded_before_its_holder_hears_of_it() {
 
 #[test]
 fn a_run_claimed_while_it_is_read_back_is_not_taken_back() {
+    let (mut c, p) = placed_then_read_back();
+    // Its late start is claimed before the read's take-back arrives: the take-back is dropped.
+    assert!(c.admit(&claim(1, "a", 210)).is_ok());
+    assert!(c.handle(at(220), Input::TakeBack(p.clone())).is_empty());
+    // Another node asking for the run is refused: it is placed on a.
+    assert!(c.admit(&claim(1, "b", 230)).is_err());
+}
+
+/// A machine that placed run 1 on node a, which then left it out of two heartbeats: it is
+/// being read back.
+fn placed_then_read_back() -> (ControlMachine<u32>, Placement) {
     let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
     c.handle(T0, Input::Heartbeat(member("a", 2, 1)));
     let p = Placement::plain(run(1), "f".into(), T0);
@@ -202,7 +213,6 @@ fn a_run_claimed_while_it_is_read_back_is_not_taken_back() {
         starts(&c.handle(T0, Input::Due(p.clone()))),
         vec![(node("a"), run(1))]
     );
-    // Left out of two heartbeats: read back.
     c.handle(at(100), Input::Heartbeat(member("a", 2, 1)));
     let effects = c.handle(at(200), Input::Heartbeat(member("a", 2, 1)));
     assert!(
@@ -210,29 +220,7 @@ fn a_run_claimed_while_it_is_read_back_is_not_taken_back() {
             .iter()
             .any(|e| matches!(e, Effect::Recheck { runs, .. } if *runs == vec![run(1)]))
     );
-    // Its late start is claimed before the read's take-back arrives: the take-back is dropped.
-    let claim = Command::ProposeFlowRunState {
-        run: run(1),
-        proposal: Proposal::from_worker(
-            State::named(StateName::Pending, at(210)),
-            TransitionId::from_uuid(derived_id("claim")),
-            crate::ids::Epoch::FIRST,
-            node("a"),
-        ),
-    };
-    assert!(c.admit(&claim).is_ok());
-    assert!(c.handle(at(220), Input::TakeBack(p.clone())).is_empty());
-    // Another node asking for the run is refused: it is placed on a.
-    let other = Command::ProposeFlowRunState {
-        run: run(1),
-        proposal: Proposal::from_worker(
-            State::named(StateName::Pending, at(230)),
-            TransitionId::from_uuid(derived_id("claim-b")),
-            crate::ids::Epoch::FIRST,
-            node("b"),
-        ),
-    };
-    assert!(c.admit(&other).is_err());
+    (c, p)
 }
 
 /// A node's claim of `run` at `ms`.
@@ -253,16 +241,7 @@ fn a_run_handed_out_twice_is_still_taken_back_when_its_start_was_lost() {
     // Found by the simulation (seed 531): the scheduler handed out a run the control machine
     // had placed already; the second hand-out cancelled the read-back of its lost start, and
     // the run stayed placed on a node that never ran it.
-    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
-    c.handle(T0, Input::Heartbeat(member("a", 2, 1)));
-    let p = Placement::plain(run(1), "f".into(), T0);
-    assert_eq!(
-        starts(&c.handle(T0, Input::Due(p.clone()))),
-        vec![(node("a"), run(1))]
-    );
-    c.handle(at(100), Input::Heartbeat(member("a", 2, 1)));
-    let effects = c.handle(at(200), Input::Heartbeat(member("a", 2, 1)));
-    assert!(effects.iter().any(|e| matches!(e, Effect::Recheck { .. })));
+    let (mut c, p) = placed_then_read_back();
     // Handed out again meanwhile: nothing changes, the read-back still counts.
     assert!(starts(&c.handle(at(210), Input::Due(p.clone()))).is_empty());
     assert_eq!(

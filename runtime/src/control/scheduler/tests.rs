@@ -39,6 +39,11 @@ fn ahead() -> Ahead {
     }
 }
 
+/// Gives the scheduler a deployment and its runs as the store has them.
+fn load(s: &mut Scheduler, at: Timestamp, deployment: Deployment, runs: Vec<KnownRun>) -> Vec<Effect> {
+    s.handle(at, Input::Loaded { deployment, runs })
+}
+
 /// The runs an effect list asks to make: (fire time, key).
 fn made(out: &[Effect]) -> Vec<(Timestamp, String)> {
     out.iter()
@@ -160,25 +165,13 @@ fn a_deployment_gets_its_next_runs_and_each_is_handed_out_when_due() {
 fn a_restarted_scheduler_makes_no_fire_time_twice_and_hands_out_what_waits() {
     let d = every_10s(0, true);
     let mut first = Scheduler::new(ahead());
-    first.handle(
-        t(1),
-        Input::Loaded {
-            deployment: d.clone(),
-            runs: Vec::new(),
-        },
-    );
+    load(&mut first, t(1), d.clone(), Vec::new());
     let out = first.handle(t(1), Input::Started);
     let before = made(&out);
     // The control node restarts at 15 s: the store has the three runs, the one of 10 s never
     // handed out.
     let mut second = Scheduler::new(ahead());
-    second.handle(
-        t(15),
-        Input::Loaded {
-            deployment: d.clone(),
-            runs: known(&out),
-        },
-    );
+    load(&mut second, t(15), d.clone(), known(&out));
     let out2 = second.handle(t(15), Input::Started);
     assert_eq!(
         handed_out(&out2).len(),
@@ -194,11 +187,7 @@ fn a_restarted_scheduler_makes_no_fire_time_twice_and_hands_out_what_waits() {
     // The same key gives the same run id: a second scheduler's run is the first's, whenever it
     // makes it.
     let mut other = Scheduler::new(ahead());
-    let loaded = Input::Loaded {
-        deployment: d,
-        runs: Vec::new(),
-    };
-    other.handle(t(1), loaded);
+    load(&mut other, t(1), d, Vec::new());
     let out3 = other.handle(t(2), Input::Started);
     assert_eq!(made(&out3), before);
     assert_eq!(ids(&out3), ids(&out));
@@ -209,13 +198,7 @@ fn fire_times_missed_while_down_are_skipped_unless_the_schedule_catches_up() {
     for catchup in [false, true] {
         let d = every_10s(0, catchup);
         let mut s = Scheduler::new(ahead());
-        s.handle(
-            t(1),
-            Input::Loaded {
-                deployment: d.clone(),
-                runs: Vec::new(),
-            },
-        );
+        load(&mut s, t(1), d.clone(), Vec::new());
         let out = s.handle(t(1), Input::Started);
         // Down from 5 s to 95 s: the runs of 10, 20 and 30 s are there, handed out; 40..90 fell.
         let mut runs = known(&out);
@@ -238,13 +221,7 @@ fn fire_times_missed_while_down_are_skipped_unless_the_schedule_catches_up() {
 fn a_changed_deployment_cancels_what_it_made_and_schedules_afresh() {
     let d = every_10s(0, false);
     let mut s = Scheduler::new(ahead());
-    s.handle(
-        t(1),
-        Input::Loaded {
-            deployment: d.clone(),
-            runs: Vec::new(),
-        },
-    );
+    load(&mut s, t(1), d.clone(), Vec::new());
     let out = s.handle(t(1), Input::Started);
     answer(&mut s, t(1), &out);
     // The same spec saved again: nothing happens.
@@ -312,24 +289,12 @@ fn a_changed_deployment_cancels_what_it_made_and_schedules_afresh() {
 fn runs_of_an_older_version_left_by_a_crash_are_cancelled_at_start() {
     let old = every_10s(0, false);
     let mut s = Scheduler::new(ahead());
-    s.handle(
-        t(1),
-        Input::Loaded {
-            deployment: old.clone(),
-            runs: Vec::new(),
-        },
-    );
+    load(&mut s, t(1), old.clone(), Vec::new());
     let out = s.handle(t(1), Input::Started);
     let mut newer = old;
     newer.updated = t(2);
     let mut s = Scheduler::new(ahead());
-    let out = s.handle(
-        t(3),
-        Input::Loaded {
-            deployment: newer,
-            runs: known(&out),
-        },
-    );
+    let out = load(&mut s, t(3), newer, known(&out));
     assert_eq!(out.iter().filter(|e| matches!(e, Effect::Append(_))).count(), 3);
 }
 
@@ -346,13 +311,7 @@ fn a_paused_deployment_makes_nothing_but_its_waiting_ad_hoc_runs_go() {
         due: t(0),
         waiting: true,
     };
-    s.handle(
-        t(1),
-        Input::Loaded {
-            deployment: d,
-            runs: vec![adhoc.clone()],
-        },
-    );
+    load(&mut s, t(1), d, vec![adhoc.clone()]);
     let out = s.handle(t(1), Input::Started);
     assert!(made(&out).is_empty());
     assert_eq!(handed_out(&out), vec![adhoc.id]);
