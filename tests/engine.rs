@@ -356,8 +356,11 @@ struct Big {
     data: Vec<u8>,
 }
 
+static MADE_BIG: AtomicU32 = AtomicU32::new(0);
+
 #[task]
 async fn make_big(n: usize) -> Result<Big, String> {
+    MADE_BIG.fetch_add(1, Ordering::SeqCst);
     Ok(Big { data: vec![7; n] })
 }
 
@@ -367,7 +370,7 @@ async fn big_results(n: usize) -> Result<usize, TaskError> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn large_results_go_to_files_and_damage_is_reported() {
+async fn large_results_go_to_files_and_one_that_cannot_be_read_is_made_again() {
     let dir = tempfile::tempdir().unwrap();
     let node = node(dir.path(), |b| b.flow(big_results).result_inline_bytes_max(1024)).await;
     let client = node.client();
@@ -377,18 +380,43 @@ async fn large_results_go_to_files_and_damage_is_reported() {
     let Some(flotilla::runtime::ResultRef::Stored { key, .. }) = &t.lifecycle.state.result else {
         panic!("the large result is inline: {:?}", t.lifecycle.state.result)
     };
-    // Resume reads the file back; damage it and the run says the result cannot be read.
-    let path = dir.path().join("results").join(key);
-    assert!(path.exists());
-    std::fs::write(&path, b"damaged").unwrap();
+    assert_eq!(MADE_BIG.load(Ordering::SeqCst), 1);
+    // A run again reads the recorded result back: the task does not run again.
     client.retry_completed(r.id).await.unwrap();
     let again = tokio::time::timeout(WAIT, client.wait(r.id))
         .await
         .unwrap()
         .unwrap();
-    assert_eq!(again.lifecycle.state.kind, StateType::Failed);
-    let msg = again.lifecycle.state.message.unwrap();
-    assert!(msg.contains("cannot be read") && msg.contains("damaged"), "{msg}");
+    assert_eq!(again.lifecycle.state.kind, StateType::Completed);
+    assert_eq!(MADE_BIG.load(Ordering::SeqCst), 1);
+    // Damaged, then lost: never taken as done — the task runs again each time, and the run
+    // completes with the value made afresh (before, it failed: "cannot be read").
+    let path = dir.path().join("results").join(key);
+    assert!(path.exists());
+    std::fs::write(&path, b"damaged").unwrap();
+    for (made, spoil) in [(2, false), (3, true)] {
+        if spoil {
+            // The result made again has a key of its own: lose that one.
+            let t = &client.task_runs(r.id).await.unwrap()[0];
+            let Some(flotilla::runtime::ResultRef::Stored { key, .. }) = &t.lifecycle.state.result else {
+                panic!("the large result is inline: {:?}", t.lifecycle.state.result)
+            };
+            std::fs::remove_file(dir.path().join("results").join(key)).unwrap();
+        }
+        client.retry_completed(r.id).await.unwrap();
+        let again = tokio::time::timeout(WAIT, client.wait(r.id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            again.lifecycle.state.kind,
+            StateType::Completed,
+            "{}",
+            again.lifecycle.state
+        );
+        assert_eq!(client.result::<usize>(r.id).await.unwrap(), 100_000);
+        assert_eq!(MADE_BIG.load(Ordering::SeqCst), made);
+    }
     node.shutdown().await;
 }
 

@@ -306,6 +306,7 @@ async fn answer(
     }
     match env.request {
         Request::PutResult { key, bytes } => put_result(results, key, bytes).await,
+        Request::GetResult { key } => get_result(results, key).await,
         request => ask_control(env.request_id, &request).await,
     }
 }
@@ -348,6 +349,21 @@ async fn put_result(results: Option<ResultStore>, key: String, bytes: Vec<u8>) -
     }
 }
 
+/// Reads a result from this (control) node's result store, by its key.
+async fn get_result(results: Option<ResultStore>, key: String) -> Response {
+    let Some(results) = results else {
+        return Response::Error(WireError::new(
+            ErrorKind::Unavailable,
+            "this node does not hold the control state",
+        ));
+    };
+    match tokio::task::spawn_blocking(move || results.get(&key)).await {
+        Ok(Ok(bytes)) => Response::Result(bytes),
+        Ok(Err(e)) => Response::Error(WireError::new(ErrorKind::NotFound, e.to_string())),
+        Err(e) => Response::Error(WireError::new(ErrorKind::Unavailable, e.to_string())),
+    }
+}
+
 /// Ships a worker's large results to the control node over a QUIC connection of their own
 /// (the client protocol, with the node's certificate).
 #[derive(Debug)]
@@ -368,6 +384,20 @@ impl QuicShipper {
 }
 
 impl crate::engine::results::ResultShipper for QuicShipper {
+    fn fetch(&self, key: &str) -> Result<Vec<u8>, String> {
+        let handle = tokio::runtime::Handle::try_current().map_err(|e| e.to_string())?;
+        let request = Request::GetResult { key: key.to_owned() };
+        handle.block_on(async {
+            match tokio::time::timeout(plane::CALL_TIMEOUT * 6, self.0.ask(request)).await {
+                Err(_) => Err("the control node did not answer in time".to_owned()),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok(Response::Result(bytes))) => Ok(bytes),
+                Ok(Ok(Response::Error(e))) => Err(e.message),
+                Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+            }
+        })
+    }
+
     fn ship(&self, key: &str, bytes: &[u8]) -> Result<(), String> {
         if bytes.len() + 1024 > frame::FRAME_BYTES_MAX {
             return Err(format!(

@@ -159,6 +159,12 @@ pub enum Request {
         #[serde(with = "serde_bytes")]
         bytes: Vec<u8>,
     },
+    /// A large result from the control node's result store, by its key (a node resuming a run
+    /// reads what another node's task runs made; answered with [`Response::Result`]).
+    GetResult {
+        /// The result's key.
+        key: String,
+    },
     /// A page of the task runs of a flow run, in creation order, after `after` (answered with
     /// [`Response::TaskRuns`]).
     TaskRunsPage {
@@ -195,6 +201,7 @@ impl Request {
             | Request::HistoryPage { .. }
             | Request::Logs { .. }
             | Request::Result(_)
+            | Request::GetResult { .. }
             | Request::Wait { .. }
             | Request::Deployment(_)
             | Request::Deployments
@@ -220,7 +227,12 @@ impl Request {
     pub fn forbidden_for(&self, role: crate::role::CertRole) -> Option<WireError> {
         use crate::role::CertRole;
         let why = match role {
-            CertRole::Node if !matches!(self, Request::PutResult { .. } | Request::Heartbeat(_)) => {
+            CertRole::Node
+                if !matches!(
+                    self,
+                    Request::PutResult { .. } | Request::GetResult { .. } | Request::Heartbeat(_)
+                ) =>
+            {
                 "a node's certificate speaks the node protocol; use a client certificate"
             }
             CertRole::Client | CertRole::ReadOnlyClient if matches!(self, Request::Heartbeat(_)) => {

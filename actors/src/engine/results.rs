@@ -27,6 +27,14 @@ pub enum ResultError {
         /// What is wrong.
         reason: String,
     },
+    /// The result is not here and could not be fetched from the control node's result store.
+    #[error("result {key} is not on this node and could not be fetched from the control node: {reason}")]
+    Fetch {
+        /// The result's key.
+        key: String,
+        /// Why.
+        reason: String,
+    },
     /// The result could not be shipped to the control node's result store.
     #[error("result {key} could not be shipped to the control node: {reason}")]
     Ship {
@@ -43,6 +51,10 @@ pub enum ResultError {
 pub trait ResultShipper: Send + Sync + std::fmt::Debug + 'static {
     /// Ships `bytes` under `key`.
     fn ship(&self, key: &str, bytes: &[u8]) -> Result<(), String>;
+
+    /// Reads back the result under `key` from the control node's result store (a result
+    /// another node made, read by a node resuming its run).
+    fn fetch(&self, key: &str) -> Result<Vec<u8>, String>;
 }
 
 /// Whether `key` is one this store makes: `flow-runs/ID-N.bin` or `task-runs/ID-N.bin`.
@@ -160,8 +172,48 @@ impl ResultStore {
         }
     }
 
-    /// Reads a result back, checking its size and checksum.
+    /// The bytes under `key` (one of [`valid_key`]'s), unchecked: the control node serving a
+    /// node that reads a result another made (the reader checks size and checksum).
+    pub fn get(&self, key: &str) -> Result<Vec<u8>, ResultError> {
+        if !valid_key(key) {
+            return Err(ResultError::Damaged {
+                key: key.to_owned(),
+                reason: "not a result key".into(),
+            });
+        }
+        fs::read(self.dir.join(key)).map_err(|source| ResultError::Io {
+            key: key.to_owned(),
+            source,
+        })
+    }
+
+    /// Reads a result back, checking its size and checksum. One this node does not have (made
+    /// by another node, whose run this node resumed) is fetched from the control node's result
+    /// store, checked the same way and kept here.
     pub fn load(&self, r: &ResultRef) -> Result<Vec<u8>, ResultError> {
+        match self.load_local(r) {
+            Err(ResultError::Io { key, source }) if source.kind() == std::io::ErrorKind::NotFound => {
+                let Some(shipper) = &self.shipper else {
+                    return Err(ResultError::Io { key, source });
+                };
+                let ResultRef::Stored { size, crc32, .. } = r else {
+                    return Err(ResultError::Io { key, source });
+                };
+                let bytes = shipper.fetch(&key).map_err(|reason| ResultError::Fetch {
+                    key: key.clone(),
+                    reason,
+                })?;
+                check(&key, &bytes, *size, *crc32)?;
+                if let Err(e) = self.put(&key, &bytes) {
+                    tracing::warn!(error = %e, "a fetched result could not be kept here");
+                }
+                Ok(bytes)
+            }
+            other => other,
+        }
+    }
+
+    fn load_local(&self, r: &ResultRef) -> Result<Vec<u8>, ResultError> {
         match r {
             ResultRef::Inline(b) => Ok(b.clone()),
             ResultRef::Stored { key, size, crc32 } => {
@@ -179,25 +231,85 @@ impl ResultStore {
                     key: key.clone(),
                     source,
                 })?;
-                if bytes.len() as u64 != *size {
-                    return Err(damaged(format!(
-                        "{} bytes where {size} were written",
-                        bytes.len()
-                    )));
-                }
-                if crc32fast::hash(&bytes) != *crc32 {
-                    return Err(damaged("checksum mismatch".into()));
-                }
+                check(key, &bytes, *size, *crc32)?;
                 Ok(bytes)
             }
         }
     }
 }
 
+/// Checks a stored result's bytes against the size and checksum recorded with its reference.
+fn check(key: &str, bytes: &[u8], size: u64, crc32: u32) -> Result<(), ResultError> {
+    let damaged = |reason: String| ResultError::Damaged {
+        key: key.to_owned(),
+        reason,
+    };
+    if bytes.len() as u64 != size {
+        return Err(damaged(format!(
+            "{} bytes where {size} were written",
+            bytes.len()
+        )));
+    }
+    if crc32fast::hash(bytes) != crc32 {
+        return Err(damaged("checksum mismatch".into()));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use flotilla_runtime::TaskRunId;
+
+    /// The control node's result store, as a worker sees it.
+    #[derive(Debug)]
+    struct Control(ResultStore);
+
+    impl ResultShipper for Control {
+        fn ship(&self, key: &str, bytes: &[u8]) -> Result<(), String> {
+            self.0.put(key, bytes).map_err(|e| e.to_string())
+        }
+        fn fetch(&self, key: &str) -> Result<Vec<u8>, String> {
+            self.0.get(key).map_err(|e| e.to_string())
+        }
+    }
+
+    #[test]
+    fn a_result_made_on_another_node_is_fetched_from_the_control_node_and_checked() {
+        let (a, b, c) = (
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+            tempfile::tempdir().unwrap(),
+        );
+        let control = std::sync::Arc::new(Control(ResultStore::new(c.path().to_owned(), usize::MAX)));
+        let maker = ResultStore::new(a.path().to_owned(), 8).with_shipper(control.clone());
+        let owner = RunId::Task(TaskRunId::from_bytes([2; 16]));
+        let r = maker.store(owner, 1, vec![9; 100]).unwrap();
+        // The node that resumes the run never had it: it reads it from the control node.
+        let resumer = ResultStore::new(b.path().to_owned(), 8).with_shipper(control.clone());
+        assert_eq!(resumer.load(&r).unwrap(), vec![9; 100]);
+        // ... and keeps it: read again without the control node's copy.
+        let ResultRef::Stored { key, .. } = &r else {
+            panic!("inline: {r:?}")
+        };
+        std::fs::remove_file(c.path().join(key)).unwrap();
+        assert_eq!(resumer.load(&r).unwrap(), vec![9; 100]);
+        // A copy that is not what was written is refused, as a local one is.
+        control.0.put(key, &[1; 100]).unwrap();
+        let fresh = tempfile::tempdir().unwrap();
+        let other = ResultStore::new(fresh.path().to_owned(), 8).with_shipper(control.clone());
+        assert!(matches!(other.load(&r), Err(ResultError::Damaged { .. })));
+        // Lost everywhere: an error, never bytes.
+        std::fs::remove_file(c.path().join(key)).unwrap();
+        let lost = tempfile::tempdir().unwrap();
+        let other = ResultStore::new(lost.path().to_owned(), 8).with_shipper(control);
+        assert!(matches!(other.load(&r), Err(ResultError::Fetch { .. })));
+        // A store with nothing to fetch from says the file is missing.
+        assert!(matches!(
+            ResultStore::new(lost.path().to_owned(), 8).load(&r),
+            Err(ResultError::Io { .. })
+        ));
+    }
 
     #[test]
     fn only_result_keys_are_accepted() {

@@ -41,25 +41,25 @@ impl FlowRunState {
                     return;
                 };
                 let state = run.lifecycle.state.clone();
+                let mut lost = false;
                 if state.kind == StateType::Completed {
-                    // Recorded: return the result without running the task again.
+                    // Recorded: return the result without running the task again. A result
+                    // that cannot be read (lost with its node and its copy, or damaged) is
+                    // never taken as done: the task runs again.
                     let loaded = match state.result.as_ref() {
-                        Some(r) => Some(self.ctx.results.load_async(r).await),
-                        None => None,
+                        Some(r) => self.ctx.results.load_async(r).await.map_err(|e| e.to_string()),
+                        None => Err("no result was recorded".into()),
                     };
-                    let result = match loaded {
-                        Some(Ok(bytes)) => Ok(bytes),
-                        Some(Err(e)) => Err(TaskFailure::ResultUnreadable {
-                            run: id,
-                            reason: e.to_string(),
-                        }),
-                        None => Err(TaskFailure::ResultUnreadable {
-                            run: id,
-                            reason: "no result was recorded".into(),
-                        }),
-                    };
-                    let _ = reply.send(result);
-                    return;
+                    match loaded {
+                        Ok(bytes) => {
+                            let _ = reply.send(Ok(bytes));
+                            return;
+                        }
+                        Err(reason) => {
+                            tracing::warn!(task_run = %id, %reason, "a recorded result cannot be read; the task runs again");
+                            lost = true;
+                        }
+                    }
                 }
                 if !state.is_terminal() {
                     // Left running by an earlier attempt of the flow: that attempt is gone.
@@ -70,8 +70,8 @@ impl FlowRunState {
                 let request = RetryRequest {
                     transition_id: self.tid(),
                     resume: false,
-                    force: false,
-                    message: None,
+                    force: lost,
+                    message: lost.then(|| "its recorded result cannot be read".to_owned()),
                 };
                 let retry = Command::RetryTaskRun {
                     run: id,
