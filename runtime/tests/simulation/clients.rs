@@ -38,6 +38,8 @@ pub struct Scheduler {
     starting: Option<Timestamp>,
     /// Whether the deployment was deleted (once the faults stop).
     deleted: bool,
+    /// When the scheduled deployment was changed last (the store's version of it).
+    version: Timestamp,
 }
 
 impl Scheduler {
@@ -52,6 +54,7 @@ impl Scheduler {
             making: Vec::new(),
             starting: None,
             deleted: false,
+            version: Timestamp::from_micros(0),
         }
     }
 
@@ -65,8 +68,8 @@ impl Scheduler {
 
 /// The deployments: one on two schedules (no limit), and the limited ones the
 /// client makes runs of (no schedule).
-fn deployments(start: Timestamp) -> Vec<Deployment> {
-    let mut all = vec![scheduled(start)];
+fn deployments(start: Timestamp, version: Timestamp) -> Vec<Deployment> {
+    let mut all = vec![scheduled(start, version)];
     for (key, limit, collision) in DEPLOYMENTS {
         all.push(Deployment {
             id: deployment(key),
@@ -75,7 +78,7 @@ fn deployments(start: Timestamp) -> Vec<Deployment> {
             concurrency_limit: Some(limit),
             collision,
             work_queue: Some(queue_of(key).into()),
-            ..scheduled(start)
+            ..scheduled(start, start)
         });
     }
     all
@@ -86,12 +89,13 @@ fn queue_of(key: &str) -> &'static str {
     if key == DEPLOYMENTS[0].0 { "etl" } else { "default" }
 }
 
-fn scheduled(start: Timestamp) -> Deployment {
+/// The scheduled deployment as changed last at `version` (its parameters name the version).
+fn scheduled(start: Timestamp, version: Timestamp) -> Deployment {
     Deployment {
         id: deployment(SCHEDULED),
         name: SCHEDULED.into(),
         flow_name: "f".into(),
-        parameters: serde_json::json!({}),
+        parameters: serde_json::json!({ "version": version.as_micros() }),
         schedules: [0, 500]
             .into_iter()
             .map(|offset| Schedule {
@@ -110,7 +114,7 @@ fn scheduled(start: Timestamp) -> Deployment {
         collision: CollisionStrategy::Enqueue,
         paused: false,
         created: start,
-        updated: start,
+        updated: version,
     }
 }
 
@@ -206,6 +210,18 @@ impl Sim {
         for (_, create) in logged {
             self.make_scheduled(create);
         }
+        // Now and then its user changes the deployment: what it made ahead is cancelled and it
+        // schedules afresh under the new version.
+        if self.faults() && self.rng.chance(3) && !self.scheduler.deleted {
+            self.scheduler.version = self.now;
+            self.note("the scheduled deployment is changed".into());
+            let deployment = scheduled(self.start, self.now);
+            let id = deployment.id;
+            self.schedule(scheduler::Input::Changed {
+                id,
+                deployment: Some(deployment),
+            });
+        }
         if !self.faults() && !self.scheduler.deleted {
             self.scheduler.deleted = true;
             self.note("the scheduled deployment is deleted".into());
@@ -250,7 +266,7 @@ impl Sim {
     /// runs as the store has them.
     pub(super) fn scheduler_started(&mut self) {
         self.scheduler.machine = Scheduler::new().machine;
-        for deployment in deployments(self.start) {
+        for deployment in deployments(self.start, self.scheduler.version) {
             if deployment.name == SCHEDULED && self.scheduler.deleted {
                 continue;
             }
@@ -393,9 +409,7 @@ impl Sim {
         }
     }
 
-    /// A run made under a key (the user's, or a fire time's): the first under its key, and the
-    /// first of its fire time (`sched/{deployment}/{schedule}/{version}/{time}`: whatever the
-    /// version, as the deployment never changes here).
+    /// A run made under a key (the user's, or a fire time's): the first under its key.
     pub(super) fn made_under_key(&mut self, run: &flotilla_runtime::FlowRun) {
         let Some(key) = &run.idempotency_key else {
             return;
@@ -403,18 +417,6 @@ impl Sim {
         if let Some(first) = self.keyed.insert(key.clone(), run.id) {
             self.broken(format!(
                 "two runs under the key {key}: {} and {}",
-                short(first),
-                short(run.id)
-            ));
-        }
-        let parts: Vec<&str> = key.split('/').collect();
-        if let ["sched", deployment, schedule, _version, time] = parts[..]
-            && let Some(first) = self
-                .keyed
-                .insert(format!("fire/{deployment}/{schedule}/{time}"), run.id)
-        {
-            self.broken(format!(
-                "two runs for the fire time {time} of schedule {schedule}: {} and {}",
                 short(first),
                 short(run.id)
             ));
@@ -427,10 +429,28 @@ impl Sim {
     }
 
     /// Once quiet: every request answered, and every run answered is there (the runs are never
-    /// pruned here).
+    /// pruned here); no fire time has two runs that were not cancelled (whatever the version:
+    /// a change of the deployment cancels what it made ahead, before it ran).
     pub(super) fn clients_settled(&self) -> Result<(), String> {
         if let Some(run) = self.client.asked.keys().next() {
             return Err(format!("the request for {} was never answered", short(*run)));
+        }
+        let mut fired: BTreeMap<String, Vec<FlowRunId>> = BTreeMap::new();
+        for r in self.state.hot().flow_runs() {
+            let Some(key) = &r.idempotency_key else { continue };
+            let parts: Vec<&str> = key.split('/').collect();
+            if let ["sched", deployment, schedule, _version, time] = parts[..]
+                && r.lifecycle.state.kind != StateType::Cancelled
+            {
+                fired
+                    .entry(format!("{deployment}/{schedule}/{time}"))
+                    .or_default()
+                    .push(r.id);
+            }
+        }
+        if let Some((at, runs)) = fired.iter().find(|(_, runs)| runs.len() > 1) {
+            let runs: Vec<String> = runs.iter().map(|r| short(*r)).collect();
+            return Err(format!("fire time {at} has {} runs: {runs:?}", runs.len()));
         }
         let hot = self.state.hot();
         match self.client.answered.values().find(|r| hot.flow_run(r).is_none()) {
