@@ -100,6 +100,8 @@ pub struct NodeConfig {
     pub message_bytes_max: usize,
     /// How long the control node keeps events, logs and terminal runs.
     pub retention: persistence::Retention,
+    /// How many flow and task runs the control node holds in memory (live ones always are).
+    pub memory_runs: usize,
     /// How many answers to mutating requests are remembered (to answer a request sent again
     /// with its first answer), and how long.
     pub answers: replies::AnswerBounds,
@@ -126,6 +128,7 @@ impl NodeConfig {
             queues: Vec::new(),
             message_bytes_max: frame::MESSAGE_BYTES_DEFAULT,
             retention: persistence::Retention::default(),
+            memory_runs: persistence::store::MEMORY_RUNS_DEFAULT,
             answers: replies::AnswerBounds::default(),
         }
     }
@@ -536,6 +539,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         Role::Control => {
             let pconfig = PersistenceConfig {
                 retention: config.retention,
+                memory_runs: config.memory_runs,
                 ..PersistenceConfig::new(&config.data_dir)
             };
             let (p, join) = persistence::start(pconfig).await?;

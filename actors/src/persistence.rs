@@ -231,6 +231,7 @@ fn open_with(
     store_path: &str,
 ) -> Result<OpenedStore, OpenError> {
     let mut store = Store::load(kv.clone(), store_path)?;
+    store.keep_in_memory(config.memory_runs);
     let log_dir = config.data_dir.join("log");
     let io = DirIo::new(&log_dir).map_err(|e| OpenError::io(path_str(&log_dir), e))?;
     let (mut log, entries) = CommandLog::open(Box::new(io), config.segment_bytes_max, store.applied())?;
@@ -472,6 +473,7 @@ impl PersistenceState {
             stored: self.stored,
             checkpointed: self.checkpointed,
             flow_runs: 0,
+            resident_runs: 0,
             lag_bytes: self.lag_bytes,
             log_segments: self.log_segments.load(Ordering::Relaxed),
             log_syncs: self.log_syncs,

@@ -53,6 +53,8 @@ pub struct FileConfig {
     pub retention_logs: Option<String>,
     /// How long terminal runs are kept (`"30d"`).
     pub retention_runs: Option<String>,
+    /// How many flow and task runs a node holds in memory.
+    pub memory_runs: Option<usize>,
     /// How many answers to mutating requests a node remembers.
     pub request_answers_max: Option<usize>,
     /// How long it remembers them (`"24h"`).

@@ -77,6 +77,10 @@ pub struct StartArgs {
     /// and logs [default: 30d].
     #[arg(long, env = "FLOTILLA_RETENTION_RUNS")]
     retention_runs: Option<String>,
+    /// Hold at most about this many flow and task runs in memory: runs that have not ended
+    /// always are; those that ended longest ago beyond it are read from disk [default: 100000].
+    #[arg(long, env = "FLOTILLA_MEMORY_RUNS")]
+    memory_runs: Option<usize>,
     /// Remember the answers to at most this many mutating requests, so that a request sent
     /// again gets its first answer [default: 100000].
     #[arg(long, env = "FLOTILLA_REQUEST_ANSWERS_MAX")]
@@ -226,6 +230,10 @@ impl StartArgs {
                 );
                 *field = d;
             }
+        }
+        if let Some(n) = self.memory_runs.or(file.memory_runs) {
+            anyhow::ensure!(n <= 100_000_000, "--memory-runs {n}: at most 100000000");
+            config.memory_runs = n;
         }
         if let Some(n) = self.request_answers_max.or(file.request_answers_max) {
             anyhow::ensure!(

@@ -55,7 +55,7 @@ pub struct RememberedAnswer {
 }
 
 /// When a terminal run ended (None: it has not).
-fn ended_at(run: &FlowRun) -> Option<Timestamp> {
+pub fn ended_at(run: &FlowRun) -> Option<Timestamp> {
     run.lifecycle
         .state
         .is_terminal()
@@ -159,6 +159,24 @@ impl HotState {
             self.flow_run_keys.remove(&key);
         }
         Some(run)
+    }
+
+    /// Takes a terminal flow run and its task runs out of memory (to live only in the store),
+    /// with their indexes and keys; None (and nothing taken) when it is not terminal.
+    pub fn evict(&mut self, id: &FlowRunId) -> Option<(Arc<FlowRun>, Vec<Arc<TaskRun>>)> {
+        ended_at(self.flow_runs.get(id)?)?;
+        let run = self.remove_flow_run(id)?;
+        Some((run, self.remove_task_runs_of(id)))
+    }
+
+    /// How many flow and task runs are held.
+    pub fn resident(&self) -> usize {
+        self.flow_runs.len() + self.task_runs.len()
+    }
+
+    /// Terminal flow runs, those that ended first first, with when they ended.
+    pub fn ended(&self) -> impl Iterator<Item = &(Timestamp, FlowRunId)> {
+        self.ended.iter()
     }
 
     /// Removes the task runs of a flow run, with their keys; returns them.

@@ -32,6 +32,9 @@ pub struct PersistenceConfig {
     pub event_channel_capacity: usize,
     /// How long events, logs and terminal runs are kept.
     pub retention: Retention,
+    /// At most about this many flow and task runs are held in memory: runs that have not ended
+    /// always are, terminal ones beyond it live in the store alone (oldest ended first).
+    pub memory_runs: usize,
 }
 
 /// How long records are kept before a pruning (itself a logged command) forgets them.
@@ -86,6 +89,7 @@ impl PersistenceConfig {
             checkpoint_interval: Duration::from_secs(30),
             event_channel_capacity: 65_536,
             retention: Retention::default(),
+            memory_runs: super::store::MEMORY_RUNS_DEFAULT,
         }
     }
 

@@ -34,6 +34,9 @@ pub enum Tree {
     /// Log batches by time: batch id then flow run id, empty values (what log retention walks,
     /// oldest first, instead of every batch).
     LogTimes,
+    /// Where the flow runs and task runs kept only in the store (not in memory) are found: by
+    /// state, deployment, end time, idempotency key and flow run (see `store/evict.rs`).
+    Evicted,
 }
 
 impl Tree {
@@ -49,6 +52,7 @@ impl Tree {
             Tree::Settings => 7,
             Tree::Outcomes => 8,
             Tree::LogTimes => 9,
+            Tree::Evicted => 10,
         }
     }
 

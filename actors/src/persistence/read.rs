@@ -127,6 +127,9 @@ pub struct StoreStats {
     pub checkpointed: LogIndex,
     /// Flow runs.
     pub flow_runs: usize,
+    /// Flow and task runs held in memory (the rest live in the store alone).
+    #[serde(default)]
+    pub resident_runs: usize,
     /// Log bytes applied but not yet in the store.
     pub lag_bytes: u64,
     /// Command log segments.

@@ -2,7 +2,7 @@
 //! the key-value store behind an overlay, and the translation of `apply`'s writes into store
 //! batches. No threads and no actor here: the persistence actor drives it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Bound;
 use std::sync::{Arc, RwLock};
 
@@ -21,6 +21,7 @@ use super::overlay::{Overlay, RecentEvents};
 use super::read::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter, StoreStats};
 
 mod cold;
+mod evict;
 mod prune;
 
 pub use cold::Cold;
@@ -273,7 +274,16 @@ pub struct Store {
     prune: ColdPrune,
     slot_holds_dirty: bool,
     answers: Vec<(u32, flotilla_runtime::RememberedAnswer)>,
+    /// At most about this many flow and task runs in memory (see `evict.rs`).
+    resident_max: usize,
+    /// Flow runs that live in the store alone.
+    evicted: usize,
+    /// Terminal flow runs changed since the last store job written, and when.
+    unstored: HashMap<FlowRunId, LogIndex>,
 }
+
+/// Flow and task runs kept in memory by default (runs that have not ended always are).
+pub const MEMORY_RUNS_DEFAULT: usize = 100_000;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -333,11 +343,12 @@ fn read_err(what: &str, e: impl std::fmt::Display) -> PersistError {
     PersistError::Read(format!("{what}: {e}"))
 }
 
-/// Decodes every record of a tree, page by page.
+/// Decodes every record of a tree, page by page, but those whose key `skip` names.
 fn load_tree<T: serde::de::DeserializeOwned>(
     kv: &dyn KvStore,
     tree: Tree,
     path: &str,
+    skip: impl Fn(&[u8]) -> bool,
     mut each: impl FnMut(T),
 ) -> Result<(), OpenError> {
     let mut after: Option<Vec<u8>> = None;
@@ -352,6 +363,9 @@ fn load_tree<T: serde::de::DeserializeOwned>(
         };
         after = Some(last.clone());
         for (k, v) in page {
+            if skip(&k) {
+                continue;
+            }
             let value = codec::decode(&v).map_err(|e| {
                 OpenError::corrupt(
                     path.to_owned(),
@@ -385,12 +399,31 @@ impl Store {
             }
         };
         let mut hot = HotState::new();
-        load_tree(kv.as_ref(), Tree::FlowRuns, path, |r| hot.put_flow_run(r))?;
-        load_tree(kv.as_ref(), Tree::TaskRuns, path, |r| hot.put_task_run(r))?;
-        load_tree(kv.as_ref(), Tree::Deployments, path, |d| hot.put_deployment(d))?;
-        load_tree(kv.as_ref(), Tree::Settings, path, |s| hot.put_setting(s))?;
+        let (evicted_runs, evicted_tasks) = evict::evicted_ids(kv.as_ref(), path)?;
+        let id_in = |k: &[u8]| <[u8; 16]>::try_from(k).ok();
+        load_tree(
+            kv.as_ref(),
+            Tree::FlowRuns,
+            path,
+            |k| id_in(k).is_some_and(|b| evicted_runs.contains(&FlowRunId::from_bytes(b))),
+            |r| hot.put_flow_run(r),
+        )?;
+        load_tree(
+            kv.as_ref(),
+            Tree::TaskRuns,
+            path,
+            |k| id_in(k).is_some_and(|b| evicted_tasks.contains(&TaskRunId::from_bytes(b))),
+            |r| hot.put_task_run(r),
+        )?;
+        let evicted = evicted_runs.len();
+        drop((evicted_runs, evicted_tasks));
+        let all = |_: &[u8]| false;
+        load_tree(kv.as_ref(), Tree::Deployments, path, all, |d| {
+            hot.put_deployment(d)
+        })?;
+        load_tree(kv.as_ref(), Tree::Settings, path, all, |s| hot.put_setting(s))?;
         let mut answers: Vec<flotilla_runtime::RememberedAnswer> = Vec::new();
-        load_tree(kv.as_ref(), Tree::Outcomes, path, |a| answers.push(a))?;
+        load_tree(kv.as_ref(), Tree::Outcomes, path, all, |a| answers.push(a))?;
         answers.sort_by_key(|a| a.seq);
         for a in answers {
             hot.put_answer(a);
@@ -422,6 +455,9 @@ impl Store {
             prune: ColdPrune::default(),
             slot_holds_dirty: false,
             answers: Vec::new(),
+            resident_max: MEMORY_RUNS_DEFAULT,
+            evicted,
+            unstored: HashMap::new(),
         })
     }
 
@@ -455,11 +491,22 @@ impl Store {
         now: Timestamp,
         command: Command,
     ) -> (Result<Reply, Refusal>, Vec<Arc<Event>>) {
+        self.bring_back_for(&command);
+        let (command, pruned) = match command {
+            Command::Prune(p) => {
+                let (rest, pruned) = self.prune_evicted(p);
+                (Command::Prune(rest), Some(pruned))
+            }
+            other => (other, None),
+        };
         let mut view = View {
             hot: &mut self.hot,
             cold: &self.cold,
         };
-        let outcome = apply(&mut view, command, ApplyContext { index, now });
+        let mut outcome = apply(&mut view, command, ApplyContext { index, now });
+        if let Some(p) = pruned {
+            outcome.reply = p.add_to(outcome.reply);
+        }
         self.applied = index;
         self.last_now = self.last_now.max(now);
         let mut events = Vec::new();
@@ -473,8 +520,16 @@ impl Store {
 
     fn note_write(&mut self, index: LogIndex, w: Write) -> Option<Arc<Event>> {
         match w {
-            Write::FlowRun(id) => self.dirty_runs.push(id),
-            Write::TaskRun(id) => self.dirty_tasks.push(id),
+            Write::FlowRun(id) => {
+                self.changed_at(index, id);
+                self.dirty_runs.push(id);
+            }
+            Write::TaskRun(id) => {
+                if let Some(flow) = self.hot.task_run(&id).map(|t| t.key.flow_run) {
+                    self.changed_at(index, flow);
+                }
+                self.dirty_tasks.push(id);
+            }
             Write::Deployment(id) => self.dirty_deployments.push((id, true)),
             Write::DeploymentDeleted(id) => self.dirty_deployments.push((id, false)),
             Write::Setting(key) => self.dirty_settings.push((key, true)),
@@ -573,6 +628,7 @@ impl Store {
     pub fn stored_through(&mut self, upto: LogIndex) {
         write_lock(&self.cold.overlay).stored_through(upto);
         write_lock(&self.cold.events).stored_through(upto);
+        self.evict_stored(upto);
     }
 
     /// The store, for writing jobs synchronously (recovery).
@@ -585,12 +641,30 @@ impl Store {
     pub fn read(&self, read: Read, stats: StoreStats) -> ReadAnswer {
         let hot = &self.hot;
         let cold = self.cold.clone();
+        // Whether some runs live in the store alone (see `evict.rs`): reads of runs not in
+        // memory, and listings, then look there too.
+        let evicted = self.evicted > 0;
         let history = |run: RunId, offset: usize, limit: usize| {
             let lifecycle = match run {
                 RunId::Flow(id) => hot.flow_run(&id).map(|r| &r.lifecycle),
                 RunId::Task(id) => hot.task_run(&id).map(|r| &r.lifecycle),
             };
             match lifecycle {
+                None if evicted => {
+                    let cold = cold.clone();
+                    ReadAnswer::cold(move || {
+                        let lifecycle = match run {
+                            RunId::Flow(id) => cold.evicted_run(&id)?.map(|r| r.lifecycle),
+                            RunId::Task(id) => cold.evicted_task(&id)?.map(|r| r.lifecycle),
+                        };
+                        Ok(ReadReply::History(match lifecycle {
+                            Some(l) => {
+                                Some(cold.history(run, l.archived_blocks, &l.history, offset, limit)?)
+                            }
+                            None => None,
+                        }))
+                    })
+                }
                 None => ReadAnswer::Ready(Ok(ReadReply::History(None))),
                 Some(l) => {
                     let (blocks, window) = (l.archived_blocks, l.history.clone());
@@ -604,27 +678,59 @@ impl Store {
             }
         };
         ReadAnswer::Ready(Ok(match read {
-            Read::FlowRun(id) => ReadReply::FlowRun(hot.flow_run(&id).cloned().map(Box::new)),
+            Read::FlowRun(id) => match hot.flow_run(&id) {
+                None if evicted => {
+                    return ReadAnswer::cold(move || {
+                        Ok(ReadReply::FlowRun(cold.evicted_run(&id)?.map(Box::new)))
+                    });
+                }
+                run => ReadReply::FlowRun(run.cloned().map(Box::new)),
+            },
             Read::FlowRuns { filter, after, limit } => {
                 let limit = limit.min(PAGE_MAX);
-                let page = match filter {
+                let page: Vec<FlowRun> = match &filter {
                     RunFilter::All => hot.flow_runs_page(after, limit),
-                    RunFilter::State(t) => hot.flow_runs_in_state(t, after, limit),
-                    RunFilter::Deployment(d) => hot.flow_runs_of_deployment(d, after, limit),
-                };
-                ReadReply::FlowRuns(page.into_iter().cloned().collect())
+                    RunFilter::State(t) => hot.flow_runs_in_state(*t, after, limit),
+                    RunFilter::Deployment(d) => hot.flow_runs_of_deployment(*d, after, limit),
+                }
+                .into_iter()
+                .cloned()
+                .collect();
+                if evicted {
+                    let prefix = evict::listing_prefix(&filter);
+                    return ReadAnswer::cold(move || {
+                        let stored = cold.evicted_page(&prefix, after, limit)?;
+                        Ok(ReadReply::FlowRuns(evict::merge_pages(page, stored, limit)))
+                    });
+                }
+                ReadReply::FlowRuns(page)
             }
-            Read::TaskRun(id) => ReadReply::TaskRun(hot.task_run(&id).cloned().map(Box::new)),
+            Read::TaskRun(id) => match hot.task_run(&id) {
+                None if evicted => {
+                    return ReadAnswer::cold(move || {
+                        Ok(ReadReply::TaskRun(cold.evicted_task(&id)?.map(Box::new)))
+                    });
+                }
+                run => ReadReply::TaskRun(run.cloned().map(Box::new)),
+            },
             Read::TaskRuns {
                 flow_run,
                 after,
                 limit,
-            } => ReadReply::TaskRuns(
-                hot.task_runs_of(flow_run, after, limit.min(PAGE_MAX))
-                    .into_iter()
-                    .cloned()
-                    .collect(),
-            ),
+            } => {
+                let limit = limit.min(PAGE_MAX);
+                if evicted && hot.flow_run(&flow_run).is_none() {
+                    return ReadAnswer::cold(move || {
+                        Ok(ReadReply::TaskRuns(cold.evicted_tasks(&flow_run, after, limit)?))
+                    });
+                }
+                ReadReply::TaskRuns(
+                    hot.task_runs_of(flow_run, after, limit)
+                        .into_iter()
+                        .cloned()
+                        .collect(),
+                )
+            }
             Read::FlowRunHistory { run, offset, limit } => return history(RunId::Flow(run), offset, limit),
             Read::TaskRunHistory { run, offset, limit } => return history(RunId::Task(run), offset, limit),
             Read::Events { after, limit } => {
@@ -639,14 +745,22 @@ impl Store {
                 after,
                 limit,
             } => {
-                if hot.flow_run(&flow_run).is_none() {
+                if hot.flow_run(&flow_run).is_some() {
+                    return ReadAnswer::cold(move || cold.logs(flow_run, after, limit));
+                } else if evicted {
+                    return ReadAnswer::cold(move || match cold.evicted_run(&flow_run)? {
+                        Some(_) => cold.logs(flow_run, after, limit),
+                        None => Ok(ReadReply::Logs {
+                            lines: Vec::new(),
+                            next: after,
+                        }),
+                    });
+                } else {
                     // Unknown or pruned (its batches may not be deleted from the store yet).
                     ReadReply::Logs {
                         lines: Vec::new(),
                         next: after,
                     }
-                } else {
-                    return ReadAnswer::cold(move || cold.logs(flow_run, after, limit));
                 }
             }
             Read::Deployment(id) => ReadReply::Deployment(hot.deployment(&id).cloned().map(Box::new)),
@@ -670,7 +784,8 @@ impl Store {
             }
             Read::Cached { key, now } => ReadReply::Cached(hot.cached(&key, now).cloned()),
             Read::Stats => ReadReply::Stats(StoreStats {
-                flow_runs: hot.flow_run_count(),
+                flow_runs: hot.flow_run_count() + self.evicted,
+                resident_runs: hot.resident(),
                 applied: self.applied,
                 ..stats
             }),

@@ -239,7 +239,7 @@ impl Tx {
     /// Forgets terminal flow runs that ended before the cut-off (their task runs, histories and
     /// logs with them), expired cache entries, and old events and logs (by the stores).
     pub(super) fn prune(mut self, view: &mut impl StateView, p: crate::command::Prune) -> Outcome {
-        let max = p.runs_max.max(1) as usize;
+        let max = p.runs_max as usize;
         // One more than asked: whether more are due.
         let mut due = view.hot().ended_before(p.runs_before, max + 1);
         let more = due.len() > max;
