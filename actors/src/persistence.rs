@@ -246,10 +246,14 @@ fn open_with(
     for (n, entry) in entries.into_iter().enumerate() {
         let _ = store.apply(entry.index, entry.now, entry.command);
         if n % 4096 == 4095 {
-            store.take_job().write(kv.as_ref()).map_err(store_err)?;
+            for job in store.take_jobs() {
+                job.write(kv.as_ref()).map_err(store_err)?;
+            }
         }
     }
-    store.take_job().write(kv.as_ref()).map_err(store_err)?;
+    for job in store.take_jobs() {
+        job.write(kv.as_ref()).map_err(store_err)?;
+    }
     store.stored_through(store.applied());
     kv.checkpoint().map_err(|e| store_err(e.0))?;
     log.truncate_through(store.applied())
@@ -426,11 +430,11 @@ impl PersistenceState {
         if self.unsent_bytes == 0 {
             return;
         }
-        let job = self.store.take_job();
+        let jobs = self.store.take_jobs();
         self.unsent_bytes = 0;
         self.last_store_job = std::time::Instant::now();
         if let Some(tx) = &self.store_tx
-            && tx.send(job).is_err()
+            && jobs.into_iter().any(|job| tx.send(job).is_err())
         {
             self.fail_all(PersistError::StoreWrite("the store thread is gone".into()));
         }

@@ -128,6 +128,25 @@ pub struct StoreJob {
 pub type SlotHolds = (bool, Vec<(String, TaskRunId, flotilla_runtime::NodeId)>);
 
 impl StoreJob {
+    /// Merges jobs queued one after another into as few as can be: the latest snapshot of each
+    /// record wins, and a job that prunes ends a group (what follows it may make a pruned run
+    /// again).
+    pub fn merge_all(jobs: Vec<StoreJob>) -> Vec<StoreJob> {
+        let mut out = Vec::new();
+        let mut group = Vec::new();
+        for job in jobs {
+            let prunes = !job.prune.is_empty();
+            group.push(job);
+            if prunes {
+                out.push(StoreJob::merge(std::mem::take(&mut group)));
+            }
+        }
+        if !group.is_empty() {
+            out.push(StoreJob::merge(group));
+        }
+        out
+    }
+
     /// Merges jobs queued one after another into one: the latest snapshot of each record wins.
     pub fn merge(jobs: Vec<StoreJob>) -> StoreJob {
         let mut it = jobs.into_iter();
@@ -280,6 +299,8 @@ pub struct Store {
     evicted: usize,
     /// Terminal flow runs changed since the last store job written, and when.
     unstored: HashMap<FlowRunId, LogIndex>,
+    /// Jobs closed early, to be written before the rest (see [`Store::take_jobs`]).
+    sealed: Vec<StoreJob>,
 }
 
 /// Flow and task runs kept in memory by default (runs that have not ended always are).
@@ -458,6 +479,7 @@ impl Store {
             resident_max: MEMORY_RUNS_DEFAULT,
             evicted,
             unstored: HashMap::new(),
+            sealed: Vec::new(),
         })
     }
 
@@ -519,6 +541,20 @@ impl Store {
     }
 
     fn note_write(&mut self, index: LogIndex, w: Write) -> Option<Arc<Event>> {
+        let run = match &w {
+            Write::FlowRun(id) => Some(*id),
+            Write::TaskRun(id) => self.hot.task_run(id).map(|t| t.key.flow_run),
+            _ => None,
+        };
+        if let Some(run) = run
+            && self.prune.runs.iter().any(|p| p.flow_run == run)
+        {
+            // A run made again under the id of one pruned since the last job: the pruning must
+            // be written first, alone (else it would delete the new run's records).
+            let mut job = self.take_job();
+            job.upto = LogIndex::new(index.get().saturating_sub(1));
+            self.sealed.push(job);
+        }
         match w {
             Write::FlowRun(id) => {
                 self.changed_at(index, id);
@@ -578,9 +614,17 @@ impl Store {
         self.job_log_bytes += bytes;
     }
 
+    /// What to write for everything applied since the last jobs, in order: jobs closed early
+    /// (a pruning before a run made again under a pruned id), then the rest.
+    pub fn take_jobs(&mut self) -> Vec<StoreJob> {
+        let mut jobs = std::mem::take(&mut self.sealed);
+        jobs.push(self.take_job());
+        jobs
+    }
+
     /// What to write for everything applied since the last job: shared snapshots of the
     /// changed records (each once, however often it changed), the new events, the cold records.
-    pub fn take_job(&mut self) -> StoreJob {
+    fn take_job(&mut self) -> StoreJob {
         let mut seen = HashSet::with_capacity(self.dirty_runs.len());
         let flow_runs = self
             .dirty_runs

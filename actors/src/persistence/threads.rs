@@ -122,28 +122,29 @@ pub(crate) fn spawn_store_thread(
                         Err(_) => break,
                     }
                 }
-                let job = StoreJob::merge(jobs);
-                let (upto, log_bytes) = (job.upto, job.log_bytes);
-                if let Err(e) = job.write(kv.as_ref()) {
-                    let _ = actor.cast(PersistenceMsg::Stored {
-                        upto,
-                        log_bytes,
-                        result: Err(e),
-                    });
-                    return;
-                }
-                stored = upto;
-                since_checkpoint += log_bytes;
-                if actor
-                    .cast(PersistenceMsg::Stored {
-                        upto,
-                        log_bytes,
-                        result: Ok(()),
-                    })
-                    .is_err()
-                {
-                    checkpoint(stored, &mut checkpointed);
-                    return;
+                for job in StoreJob::merge_all(jobs) {
+                    let (upto, log_bytes) = (job.upto, job.log_bytes);
+                    if let Err(e) = job.write(kv.as_ref()) {
+                        let _ = actor.cast(PersistenceMsg::Stored {
+                            upto,
+                            log_bytes,
+                            result: Err(e),
+                        });
+                        return;
+                    }
+                    stored = upto;
+                    since_checkpoint += log_bytes;
+                    if actor
+                        .cast(PersistenceMsg::Stored {
+                            upto,
+                            log_bytes,
+                            result: Ok(()),
+                        })
+                        .is_err()
+                    {
+                        checkpoint(stored, &mut checkpointed);
+                        return;
+                    }
                 }
                 if since_checkpoint >= checkpoint_bytes || last_checkpoint.elapsed() >= interval {
                     if !checkpoint(stored, &mut checkpointed) {

@@ -22,7 +22,7 @@ pub struct TasksArgs {
     #[arg(long, default_value_t = 1.0)]
     scale: f64,
     /// Only these cases (sequential, concurrent, retry, empty_flows, empty_flows_sequential,
-    /// memory).
+    /// memory, memory_kept).
     #[arg(long, value_delimiter = ',')]
     cases: Vec<String>,
     /// Only this durability (default, strict).
@@ -233,14 +233,15 @@ async fn case(name: &'static str, durability: Durability, scale: f64) -> anyhow:
                 rss_mib_last: None,
             }
         }
-        "memory" => {
+        "memory" | "memory_kept" => {
             let (first, all) = (scaled(10, scale), scaled(1_000, scale));
             let tasks = 1_000;
+            let pruned = name == "memory";
             let started = Instant::now();
             flows_of(&client, first, tasks).await?;
-            let rss_first = settled_rss(&node, &client).await?;
+            let rss_first = settled_rss(&node, &client, pruned).await?;
             flows_of(&client, all - first, tasks).await?;
-            let rss_last = settled_rss(&node, &client).await?;
+            let rss_last = settled_rss(&node, &client, pruned).await?;
             let elapsed = started.elapsed();
             CaseResult {
                 case: name,
@@ -279,13 +280,12 @@ async fn flows_of(client: &flotilla::Client, count: u64, tasks: u64) -> anyhow::
     Ok(())
 }
 
-/// The resident set in MiB once the finished runs were pruned (at most 30 s).
-/// The resident set once every finished run is pruned, the store has caught up with the log and
-/// the allocator has given back what was freed (the resident set stopped falling), so that both
-/// measures are taken with the node at rest.
-async fn settled_rss(node: &flotilla::Node, client: &flotilla::Client) -> anyhow::Result<f64> {
+/// The resident set in MiB once every finished run is pruned (when `pruned`), the store has
+/// caught up with the log and the allocator has given back what was freed (the resident set
+/// stopped falling), so that both measures are taken with the node at rest (at most 30 s).
+async fn settled_rss(node: &flotilla::Node, client: &flotilla::Client, pruned: bool) -> anyhow::Result<f64> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !client.flow_runs(RunFilter::All, None, 10).await?.is_empty() {
+    while pruned && !client.flow_runs(RunFilter::All, None, 10).await?.is_empty() {
         if Instant::now() > deadline {
             bail!("finished runs were not pruned within 30 s");
         }
@@ -339,6 +339,7 @@ pub async fn run(args: TasksArgs) -> anyhow::Result<()> {
         "empty_flows",
         "empty_flows_sequential",
         "memory",
+        "memory_kept",
     ];
     for c in &args.cases {
         if !all.contains(&c.as_str()) {
@@ -361,7 +362,7 @@ pub async fn run(args: TasksArgs) -> anyhow::Result<()> {
                 continue;
             }
             // Memory does not depend on the durability: measured once.
-            if name == "memory" && matches!(mode, Durability::Strict) && args.durability.is_none() {
+            if name.starts_with("memory") && matches!(mode, Durability::Strict) && args.durability.is_none() {
                 continue;
             }
             let r = case(name, mode, args.scale)

@@ -57,7 +57,9 @@ impl Side {
 
     /// Writes what was applied to the store (after which terminal runs may be evicted).
     fn flush(&mut self) {
-        self.store.take_job().write(self.kv.as_ref()).unwrap();
+        for job in self.store.take_jobs() {
+            job.write(self.kv.as_ref()).unwrap();
+        }
         let upto = self.store.applied();
         self.store.stored_through(upto);
     }
