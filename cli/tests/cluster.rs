@@ -153,20 +153,25 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
     // node: readable through it, also once the worker is gone.
     const BIG: usize = 300_000;
     let mut big_on_n3 = None;
-    // Three at once, so that they spread over the nodes (an idle cluster gives a lone run to
-    // the first of its least loaded nodes).
-    // Until one lands on n3 (it may be busy with the long runs for a while), within a bound.
+    // Several at once, so that they spread over the nodes (an idle cluster gives a lone run to
+    // the first of its least loaded nodes), enough to fill the others up to n3's long runs
+    // (it may hold more of them than the others). Until one lands on n3, within a bound.
+    let n3_long = owners.values().filter(|o| *o == "n3").count();
     let mut batch = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
         if batch.is_empty() {
-            for _ in 0..3 {
-                let id = client
-                    .run("noop", serde_json::json!({"result_bytes": BIG}))
-                    .await
-                    .expect("accepted");
-                batch.push(id);
+            let mut asked = tokio::task::JoinSet::new();
+            for n in 0..3 + 2 * n3_long {
+                let client = client.clone();
+                asked.spawn(async move {
+                    let id = client.run("noop", serde_json::json!({"result_bytes": BIG})).await;
+                    (n, id.expect("accepted"))
+                });
             }
+            let mut ids = asked.join_all().await;
+            ids.sort();
+            batch.extend(ids.into_iter().map(|(_, id)| id));
         }
         let id = batch.remove(0);
         let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
