@@ -138,7 +138,9 @@ impl SledKv {
             let opened = sled::Config::new()
                 .path(dir)
                 .flush_every_ms(None)
-                .cache_capacity(256 * 1024 * 1024)
+                // sled's page cache: a bound on the memory that follows the data written (at
+                // 256 MiB, a node keeping a million task runs held 300 MiB more).
+                .cache_capacity(64 * 1024 * 1024)
                 .open();
             match opened {
                 Ok(db) => break db,
