@@ -12,3 +12,4 @@ pub mod engine;
 pub mod node;
 pub mod persistence;
 mod read_helpers;
+pub mod replication;

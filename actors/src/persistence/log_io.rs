@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rand::{Rng, RngExt};
 
 /// A segment file open for appending.
-pub trait LogFile: Send {
+pub trait LogFile: Send + Sync {
     /// Appends bytes (not yet durable).
     fn append(&mut self, bytes: &[u8]) -> io::Result<()>;
     /// Makes every appended byte durable (`fdatasync`).
@@ -21,7 +21,7 @@ pub trait LogFile: Send {
 }
 
 /// A directory of segment files.
-pub trait LogIo: Send {
+pub trait LogIo: Send + Sync {
     /// The names of the files in the directory.
     fn list(&self) -> io::Result<Vec<String>>;
     /// Reads a whole file.

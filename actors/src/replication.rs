@@ -1,0 +1,8 @@
+//! Replication of the control state with openraft: the type configuration and the Raft log
+//! store (the command log, with log ids, a vote and purging).
+
+pub mod log_store;
+mod types;
+
+pub use log_store::RaftLogStore;
+pub use types::{Applied, Control, Logged, Member};

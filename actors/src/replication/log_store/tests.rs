@@ -1,0 +1,181 @@
+//! openraft's storage conformance suite against the log store (with a small state machine that
+//! applies nothing but membership, as the suite needs), and the log reopened after each kind of
+//! change.
+
+use super::*;
+use futures::StreamExt;
+use openraft::alias::{SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::testing::log::{StoreBuilder, Suite};
+use openraft::{EntryPayload, StorageError};
+
+use crate::persistence::log_io::DirIo;
+
+/// What the suite's state machine holds: the last applied id and membership.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Applied {
+    last: Option<LogId>,
+    membership: StoredMembershipOf<Control>,
+}
+
+/// A snapshot as held: its meta and its data.
+type Held = (SnapshotMetaOf<Control>, Vec<u8>);
+
+#[derive(Clone, Debug, Default)]
+struct MembershipMachine {
+    applied: Applied,
+    /// The current snapshot, shared with the builders.
+    snapshot: Arc<std::sync::Mutex<Option<Held>>>,
+}
+
+impl MembershipMachine {
+    fn set_snapshot(&self, s: Held) {
+        *self.snapshot.lock().unwrap() = Some(s);
+    }
+}
+
+impl RaftSnapshotBuilder<Control> for MembershipMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<Control, Vec<u8>>, io::Error> {
+        let meta = SnapshotMetaOf::<Control> {
+            last_log_id: self.applied.last,
+            last_membership: self.applied.membership.clone(),
+        };
+        let data = codec::encode(&self.applied).map_err(io::Error::other)?;
+        self.set_snapshot((meta.clone(), data.clone()));
+        Ok(SnapshotOf::<Control, Vec<u8>> { meta, snapshot: data })
+    }
+}
+
+impl RaftStateMachine<Control> for MembershipMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembershipOf<Control>), io::Error> {
+        Ok((self.applied.last, self.applied.membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
+    where
+        S: futures::Stream<Item = Result<openraft::storage::EntryResponder<Control>, io::Error>>
+            + Unpin
+            + Send,
+    {
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            self.applied.last = Some(entry.log_id());
+            if let EntryPayload::Membership(m) = &entry.payload {
+                self.applied.membership = StoredMembershipOf::<Control>::new(Some(entry.log_id()), m.clone());
+            }
+            if let Some(r) = responder {
+                r.send(Ok(flotilla_runtime::Reply::Recorded));
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<Control>,
+        data: Vec<u8>,
+    ) -> Result<(), io::Error> {
+        self.applied = codec::decode(&data).map_err(io::Error::other)?;
+        self.set_snapshot((meta.clone(), data));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<Control, Vec<u8>>>, io::Error> {
+        Ok(self
+            .snapshot
+            .lock()
+            .unwrap()
+            .clone()
+            .map(|(meta, snapshot)| SnapshotOf::<Control, Vec<u8>> { meta, snapshot }))
+    }
+}
+
+struct OnDisk;
+
+impl StoreBuilder<Control, RaftLogStore, MembershipMachine, tempfile::TempDir> for OnDisk {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, RaftLogStore, MembershipMachine), StorageError<Control>> {
+        let failed =
+            |e| StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e);
+        let dir = tempfile::tempdir().map_err(failed)?;
+        let store = open(dir.path()).map_err(failed)?;
+        Ok((dir, store, MembershipMachine::default()))
+    }
+}
+
+fn open(dir: &std::path::Path) -> io::Result<RaftLogStore> {
+    RaftLogStore::open(Box::new(DirIo::new(dir)?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_store_passes_openraft_s_conformance_suite() {
+    Suite::test_all(OnDisk).await.expect("the suite passes");
+}
+
+fn entry(term: u64, index: u64) -> Entry {
+    use openraft::vote::RaftLeaderIdExt;
+    Entry::new_blank(LogId::new(
+        <Control as openraft::RaftTypeConfig>::LeaderId::new_committed(term, 0),
+        index,
+    ))
+}
+
+/// What a reopened log holds: its state, vote and entries.
+async fn reopened(dir: &std::path::Path) -> (LogState<Control>, Option<Vote>, Vec<u64>) {
+    let mut log = open(dir).unwrap();
+    let state = log.get_log_state().await.unwrap();
+    let vote = log.read_vote().await.unwrap();
+    let entries = log.try_get_log_entries(..).await.unwrap();
+    (state, vote, entries.iter().map(|e| e.index()).collect())
+}
+
+/// Every change survives a reopen: appends over several segments' worth of frames, a cut in
+/// the middle of a frame, a purge, and the vote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_cuts_purges_and_votes_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = open(dir.path()).unwrap();
+    for batch in 0..10u64 {
+        let entries: Vec<Entry> = (batch * 10..batch * 10 + 10).map(|i| entry(1, i)).collect();
+        log.append(entries, IOFlushed::noop()).await.unwrap();
+    }
+    let vote = Vote::new(3, 1);
+    log.save_vote(&vote).await.unwrap();
+    // A cut inside the frame of entries 50..=59: 50..=54 stay, written again.
+    log.truncate_after(Some(entry(1, 54).log_id())).await.unwrap();
+    log.append(
+        (55..60).map(|i| entry(2, i)).collect::<Vec<_>>(),
+        IOFlushed::noop(),
+    )
+    .await
+    .unwrap();
+    let (state, got_vote, indexes) = reopened(dir.path()).await;
+    assert_eq!(got_vote, Some(vote));
+    assert_eq!(indexes, (0..60).collect::<Vec<_>>());
+    assert_eq!(state.last_log_id, Some(entry(2, 59).log_id()));
+    // A purge inside a frame: the rest stays readable after a reopen.
+    let mut log = open(dir.path()).unwrap();
+    log.purge(entry(1, 33).log_id()).await.unwrap();
+    log.truncate_after(Some(entry(2, 56).log_id())).await.unwrap();
+    let (state, _, indexes) = reopened(dir.path()).await;
+    assert_eq!(state.last_purged_log_id, Some(entry(1, 33).log_id()));
+    assert_eq!(indexes, (34..57).collect::<Vec<_>>());
+    // Many votes: the meta file moves to a new generation, the last vote wins.
+    let mut log = open(dir.path()).unwrap();
+    for term in 4..2000 {
+        log.save_vote(&Vote::new(term, 2)).await.unwrap();
+    }
+    let (state, got_vote, _) = reopened(dir.path()).await;
+    assert_eq!(got_vote, Some(Vote::new(1999, 2)));
+    assert_eq!(state.last_purged_log_id, Some(entry(1, 33).log_id()));
+}
