@@ -1,12 +1,16 @@
-//! The Raft log on disk: segment files of checksummed frames (one frame per appended batch of
-//! entries, made durable with one `fdatasync`), and a meta file of frames holding the vote and
-//! the last purged log id (the last whole frame wins).
+//! The Raft log on disk: segment files of checksummed frames, each one record made durable with
+//! one `fdatasync` (a batch of appended entries, or a cut: every entry after an index is gone),
+//! and a meta file of frames holding the vote and the last purged log id (the last whole frame
+//! wins).
 //!
 //! openraft's contract (`RaftLogStorage`): the vote is on disk before `save_vote` returns;
 //! appended entries are readable when `append` returns and its callback fires only once they
-//! are on disk; truncating and purging leave no hole. Every entry not purged is also kept in
-//! memory, shared with the readers, so reads never touch the disk (the log is purged behind
-//! each snapshot, which bounds it).
+//! are on disk; truncating and purging leave no hole. A cut is a record, never a rewrite, so a
+//! crash while truncating cannot lose an entry kept. Segments are numbered in the order they
+//! were begun and replayed in that order; purging removes whole segments from the front once
+//! every entry in them is purged. Every entry not purged is also kept in memory, shared with
+//! the readers, so reads never touch the disk (the log is purged behind each snapshot, which
+//! bounds it).
 
 use std::collections::BTreeMap;
 use std::io;
@@ -32,8 +36,8 @@ const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// The meta file is rewritten into a new one once it holds this many bytes.
 const META_BYTES_MAX: u64 = 64 * 1024;
 
-fn segment_name(first: u64) -> String {
-    format!("{first:020}.raft")
+fn segment_name(seq: u64) -> String {
+    format!("{seq:020}.raft")
 }
 
 fn parse_segment_name(name: &str) -> Option<u64> {
@@ -62,22 +66,22 @@ struct Meta {
     purged: Option<LogId>,
 }
 
-/// One segment: its file, the index of its first entry, and where each frame starts.
+/// One segment: its file, its number, and the greatest index written to it.
 #[derive(Debug)]
 struct Segment {
     name: String,
-    first: u64,
+    seq: u64,
     bytes: u64,
-    /// Each frame: the indexes of its first and last entries, and its byte offset.
-    frames: Vec<Frame>,
+    max_index: Option<u64>,
 }
 
-/// Where a frame is and which entries it holds.
-#[derive(Clone, Copy, Debug)]
-struct Frame {
-    first: u64,
-    last: u64,
-    offset: u64,
+/// One frame of a segment.
+#[derive(Debug, Serialize, Deserialize)]
+enum Record {
+    /// Entries appended, in order.
+    Entries(Vec<Entry>),
+    /// Every entry after this index (all, when None) is gone.
+    CutAfter(Option<u64>),
 }
 
 /// What readers share with the store: every entry not purged, and the vote.
@@ -131,19 +135,17 @@ impl RaftLogStore {
         let (meta, meta_generation, meta_bytes) = read_meta(io.as_ref(), &names)?;
         let mut found: Vec<(u64, String)> = names
             .iter()
-            .filter_map(|n| parse_segment_name(n).map(|i| (i, n.clone())))
+            .filter_map(|n| parse_segment_name(n).map(|seq| (seq, n.clone())))
             .collect();
         found.sort();
-        let purged = meta.purged.map_or(0, |l| l.index);
+        let purged = meta.purged.map(|l| l.index);
         let mut shared = Shared {
             vote: meta.vote,
             entries: BTreeMap::new(),
         };
         let mut segments = Vec::with_capacity(found.len());
         let count = found.len();
-        // The index the next entry must have (entries may skip ahead only over purged ones).
-        let mut next: Option<u64> = None;
-        for (k, (first, name)) in found.into_iter().enumerate() {
+        for (k, (seq, name)) in found.into_iter().enumerate() {
             let path = io.describe(&name);
             let bytes = io.read(&name)?;
             let (payloads, end) = frame::decode_frames(&bytes);
@@ -163,47 +165,48 @@ impl RaftLogStore {
             };
             let mut segment = Segment {
                 name,
-                first,
+                seq,
                 bytes: len as u64,
-                frames: Vec::new(),
+                max_index: None,
             };
-            let mut offset = 0u64;
             for payload in payloads {
-                let batch: Vec<Entry> =
-                    codec::decode(payload).map_err(|e| corrupt(format!("{path}: undecodable batch: {e}")))?;
-                let (Some(a), Some(b)) = (batch.first(), batch.last()) else {
-                    return Err(corrupt(format!("{path}: an empty batch at byte {offset}")));
-                };
-                segment.frames.push(Frame {
-                    first: a.index(),
-                    last: b.index(),
-                    offset,
-                });
-                offset += (payload.len() + frame::FRAME_HEADER_BYTES) as u64;
-                for entry in batch {
-                    let i = entry.index();
-                    let skips_purged = meta.purged.is_some() && i <= purged + 1;
-                    if let Some(n) = next
-                        && i != n
-                        && !(skips_purged && i > n)
-                    {
-                        return Err(corrupt(format!("{path}: entry {i} where {n} was expected")));
+                let record: Record = codec::decode(payload)
+                    .map_err(|e| corrupt(format!("{path}: undecodable record: {e}")))?;
+                match record {
+                    Record::Entries(batch) => {
+                        for entry in batch {
+                            let i = entry.index();
+                            segment.max_index = segment.max_index.max(Some(i));
+                            if purged.is_some_and(|p| i <= p) {
+                                continue;
+                            }
+                            let expect = shared
+                                .entries
+                                .last_key_value()
+                                .map(|(k, _)| k + 1)
+                                .or(purged.map(|p| p + 1));
+                            if let Some(e) = expect
+                                && i != e
+                            {
+                                return Err(corrupt(format!("{path}: entry {i} where {e} was expected")));
+                            }
+                            shared.entries.insert(i, entry);
+                        }
                     }
-                    next = Some(i + 1);
-                    if meta.purged.is_none() || i > purged {
-                        shared.entries.insert(i, entry);
+                    Record::CutAfter(None) => shared.entries.clear(),
+                    Record::CutAfter(Some(l)) => {
+                        shared.entries.split_off(&(l + 1));
                     }
                 }
             }
             segments.push(segment);
         }
-        if let (Some(p), Some((&first, _))) = (meta.purged, shared.entries.first_key_value())
-            && first > p.index + 1
+        if let (Some(p), Some((&first, _))) = (purged, shared.entries.first_key_value())
+            && first > p + 1
         {
             return Err(corrupt(format!(
-                "{}: the log resumes at {first} after entries purged up to {}: a hole",
+                "{}: the log resumes at {first} after entries purged up to {p}: a hole",
                 io.describe(""),
-                p.index
             )));
         }
         let current = match segments.last() {
@@ -211,6 +214,10 @@ impl RaftLogStore {
             None => None,
         };
         let meta_file = Some(io.open_append(&meta_name(meta_generation))?);
+        if !names.contains(&meta_name(meta_generation)) {
+            // A new meta file: its directory entry durable before a vote is written to it.
+            io.sync_dir()?;
+        }
         Ok(RaftLogStore {
             io,
             segments,
@@ -261,12 +268,9 @@ impl RaftLogStore {
             .or(self.meta.purged)
     }
 
-    /// Appends entries as one frame and makes it durable.
-    fn write_entries(&mut self, entries: &[Entry]) -> io::Result<()> {
-        let Some(first) = entries.first().map(|e| e.index()) else {
-            return Ok(());
-        };
-        let payload = codec::encode(entries).map_err(io::Error::other)?;
+    /// Appends a record as one frame and makes it durable.
+    fn write_record(&mut self, record: &Record) -> io::Result<()> {
+        let payload = codec::encode(record).map_err(io::Error::other)?;
         let mut framed = Vec::with_capacity(payload.len() + frame::FRAME_HEADER_BYTES);
         frame::encode_frame(&payload, &mut framed);
         let rotate = self
@@ -274,14 +278,15 @@ impl RaftLogStore {
             .last()
             .is_none_or(|s| s.bytes > 0 && s.bytes + framed.len() as u64 > SEGMENT_BYTES_MAX);
         if rotate {
-            let name = segment_name(first);
+            let seq = self.segments.last().map_or(0, |s| s.seq + 1);
+            let name = segment_name(seq);
             let file = self.io.open_append(&name)?;
             self.io.sync_dir()?;
             self.segments.push(Segment {
                 name,
-                first,
+                seq,
                 bytes: 0,
-                frames: Vec::new(),
+                max_index: None,
             });
             self.current = Some(file);
         }
@@ -290,53 +295,11 @@ impl RaftLogStore {
         };
         file.append(&framed)?;
         file.sync_data()?;
-        seg.frames.push(Frame {
-            first,
-            last: entries.last().map_or(first, |e| e.index()),
-            offset: seg.bytes,
-        });
         seg.bytes += framed.len() as u64;
+        if let Record::Entries(entries) = record {
+            seg.max_index = seg.max_index.max(entries.last().map(|e| e.index()));
+        }
         Ok(())
-    }
-
-    /// Removes every entry after `last` (all when None) from the files: whole segments that
-    /// begin after it, then the tail of the one that holds it from the first frame holding a
-    /// removed entry (that frame's kept entries are written again, from memory).
-    fn cut_after(&mut self, last: Option<u64>) -> io::Result<()> {
-        let mut removed = false;
-        while let Some(s) = self.segments.last() {
-            if last.is_some_and(|l| s.first <= l) {
-                break;
-            }
-            let name = s.name.clone();
-            self.segments.pop();
-            self.current = None;
-            self.io.remove(&name)?;
-            removed = true;
-        }
-        if removed {
-            self.io.sync_dir()?;
-        }
-        let (Some(l), Some(seg)) = (last, self.segments.last_mut()) else {
-            return Ok(());
-        };
-        let Some(at) = seg.frames.iter().position(|f| f.last > l) else {
-            if self.current.is_none() {
-                self.current = Some(self.io.open_append(&seg.name)?);
-            }
-            return Ok(());
-        };
-        let cut = seg.frames[at];
-        seg.frames.truncate(at);
-        self.io.truncate(&seg.name, cut.offset)?;
-        seg.bytes = cut.offset;
-        self.current = Some(self.io.open_append(&seg.name)?);
-        let kept = entries_in(
-            &read_lock(&self.shared).entries,
-            Bound::Included(cut.first),
-            Bound::Included(l),
-        );
-        self.write_entries(&kept)
     }
 }
 
@@ -467,9 +430,11 @@ impl RaftLogStorage<Control> for RaftLogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let entries: Vec<Entry> = entries.into_iter().collect();
-        let written = self.write_entries(&entries);
-        if written.is_ok() {
+        let record = Record::Entries(entries.into_iter().collect());
+        let written = self.write_record(&record);
+        if written.is_ok()
+            && let Record::Entries(entries) = record
+        {
             let mut shared = write_lock(&self.shared);
             for e in entries {
                 shared.entries.insert(e.index(), e);
@@ -488,7 +453,11 @@ impl RaftLogStorage<Control> for RaftLogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let last = last_log_id.map(|l| l.index);
-        self.cut_after(last)?;
+        let after = last.map_or(0, |l| l + 1);
+        if read_lock(&self.shared).entries.range(after..).next().is_none() {
+            return Ok(());
+        }
+        self.write_record(&Record::CutAfter(last))?;
         let mut shared = write_lock(&self.shared);
         match last {
             Some(l) => {
@@ -514,8 +483,9 @@ impl RaftLogStorage<Control> for RaftLogStore {
         }
         let removable = self
             .segments
-            .windows(2)
-            .take_while(|w| w[1].first <= log_id.index + 1)
+            .iter()
+            .take(self.segments.len().saturating_sub(1))
+            .take_while(|s| s.max_index.is_none_or(|m| m <= log_id.index))
             .count();
         for s in self.segments.drain(..removable) {
             self.io.remove(&s.name)?;
