@@ -387,25 +387,33 @@ impl Store {
         }
     }
 
-    /// Brings an evicted flow run and its task runs back into memory, removing its entries.
-    fn bring_back(&mut self, id: &FlowRunId) {
-        if self.hot.flow_run(id).is_some() {
-            return;
-        }
+    /// An evicted flow run with its task runs, its entries removed (it is evicted no more):
+    /// to bring back or to prune. None (logged) when it cannot be read or its entries removed.
+    fn take_evicted(&mut self, id: &FlowRunId, why: &str) -> Option<Stored> {
         let stored = match self.cold.evicted_whole(id) {
-            Ok(Some(s)) => s,
-            Ok(None) => return,
+            Ok(s) => s?,
             Err(e) => {
-                tracing::error!(error = %e, flow_run = %id, "an evicted flow run could not be read");
-                return;
+                tracing::error!(error = %e, flow_run = %id, "an evicted flow run could not be read to {why}");
+                return None;
             }
         };
         let task_ids: Vec<TaskRunId> = stored.tasks.iter().map(|t| t.id).collect();
         if let Err(e) = self.kv.apply(&entries(&stored.run, &task_ids, false)) {
-            tracing::error!(error = %e, flow_run = %id, "an evicted flow run could not be brought back");
-            return;
+            tracing::error!(error = %e, flow_run = %id, "an evicted flow run could not be taken out of the store to {why}");
+            return None;
         }
         self.evicted = self.evicted.saturating_sub(1);
+        Some(stored)
+    }
+
+    /// Brings an evicted flow run and its task runs back into memory.
+    fn bring_back(&mut self, id: &FlowRunId) {
+        if self.hot.flow_run(id).is_some() {
+            return;
+        }
+        let Some(stored) = self.take_evicted(id, "bring it back") else {
+            return;
+        };
         self.hot.put_flow_run(stored.run);
         for t in stored.tasks {
             self.hot.put_task_run(t);
@@ -440,23 +448,12 @@ impl Store {
         due.truncate(max);
         let (mut flows, mut tasks) = (0u32, 0u32);
         for (_, id, _) in due.iter().filter(|(_, _, evicted)| *evicted) {
-            let stored = match self.cold.evicted_whole(id) {
-                Ok(Some(s)) => s,
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(error = %e, flow_run = %id, "an evicted flow run due to be pruned could not be read");
-                    continue;
-                }
-            };
-            let task_ids: Vec<TaskRunId> = stored.tasks.iter().map(|t| t.id).collect();
-            if let Err(e) = self.kv.apply(&entries(&stored.run, &task_ids, false)) {
-                tracing::error!(error = %e, flow_run = %id, "an evicted flow run could not be pruned");
+            let Some(stored) = self.take_evicted(id, "prune it") else {
                 continue;
-            }
-            self.evicted = self.evicted.saturating_sub(1);
+            };
             let mut pruned = PrunedRun {
                 flow_run: *id,
-                task_runs: task_ids,
+                task_runs: stored.tasks.iter().map(|t| t.id).collect(),
                 archived: vec![(RunId::Flow(*id), stored.run.lifecycle.archived_blocks)],
                 events: stored.run.lifecycle.history.clone(),
             };
