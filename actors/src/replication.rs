@@ -2,7 +2,11 @@
 //! store (the command log, with log ids, a vote and purging).
 
 pub mod log_store;
+pub mod network;
+#[cfg(test)]
+pub(crate) mod testing;
 mod types;
 
 pub use log_store::RaftLogStore;
+pub use network::{QuicRaftNetwork, serve};
 pub use types::{Applied, Control, Logged, Member};

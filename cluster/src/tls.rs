@@ -15,6 +15,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 pub const ALPN_NODE: &[u8] = b"flotilla-node/1";
 /// ALPN of client connections (the request/response protocol).
 pub const ALPN_CLIENT: &[u8] = b"flotilla-client/1";
+/// ALPN of Raft connections between voters (replication of the control state).
+pub const ALPN_RAFT: &[u8] = b"flotilla-raft/1";
 
 /// Why TLS could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +89,7 @@ pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The server side: requires a client certificate signed by the cluster CA; speaks both ALPNs.
+/// The server side: requires a client certificate signed by the cluster CA; speaks every ALPN.
 pub fn server_config(id: &Identity) -> Result<ServerConfig, TlsError> {
     let verifier = WebPkiClientVerifier::builder_with_provider(id.roots()?, provider())
         .build()
@@ -98,7 +100,7 @@ pub fn server_config(id: &Identity) -> Result<ServerConfig, TlsError> {
         .with_client_cert_verifier(verifier)
         .with_single_cert(vec![id.cert.clone()], id.key.clone_key())
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    cfg.alpn_protocols = vec![ALPN_NODE.to_vec(), ALPN_CLIENT.to_vec()];
+    cfg.alpn_protocols = vec![ALPN_NODE.to_vec(), ALPN_CLIENT.to_vec(), ALPN_RAFT.to_vec()];
     Ok(cfg)
 }
 

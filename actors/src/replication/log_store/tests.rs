@@ -3,101 +3,12 @@
 //! change.
 
 use super::*;
-use futures::StreamExt;
-use openraft::alias::{SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
-use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
-use openraft::{EntryPayload, StorageError};
+
+use crate::replication::testing::MembershipMachine;
 
 use crate::persistence::log_io::DirIo;
-
-/// What the suite's state machine holds: the last applied id and membership.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-struct Applied {
-    last: Option<LogId>,
-    membership: StoredMembershipOf<Control>,
-}
-
-/// A snapshot as held: its meta and its data.
-type Held = (SnapshotMetaOf<Control>, Vec<u8>);
-
-#[derive(Clone, Debug, Default)]
-struct MembershipMachine {
-    applied: Applied,
-    /// The current snapshot, shared with the builders.
-    snapshot: Arc<std::sync::Mutex<Option<Held>>>,
-}
-
-impl MembershipMachine {
-    fn set_snapshot(&self, s: Held) {
-        *self.snapshot.lock().unwrap() = Some(s);
-    }
-}
-
-impl RaftSnapshotBuilder<Control> for MembershipMachine {
-    type SnapshotData = Vec<u8>;
-
-    async fn build_snapshot(&mut self) -> Result<SnapshotOf<Control, Vec<u8>>, io::Error> {
-        let meta = SnapshotMetaOf::<Control> {
-            last_log_id: self.applied.last,
-            last_membership: self.applied.membership.clone(),
-        };
-        let data = codec::encode(&self.applied).map_err(io::Error::other)?;
-        self.set_snapshot((meta.clone(), data.clone()));
-        Ok(SnapshotOf::<Control, Vec<u8>> { meta, snapshot: data })
-    }
-}
-
-impl RaftStateMachine<Control> for MembershipMachine {
-    type SnapshotData = Vec<u8>;
-    type SnapshotBuilder = Self;
-
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembershipOf<Control>), io::Error> {
-        Ok((self.applied.last, self.applied.membership.clone()))
-    }
-
-    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
-    where
-        S: futures::Stream<Item = Result<openraft::storage::EntryResponder<Control>, io::Error>>
-            + Unpin
-            + Send,
-    {
-        while let Some(item) = entries.next().await {
-            let (entry, responder) = item?;
-            self.applied.last = Some(entry.log_id());
-            if let EntryPayload::Membership(m) = &entry.payload {
-                self.applied.membership = StoredMembershipOf::<Control>::new(Some(entry.log_id()), m.clone());
-            }
-            if let Some(r) = responder {
-                r.send(Ok(flotilla_runtime::Reply::Recorded));
-            }
-        }
-        Ok(())
-    }
-
-    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
-    }
-
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMetaOf<Control>,
-        data: Vec<u8>,
-    ) -> Result<(), io::Error> {
-        self.applied = codec::decode(&data).map_err(io::Error::other)?;
-        self.set_snapshot((meta.clone(), data));
-        Ok(())
-    }
-
-    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<Control, Vec<u8>>>, io::Error> {
-        Ok(self
-            .snapshot
-            .lock()
-            .unwrap()
-            .clone()
-            .map(|(meta, snapshot)| SnapshotOf::<Control, Vec<u8>> { meta, snapshot }))
-    }
-}
 
 struct OnDisk;
 

@@ -1,0 +1,283 @@
+//! Raft traffic over the cluster's QUIC connections with mutual TLS (ALPN `flotilla-raft/1`):
+//! each request on a stream of its own, as one frame, answered by one frame. Connections are
+//! made lazily and made again after a failure; only node certificates are served.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use flotilla_cluster::role::CertRole;
+use flotilla_cluster::{QuicEndpoint, frame};
+use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::storage::RaftStateMachine;
+use serde::{Deserialize, Serialize};
+
+use super::{Control, Member};
+
+/// The ALPN of Raft connections between voters.
+pub const ALPN_RAFT: &[u8] = flotilla_cluster::tls::ALPN_RAFT;
+
+/// The largest Raft frame taken (a batch of entries, a snapshot until snapshots are streamed).
+const RAFT_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
+
+/// A Raft request, as one frame.
+#[derive(Debug, Serialize, Deserialize)]
+enum Request {
+    Append(AppendEntriesRequest<Control>),
+    Vote(VoteRequest<Control>),
+    PreVote(VoteRequest<Control>),
+    Snapshot {
+        vote: VoteOf<Control>,
+        meta: SnapshotMetaOf<Control>,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
+}
+
+/// The answer to a request, as one frame (an error as its text).
+#[derive(Debug, Serialize, Deserialize)]
+enum Response {
+    Append(AppendEntriesResponse<Control>),
+    Vote(VoteResponse<Control>),
+    Snapshot(SnapshotResponse<Control>),
+    Failed(String),
+}
+
+/// Makes the clients of the other voters, over one QUIC endpoint.
+#[derive(Clone)]
+pub struct QuicRaftNetwork {
+    endpoint: Arc<QuicEndpoint>,
+}
+
+impl std::fmt::Debug for QuicRaftNetwork {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuicRaftNetwork").finish_non_exhaustive()
+    }
+}
+
+impl QuicRaftNetwork {
+    /// Raft clients dialling from `endpoint`.
+    pub fn new(endpoint: Arc<QuicEndpoint>) -> Self {
+        QuicRaftNetwork { endpoint }
+    }
+}
+
+impl RaftNetworkFactory<Control> for QuicRaftNetwork {
+    type Network = QuicRaftClient;
+
+    async fn new_client(&mut self, _target: u64, node: &Member) -> QuicRaftClient {
+        QuicRaftClient {
+            endpoint: self.endpoint.clone(),
+            member: node.clone(),
+            connection: None,
+        }
+    }
+}
+
+/// The client of one other voter: its connection, made when first needed.
+#[allow(missing_debug_implementations)] // a QUIC endpoint and connection, nothing to show
+pub struct QuicRaftClient {
+    endpoint: Arc<QuicEndpoint>,
+    member: Member,
+    connection: Option<quinn::Connection>,
+}
+
+/// Why a call failed, before it was answered.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("{0} is unreachable: {1}")]
+    Unreachable(String, String),
+    #[error("{0}: {1}")]
+    Stream(String, String),
+    #[error("{0} took longer than {1:?}")]
+    Timeout(String, std::time::Duration),
+}
+
+impl QuicRaftClient {
+    async fn connection(&mut self) -> Result<quinn::Connection, CallError> {
+        if let Some(c) = &self.connection
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
+        }
+        let unreachable = |e: String| CallError::Unreachable(self.member.name.clone(), e);
+        let addr: SocketAddr = self
+            .member
+            .addr
+            .parse()
+            .map_err(|e| unreachable(format!("{e}")))?;
+        let c = self
+            .endpoint
+            .connect(addr, &self.member.name, ALPN_RAFT)
+            .await
+            .map_err(|e| unreachable(e.to_string()))?;
+        self.connection = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Sends one request on a stream of its own and reads its answer, within `ttl`.
+    async fn call(&mut self, request: &Request, ttl: std::time::Duration) -> Result<Response, CallError> {
+        let name = self.member.name.clone();
+        let conn = self.connection().await?;
+        let exchange = async {
+            let stream = |e: String| CallError::Stream(name.clone(), e);
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(e.to_string()))?;
+            frame::write_limited(&mut send, request, RAFT_FRAME_BYTES_MAX)
+                .await
+                .map_err(|e| stream(e.to_string()))?;
+            send.finish().map_err(|e| stream(e.to_string()))?;
+            frame::read::<Response, _>(&mut recv)
+                .await
+                .map_err(|e| stream(e.to_string()))
+        };
+        match tokio::time::timeout(ttl, exchange).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(e)) => {
+                self.connection = None;
+                Err(e)
+            }
+            Err(_) => Err(CallError::Timeout(name, ttl)),
+        }
+    }
+}
+
+fn rpc_error(e: CallError) -> RPCError<Control> {
+    match e {
+        CallError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
+        _ => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+fn unexpected(r: Response) -> RPCError<Control> {
+    let text = match r {
+        Response::Failed(why) => why,
+        other => format!("unexpected answer {other:?}"),
+    };
+    RPCError::Network(NetworkError::from_string(text))
+}
+
+impl RaftNetworkV2<Control> for QuicRaftClient {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<Control>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<Control>, RPCError<Control>> {
+        match self
+            .call(&Request::Append(rpc), option.hard_ttl())
+            .await
+            .map_err(rpc_error)?
+        {
+            Response::Append(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<Control>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<Control>, RPCError<Control>> {
+        match self
+            .call(&Request::Vote(rpc), option.hard_ttl())
+            .await
+            .map_err(rpc_error)?
+        {
+            Response::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<Control>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<Control>, RPCError<Control>> {
+        match self
+            .call(&Request::PreVote(rpc), option.hard_ttl())
+            .await
+            .map_err(rpc_error)?
+        {
+            Response::Vote(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<Control>,
+        snapshot: SnapshotOf<Control, Vec<u8>>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<Control>, StreamingError<Control>> {
+        let request = Request::Snapshot {
+            vote,
+            meta: snapshot.meta,
+            data: snapshot.snapshot,
+        };
+        // A snapshot may take long: bounded by the caller's cancellation, not the RPC's ttl.
+        let ttl = option.hard_ttl().max(std::time::Duration::from_secs(600));
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = self.call(&request, ttl) => match r {
+                Ok(Response::Snapshot(r)) => Ok(r),
+                Ok(other) => Err(StreamingError::Network(NetworkError::from_string(format!("{other:?}")))),
+                Err(e @ CallError::Unreachable(..)) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
+                Err(e) => Err(StreamingError::Network(NetworkError::new(&e))),
+            },
+        }
+    }
+}
+
+/// Serves the Raft requests of one connection (a voter's), each stream in a task of its own,
+/// until the connection closes. A connection whose certificate is not a node's is refused.
+pub async fn serve<SM>(conn: quinn::Connection, raft: openraft::Raft<Control, SM>)
+where
+    SM: RaftStateMachine<Control, SnapshotData = Vec<u8>>,
+{
+    if !matches!(CertRole::of_peer(&conn), CertRole::Node | CertRole::Unmarked) {
+        conn.close(1u32.into(), b"forbidden: a node certificate is needed");
+        return;
+    }
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let response = match frame::read::<Request, _>(&mut recv).await {
+                Err(e) => Response::Failed(format!("undecodable request: {e}")),
+                Ok(Request::Append(rpc)) => match raft.append_entries(rpc).await {
+                    Ok(r) => Response::Append(r),
+                    Err(e) => Response::Failed(e.to_string()),
+                },
+                Ok(Request::Vote(rpc)) => match raft.vote(rpc).await {
+                    Ok(r) => Response::Vote(r),
+                    Err(e) => Response::Failed(e.to_string()),
+                },
+                Ok(Request::PreVote(rpc)) => match raft.pre_vote(rpc).await {
+                    Ok(r) => Response::Vote(r),
+                    Err(e) => Response::Failed(e.to_string()),
+                },
+                Ok(Request::Snapshot { vote, meta, data }) => {
+                    let snapshot = SnapshotOf::<Control, Vec<u8>> { meta, snapshot: data };
+                    match raft.install_full_snapshot(vote, snapshot).await {
+                        Ok(r) => Response::Snapshot(r),
+                        Err(e) => Response::Failed(e.to_string()),
+                    }
+                }
+            };
+            if frame::write_limited(&mut send, &response, RAFT_FRAME_BYTES_MAX)
+                .await
+                .is_ok()
+            {
+                let _ = send.finish();
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

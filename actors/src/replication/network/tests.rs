@@ -1,0 +1,150 @@
+//! Three voters on 127.0.0.1, each with its own QUIC endpoint, certificate and log on disk:
+//! they elect a leader, replicate commands, and go on without the leader once it stops.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_cluster::{Identity, TransportSettings, certs};
+use flotilla_runtime::{Command, Timestamp};
+
+use super::*;
+use crate::persistence::log_io::DirIo;
+use crate::replication::testing::MembershipMachine;
+use crate::replication::{Logged, RaftLogStore};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+type Raft = openraft::Raft<Control, MembershipMachine>;
+
+struct Voter {
+    raft: Raft,
+    endpoint: Arc<QuicEndpoint>,
+}
+
+async fn voter(dir: &std::path::Path, id: u64, name: &str) -> (Voter, Member) {
+    let identity = Identity::load(&dir.join("certs"), name).unwrap();
+    let endpoint = Arc::new(
+        QuicEndpoint::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            identity,
+            TransportSettings::default(),
+        )
+        .unwrap(),
+    );
+    let member = Member {
+        name: name.to_owned(),
+        addr: endpoint.local_addr().unwrap().to_string(),
+    };
+    let config = openraft::Config {
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 800,
+        ..openraft::Config::default()
+    };
+    let log = RaftLogStore::open(Box::new(DirIo::new(&dir.join(name)).unwrap())).unwrap();
+    let raft = Raft::new(
+        id,
+        Arc::new(config.validate().unwrap()),
+        QuicRaftNetwork::new(endpoint.clone()),
+        log,
+        MembershipMachine::default(),
+    )
+    .await
+    .unwrap();
+    let (accepting, served) = (endpoint.clone(), raft.clone());
+    tokio::spawn(async move {
+        while let Some((conn, alpn)) = accepting.accept().await {
+            if alpn == ALPN_RAFT {
+                tokio::spawn(serve(conn, served.clone()));
+            }
+        }
+    });
+    (Voter { raft, endpoint }, member)
+}
+
+fn command(n: u64) -> Logged {
+    Logged {
+        now: Timestamp::from_millis(1_800_000_000_000 + n as i64),
+        command: Command::DeleteSetting {
+            key: format!("work-queue/q{n}"),
+            at: Timestamp::EPOCH,
+        },
+    }
+}
+
+async fn leader_among(voters: &BTreeMap<u64, Voter>) -> u64 {
+    let (_, any) = voters.iter().next().unwrap();
+    let m = any
+        .raft
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.current_leader.is_some_and(|l| voters.contains_key(&l)),
+            "a live leader",
+        )
+        .await
+        .unwrap();
+    m.current_leader.unwrap()
+}
+
+/// Writes a command through the leader, finding it again while leadership moves (bounded).
+async fn write(voters: &BTreeMap<u64, Voter>, n: u64) -> u64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let leader = leader_among(voters).await;
+        match voters[&leader].raft.client_write(command(n)).await {
+            Ok(written) => return written.log_id.index,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(error = %e, "writing again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("command {n} not written within {WAIT:?}: {e}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_voters_replicate_over_quic_and_go_on_without_their_leader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let names = ["n1", "n2", "n3"].map(String::from);
+    certs::init(&tmp.path().join("certs"), &names, &[]).unwrap();
+    let mut voters = BTreeMap::new();
+    let mut members = BTreeMap::new();
+    for (i, name) in names.iter().enumerate() {
+        let (v, m) = voter(tmp.path(), i as u64 + 1, name).await;
+        voters.insert(i as u64 + 1, v);
+        members.insert(i as u64 + 1, m);
+    }
+    voters[&1].raft.initialize(members).await.unwrap();
+
+    let mut last = 0;
+    for n in 0..50 {
+        last = write(&voters, n).await;
+    }
+    for v in voters.values() {
+        v.raft
+            .wait(Some(WAIT))
+            .applied_index_at_least(Some(last), "every voter applies what was written")
+            .await
+            .unwrap();
+    }
+
+    // The leader stops: the other two elect one of themselves and go on.
+    let leader = leader_among(&voters).await;
+    let old = voters.remove(&leader).unwrap();
+    old.raft.shutdown().await.unwrap();
+    old.endpoint.close();
+    for n in 50..60 {
+        last = write(&voters, n).await;
+    }
+    for v in voters.values() {
+        v.raft
+            .wait(Some(WAIT))
+            .applied_index_at_least(Some(last), "both voters left apply what the new leader wrote")
+            .await
+            .unwrap();
+    }
+    for v in voters.values() {
+        v.raft.shutdown().await.unwrap();
+        v.endpoint.close();
+    }
+}
