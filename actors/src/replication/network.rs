@@ -1,6 +1,8 @@
 //! Raft traffic over the cluster's QUIC connections with mutual TLS (ALPN `flotilla-raft/1`):
-//! each request on a stream of its own, as one frame, answered by one frame. Connections are
-//! made lazily and made again after a failure; only node certificates are served.
+//! each request on a stream of its own, as one frame, answered by one frame; a snapshot's data
+//! follows its frame as raw bytes to the end of the stream, so no frame limit applies to it.
+//! Connections are made lazily and made again after a failure; only node certificates are
+//! served.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,8 +23,10 @@ use super::{Control, Member};
 /// The ALPN of Raft connections between voters.
 pub const ALPN_RAFT: &[u8] = flotilla_cluster::tls::ALPN_RAFT;
 
-/// The largest Raft frame taken (a batch of entries, a snapshot until snapshots are streamed).
+/// The largest Raft frame taken (a batch of entries).
 const RAFT_FRAME_BYTES_MAX: usize = 64 * 1024 * 1024;
+/// The largest snapshot taken.
+const SNAPSHOT_BYTES_MAX: usize = 16 * 1024 * 1024 * 1024;
 
 /// A Raft request, as one frame.
 #[derive(Debug, Serialize, Deserialize)]
@@ -30,11 +34,10 @@ enum Request {
     Append(AppendEntriesRequest<Control>),
     Vote(VoteRequest<Control>),
     PreVote(VoteRequest<Control>),
+    /// A snapshot: its data follows the frame, to the end of the stream.
     Snapshot {
         vote: VoteOf<Control>,
         meta: SnapshotMetaOf<Control>,
-        #[serde(with = "serde_bytes")]
-        data: Vec<u8>,
     },
 }
 
@@ -119,8 +122,14 @@ impl QuicRaftClient {
         Ok(c)
     }
 
-    /// Sends one request on a stream of its own and reads its answer, within `ttl`.
-    async fn call(&mut self, request: &Request, ttl: std::time::Duration) -> Result<Response, CallError> {
+    /// Sends one request (and a body after it) on a stream of its own and reads its answer,
+    /// within `ttl`.
+    async fn call(
+        &mut self,
+        request: &Request,
+        body: &[u8],
+        ttl: std::time::Duration,
+    ) -> Result<Response, CallError> {
         let name = self.member.name.clone();
         let conn = self.connection().await?;
         let exchange = async {
@@ -129,6 +138,9 @@ impl QuicRaftClient {
             frame::write_limited(&mut send, request, RAFT_FRAME_BYTES_MAX)
                 .await
                 .map_err(|e| stream(e.to_string()))?;
+            if !body.is_empty() {
+                send.write_all(body).await.map_err(|e| stream(e.to_string()))?;
+            }
             send.finish().map_err(|e| stream(e.to_string()))?;
             frame::read::<Response, _>(&mut recv)
                 .await
@@ -169,7 +181,7 @@ impl RaftNetworkV2<Control> for QuicRaftClient {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<Control>, RPCError<Control>> {
         match self
-            .call(&Request::Append(rpc), option.hard_ttl())
+            .call(&Request::Append(rpc), &[], option.hard_ttl())
             .await
             .map_err(rpc_error)?
         {
@@ -184,7 +196,7 @@ impl RaftNetworkV2<Control> for QuicRaftClient {
         option: RPCOption,
     ) -> Result<VoteResponse<Control>, RPCError<Control>> {
         match self
-            .call(&Request::Vote(rpc), option.hard_ttl())
+            .call(&Request::Vote(rpc), &[], option.hard_ttl())
             .await
             .map_err(rpc_error)?
         {
@@ -199,7 +211,7 @@ impl RaftNetworkV2<Control> for QuicRaftClient {
         option: RPCOption,
     ) -> Result<VoteResponse<Control>, RPCError<Control>> {
         match self
-            .call(&Request::PreVote(rpc), option.hard_ttl())
+            .call(&Request::PreVote(rpc), &[], option.hard_ttl())
             .await
             .map_err(rpc_error)?
         {
@@ -218,13 +230,12 @@ impl RaftNetworkV2<Control> for QuicRaftClient {
         let request = Request::Snapshot {
             vote,
             meta: snapshot.meta,
-            data: snapshot.snapshot,
         };
         // A snapshot may take long: bounded by the caller's cancellation, not the RPC's ttl.
         let ttl = option.hard_ttl().max(std::time::Duration::from_secs(600));
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            r = self.call(&request, ttl) => match r {
+            r = self.call(&request, &snapshot.snapshot, ttl) => match r {
                 Ok(Response::Snapshot(r)) => Ok(r),
                 Ok(other) => Err(StreamingError::Network(NetworkError::from_string(format!("{other:?}")))),
                 Err(e @ CallError::Unreachable(..)) => Err(StreamingError::Unreachable(Unreachable::new(&e))),
@@ -261,13 +272,16 @@ where
                     Ok(r) => Response::Vote(r),
                     Err(e) => Response::Failed(e.to_string()),
                 },
-                Ok(Request::Snapshot { vote, meta, data }) => {
-                    let snapshot = SnapshotOf::<Control, Vec<u8>> { meta, snapshot: data };
-                    match raft.install_full_snapshot(vote, snapshot).await {
-                        Ok(r) => Response::Snapshot(r),
-                        Err(e) => Response::Failed(e.to_string()),
+                Ok(Request::Snapshot { vote, meta }) => match recv.read_to_end(SNAPSHOT_BYTES_MAX).await {
+                    Err(e) => Response::Failed(format!("the snapshot's data: {e}")),
+                    Ok(data) => {
+                        let snapshot = SnapshotOf::<Control, Vec<u8>> { meta, snapshot: data };
+                        match raft.install_full_snapshot(vote, snapshot).await {
+                            Ok(r) => Response::Snapshot(r),
+                            Err(e) => Response::Failed(e.to_string()),
+                        }
                     }
-                }
+                },
             };
             if frame::write_limited(&mut send, &response, RAFT_FRAME_BYTES_MAX)
                 .await

@@ -1,5 +1,6 @@
 //! Three voters on 127.0.0.1, each with its own QUIC endpoint, certificate and log on disk:
-//! they elect a leader, replicate commands, and go on without the leader once it stops.
+//! they elect a leader, replicate commands, go on without the leader once it stops, and bring
+//! it back up to date with a snapshot once the log it missed is purged.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,16 +22,22 @@ struct Voter {
     endpoint: Arc<QuicEndpoint>,
 }
 
-async fn voter(dir: &std::path::Path, id: u64, name: &str) -> (Voter, Member) {
+/// A voter listening on `addr` (any port when None), its log in `dir/name`.
+async fn voter(dir: &std::path::Path, id: u64, name: &str, addr: Option<SocketAddr>) -> (Voter, Member) {
     let identity = Identity::load(&dir.join("certs"), name).unwrap();
-    let endpoint = Arc::new(
-        QuicEndpoint::bind(
-            "127.0.0.1:0".parse().unwrap(),
-            identity,
-            TransportSettings::default(),
-        )
-        .unwrap(),
-    );
+    let addr = addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
+    // The port of a voter that stopped is free once its endpoint's last handle is gone.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let endpoint = loop {
+        match QuicEndpoint::bind(addr, identity.clone(), TransportSettings::default()) {
+            Ok(e) => break Arc::new(e),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::info!(error = %e, "binding again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{addr}: {e}"),
+        }
+    };
     let member = Member {
         name: name.to_owned(),
         addr: endpoint.local_addr().unwrap().to_string(),
@@ -108,13 +115,13 @@ async fn three_voters_replicate_over_quic_and_go_on_without_their_leader() {
     let names = ["n1", "n2", "n3"].map(String::from);
     certs::init(&tmp.path().join("certs"), &names, &[]).unwrap();
     let mut voters = BTreeMap::new();
-    let mut members = BTreeMap::new();
+    let mut members: BTreeMap<u64, Member> = BTreeMap::new();
     for (i, name) in names.iter().enumerate() {
-        let (v, m) = voter(tmp.path(), i as u64 + 1, name).await;
+        let (v, m) = voter(tmp.path(), i as u64 + 1, name, None).await;
         voters.insert(i as u64 + 1, v);
         members.insert(i as u64 + 1, m);
     }
-    voters[&1].raft.initialize(members).await.unwrap();
+    voters[&1].raft.initialize(members.clone()).await.unwrap();
 
     let mut last = 0;
     for n in 0..50 {
@@ -129,10 +136,11 @@ async fn three_voters_replicate_over_quic_and_go_on_without_their_leader() {
     }
 
     // The leader stops: the other two elect one of themselves and go on.
-    let leader = leader_among(&voters).await;
-    let old = voters.remove(&leader).unwrap();
+    let old_id = leader_among(&voters).await;
+    let old = voters.remove(&old_id).unwrap();
     old.raft.shutdown().await.unwrap();
     old.endpoint.close();
+    drop(old);
     for n in 50..60 {
         last = write(&voters, n).await;
     }
@@ -143,6 +151,39 @@ async fn three_voters_replicate_over_quic_and_go_on_without_their_leader() {
             .await
             .unwrap();
     }
+    // The new leader snapshots and purges its log: the old one, back (its state machine empty,
+    // its log behind), is brought up to date by a snapshot sent over QUIC, then by the log.
+    let leader = leader_among(&voters).await;
+    voters[&leader].raft.trigger().snapshot().await.unwrap();
+    voters[&leader]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.snapshot.is_some_and(|s| s.index >= last),
+            "a snapshot of everything written",
+        )
+        .await
+        .unwrap();
+    voters[&leader].raft.trigger().purge_log(last).await.unwrap();
+    voters[&leader]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(|m| m.purged.is_some_and(|p| p.index >= last), "the log purged")
+        .await
+        .unwrap();
+    let addr: SocketAddr = members[&old_id].addr.parse().unwrap();
+    let (back, _) = voter(tmp.path(), old_id, &members[&old_id].name, Some(addr)).await;
+    voters.insert(old_id, back);
+    last = write(&voters, 60).await;
+    voters[&old_id]
+        .raft
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.snapshot.is_some() && m.last_applied.is_some_and(|a| a.index >= last),
+            "the old leader caught up through a snapshot",
+        )
+        .await
+        .unwrap();
     for v in voters.values() {
         v.raft.shutdown().await.unwrap();
         v.endpoint.close();
