@@ -1,10 +1,10 @@
 //! Replication of the control state with openraft: the type configuration and the Raft log
 //! store (the command log, with log ids, a vote and purging).
 
+pub mod counting;
+pub mod local;
 pub mod log_store;
 pub mod network;
-#[cfg(test)]
-pub(crate) mod testing;
 mod types;
 
 pub use log_store::RaftLogStore;

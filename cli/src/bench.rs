@@ -4,6 +4,7 @@ mod cluster;
 mod failover;
 mod fsync;
 mod persistence;
+mod raft;
 mod schedule;
 mod tasks;
 
@@ -23,6 +24,8 @@ pub enum BenchCmd {
     Failover(failover::FailoverArgs),
     /// Deployments on schedules: how late runs start, and the scheduler's cost.
     Schedule(schedule::ScheduleArgs),
+    /// Replication alone: voters in one process over QUIC, commands committed per second.
+    Raft(raft::RaftArgs),
 }
 
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
@@ -32,5 +35,6 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Cluster(args) => cluster::run(args).await,
         BenchCmd::Schedule(args) => schedule::run(args).await,
         BenchCmd::Failover(args) => failover::run(args).await,
+        BenchCmd::Raft(args) => raft::run(args).await,
     }
 }

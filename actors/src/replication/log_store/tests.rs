@@ -6,21 +6,21 @@ use super::*;
 use openraft::StorageError;
 use openraft::testing::log::{StoreBuilder, Suite};
 
-use crate::replication::testing::MembershipMachine;
+use crate::replication::counting::CountingMachine;
 
 use crate::persistence::log_io::DirIo;
 
 struct OnDisk;
 
-impl StoreBuilder<Control, RaftLogStore, MembershipMachine, tempfile::TempDir> for OnDisk {
+impl StoreBuilder<Control, RaftLogStore, CountingMachine, tempfile::TempDir> for OnDisk {
     async fn build(
         &self,
-    ) -> Result<(tempfile::TempDir, RaftLogStore, MembershipMachine), StorageError<Control>> {
+    ) -> Result<(tempfile::TempDir, RaftLogStore, CountingMachine), StorageError<Control>> {
         let failed =
             |e| StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e);
         let dir = tempfile::tempdir().map_err(failed)?;
         let store = open(dir.path()).map_err(failed)?;
-        Ok((dir, store, MembershipMachine::default()))
+        Ok((dir, store, CountingMachine::default()))
     }
 }
 

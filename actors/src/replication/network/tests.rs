@@ -5,68 +5,23 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use flotilla_cluster::{Identity, TransportSettings, certs};
+use flotilla_cluster::certs;
 use flotilla_runtime::{Command, Timestamp};
 
 use super::*;
-use crate::persistence::log_io::DirIo;
-use crate::replication::testing::MembershipMachine;
-use crate::replication::{Logged, RaftLogStore};
+use crate::replication::Logged;
+use crate::replication::local::{LocalVoter, config, start_voter};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-type Raft = openraft::Raft<Control, MembershipMachine>;
+type Voter = LocalVoter;
 
-struct Voter {
-    raft: Raft,
-    endpoint: Arc<QuicEndpoint>,
-}
-
-/// A voter listening on `addr` (any port when None), its log in `dir/name`.
 async fn voter(dir: &std::path::Path, id: u64, name: &str, addr: Option<SocketAddr>) -> (Voter, Member) {
-    let identity = Identity::load(&dir.join("certs"), name).unwrap();
-    let addr = addr.unwrap_or_else(|| "127.0.0.1:0".parse().unwrap());
-    // The port of a voter that stopped is free once its endpoint's last handle is gone.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let endpoint = loop {
-        match QuicEndpoint::bind(addr, identity.clone(), TransportSettings::default()) {
-            Ok(e) => break Arc::new(e),
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::info!(error = %e, "binding again");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("{addr}: {e}"),
-        }
-    };
-    let member = Member {
-        name: name.to_owned(),
-        addr: endpoint.local_addr().unwrap().to_string(),
-    };
-    let config = openraft::Config {
-        heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 800,
-        ..openraft::Config::default()
-    };
-    let log = RaftLogStore::open(Box::new(DirIo::new(&dir.join(name)).unwrap())).unwrap();
-    let raft = Raft::new(
-        id,
-        Arc::new(config.validate().unwrap()),
-        QuicRaftNetwork::new(endpoint.clone()),
-        log,
-        MembershipMachine::default(),
-    )
-    .await
-    .unwrap();
-    let (accepting, served) = (endpoint.clone(), raft.clone());
-    tokio::spawn(async move {
-        while let Some((conn, alpn)) = accepting.accept().await {
-            if alpn == ALPN_RAFT {
-                tokio::spawn(serve(conn, served.clone()));
-            }
-        }
-    });
-    (Voter { raft, endpoint }, member)
+    let v = start_voter(dir, &dir.join("certs"), id, name, addr, config().unwrap())
+        .await
+        .unwrap();
+    let member = v.member.clone();
+    (v, member)
 }
 
 fn command(n: u64) -> Logged {
@@ -138,9 +93,7 @@ async fn three_voters_replicate_over_quic_and_go_on_without_their_leader() {
     // The leader stops: the other two elect one of themselves and go on.
     let old_id = leader_among(&voters).await;
     let old = voters.remove(&old_id).unwrap();
-    old.raft.shutdown().await.unwrap();
-    old.endpoint.close();
-    drop(old);
+    old.stop().await;
     for n in 50..60 {
         last = write(&voters, n).await;
     }
@@ -184,8 +137,7 @@ async fn three_voters_replicate_over_quic_and_go_on_without_their_leader() {
         )
         .await
         .unwrap();
-    for v in voters.values() {
-        v.raft.shutdown().await.unwrap();
-        v.endpoint.close();
+    for (_, v) in voters {
+        v.stop().await;
     }
 }

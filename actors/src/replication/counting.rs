@@ -1,5 +1,5 @@
-//! A state machine for tests of the log store and the network: it applies membership and counts
-//! commands, with snapshots of that.
+//! A state machine that applies membership and only counts commands, with snapshots of that:
+//! for tests of the log store and the network, and for measuring replication alone.
 
 use std::io;
 use std::sync::Arc;
@@ -28,20 +28,27 @@ struct Applied {
 /// A snapshot as held: its meta and its data.
 type Held = (SnapshotMetaOf<Control>, Vec<u8>);
 
+/// The state machine (cheap to clone: a builder shares its current snapshot).
 #[derive(Clone, Debug, Default)]
-pub(crate) struct MembershipMachine {
+pub struct CountingMachine {
     applied: Applied,
     /// The current snapshot, shared with the builders.
     snapshot: Arc<std::sync::Mutex<Option<Held>>>,
 }
 
-impl MembershipMachine {
+impl CountingMachine {
+    fn held(&self) -> std::sync::MutexGuard<'_, Option<Held>> {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn set_snapshot(&self, s: Held) {
-        *self.snapshot.lock().unwrap() = Some(s);
+        *self.held() = Some(s);
     }
 }
 
-impl RaftSnapshotBuilder<Control> for MembershipMachine {
+impl RaftSnapshotBuilder<Control> for CountingMachine {
     type SnapshotData = Vec<u8>;
 
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<Control, Vec<u8>>, io::Error> {
@@ -55,7 +62,7 @@ impl RaftSnapshotBuilder<Control> for MembershipMachine {
     }
 }
 
-impl RaftStateMachine<Control> for MembershipMachine {
+impl RaftStateMachine<Control> for CountingMachine {
     type SnapshotData = Vec<u8>;
     type SnapshotBuilder = Self;
 
@@ -103,9 +110,7 @@ impl RaftStateMachine<Control> for MembershipMachine {
 
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<Control, Vec<u8>>>, io::Error> {
         Ok(self
-            .snapshot
-            .lock()
-            .unwrap()
+            .held()
             .clone()
             .map(|(meta, snapshot)| SnapshotOf::<Control, Vec<u8>> { meta, snapshot }))
     }
