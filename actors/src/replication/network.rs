@@ -258,8 +258,17 @@ where
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let raft = raft.clone();
         tokio::spawn(async move {
-            let response = match frame::read::<Request, _>(&mut recv).await {
-                Err(e) => Response::Failed(format!("undecodable request: {e}")),
+            let request = match frame::read_len(&mut recv).await {
+                Ok(len) if len > RAFT_FRAME_BYTES_MAX => Err(format!(
+                    "a request of {len} bytes is over the limit of {RAFT_FRAME_BYTES_MAX}"
+                )),
+                Ok(len) => frame::read_payload::<Request, _>(&mut recv, len)
+                    .await
+                    .map_err(|e| format!("undecodable request: {e}")),
+                Err(e) => Err(format!("unreadable request: {e}")),
+            };
+            let response = match request {
+                Err(why) => Response::Failed(why),
                 Ok(Request::Append(rpc)) => match raft.append_entries(rpc).await {
                     Ok(r) => Response::Append(r),
                     Err(e) => Response::Failed(e.to_string()),

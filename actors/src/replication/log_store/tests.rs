@@ -204,3 +204,36 @@ async fn nothing_acknowledged_is_lost_to_a_power_cut() {
         );
     }
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..proptest::prelude::ProptestConfig::default() })]
+    /// A damaged log (any byte of a segment or of the meta changed) opens or is refused with an
+    /// error, never a panic; what it holds when it opens is a run of entries with no hole.
+    #[test]
+    fn a_damaged_log_opens_or_is_refused_never_panics(at in 0usize..100_000, bit in 0u8..8, meta in proptest::prelude::any::<bool>()) {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let mut log = open(dir.path()).unwrap();
+            log.save_vote(&Vote::new(1, 0)).await.unwrap();
+            for b in 0..20u64 {
+                let batch: Vec<Entry> = (b * 5..b * 5 + 5).map(|i| entry(1, i)).collect();
+                log.append(batch, IOFlushed::noop()).await.unwrap();
+            }
+            log.truncate_after(Some(entry(1, 77).log_id())).await.unwrap();
+        });
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("meta") == meta)
+            .unwrap();
+        let mut bytes = std::fs::read(&file).unwrap();
+        let i = at % bytes.len();
+        bytes[i] ^= 1 << bit;
+        std::fs::write(&file, &bytes).unwrap();
+        if let Ok(mut log) = open(dir.path()) {
+            let indexes: Vec<u64> = rt.block_on(log.try_get_log_entries(..)).unwrap().iter().map(|e| e.index()).collect();
+            proptest::prop_assert!(indexes.windows(2).all(|w| w[1] == w[0] + 1), "a hole: {:?}", indexes);
+        }
+    }
+}

@@ -141,3 +141,13 @@ async fn three_voters_replicate_over_quic_and_go_on_without_their_leader() {
         v.stop().await;
     }
 }
+
+proptest::proptest! {
+    /// A request from the network is never trusted: any bytes decode to a request or an error,
+    /// never a panic.
+    #[test]
+    fn decoding_arbitrary_requests_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+        let _ = flotilla_runtime::codec::decode::<Request>(&bytes);
+        let _ = flotilla_runtime::codec::decode::<Response>(&bytes);
+    }
+}
