@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use flotilla::{Node, StateType, TaskError, flow, task};
 
-const WAIT: Duration = Duration::from_secs(30);
+use flotilla_tests::{WAIT, node};
 
 #[task]
 async fn tick(i: u32) -> Result<u32, String> {
@@ -67,17 +67,6 @@ async fn a_waiter_that_misses_events_still_sees_its_run_end() {
 }
 
 // --- memory bounded by live work: finished runs read from disk
-
-async fn node(
-    dir: &std::path::Path,
-    build: impl FnOnce(flotilla::NodeBuilder) -> flotilla::NodeBuilder,
-) -> Node {
-    let b = Node::builder().data_dir(dir).log_to_stderr(false);
-    tokio::time::timeout(WAIT, build(b).start())
-        .await
-        .expect("start timed out")
-        .expect("start failed")
-}
 
 static KEPT_A: AtomicU32 = AtomicU32::new(0);
 static KEPT_B: AtomicU32 = AtomicU32::new(0);

@@ -10,18 +10,7 @@ use std::time::Duration;
 use flotilla::{Durability, Node, StateName, StateType, TaskError, flow, task};
 use serde::{Deserialize, Serialize};
 
-const WAIT: Duration = Duration::from_secs(30);
-
-async fn node(
-    dir: &std::path::Path,
-    build: impl FnOnce(flotilla::NodeBuilder) -> flotilla::NodeBuilder,
-) -> Node {
-    let b = Node::builder().data_dir(dir).log_to_stderr(false);
-    tokio::time::timeout(WAIT, build(b).start())
-        .await
-        .expect("start timed out")
-        .expect("start failed")
-}
+use flotilla_tests::{WAIT, node};
 
 async fn run(node: &Node, flow: &str, params: serde_json::Value) -> flotilla::FlowRun {
     tokio::time::timeout(WAIT, node.client().run_and_wait(flow, params))
