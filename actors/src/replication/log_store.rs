@@ -99,24 +99,111 @@ fn write_lock(s: &RwLock<Shared>) -> std::sync::RwLockWriteGuard<'_, Shared> {
     s.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// The Raft log store.
-pub struct RaftLogStore {
+/// The files of the log, owned by its writer thread.
+struct Disk {
     io: Box<dyn LogIo>,
     segments: Vec<Segment>,
     current: Option<Box<dyn LogFile>>,
+    /// Whether the current segment holds frames not synced yet.
+    unsynced: bool,
     meta: Meta,
     meta_generation: u64,
     meta_file: Option<Box<dyn LogFile>>,
     meta_bytes: u64,
+}
+
+/// What the writer thread is asked to do, in order.
+enum Op {
+    /// Append a batch of entries; the callback fires once they are on disk (several appends
+    /// queued together share one `fdatasync`).
+    Append(Record, IOFlushed<Control>),
+    /// Change the files (a vote, a cut, a purge) once every append before it is on disk, and
+    /// answer.
+    Change(Change, tokio::sync::oneshot::Sender<io::Result<()>>),
+}
+
+/// A change to the files, made on the writer thread.
+type Change = Box<dyn FnOnce(&mut Disk) -> io::Result<()> + Send>;
+
+/// The Raft log store: the writer thread's queue, and what the readers share.
+pub struct RaftLogStore {
+    writer: std::sync::mpsc::Sender<Op>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// The vote and the purged id, as last written.
+    meta: Meta,
     shared: Arc<RwLock<Shared>>,
 }
 
 impl std::fmt::Debug for RaftLogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RaftLogStore")
-            .field("segments", &self.segments.len())
             .field("meta", &self.meta)
             .finish_non_exhaustive()
+    }
+}
+
+/// The writer thread: appends queued together are written and share one `fdatasync`, then
+/// their callbacks fire; other changes wait for the appends before them. After a failure every
+/// operation fails (the node must stop: its log may be incomplete).
+fn write_loop(mut disk: Disk, ops: std::sync::mpsc::Receiver<Op>) {
+    let mut failed: Option<String> = None;
+    let fail = |why: &Option<String>| {
+        io::Error::other(format!(
+            "the Raft log failed earlier: {}",
+            why.as_deref().unwrap_or("")
+        ))
+    };
+    while let Ok(first) = ops.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 4096
+            && let Ok(op) = ops.try_recv()
+        {
+            batch.push(op);
+        }
+        let mut flushed: Vec<IOFlushed<Control>> = Vec::new();
+        let sync = |disk: &mut Disk, flushed: &mut Vec<IOFlushed<Control>>, failed: &mut Option<String>| {
+            if flushed.is_empty() {
+                return;
+            }
+            let r = if failed.is_some() {
+                Err(fail(failed))
+            } else {
+                disk.sync()
+            };
+            if let Err(e) = &r {
+                failed.get_or_insert_with(|| e.to_string());
+            }
+            for cb in flushed.drain(..) {
+                cb.io_completed(match &r {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+                });
+            }
+        };
+        for op in batch {
+            match op {
+                Op::Append(record, cb) => {
+                    if failed.is_none()
+                        && let Err(e) = disk.write_record(&record)
+                    {
+                        failed = Some(e.to_string());
+                    }
+                    flushed.push(cb);
+                }
+                Op::Change(change, done) => {
+                    sync(&mut disk, &mut flushed, &mut failed);
+                    let r = match &failed {
+                        Some(_) => Err(fail(&failed)),
+                        None => change(&mut disk),
+                    };
+                    if let Err(e) = &r {
+                        failed.get_or_insert_with(|| e.to_string());
+                    }
+                    let _ = done.send(r);
+                }
+            }
+        }
+        sync(&mut disk, &mut flushed, &mut failed);
     }
 }
 
@@ -218,18 +305,58 @@ impl RaftLogStore {
             // A new meta file: its directory entry durable before a vote is written to it.
             io.sync_dir()?;
         }
-        Ok(RaftLogStore {
+        let disk = Disk {
             io,
             segments,
             current,
-            meta,
+            unsynced: false,
+            meta: meta.clone(),
             meta_generation,
             meta_file,
             meta_bytes,
+        };
+        let (writer, ops) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("flotilla-raft-log".into())
+            .spawn(move || write_loop(disk, ops))?;
+        Ok(RaftLogStore {
+            writer,
+            thread: Some(thread),
+            meta,
             shared: Arc::new(RwLock::new(shared)),
         })
     }
 
+    /// Closes the log once everything queued is written (its callbacks fired).
+    pub fn close(mut self) {
+        let thread = self.thread.take();
+        drop(self);
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+
+    /// Has the writer thread change the files (after every append queued before), and waits.
+    async fn change(&self, f: impl FnOnce(&mut Disk) -> io::Result<()> + Send + 'static) -> io::Result<()> {
+        let (done, answer) = tokio::sync::oneshot::channel();
+        self.writer
+            .send(Op::Change(Box::new(f), done))
+            .map_err(|_| io::Error::other("the Raft log's writer is gone"))?;
+        answer
+            .await
+            .map_err(|_| io::Error::other("the Raft log's writer is gone"))?
+    }
+
+    fn last_log_id(&self) -> Option<LogId> {
+        read_lock(&self.shared)
+            .entries
+            .last_key_value()
+            .map(|(_, e)| e.log_id())
+            .or(self.meta.purged)
+    }
+}
+
+impl Disk {
     /// Records the meta durably: one frame appended and synced, or, once the file is large, a
     /// new file holding it alone (synced, its directory entry synced) before the old one goes.
     fn write_meta(&mut self, meta: Meta) -> io::Result<()> {
@@ -260,15 +387,36 @@ impl RaftLogStore {
         Ok(())
     }
 
-    fn last_log_id(&self) -> Option<LogId> {
-        read_lock(&self.shared)
-            .entries
-            .last_key_value()
-            .map(|(_, e)| e.log_id())
-            .or(self.meta.purged)
+    /// Makes the frames written to the current segment durable.
+    fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced
+            && let Some(file) = self.current.as_mut()
+        {
+            file.sync_data()?;
+        }
+        self.unsynced = false;
+        Ok(())
     }
 
-    /// Appends a record as one frame and makes it durable.
+    /// Removes the segments whose every entry is at or before `index`, from the front (never
+    /// the one being written).
+    fn remove_purged(&mut self, index: u64) -> io::Result<()> {
+        let removable = self
+            .segments
+            .iter()
+            .take(self.segments.len().saturating_sub(1))
+            .take_while(|s| s.max_index.is_none_or(|m| m <= index))
+            .count();
+        for s in self.segments.drain(..removable) {
+            self.io.remove(&s.name)?;
+        }
+        if removable > 0 {
+            self.io.sync_dir()?;
+        }
+        Ok(())
+    }
+
+    /// Appends a record as one frame (made durable by [`Disk::sync`]).
     fn write_record(&mut self, record: &Record) -> io::Result<()> {
         let payload = codec::encode(record).map_err(io::Error::other)?;
         let mut framed = Vec::with_capacity(payload.len() + frame::FRAME_HEADER_BYTES);
@@ -278,6 +426,7 @@ impl RaftLogStore {
             .last()
             .is_none_or(|s| s.bytes > 0 && s.bytes + framed.len() as u64 > SEGMENT_BYTES_MAX);
         if rotate {
+            self.sync()?;
             let seq = self.segments.last().map_or(0, |s| s.seq + 1);
             let name = segment_name(seq);
             let file = self.io.open_append(&name)?;
@@ -294,7 +443,7 @@ impl RaftLogStore {
             return Err(io::Error::other("no open segment"));
         };
         file.append(&framed)?;
-        file.sync_data()?;
+        self.unsynced = true;
         seg.bytes += framed.len() as u64;
         if let Record::Entries(entries) = record {
             seg.max_index = seg.max_index.max(entries.last().map(|e| e.index()));
@@ -420,7 +569,9 @@ impl RaftLogStorage<Control> for RaftLogStore {
             vote: Some(*vote),
             ..self.meta.clone()
         };
-        self.write_meta(meta)?;
+        let written = meta.clone();
+        self.change(move |disk| disk.write_meta(written)).await?;
+        self.meta = meta;
         write_lock(&self.shared).vote = Some(*vote);
         Ok(())
     }
@@ -430,25 +581,17 @@ impl RaftLogStorage<Control> for RaftLogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let record = Record::Entries(entries.into_iter().collect());
-        let written = self.write_record(&record);
-        if written.is_ok()
-            && let Record::Entries(entries) = record
+        // Readable at once (openraft's contract), durable when the callback fires.
+        let entries: Vec<Entry> = entries.into_iter().collect();
         {
             let mut shared = write_lock(&self.shared);
-            for e in entries {
-                shared.entries.insert(e.index(), e);
+            for e in &entries {
+                shared.entries.insert(e.index(), e.clone());
             }
         }
-        let failed = written
-            .as_ref()
-            .err()
-            .map(|e| io::Error::new(e.kind(), e.to_string()));
-        callback.io_completed(written);
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.writer
+            .send(Op::Append(Record::Entries(entries), callback))
+            .map_err(|_| io::Error::other("the Raft log's writer is gone"))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
@@ -457,7 +600,11 @@ impl RaftLogStorage<Control> for RaftLogStore {
         if read_lock(&self.shared).entries.range(after..).next().is_none() {
             return Ok(());
         }
-        self.write_record(&Record::CutAfter(last))?;
+        self.change(move |disk| {
+            disk.write_record(&Record::CutAfter(last))?;
+            disk.sync()
+        })
+        .await?;
         let mut shared = write_lock(&self.shared);
         match last {
             Some(l) => {
@@ -475,24 +622,16 @@ impl RaftLogStorage<Control> for RaftLogStore {
             purged: Some(log_id),
             ..self.meta.clone()
         };
-        self.write_meta(meta)?;
-        {
-            let mut shared = write_lock(&self.shared);
-            let rest = shared.entries.split_off(&(log_id.index + 1));
-            shared.entries = rest;
-        }
-        let removable = self
-            .segments
-            .iter()
-            .take(self.segments.len().saturating_sub(1))
-            .take_while(|s| s.max_index.is_none_or(|m| m <= log_id.index))
-            .count();
-        for s in self.segments.drain(..removable) {
-            self.io.remove(&s.name)?;
-        }
-        if removable > 0 {
-            self.io.sync_dir()?;
-        }
+        let written = meta.clone();
+        self.change(move |disk| {
+            disk.write_meta(written)?;
+            disk.remove_purged(log_id.index)
+        })
+        .await?;
+        self.meta = meta;
+        let mut shared = write_lock(&self.shared);
+        let rest = shared.entries.split_off(&(log_id.index + 1));
+        shared.entries = rest;
         Ok(())
     }
 }

@@ -24,6 +24,14 @@ impl StoreBuilder<Control, RaftLogStore, CountingMachine, tempfile::TempDir> for
     }
 }
 
+/// Appends and waits until the entries are on disk.
+async fn append(log: &mut RaftLogStore, batch: Vec<Entry>) -> io::Result<()> {
+    use openraft::type_config::TypeConfigExt;
+    let (tx, rx) = Control::oneshot();
+    log.append(batch, IOFlushed::signal(tx)).await?;
+    rx.await.map_err(|_| io::Error::other("no completion"))?
+}
+
 fn open(dir: &std::path::Path) -> io::Result<RaftLogStore> {
     RaftLogStore::open(Box::new(DirIo::new(dir)?))
 }
@@ -58,18 +66,15 @@ async fn appends_cuts_purges_and_votes_survive_a_reopen() {
     let mut log = open(dir.path()).unwrap();
     for batch in 0..10u64 {
         let entries: Vec<Entry> = (batch * 10..batch * 10 + 10).map(|i| entry(1, i)).collect();
-        log.append(entries, IOFlushed::noop()).await.unwrap();
+        append(&mut log, entries).await.unwrap();
     }
     let vote = Vote::new(3, 1);
     log.save_vote(&vote).await.unwrap();
     // A cut inside the batch of entries 50..=59: 50..=54 stay.
     log.truncate_after(Some(entry(1, 54).log_id())).await.unwrap();
-    log.append(
-        (55..60).map(|i| entry(2, i)).collect::<Vec<_>>(),
-        IOFlushed::noop(),
-    )
-    .await
-    .unwrap();
+    append(&mut log, (55..60).map(|i| entry(2, i)).collect())
+        .await
+        .unwrap();
     let (state, got_vote, indexes) = reopened(dir.path()).await;
     assert_eq!(got_vote, Some(vote));
     assert_eq!(indexes, (0..60).collect::<Vec<_>>());
@@ -153,7 +158,7 @@ async fn nothing_acknowledged_is_lost_to_a_power_cut() {
                     after
                         .entries
                         .extend(batch.iter().map(|e| (e.index(), e.log_id())));
-                    log.append(batch, IOFlushed::noop()).await
+                    append(&mut log, batch).await
                 }
                 6 => {
                     let (Some(low), Some(high)) = (acked.entries.keys().next().copied(), acked.last()) else {
@@ -193,7 +198,7 @@ async fn nothing_acknowledged_is_lost_to_a_power_cut() {
                 }
             }
         }
-        drop(log);
+        log.close();
         io.power_cut(&mut rng);
         let mut log = RaftLogStore::open(Box::new(io.clone()))
             .unwrap_or_else(|e| panic!("seed {seed}: the log does not open after a power cut: {e}"));
@@ -218,7 +223,7 @@ proptest::proptest! {
             log.save_vote(&Vote::new(1, 0)).await.unwrap();
             for b in 0..20u64 {
                 let batch: Vec<Entry> = (b * 5..b * 5 + 5).map(|i| entry(1, i)).collect();
-                log.append(batch, IOFlushed::noop()).await.unwrap();
+                append(&mut log, batch).await.unwrap();
             }
             log.truncate_after(Some(entry(1, 77).log_id())).await.unwrap();
         });
