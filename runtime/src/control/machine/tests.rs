@@ -273,3 +273,26 @@ fn after_a_restart_a_stale_start_of_a_run_held_for_the_scheduler_is_refused() {
     );
     assert!(c.admit(&claim(1, "a", 30)).is_ok());
 }
+
+/// A run made without a deployment or a queue is in the `default` work queue: a node serving
+/// other queues only never takes it; one serving `default` (or every queue) does.
+#[test]
+fn a_run_of_no_queue_goes_only_to_a_node_that_serves_the_default_queue() {
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
+    let ops_only = MemberStatus {
+        queues: vec!["ops".into()],
+        ..member("a", 4, 1)
+    };
+    c.handle(T0, Input::Heartbeat(ops_only));
+    let effects = c.handle(T0, Input::Due(Placement::plain(run(1), "f".into(), T0)));
+    assert!(
+        starts(&effects).is_empty(),
+        "placed on a node serving only ops: {effects:?}"
+    );
+    let default_too = MemberStatus {
+        queues: vec!["ops".into(), crate::work_queue::DEFAULT_QUEUE.into()],
+        ..member("b", 4, 1)
+    };
+    let effects = c.handle(T0, Input::Heartbeat(default_too));
+    assert_eq!(starts(&effects), vec![(node("b"), run(1))]);
+}
