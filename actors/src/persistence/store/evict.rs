@@ -24,8 +24,11 @@ const ENDED: u8 = b'e';
 const KEY: u8 = b'k';
 const TASK: u8 = b't';
 
-/// The most flow runs evicted in one go (the rest after the next store job).
+/// The most flow runs evicted in one go (the rest after the next store job)...
 const EVICT_PER_ROUND: usize = 512;
+/// ...and the most store writes that takes (a flow run of many task runs counts for each),
+/// so that one round never holds up the persistence actor for long.
+const EVICT_OPS_PER_ROUND: usize = 32_768;
 
 fn state_byte(k: StateType) -> u8 {
     match k {
@@ -314,7 +317,7 @@ impl Store {
         let mut ops = Vec::new();
         let mut taken = Vec::new();
         for id in candidates {
-            if over == 0 {
+            if over == 0 || ops.len() >= EVICT_OPS_PER_ROUND {
                 break;
             }
             let Some((run, tasks)) = self.hot.evict(&id) else {
