@@ -63,8 +63,8 @@ pub enum WorkerMsg {
     RunChild(FlowRunId, Arc<dyn FlowFn>, oneshot::Sender<RunOutcome>),
     /// Cancel this flow run if it runs here.
     Cancel(FlowRunId),
-    /// A flow run actor finished.
-    Ended(FlowRunId),
+    /// A flow run's actor (this one) finished.
+    Ended(FlowRunId, ActorId),
     /// How many flow runs run and wait here.
     Load(oneshot::Sender<(usize, usize)>),
     /// The flow runs that run and wait here (at most [`HELD_MAX`]).
@@ -79,7 +79,7 @@ impl std::fmt::Debug for WorkerMsg {
             WorkerMsg::Run(id) => write!(f, "Run({id})"),
             WorkerMsg::RunChild(id, ..) => write!(f, "RunChild({id})"),
             WorkerMsg::Cancel(id) => write!(f, "Cancel({id})"),
-            WorkerMsg::Ended(id) => write!(f, "Ended({id})"),
+            WorkerMsg::Ended(id, _) => write!(f, "Ended({id})"),
             WorkerMsg::Load(_) => f.write_str("Load"),
             WorkerMsg::Held(_) => f.write_str("Held"),
         }
@@ -106,6 +106,9 @@ pub struct WorkerState {
     running: HashMap<FlowRunId, ActorRef<FlowRunMsg>>,
     actors: HashMap<ActorId, FlowRunId>,
     queue: VecDeque<FlowRunId>,
+    /// Runs asked to start again while their previous actor was still ending (a retry right
+    /// after the end): started once it has ended, never dropped.
+    again: std::collections::HashSet<FlowRunId>,
     handle: Option<EngineHandle>,
 }
 
@@ -167,6 +170,18 @@ impl WorkerState {
         }
     }
 
+    /// A run's actor ended (said so, or terminated: whichever comes first): its slot is free,
+    /// and a start asked meanwhile is queued. A word from an earlier actor of the same run is
+    /// ignored.
+    fn ended(&mut self, id: FlowRunId, actor: ActorId) {
+        if self.running.get(&id).is_some_and(|a| a.get_id() == actor) {
+            self.running.remove(&id);
+            if self.again.remove(&id) {
+                self.queue.push_back(id);
+            }
+        }
+    }
+
     async fn start_queued(&mut self, myself: &ActorRef<WorkerMsg>) {
         while self.running.len() < self.ctx.config.slots.max(1) {
             let Some(id) = self.queue.pop_front() else { break };
@@ -191,6 +206,7 @@ impl Actor for Worker {
             running: HashMap::new(),
             actors: HashMap::new(),
             queue: VecDeque::new(),
+            again: std::collections::HashSet::new(),
             handle: None,
         })
     }
@@ -216,7 +232,14 @@ impl Actor for Worker {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::Run(id) => {
-                if state.running.contains_key(&id) || state.queue.contains(&id) {
+                if state.running.contains_key(&id) {
+                    // Its actor may be ending (the run just finished, and this is its retry):
+                    // start it again once it has ended. A start sent twice costs one claim
+                    // refused.
+                    state.again.insert(id);
+                    return Ok(());
+                }
+                if state.queue.contains(&id) {
                     return Ok(());
                 }
                 state.queue.push_back(id);
@@ -237,8 +260,8 @@ impl Actor for Worker {
                     state.queue.retain(|q| *q != id);
                 }
             }
-            WorkerMsg::Ended(id) => {
-                state.running.remove(&id);
+            WorkerMsg::Ended(id, actor) => {
+                state.ended(id, actor);
                 state.start_queued(&myself).await;
             }
             WorkerMsg::Load(reply) => {
@@ -298,9 +321,8 @@ impl Actor for Worker {
                 }
             });
         }
-        if state.running.remove(&id).is_some() {
-            state.start_queued(&myself).await;
-        }
+        state.ended(id, cell.get_id());
+        state.start_queued(&myself).await;
         Ok(())
     }
 }

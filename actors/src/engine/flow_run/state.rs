@@ -399,7 +399,7 @@ impl FlowRunState {
             let _ = tx.send(RunOutcome { state, result });
         }
         if let Some(w) = &self.worker {
-            let _ = w.cast(WorkerMsg::Ended(self.id));
+            let _ = w.cast(WorkerMsg::Ended(self.id, myself.get_id()));
         }
         myself.stop(None);
     }
