@@ -145,6 +145,28 @@ impl Cold {
         Ok(self.is_evicted(&run.key.flow_run)?.then_some(run))
     }
 
+    /// Up to `limit` records of `tree` named by the entries that start with `prefix` (each
+    /// ending with the record's id), after the entry of id `after`.
+    fn records_named<T: serde::de::DeserializeOwned>(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8; 16]>,
+        limit: usize,
+        tree: Tree,
+        what: &str,
+    ) -> Result<Vec<T>, PersistError> {
+        let start = after.map(|a| key(&[prefix, a]));
+        let bound = start.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
+        let mut out = Vec::new();
+        for (k, _) in self.scan(Tree::Evicted, prefix, bound, limit)? {
+            let Some(id) = trailing_id(&k) else { continue };
+            if let Some(record) = self.get(tree, &id)? {
+                out.push(decode_record(what, &record)?);
+            }
+        }
+        Ok(out)
+    }
+
     /// Up to `limit` evicted flow runs whose entries start with `prefix`, after `after` (by id).
     pub(super) fn evicted_page(
         &self,
@@ -152,20 +174,8 @@ impl Cold {
         after: Option<FlowRunId>,
         limit: usize,
     ) -> Result<Vec<FlowRun>, PersistError> {
-        let start = after.map(|a| key(&[prefix, a.as_bytes()]));
-        let bound = start.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-        let mut out = Vec::new();
-        for (k, _) in self.scan(Tree::Evicted, prefix, bound, limit)? {
-            let id = trailing_id(&k).map(FlowRunId::from_bytes);
-            if let Some(run) = id
-                .map(|id| self.get(Tree::FlowRuns, id.as_bytes()))
-                .transpose()?
-                .flatten()
-            {
-                out.push(decode_record("an evicted flow run", &run)?);
-            }
-        }
-        Ok(out)
+        let after = after.as_ref().map(FlowRunId::as_bytes);
+        self.records_named(prefix, after, limit, Tree::FlowRuns, "an evicted flow run")
     }
 
     /// Up to `limit` task runs of an evicted flow run, after `after` (by id).
@@ -176,20 +186,8 @@ impl Cold {
         limit: usize,
     ) -> Result<Vec<TaskRun>, PersistError> {
         let prefix = key(&[&[TASK], flow_run.as_bytes()]);
-        let start = after.map(|a| key(&[&prefix, a.as_bytes()]));
-        let bound = start.as_deref().map_or(Bound::Unbounded, Bound::Excluded);
-        let mut out = Vec::new();
-        for (k, _) in self.scan(Tree::Evicted, &prefix, bound, limit)? {
-            let id = trailing_id(&k).map(TaskRunId::from_bytes);
-            if let Some(run) = id
-                .map(|id| self.get(Tree::TaskRuns, id.as_bytes()))
-                .transpose()?
-                .flatten()
-            {
-                out.push(decode_record("an evicted task run", &run)?);
-            }
-        }
-        Ok(out)
+        let after = after.as_ref().map(TaskRunId::as_bytes);
+        self.records_named(&prefix, after, limit, Tree::TaskRuns, "an evicted task run")
     }
 
     /// An evicted flow run with every one of its task runs.
