@@ -157,6 +157,15 @@ impl QuicRaftClient {
     }
 }
 
+impl QuicRaftClient {
+    /// A request without a body, within the RPC's time.
+    async fn ask(&mut self, request: Request, option: RPCOption) -> Result<Response, RPCError<Control>> {
+        self.call(&request, &[], option.hard_ttl())
+            .await
+            .map_err(rpc_error)
+    }
+}
+
 fn rpc_error(e: CallError) -> RPCError<Control> {
     match e {
         CallError::Unreachable(..) => RPCError::Unreachable(Unreachable::new(&e)),
@@ -180,11 +189,8 @@ impl RaftNetworkV2<Control> for QuicRaftClient {
         rpc: AppendEntriesRequest<Control>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<Control>, RPCError<Control>> {
-        match self
-            .call(&Request::Append(rpc), &[], option.hard_ttl())
-            .await
-            .map_err(rpc_error)?
-        {
+        let answer = self.ask(Request::Append(rpc), option).await?;
+        match answer {
             Response::Append(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -195,11 +201,8 @@ impl RaftNetworkV2<Control> for QuicRaftClient {
         rpc: VoteRequest<Control>,
         option: RPCOption,
     ) -> Result<VoteResponse<Control>, RPCError<Control>> {
-        match self
-            .call(&Request::Vote(rpc), &[], option.hard_ttl())
-            .await
-            .map_err(rpc_error)?
-        {
+        let answer = self.ask(Request::Vote(rpc), option).await?;
+        match answer {
             Response::Vote(r) => Ok(r),
             other => Err(unexpected(other)),
         }
@@ -210,11 +213,8 @@ impl RaftNetworkV2<Control> for QuicRaftClient {
         rpc: VoteRequest<Control>,
         option: RPCOption,
     ) -> Result<VoteResponse<Control>, RPCError<Control>> {
-        match self
-            .call(&Request::PreVote(rpc), &[], option.hard_ttl())
-            .await
-            .map_err(rpc_error)?
-        {
+        let answer = self.ask(Request::PreVote(rpc), option).await?;
+        match answer {
             Response::Vote(r) => Ok(r),
             other => Err(unexpected(other)),
         }
