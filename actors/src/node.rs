@@ -29,6 +29,7 @@ use crate::engine::results::ResultStore;
 use crate::engine::worker::{self, EngineHandle};
 use crate::engine::{EngineConfig, FlowFn};
 use crate::persistence::{self, PersistenceConfig, PersistenceHandle};
+use crate::replication::voter::{self as voting, Greet, Voter};
 use agent::{Agent, AgentArgs};
 use control::{Control, ControlArgs, ControlMsg, MembershipSettings};
 use plane::{ControlPlane, RemoteControl, control_actor};
@@ -105,6 +106,9 @@ pub struct NodeConfig {
     /// How many answers to mutating requests are remembered (to answer a request sent again
     /// with its first answer), and how long.
     pub answers: replies::AnswerBounds,
+    /// The voters of a replicated control state, by name (empty: one control node, as `role`
+    /// says). A voter holds a replica and may lead; every node runs work.
+    pub voters: Vec<String>,
 }
 
 impl NodeConfig {
@@ -130,6 +134,7 @@ impl NodeConfig {
             retention: persistence::Retention::default(),
             memory_runs: persistence::store::MEMORY_RUNS_DEFAULT,
             answers: replies::AnswerBounds::default(),
+            voters: Vec::new(),
         }
     }
 }
@@ -164,6 +169,9 @@ pub enum NodeError {
     /// An actor could not start.
     #[error("cannot start the node: {0}")]
     Spawn(String),
+    /// It could not take its place in the replicated control state.
+    #[error(transparent)]
+    Replication(#[from] crate::replication::voter::VoterError),
 }
 
 /// A running node.
@@ -178,6 +186,8 @@ pub struct ClusterNode {
     pub view: Arc<RwLock<ClusterStatus>>,
     persistence: Option<(PersistenceHandle, ractor::concurrency::JoinHandle<()>)>,
     engine_join: ractor::concurrency::JoinHandle<()>,
+    /// A voter's replication.
+    pub voter: Option<Voter>,
 }
 
 impl std::fmt::Debug for ClusterNode {
@@ -191,6 +201,9 @@ impl std::fmt::Debug for ClusterNode {
 impl ClusterNode {
     /// Stops the node: its engine, then its store.
     pub async fn stop(self) {
+        if let Some(v) = &self.voter {
+            let _ = v.raft.shutdown().await;
+        }
         self.endpoint.close();
         self.engine.stop(self.engine_join).await;
         if let Some((p, j)) = self.persistence {
@@ -505,6 +518,203 @@ async fn keep_link(
     }
 }
 
+/// The control node's singletons: the control actor and the scheduler.
+struct Singletons {
+    control: (ActorRef<ControlMsg>, ractor::concurrency::JoinHandle<()>),
+    scheduler: (
+        ActorRef<scheduler::SchedulerMsg>,
+        ractor::concurrency::JoinHandle<()>,
+    ),
+}
+
+impl Singletons {
+    /// Starts the control actor and the scheduler over `p`.
+    async fn start(
+        p: &PersistenceHandle,
+        config: &NodeConfig,
+        flows: &[Arc<dyn FlowFn>],
+        catalog: &crate::engine::FlowCatalog,
+        replication: Option<control::ReplicationInfo>,
+    ) -> Result<Singletons, NodeError> {
+        let settings = MembershipSettings {
+            unreachable_after: config.unreachable_after,
+            late_after: config.late_after,
+            ..MembershipSettings::default()
+        };
+        let control = Actor::spawn(
+            Some(control::CONTROL_NAME.to_owned()),
+            Control,
+            ControlArgs {
+                persistence: p.clone(),
+                settings,
+                flows: flows.to_vec(),
+                results: ResultStore::new(config.data_dir.join("results"), usize::MAX),
+                catalog: catalog.clone(),
+                answers: config.answers,
+                replication,
+            },
+        )
+        .await
+        .map_err(|e| NodeError::Spawn(e.to_string()))?;
+        let scheduler = match Actor::spawn(
+            Some(scheduler::SCHEDULER_NAME.to_owned()),
+            scheduler::Scheduler,
+            scheduler::SchedulerArgs {
+                persistence: p.clone(),
+                settings: config.schedule,
+                flows: catalog.clone(),
+            },
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                control.0.stop(None);
+                let _ = control.1.await;
+                return Err(NodeError::Spawn(e.to_string()));
+            }
+        };
+        Ok(Singletons { control, scheduler })
+    }
+
+    /// Stops them, and waits until they have stopped (their names are free again).
+    async fn stop(self) {
+        self.scheduler.0.stop(None);
+        self.control.0.stop(None);
+        let _ = self.scheduler.1.await;
+        let _ = self.control.1.await;
+    }
+}
+
+/// On a voter: runs the control node's singletons while this node leads, from the moment it
+/// has applied everything committed before it led, and stops them when it no longer does.
+async fn follow_leadership(
+    voter: Voter,
+    p: PersistenceHandle,
+    config: NodeConfig,
+    flows: Vec<Arc<dyn FlowFn>>,
+    catalog: crate::engine::FlowCatalog,
+) {
+    use openraft::async_runtime::WatchReceiver as _;
+    let me = voting::node_id(config.name.as_str());
+    let mut metrics = voter.raft.metrics();
+    let mut running: Option<Singletons> = None;
+    loop {
+        let leads = {
+            let m = metrics.borrow_watched();
+            m.current_leader == Some(me) && m.state.is_leader()
+        };
+        voter.peers.set_leader(voting::leader_of(&voter.raft));
+        match (leads, running.is_some()) {
+            (true, false) => {
+                // Everything committed by earlier leaders applied first: the singletons start
+                // from the whole state, as on a restart.
+                match tokio::time::timeout(
+                    Duration::from_secs(5),
+                    voter
+                        .raft
+                        .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => {
+                        match Singletons::start(&p, &config, &flows, &catalog, Some(voter.status_info()))
+                            .await
+                        {
+                            Ok(s) => {
+                                tracing::info!(node = %config.name, "leading the control state");
+                                running = Some(s);
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot start the control node's singletons")
+                            }
+                        }
+                    }
+                    Ok(Err(e)) => tracing::warn!(error = %e, "leading, but not yet able to read"),
+                    Err(_) => tracing::warn!("leading, but the log was not applied within 5 s"),
+                }
+                if running.is_none() {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+            (false, true) => {
+                if let Some(s) = running.take() {
+                    tracing::info!(node = %config.name, "no longer leading the control state");
+                    s.stop().await;
+                }
+            }
+            _ => {}
+        }
+        if metrics.changed().await.is_err() {
+            if let Some(s) = running.take() {
+                s.stop().await;
+            }
+            return;
+        }
+    }
+}
+
+/// Keeps a cluster session with the voter `name`, wherever the book says it listens: dials
+/// it (with backoff), carries a session over a QUIC stream until the connection drops, then
+/// dials again.
+async fn keep_voter_link(
+    endpoint: QuicEndpoint,
+    name: String,
+    book: crate::replication::book::AddressBook,
+    server: ActorRef<NodeServerMessage>,
+    local: String,
+) {
+    loop {
+        match book.get(&name).and_then(|a| a.parse::<SocketAddr>().ok()) {
+            Some(addr) => {
+                let seed = Seed {
+                    addr,
+                    host: name.clone(),
+                };
+                // Until the address changes (a voter started again elsewhere).
+                let watch = async {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        if book.get(&name).as_deref() != Some(addr.to_string().as_str()) {
+                            return;
+                        }
+                    }
+                };
+                tokio::select! {
+                    () = keep_link(endpoint.clone(), seed, server.clone(), local.clone()) => {}
+                    () = watch => {}
+                }
+            }
+            None => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Greets the seeds and the voters again and again, keeping the book and the leader's name up
+/// to date. A voter greeting with its log says so (so that a wipe is noticed later).
+async fn keep_greeting(
+    endpoint: QuicEndpoint,
+    me: crate::replication::Member,
+    seeds: Vec<Greet>,
+    voters: Vec<String>,
+    peers: crate::replication::book::Peers,
+    voter: Option<Voter>,
+) {
+    use openraft::async_runtime::WatchReceiver as _;
+    loop {
+        let has_log = voter
+            .as_ref()
+            .is_some_and(|v| v.raft.metrics().borrow_watched().last_log_index.is_some());
+        match voting::greet_all(&endpoint, &me, has_log, &seeds, &voters, &peers).await {
+            Ok((_, leader)) if voter.is_none() => peers.set_leader(leader),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "refused by a voter"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Starts a node.
 pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<ClusterNode, NodeError> {
     let identity = Identity::load(&config.certs_dir, config.name.as_str())?;
@@ -535,7 +745,45 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         .map_err(|e| NodeError::Spawn(e.to_string()))?;
 
     let catalog = crate::engine::FlowCatalog::of(&flows);
+    let voting = !config.voters.is_empty();
+    let is_voter = config.voters.iter().any(|v| v == config.name.as_str());
+    let me = crate::replication::Member {
+        name: config.name.to_string(),
+        addr: local.clone(),
+    };
+    let seeds: Vec<Greet> = config
+        .join
+        .iter()
+        .map(|s| Greet {
+            addr: s.addr,
+            host: s.host.clone(),
+        })
+        .collect();
+    let mut voter = None;
     let (plane, persistence) = match config.role {
+        _ if voting && is_voter => {
+            let pconfig = PersistenceConfig {
+                retention: config.retention,
+                memory_runs: config.memory_runs,
+                ..PersistenceConfig::new(&config.data_dir)
+            };
+            let opened = tokio::task::spawn_blocking(move || persistence::open_replica(pconfig))
+                .await
+                .map_err(|e| NodeError::Spawn(e.to_string()))?
+                .map_err(persistence::StartError::from)?;
+            let record = crate::replication::machine::AppliedRecord::decode(opened.store().replication())
+                .map_err(|e| {
+                    crate::replication::voter::VoterError::Raft(format!(
+                        "the store's record of what it applied: {e}"
+                    ))
+                })?;
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let (p, join) = persistence::start_replica(opened, tx).await?;
+            voter =
+                Some(voting::start(&me, &config.data_dir, Arc::new(endpoint.clone()), &p, record, rx).await?);
+            (ControlPlane::Remote(RemoteControl::start()), Some((p, join)))
+        }
+        _ if voting => (ControlPlane::Remote(RemoteControl::start()), None),
         Role::Control => {
             let pconfig = PersistenceConfig {
                 retention: config.retention,
@@ -543,36 +791,8 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                 ..PersistenceConfig::new(&config.data_dir)
             };
             let (p, join) = persistence::start(pconfig).await?;
-            let settings = MembershipSettings {
-                unreachable_after: config.unreachable_after,
-                late_after: config.late_after,
-                ..MembershipSettings::default()
-            };
-            Actor::spawn(
-                Some(control::CONTROL_NAME.to_owned()),
-                Control,
-                ControlArgs {
-                    persistence: p.clone(),
-                    settings,
-                    flows: flows.clone(),
-                    results: ResultStore::new(config.data_dir.join("results"), usize::MAX),
-                    catalog: catalog.clone(),
-                    answers: config.answers,
-                },
-            )
-            .await
-            .map_err(|e| NodeError::Spawn(e.to_string()))?;
-            Actor::spawn(
-                Some(scheduler::SCHEDULER_NAME.to_owned()),
-                scheduler::Scheduler,
-                scheduler::SchedulerArgs {
-                    persistence: p.clone(),
-                    settings: config.schedule,
-                    flows: catalog.clone(),
-                },
-            )
-            .await
-            .map_err(|e| NodeError::Spawn(e.to_string()))?;
+            // One control node: its singletons run for as long as it does.
+            let _ = Singletons::start(&p, &config, &flows, &catalog, None).await?;
             (ControlPlane::Local(p.clone()), Some((p, join)))
         }
         Role::Worker => (ControlPlane::Remote(RemoteControl::start()), None),
@@ -583,19 +803,25 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         let endpoint = endpoint.clone();
         let server = node_server.clone();
         let local = local.clone();
-        let results = (config.role == Role::Control)
-            .then(|| ResultStore::new(config.data_dir.join("results"), usize::MAX));
+        let results = (if voting {
+            is_voter
+        } else {
+            config.role == Role::Control
+        })
+        .then(|| ResultStore::new(config.data_dir.join("results"), usize::MAX));
+        let voter = voter.clone();
         let message_bytes_max = config.message_bytes_max;
         let replies = replies::Replies::new(config.answers.max, config.answers.keep);
         tokio::spawn(async move {
             // Each handshake on a task of its own: a slow client never stalls the others.
             while let Some(incoming) = endpoint.accept_incoming().await {
-                let (server, local, results, certs, replies) = (
+                let (server, local, results, certs, replies, voter) = (
                     server.clone(),
                     local.clone(),
                     results.clone(),
                     peer_certs.clone(),
                     replies.clone(),
+                    voter.clone(),
                 );
                 tokio::spawn(async move {
                     let Some((conn, alpn)) = flotilla_cluster::endpoint::handshake(incoming).await else {
@@ -605,20 +831,63 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                         serve_node_connection(conn, server, local, certs).await;
                     } else if alpn == ALPN_CLIENT {
                         serve_client_connection(conn, results, message_bytes_max, replies).await;
+                    } else if alpn == crate::replication::network::ALPN_RAFT
+                        && let Some(v) = voter
+                    {
+                        crate::replication::serve_with(conn, v.raft, v.peers).await;
                     }
                 });
             }
         });
     }
-    for seed in &config.join {
-        tokio::spawn(keep_link(
+    let peers = voter.as_ref().map(|v| v.peers.clone()).unwrap_or_default();
+    if voting {
+        // Sessions with every voter (between voters, each pair once: the one named first dials).
+        peers.book.put(&me.name, &me.addr);
+        for v in config
+            .voters
+            .iter()
+            .filter(|v| **v != me.name && (!is_voter || **v > me.name))
+        {
+            tokio::spawn(keep_voter_link(
+                endpoint.clone(),
+                v.clone(),
+                peers.book.clone(),
+                node_server.clone(),
+                local.clone(),
+            ));
+        }
+        if let Some(v) = &voter {
+            voting::form(&endpoint, &me, &seeds, &config.voters, v, config.join_timeout).await?;
+        }
+        tokio::spawn(keep_greeting(
             endpoint.clone(),
-            seed.clone(),
-            node_server.clone(),
-            local.clone(),
+            me.clone(),
+            seeds.clone(),
+            config.voters.clone(),
+            peers.clone(),
+            voter.clone(),
         ));
+        if let (Some(v), Some((p, _))) = (&voter, &persistence) {
+            tokio::spawn(follow_leadership(
+                v.clone(),
+                p.clone(),
+                config.clone(),
+                flows.clone(),
+                catalog.clone(),
+            ));
+        }
+    } else {
+        for seed in &config.join {
+            tokio::spawn(keep_link(
+                endpoint.clone(),
+                seed.clone(),
+                node_server.clone(),
+                local.clone(),
+            ));
+        }
     }
-    if config.role == Role::Worker {
+    if (voting && !is_voter) || (!voting && config.role == Role::Worker) {
         let deadline = tokio::time::Instant::now() + config.join_timeout;
         while control_actor().is_none() {
             if tokio::time::Instant::now() >= deadline {
@@ -641,7 +910,12 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     ec.log_to_stderr = config.log_to_stderr;
     let view = Arc::new(RwLock::new(ClusterStatus::default()));
     ec.cluster_slots = Some(Arc::new(plane::ControlSlots::new(config.name.clone())));
-    if config.role == Role::Worker {
+    if voting {
+        ec.result_shipper = Some(Arc::new(QuicShipper(link::ControlLink::to_leader(
+            endpoint.clone(),
+            peers.clone(),
+        ))));
+    } else if config.role == Role::Worker {
         ec.result_shipper = Some(Arc::new(QuicShipper(link::ControlLink::new(
             endpoint.clone(),
             view.clone(),
@@ -653,14 +927,19 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     let args = AgentArgs {
         node: config.name.clone(),
         addr: local,
-        role: config.role.as_str().to_owned(),
+        role: match (voting, is_voter) {
+            (true, true) => "voter".to_owned(),
+            (true, false) => Role::Worker.as_str().to_owned(),
+            (false, _) => config.role.as_str().to_owned(),
+        },
         engine: engine.clone(),
         slots: u32::try_from(config.slots).unwrap_or(u32::MAX),
         queues: config.queues.clone(),
         heartbeat_every: config.heartbeat_every,
         view: view.clone(),
         incarnation,
-        link: (config.role == Role::Worker)
+        // Replicated, heartbeats go to wherever the control actor is (it moves with the lead).
+        link: (!voting && config.role == Role::Worker)
             .then(|| Arc::new(link::ControlLink::new(endpoint.clone(), view.clone()))),
     };
     Actor::spawn(None, Agent, args)
@@ -669,6 +948,13 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     // What this node's previous life left resumes where the control plane places it (under
     // its queue's and deployment's limits), not necessarily here.
     let resumed = engine.recover(incarnation, true).await?;
+    if !resumed.is_empty() && voting {
+        // The control actor is wherever the lead is: wait for one (bounded).
+        let deadline = tokio::time::Instant::now() + config.join_timeout;
+        while plane::control_actor().is_none() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
     if !resumed.is_empty() {
         match plane::control_actor() {
             Some(control) => {
@@ -690,5 +976,6 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         view,
         persistence,
         engine_join,
+        voter,
     })
 }

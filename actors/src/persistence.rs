@@ -40,7 +40,8 @@ pub use kv::{KvError, KvOp, KvStore, MemKv, SledKv, Tree};
 pub use read::{LogCursor, PAGE_MAX, Read, ReadReply, RunFilter, StoreStats};
 pub use store::{Cold, ColdPrune, ReadAnswer, Store, StoreJob};
 
-use inbox::{Ack, Inbox};
+pub use inbox::Ack;
+use inbox::Inbox;
 use log_io::DirIo;
 use threads::{LogJob, spawn_log_thread, spawn_store_thread};
 
@@ -90,7 +91,33 @@ pub enum PersistenceMsg {
         /// Whether to prune again at once.
         more: bool,
     },
+    /// Replicated: entries of the log, committed, to apply in order.
+    Apply {
+        /// The entries.
+        entries: Vec<Applying>,
+        /// Replication's record of what was applied, after the last of them.
+        record: Vec<u8>,
+        /// Told once they are applied.
+        done: tokio::sync::oneshot::Sender<()>,
+    },
 }
+
+/// Where the answer to a replicated command goes (to the client that proposed it).
+pub type Answer = Box<dyn FnOnce(Result<Reply, Refusal>) + Send>;
+
+/// A committed entry of the replicated log, to apply.
+#[allow(missing_debug_implementations)]
+pub struct Applying {
+    /// Its index in the log.
+    pub index: LogIndex,
+    /// Its command and the leader's time for it; None for an entry of replication's own.
+    pub command: Option<(Timestamp, Command)>,
+    /// Where the answer goes, on the node that proposed it.
+    pub answer: Option<Answer>,
+}
+
+/// Commands to propose to the replicated log, in order, with the time to give them.
+pub type Proposals = tokio::sync::mpsc::UnboundedSender<(Timestamp, Vec<(Command, Ack)>)>;
 
 impl ractor::Message for PersistenceMsg {}
 
@@ -105,6 +132,7 @@ impl std::fmt::Debug for PersistenceMsg {
             PersistenceMsg::Tick => f.write_str("Tick"),
             PersistenceMsg::Prune => f.write_str("Prune"),
             PersistenceMsg::Pruned { more } => write!(f, "Pruned({more})"),
+            PersistenceMsg::Apply { entries, .. } => write!(f, "Apply({})", entries.len()),
         }
     }
 }
@@ -113,7 +141,8 @@ impl std::fmt::Debug for PersistenceMsg {
 pub struct OpenedStore {
     lock: File,
     store: Store,
-    log: CommandLog,
+    /// The command log; None when the log is replication's.
+    log: Option<CommandLog>,
     config: PersistenceConfig,
     /// How many commands were replayed from the log on open.
     pub replayed: usize,
@@ -261,9 +290,39 @@ fn open_with(
     Ok(OpenedStore {
         lock,
         store,
-        log,
+        log: Some(log),
         config,
         replayed,
+    })
+}
+
+/// Opens a data directory whose log is replication's: its lock, format and store, without a
+/// command log of its own (replication applies its log past the store's record).
+pub fn open_replica(config: PersistenceConfig) -> Result<OpenedStore, OpenError> {
+    let dir = config.data_dir.clone();
+    fs::create_dir_all(&dir).map_err(|e| OpenError::io(path_str(&dir), e))?;
+    let lock = lock_dir(&dir)?;
+    check_format(&dir)?;
+    let store_dir = dir.join("store");
+    let store_path = path_str(&store_dir);
+    let kv = SledKv::open(&store_dir).map_err(|e| OpenError::Store {
+        path: store_path.clone(),
+        reason: e.0,
+    })?;
+    if fs::read_dir(dir.join("log")).is_ok_and(|mut d| d.next().is_some()) {
+        return Err(OpenError::corrupt(
+            path_str(&dir),
+            "this data directory holds a single node's command log: it cannot become a voter's",
+        ));
+    }
+    let mut store = Store::load(Arc::new(kv), &store_path)?;
+    store.keep_in_memory(config.memory_runs);
+    Ok(OpenedStore {
+        lock,
+        store,
+        log: None,
+        config,
+        replayed: 0,
     })
 }
 
@@ -292,6 +351,8 @@ pub struct PersistenceState {
     log_syncs: u64,
     log_segments: Arc<AtomicUsize>,
     failed: Option<PersistError>,
+    /// Replicated: where commands go to be proposed.
+    proposals: Option<Proposals>,
     unsent_bytes: u64,
     last_store_job: std::time::Instant,
     pruning: bool,
@@ -308,6 +369,7 @@ pub struct PersistenceArgs {
     opened: OpenedStore,
     events: broadcast::Sender<Arc<Event>>,
     inbox: Arc<Inbox>,
+    proposals: Option<Proposals>,
 }
 
 impl PersistenceState {
@@ -330,6 +392,9 @@ impl PersistenceState {
 
     /// Starts writing the next batch when none is being written and the store keeps up.
     fn start_batch(&mut self) {
+        if self.proposals.is_some() {
+            return self.propose();
+        }
         if self.in_flight.is_some()
             || self.pending.is_empty()
             || self.lag_bytes >= self.config.store_lag_bytes_max
@@ -396,6 +461,60 @@ impl PersistenceState {
         }
         self.next_index = last.next();
         self.in_flight = Some(InFlight { entries, now, bytes });
+    }
+
+    /// Replicated: hands what is pending to replication, in order, with one time for all.
+    fn propose(&mut self) {
+        let Some(tx) = &self.proposals else { return };
+        if self.pending.is_empty() || self.lag_bytes >= self.config.store_lag_bytes_max {
+            return;
+        }
+        let now = self.store.next_now(Self::clock());
+        let batch: Vec<_> = self.pending.drain(..).collect();
+        if let Err(e) = tx.send((now, batch)) {
+            for (_, ack) in e.0.1 {
+                let _ = ack.send(Err(PersistError::Stopped));
+            }
+        }
+    }
+
+    /// Replicated: applies committed entries in order, answers the proposers, publishes, and
+    /// hands the writes to the store.
+    fn apply_committed(&mut self, entries: Vec<Applying>, record: Vec<u8>) {
+        /// What an entry counts for towards store writes (replication's log is not ours).
+        const ENTRY_BYTES: u64 = 256;
+        let publish = self.events.receiver_count() > 0;
+        let bytes = ENTRY_BYTES * entries.len() as u64;
+        for a in entries {
+            let reply = match a.command {
+                Some((now, command)) => {
+                    let now = self.store.next_now(now);
+                    let (reply, events) = self.store.apply(a.index, now, command);
+                    if publish {
+                        for e in events {
+                            let _ = self.events.send(e);
+                        }
+                    }
+                    reply
+                }
+                None => {
+                    self.store.skip(a.index);
+                    Ok(Reply::Recorded)
+                }
+            };
+            if let Some(answer) = a.answer {
+                answer(reply);
+            }
+        }
+        self.store.set_replication(record);
+        self.store.add_log_bytes(bytes);
+        self.lag_bytes += bytes;
+        self.unsent_bytes += bytes;
+        if self.unsent_bytes >= self.config.store_write_bytes
+            || self.last_store_job.elapsed() >= self.config.store_write_interval
+        {
+            self.send_store_job();
+        }
     }
 
     /// A batch is durable: apply it, answer, publish, and hand its writes to the store.
@@ -504,10 +623,21 @@ impl Actor for Persistence {
         } = args.opened;
         let next_index = store.applied().next();
         let applied = store.applied();
-        let log_segments = Arc::new(AtomicUsize::new(log.segment_count()));
-        let (log_tx, log_thread) = spawn_log_thread(log, myself.clone(), log_segments.clone())?;
+        let log_segments = Arc::new(AtomicUsize::new(
+            log.as_ref().map_or(0, CommandLog::segment_count),
+        ));
+        let mut threads = Vec::new();
+        let log_tx = match log {
+            Some(log) => {
+                let (tx, thread) = spawn_log_thread(log, myself.clone(), log_segments.clone())?;
+                threads.push(thread);
+                Some(tx)
+            }
+            None => None,
+        };
         let (store_tx, store_thread) =
             spawn_store_thread(store.kv().clone(), myself.clone(), &config, applied)?;
+        threads.push(store_thread);
         myself.send_interval(config.store_write_interval, || PersistenceMsg::Tick);
         myself.send_interval(config.retention.interval(), || PersistenceMsg::Prune);
         Ok(PersistenceState {
@@ -517,9 +647,10 @@ impl Actor for Persistence {
             inbox: args.inbox,
             in_flight: None,
             next_index,
-            log_tx: Some(log_tx),
+            proposals: args.proposals,
+            log_tx,
             store_tx: Some(store_tx),
-            threads: vec![log_thread, store_thread],
+            threads,
             events: args.events,
             lag_bytes: 0,
             stored: applied,
@@ -602,6 +733,14 @@ impl Actor for Persistence {
                     state.prune(&myself);
                 }
             }
+            PersistenceMsg::Apply {
+                entries,
+                record,
+                done,
+            } => {
+                state.apply_committed(entries, record);
+                let _ = done.send(());
+            }
             PersistenceMsg::Checkpointed { upto } => {
                 state.checkpointed = upto;
                 if let Some(tx) = &state.log_tx {
@@ -662,6 +801,22 @@ pub async fn start(
 pub async fn start_opened(
     opened: OpenedStore,
 ) -> Result<(PersistenceHandle, ractor::concurrency::JoinHandle<()>), StartError> {
+    start_with(opened, None).await
+}
+
+/// Starts the persistence actor on an opened data directory whose log is replication's:
+/// commands go to `proposals`, committed entries come back as [`PersistenceMsg::Apply`].
+pub async fn start_replica(
+    opened: OpenedStore,
+    proposals: Proposals,
+) -> Result<(PersistenceHandle, ractor::concurrency::JoinHandle<()>), StartError> {
+    start_with(opened, Some(proposals)).await
+}
+
+async fn start_with(
+    opened: OpenedStore,
+    proposals: Option<Proposals>,
+) -> Result<(PersistenceHandle, ractor::concurrency::JoinHandle<()>), StartError> {
     let (events, _) = broadcast::channel(opened.config.event_channel_capacity.max(1));
     let inbox = Arc::new(Inbox::default());
     let (actor, join) = Actor::spawn(
@@ -671,6 +826,7 @@ pub async fn start_opened(
             opened,
             events: events.clone(),
             inbox: inbox.clone(),
+            proposals,
         },
     )
     .await
@@ -733,6 +889,11 @@ impl PersistenceHandle {
     }
 
     crate::read_helpers!();
+
+    /// The actor, for replication to hand it committed entries.
+    pub fn actor(&self) -> &ActorRef<PersistenceMsg> {
+        &self.actor
+    }
 
     /// Stops the actor; its threads finish their work (a last checkpoint) first.
     pub async fn stop(&self, join: ractor::concurrency::JoinHandle<()>) {

@@ -125,14 +125,38 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
 
 /// The status as the JSON the CLI prints.
 pub fn status_json(status: &ClusterStatus) -> serde_json::Value {
+    let r = status.replication.as_ref();
     let out = crate::output::StatusOut {
-        nodes: status.nodes.iter().map(Into::into).collect(),
+        leader: match r {
+            Some(r) => r.leader.as_deref(),
+            None => status
+                .nodes
+                .iter()
+                .find(|m| m.role == "control")
+                .map(|m| m.name.as_str()),
+        },
+        term: r.map_or(0, |r| r.term),
+        nodes: status
+            .nodes
+            .iter()
+            .map(|m| crate::output::MemberOut::with(m, r))
+            .collect(),
     };
     serde_json::to_value(out).unwrap_or_default()
 }
 
 fn print_status(status: &ClusterStatus) {
     let mut out = std::io::stdout().lock();
+    if let Some(r) = &status.replication {
+        let _ = writeln!(
+            out,
+            "leader {} (term {}), log at {}, applied {}",
+            r.leader.as_deref().unwrap_or("none"),
+            r.term,
+            r.last_index.map_or_else(|| "-".to_owned(), |i| i.to_string()),
+            r.applied.map_or_else(|| "-".to_owned(), |i| i.to_string()),
+        );
+    }
     let _ = writeln!(
         out,
         "{:<12} {:<22} {:<8} {:<11} {:>9}  {:<24} LAST HEARTBEAT",

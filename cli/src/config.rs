@@ -29,6 +29,8 @@ pub struct FileConfig {
     pub join: Option<Vec<String>>,
     /// `control` or `worker`.
     pub role: Option<String>,
+    /// The voters of a replicated control state, by name.
+    pub voters: Option<Vec<String>>,
     /// Flow runs a node runs at once.
     pub slots: Option<usize>,
     /// How often a node reports (`"250ms"`).

@@ -36,8 +36,13 @@ pub struct StartArgs {
     #[arg(long, env = "FLOTILLA_JOIN", value_delimiter = ',')]
     join: Vec<String>,
     /// `control` (holds the control state) or `worker` [default: control without --join, else worker].
+    /// With --voters, the voters hold it and the role is theirs.
     #[arg(long, env = "FLOTILLA_ROLE")]
     role: Option<String>,
+    /// The nodes that hold the control state, replicated (the same list on every node),
+    /// comma-separated: a majority of them keeps the cluster going; the others are workers.
+    #[arg(long, env = "FLOTILLA_VOTERS", value_delimiter = ',')]
+    voters: Vec<String>,
     /// Flow runs it runs at once [default: 64].
     #[arg(long, env = "FLOTILLA_SLOTS")]
     slots: Option<usize>,
@@ -146,19 +151,57 @@ impl StartArgs {
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut voters: Vec<String> = if self.voters.is_empty() {
+            file.voters.unwrap_or_default()
+        } else {
+            self.voters
+        };
+        voters = voters.into_iter().map(|v| v.trim().to_owned()).collect();
+        for v in &voters {
+            anyhow::ensure!(
+                !v.is_empty()
+                    && v.len() <= 64
+                    && v.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.'),
+                "--voters {v:?}: node names are 1 to 64 letters, digits, '-' or '.'"
+            );
+        }
+        {
+            let mut sorted = voters.clone();
+            sorted.sort();
+            sorted.dedup();
+            anyhow::ensure!(sorted.len() == voters.len(), "--voters names a node twice");
+            anyhow::ensure!(
+                voters.len() <= 7,
+                "--voters names {} nodes: at most 7",
+                voters.len()
+            );
+        }
+        let is_voter = voters.iter().any(|v| *v == name.as_str());
         let role = match self.role.or(file.role).as_deref() {
+            Some("control") if !voters.is_empty() && !is_voter => anyhow::bail!(
+                "--role control: with --voters, the voters hold the control state, and {name} is not one of them"
+            ),
             Some("control") => Role::Control,
             Some("worker") => Role::Worker,
+            None if !voters.is_empty() => {
+                if is_voter {
+                    Role::Control
+                } else {
+                    Role::Worker
+                }
+            }
             None if join.is_empty() => Role::Control,
             None => Role::Worker,
             Some(other) => anyhow::bail!("--role {other:?}: expected control or worker"),
         };
-        if role == Role::Worker && join.is_empty() {
-            anyhow::bail!("a worker needs the control node's address: --join host:port");
+        if join.is_empty() && (role == Role::Worker || voters.len() > 1) {
+            anyhow::bail!("a node of a cluster needs another node's address: --join host:port");
         }
         let mut config = NodeConfig::new(name, listen, data, certs);
         config.join = join;
         config.role = role;
+        config.voters = voters;
         if let Some(n) = self.slots.or(file.slots) {
             anyhow::ensure!(n >= 1, "--slots must be at least 1");
             config.slots = n;
@@ -259,15 +302,19 @@ pub async fn run(cmd: NodeCmd) -> anyhow::Result<()> {
     let NodeCmd::Start(args) = cmd;
     let config = args.into_config()?;
     let (name, role) = (config.name.clone(), config.role);
+    let role = if config.voters.is_empty() {
+        role.as_str()
+    } else if config.voters.iter().any(|v| *v == name.as_str()) {
+        "voter"
+    } else {
+        "worker"
+    };
     let node = node::start(config, flotilla::builtin_flows()).await?;
     let addr = node
         .endpoint
         .local_addr()
         .map_or_else(|| "?".to_owned(), |a| a.to_string());
-    eprintln!(
-        "node {name} ({}) listening on {addr}; Ctrl-C stops it",
-        role.as_str()
-    );
+    eprintln!("node {name} ({role}) listening on {addr}; Ctrl-C stops it");
     wait_for_stop().await;
     eprintln!("node {name} stopping");
     node.stop().await;

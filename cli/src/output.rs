@@ -149,11 +149,42 @@ pub struct MemberOut<'a> {
     pub slots_total: u32,
     pub flows: &'a [String],
     pub last_heartbeat: Option<String>,
+    /// A voter of the replicated control state.
+    pub voter: bool,
+    /// The last log index it holds (the leader: has applied), when replicated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied: Option<u64>,
+    /// How far it is behind the leader's log, when replicated.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lag: Option<u64>,
+}
+
+impl<'a> MemberOut<'a> {
+    /// `m`, with what the replication status says of it.
+    pub fn with(m: &'a MemberStatus, r: Option<&flotilla_cluster::wire::ReplicationStatus>) -> Self {
+        let mut out = MemberOut::from(m);
+        if let Some(r) = r {
+            let replica = r.members.iter().find(|x| x.name == m.name.as_str());
+            out.voter = replica.is_some_and(|x| x.voter);
+            out.applied = replica.and_then(|x| x.applied);
+            out.lag = match (r.last_index, out.applied) {
+                (Some(last), Some(a)) => Some(last.saturating_sub(a)),
+                (Some(last), None) if replica.is_some() => Some(last + 1),
+                _ => None,
+            };
+        } else {
+            out.voter = m.role == "control";
+        }
+        out
+    }
 }
 
 impl<'a> From<&'a MemberStatus> for MemberOut<'a> {
     fn from(m: &'a MemberStatus) -> Self {
         MemberOut {
+            voter: false,
+            applied: None,
+            lag: None,
             name: m.name.as_str(),
             addr: &m.addr,
             role: &m.role,
@@ -169,6 +200,10 @@ impl<'a> From<&'a MemberStatus> for MemberOut<'a> {
 /// The cluster's members.
 #[derive(Debug, Serialize)]
 pub struct StatusOut<'a> {
+    /// The leader of the control state (the control node when it is not replicated).
+    pub leader: Option<&'a str>,
+    /// The leader's term (0 when not replicated).
+    pub term: u64,
     pub nodes: Vec<MemberOut<'a>>,
 }
 

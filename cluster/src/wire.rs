@@ -356,6 +356,36 @@ pub use flotilla_runtime::control::{FlowDefaults, MemberStatus};
 pub struct ClusterStatus {
     /// Every member.
     pub nodes: Vec<MemberStatus>,
+    /// The replicated control state, when it is replicated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationStatus>,
+}
+
+/// The replicated control state as its leader sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicationStatus {
+    /// The leader's name.
+    pub leader: Option<String>,
+    /// The leader's term.
+    pub term: u64,
+    /// The last index in the leader's log.
+    pub last_index: Option<u64>,
+    /// The last index the leader has applied.
+    pub applied: Option<u64>,
+    /// The voters and learners: name, whether a voter, and the last index it holds (the leader:
+    /// has applied), when known.
+    pub members: Vec<ReplicaStatus>,
+}
+
+/// One member of the replicated control state.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    /// Its name.
+    pub name: String,
+    /// A voter (else a learner).
+    pub voter: bool,
+    /// The last log index it holds as far as the leader knows (the leader: it has applied).
+    pub applied: Option<u64>,
 }
 
 /// What a node answers.

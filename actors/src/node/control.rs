@@ -31,7 +31,7 @@ mod effects;
 mod msg;
 mod requests;
 
-pub use args::{ControlArgs, MembershipSettings};
+pub use args::{ControlArgs, MembershipSettings, ReplicationInfo};
 pub use msg::ControlMsg;
 
 pub(crate) use effects::{placement_of, send_agent};
@@ -96,6 +96,8 @@ pub struct ControlState {
     /// arrives meanwhile (from this node or another) waits for the first answer rather than
     /// act again.
     asking: std::collections::HashMap<RequestId, Vec<RpcReplyPort<Wire<Response>>>>,
+    /// The replicated control state's status, when it is replicated.
+    replication: Option<args::ReplicationInfo>,
 }
 
 impl std::fmt::Debug for ControlState {
@@ -150,6 +152,7 @@ impl ControlState {
     fn status(&self) -> ClusterStatus {
         ClusterStatus {
             nodes: self.machine.members(),
+            replication: self.replication.as_ref().map(|f| f()),
         }
     }
 
@@ -195,6 +198,7 @@ impl Actor for Control {
             catalog: args.catalog,
             flows: args.flows.into_iter().map(|f| (f.name().to_owned(), f)).collect(),
             answers: args.answers,
+            replication: args.replication,
             asking: Default::default(),
         })
     }

@@ -16,6 +16,8 @@ use super::Role;
 pub struct ControlLink {
     endpoint: QuicEndpoint,
     view: Arc<RwLock<ClusterStatus>>,
+    /// Replicated: the leader is the control node.
+    leader: Option<crate::replication::book::Peers>,
     conn: tokio::sync::Mutex<Option<(SocketAddr, quinn::Connection)>>,
 }
 
@@ -25,7 +27,17 @@ impl ControlLink {
         ControlLink {
             endpoint,
             view,
+            leader: None,
             conn: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// A link through `endpoint` to the leader of a replicated control state, as `peers` know
+    /// it.
+    pub fn to_leader(endpoint: QuicEndpoint, peers: crate::replication::book::Peers) -> Self {
+        ControlLink {
+            leader: Some(peers),
+            ..ControlLink::new(endpoint, Arc::default())
         }
     }
 
@@ -35,6 +47,10 @@ impl ControlLink {
     }
 
     fn control(&self) -> Option<(String, String)> {
+        if let Some(peers) = &self.leader {
+            let name = peers.leader()?;
+            return peers.book.get(&name).map(|addr| (addr, name));
+        }
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
         view.nodes
             .iter()

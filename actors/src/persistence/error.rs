@@ -96,4 +96,11 @@ pub enum PersistError {
     /// The persistence actor is not running.
     #[error("the persistence actor is not running")]
     Stopped,
+    /// The control state is replicated and this node does not lead it (the command was not
+    /// carried out: it may be sent again, to the leader).
+    #[error("this node does not lead the control state{}", .leader.as_ref().map(|l| format!(" (the leader is {l})")).unwrap_or_default())]
+    NotLeader {
+        /// The leader, when known.
+        leader: Option<String>,
+    },
 }

@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use super::{PersistError, SubmitResult};
 
 /// Where a command's answer goes.
-pub(crate) type Ack = oneshot::Sender<SubmitResult>;
+pub type Ack = oneshot::Sender<SubmitResult>;
 
 #[derive(Default)]
 struct Inner {

@@ -30,6 +30,9 @@ use cold::write_lock;
 pub use prune::ColdPrune;
 
 const APPLIED_KEY: &[u8] = b"applied";
+/// What replication says was applied last (its log id and membership, encoded by the
+/// replication layer), written with the applied index.
+const REPLICATION_KEY: &[u8] = b"replication";
 /// The record of slot holders (rewritten whole: it holds at most the sum of the tag limits).
 const SLOT_HOLDS_KEY: &[u8] = b"slot-holds";
 /// The event cut-off of the last pruning: blocks before it hold state changes only.
@@ -122,6 +125,8 @@ pub struct StoreJob {
     pub slot_holds: Option<SlotHolds>,
     /// Answers remembered, by slot of their ring.
     pub answers: Vec<(u32, flotilla_runtime::RememberedAnswer)>,
+    /// Replication's record of what was applied, when it changed.
+    pub replication: Option<Vec<u8>>,
 }
 
 /// The record of slot holders as stored: whether it names every holder, and (tag, holder,
@@ -172,6 +177,9 @@ impl StoreJob {
                 acc.slot_holds = job.slot_holds;
             }
             acc.answers.extend(job.answers);
+            if job.replication.is_some() {
+                acc.replication = job.replication;
+            }
         }
         let mut seen = HashSet::new();
         acc.flow_runs.reverse();
@@ -245,6 +253,9 @@ impl StoreJob {
                 Err(e) => tracing::error!(error = %e, "the slot holders could not be encoded"),
             }
         }
+        if let Some(r) = self.replication {
+            ops.push(KvOp::Put(Tree::Meta, REPLICATION_KEY.to_vec(), r));
+        }
         ops.push(KvOp::Put(
             Tree::Meta,
             APPLIED_KEY.to_vec(),
@@ -302,6 +313,10 @@ pub struct Store {
     unstored: HashMap<FlowRunId, LogIndex>,
     /// Jobs closed early, to be written before the rest (see [`Store::take_jobs`]).
     sealed: Vec<StoreJob>,
+    /// Replication's record of what was applied (as stored, and whether it changed since the
+    /// last job).
+    replication: Option<Vec<u8>>,
+    replication_dirty: bool,
 }
 
 /// Flow and task runs kept in memory by default (runs that have not ended always are).
@@ -461,7 +476,10 @@ impl Store {
                 hot.slot_holds_completed();
             }
         }
+        let replication = kv.get(Tree::Meta, REPLICATION_KEY).map_err(store_err)?;
         Ok(Store {
+            replication,
+            replication_dirty: false,
             hot,
             cold: Cold::new(kv.clone()),
             kv,
@@ -494,6 +512,22 @@ impl Store {
     /// The last log index applied.
     pub fn applied(&self) -> LogIndex {
         self.applied
+    }
+
+    /// Replication's record of what was applied, as last set (or loaded).
+    pub fn replication(&self) -> Option<&[u8]> {
+        self.replication.as_deref()
+    }
+
+    /// Sets replication's record of what was applied; it is written with the next job.
+    pub fn set_replication(&mut self, record: Vec<u8>) {
+        self.replication = Some(record);
+        self.replication_dirty = true;
+    }
+
+    /// Moves the applied index past a log entry that holds no command (a replication entry).
+    pub fn skip(&mut self, index: LogIndex) {
+        self.applied = self.applied.max(index);
     }
 
     /// The hot state.
@@ -664,6 +698,9 @@ impl Store {
             ops: std::mem::take(&mut self.cold_ops),
             prune: std::mem::take(&mut self.prune),
             answers: std::mem::take(&mut self.answers),
+            replication: std::mem::take(&mut self.replication_dirty)
+                .then(|| self.replication.clone())
+                .flatten(),
             slot_holds: std::mem::take(&mut self.slot_holds_dirty)
                 .then(|| (self.hot.slot_holds_complete(), self.slot_holds())),
         }

@@ -327,6 +327,16 @@ impl RaftLogStore {
         })
     }
 
+    /// Whether the log holds nothing: no vote, no entry, nothing purged (a voter that never
+    /// took part, or whose data directory was wiped).
+    pub fn is_empty(&self) -> bool {
+        let shared = self
+            .shared
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.meta.vote.is_none() && self.meta.purged.is_none() && shared.entries.is_empty()
+    }
+
     /// Closes the log once everything queued is written (its callbacks fired).
     pub fn close(mut self) {
         let thread = self.thread.take();

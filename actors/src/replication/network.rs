@@ -18,6 +18,7 @@ use openraft::raft::{
 use openraft::storage::RaftStateMachine;
 use serde::{Deserialize, Serialize};
 
+use super::book::{AddressBook, Peers};
 use super::{Control, Member};
 
 /// The ALPN of Raft connections between voters.
@@ -39,6 +40,13 @@ enum Request {
         vote: VoteOf<Control>,
         meta: SnapshotMetaOf<Control>,
     },
+    /// A node says who it is and learns who else there is.
+    Hello {
+        /// The node greeting.
+        from: Member,
+        /// Whether it is a voter holding a Raft log.
+        has_log: bool,
+    },
 }
 
 /// The answer to a request, as one frame (an error as its text).
@@ -48,12 +56,19 @@ enum Response {
     Vote(VoteResponse<Control>),
     Snapshot(SnapshotResponse<Control>),
     Failed(String),
+    /// The nodes known, the leader, and why the greeting node is refused (a wiped voter).
+    Peers {
+        members: Vec<Member>,
+        leader: Option<String>,
+        refused: Option<String>,
+    },
 }
 
 /// Makes the clients of the other voters, over one QUIC endpoint.
 #[derive(Clone)]
 pub struct QuicRaftNetwork {
     endpoint: Arc<QuicEndpoint>,
+    book: AddressBook,
 }
 
 impl std::fmt::Debug for QuicRaftNetwork {
@@ -63,9 +78,15 @@ impl std::fmt::Debug for QuicRaftNetwork {
 }
 
 impl QuicRaftNetwork {
-    /// Raft clients dialling from `endpoint`.
+    /// Raft clients dialling from `endpoint`, to the addresses the members name.
     pub fn new(endpoint: Arc<QuicEndpoint>) -> Self {
-        QuicRaftNetwork { endpoint }
+        Self::with_book(endpoint, AddressBook::default())
+    }
+
+    /// Raft clients dialling from `endpoint`, to the addresses `book` gives (those the members
+    /// name when it has none).
+    pub fn with_book(endpoint: Arc<QuicEndpoint>, book: AddressBook) -> Self {
+        QuicRaftNetwork { endpoint, book }
     }
 }
 
@@ -76,6 +97,7 @@ impl RaftNetworkFactory<Control> for QuicRaftNetwork {
         QuicRaftClient {
             endpoint: self.endpoint.clone(),
             member: node.clone(),
+            book: self.book.clone(),
             connection: None,
         }
     }
@@ -86,6 +108,7 @@ impl RaftNetworkFactory<Control> for QuicRaftNetwork {
 pub struct QuicRaftClient {
     endpoint: Arc<QuicEndpoint>,
     member: Member,
+    book: AddressBook,
     connection: Option<quinn::Connection>,
 }
 
@@ -109,8 +132,9 @@ impl QuicRaftClient {
         }
         let unreachable = |e: String| CallError::Unreachable(self.member.name.clone(), e);
         let addr: SocketAddr = self
-            .member
-            .addr
+            .book
+            .get(&self.member.name)
+            .unwrap_or_else(|| self.member.addr.clone())
             .parse()
             .map_err(|e| unreachable(format!("{e}")))?;
         let c = self
@@ -245,9 +269,73 @@ impl RaftNetworkV2<Control> for QuicRaftClient {
     }
 }
 
+/// Greets the node at `addr` (its certificate's name `host`) as `from`: the nodes it knows and
+/// the leader it knows of, or why `from` is refused.
+pub async fn hello(
+    endpoint: &QuicEndpoint,
+    addr: SocketAddr,
+    host: &str,
+    from: &Member,
+    has_log: bool,
+) -> Result<Greeting, String> {
+    let exchange = async {
+        let conn = endpoint
+            .connect(addr, host, ALPN_RAFT)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let request = Request::Hello {
+            from: from.clone(),
+            has_log,
+        };
+        frame::write_limited(&mut send, &request, RAFT_FRAME_BYTES_MAX)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        let answer = frame::read::<Response, _>(&mut recv)
+            .await
+            .map_err(|e| e.to_string());
+        conn.close(0u32.into(), b"greeted");
+        answer
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(2), exchange).await {
+        Err(_) => Err(format!("{addr} did not answer in time")),
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(Response::Peers {
+            members,
+            leader,
+            refused,
+        })) => Ok(Greeting {
+            members,
+            leader,
+            refused,
+        }),
+        Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// What a greeting brought back.
+#[derive(Clone, Debug)]
+pub struct Greeting {
+    /// The nodes the greeted node knows.
+    pub members: Vec<Member>,
+    /// The leader it knows of.
+    pub leader: Option<String>,
+    /// Why the greeting node is refused.
+    pub refused: Option<String>,
+}
+
 /// Serves the Raft requests of one connection (a voter's), each stream in a task of its own,
 /// until the connection closes. A connection whose certificate is not a node's is refused.
 pub async fn serve<SM>(conn: quinn::Connection, raft: openraft::Raft<Control, SM>)
+where
+    SM: RaftStateMachine<Control, SnapshotData = Vec<u8>>,
+{
+    serve_with(conn, raft, Peers::default()).await;
+}
+
+/// As [`serve`], answering greetings from `peers`.
+pub async fn serve_with<SM>(conn: quinn::Connection, raft: openraft::Raft<Control, SM>, peers: Peers)
 where
     SM: RaftStateMachine<Control, SnapshotData = Vec<u8>>,
 {
@@ -257,6 +345,7 @@ where
     }
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let raft = raft.clone();
+        let peers = peers.clone();
         tokio::spawn(async move {
             let request = match frame::read_len(&mut recv).await {
                 Ok(len) if len > RAFT_FRAME_BYTES_MAX => Err(format!(
@@ -281,6 +370,17 @@ where
                     Ok(r) => Response::Vote(r),
                     Err(e) => Response::Failed(e.to_string()),
                 },
+                Ok(Request::Hello { from, has_log }) => {
+                    let refused = peers.seen.as_ref().and_then(|s| s.note(&from.name, has_log));
+                    if refused.is_none() {
+                        peers.book.put(&from.name, &from.addr);
+                    }
+                    Response::Peers {
+                        members: peers.book.all(),
+                        leader: peers.leader(),
+                        refused,
+                    }
+                }
                 Ok(Request::Snapshot { vote, meta }) => match recv.read_to_end(SNAPSHOT_BYTES_MAX).await {
                     Err(e) => Response::Failed(format!("the snapshot's data: {e}")),
                     Ok(data) => {

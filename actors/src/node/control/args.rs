@@ -38,4 +38,9 @@ pub struct ControlArgs {
     pub catalog: crate::engine::FlowCatalog,
     /// How many answers to mutating requests are remembered in the log, and how long.
     pub answers: crate::node::replies::AnswerBounds,
+    /// The replicated control state's status, when it is replicated.
+    pub replication: Option<ReplicationInfo>,
 }
+
+/// Says how the replicated control state stands.
+pub type ReplicationInfo = Arc<dyn Fn() -> flotilla_cluster::wire::ReplicationStatus + Send + Sync>;

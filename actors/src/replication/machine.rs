@@ -1,0 +1,189 @@
+//! The replicated state machine: committed entries of the Raft log applied, in order, by the
+//! persistence actor to the sled-backed store (the same `apply` a single node runs), with
+//! replication's record of what was applied (the last log id and membership) written with the
+//! store's applied index. Commands are proposed through [`spawn_proposer`]: in order, many at a
+//! time, each answered once committed and applied.
+
+use std::io;
+
+use flotilla_runtime::{Command, LogIndex, Timestamp, codec};
+use futures::StreamExt;
+use openraft::EntryPayload;
+use openraft::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
+use openraft::async_runtime::WatchReceiver as _;
+use openraft::entry::RaftEntry;
+use openraft::errors::ClientWriteError;
+use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+use ractor::ActorRef;
+use tokio::sync::mpsc;
+
+use super::{Control, Logged};
+use crate::persistence::{Ack, Applying, PersistError, PersistenceMsg};
+
+type LogId = LogIdOf<Control>;
+
+/// The Raft node of a voter.
+pub type StoreRaft = openraft::Raft<Control, StoreMachine>;
+
+/// Replication's record of what was applied, as the store keeps it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct AppliedRecord {
+    /// The last log id applied.
+    pub last: Option<LogId>,
+    /// The membership as of it.
+    pub membership: StoredMembershipOf<Control>,
+}
+
+impl AppliedRecord {
+    /// Decodes the record a store holds (none: nothing applied yet).
+    pub fn decode(bytes: Option<&[u8]>) -> io::Result<AppliedRecord> {
+        bytes.map_or_else(
+            || Ok(AppliedRecord::default()),
+            |b| codec::decode(b).map_err(io::Error::other),
+        )
+    }
+}
+
+/// The state machine: the persistence actor's store.
+#[derive(Clone, Debug)]
+pub struct StoreMachine {
+    persistence: ActorRef<PersistenceMsg>,
+    applied: AppliedRecord,
+}
+
+impl StoreMachine {
+    /// The machine over the persistence actor `persistence`, whose store holds `applied`.
+    pub fn new(persistence: ActorRef<PersistenceMsg>, applied: AppliedRecord) -> Self {
+        StoreMachine { persistence, applied }
+    }
+}
+
+/// Snapshots are not taken: the log is kept whole (see [`super::local::config`]'s policy), so
+/// a follower behind is always sent entries.
+fn no_snapshots() -> io::Error {
+    io::Error::other("this state machine takes no snapshots: its log is kept whole")
+}
+
+impl RaftSnapshotBuilder<Control> for StoreMachine {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<SnapshotOf<Control, Vec<u8>>, io::Error> {
+        Err(no_snapshots())
+    }
+}
+
+impl RaftStateMachine<Control> for StoreMachine {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembershipOf<Control>), io::Error> {
+        Ok((self.applied.last, self.applied.membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
+    where
+        S: futures::Stream<Item = Result<openraft::storage::EntryResponder<Control>, io::Error>>
+            + Unpin
+            + Send,
+    {
+        let mut batch = Vec::new();
+        while let Some(item) = entries.next().await {
+            let (entry, responder) = item?;
+            let log_id = entry.log_id();
+            self.applied.last = Some(log_id);
+            let command = match entry.payload {
+                EntryPayload::Membership(m) => {
+                    self.applied.membership = StoredMembershipOf::<Control>::new(Some(log_id), m);
+                    None
+                }
+                EntryPayload::Normal(Logged { now, command }) => Some((now, command)),
+                EntryPayload::Blank => None,
+            };
+            batch.push(Applying {
+                index: LogIndex::new(log_id.index),
+                command,
+                answer: responder
+                    .map(|r| -> crate::persistence::Answer { Box::new(move |reply| r.send(reply)) }),
+            });
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let record = codec::encode(&self.applied).map_err(io::Error::other)?;
+        let (done, applied) = tokio::sync::oneshot::channel();
+        self.persistence
+            .cast(PersistenceMsg::Apply {
+                entries: batch,
+                record,
+                done,
+            })
+            .map_err(|e| io::Error::other(format!("the persistence actor is gone: {e}")))?;
+        applied
+            .await
+            .map_err(|_| io::Error::other("the persistence actor stopped while applying"))
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        _meta: &SnapshotMetaOf<Control>,
+        _data: Vec<u8>,
+    ) -> Result<(), io::Error> {
+        Err(no_snapshots())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<Control, Vec<u8>>>, io::Error> {
+        Ok(None)
+    }
+}
+
+/// The name of the node `id` in the membership of `raft`, when it is a member.
+fn name_of(raft: &StoreRaft, id: u64) -> Option<String> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    m.membership_config
+        .membership()
+        .get_node(&id)
+        .map(|n| n.name.clone())
+}
+
+/// Proposes the commands sent to `rx` to `raft`, in the order they come, many
+/// in one go; each is answered once committed and applied, or refused with
+/// [`PersistError::NotLeader`] on a node that does not lead.
+pub fn spawn_proposer(raft: StoreRaft, mut rx: mpsc::UnboundedReceiver<(Timestamp, Vec<(Command, Ack)>)>) {
+    tokio::spawn(async move {
+        while let Some((now, batch)) = rx.recv().await {
+            let (commands, acks): (Vec<Command>, Vec<Ack>) = batch.into_iter().unzip();
+            let data = commands.into_iter().map(|command| Logged { now, command });
+            // Sent to Raft before the next batch is: the order is kept.
+            let answers = match raft.client_write_many(data).await {
+                Ok(s) => s,
+                Err(e) => {
+                    for ack in acks {
+                        let _ = ack.send(Err(PersistError::LogWrite(e.to_string())));
+                    }
+                    continue;
+                }
+            };
+            let raft = raft.clone();
+            tokio::spawn(async move {
+                let mut answers = answers;
+                for ack in acks {
+                    let answer = match answers.next().await {
+                        Some(Ok(Ok(written))) => Ok(written.response),
+                        Some(Ok(Err(ClientWriteError::ForwardToLeader(f)))) => Err(PersistError::NotLeader {
+                            leader: f.leader_id.and_then(|id| name_of(&raft, id)),
+                        }),
+                        Some(Ok(Err(e))) => Err(PersistError::LogWrite(e.to_string())),
+                        Some(Err(e)) => Err(PersistError::LogWrite(e.to_string())),
+                        None => Err(PersistError::Stopped),
+                    };
+                    let _ = ack.send(answer);
+                }
+            });
+        }
+    });
+}

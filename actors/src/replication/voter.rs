@@ -1,0 +1,283 @@
+//! A node of a replicated cluster: its Raft node (for a voter), its address book kept by
+//! greeting the seeds and every voter learned of, and the rule by which a cluster forms — on
+//! first start only, once a majority of the named voters is up and none of them has been seen
+//! with a log and lost it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_cluster::QuicEndpoint;
+use openraft::async_runtime::WatchReceiver as _;
+
+use super::book::{AddressBook, Peers, SeenWithLog};
+use super::machine::{AppliedRecord, StoreMachine, StoreRaft, spawn_proposer};
+use super::{Member, QuicRaftNetwork, RaftLogStore, hello};
+use crate::persistence::log_io::DirIo;
+use crate::persistence::{Ack, PersistenceHandle};
+use flotilla_cluster::wire::{ReplicaStatus, ReplicationStatus};
+use flotilla_runtime::{Command, Timestamp};
+
+/// The Raft node id of the node named `name`: the same on every node, for as long as the name
+/// is (FNV-1a of the name).
+pub fn node_id(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Raft settings of a cluster's voters: heartbeats every 100 ms, elections after 400 to 700 ms
+/// of silence past the leader's lease, and no snapshots (the log is kept whole: a follower
+/// behind is sent entries, never a snapshot, and no purge can overtake an apply).
+pub fn voter_config() -> Result<Arc<openraft::Config>, String> {
+    let config = openraft::Config {
+        cluster_name: "flotilla".to_owned(),
+        heartbeat_interval: 100,
+        election_timeout_min: 400,
+        election_timeout_max: 700,
+        snapshot_policy: openraft::SnapshotPolicy::Never,
+        ..openraft::Config::default()
+    };
+    config.validate().map(Arc::new).map_err(|e| e.to_string())
+}
+
+/// A node to greet: its address, and the name its certificate must be valid for.
+#[derive(Clone, Debug)]
+pub struct Greet {
+    /// Where.
+    pub addr: SocketAddr,
+    /// The TLS name.
+    pub host: String,
+}
+
+/// A voter's replication: its Raft node and what it answers greetings with.
+#[derive(Clone)]
+#[allow(missing_debug_implementations)] // a Raft handle
+pub struct Voter {
+    /// The Raft node.
+    pub raft: StoreRaft,
+    /// The address book, the voters seen with a log, the leader.
+    pub peers: Peers,
+    /// Whether its log was empty when it started.
+    pub fresh: bool,
+}
+
+/// Why a node could not take its place in a replicated cluster.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VoterError {
+    /// Its Raft log or state could not be opened.
+    #[error("cannot open the Raft log in {path}: {reason}")]
+    Log {
+        /// The directory.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// A voter refused it (its data directory was wiped).
+    #[error("{0}")]
+    Refused(String),
+    /// Raft could not start or form the cluster.
+    #[error("replication: {0}")]
+    Raft(String),
+}
+
+/// Starts a voter's Raft node over the persistence actor `persistence` (a replica), its log
+/// in `dir/raft`; commands sent to `proposals` are proposed through it.
+pub async fn start(
+    me: &Member,
+    dir: &Path,
+    endpoint: Arc<QuicEndpoint>,
+    persistence: &PersistenceHandle,
+    record: AppliedRecord,
+    proposals: tokio::sync::mpsc::UnboundedReceiver<(Timestamp, Vec<(Command, Ack)>)>,
+) -> Result<Voter, VoterError> {
+    let raft_dir = dir.join("raft");
+    let log_err = |e: std::io::Error| VoterError::Log {
+        path: raft_dir.display().to_string(),
+        reason: e.to_string(),
+    };
+    let io = DirIo::new(&raft_dir).map_err(log_err)?;
+    let log = RaftLogStore::open(Box::new(io)).map_err(log_err)?;
+    let fresh = log.is_empty();
+    let seen = SeenWithLog::open(&raft_dir).map_err(log_err)?;
+    let peers = Peers {
+        book: AddressBook::default(),
+        seen: Some(Arc::new(seen)),
+        leader: Arc::default(),
+    };
+    peers.book.put(&me.name, &me.addr);
+    let config = voter_config().map_err(VoterError::Raft)?;
+    let raft = StoreRaft::new(
+        node_id(&me.name),
+        config,
+        QuicRaftNetwork::with_book(endpoint, peers.book.clone()),
+        log,
+        StoreMachine::new(persistence.actor().clone(), record),
+    )
+    .await
+    .map_err(|e| VoterError::Raft(e.to_string()))?;
+    spawn_proposer(raft.clone(), proposals);
+    Ok(Voter { raft, peers, fresh })
+}
+
+/// Greets `seeds` and every voter in the book once, as `me` (with a log or not); merges what
+/// they know into the book. Returns the voters that answered, and the leader named last.
+pub async fn greet_all(
+    endpoint: &QuicEndpoint,
+    me: &Member,
+    has_log: bool,
+    seeds: &[Greet],
+    voters: &[String],
+    peers: &Peers,
+) -> Result<(Vec<String>, Option<String>), VoterError> {
+    let mut targets: Vec<Greet> = seeds.to_vec();
+    for v in voters.iter().filter(|v| **v != me.name) {
+        if let Some(addr) = peers.book.get(v).and_then(|a| a.parse().ok()) {
+            targets.push(Greet {
+                addr,
+                host: v.clone(),
+            });
+        }
+    }
+    let calls = targets
+        .iter()
+        .map(|t| hello(endpoint, t.addr, &t.host, me, has_log));
+    let answers = futures::future::join_all(calls).await;
+    let mut answered = Vec::new();
+    let mut leader = None;
+    for (t, a) in targets.iter().zip(answers) {
+        match a {
+            Ok(g) => {
+                if let Some(why) = g.refused {
+                    return Err(VoterError::Refused(why));
+                }
+                for m in &g.members {
+                    if m.name != me.name {
+                        peers.book.put(&m.name, &m.addr);
+                    }
+                }
+                if let Some(name) = g
+                    .members
+                    .iter()
+                    .find(|m| m.addr == t.addr.to_string())
+                    .map(|m| m.name.clone())
+                    && voters.contains(&name)
+                    && !answered.contains(&name)
+                {
+                    answered.push(name);
+                }
+                leader = g.leader.or(leader);
+            }
+            Err(e) => tracing::debug!(addr = %t.addr, error = %e, "no answer to a greeting"),
+        }
+    }
+    Ok((answered, leader))
+}
+
+/// Forms the cluster on a voter's first start: once a majority of `voters` (this one
+/// included) has answered and none refused it, the membership of all of them is written as
+/// the log's first entry (the same entry on every voter that does so). A voter whose log is
+/// not empty does nothing: membership is what its log says. Bounded by `timeout`.
+pub async fn form(
+    endpoint: &QuicEndpoint,
+    me: &Member,
+    seeds: &[Greet],
+    voters: &[String],
+    voter: &Voter,
+    timeout: Duration,
+) -> Result<(), VoterError> {
+    if !voter.fresh {
+        return Ok(());
+    }
+    let majority = voters.len() / 2 + 1;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = Duration::from_millis(20);
+    loop {
+        let (answered, leader) = greet_all(endpoint, me, false, seeds, voters, &voter.peers).await?;
+        // A cluster already formed (a leader is known): this voter joins it as its log says.
+        if leader.is_some() || answered.len() + 1 >= majority {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(VoterError::Raft(format!(
+                "only {} of the voters {} answered within {timeout:?}: a majority is needed to form the cluster",
+                answered.len() + 1,
+                voters.join(",")
+            )));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_millis(500));
+    }
+    let members: BTreeMap<u64, Member> = voters
+        .iter()
+        .map(|v| {
+            (
+                node_id(v),
+                Member {
+                    name: v.clone(),
+                    addr: String::new(),
+                },
+            )
+        })
+        .collect();
+    match voter.raft.initialize(members).await {
+        Ok(()) => Ok(()),
+        Err(openraft::errors::RaftError::APIError(openraft::errors::InitializeError::NotAllowed(_))) => {
+            Ok(())
+        }
+        Err(e) => Err(VoterError::Raft(e.to_string())),
+    }
+}
+
+/// The leader's name as this node's Raft sees it.
+pub fn leader_of(raft: &StoreRaft) -> Option<String> {
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    let id = m.current_leader?;
+    m.membership_config
+        .membership()
+        .get_node(&id)
+        .map(|n| n.name.clone())
+}
+
+impl Voter {
+    /// How the replicated control state stands, as this node's Raft sees it.
+    pub fn status(&self) -> ReplicationStatus {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let membership = m.membership_config.membership();
+        let name = |id: &u64| membership.get_node(id).map(|n| n.name.clone());
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let members = membership
+            .nodes()
+            .map(|(id, node)| ReplicaStatus {
+                name: node.name.clone(),
+                voter: voters.contains(id),
+                applied: if *id == m.id {
+                    m.last_applied.map(|l| l.index)
+                } else {
+                    m.replication
+                        .as_ref()
+                        .and_then(|r| r.get(id).copied().flatten())
+                        .map(|l| l.index)
+                },
+            })
+            .collect();
+        ReplicationStatus {
+            leader: m.current_leader.as_ref().and_then(name),
+            term: m.current_term,
+            last_index: m.last_log_index,
+            applied: m.last_applied.map(|l| l.index),
+            members,
+        }
+    }
+
+    /// [`Voter::status`], for the control actor.
+    pub fn status_info(&self) -> crate::node::control::ReplicationInfo {
+        let me = self.clone();
+        Arc::new(move || me.status())
+    }
+}
