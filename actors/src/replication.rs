@@ -10,6 +10,9 @@ pub mod network;
 mod types;
 pub mod voter;
 
+#[cfg(test)]
+mod replica_tests;
+
 pub use log_store::RaftLogStore;
 pub use network::{QuicRaftNetwork, hello, serve, serve_with};
 pub use types::{Applied, Control, Logged, Member};

@@ -198,8 +198,10 @@ async fn spawn_nodes(
     port: u16,
     extra: &[&str],
     control_extra: &[&str],
+    voters: u16,
 ) -> anyhow::Result<Vec<Child>> {
     anyhow::ensure!(n >= 1, "--nodes must be at least 1");
+    anyhow::ensure!(voters <= n, "{voters} voters of {n} nodes");
     anyhow::ensure!(
         u32::from(port) + u32::from(n) <= 65_536,
         "ports {port}+{n} are out of range"
@@ -233,7 +235,21 @@ async fn spawn_nodes(
             .stdout(Stdio::null())
             .stderr(file)
             .kill_on_drop(true);
-        if i == 0 {
+        if voters > 0 {
+            // Replicated: n1..nV hold the control state; every node greets the voters.
+            let names: Vec<String> = (1..=voters).map(|v| format!("n{v}")).collect();
+            let seeds: Vec<String> = (0..voters)
+                .filter(|v| usize::from(*v) != i)
+                .map(|v| format!("127.0.0.1:{}", port + v))
+                .collect();
+            cmd.args(["--voters", &names.join(",")]);
+            if !seeds.is_empty() {
+                cmd.args(["--join", &seeds.join(",")]);
+            }
+            if i < usize::from(voters) {
+                cmd.args(control_extra);
+            }
+        } else if i == 0 {
             cmd.args(["--role", "control"]).args(control_extra);
         } else {
             cmd.args(["--role", "worker", "--join", &format!("127.0.0.1:{port}")]);
@@ -255,7 +271,12 @@ async fn wait_ready(conn: &Conn, n: usize, within: Duration) -> anyhow::Result<f
     loop {
         if let Ok(s) = conn.connect().await {
             match s.client.cluster_status().await {
-                Ok(st) if st.nodes.iter().filter(|m| m.reachable).count() >= n => return Ok(s.client),
+                Ok(st)
+                    if st.nodes.iter().filter(|m| m.reachable).count() >= n
+                        && st.replication.as_ref().is_none_or(|r| r.leader.is_some()) =>
+                {
+                    return Ok(s.client);
+                }
                 Ok(st) => {
                     last = format!(
                         "{} of {n} nodes reachable",
@@ -299,9 +320,11 @@ async fn local(n: u16, dir: &Path, port: u16) -> anyhow::Result<()> {
     let dir = dir
         .canonicalize()
         .with_context(|| format!("cannot use {}", dir.display()))?;
-    let mut children = spawn_nodes(n, &dir, port, &[], &[]).await?;
+    // Three voters from three nodes on: the loss of any one leaves the cluster going.
+    let voters = if n >= 3 { 3 } else { 0 };
+    let mut children = spawn_nodes(n, &dir, port, &[], &[], voters).await?;
     let conn = Conn {
-        addr: Some(format!("127.0.0.1:{port}")),
+        addr: Some(addrs(port, voters.max(1))),
         certs: Some(dir.join("certs")),
         config: None,
         identity: None,
@@ -325,7 +348,8 @@ async fn local(n: u16, dir: &Path, port: u16) -> anyhow::Result<()> {
     }
     eprintln!("point the CLI at it with:");
     eprintln!(
-        "  export FLOTILLA_ADDR=127.0.0.1:{port} FLOTILLA_CERTS={}",
+        "  export FLOTILLA_ADDR={} FLOTILLA_CERTS={}",
+        addrs(port, voters.max(1)),
         dir.join("certs").display()
     );
     eprintln!("Ctrl-C stops every node.");
@@ -359,6 +383,14 @@ async fn local(n: u16, dir: &Path, port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The addresses of the first `n` local nodes from `port`, comma-separated.
+fn addrs(port: u16, n: u16) -> String {
+    (0..n)
+        .map(|i| format!("127.0.0.1:{}", port + i))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A local cluster for benchmarks and tests: nodes as child processes in `dir`.
 pub struct LocalCluster {
     children: Vec<Child>,
@@ -381,9 +413,22 @@ impl LocalCluster {
         extra: &[&str],
         control_extra: &[&str],
     ) -> anyhow::Result<LocalCluster> {
-        let mut children = spawn_nodes(n, dir, port, extra, control_extra).await?;
+        Self::start_voters(n, 0, dir, port, extra, control_extra).await
+    }
+
+    /// As [`LocalCluster::start_with`], n1 to n`voters` holding the replicated control state
+    /// (given `control_extra`), the client given all their addresses (none: as without).
+    pub async fn start_voters(
+        n: u16,
+        voters: u16,
+        dir: &Path,
+        port: u16,
+        extra: &[&str],
+        control_extra: &[&str],
+    ) -> anyhow::Result<LocalCluster> {
+        let mut children = spawn_nodes(n, dir, port, extra, control_extra, voters).await?;
         let conn = Conn {
-            addr: Some(format!("127.0.0.1:{port}")),
+            addr: Some(addrs(port, voters.max(1))),
             certs: Some(dir.join("certs")),
             config: None,
             identity: None,

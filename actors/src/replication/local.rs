@@ -105,3 +105,79 @@ pub async fn start_voter(
         member,
     })
 }
+
+/// A voter over a real store: its Raft node, its persistence actor (a replica), its endpoint.
+#[allow(missing_debug_implementations)] // a Raft handle and a QUIC endpoint
+pub struct StoreVoter {
+    /// The voter.
+    pub voter: super::voter::Voter,
+    /// Its persistence actor: commands submitted to it are proposed through Raft.
+    pub persistence: crate::persistence::PersistenceHandle,
+    join: ractor::concurrency::JoinHandle<()>,
+    /// Its QUIC endpoint.
+    pub endpoint: Arc<QuicEndpoint>,
+    /// Its name and address.
+    pub member: Member,
+}
+
+impl StoreVoter {
+    /// Stops the node, its store and its endpoint.
+    pub async fn stop(self) {
+        let _ = self.voter.raft.shutdown().await;
+        self.persistence.stop(self.join).await;
+        self.endpoint.close();
+    }
+}
+
+/// Starts a voter named `name` over a store in `dir/name` (its certificate in `certs`),
+/// listening on any free port of 127.0.0.1. Its Raft node is not initialized.
+pub async fn start_store_voter(dir: &Path, certs: &Path, name: &str) -> Result<StoreVoter, std::io::Error> {
+    fn other(e: impl std::fmt::Display) -> std::io::Error {
+        std::io::Error::other(e.to_string())
+    }
+    let identity = Identity::load(certs, name).map_err(other)?;
+    let endpoint = Arc::new(
+        QuicEndpoint::bind(
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            identity,
+            TransportSettings::default(),
+        )
+        .map_err(other)?,
+    );
+    let bound = endpoint
+        .local_addr()
+        .ok_or_else(|| other("the endpoint has no local address"))?;
+    let member = Member {
+        name: name.to_owned(),
+        addr: bound.to_string(),
+    };
+    let data = dir.join(name);
+    let config = crate::persistence::PersistenceConfig::new(&data);
+    let opened = tokio::task::spawn_blocking(move || crate::persistence::open_replica(config))
+        .await
+        .map_err(other)?
+        .map_err(other)?;
+    let record = super::machine::AppliedRecord::decode(opened.store().replication())?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (persistence, join) = crate::persistence::start_replica(opened, tx)
+        .await
+        .map_err(other)?;
+    let voter = super::voter::start(&member, &data, endpoint.clone(), &persistence, record, rx)
+        .await
+        .map_err(other)?;
+    let (accepting, served) = (endpoint.clone(), voter.clone());
+    tokio::spawn(async move {
+        while let Some((conn, alpn)) = accepting.accept().await {
+            if alpn == ALPN_RAFT {
+                tokio::spawn(super::serve_with(conn, served.raft.clone(), served.peers.clone()));
+            }
+        }
+    });
+    Ok(StoreVoter {
+        voter,
+        persistence,
+        join,
+        endpoint,
+        member,
+    })
+}

@@ -1,0 +1,169 @@
+//! Three voters over real stores on 127.0.0.1: commands submitted to the leader's persistence
+//! actor are committed, applied by every replica to its store, and answered with the rules'
+//! reply; a follower refuses them naming the leader; when the leader stops, the others elect
+//! one and every acknowledged run is there; a voter started again from its data directory
+//! comes back with its store and catches up.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use flotilla_cluster::certs;
+use flotilla_runtime::{Command, FlowRunId, NewFlowRun, Reply, Timestamp};
+use openraft::async_runtime::WatchReceiver as _;
+use rand::SeedableRng;
+
+use super::Member;
+use super::local::{StoreVoter, start_store_voter};
+use super::voter::node_id;
+use crate::persistence::{PersistError, RunFilter};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn leader(voters: &BTreeMap<String, StoreVoter>) -> String {
+    let any = voters.values().next().unwrap();
+    let m = any
+        .voter
+        .raft
+        .wait(Some(WAIT))
+        .metrics(
+            |m| {
+                m.current_leader
+                    .is_some_and(|l| voters.keys().any(|n| node_id(n) == l))
+            },
+            "a live leader",
+        )
+        .await
+        .unwrap();
+    let id = m.current_leader.unwrap();
+    voters.keys().find(|n| node_id(n) == id).unwrap().clone()
+}
+
+fn create(id: FlowRunId) -> Command {
+    Command::CreateFlowRun(NewFlowRun::new(id, "replicated", serde_json::Value::Null))
+}
+
+/// Creates a run through the leader, finding it again while leadership moves (bounded).
+async fn create_through_leader(voters: &BTreeMap<String, StoreVoter>, id: FlowRunId) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let l = leader(voters).await;
+        match voters[&l].persistence.submit(create(id)).await {
+            Ok(Ok(Reply::FlowRunCreated { .. })) => return,
+            other if tokio::time::Instant::now() < deadline => {
+                tracing::info!(?other, "creating again");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("run {id} not created within {WAIT:?}: {other:?}"),
+        }
+    }
+}
+
+async fn applied_everywhere(voters: &BTreeMap<String, StoreVoter>) {
+    let l = leader(voters).await;
+    let last = voters[&l].voter.raft.metrics().borrow_watched().last_log_index;
+    for v in voters.values() {
+        v.voter
+            .raft
+            .wait(Some(WAIT))
+            .applied_index_at_least(last, "every voter applies what was written")
+            .await
+            .unwrap();
+    }
+}
+
+async fn runs(v: &StoreVoter) -> Vec<FlowRunId> {
+    let mut ids: Vec<FlowRunId> = v
+        .persistence
+        .flow_runs(RunFilter::All, None, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_apply_the_same_commands_and_survive_their_leader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let names = ["n1", "n2", "n3"].map(String::from);
+    certs::init(&tmp.path().join("certs"), &names, &[]).unwrap();
+    let mut voters = BTreeMap::new();
+    for name in &names {
+        voters.insert(
+            name.clone(),
+            start_store_voter(tmp.path(), &tmp.path().join("certs"), name)
+                .await
+                .unwrap(),
+        );
+    }
+    let members: BTreeMap<u64, Member> = voters
+        .values()
+        .map(|v| (node_id(&v.member.name), v.member.clone()))
+        .collect();
+    voters["n1"].voter.raft.initialize(members.clone()).await.unwrap();
+
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(16);
+    let mut acknowledged = Vec::new();
+    for _ in 0..100 {
+        let id = FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng);
+        create_through_leader(&voters, id).await;
+        acknowledged.push(id);
+    }
+    acknowledged.sort();
+    applied_everywhere(&voters).await;
+    for v in voters.values() {
+        assert_eq!(runs(v).await, acknowledged, "{} holds every run", v.member.name);
+    }
+
+    // A follower's persistence refuses commands, naming the leader.
+    let l = leader(&voters).await;
+    let follower = voters.keys().find(|n| **n != l).unwrap().clone();
+    let id = FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng);
+    match voters[&follower].persistence.submit(create(id)).await {
+        Err(PersistError::NotLeader { leader }) => assert_eq!(leader.as_deref(), Some(l.as_str())),
+        other => panic!("a follower answered {other:?}"),
+    }
+
+    // The leader stops: the other two elect one of themselves; nothing acknowledged is lost.
+    let old = voters.remove(&l).unwrap();
+    old.stop().await;
+    for _ in 0..20 {
+        let id = FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng);
+        create_through_leader(&voters, id).await;
+        acknowledged.push(id);
+    }
+    acknowledged.sort();
+    applied_everywhere(&voters).await;
+    for v in voters.values() {
+        assert_eq!(runs(v).await, acknowledged, "{} holds every run", v.member.name);
+    }
+
+    // The old leader, started again from its data directory, catches up.
+    let back = start_store_voter(tmp.path(), &tmp.path().join("certs"), &l)
+        .await
+        .unwrap();
+    // It listens elsewhere now: the others learn where (as greetings would tell them).
+    for v in voters.values() {
+        v.voter.peers.book.put(&back.member.name, &back.member.addr);
+    }
+    back.voter
+        .peers
+        .book
+        .put(&voters[&follower].member.name, &voters[&follower].member.addr);
+    voters.insert(l.clone(), back);
+    let id = FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng);
+    create_through_leader(&voters, id).await;
+    acknowledged.push(id);
+    acknowledged.sort();
+    applied_everywhere(&voters).await;
+    assert_eq!(
+        runs(&voters[&l]).await,
+        acknowledged,
+        "the voter started again caught up"
+    );
+    for (_, v) in voters {
+        v.stop().await;
+    }
+}
