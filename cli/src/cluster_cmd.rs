@@ -396,6 +396,8 @@ pub struct LocalCluster {
     children: Vec<Child>,
     /// Its client, connected to the control node.
     pub client: flotilla::Client,
+    /// Its certificates directory.
+    pub certs: PathBuf,
 }
 
 impl LocalCluster {
@@ -434,7 +436,11 @@ impl LocalCluster {
             identity: None,
         };
         match wait_ready(&conn, usize::from(n), Duration::from_secs(60)).await {
-            Ok(client) => Ok(LocalCluster { children, client }),
+            Ok(client) => Ok(LocalCluster {
+                children,
+                client,
+                certs: dir.join("certs"),
+            }),
             Err(e) => {
                 stop_all(&mut children).await;
                 Err(e)

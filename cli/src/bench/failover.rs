@@ -1,15 +1,19 @@
-//! `flotilla bench failover`: what losing a worker costs, on a local 3-node cluster started as
-//! child processes (a control node serving only the `ops` work queue, two workers):
+//! `flotilla bench failover`: what losing a node costs.
 //!
-//! 1. a soak with both cores kept busy (a spinning thread per core in this process, and a
+//! 1. Replication alone: three voters over real stores in this process (each its own QUIC
+//!    endpoint, Raft log and store), state proposals from 1,024 submitters to the leader for
+//!    `--write-seconds`: durable, replicated commands per second.
+//! 2. A local cluster of five processes: n1–n3 voters serving only the `ops` work queue, n4 and
+//!    n5 workers. Sequential empty flow runs through a voter: the remote run's p50.
+//! 3. A soak with both cores kept busy (a spinning thread per core in this process, and a
 //!    steady stream of flow runs): how many times a live node was suspected (marked
-//!    unreachable), and how many runs did not complete;
-//! 2. a shell pipeline of `--steps` steps on a worker SIGKILLed mid-way: how long until the
-//!    control node notices, until the run runs again on the other worker, and how many steps
-//!    done before the kill ran again (none should).
-//!
-//! The loss of the control node itself is not measured here: it needs the replicated control
-//! state (`--voters`).
+//!    unreachable), and how many runs did not complete.
+//! 4. A shell pipeline of `--steps` steps on a worker SIGKILLed mid-way: how long until the
+//!    leader notices, until the run runs again on the other worker, and how many steps done
+//!    before the kill ran again (none should).
+//! 5. The leader SIGKILLed while 16 clients create runs under idempotency keys: how long until
+//!    a write sent after the kill is acknowledged, and whether every acknowledged run is still
+//!    there and no key made two runs.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -22,6 +26,8 @@ use flotilla::{COMMAND_FLOW, FlowRunId, NOOP_FLOW, StateType};
 use serde::Serialize;
 
 use crate::cluster_cmd::LocalCluster;
+use flotilla_actors::replication::local::start_store_voter;
+use flotilla_actors::replication::voter::node_id;
 
 #[derive(Debug, Args)]
 pub struct FailoverArgs {
@@ -37,6 +43,9 @@ pub struct FailoverArgs {
     /// How long each step takes, in milliseconds.
     #[arg(long, default_value_t = 100)]
     step_ms: u64,
+    /// How long replicated writes are measured, in seconds.
+    #[arg(long, default_value_t = 5.0)]
+    write_seconds: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -51,6 +60,14 @@ struct Report {
     steps: u32,
     steps_done_before_kill: usize,
     steps_run_again: usize,
+    duplicate_completions: usize,
+    leader_failover_s: f64,
+    writes_acknowledged: usize,
+    lost_acknowledged: usize,
+    keys_with_two_runs: usize,
+    writes_per_s_3_voters: f64,
+    write_ack_p50_ms: f64,
+    remote_flow_p50_ms: f64,
     nodes: u32,
 }
 
@@ -63,19 +80,26 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
         (3..=1_000).contains(&args.steps),
         "--steps must be between 3 and 1000"
     );
-    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
-    let port = super::cluster::free_ports()?;
     let say = |s: &str| {
         if !args.json {
             eprintln!("{s}");
         }
     };
-    say("starting 3 nodes (n1 serves only the queue ops)…");
+    say("replicated writes: 3 voters over real stores, 1,024 submitters…");
+    let (writes_per_s, write_ack_p50_ms) = replicated_writes(args.write_seconds).await?;
+    say(&format!(
+        "  {writes_per_s:.0} commands/s, ack p50 {write_ack_p50_ms:.3} ms"
+    ));
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let port = super::cluster::free_ports()?;
+    say("starting 5 nodes (voters n1-n3 serve only the queue ops; n4, n5 workers)…");
     let mut cluster =
-        LocalCluster::start_with(3, dir.path(), port, &["--quiet-runs"], &["--queues", "ops"]).await?;
+        LocalCluster::start_voters(5, 3, dir.path(), port, &["--quiet-runs"], &["--queues", "ops"]).await?;
     let result = measure(&args, &mut cluster, &say).await;
     cluster.stop().await;
-    let r = result?;
+    let mut r = result?;
+    r.writes_per_s_3_voters = writes_per_s.round();
+    r.write_ack_p50_ms = write_ack_p50_ms;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -92,8 +116,68 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
             "  steps done before the kill: {}, run again: {} (of {})",
             r.steps_done_before_kill, r.steps_run_again, r.steps
         );
+        println!(
+            "  the leader SIGKILLed under writes: a write acknowledged {:.3} s after; {} acknowledged, {} lost, {} keys with two runs",
+            r.leader_failover_s, r.writes_acknowledged, r.lost_acknowledged, r.keys_with_two_runs
+        );
+        println!(
+            "  3 voters: {:.0} replicated commands/s (ack p50 {:.3} ms); remote empty flow run p50 {:.3} ms",
+            r.writes_per_s_3_voters, r.write_ack_p50_ms, r.remote_flow_p50_ms
+        );
     }
     Ok(())
+}
+
+/// Durable commands per second through three voters in this process, 1,024 submitters at the
+/// leader; and their acknowledgement's p50 in ms.
+async fn replicated_writes(seconds: f64) -> anyhow::Result<(f64, f64)> {
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let names = ["v1", "v2", "v3"].map(String::from);
+    flotilla_cluster::certs::init(&dir.path().join("certs"), &names, &[])?;
+    let mut voters = Vec::new();
+    for n in &names {
+        voters.push(start_store_voter(dir.path(), &dir.path().join("certs"), n).await?);
+    }
+    let members: BTreeMap<u64, flotilla_actors::replication::Member> = voters
+        .iter()
+        .map(|v| (node_id(&v.member.name), v.member.clone()))
+        .collect();
+    voters[0]
+        .voter
+        .raft
+        .initialize(members)
+        .await
+        .context("forming the voters")?;
+    let m = voters[0]
+        .voter
+        .raft
+        .wait(Some(Duration::from_secs(30)))
+        .metrics(|m| m.current_leader.is_some(), "a leader")
+        .await
+        .context("electing a leader")?;
+    let leader = m.current_leader.context("no leader")?;
+    let leading = voters
+        .iter()
+        .find(|v| node_id(&v.member.name) == leader)
+        .context("the leader is not a voter")?;
+    // Leading, with what it committed on taking the lead applied.
+    leading
+        .voter
+        .raft
+        .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+        .await
+        .context("the leader cannot serve yet")?;
+    let handle = leading.persistence.clone();
+    let result = async {
+        let cycles = super::persistence::create_runs(&handle, 10_000).await?;
+        let (r, _) = super::persistence::run_case(&handle, cycles, 1024, seconds).await?;
+        anyhow::Ok((r.commands_per_s, r.ack_p50_ms))
+    }
+    .await;
+    for v in voters {
+        v.stop().await;
+    }
+    result
 }
 
 /// Spins on every core until `stop`.
@@ -204,11 +288,133 @@ where
     }
 }
 
+/// The p50 of sequential empty flow runs, request to completion, in ms.
+async fn remote_flow_p50(client: &flotilla::Client, runs: usize) -> anyhow::Result<f64> {
+    for _ in 0..50 {
+        let id = client.run(NOOP_FLOW, serde_json::Value::Null).await?;
+        client.wait(id).await?;
+    }
+    let mut hist = hdrhistogram::Histogram::<u64>::new(3)?;
+    for _ in 0..runs {
+        let t = Instant::now();
+        let id = client.run(NOOP_FLOW, serde_json::Value::Null).await?;
+        let run = client.wait(id).await?;
+        anyhow::ensure!(
+            run.lifecycle.state.kind == StateType::Completed,
+            "flow run {id} ended {}",
+            run.lifecycle.state
+        );
+        hist.record(u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX))?;
+    }
+    Ok(hist.value_at_quantile(0.5) as f64 / 1000.0)
+}
+
+/// What writers saw around the leader's loss.
+struct LeaderLoss {
+    failover: Duration,
+    acknowledged: usize,
+    lost: usize,
+    keys_with_two_runs: usize,
+}
+
+/// Kills the leader while 16 clients create runs under keys; see [`LeaderLoss`].
+async fn lose_leader(cluster: &mut LocalCluster) -> anyhow::Result<LeaderLoss> {
+    let client = cluster.client.clone();
+    let leader = client
+        .cluster_status()
+        .await?
+        .replication
+        .and_then(|r| r.leader)
+        .context("no leader in the cluster's status")?;
+    let killed_at: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let stop_at = Arc::new(AtomicBool::new(false));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..16 {
+        let (client, killed_at, stop_at) = (client.clone(), killed_at.clone(), stop_at.clone());
+        writers.spawn(async move {
+            // (key, id, sent after the kill, acknowledged at)
+            let mut acked: Vec<(String, FlowRunId, bool, Instant)> = Vec::new();
+            let mut j = 0u64;
+            while !stop_at.load(Ordering::Relaxed) {
+                let key = format!("failover-{w}-{j}");
+                let deadline = Instant::now() + Duration::from_secs(20);
+                loop {
+                    let killed = killed_at.lock().map(|k| k.is_some()).unwrap_or(false);
+                    match client
+                        .run_with_key(NOOP_FLOW, serde_json::Value::Null, &key)
+                        .await
+                    {
+                        Ok(id) => {
+                            acked.push((key.clone(), id, killed, Instant::now()));
+                            break;
+                        }
+                        Err(_) if Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        Err(e) => return Err(anyhow::anyhow!("a write not acknowledged within 20 s: {e}")),
+                    }
+                }
+                j += 1;
+            }
+            Ok(acked)
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.kill(&leader).await?;
+    let killed = Instant::now();
+    if let Ok(mut k) = killed_at.lock() {
+        *k = Some(killed);
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop_at.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    while let Some(r) = writers.join_next().await {
+        acked.extend(r??);
+    }
+    let failover = acked
+        .iter()
+        .filter(|a| a.2)
+        .map(|a| a.3.saturating_duration_since(killed))
+        .min()
+        .context("no write sent after the leader's loss was acknowledged")?;
+    let mut by_key: BTreeMap<&str, std::collections::BTreeSet<FlowRunId>> = BTreeMap::new();
+    for (key, id, ..) in &acked {
+        by_key.entry(key).or_default().insert(*id);
+    }
+    let mut lost = 0;
+    for (_, id, ..) in &acked {
+        if client.flow_run(*id).await.is_err() {
+            lost += 1;
+        }
+    }
+    Ok(LeaderLoss {
+        failover,
+        acknowledged: acked.len(),
+        lost,
+        keys_with_two_runs: by_key.values().filter(|ids| ids.len() > 1).count(),
+    })
+}
+
 async fn measure(
     args: &FailoverArgs,
     cluster: &mut LocalCluster,
     say: &impl Fn(&str),
 ) -> anyhow::Result<Report> {
+    say("remote flow runs: 200 sequential empty runs…");
+    let status = cluster.client.cluster_status().await?;
+    let leader_addr = status
+        .replication
+        .as_ref()
+        .and_then(|r| r.leader.as_ref())
+        .and_then(|l| status.nodes.iter().find(|m| m.name.as_str() == l))
+        .map(|m| m.addr.clone())
+        .context("no leader in the cluster's status")?;
+    let at_leader = flotilla::Client::connect(&leader_addr, &cluster.certs).await?;
+    let via_follower = remote_flow_p50(&cluster.client, 200).await?;
+    let remote_flow_p50_ms = remote_flow_p50(&at_leader, 200).await?;
+    say(&format!(
+        "  p50 {remote_flow_p50_ms:.3} ms at the leader, {via_follower:.3} ms through the first voter"
+    ));
     let (false_suspicions, soak_runs, soak_failed) = soak(args, cluster, say).await?;
 
     say(&format!(
@@ -292,6 +498,8 @@ async fn measure(
         .iter()
         .filter(|(step, count)| after.get(*step) != Some(*count))
         .count();
+    say("the leader killed while 16 clients write…");
+    let loss = lose_leader(cluster).await?;
     Ok(Report {
         scenario: "failover",
         soak_s: args.soak_seconds,
@@ -303,6 +511,14 @@ async fn measure(
         steps: args.steps,
         steps_done_before_kill: before.len(),
         steps_run_again: run_again,
-        nodes: 3,
+        duplicate_completions: run_again,
+        leader_failover_s: secs(loss.failover),
+        writes_acknowledged: loss.acknowledged,
+        lost_acknowledged: loss.lost,
+        keys_with_two_runs: loss.keys_with_two_runs,
+        writes_per_s_3_voters: 0.0,
+        write_ack_p50_ms: 0.0,
+        remote_flow_p50_ms: (remote_flow_p50_ms * 1000.0).round() / 1000.0,
+        nodes: 5,
     })
 }

@@ -37,11 +37,11 @@ pub struct PersistenceArgs {
 }
 
 #[derive(Debug, Serialize)]
-struct CaseResult {
+pub(super) struct CaseResult {
     submitters: usize,
     commands: u64,
-    commands_per_s: f64,
-    ack_p50_ms: f64,
+    pub(super) commands_per_s: f64,
+    pub(super) ack_p50_ms: f64,
     ack_p99_ms: f64,
     fsyncs_per_s: f64,
     commands_per_fsync: f64,
@@ -57,7 +57,7 @@ struct Report {
 }
 
 /// One pre-created run as its submitter drives it: Pending → Running → Completed → retry.
-struct Cycle {
+pub(super) struct Cycle {
     id: FlowRunId,
     epoch: Epoch,
     step: u8,
@@ -127,7 +127,7 @@ async fn drive(
     Ok(())
 }
 
-async fn create_runs(handle: &PersistenceHandle, n: usize) -> anyhow::Result<Vec<Cycle>> {
+pub(super) async fn create_runs(handle: &PersistenceHandle, n: usize) -> anyhow::Result<Vec<Cycle>> {
     let mut rng = SmallRng::seed_from_u64(1);
     let ids: Vec<FlowRunId> = (0..n)
         .map(|_| FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng))
@@ -163,7 +163,7 @@ async fn create_runs(handle: &PersistenceHandle, n: usize) -> anyhow::Result<Vec
         .collect())
 }
 
-async fn run_case(
+pub(super) async fn run_case(
     handle: &PersistenceHandle,
     cycles: Vec<Cycle>,
     submitters: usize,
