@@ -448,7 +448,11 @@ pub async fn ask_control(
         request.is_mutating()
             && !matches!(
                 request,
-                Request::RunFlow { .. } | Request::RunDeployment { .. } | Request::Heartbeat(_)
+                Request::RunFlow { .. }
+                    | Request::RunDeployment { .. }
+                    | Request::Heartbeat(_)
+                    // The leader may change with it: its answer is not written to the log.
+                    | Request::Voters(_)
             )
     });
     let request = request.clone();
@@ -534,7 +538,7 @@ impl Singletons {
         config: &NodeConfig,
         flows: &[Arc<dyn FlowFn>],
         catalog: &crate::engine::FlowCatalog,
-        replication: Option<control::ReplicationInfo>,
+        replication: Option<Voter>,
     ) -> Result<Singletons, NodeError> {
         let settings = MembershipSettings {
             unreachable_after: config.unreachable_after,
@@ -618,7 +622,7 @@ async fn follow_leadership(
                 .await
                 {
                     Ok(Ok(_)) => {
-                        match Singletons::start(&p, &config, &flows, &catalog, Some(voter.status_info()))
+                        match Singletons::start(&p, &config, &flows, &catalog, Some(voter.clone()))
                             .await
                         {
                             Ok(s) => {
@@ -692,7 +696,10 @@ async fn keep_voter_link(
 }
 
 /// Greets the seeds and the voters again and again, keeping the book and the leader's name up
-/// to date. A voter greeting with its log says so (so that a wipe is noticed later).
+/// to date, and keeps a cluster session with every voter (as the voters say they are: they
+/// change at run time). Between two nodes that hold replicas, the one named first dials. A voter
+/// greeting with its log says so (so that a wipe is noticed later).
+#[allow(clippy::too_many_arguments)] // the node's parts a greeter and its links need
 async fn keep_greeting(
     endpoint: QuicEndpoint,
     me: crate::replication::Member,
@@ -700,13 +707,33 @@ async fn keep_greeting(
     voters: Vec<String>,
     peers: crate::replication::book::Peers,
     voter: Option<Voter>,
+    server: ActorRef<NodeServerMessage>,
+    local: String,
 ) {
     use openraft::async_runtime::WatchReceiver as _;
+    let mut linked = std::collections::HashSet::new();
     loop {
+        let mut known = peers.book.voters();
+        for v in &voters {
+            if !known.contains(v) {
+                known.push(v.clone());
+            }
+        }
+        for v in &known {
+            if *v != me.name && (voter.is_none() || *v > me.name) && linked.insert(v.clone()) {
+                tokio::spawn(keep_voter_link(
+                    endpoint.clone(),
+                    v.clone(),
+                    peers.book.clone(),
+                    server.clone(),
+                    local.clone(),
+                ));
+            }
+        }
         let has_log = voter
             .as_ref()
             .is_some_and(|v| v.raft.metrics().borrow_watched().last_log_index.is_some());
-        match voting::greet_all(&endpoint, &me, has_log, &seeds, &voters, &peers).await {
+        match voting::greet_all(&endpoint, &me, has_log, &seeds, &known, &peers).await {
             Ok((_, leader)) if voter.is_none() => peers.set_leader(leader),
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "refused by a voter"),
@@ -842,21 +869,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     }
     let peers = voter.as_ref().map(|v| v.peers.clone()).unwrap_or_default();
     if voting {
-        // Sessions with every voter (between voters, each pair once: the one named first dials).
         peers.book.put(&me.name, &me.addr);
-        for v in config
-            .voters
-            .iter()
-            .filter(|v| **v != me.name && (!is_voter || **v > me.name))
-        {
-            tokio::spawn(keep_voter_link(
-                endpoint.clone(),
-                v.clone(),
-                peers.book.clone(),
-                node_server.clone(),
-                local.clone(),
-            ));
-        }
         if let Some(v) = &voter {
             voting::form(&endpoint, &me, &seeds, &config.voters, v, config.join_timeout).await?;
         }
@@ -867,6 +880,8 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
             config.voters.clone(),
             peers.clone(),
             voter.clone(),
+            node_server.clone(),
+            local.clone(),
         ));
         if let (Some(v), Some((p, _))) = (&voter, &persistence) {
             tokio::spawn(follow_leadership(

@@ -66,6 +66,37 @@ pub enum ClusterCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Make a node a voter of the replicated control state (it catches up first; joint
+    /// consensus). A voter whose data directory was wiped is added again this way, once removed.
+    AddVoter {
+        /// The node's name (started with --voters and --join).
+        name: String,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Make a voter hold no replica any more (it keeps running work).
+    RemoveVoter {
+        /// The voter's name.
+        name: String,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Hand the lead of the control state to a voter.
+    TransferLeader {
+        /// The voter's name.
+        name: String,
+        /// One JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Start a cluster of N nodes on 127.0.0.1 as child processes (certificates generated if
     /// needed); Ctrl-C stops them all.
     Local {
@@ -119,8 +150,68 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
             println!("removed {name}");
             Ok(())
         }
+        ClusterCmd::AddVoter { name, json, conn } => {
+            change_voters(conn, flotilla::VoterChange::Add(name.clone()), json, &format!("{name} is a voter")).await
+        }
+        ClusterCmd::RemoveVoter { name, json, conn } => {
+            change_voters(
+                conn,
+                flotilla::VoterChange::Remove(name.clone()),
+                json,
+                &format!("{name} is no longer a voter"),
+            )
+            .await
+        }
+        ClusterCmd::TransferLeader { name, json, conn } => {
+            change_voters(
+                conn,
+                flotilla::VoterChange::TransferLeader(name.clone()),
+                json,
+                &format!("{name} leads"),
+            )
+            .await
+        }
         ClusterCmd::Local { nodes, dir, port } => local(nodes, &dir, port).await,
     }
+}
+
+/// Asks the leader for a change of the voters; prints what it says after.
+async fn change_voters(conn: Conn, change: flotilla::VoterChange, json: bool, done: &str) -> anyhow::Result<()> {
+    let s = conn.connect().await?;
+    let to = match &change {
+        flotilla::VoterChange::TransferLeader(name) => Some(name.clone()),
+        _ => None,
+    };
+    let mut r = s.client.change_voters(change).await.map_err(|e| s.fail(e))?;
+    if let Some(name) = to {
+        // The lead moves once the new leader has the log: watch for it (bounded).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(st) = s.client.cluster_status().await
+                && st.replication.as_ref().and_then(|r| r.leader.as_deref()) == Some(name.as_str())
+            {
+                r = st.replication;
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(s.fail(flotilla::Error::Unavailable(format!(
+                    "{name} did not take the lead within 10 s"
+                ))));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    if json {
+        let out = serde_json::json!({
+            "leader": r.as_ref().and_then(|r| r.leader.clone()),
+            "term": r.as_ref().map_or(0, |r| r.term),
+            "voters": r.as_ref().map(|r| r.members.iter().filter(|m| m.voter).map(|m| m.name.clone()).collect::<Vec<_>>()).unwrap_or_default(),
+        });
+        println!("{out}");
+    } else {
+        println!("{done}");
+    }
+    Ok(())
 }
 
 /// The status as the JSON the CLI prints.

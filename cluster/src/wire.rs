@@ -95,6 +95,8 @@ pub enum Request {
     },
     /// Forget a member (it must be unreachable).
     RemoveNode(NodeId),
+    /// Change the voters of the replicated control state; answered with the status after.
+    Voters(VoterChange),
     /// Create or replace a deployment (by name).
     PutDeployment(Box<DeploymentSpec>),
     /// One deployment, by name.
@@ -215,6 +217,7 @@ impl Request {
             | Request::Cancel(_)
             | Request::Retry { .. }
             | Request::RemoveNode(_)
+            | Request::Voters(_)
             | Request::PutDeployment(_)
             | Request::DeleteDeployment(_)
             | Request::RunDeployment { .. }
@@ -359,6 +362,17 @@ pub struct ClusterStatus {
     /// The replicated control state, when it is replicated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replication: Option<ReplicationStatus>,
+}
+
+/// A change of the voters of the replicated control state.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VoterChange {
+    /// Make the node a voter (it catches up first).
+    Add(String),
+    /// Make the voter hold no replica.
+    Remove(String),
+    /// Hand the lead to the voter.
+    TransferLeader(String),
 }
 
 /// The replicated control state as its leader sees it.

@@ -154,6 +154,19 @@ impl Client {
         }
     }
 
+    /// Changes the voters of the replicated control state (a remote client): adds one
+    /// (joint consensus, once it has caught up), removes one, or hands the lead to one. Answers
+    /// the replication's status after.
+    pub async fn change_voters(
+        &self,
+        change: flotilla_cluster::wire::VoterChange,
+    ) -> Result<Option<flotilla_cluster::wire::ReplicationStatus>, Error> {
+        match &self.inner {
+            Inner::Embedded(_) => Err(Error::Parameters("an embedded node has no voters to change".into())),
+            Inner::Remote(r) => r.change_voters(change).await,
+        }
+    }
+
     /// Creates or replaces (by name) a deployment; returns it as stored. Deployments and their
     /// schedules live on a cluster's control node (a remote client).
     pub async fn put_deployment(

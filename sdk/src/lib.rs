@@ -66,7 +66,9 @@ pub use context::{FlowContext, context};
 pub use error::{Error, NodeError, TaskError};
 pub use flotilla_actors::engine::Durability;
 pub use flotilla_actors::persistence::{Retention, RunFilter};
-pub use flotilla_cluster::wire::{ClusterStatus, LimitChange, MemberStatus, QueueChange, QueueInfo};
+pub use flotilla_cluster::wire::{
+    ClusterStatus, LimitChange, MemberStatus, QueueChange, QueueInfo, ReplicationStatus, VoterChange,
+};
 pub use flotilla_macros::{flow, task};
 pub use flotilla_runtime::{
     Event, FlowRun, FlowRunId, LogLevel, LogLine, QueueEdit, State, StateName, StateType, TaskRun, TaskRunId,

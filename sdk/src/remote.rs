@@ -395,6 +395,16 @@ impl Remote {
         }
     }
 
+    pub(crate) async fn change_voters(
+        &self,
+        change: flotilla_cluster::wire::VoterChange,
+    ) -> Result<Option<flotilla_cluster::wire::ReplicationStatus>, Error> {
+        match self.ask(Request::Voters(change), None).await? {
+            Response::Status(s) => Ok(s.replication),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     pub(crate) async fn put_deployment(&self, spec: DeploymentSpec) -> Result<Deployment, Error> {
         match self.ask(Request::PutDeployment(Box::new(spec)), None).await? {
             Response::Deployment(d) => Ok(*d),

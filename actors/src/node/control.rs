@@ -31,7 +31,7 @@ mod effects;
 mod msg;
 mod requests;
 
-pub use args::{ControlArgs, MembershipSettings, ReplicationInfo};
+pub use args::{ControlArgs, MembershipSettings};
 pub use msg::ControlMsg;
 
 pub(crate) use effects::{placement_of, send_agent};
@@ -96,8 +96,8 @@ pub struct ControlState {
     /// arrives meanwhile (from this node or another) waits for the first answer rather than
     /// act again.
     asking: std::collections::HashMap<RequestId, Vec<RpcReplyPort<Wire<Response>>>>,
-    /// The replicated control state's status, when it is replicated.
-    replication: Option<args::ReplicationInfo>,
+    /// This voter's replication, when the control state is replicated.
+    replication: Option<crate::replication::voter::Voter>,
 }
 
 impl std::fmt::Debug for ControlState {
@@ -152,7 +152,7 @@ impl ControlState {
     fn status(&self) -> ClusterStatus {
         ClusterStatus {
             nodes: self.machine.members(),
-            replication: self.replication.as_ref().map(|f| f()),
+            replication: self.replication.as_ref().map(crate::replication::voter::Voter::status),
         }
     }
 

@@ -223,7 +223,18 @@ async fn forward(commands: &[Command]) -> Vec<SubmitResult> {
     let deadline = tokio::time::Instant::now() + RESEND_FOR;
     let mut backoff = Duration::from_millis(50);
     loop {
-        match call(|port| ControlMsg::Submit(Wire::new(commands.to_vec()), port)).await {
+        let answer = match call(|port| ControlMsg::Submit(Wire::new(commands.to_vec()), port)).await {
+            // The lead moved while the batch was under way: send it again, to the new leader.
+            Ok(results)
+                if results
+                    .iter()
+                    .any(|r| matches!(r, Err(PersistError::NotLeader { .. }))) =>
+            {
+                Err(CallError::NoAnswer("the control node no longer leads".into()))
+            }
+            other => other,
+        };
+        match answer {
             Ok(results) if results.len() == commands.len() => return results,
             Ok(_) => {
                 return fail(PersistError::Read(

@@ -14,6 +14,10 @@ use super::Member;
 #[derive(Clone, Debug, Default)]
 pub struct AddressBook {
     inner: Arc<RwLock<BTreeMap<String, String>>>,
+    /// The nodes that hold a replica (started among the voters), as they said.
+    replicas: Arc<RwLock<BTreeSet<String>>>,
+    /// The voters, as a voter said last.
+    voters: Arc<RwLock<Vec<String>>>,
 }
 
 impl AddressBook {
@@ -36,6 +40,45 @@ impl AddressBook {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         map.insert(name.to_owned(), addr.to_owned()).as_deref() != Some(addr)
+    }
+
+    /// Notes that `name` holds a replica (it runs Raft and may become a voter).
+    pub fn note_replica(&self, name: &str) {
+        self.replicas
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(name.to_owned());
+    }
+
+    /// Whether `name` holds a replica.
+    pub fn is_replica(&self, name: &str) -> bool {
+        self.replicas
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(name)
+    }
+
+    /// The nodes known to hold a replica.
+    pub fn replicas(&self) -> Vec<String> {
+        self.replicas
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Records the voters as a voter said.
+    pub fn set_voters(&self, voters: Vec<String>) {
+        *self.voters.write().unwrap_or_else(std::sync::PoisonError::into_inner) = voters;
+    }
+
+    /// The voters as a voter said last.
+    pub fn voters(&self) -> Vec<String> {
+        self.voters
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Every node known.

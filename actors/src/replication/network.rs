@@ -13,7 +13,8 @@ use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::errors::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, v2::RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use openraft::storage::RaftStateMachine;
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,8 @@ enum Request {
     Append(AppendEntriesRequest<Control>),
     Vote(VoteRequest<Control>),
     PreVote(VoteRequest<Control>),
+    /// The leader hands its lead over.
+    TransferLeader(TransferLeaderRequest<Control>),
     /// A snapshot: its data follows the frame, to the end of the stream.
     Snapshot {
         vote: VoteOf<Control>,
@@ -46,6 +49,8 @@ enum Request {
         from: Member,
         /// Whether it is a voter holding a Raft log.
         has_log: bool,
+        /// Whether it holds a replica (runs Raft).
+        replica: bool,
     },
 }
 
@@ -54,13 +59,17 @@ enum Request {
 enum Response {
     Append(AppendEntriesResponse<Control>),
     Vote(VoteResponse<Control>),
+    TransferLeader(TransferLeaderResponse<Control>),
     Snapshot(SnapshotResponse<Control>),
     Failed(String),
-    /// The nodes known, the leader, and why the greeting node is refused (a wiped voter).
+    /// The nodes known, the leader, why the greeting node is refused (a wiped voter), the
+    /// voters, and the nodes that hold a replica.
     Peers {
         members: Vec<Member>,
         leader: Option<String>,
         refused: Option<String>,
+        voters: Vec<String>,
+        replicas: Vec<String>,
     },
 }
 
@@ -244,6 +253,17 @@ impl RaftNetworkV2<Control> for QuicRaftClient {
         }
     }
 
+    async fn transfer_leader(
+        &mut self,
+        rpc: TransferLeaderRequest<Control>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<Control>, RPCError<Control>> {
+        match self.ask(Request::TransferLeader(rpc), option).await? {
+            Response::TransferLeader(r) => Ok(r),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: VoteOf<Control>,
@@ -277,6 +297,7 @@ pub async fn hello(
     host: &str,
     from: &Member,
     has_log: bool,
+    replica: bool,
 ) -> Result<Greeting, String> {
     let exchange = async {
         let conn = endpoint
@@ -287,6 +308,7 @@ pub async fn hello(
         let request = Request::Hello {
             from: from.clone(),
             has_log,
+            replica,
         };
         frame::write_limited(&mut send, &request, RAFT_FRAME_BYTES_MAX)
             .await
@@ -305,10 +327,14 @@ pub async fn hello(
             members,
             leader,
             refused,
+            voters,
+            replicas,
         })) => Ok(Greeting {
             members,
             leader,
             refused,
+            voters,
+            replicas,
         }),
         Ok(Ok(other)) => Err(format!("unexpected answer {other:?}")),
     }
@@ -323,6 +349,10 @@ pub struct Greeting {
     pub leader: Option<String>,
     /// Why the greeting node is refused.
     pub refused: Option<String>,
+    /// The voters, as the greeted node knows them.
+    pub voters: Vec<String>,
+    /// The nodes known to hold a replica.
+    pub replicas: Vec<String>,
 }
 
 /// Serves the Raft requests of one connection (a voter's), each stream in a task of its own,
@@ -370,15 +400,48 @@ where
                     Ok(r) => Response::Vote(r),
                     Err(e) => Response::Failed(e.to_string()),
                 },
-                Ok(Request::Hello { from, has_log }) => {
-                    let refused = peers.seen.as_ref().and_then(|s| s.note(&from.name, has_log));
+                Ok(Request::TransferLeader(rpc)) => match raft.handle_transfer_leader(rpc).await {
+                    Ok(r) => Response::TransferLeader(r),
+                    Err(e) => Response::Failed(e.to_string()),
+                },
+                Ok(Request::Hello {
+                    from,
+                    has_log,
+                    replica,
+                }) => {
+                    // A voter of the membership back without its log is refused; one removed
+                    // may come back empty, to be added again.
+                    let (member, voters) = {
+                        use openraft::async_runtime::WatchReceiver as _;
+                        let metrics = raft.metrics();
+                        let m = metrics.borrow_watched();
+                        let membership = m.membership_config.membership();
+                        let voters: Vec<String> = membership
+                            .voter_ids()
+                            .filter_map(|id| membership.get_node(&id).map(|n| n.name.clone()))
+                            .collect();
+                        (
+                            membership.get_node(&super::voter::node_id(&from.name)).is_some(),
+                            voters,
+                        )
+                    };
+                    let refused = peers
+                        .seen
+                        .as_ref()
+                        .and_then(|s| s.note(&from.name, has_log))
+                        .filter(|_| member);
                     if refused.is_none() {
                         peers.book.put(&from.name, &from.addr);
+                        if replica {
+                            peers.book.note_replica(&from.name);
+                        }
                     }
                     Response::Peers {
                         members: peers.book.all(),
                         leader: peers.leader(),
                         refused,
+                        voters,
+                        replicas: peers.book.replicas(),
                     }
                 }
                 Ok(Request::Snapshot { vote, meta }) => match recv.read_to_end(SNAPSHOT_BYTES_MAX).await {

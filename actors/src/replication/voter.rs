@@ -109,6 +109,7 @@ pub async fn start(
         leader: Arc::default(),
     };
     peers.book.put(&me.name, &me.addr);
+    peers.book.note_replica(&me.name);
     let config = voter_config().map_err(VoterError::Raft)?;
     let raft = StoreRaft::new(
         node_id(&me.name),
@@ -133,6 +134,7 @@ pub async fn greet_all(
     voters: &[String],
     peers: &Peers,
 ) -> Result<(Vec<String>, Option<String>), VoterError> {
+    let replica = peers.book.is_replica(&me.name);
     let mut targets: Vec<Greet> = seeds.to_vec();
     for v in voters.iter().filter(|v| **v != me.name) {
         if let Some(addr) = peers.book.get(v).and_then(|a| a.parse().ok()) {
@@ -144,7 +146,7 @@ pub async fn greet_all(
     }
     let calls = targets
         .iter()
-        .map(|t| hello(endpoint, t.addr, &t.host, me, has_log));
+        .map(|t| hello(endpoint, t.addr, &t.host, me, has_log, replica));
     let answers = futures::future::join_all(calls).await;
     let mut answered = Vec::new();
     let mut leader = None;
@@ -158,6 +160,12 @@ pub async fn greet_all(
                     if m.name != me.name {
                         peers.book.put(&m.name, &m.addr);
                     }
+                }
+                for r in &g.replicas {
+                    peers.book.note_replica(r);
+                }
+                if !g.voters.is_empty() {
+                    peers.book.set_voters(g.voters.clone());
                 }
                 if let Some(name) = g
                     .members
@@ -197,8 +205,12 @@ pub async fn form(
     let mut backoff = Duration::from_millis(20);
     loop {
         let (answered, leader) = greet_all(endpoint, me, false, seeds, voters, &voter.peers).await?;
-        // A cluster already formed (a leader is known): this voter joins it as its log says.
-        if leader.is_some() || answered.len() + 1 >= majority {
+        // A cluster already formed (a leader is known): this voter is sent its log by the
+        // leader once it is a member (it is, or it is added).
+        if leader.is_some() {
+            return Ok(());
+        }
+        if answered.len() + 1 >= majority {
             break;
         }
         if tokio::time::Instant::now() >= deadline {
@@ -274,10 +286,79 @@ impl Voter {
             members,
         }
     }
+}
 
-    /// [`Voter::status`], for the control actor.
-    pub fn status_info(&self) -> crate::node::control::ReplicationInfo {
-        let me = self.clone();
-        Arc::new(move || me.status())
+/// A change of the voters, asked of the leader.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VoterChange {
+    /// Make the node a voter (a learner first, until it has caught up).
+    Add(String),
+    /// Make the voter a node that holds no replica.
+    Remove(String),
+    /// Hand the lead to the voter.
+    TransferLeader(String),
+}
+
+impl Voter {
+    /// Carries out `change` (on the leader; joint consensus for the voters). Answers why not.
+    pub async fn change(&self, change: VoterChange) -> Result<(), String> {
+        use openraft::ChangeMembers;
+        use std::collections::BTreeSet;
+        let voters: Vec<u64> = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.membership_config.membership().voter_ids().collect()
+        };
+        match change {
+            VoterChange::Add(name) => {
+                let id = node_id(&name);
+                if voters.contains(&id) {
+                    return Err(format!("{name} is a voter already"));
+                }
+                let addr = self.peers.book.get(&name).ok_or_else(|| {
+                    format!("no node named {name} has greeted the voters: start it with --voters and --join first")
+                })?;
+                if !self.peers.book.is_replica(&name) {
+                    return Err(format!(
+                        "{name} holds no replica: a voter is a node started with its own name in --voters"
+                    ));
+                }
+                self.raft
+                    .add_learner(id, Member { name: name.clone(), addr }, true)
+                    .await
+                    .map_err(|e| format!("{name} could not be brought up to date: {e}"))?;
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            }
+            VoterChange::Remove(name) => {
+                let id = node_id(&name);
+                if !voters.contains(&id) {
+                    return Err(format!("{name} is not a voter"));
+                }
+                if voters.len() == 1 {
+                    return Err(format!("{name} is the only voter"));
+                }
+                self.raft
+                    .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            }
+            VoterChange::TransferLeader(name) => {
+                let id = node_id(&name);
+                if !voters.contains(&id) {
+                    return Err(format!("{name} is not a voter"));
+                }
+                // Asked: the lead moves shortly (the asker watches the status for it).
+                self.raft
+                    .trigger()
+                    .transfer_leader(id)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 }

@@ -38,9 +38,6 @@ pub struct ControlArgs {
     pub catalog: crate::engine::FlowCatalog,
     /// How many answers to mutating requests are remembered in the log, and how long.
     pub answers: crate::node::replies::AnswerBounds,
-    /// The replicated control state's status, when it is replicated.
-    pub replication: Option<ReplicationInfo>,
+    /// This voter's replication, when the control state is replicated (this node leads it).
+    pub replication: Option<crate::replication::voter::Voter>,
 }
-
-/// Says how the replicated control state stands.
-pub type ReplicationInfo = Arc<dyn Fn() -> flotilla_cluster::wire::ReplicationStatus + Send + Sync>;

@@ -30,6 +30,34 @@ impl ControlState {
                 };
                 answer(reply, r);
             }
+            Request::Voters(change) => {
+                use crate::replication::voter::VoterChange as Change;
+                use flotilla_cluster::wire::VoterChange as Asked;
+                let Some(voter) = self.replication.clone() else {
+                    return answer(
+                        reply,
+                        refused(
+                            ErrorKind::Refused,
+                            "the control state is not replicated: start the nodes with --voters",
+                        ),
+                    );
+                };
+                let change = match change {
+                    Asked::Add(n) => Change::Add(n),
+                    Asked::Remove(n) => Change::Remove(n),
+                    Asked::TransferLeader(n) => Change::TransferLeader(n),
+                };
+                tokio::spawn(async move {
+                    let r = match voter.change(change).await {
+                        Ok(()) => Response::Status(ClusterStatus {
+                            nodes: Vec::new(),
+                            replication: Some(voter.status()),
+                        }),
+                        Err(why) => refused(ErrorKind::Refused, why),
+                    };
+                    answer(reply, r);
+                });
+            }
             Request::RunFlow {
                 flow,
                 params,
