@@ -622,9 +622,7 @@ async fn follow_leadership(
                 .await
                 {
                     Ok(Ok(_)) => {
-                        match Singletons::start(&p, &config, &flows, &catalog, Some(voter.clone()))
-                            .await
-                        {
+                        match Singletons::start(&p, &config, &flows, &catalog, Some(voter.clone())).await {
                             Ok(s) => {
                                 tracing::info!(node = %config.name, "leading the control state");
                                 running = Some(s);

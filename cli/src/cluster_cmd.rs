@@ -151,7 +151,13 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
             Ok(())
         }
         ClusterCmd::AddVoter { name, json, conn } => {
-            change_voters(conn, flotilla::VoterChange::Add(name.clone()), json, &format!("{name} is a voter")).await
+            change_voters(
+                conn,
+                flotilla::VoterChange::Add(name.clone()),
+                json,
+                &format!("{name} is a voter"),
+            )
+            .await
         }
         ClusterCmd::RemoveVoter { name, json, conn } => {
             change_voters(
@@ -176,7 +182,12 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
 }
 
 /// Asks the leader for a change of the voters; prints what it says after.
-async fn change_voters(conn: Conn, change: flotilla::VoterChange, json: bool, done: &str) -> anyhow::Result<()> {
+async fn change_voters(
+    conn: Conn,
+    change: flotilla::VoterChange,
+    json: bool,
+    done: &str,
+) -> anyhow::Result<()> {
     let s = conn.connect().await?;
     let to = match &change {
         flotilla::VoterChange::TransferLeader(name) => Some(name.clone()),

@@ -162,7 +162,9 @@ impl Client {
         change: flotilla_cluster::wire::VoterChange,
     ) -> Result<Option<flotilla_cluster::wire::ReplicationStatus>, Error> {
         match &self.inner {
-            Inner::Embedded(_) => Err(Error::Parameters("an embedded node has no voters to change".into())),
+            Inner::Embedded(_) => Err(Error::Parameters(
+                "an embedded node has no voters to change".into(),
+            )),
             Inner::Remote(r) => r.change_voters(change).await,
         }
     }

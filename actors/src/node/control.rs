@@ -152,7 +152,10 @@ impl ControlState {
     fn status(&self) -> ClusterStatus {
         ClusterStatus {
             nodes: self.machine.members(),
-            replication: self.replication.as_ref().map(crate::replication::voter::Voter::status),
+            replication: self
+                .replication
+                .as_ref()
+                .map(crate::replication::voter::Voter::status),
         }
     }
 

@@ -70,7 +70,10 @@ impl AddressBook {
 
     /// Records the voters as a voter said.
     pub fn set_voters(&self, voters: Vec<String>) {
-        *self.voters.write().unwrap_or_else(std::sync::PoisonError::into_inner) = voters;
+        *self
+            .voters
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = voters;
     }
 
     /// The voters as a voter said last.

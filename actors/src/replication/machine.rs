@@ -170,7 +170,8 @@ pub fn spawn_proposer(raft: StoreRaft, mut rx: mpsc::UnboundedReceiver<(Timestam
             };
             let raft = raft.clone();
             tokio::spawn(async move {
-                let mut answers = answers;
+                // Fused: a stream that ended (the node stopped) is never polled again.
+                let mut answers = answers.fuse();
                 for ack in acks {
                     let answer = match answers.next().await {
                         Some(Ok(Ok(written))) => Ok(written.response),

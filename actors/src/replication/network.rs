@@ -411,20 +411,28 @@ where
                 }) => {
                     // A voter of the membership back without its log is refused; one removed
                     // may come back empty, to be added again.
-                    let (member, voters) = {
+                    let (member, replicated, voters) = {
                         use openraft::async_runtime::WatchReceiver as _;
                         let metrics = raft.metrics();
                         let m = metrics.borrow_watched();
                         let membership = m.membership_config.membership();
+                        let id = super::voter::node_id(&from.name);
                         let voters: Vec<String> = membership
                             .voter_ids()
                             .filter_map(|id| membership.get_node(&id).map(|n| n.name.clone()))
                             .collect();
-                        (
-                            membership.get_node(&super::voter::node_id(&from.name)).is_some(),
-                            voters,
-                        )
+                        // The leader knows whether it replicated to it (even before a greeting
+                        // with its log was recorded).
+                        let replicated = m
+                            .replication
+                            .as_ref()
+                            .and_then(|r| r.get(&id))
+                            .is_some_and(Option::is_some);
+                        (membership.get_node(&id).is_some(), replicated, voters)
                     };
+                    if replicated && let Some(s) = &peers.seen {
+                        s.note(&from.name, true);
+                    }
                     let refused = peers
                         .seen
                         .as_ref()

@@ -30,7 +30,10 @@ pub fn node_id(name: &str) -> u64 {
 
 /// Raft settings of a cluster's voters: heartbeats every 100 ms, elections after 400 to 700 ms
 /// of silence past the leader's lease, and no snapshots (the log is kept whole: a follower
-/// behind is sent entries, never a snapshot, and no purge can overtake an apply).
+/// behind is sent entries, never a snapshot, and no purge can overtake an apply). A restarted
+/// leader is elected again like any voter. A voter whose log went back (wiped) is refused by
+/// the greetings; should one get through, the leader sends it the log again rather than stop
+/// (openraft's alternative is a panic of the leader's core).
 pub fn voter_config() -> Result<Arc<openraft::Config>, String> {
     let config = openraft::Config {
         cluster_name: "flotilla".to_owned(),
@@ -38,6 +41,8 @@ pub fn voter_config() -> Result<Arc<openraft::Config>, String> {
         election_timeout_min: 400,
         election_timeout_max: 700,
         snapshot_policy: openraft::SnapshotPolicy::Never,
+        allow_log_reversion: Some(true),
+        enable_leader_restore: Some(false),
         ..openraft::Config::default()
     };
     config.validate().map(Arc::new).map_err(|e| e.to_string())
@@ -206,9 +211,22 @@ pub async fn form(
     loop {
         let (answered, leader) = greet_all(endpoint, me, false, seeds, voters, &voter.peers).await?;
         // A cluster already formed (a leader is known): this voter is sent its log by the
-        // leader once it is a member (it is, or it is added).
-        if leader.is_some() {
-            return Ok(());
+        // leader once it is a member (it is, or it is added) — once the leader itself has
+        // greeted it back (it knows whether it replicated to this voter before).
+        if let Some(l) = leader {
+            if answered.contains(&l) {
+                return Ok(());
+            }
+            if let Some(addr) = voter.peers.book.get(&l).and_then(|a| a.parse().ok()) {
+                let g = hello(endpoint, addr, &l, me, false, true).await;
+                match g {
+                    Ok(g) if g.refused.is_some() => {
+                        return Err(VoterError::Refused(g.refused.unwrap_or_default()));
+                    }
+                    Ok(_) => return Ok(()),
+                    Err(e) => tracing::debug!(leader = %l, error = %e, "no answer from the leader yet"),
+                }
+            }
         }
         if answered.len() + 1 >= majority {
             break;
@@ -316,7 +334,9 @@ impl Voter {
                     return Err(format!("{name} is a voter already"));
                 }
                 let addr = self.peers.book.get(&name).ok_or_else(|| {
-                    format!("no node named {name} has greeted the voters: start it with --voters and --join first")
+                    format!(
+                        "no node named {name} has greeted the voters: start it with --voters and --join first"
+                    )
                 })?;
                 if !self.peers.book.is_replica(&name) {
                     return Err(format!(
@@ -324,7 +344,14 @@ impl Voter {
                     ));
                 }
                 self.raft
-                    .add_learner(id, Member { name: name.clone(), addr }, true)
+                    .add_learner(
+                        id,
+                        Member {
+                            name: name.clone(),
+                            addr,
+                        },
+                        true,
+                    )
                     .await
                     .map_err(|e| format!("{name} could not be brought up to date: {e}"))?;
                 self.raft

@@ -1,0 +1,408 @@
+//! The control state replicated on three voters, each a `flotilla node` process on 127.0.0.1:
+//! the leader SIGKILLed while clients write loses nothing acknowledged and a new leader takes
+//! writes within seconds; a voter whose data directory was wiped is refused until it is removed
+//! and added again, then catches up; every voter restarted in turn under load loses nothing and
+//! makes no fire time of a schedule run twice.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{BIN, Nodes, eventually, free_udp_port, init_certs};
+use flotilla::{Client, FlowRunId, NOOP_FLOW};
+
+const VOTERS: &str = "n1,n2,n3";
+
+/// Starts voter `name` on `port`, greeting the other voters' `seeds`.
+fn start_voter(dir: &Path, name: &str, port: u16, seeds: &[u16]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{name}.log")))
+        .expect("a log file");
+    let join: Vec<String> = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    Command::new(BIN)
+        .args([
+            "node",
+            "start",
+            "--name",
+            name,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--data")
+        .arg(dir.join(name))
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .args(["--voters", VOTERS, "--join", &join.join(","), "--quiet-runs"])
+        .env_remove("FLOTILLA_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("flotilla node starts")
+}
+
+/// Three voters n1-n3, each greeting the two others.
+fn three_voters(dir: &Path) -> (Nodes, [u16; 3]) {
+    init_certs(dir, VOTERS);
+    let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
+    let mut nodes = Nodes::new(dir);
+    for (i, name) in ["n1", "n2", "n3"].iter().enumerate() {
+        let seeds: Vec<u16> = ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, p)| *p)
+            .collect();
+        let child = start_voter(dir, name, ports[i], &seeds);
+        nodes.children.push(((*name).to_owned(), child));
+    }
+    (nodes, ports)
+}
+
+fn addrs(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// A client given every voter's address, once a leader is named and `n` members are reachable.
+async fn client(dir: &Path, ports: &[u16], n: usize) -> Client {
+    let (addrs, certs) = (addrs(ports), dir.join("certs"));
+    let client = eventually("a client connects", Duration::from_secs(30), || async {
+        Client::connect(&addrs, &certs).await.ok()
+    })
+    .await;
+    eventually(
+        "a leader and every member reachable",
+        Duration::from_secs(30),
+        || async {
+            let s = client.cluster_status().await.ok()?;
+            let leader = s.replication.as_ref()?.leader.clone()?;
+            (s.nodes.iter().filter(|m| m.reachable).count() >= n).then_some(leader)
+        },
+    )
+    .await;
+    client
+}
+
+async fn leader(client: &Client) -> String {
+    eventually("a leader", Duration::from_secs(30), || async {
+        client.cluster_status().await.ok()?.replication?.leader
+    })
+    .await
+}
+
+/// The CLI against the cluster; its output, or its error output when it failed.
+fn cli(dir: &Path, ports: &[u16], args: &[&str]) -> Result<String, String> {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--addr", &addrs(ports)])
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .env_remove("FLOTILLA_CONFIG")
+        .output()
+        .expect("the CLI runs");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Clients creating runs under keys until `stop`: each key's acknowledged run id.
+fn writers(
+    client: &Client,
+    n: usize,
+    tag: &str,
+    stop: &Arc<AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<(String, FlowRunId)>>> {
+    (0..n)
+        .map(|w| {
+            let (client, stop, tag) = (client.clone(), stop.clone(), tag.to_owned());
+            tokio::spawn(async move {
+                let mut acked = Vec::new();
+                let mut j = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("{tag}-{w}-{j}");
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    loop {
+                        match client
+                            .run_with_key(NOOP_FLOW, serde_json::Value::Null, &key)
+                            .await
+                        {
+                            Ok(id) => {
+                                acked.push((key.clone(), id));
+                                break;
+                            }
+                            Err(e) => {
+                                assert!(
+                                    Instant::now() < deadline,
+                                    "{key} not acknowledged within 30 s: {e}"
+                                );
+                                tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                        }
+                    }
+                    j += 1;
+                }
+                acked
+            })
+        })
+        .collect()
+}
+
+/// Every acknowledged run is there, and no key made two runs.
+async fn every_acknowledged_run_is_there(client: &Client, acked: &[(String, FlowRunId)]) {
+    let mut by_key: BTreeMap<&str, BTreeSet<FlowRunId>> = BTreeMap::new();
+    for (key, id) in acked {
+        by_key.entry(key).or_default().insert(*id);
+    }
+    let twice: Vec<_> = by_key.iter().filter(|(_, ids)| ids.len() > 1).collect();
+    assert!(twice.is_empty(), "keys that made two runs: {twice:?}");
+    for (key, id) in acked {
+        let run = client.flow_run(*id).await;
+        assert!(
+            run.is_ok(),
+            "the acknowledged run {id} ({key}) is missing: {run:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_killed_under_writes_loses_nothing_acknowledged() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let (mut nodes, ports) = three_voters(dir);
+    let client = client(dir, &ports, 3).await;
+    let old = leader(&client).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = writers(&client, 4, "leader-loss", &stop);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let i = nodes
+        .children
+        .iter()
+        .position(|(n, _)| *n == old)
+        .expect("the leader is a node");
+    nodes.children[i].1.kill().expect("the leader is killed");
+    let killed = Instant::now();
+    // A new leader, and a write it acknowledges, soon (2 s here; 10 s allowed on a loaded host).
+    let others: Vec<u16> = ports
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, p)| *p)
+        .collect();
+    let survivor = Client::connect(&addrs(&others), &dir.join("certs"))
+        .await
+        .expect("a client of the others");
+    let new = eventually(
+        "a write acknowledged by a new leader",
+        Duration::from_secs(10),
+        || async {
+            let s = survivor.cluster_status().await.ok()?;
+            let l = s.replication?.leader.filter(|l| *l != old)?;
+            survivor.run(NOOP_FLOW, serde_json::Value::Null).await.ok()?;
+            Some(l)
+        },
+    )
+    .await;
+    let failover = killed.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.expect("a writer"));
+    }
+    assert!(acked.len() >= 20, "only {} writes acknowledged", acked.len());
+    every_acknowledged_run_is_there(&survivor, &acked).await;
+    eprintln!(
+        "{new} leads {failover:?} after {old} was killed; {} writes acknowledged",
+        acked.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_voter_is_refused_until_removed_and_added_again() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let (mut nodes, ports) = three_voters(dir);
+    let client = client(dir, &ports, 3).await;
+    for k in 0..20 {
+        client
+            .run_with_key(NOOP_FLOW, serde_json::Value::Null, &format!("before-{k}"))
+            .await
+            .expect("a run");
+    }
+    // A voter that is not the leader loses its data directory.
+    let l = leader(&client).await;
+    let i = nodes
+        .children
+        .iter()
+        .position(|(n, _)| *n != l)
+        .expect("a follower");
+    let name = nodes.children[i].0.clone();
+    nodes.children[i].1.kill().expect("the voter is killed");
+    let _ = nodes.children[i].1.wait();
+    std::fs::remove_dir_all(dir.join(&name)).expect("its data directory removed");
+    let seeds: Vec<u16> = ports
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, p)| *p)
+        .collect();
+
+    // Back, it is refused with a clear error, and exits.
+    let mut back = start_voter(dir, &name, ports[i], &seeds);
+    let status = eventually("the wiped voter exits", Duration::from_secs(30), || {
+        let s = back.try_wait().expect("its status");
+        async move { s }
+    })
+    .await;
+    assert!(!status.success(), "a wiped voter must not start");
+    let log = std::fs::read_to_string(dir.join(format!("{name}.log"))).expect("its log");
+    assert!(
+        log.contains("its data directory was wiped"),
+        "the refusal names the cause: {log}"
+    );
+
+    // Removed, it starts (holding no vote); added again, it catches up.
+    let removed = cli(dir, &ports, &["cluster", "remove-voter", &name, "--json"]).expect("remove-voter");
+    assert!(
+        !removed.contains(&format!("\"{name}\"")),
+        "{name} is no longer a voter: {removed}"
+    );
+    nodes.restart(i, start_voter(dir, &name, ports[i], &seeds));
+    eventually("the voter added again", Duration::from_secs(30), || async {
+        cli(dir, &ports, &["cluster", "add-voter", &name]).ok()
+    })
+    .await;
+    eventually("the voter caught up", Duration::from_secs(30), || async {
+        let s = client.cluster_status().await.ok()?;
+        let r = s.replication?;
+        let me = r.members.iter().find(|m| m.name == name)?;
+        (me.voter && me.applied.is_some() && me.applied >= r.last_index.map(|x| x.saturating_sub(2)))
+            .then_some(())
+    })
+    .await;
+    let json = cli(dir, &ports, &["cluster", "status", "--json"]).expect("status");
+    let v: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
+    let node = v["nodes"]
+        .as_array()
+        .and_then(|ns| ns.iter().find(|n| n["name"] == name.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(node["voter"], true, "{json}");
+    assert!(
+        v["leader"].is_string() && v["term"].as_u64().is_some_and(|t| t >= 1),
+        "{json}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voters_restarted_one_by_one_under_load_lose_nothing_and_fire_each_time_once() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let (mut nodes, ports) = three_voters(dir);
+    let client = client(dir, &ports, 3).await;
+    cli(
+        dir,
+        &ports,
+        &[
+            "deployment",
+            "create",
+            "tick",
+            "--flow",
+            "noop",
+            "--interval",
+            "1s",
+        ],
+    )
+    .expect("a deployment");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks = writers(&client, 4, "rolling", &stop);
+    let written = |client: Client| async move {
+        client
+            .flow_runs(flotilla::RunFilter::All, None, 1000)
+            .await
+            .map(|r| r.len())
+            .unwrap_or(0)
+    };
+    for i in 0..3 {
+        let name = nodes.children[i].0.clone();
+        let terminated = Command::new("kill")
+            .args(["-TERM", &nodes.children[i].1.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(terminated.success());
+        let _ = nodes.children[i].1.wait();
+        let seeds: Vec<u16> = ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, p)| *p)
+            .collect();
+        nodes.restart(i, start_voter(dir, &name, ports[i], &seeds));
+        // Back, and caught up with what was written meanwhile, before the next goes.
+        let before = written(client.clone()).await;
+        eventually("more runs written", Duration::from_secs(30), || async {
+            (written(client.clone()).await >= before + 20).then_some(())
+        })
+        .await;
+        let target = eventually("the leader's log", Duration::from_secs(30), || async {
+            client.cluster_status().await.ok()?.replication?.last_index
+        })
+        .await;
+        eventually(
+            "the restarted voter caught up",
+            Duration::from_secs(30),
+            || async {
+                let r = client.cluster_status().await.ok()?.replication?;
+                let me = r.members.iter().find(|m| m.name == name)?;
+                me.applied.is_some_and(|a| a >= target).then_some(())
+            },
+        )
+        .await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut acked = Vec::new();
+    for t in tasks {
+        acked.extend(t.await.expect("a writer"));
+    }
+    assert!(acked.len() >= 20, "only {} writes acknowledged", acked.len());
+    every_acknowledged_run_is_there(&client, &acked).await;
+
+    // No fire time of the schedule made two runs.
+    let mut fired: BTreeMap<(String, String), usize> = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let page = client
+            .flow_runs(flotilla::RunFilter::All, after, 1000)
+            .await
+            .expect("a page of flow runs");
+        let Some(last) = page.last().map(|r| r.id) else {
+            break;
+        };
+        for r in &page {
+            if let Some(d) = r.deployment_id {
+                *fired
+                    .entry((d.to_string(), r.expected_start_time.to_string()))
+                    .or_default() += 1;
+            }
+        }
+        after = Some(last);
+    }
+    assert!(!fired.is_empty(), "the schedule made runs");
+    let twice: Vec<_> = fired.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(twice.is_empty(), "fire times with two runs: {twice:?}");
+}
