@@ -262,13 +262,21 @@ async fn serve_client_connection(
     results: Option<ResultStore>,
     message_bytes_max: usize,
     replies: replies::Replies,
+    replica: Option<PersistenceHandle>,
 ) {
     let role = flotilla_cluster::role::CertRole::of_peer(&conn);
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let (results, replies) = (results.clone(), replies.clone());
+        let (results, replies, replica) = (results.clone(), replies.clone(), replica.clone());
         tokio::spawn(async move {
             let response = match read_request(&mut recv, message_bytes_max).await {
                 Err(e) => Response::Error(e),
+                // A stale read of runs, histories or logs: from this voter's replica.
+                Ok(env) if env.stale && stale_read(&env.request) && env.version == PROTOCOL_VERSION => {
+                    match (&replica, &results) {
+                        (Some(p), Some(r)) => control::read_request(p, r, env.request).await,
+                        _ => answer(env, role, results).await,
+                    }
+                }
                 // A resent request gets its first answer.
                 Ok(env) => match env.request_id {
                     Some(id) if env.request.is_mutating() => {
@@ -300,6 +308,20 @@ async fn serve_client_connection(
             let _ = send.finish();
         });
     }
+}
+
+/// Whether a request is a read a replica may answer (`--stale`).
+fn stale_read(request: &Request) -> bool {
+    matches!(
+        request,
+        Request::FlowRun(_)
+            | Request::FlowRuns { .. }
+            | Request::TaskRuns(_)
+            | Request::TaskRunsPage { .. }
+            | Request::HistoryPage { .. }
+            | Request::History(_)
+            | Request::Logs { .. }
+    )
 }
 
 /// Answers one request of a peer whose certificate has `role`.
@@ -835,18 +857,20 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         })
         .then(|| ResultStore::new(config.data_dir.join("results"), usize::MAX));
         let voter = voter.clone();
+        let replica = voter.as_ref().and(persistence.as_ref()).map(|(p, _)| p.clone());
         let message_bytes_max = config.message_bytes_max;
         let replies = replies::Replies::new(config.answers.max, config.answers.keep);
         tokio::spawn(async move {
             // Each handshake on a task of its own: a slow client never stalls the others.
             while let Some(incoming) = endpoint.accept_incoming().await {
-                let (server, local, results, certs, replies, voter) = (
+                let (server, local, results, certs, replies, voter, replica) = (
                     server.clone(),
                     local.clone(),
                     results.clone(),
                     peer_certs.clone(),
                     replies.clone(),
                     voter.clone(),
+                    replica.clone(),
                 );
                 tokio::spawn(async move {
                     let Some((conn, alpn)) = flotilla_cluster::endpoint::handshake(incoming).await else {
@@ -855,7 +879,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                     if alpn == ALPN_NODE {
                         serve_node_connection(conn, server, local, certs).await;
                     } else if alpn == ALPN_CLIENT {
-                        serve_client_connection(conn, results, message_bytes_max, replies).await;
+                        serve_client_connection(conn, results, message_bytes_max, replies, replica).await;
                     } else if alpn == crate::replication::network::ALPN_RAFT
                         && let Some(v) = voter
                     {

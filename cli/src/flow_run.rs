@@ -53,6 +53,10 @@ pub enum FlowRunCmd {
         /// A JSON array on stdout.
         #[arg(long)]
         json: bool,
+        /// Read from the replica of the node asked, which may lag the leader (faster; without
+        /// it the leader answers after confirming it leads).
+        #[arg(long)]
+        stale: bool,
         #[command(flatten)]
         conn: Conn,
     },
@@ -236,6 +240,7 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
             limit,
             cursor,
             json,
+            stale,
             conn,
         } => {
             anyhow::ensure!(
@@ -251,7 +256,10 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
                         .map_err(|e| anyhow::anyhow!("--state {s:?}: {e}"))?,
                 ),
             };
-            let s = conn.connect().await?;
+            let mut s = conn.connect().await?;
+            if stale {
+                s.client = s.client.stale_reads();
+            }
             let runs = s
                 .client
                 .flow_runs(filter.clone(), after, limit)

@@ -488,6 +488,7 @@ async fn ask_on(
         version: PROTOCOL_VERSION,
         request,
         request_id: Some(id),
+        stale: false,
     };
     flotilla_cluster::frame::write_limited(&mut send, &envelope, u32::MAX as usize)
         .await

@@ -381,6 +381,35 @@ async fn voters_restarted_one_by_one_under_load_lose_nothing_and_fire_each_time_
     }
     assert!(acked.len() >= 20, "only {} writes acknowledged", acked.len());
     every_acknowledged_run_is_there(&client, &acked).await;
+    // Each voter's own replica (stale reads, answered without the leader) holds them all too.
+    let ids: BTreeSet<FlowRunId> = acked.iter().map(|(_, id)| *id).collect();
+    for port in ports {
+        let replica = Client::connect(&format!("127.0.0.1:{port}"), &dir.join("certs"))
+            .await
+            .expect("a client of one voter")
+            .stale_reads();
+        eventually(
+            "the replica holds every acknowledged run",
+            Duration::from_secs(30),
+            || async {
+                let mut held = BTreeSet::new();
+                let mut after = None;
+                loop {
+                    let page = replica
+                        .flow_runs(flotilla::RunFilter::All, after, 1000)
+                        .await
+                        .ok()?;
+                    let Some(last) = page.last().map(|r| r.id) else {
+                        break;
+                    };
+                    held.extend(page.iter().map(|r| r.id));
+                    after = Some(last);
+                }
+                ids.is_subset(&held).then_some(())
+            },
+        )
+        .await;
+    }
 
     // No fire time of the schedule made two runs.
     let mut fired: BTreeMap<(String, String), usize> = BTreeMap::new();

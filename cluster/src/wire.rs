@@ -26,6 +26,10 @@ pub struct Envelope {
     /// arrives while the first is under way waits for it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<flotilla_runtime::control::RequestId>,
+    /// A read that may be answered from the replica of the node asked (it may lag the leader),
+    /// rather than by the leader after it confirmed it still leads.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
 }
 
 /// What a client can ask.

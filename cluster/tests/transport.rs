@@ -73,6 +73,7 @@ async fn ask(
             version: PROTOCOL_VERSION,
             request: Request::Status,
             request_id: None,
+            stale: false,
         },
     )
     .await
@@ -168,7 +169,7 @@ proptest! {
     fn damaged_frames_never_panic(at in 0usize..400, val: u8) {
         let mut buf = Vec::new();
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        rt.block_on(frame::write(&mut buf, &Envelope { version: PROTOCOL_VERSION, request: Request::Logs { run: flotilla_runtime::FlowRunId::from_bytes([1; 16]), after: None, limit: 10 }, request_id: None })).unwrap();
+        rt.block_on(frame::write(&mut buf, &Envelope { version: PROTOCOL_VERSION, request: Request::Logs { run: flotilla_runtime::FlowRunId::from_bytes([1; 16]), after: None, limit: 10 }, request_id: None, stale: false })).unwrap();
         let i = at % buf.len();
         buf[i] = val;
         let _ = frame::decode_all::<Envelope>(&buf);
@@ -190,6 +191,7 @@ async fn a_stream_cut_anywhere_is_an_error_not_a_hang() {
         request_id: Some(flotilla_runtime::control::RequestId::from_uuid(
             *flotilla_runtime::FlowRunId::from_bytes([9; 16]).as_uuid(),
         )),
+        stale: false,
     };
     let mut whole = Vec::new();
     frame::write(&mut whole, &env).await.unwrap();

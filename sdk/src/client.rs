@@ -154,6 +154,19 @@ impl Client {
         }
     }
 
+    /// The same client, its reads (listings, runs, histories, logs) answered from the replica
+    /// of the node it talks to, without asking the leader: faster, and possibly behind the
+    /// leader by what it has not applied yet. Reads are linearizable otherwise. An embedded
+    /// node's client reads its own state either way.
+    pub fn stale_reads(&self) -> Client {
+        match &self.inner {
+            Inner::Remote(r) => Client {
+                inner: Inner::Remote(Arc::new(r.stale())),
+            },
+            Inner::Embedded(_) => self.clone(),
+        }
+    }
+
     /// Changes the voters of the replicated control state (a remote client): adds one
     /// (joint consensus, once it has caught up), removes one, or hands the lead to one. Answers
     /// the replication's status after.

@@ -29,6 +29,8 @@ pub(crate) struct Remote {
     addrs: Vec<(SocketAddr, String)>,
     /// The connection in use, and which of `addrs` it goes to.
     conn: Mutex<(Option<quinn::Connection>, usize)>,
+    /// Reads may be answered from the replica of the node asked.
+    stale: bool,
 }
 
 /// Splits `host:port` (or `[v6]:port`) and resolves it.
@@ -97,9 +99,20 @@ impl Remote {
             endpoint,
             addrs,
             conn: Mutex::new((None, 0)),
+            stale: false,
         };
         remote.connection().await?;
         Ok(remote)
+    }
+
+    /// The same nodes, reads answered from the replica of the node asked.
+    pub(crate) fn stale(&self) -> Remote {
+        Remote {
+            endpoint: self.endpoint.clone(),
+            addrs: self.addrs.clone(),
+            conn: Mutex::new((None, 0)),
+            stale: true,
+        }
     }
 
     /// The connection in use, or a new one: to the node of the last one first, then to each
@@ -140,6 +153,7 @@ impl Remote {
         });
         let envelope = Envelope {
             version: PROTOCOL_VERSION,
+            stale: self.stale && !request.is_mutating(),
             request,
             request_id,
         };

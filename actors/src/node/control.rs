@@ -30,6 +30,7 @@ mod args;
 mod effects;
 mod msg;
 mod requests;
+pub(crate) use requests::read_request;
 
 pub use args::{ControlArgs, MembershipSettings};
 pub use msg::ControlMsg;

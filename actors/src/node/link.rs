@@ -83,6 +83,7 @@ impl ControlLink {
             version: PROTOCOL_VERSION,
             request,
             request_id: None,
+            stale: false,
         };
         frame::write(&mut send, &envelope)
             .await

@@ -375,7 +375,24 @@ impl ControlState {
             }
             other => {
                 let results = self.results.clone();
+                let voter = self.replication.clone();
                 tokio::spawn(async move {
+                    // Replicated: the leader confirms it still leads (a quorum answers its
+                    // heartbeat) and has applied that far before it reads: a linearizable read.
+                    if let Some(v) = voter
+                        && let Err(e) = v
+                            .raft
+                            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                            .await
+                    {
+                        return answer(
+                            reply,
+                            refused(
+                                ErrorKind::Unavailable,
+                                format!("this node cannot confirm it leads the control state: {e}"),
+                            ),
+                        );
+                    }
                     let r = read_request(&p, &results, other).await;
                     answer(reply, r);
                 });
@@ -661,7 +678,8 @@ async fn wait_for_end(p: &PersistenceHandle, id: FlowRunId, limit: Duration) -> 
     }
 }
 
-async fn read_request(p: &PersistenceHandle, results: &ResultStore, request: Request) -> Response {
+/// Answers a read from `p`, the control state as this node holds it.
+pub(crate) async fn read_request(p: &PersistenceHandle, results: &ResultStore, request: Request) -> Response {
     let missing = |id: FlowRunId| refused(ErrorKind::NotFound, format!("no flow run {id}"));
     match request {
         Request::FlowRun(id) => match p.flow_run(id).await {
