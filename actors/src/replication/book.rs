@@ -18,6 +18,8 @@ pub struct AddressBook {
     replicas: Arc<RwLock<BTreeSet<String>>>,
     /// The voters, as a voter said last.
     voters: Arc<RwLock<Vec<String>>>,
+    /// Nodes this one may not reach (fault injection: a partition).
+    cut: Arc<RwLock<BTreeSet<String>>>,
 }
 
 impl AddressBook {
@@ -82,6 +84,28 @@ impl AddressBook {
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// Cuts this node off from `name` (`true`) or heals the cut: Raft calls to it fail as
+    /// unreachable. For fault injection (a partition is a cut on both sides).
+    pub fn cut(&self, name: &str, cut: bool) {
+        let mut set = self
+            .cut
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cut {
+            set.insert(name.to_owned());
+        } else {
+            set.remove(name);
+        }
+    }
+
+    /// Whether this node is cut off from `name`.
+    pub fn is_cut(&self, name: &str) -> bool {
+        self.cut
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(name)
     }
 
     /// Every node known.

@@ -8,9 +8,9 @@
 //! are on disk; truncating and purging leave no hole. A cut is a record, never a rewrite, so a
 //! crash while truncating cannot lose an entry kept. Segments are numbered in the order they
 //! were begun and replayed in that order; purging removes whole segments from the front once
-//! every entry in them is purged. Every entry not purged is also kept in memory, shared with
-//! the readers, so reads never touch the disk (the log is purged behind each snapshot, which
-//! bounds it).
+//! every entry in them is purged. The latest entries (at most [`MEMORY_ENTRIES`]) are also
+//! kept in memory, shared with the readers: replication and apply read them there; an older
+//! range (a follower far behind) is read back from the segments.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -35,6 +35,8 @@ type Vote = VoteOf<Control>;
 const SEGMENT_BYTES_MAX: u64 = 64 * 1024 * 1024;
 /// The meta file is rewritten into a new one once it holds this many bytes.
 const META_BYTES_MAX: u64 = 64 * 1024;
+/// The most entries kept in memory (the latest).
+pub const MEMORY_ENTRIES: usize = 65_536;
 
 fn segment_name(seq: u64) -> String {
     format!("{seq:020}.raft")
@@ -84,11 +86,24 @@ enum Record {
     CutAfter(Option<u64>),
 }
 
-/// What readers share with the store: every entry not purged, and the vote.
+/// What readers share with the store: the latest entries, and the vote.
 #[derive(Debug, Default)]
 struct Shared {
     entries: BTreeMap<u64, Entry>,
     vote: Option<Vote>,
+    /// The most entries kept in `entries`.
+    window: usize,
+    /// The last index purged: never read back.
+    purged: Option<u64>,
+}
+
+impl Shared {
+    /// Forgets the oldest entries beyond the window (they stay on disk).
+    fn trim(&mut self) {
+        while self.entries.len() > self.window {
+            self.entries.pop_first();
+        }
+    }
 }
 
 fn read_lock(s: &RwLock<Shared>) -> std::sync::RwLockReadGuard<'_, Shared> {
@@ -101,7 +116,7 @@ fn write_lock(s: &RwLock<Shared>) -> std::sync::RwLockWriteGuard<'_, Shared> {
 
 /// The files of the log, owned by its writer thread.
 struct Disk {
-    io: Box<dyn LogIo>,
+    io: Arc<dyn LogIo>,
     segments: Vec<Segment>,
     current: Option<Box<dyn LogFile>>,
     /// Whether the current segment holds frames not synced yet.
@@ -132,6 +147,7 @@ pub struct RaftLogStore {
     /// The vote and the purged id, as last written.
     meta: Meta,
     shared: Arc<RwLock<Shared>>,
+    io: Arc<dyn LogIo>,
 }
 
 impl std::fmt::Debug for RaftLogStore {
@@ -211,6 +227,59 @@ fn write_loop(mut disk: Disk, ops: std::sync::mpsc::Receiver<Op>) {
 #[derive(Debug, Clone)]
 pub struct Reader {
     shared: Arc<RwLock<Shared>>,
+    io: Arc<dyn LogIo>,
+}
+
+impl std::fmt::Debug for dyn LogIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe(""))
+    }
+}
+
+/// Reads the entries from `from` to `to` (inclusive) back from the segments, replaying their
+/// records in order (cuts included); a torn frame at the end of a segment being written is
+/// ignored.
+fn read_range(io: &dyn LogIo, from: u64, to: u64) -> io::Result<Vec<Entry>> {
+    let mut found: Vec<(u64, String)> = io
+        .list()?
+        .iter()
+        .filter_map(|n| parse_segment_name(n).map(|seq| (seq, n.clone())))
+        .collect();
+    found.sort();
+    let mut kept: BTreeMap<u64, Entry> = BTreeMap::new();
+    for (_, name) in found {
+        let bytes = match io.read(&name) {
+            Ok(b) => b,
+            // Purged meanwhile: its entries are not asked for.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let (payloads, end) = frame::decode_frames(&bytes);
+        if let FrameEnd::Corrupt { offset, reason } = end {
+            return Err(corrupt(format!(
+                "{}: frame at byte {offset}: {reason}",
+                io.describe(&name)
+            )));
+        }
+        for payload in payloads {
+            let record: Record = codec::decode(payload)
+                .map_err(|e| corrupt(format!("{}: undecodable record: {e}", io.describe(&name))))?;
+            match record {
+                Record::Entries(batch) => {
+                    for entry in batch {
+                        if (from..=to).contains(&entry.index()) {
+                            kept.insert(entry.index(), entry);
+                        }
+                    }
+                }
+                Record::CutAfter(None) => kept.clear(),
+                Record::CutAfter(Some(l)) => {
+                    kept.split_off(&(l + 1));
+                }
+            }
+        }
+    }
+    Ok(kept.into_values().collect())
 }
 
 impl RaftLogStore {
@@ -218,6 +287,13 @@ impl RaftLogStore {
     /// purged ones; a torn last frame of the last segment is cut off, any other damage is an
     /// error naming the file.
     pub fn open(io: Box<dyn LogIo>) -> io::Result<RaftLogStore> {
+        Self::open_keeping(io, MEMORY_ENTRIES)
+    }
+
+    /// As [`RaftLogStore::open`], keeping at most `window` entries in memory.
+    pub fn open_keeping(io: Box<dyn LogIo>, window: usize) -> io::Result<RaftLogStore> {
+        let io: Arc<dyn LogIo> = Arc::from(io);
+        let window = window.max(1);
         let names = io.list()?;
         let (meta, meta_generation, meta_bytes) = read_meta(io.as_ref(), &names)?;
         let mut found: Vec<(u64, String)> = names
@@ -229,7 +305,12 @@ impl RaftLogStore {
         let mut shared = Shared {
             vote: meta.vote,
             entries: BTreeMap::new(),
+            window,
+            purged,
         };
+        // The first and last entries on disk (after cuts), whatever memory keeps of them.
+        let mut first: Option<u64> = None;
+        let mut last: Option<u64> = None;
         let mut segments = Vec::with_capacity(found.len());
         let count = found.len();
         for (k, (seq, name)) in found.into_iter().enumerate() {
@@ -267,28 +348,46 @@ impl RaftLogStore {
                             if purged.is_some_and(|p| i <= p) {
                                 continue;
                             }
-                            let expect = shared
-                                .entries
-                                .last_key_value()
-                                .map(|(k, _)| k + 1)
-                                .or(purged.map(|p| p + 1));
+                            let expect = last.map(|k| k + 1).or(purged.map(|p| p + 1));
                             if let Some(e) = expect
                                 && i != e
                             {
                                 return Err(corrupt(format!("{path}: entry {i} where {e} was expected")));
                             }
                             shared.entries.insert(i, entry);
+                            first = first.or(Some(i));
+                            last = Some(i);
+                        }
+                        if shared.entries.len() > 2 * window {
+                            shared.trim();
                         }
                     }
-                    Record::CutAfter(None) => shared.entries.clear(),
+                    Record::CutAfter(None) => {
+                        shared.entries.clear();
+                        (first, last) = (None, None);
+                    }
                     Record::CutAfter(Some(l)) => {
                         shared.entries.split_off(&(l + 1));
+                        last = last.map(|k| k.min(l));
+                        if first.is_some_and(|f| f > l) {
+                            (first, last) = (None, None);
+                        }
                     }
                 }
             }
             segments.push(segment);
         }
-        if let (Some(p), Some((&first, _))) = (purged, shared.entries.first_key_value())
+        shared.trim();
+        // A cut below what memory kept: the latest entries are read back.
+        if let Some(l) = last
+            && shared.entries.last_key_value().map(|(k, _)| *k) != Some(l)
+        {
+            let from = first.unwrap_or(0).max(l.saturating_sub(window as u64 - 1));
+            for e in read_range(io.as_ref(), from, l)? {
+                shared.entries.insert(e.index(), e);
+            }
+        }
+        if let (Some(p), Some(first)) = (purged, first)
             && first > p + 1
         {
             return Err(corrupt(format!(
@@ -306,7 +405,7 @@ impl RaftLogStore {
             io.sync_dir()?;
         }
         let disk = Disk {
-            io,
+            io: io.clone(),
             segments,
             current,
             unsynced: false,
@@ -324,6 +423,7 @@ impl RaftLogStore {
             thread: Some(thread),
             meta,
             shared: Arc::new(RwLock::new(shared)),
+            io,
         })
     }
 
@@ -462,26 +562,28 @@ impl Disk {
     }
 }
 
-/// The entries within the bounds (none when they are empty or inverted).
-fn entries_in(entries: &BTreeMap<u64, Entry>, start: Bound<u64>, end: Bound<u64>) -> Vec<Entry> {
+/// The first and last index within the bounds (none when they are empty or inverted).
+fn bounds(start: Bound<u64>, end: Bound<u64>) -> Option<(u64, u64)> {
     let from = match start {
         Bound::Included(s) => s,
-        Bound::Excluded(s) => match s.checked_add(1) {
-            Some(s) => s,
-            None => return Vec::new(),
-        },
+        Bound::Excluded(s) => s.checked_add(1)?,
         Bound::Unbounded => 0,
     };
     let to = match end {
         Bound::Included(e) => e,
-        Bound::Excluded(0) => return Vec::new(),
+        Bound::Excluded(0) => return None,
         Bound::Excluded(e) => e - 1,
         Bound::Unbounded => u64::MAX,
     };
-    if from > to {
-        return Vec::new();
+    (from <= to).then_some((from, to))
+}
+
+/// The entries within the bounds that memory keeps.
+fn entries_in(entries: &BTreeMap<u64, Entry>, start: Bound<u64>, end: Bound<u64>) -> Vec<Entry> {
+    match bounds(start, end) {
+        Some((from, to)) => entries.range(from..=to).map(|(_, e)| e.clone()).collect(),
+        None => Vec::new(),
     }
-    entries.range(from..=to).map(|(_, e)| e.clone()).collect()
 }
 
 /// Reads the meta file of the highest generation (an empty meta when there is none).
@@ -531,7 +633,30 @@ impl RaftLogReader<Control> for Reader {
             Bound::Excluded(s) => Bound::Excluded(*s),
             Bound::Unbounded => Bound::Unbounded,
         };
-        Ok(entries_in(&read_lock(&self.shared).entries, start, end))
+        let (from, to) = match bounds(start, end) {
+            Some(b) => b,
+            None => return Ok(Vec::new()),
+        };
+        let (in_memory, first_kept, purged) = {
+            let shared = read_lock(&self.shared);
+            (
+                entries_in(&shared.entries, start, end),
+                shared.entries.first_key_value().map(|(k, _)| *k),
+                shared.purged,
+            )
+        };
+        let from = purged.map_or(from, |p| from.max(p + 1));
+        // Older than memory keeps: read back from the segments (a follower far behind).
+        match first_kept {
+            Some(k) if from < k => {
+                let io = self.io.clone();
+                let older = tokio::task::spawn_blocking(move || read_range(io.as_ref(), from, to.min(k - 1)))
+                    .await
+                    .map_err(io::Error::other)??;
+                Ok(older.into_iter().chain(in_memory).collect())
+            }
+            _ => Ok(in_memory),
+        }
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -556,6 +681,7 @@ impl RaftLogStore {
     fn reader(&self) -> Reader {
         Reader {
             shared: self.shared.clone(),
+            io: self.io.clone(),
         }
     }
 }
@@ -598,6 +724,7 @@ impl RaftLogStorage<Control> for RaftLogStore {
             for e in &entries {
                 shared.entries.insert(e.index(), e.clone());
             }
+            shared.trim();
         }
         self.writer
             .send(Op::Append(Record::Entries(entries), callback))
@@ -615,12 +742,31 @@ impl RaftLogStorage<Control> for RaftLogStore {
             disk.sync()
         })
         .await?;
-        let mut shared = write_lock(&self.shared);
-        match last {
-            Some(l) => {
-                shared.entries.split_off(&(l + 1));
+        let emptied = {
+            let mut shared = write_lock(&self.shared);
+            match last {
+                Some(l) => {
+                    shared.entries.split_off(&(l + 1));
+                }
+                None => shared.entries.clear(),
             }
-            None => shared.entries.clear(),
+            shared.entries.is_empty()
+        };
+        // Cut below what memory kept: the latest entries kept are read back.
+        if emptied && let Some(l) = last {
+            let from = self
+                .meta
+                .purged
+                .map_or(0, |p| p.index + 1)
+                .max(l.saturating_sub(read_lock(&self.shared).window as u64 - 1));
+            let io = self.io.clone();
+            let back = tokio::task::spawn_blocking(move || read_range(io.as_ref(), from, l))
+                .await
+                .map_err(io::Error::other)??;
+            let mut shared = write_lock(&self.shared);
+            for e in back {
+                shared.entries.insert(e.index(), e);
+            }
         }
         Ok(())
     }
@@ -642,6 +788,7 @@ impl RaftLogStorage<Control> for RaftLogStore {
         let mut shared = write_lock(&self.shared);
         let rest = shared.entries.split_off(&(log_id.index + 1));
         shared.entries = rest;
+        shared.purged = Some(log_id.index);
         Ok(())
     }
 }

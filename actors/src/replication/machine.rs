@@ -140,6 +140,20 @@ impl RaftStateMachine<Control> for StoreMachine {
     }
 }
 
+/// How long a leader goes without a quorum's acknowledgement before it refuses writes.
+pub const QUORUM_LOST_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether `raft` leads without having heard a quorum for [`QUORUM_LOST_AFTER`].
+pub fn quorum_lost(raft: &StoreRaft) -> bool {
+    use openraft::Instant as _;
+    let metrics = raft.metrics();
+    let m = metrics.borrow_watched();
+    m.state.is_leader()
+        && m.last_quorum_acked
+            .as_ref()
+            .is_some_and(|at| at.elapsed() > QUORUM_LOST_AFTER)
+}
+
 /// The name of the node `id` in the membership of `raft`, when it is a member.
 fn name_of(raft: &StoreRaft, id: u64) -> Option<String> {
     let metrics = raft.metrics();
@@ -157,6 +171,14 @@ pub fn spawn_proposer(raft: StoreRaft, mut rx: mpsc::UnboundedReceiver<(Timestam
     tokio::spawn(async move {
         while let Some((now, batch)) = rx.recv().await {
             let (commands, acks): (Vec<Command>, Vec<Ack>) = batch.into_iter().unzip();
+            // A leader that has heard no quorum for longer than its lease is cut off (a
+            // minority): it refuses rather than let the writes wait for a heal.
+            if quorum_lost(&raft) {
+                for ack in acks {
+                    let _ = ack.send(Err(PersistError::NotLeader { leader: None }));
+                }
+                continue;
+            }
             let data = commands.into_iter().map(|command| Logged { now, command });
             // Sent to Raft before the next batch is: the order is kept.
             let answers = match raft.client_write_many(data).await {

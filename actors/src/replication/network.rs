@@ -134,6 +134,13 @@ enum CallError {
 
 impl QuicRaftClient {
     async fn connection(&mut self) -> Result<quinn::Connection, CallError> {
+        if self.book.is_cut(&self.member.name) {
+            self.connection = None;
+            return Err(CallError::Unreachable(
+                self.member.name.clone(),
+                "cut off (a partition)".to_owned(),
+            ));
+        }
         if let Some(c) = &self.connection
             && c.close_reason().is_none()
         {

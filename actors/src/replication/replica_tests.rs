@@ -167,3 +167,90 @@ async fn three_replicas_apply_the_same_commands_and_survive_their_leader() {
         v.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_refuses_writes_and_the_majority_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let names = ["n1", "n2", "n3"].map(String::from);
+    certs::init(&tmp.path().join("certs"), &names, &[]).unwrap();
+    let mut voters = BTreeMap::new();
+    for name in &names {
+        voters.insert(
+            name.clone(),
+            start_store_voter(tmp.path(), &tmp.path().join("certs"), name)
+                .await
+                .unwrap(),
+        );
+    }
+    let members: BTreeMap<u64, Member> = voters
+        .values()
+        .map(|v| (node_id(&v.member.name), v.member.clone()))
+        .collect();
+    voters["n1"].voter.raft.initialize(members).await.unwrap();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
+    let mut acknowledged = Vec::new();
+    for _ in 0..30 {
+        let id = FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng);
+        create_through_leader(&voters, id).await;
+        acknowledged.push(id);
+    }
+
+    // The leader is cut off from the two others, both ways.
+    let old = leader(&voters).await;
+    for (name, v) in &voters {
+        for other in &names {
+            if (*name == old) != (*other == old) {
+                v.voter.peers.book.cut(other, true);
+            }
+        }
+    }
+    // The minority refuses writes (once its lease ran out), and never acknowledges one.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let id = FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng);
+        let answer = tokio::time::timeout(
+            Duration::from_secs(3),
+            voters[&old].persistence.submit(create(id)),
+        )
+        .await;
+        match answer {
+            Ok(Err(PersistError::NotLeader { .. })) => break,
+            Ok(Ok(reply)) => panic!("the cut-off leader acknowledged a write: {reply:?}"),
+            _ => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cut-off leader did not refuse writes within {WAIT:?}"
+            ),
+        }
+    }
+    // The majority elects a leader and goes on.
+    let cut_off = voters.remove(&old).unwrap();
+    for _ in 0..30 {
+        let id = FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng);
+        create_through_leader(&voters, id).await;
+        acknowledged.push(id);
+    }
+    // Healed: the old leader takes the new leader's log; every replica holds exactly what was
+    // acknowledged (nothing the minority was sent while cut off).
+    voters.insert(old.clone(), cut_off);
+    for v in voters.values() {
+        for other in &names {
+            v.voter.peers.book.cut(other, false);
+        }
+    }
+    let id = FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng);
+    create_through_leader(&voters, id).await;
+    acknowledged.push(id);
+    acknowledged.sort();
+    applied_everywhere(&voters).await;
+    for v in voters.values() {
+        assert_eq!(
+            runs(v).await,
+            acknowledged,
+            "{} holds what was acknowledged",
+            v.member.name
+        );
+    }
+    for (_, v) in voters {
+        v.stop().await;
+    }
+}

@@ -28,8 +28,8 @@ pub fn node_id(name: &str) -> u64 {
     })
 }
 
-/// Raft settings of a cluster's voters: heartbeats every 100 ms, elections after 400 to 700 ms
-/// of silence past the leader's lease, and no snapshots (the log is kept whole: a follower
+/// Raft settings of a cluster's voters: heartbeats every 50 ms, elections after 300 to 600 ms
+/// of silence past the leader's lease (600 ms), and no snapshots (the log is kept whole: a follower
 /// behind is sent entries, never a snapshot, and no purge can overtake an apply). A restarted
 /// leader is elected again like any voter. A voter whose log went back (wiped) is refused by
 /// the greetings; should one get through, the leader sends it the log again rather than stop
@@ -37,9 +37,9 @@ pub fn node_id(name: &str) -> u64 {
 pub fn voter_config() -> Result<Arc<openraft::Config>, String> {
     let config = openraft::Config {
         cluster_name: "flotilla".to_owned(),
-        heartbeat_interval: 100,
-        election_timeout_min: 400,
-        election_timeout_max: 700,
+        heartbeat_interval: 50,
+        election_timeout_min: 300,
+        election_timeout_max: 600,
         snapshot_policy: openraft::SnapshotPolicy::Never,
         allow_log_reversion: Some(true),
         enable_leader_restore: Some(false),

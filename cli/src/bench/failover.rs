@@ -46,6 +46,12 @@ pub struct FailoverArgs {
     /// How long replicated writes are measured, in seconds.
     #[arg(long, default_value_t = 5.0)]
     write_seconds: f64,
+    /// How many submitters write at once.
+    #[arg(long, default_value_t = 1024)]
+    write_submitters: usize,
+    /// Measure the replicated writes only.
+    #[arg(long)]
+    writes_only: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -86,10 +92,18 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
         }
     };
     say("replicated writes: 3 voters over real stores, 1,024 submitters…");
-    let (writes_per_s, write_ack_p50_ms) = replicated_writes(args.write_seconds).await?;
+    anyhow::ensure!(
+        args.write_submitters >= 1,
+        "--write-submitters must be at least 1"
+    );
+    let (writes_per_s, write_ack_p50_ms) =
+        replicated_writes(args.write_seconds, args.write_submitters).await?;
     say(&format!(
         "  {writes_per_s:.0} commands/s, ack p50 {write_ack_p50_ms:.3} ms"
     ));
+    if args.writes_only {
+        return Ok(());
+    }
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let port = super::cluster::free_ports()?;
     say("starting 5 nodes (voters n1-n3 serve only the queue ops; n4, n5 workers)…");
@@ -130,7 +144,7 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
 
 /// Durable commands per second through three voters in this process, 1,024 submitters at the
 /// leader; and their acknowledgement's p50 in ms.
-async fn replicated_writes(seconds: f64) -> anyhow::Result<(f64, f64)> {
+async fn replicated_writes(seconds: f64, submitters: usize) -> anyhow::Result<(f64, f64)> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let names = ["v1", "v2", "v3"].map(String::from);
     flotilla_cluster::certs::init(&dir.path().join("certs"), &names, &[])?;
@@ -170,7 +184,7 @@ async fn replicated_writes(seconds: f64) -> anyhow::Result<(f64, f64)> {
     let handle = leading.persistence.clone();
     let result = async {
         let cycles = super::persistence::create_runs(&handle, 10_000).await?;
-        let (r, _) = super::persistence::run_case(&handle, cycles, 1024, seconds).await?;
+        let (r, _) = super::persistence::run_case(&handle, cycles, submitters, seconds).await?;
         anyhow::Ok((r.commands_per_s, r.ack_p50_ms))
     }
     .await;

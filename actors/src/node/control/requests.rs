@@ -379,19 +379,26 @@ impl ControlState {
                 tokio::spawn(async move {
                     // Replicated: the leader confirms it still leads (a quorum answers its
                     // heartbeat) and has applied that far before it reads: a linearizable read.
-                    if let Some(v) = voter
-                        && let Err(e) = v
-                            .raft
-                            .ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
-                            .await
-                    {
-                        return answer(
-                            reply,
-                            refused(
-                                ErrorKind::Unavailable,
-                                format!("this node cannot confirm it leads the control state: {e}"),
-                            ),
-                        );
+                    if let Some(v) = voter {
+                        let confirmed = tokio::time::timeout(
+                            crate::replication::machine::QUORUM_LOST_AFTER,
+                            v.raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex),
+                        )
+                        .await;
+                        let why = match confirmed {
+                            Ok(Ok(_)) => None,
+                            Ok(Err(e)) => Some(e.to_string()),
+                            Err(_) => Some("no quorum answered in time".to_owned()),
+                        };
+                        if let Some(why) = why {
+                            return answer(
+                                reply,
+                                refused(
+                                    ErrorKind::Unavailable,
+                                    format!("this node cannot confirm it leads the control state: {why}"),
+                                ),
+                            );
+                        }
                     }
                     let r = read_request(&p, &results, other).await;
                     answer(reply, r);

@@ -41,6 +41,78 @@ async fn the_log_store_passes_openraft_s_conformance_suite() {
     Suite::test_all(OnDisk).await.expect("the suite passes");
 }
 
+/// The log keeping two entries in memory: every other read goes back to the segments.
+struct TwoInMemory;
+
+impl StoreBuilder<Control, RaftLogStore, CountingMachine, tempfile::TempDir> for TwoInMemory {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, RaftLogStore, CountingMachine), StorageError<Control>> {
+        let failed =
+            |e| StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e);
+        let dir = tempfile::tempdir().map_err(failed)?;
+        let store = RaftLogStore::open_keeping(Box::new(DirIo::new(dir.path()).map_err(failed)?), 2)
+            .map_err(failed)?;
+        Ok((dir, store, CountingMachine::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_store_passes_the_suite_keeping_two_entries_in_memory() {
+    Suite::test_all(TwoInMemory).await.expect("the suite passes");
+}
+
+/// With four entries in memory, a hundred entries read back whole, before and after a
+/// reopen, and after a cut far below what memory keeps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_beyond_memory_are_read_back_from_the_segments() {
+    let dir = tempfile::tempdir().unwrap();
+    let keep = |d: &std::path::Path| RaftLogStore::open_keeping(Box::new(DirIo::new(d).unwrap()), 4).unwrap();
+    let mut log = keep(dir.path());
+    for i in 0..10u64 {
+        append(&mut log, (i * 10..i * 10 + 10).map(|k| entry(1, k)).collect())
+            .await
+            .unwrap();
+    }
+    let all = |v: Vec<Entry>| v.iter().map(|e| e.index()).collect::<Vec<_>>();
+    assert_eq!(
+        all(log.try_get_log_entries(..).await.unwrap()),
+        (0..100).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        all(log.try_get_log_entries(37..42).await.unwrap()),
+        (37..42).collect::<Vec<_>>()
+    );
+    log.close();
+    let mut log = keep(dir.path());
+    assert_eq!(
+        all(log.try_get_log_entries(..).await.unwrap()),
+        (0..100).collect::<Vec<_>>()
+    );
+    // A cut far below memory: the latest kept is read back; appends go on after it.
+    log.truncate_after(Some(entry(1, 20).log_id())).await.unwrap();
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_log_id.map(|l| l.index),
+        Some(20)
+    );
+    append(&mut log, (21..30).map(|k| entry(2, k)).collect())
+        .await
+        .unwrap();
+    log.close();
+    let mut log = keep(dir.path());
+    let back = log.try_get_log_entries(..).await.unwrap();
+    assert_eq!(all(back.clone()), (0..30).collect::<Vec<_>>());
+    assert!(
+        back.iter()
+            .filter(|e| e.index() > 20)
+            .all(|e| e.log_id().leader_id.term == 2)
+    );
+    assert_eq!(
+        log.get_log_state().await.unwrap().last_log_id.map(|l| l.index),
+        Some(29)
+    );
+}
+
 fn entry(term: u64, index: u64) -> Entry {
     use openraft::vote::RaftLeaderIdExt;
     Entry::new_blank(LogId::new(
