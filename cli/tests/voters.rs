@@ -54,16 +54,21 @@ fn three_voters(dir: &Path) -> (Nodes, [u16; 3]) {
     let ports = [free_udp_port(), free_udp_port(), free_udp_port()];
     let mut nodes = Nodes::new(dir);
     for (i, name) in ["n1", "n2", "n3"].iter().enumerate() {
-        let seeds: Vec<u16> = ports
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, p)| *p)
-            .collect();
+        let seeds = all_but(&ports, i);
         let child = start_voter(dir, name, ports[i], &seeds);
         nodes.children.push(((*name).to_owned(), child));
     }
     (nodes, ports)
+}
+
+/// Every port but the `i`th.
+fn all_but(ports: &[u16], i: usize) -> Vec<u16> {
+    ports
+        .iter()
+        .enumerate()
+        .filter(|(j, _)| *j != i)
+        .map(|(_, p)| *p)
+        .collect()
 }
 
 fn addrs(ports: &[u16]) -> String {
@@ -196,12 +201,7 @@ async fn the_leader_killed_under_writes_loses_nothing_acknowledged() {
     nodes.children[i].1.kill().expect("the leader is killed");
     let killed = Instant::now();
     // A new leader, and a write it acknowledges, soon (2 s here; 10 s allowed on a loaded host).
-    let others: Vec<u16> = ports
-        .iter()
-        .enumerate()
-        .filter(|(j, _)| *j != i)
-        .map(|(_, p)| *p)
-        .collect();
+    let others = all_but(&ports, i);
     let survivor = Client::connect(&addrs(&others), &dir.join("certs"))
         .await
         .expect("a client of the others");
@@ -254,12 +254,7 @@ async fn a_wiped_voter_is_refused_until_removed_and_added_again() {
     nodes.children[i].1.kill().expect("the voter is killed");
     let _ = nodes.children[i].1.wait();
     std::fs::remove_dir_all(dir.join(&name)).expect("its data directory removed");
-    let seeds: Vec<u16> = ports
-        .iter()
-        .enumerate()
-        .filter(|(j, _)| *j != i)
-        .map(|(_, p)| *p)
-        .collect();
+    let seeds = all_but(&ports, i);
 
     // Back, it is refused with a clear error, and exits.
     let mut back = start_voter(dir, &name, ports[i], &seeds);
@@ -346,12 +341,7 @@ async fn voters_restarted_one_by_one_under_load_lose_nothing_and_fire_each_time_
             .expect("kill runs");
         assert!(terminated.success());
         let _ = nodes.children[i].1.wait();
-        let seeds: Vec<u16> = ports
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, p)| *p)
-            .collect();
+        let seeds = all_but(&ports, i);
         nodes.restart(i, start_voter(dir, &name, ports[i], &seeds));
         // Back, and caught up with what was written meanwhile, before the next goes.
         let before = written(client.clone()).await;

@@ -84,25 +84,29 @@ async fn runs(v: &StoreVoter) -> Vec<FlowRunId> {
     ids
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_replicas_apply_the_same_commands_and_survive_their_leader() {
-    let tmp = tempfile::tempdir().unwrap();
+/// Three voters n1-n3 over stores in `dir`, formed.
+async fn three_voters(dir: &std::path::Path) -> ([String; 3], BTreeMap<String, StoreVoter>) {
     let names = ["n1", "n2", "n3"].map(String::from);
-    certs::init(&tmp.path().join("certs"), &names, &[]).unwrap();
+    certs::init(&dir.join("certs"), &names, &[]).unwrap();
     let mut voters = BTreeMap::new();
     for name in &names {
         voters.insert(
             name.clone(),
-            start_store_voter(tmp.path(), &tmp.path().join("certs"), name)
-                .await
-                .unwrap(),
+            start_store_voter(dir, &dir.join("certs"), name).await.unwrap(),
         );
     }
     let members: BTreeMap<u64, Member> = voters
         .values()
         .map(|v| (node_id(&v.member.name), v.member.clone()))
         .collect();
-    voters["n1"].voter.raft.initialize(members.clone()).await.unwrap();
+    voters["n1"].voter.raft.initialize(members).await.unwrap();
+    (names, voters)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_apply_the_same_commands_and_survive_their_leader() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, mut voters) = three_voters(tmp.path()).await;
 
     let mut rng = rand::rngs::SmallRng::seed_from_u64(16);
     let mut acknowledged = Vec::new();
@@ -171,22 +175,7 @@ async fn three_replicas_apply_the_same_commands_and_survive_their_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_cut_off_refuses_writes_and_the_majority_goes_on() {
     let tmp = tempfile::tempdir().unwrap();
-    let names = ["n1", "n2", "n3"].map(String::from);
-    certs::init(&tmp.path().join("certs"), &names, &[]).unwrap();
-    let mut voters = BTreeMap::new();
-    for name in &names {
-        voters.insert(
-            name.clone(),
-            start_store_voter(tmp.path(), &tmp.path().join("certs"), name)
-                .await
-                .unwrap(),
-        );
-    }
-    let members: BTreeMap<u64, Member> = voters
-        .values()
-        .map(|v| (node_id(&v.member.name), v.member.clone()))
-        .collect();
-    voters["n1"].voter.raft.initialize(members).await.unwrap();
+    let (names, mut voters) = three_voters(tmp.path()).await;
     let mut rng = rand::rngs::SmallRng::seed_from_u64(17);
     let mut acknowledged = Vec::new();
     for _ in 0..30 {

@@ -10,7 +10,8 @@ use crate::replication::counting::CountingMachine;
 
 use crate::persistence::log_io::DirIo;
 
-struct OnDisk;
+/// A log on disk keeping this many entries in memory.
+struct OnDisk(usize);
 
 impl StoreBuilder<Control, RaftLogStore, CountingMachine, tempfile::TempDir> for OnDisk {
     async fn build(
@@ -19,7 +20,8 @@ impl StoreBuilder<Control, RaftLogStore, CountingMachine, tempfile::TempDir> for
         let failed =
             |e| StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e);
         let dir = tempfile::tempdir().map_err(failed)?;
-        let store = open(dir.path()).map_err(failed)?;
+        let store = RaftLogStore::open_keeping(Box::new(DirIo::new(dir.path()).map_err(failed)?), self.0)
+            .map_err(failed)?;
         Ok((dir, store, CountingMachine::default()))
     }
 }
@@ -38,28 +40,15 @@ fn open(dir: &std::path::Path) -> io::Result<RaftLogStore> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_store_passes_openraft_s_conformance_suite() {
-    Suite::test_all(OnDisk).await.expect("the suite passes");
-}
-
-/// The log keeping two entries in memory: every other read goes back to the segments.
-struct TwoInMemory;
-
-impl StoreBuilder<Control, RaftLogStore, CountingMachine, tempfile::TempDir> for TwoInMemory {
-    async fn build(
-        &self,
-    ) -> Result<(tempfile::TempDir, RaftLogStore, CountingMachine), StorageError<Control>> {
-        let failed =
-            |e| StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Read, e);
-        let dir = tempfile::tempdir().map_err(failed)?;
-        let store = RaftLogStore::open_keeping(Box::new(DirIo::new(dir.path()).map_err(failed)?), 2)
-            .map_err(failed)?;
-        Ok((dir, store, CountingMachine::default()))
-    }
+    Suite::test_all(OnDisk(MEMORY_ENTRIES))
+        .await
+        .expect("the suite passes");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_store_passes_the_suite_keeping_two_entries_in_memory() {
-    Suite::test_all(TwoInMemory).await.expect("the suite passes");
+    // Every other read goes back to the segments.
+    Suite::test_all(OnDisk(2)).await.expect("the suite passes");
 }
 
 /// With four entries in memory, a hundred entries read back whole, before and after a
