@@ -589,6 +589,13 @@ impl<R> ControlMachine<R> {
         self.restored = true;
         self.complete_holds(now, out);
         self.dispatch.clear_active();
+        // A node holding runs that this start has not heard from gets one unreachable window
+        // to speak (its runs are crashed and resumed elsewhere if it never does: it may have
+        // died while no control node was watching).
+        let unknown = u64::try_from(now.as_micros()).unwrap_or(0) | (1 << 63);
+        for node in running.iter().filter_map(|r| r.node.as_ref()) {
+            self.roster.expect(now, node, unknown);
+        }
         for r in running {
             self.dispatch
                 .restore(r.run, r.queue.as_deref(), r.deployment, r.node);

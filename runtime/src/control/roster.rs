@@ -131,6 +131,31 @@ impl Roster {
         back
     }
 
+    /// A node that holds runs but has not been heard from since this control node started (a
+    /// new leader, a restart): it is given, from `now`, the same time to speak as a member that
+    /// went silent, and is declared dead like one if it never does. Its incarnation is unknown:
+    /// `incarnation` stands for it (a value this start alone uses). A member heard from is kept.
+    pub fn expect(&mut self, now: Timestamp, node: &NodeId, incarnation: u64) {
+        self.members.entry(node.clone()).or_insert_with(|| Member {
+            status: MemberStatus {
+                name: node.clone(),
+                addr: String::new(),
+                role: String::new(),
+                reachable: true,
+                slots_used: 0,
+                slots_total: 0,
+                flows: Vec::new(),
+                queues: Vec::new(),
+                last_heartbeat: None,
+                incarnation,
+                holds: Vec::new(),
+                flow_options: BTreeMap::new(),
+            },
+            last_seen: now,
+            placed: 0,
+        });
+    }
+
     /// The members silent longer than `after` at `now`, marked unreachable (each returned once),
     /// with the incarnation that went silent and how long it was silent.
     pub fn silent(&mut self, now: Timestamp, after: Duration) -> Vec<(NodeId, u64, Duration)> {

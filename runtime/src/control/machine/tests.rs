@@ -296,3 +296,36 @@ fn a_run_of_no_queue_goes_only_to_a_node_that_serves_the_default_queue() {
     let effects = c.handle(T0, Input::Heartbeat(default_too));
     assert_eq!(starts(&effects), vec![(node("b"), run(1))]);
 }
+
+#[test]
+fn a_node_holding_runs_never_heard_after_a_start_is_declared_dead_after_the_window() {
+    // A new leader (or a restarted control node) reads back runs held by nodes it never heard
+    // from: one that died while no control node watched is declared dead after the same
+    // window as a member gone silent, and its runs are crashed (and resumed elsewhere).
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
+    c.handle(T0, Input::Heartbeat(member("a", 2, 1)));
+    let held = |run_n: u8, n: &str| Running {
+        run: run(run_n),
+        queue: None,
+        deployment: None,
+        node: Some(node(n)),
+    };
+    c.handle(T0, Input::Restore(vec![held(1, "a"), held(2, "gone")]));
+    let window = ControlConfig::default().unreachable_after;
+    // "a" keeps speaking; "gone" never does.
+    let mut dead = Vec::new();
+    for k in 1..=((window.as_millis() as u64) / 100 + 3) {
+        let now = at(k * 100);
+        c.handle(now, Input::Heartbeat(member("a", 2, 1)));
+        for e in c.handle(now, Input::Tick) {
+            if let Effect::DeclareDead { node, .. } = e {
+                dead.push(node);
+            }
+        }
+    }
+    assert_eq!(
+        dead,
+        vec![node("gone")],
+        "only the node never heard from is declared dead"
+    );
+}
