@@ -580,6 +580,9 @@ impl<R> ControlMachine<R> {
     }
 
     fn restore(&mut self, now: Timestamp, running: Vec<Running>, out: &mut Vec<Effect<R>>) {
+        /// How long, beyond the unreachable window, a node is given to reconnect to a control
+        /// node that just started (its redial backs off up to 2 s).
+        const RECONNECT_GRACE: Duration = Duration::from_secs(4);
         // Started with runs under way and no complete record of who holds slots (a data
         // directory from before the record, or a restart soon after): new holders wait until
         // every lease that may be held was renewed or ran out.
@@ -589,12 +592,12 @@ impl<R> ControlMachine<R> {
         self.restored = true;
         self.complete_holds(now, out);
         self.dispatch.clear_active();
-        // A node holding runs that this start has not heard from gets one unreachable window
-        // to speak (its runs are crashed and resumed elsewhere if it never does: it may have
-        // died while no control node was watching).
+        // A node holding runs that this start has not heard from gets time to reconnect and
+        // speak (its runs are crashed and resumed elsewhere if it never does: it may have died
+        // while no control node was watching).
         let unknown = u64::try_from(now.as_micros()).unwrap_or(0) | (1 << 63);
         for node in running.iter().filter_map(|r| r.node.as_ref()) {
-            self.roster.expect(now, node, unknown);
+            self.roster.expect(now + RECONNECT_GRACE, node, unknown);
         }
         for r in running {
             self.dispatch

@@ -132,8 +132,8 @@ impl Roster {
     }
 
     /// A node that holds runs but has not been heard from since this control node started (a
-    /// new leader, a restart): it is given, from `now`, the same time to speak as a member that
-    /// went silent, and is declared dead like one if it never does. Its incarnation is unknown:
+    /// new leader, a restart): it counts as heard at `now` (the caller adds time to reconnect),
+    /// and is declared dead like a member gone silent if it never speaks. Its incarnation is unknown:
     /// `incarnation` stands for it (a value this start alone uses). A member heard from is kept.
     pub fn expect(&mut self, now: Timestamp, node: &NodeId, incarnation: u64) {
         self.members.entry(node.clone()).or_insert_with(|| Member {

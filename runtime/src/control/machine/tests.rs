@@ -311,7 +311,7 @@ fn a_node_holding_runs_never_heard_after_a_start_is_declared_dead_after_the_wind
         node: Some(node(n)),
     };
     c.handle(T0, Input::Restore(vec![held(1, "a"), held(2, "gone")]));
-    let window = ControlConfig::default().unreachable_after;
+    let window = ControlConfig::default().unreachable_after + Duration::from_secs(4);
     // "a" keeps speaking; "gone" never does.
     let mut dead = Vec::new();
     for k in 1..=((window.as_millis() as u64) / 100 + 3) {
@@ -328,4 +328,30 @@ fn a_node_holding_runs_never_heard_after_a_start_is_declared_dead_after_the_wind
         vec![node("gone")],
         "only the node never heard from is declared dead"
     );
+}
+
+#[test]
+fn a_node_holding_runs_that_reconnects_after_a_start_is_not_declared_dead() {
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
+    let held = Running {
+        run: run(1),
+        queue: None,
+        deployment: None,
+        node: Some(node("a")),
+    };
+    c.handle(T0, Input::Restore(vec![held]));
+    // Its redial took 3 s: it speaks, late but within the grace, and lives.
+    let mut dead = Vec::new();
+    for k in 1..=100u64 {
+        let now = at(k * 100);
+        if k >= 30 {
+            c.handle(now, Input::Heartbeat(member("a", 2, 7)));
+        }
+        for e in c.handle(now, Input::Tick) {
+            if let Effect::DeclareDead { node, .. } = e {
+                dead.push(node);
+            }
+        }
+    }
+    assert!(dead.is_empty(), "declared dead: {dead:?}");
 }
