@@ -37,10 +37,6 @@ use state::{End, Phase};
 
 type Waiter = oneshot::Sender<Result<Vec<u8>, TaskFailure>>;
 
-/// How long after a run's body started its Running is written (unless something else is
-/// written first).
-const RUNNING_WRITE_DELAY: std::time::Duration = std::time::Duration::from_millis(1);
-
 /// Messages of a flow run's actor.
 pub enum FlowRunMsg {
     /// The body calls a task.
@@ -98,8 +94,6 @@ pub enum FlowRunMsg {
         /// The answers.
         results: Vec<SubmitResult>,
     },
-    /// Write what waits in the outbox (the run's Running, a moment after its body started).
-    Flush,
 }
 
 impl ractor::Message for FlowRunMsg {}
@@ -118,7 +112,6 @@ impl std::fmt::Debug for FlowRunMsg {
             FlowRunMsg::Cancel => f.write_str("Cancel"),
             FlowRunMsg::TaskState(key, _) => write!(f, "TaskState({key})"),
             FlowRunMsg::Written { seq, .. } => write!(f, "Written({seq})"),
-            FlowRunMsg::Flush => f.write_str("Flush"),
         }
     }
 }
@@ -218,9 +211,7 @@ impl Actor for FlowRunActor {
         }
         s.outbox.push(cmd);
         s.start_body(&myself);
-        // Running is written a moment later: a body that ends by then has its Running and its
-        // final state written together (one write to wait for, not two in a row).
-        myself.send_after(RUNNING_WRITE_DELAY, || FlowRunMsg::Flush);
+        s.flush(&myself, false);
         Ok(())
     }
 
@@ -381,7 +372,6 @@ impl Actor for FlowRunActor {
                     }
                 }
             }
-            FlowRunMsg::Flush => s.flush(&myself, false),
             FlowRunMsg::Written { seq, results } => {
                 s.outbox.acked = s.outbox.acked.max(seq + 1);
                 if seq + 1 >= s.outbox.next_seq {
