@@ -8,44 +8,20 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{BIN, Nodes, eventually, free_udp_port, init_certs};
+use common::{BIN, Nodes, eventually, free_udp_port, init_certs, spawn_node};
 use flotilla::{Client, FlowRunId, NOOP_FLOW};
 
 const VOTERS: &str = "n1,n2,n3";
 
 /// Starts voter `name` on `port`, greeting the other voters' `seeds`.
 fn start_voter(dir: &Path, name: &str, port: u16, seeds: &[u16]) -> Child {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.log")))
-        .expect("a log file");
     let join: Vec<String> = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    Command::new(BIN)
-        .args([
-            "node",
-            "start",
-            "--name",
-            name,
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .arg("--data")
-        .arg(dir.join(name))
-        .arg("--certs")
-        .arg(dir.join("certs"))
-        .args(["--voters", VOTERS, "--join", &join.join(","), "--quiet-runs"])
-        .env_remove("FLOTILLA_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("flotilla node starts")
+    spawn_node(dir, name, port, &["--voters", VOTERS, "--join", &join.join(",")])
 }
 
 /// Three voters n1-n3, each greeting the two others.

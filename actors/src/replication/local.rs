@@ -47,20 +47,18 @@ pub fn config() -> Result<Arc<openraft::Config>, std::io::Error> {
     config.validate().map(Arc::new).map_err(std::io::Error::other)
 }
 
-/// Starts voter `id` named `name` (its certificate in `certs`, its log in `dir/name`),
-/// listening on `addr` (any free port when None; a port just given up may take a moment to be
-/// free, so binding is tried again for up to 10 s).
-pub async fn start_voter(
-    dir: &Path,
+fn other(e: impl std::fmt::Display) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+/// The QUIC endpoint of the node `name` (its certificate in `certs`) on `addr` (any free port
+/// of 127.0.0.1 when None; a port just given up may take a moment to be free, so binding is
+/// tried again for up to 10 s), and the node as members name it.
+async fn bind(
     certs: &Path,
-    id: u64,
     name: &str,
     addr: Option<SocketAddr>,
-    config: Arc<openraft::Config>,
-) -> Result<LocalVoter, std::io::Error> {
-    fn other(e: impl std::fmt::Display) -> std::io::Error {
-        std::io::Error::other(e.to_string())
-    }
+) -> Result<(Arc<QuicEndpoint>, Member), std::io::Error> {
     let identity = Identity::load(certs, name).map_err(other)?;
     let addr = addr.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -81,6 +79,21 @@ pub async fn start_voter(
         name: name.to_owned(),
         addr: bound.to_string(),
     };
+    Ok((endpoint, member))
+}
+
+/// Starts voter `id` named `name` (its certificate in `certs`, its log in `dir/name`),
+/// listening on `addr` (any free port when None; a port just given up may take a moment to be
+/// free, so binding is tried again for up to 10 s).
+pub async fn start_voter(
+    dir: &Path,
+    certs: &Path,
+    id: u64,
+    name: &str,
+    addr: Option<SocketAddr>,
+    config: Arc<openraft::Config>,
+) -> Result<LocalVoter, std::io::Error> {
+    let (endpoint, member) = bind(certs, name, addr).await?;
     let log = RaftLogStore::open(Box::new(DirIo::new(&dir.join(name))?))?;
     let raft = CountingRaft::new(
         id,
@@ -132,25 +145,7 @@ impl StoreVoter {
 /// Starts a voter named `name` over a store in `dir/name` (its certificate in `certs`),
 /// listening on any free port of 127.0.0.1. Its Raft node is not initialized.
 pub async fn start_store_voter(dir: &Path, certs: &Path, name: &str) -> Result<StoreVoter, std::io::Error> {
-    fn other(e: impl std::fmt::Display) -> std::io::Error {
-        std::io::Error::other(e.to_string())
-    }
-    let identity = Identity::load(certs, name).map_err(other)?;
-    let endpoint = Arc::new(
-        QuicEndpoint::bind(
-            SocketAddr::from(([127, 0, 0, 1], 0)),
-            identity,
-            TransportSettings::default(),
-        )
-        .map_err(other)?,
-    );
-    let bound = endpoint
-        .local_addr()
-        .ok_or_else(|| other("the endpoint has no local address"))?;
-    let member = Member {
-        name: name.to_owned(),
-        addr: bound.to_string(),
-    };
+    let (endpoint, member) = bind(certs, name, None).await?;
     let data = dir.join(name);
     let config = crate::persistence::PersistenceConfig::new(&data);
     let opened = tokio::task::spawn_blocking(move || crate::persistence::open_replica(config))

@@ -78,41 +78,51 @@ pub fn init_certs(dir: &Path, nodes: &str) {
 
 /// Starts `flotilla node start` (its log appended to `dir/NAME.log`), with `extra` flags.
 pub fn start_node(dir: &Path, name: &str, port: u16, join: Option<u16>, extra: &[&str]) -> Child {
+    let role: Vec<String> = match join {
+        None => vec!["--role".into(), "control".into()],
+        Some(p) => vec![
+            "--role".into(),
+            "worker".into(),
+            "--join".into(),
+            format!("127.0.0.1:{p}"),
+        ],
+    };
+    let mut flags: Vec<&str> = vec!["--unreachable-after", "1s", "--heartbeat", "250ms"];
+    flags.extend(extra);
+    flags.extend(role.iter().map(String::as_str));
+    spawn_node(dir, name, port, &flags)
+}
+
+/// Starts `flotilla node start --name NAME` on `port` with its data in `dir/NAME` and the
+/// cluster's certificates in `dir/certs`, quiet runs, and `flags` (its log appended to
+/// `dir/NAME.log`).
+pub fn spawn_node(dir: &Path, name: &str, port: u16, flags: &[&str]) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join(format!("{name}.log")))
         .expect("a log file");
-    let mut cmd = Command::new(BIN);
-    cmd.args([
-        "node",
-        "start",
-        "--name",
-        name,
-        "--listen",
-        &format!("127.0.0.1:{port}"),
-    ])
-    .arg("--data")
-    .arg(dir.join(name))
-    .arg("--certs")
-    .arg(dir.join("certs"))
-    .args([
-        "--unreachable-after",
-        "1s",
-        "--heartbeat",
-        "250ms",
-        "--quiet-runs",
-    ])
-    .args(extra)
-    .env_remove("FLOTILLA_CONFIG")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(log);
-    match join {
-        None => cmd.args(["--role", "control"]),
-        Some(p) => cmd.args(["--role", "worker", "--join", &format!("127.0.0.1:{p}")]),
-    };
-    cmd.spawn().expect("flotilla node starts")
+    Command::new(BIN)
+        .args([
+            "node",
+            "start",
+            "--name",
+            name,
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--data")
+        .arg(dir.join(name))
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .arg("--quiet-runs")
+        .args(flags)
+        .env_remove("FLOTILLA_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("flotilla node starts")
 }
 
 /// Polls `f` until it returns Some, at most `within`.
