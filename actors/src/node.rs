@@ -111,6 +111,8 @@ pub struct NodeConfig {
     /// The voters of a replicated control state, by name (empty: one control node, as `role`
     /// says). A voter holds a replica and may lead; every node runs work.
     pub voters: Vec<String>,
+    /// A voter's snapshots: how often, and how much log it keeps behind one.
+    pub snapshots: crate::replication::voter::Snapshots,
 }
 
 impl NodeConfig {
@@ -137,6 +139,7 @@ impl NodeConfig {
             memory_runs: persistence::store::MEMORY_RUNS_DEFAULT,
             answers: replies::AnswerBounds::default(),
             voters: Vec::new(),
+            snapshots: crate::replication::voter::Snapshots::default(),
         }
     }
 }
@@ -567,8 +570,18 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
                 })?;
             let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
             let (p, join) = persistence::start_replica(opened, tx).await?;
-            voter =
-                Some(voting::start(&me, &config.data_dir, Arc::new(endpoint.clone()), &p, record, rx).await?);
+            voter = Some(
+                voting::start(
+                    &me,
+                    &config.data_dir,
+                    Arc::new(endpoint.clone()),
+                    &p,
+                    record,
+                    rx,
+                    config.snapshots,
+                )
+                .await?,
+            );
             (ControlPlane::Remote(RemoteControl::start()), Some((p, join)))
         }
         _ if voting => (ControlPlane::Remote(RemoteControl::start()), None),

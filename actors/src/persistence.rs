@@ -17,6 +17,7 @@ pub mod log_io;
 mod open;
 pub mod overlay;
 pub mod read;
+pub mod snapshot;
 pub mod store;
 mod threads;
 
@@ -45,7 +46,8 @@ pub use inbox::Ack;
 use inbox::Inbox;
 use log_io::DirIo;
 pub use open::{open, open_replica, open_with_store};
-use threads::{LogJob, spawn_log_thread, spawn_store_thread};
+pub use snapshot::SnapshotReply;
+use threads::{LogJob, StoreWork, spawn_log_thread, spawn_store_thread};
 
 /// The data format version of a data directory this build writes and reads.
 pub const DATA_FORMAT: u32 = 1;
@@ -102,6 +104,20 @@ pub enum PersistenceMsg {
         /// Told once they are applied.
         done: tokio::sync::oneshot::Sender<()>,
     },
+    /// Replicated: make the store durable now; answers replication's record as of then.
+    Checkpoint(SnapshotReply<Option<Vec<u8>>>),
+    /// Replicated: the whole store as of everything applied, and replication's record of it.
+    Dump(SnapshotReply<(Option<Vec<u8>>, Vec<u8>)>),
+    /// Replicated: replace the whole store with a dump applied through `upto` (a snapshot
+    /// installed).
+    Install {
+        /// The dump.
+        data: Vec<u8>,
+        /// The last log index it holds.
+        upto: LogIndex,
+        /// Told once the store is replaced and durable.
+        done: SnapshotReply<()>,
+    },
 }
 
 /// Where the answer to a replicated command goes (to the client that proposed it).
@@ -135,6 +151,9 @@ impl std::fmt::Debug for PersistenceMsg {
             PersistenceMsg::Prune => f.write_str("Prune"),
             PersistenceMsg::Pruned { more } => write!(f, "Pruned({more})"),
             PersistenceMsg::Apply { entries, .. } => write!(f, "Apply({})", entries.len()),
+            PersistenceMsg::Checkpoint(_) => f.write_str("Checkpoint"),
+            PersistenceMsg::Dump(_) => f.write_str("Dump"),
+            PersistenceMsg::Install { upto, .. } => write!(f, "Install({upto})"),
         }
     }
 }
@@ -182,7 +201,7 @@ pub struct PersistenceState {
     in_flight: Option<InFlight>,
     next_index: LogIndex,
     log_tx: Option<mpsc::Sender<LogJob>>,
-    store_tx: Option<mpsc::Sender<StoreJob>>,
+    store_tx: Option<mpsc::Sender<StoreWork>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     events: broadcast::Sender<Arc<Event>>,
     lag_bytes: u64,
@@ -393,7 +412,9 @@ impl PersistenceState {
         self.unsent_bytes = 0;
         self.last_store_job = std::time::Instant::now();
         if let Some(tx) = &self.store_tx
-            && jobs.into_iter().any(|job| tx.send(job).is_err())
+            && jobs
+                .into_iter()
+                .any(|job| tx.send(StoreWork::Write(job)).is_err())
         {
             self.fail_all(PersistError::StoreWrite("the store thread is gone".into()));
         }
@@ -551,7 +572,8 @@ impl Actor for Persistence {
                 result,
             } => match result {
                 Ok(()) => {
-                    state.stored = upto;
+                    // Older than a snapshot installed since: the store holds more.
+                    state.stored = state.stored.max(upto);
                     state.lag_bytes = state.lag_bytes.saturating_sub(log_bytes);
                     state.store.stored_through(upto);
                     state.start_batch();
@@ -581,8 +603,13 @@ impl Actor for Persistence {
                 state.apply_committed(entries, record);
                 let _ = done.send(());
             }
+            PersistenceMsg::Checkpoint(reply) => state.checkpoint_now(reply),
+            PersistenceMsg::Dump(reply) => state.dump_now(reply),
+            PersistenceMsg::Install { data, upto, done } => {
+                let _ = done.send(state.install(data, upto).await);
+            }
             PersistenceMsg::Checkpointed { upto } => {
-                state.checkpointed = upto;
+                state.checkpointed = state.checkpointed.max(upto);
                 if let Some(tx) = &state.log_tx {
                     let _ = tx.send(LogJob::Truncate { upto });
                 }

@@ -41,6 +41,8 @@ pub struct FileConfig {
     pub late_after: Option<String>,
     /// The largest request or reply a node takes, in bytes.
     pub message_limit: Option<usize>,
+    /// A voter's snapshot interval, in log entries.
+    pub snapshot_every: Option<u64>,
     /// How long a worker tries its seeds (`"60s"`).
     pub join_timeout: Option<String>,
     /// Runs of each deployment the scheduler keeps created ahead.

@@ -59,6 +59,11 @@ pub struct StartArgs {
     /// (results travel apart, up to 16 MiB) [default: 1048576].
     #[arg(long, env = "FLOTILLA_MESSAGE_LIMIT", value_name = "BYTES")]
     message_limit: Option<usize>,
+    /// A voter takes a snapshot (a durable checkpoint of its store, behind which its Raft
+    /// log is purged) after this many log entries, and keeps half as many behind it
+    /// [default: 100000].
+    #[arg(long, env = "FLOTILLA_SNAPSHOT_EVERY", value_name = "ENTRIES")]
+    snapshot_every: Option<u64>,
     /// How long a worker tries its seeds before giving up [default: 60s].
     #[arg(long, env = "FLOTILLA_JOIN_TIMEOUT")]
     join_timeout: Option<String>,
@@ -218,6 +223,16 @@ impl StartArgs {
                 "--message-limit {n}: between 4096 and 16777216 bytes"
             );
             config.message_bytes_max = n;
+        }
+        if let Some(n) = self.snapshot_every.or(file.snapshot_every) {
+            anyhow::ensure!(
+                (16..=100_000_000).contains(&n),
+                "--snapshot-every {n}: between 16 and 100000000 log entries"
+            );
+            config.snapshots = flotilla_actors::replication::voter::Snapshots {
+                every: n,
+                keep: n / 2,
+            };
         }
         if let Some(s) = self.unreachable_after.or(file.unreachable_after) {
             config.unreachable_after = duration("--unreachable-after", &s)?;

@@ -40,7 +40,28 @@ pub enum Tree {
 }
 
 impl Tree {
-    fn prefix(self) -> u8 {
+    /// Every tree.
+    pub const ALL: [Tree; 11] = [
+        Tree::Meta,
+        Tree::FlowRuns,
+        Tree::TaskRuns,
+        Tree::Deployments,
+        Tree::Events,
+        Tree::Logs,
+        Tree::History,
+        Tree::Settings,
+        Tree::Outcomes,
+        Tree::LogTimes,
+        Tree::Evicted,
+    ];
+
+    /// The tree whose [`Tree::prefix`] is `prefix`.
+    pub fn from_prefix(prefix: u8) -> Option<Tree> {
+        Tree::ALL.into_iter().find(|t| t.prefix() == prefix)
+    }
+
+    /// The byte that names the tree.
+    pub fn prefix(self) -> u8 {
         match self {
             Tree::Meta => 0,
             Tree::FlowRuns => 1,

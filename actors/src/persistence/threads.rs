@@ -63,13 +63,39 @@ pub(crate) fn spawn_log_thread(
     Ok((tx, handle))
 }
 
+use super::snapshot::SnapshotReply as StoreReply;
+
+/// Work for the store thread, done in the order sent.
+// Writes are nearly all of it: boxing them would add an allocation each.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum StoreWork {
+    /// Write what was applied.
+    Write(StoreJob),
+    /// Anything else.
+    Control(StoreControl),
+}
+
+/// Work for the store thread other than writes.
+pub(crate) enum StoreControl {
+    /// Make everything written so far durable now.
+    Checkpoint(StoreReply<()>),
+    /// Read the whole store as written so far (see [`super::snapshot::dump`]).
+    Dump(StoreReply<Vec<u8>>),
+    /// Replace the whole store with a dump applied through `upto`, durably.
+    Replace {
+        data: Vec<u8>,
+        upto: LogIndex,
+        reply: StoreReply<()>,
+    },
+}
+
 pub(crate) fn spawn_store_thread(
     kv: Arc<dyn KvStore>,
     actor: ActorRef<PersistenceMsg>,
     config: &PersistenceConfig,
     applied: LogIndex,
-) -> std::io::Result<(mpsc::Sender<StoreJob>, JoinHandle<()>)> {
-    let (tx, rx) = mpsc::channel::<StoreJob>();
+) -> std::io::Result<(mpsc::Sender<StoreWork>, JoinHandle<()>)> {
+    let (tx, rx) = mpsc::channel::<StoreWork>();
     let checkpoint_bytes = config.checkpoint_bytes;
     let interval = config.checkpoint_interval;
     let handle = std::thread::Builder::new()
@@ -115,11 +141,20 @@ pub(crate) fn spawn_store_thread(
                         return;
                     }
                 };
-                let mut jobs = vec![first];
-                while jobs.len() < 256 {
-                    match rx.try_recv() {
-                        Ok(job) => jobs.push(job),
-                        Err(_) => break,
+                // Writes queued one after another are merged, up to the first other work.
+                let mut jobs = Vec::new();
+                let mut other = None;
+                let mut next = Some(first);
+                while let Some(work) = next.take() {
+                    match work {
+                        StoreWork::Write(job) => jobs.push(job),
+                        StoreWork::Control(work) => {
+                            other = Some(work);
+                            break;
+                        }
+                    }
+                    if jobs.len() < 256 {
+                        next = rx.try_recv().ok();
                     }
                 }
                 for job in StoreJob::merge_all(jobs) {
@@ -146,7 +181,37 @@ pub(crate) fn spawn_store_thread(
                         return;
                     }
                 }
-                if since_checkpoint >= checkpoint_bytes || last_checkpoint.elapsed() >= interval {
+                let forced = match other {
+                    None => false,
+                    Some(StoreControl::Checkpoint(reply)) => {
+                        let ok = checkpoint(stored, &mut checkpointed);
+                        let _ = reply.send(if ok {
+                            Ok(())
+                        } else {
+                            Err("the store could not be checkpointed".into())
+                        });
+                        if !ok {
+                            return;
+                        }
+                        true
+                    }
+                    Some(StoreControl::Dump(reply)) => {
+                        let _ = reply.send(super::snapshot::dump(kv.as_ref()));
+                        false
+                    }
+                    Some(StoreControl::Replace { data, upto, reply }) => {
+                        let result = super::snapshot::replace(kv.as_ref(), &data);
+                        if result.is_ok() {
+                            (stored, checkpointed) = (upto, upto);
+                        }
+                        let _ = reply.send(result);
+                        true
+                    }
+                };
+                if forced {
+                    since_checkpoint = 0;
+                    last_checkpoint = Instant::now();
+                } else if since_checkpoint >= checkpoint_bytes || last_checkpoint.elapsed() >= interval {
                     if !checkpoint(stored, &mut checkpointed) {
                         return;
                     }

@@ -144,7 +144,12 @@ impl StoreVoter {
 
 /// Starts a voter named `name` over a store in `dir/name` (its certificate in `certs`),
 /// listening on any free port of 127.0.0.1. Its Raft node is not initialized.
-pub async fn start_store_voter(dir: &Path, certs: &Path, name: &str) -> Result<StoreVoter, std::io::Error> {
+pub async fn start_store_voter(
+    dir: &Path,
+    certs: &Path,
+    name: &str,
+    snapshots: super::voter::Snapshots,
+) -> Result<StoreVoter, std::io::Error> {
     let (endpoint, member) = bind(certs, name, None).await?;
     let data = dir.join(name);
     let config = crate::persistence::PersistenceConfig::new(&data);
@@ -157,9 +162,17 @@ pub async fn start_store_voter(dir: &Path, certs: &Path, name: &str) -> Result<S
     let (persistence, join) = crate::persistence::start_replica(opened, tx)
         .await
         .map_err(other)?;
-    let voter = super::voter::start(&member, &data, endpoint.clone(), &persistence, record, rx)
-        .await
-        .map_err(other)?;
+    let voter = super::voter::start(
+        &member,
+        &data,
+        endpoint.clone(),
+        &persistence,
+        record,
+        rx,
+        snapshots,
+    )
+    .await
+    .map_err(other)?;
     let (accepting, served) = (endpoint.clone(), voter.clone());
     tokio::spawn(async move {
         while let Some((conn, alpn)) = accepting.accept().await {

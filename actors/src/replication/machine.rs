@@ -3,8 +3,15 @@
 //! replication's record of what was applied (the last log id and membership) written with the
 //! store's applied index. Commands are proposed through [`spawn_proposer`]: in order, many at a
 //! time, each answered once committed and applied.
+//!
+//! Snapshots: building one makes the store durable through what it applied (a checkpoint) and
+//! records that point; the log is purged only behind it. The store itself is the snapshot: when
+//! a follower needs one, the store is dumped as of everything applied then (on the store
+//! thread, between two writes), and a follower installs a dump by replacing its store whole.
 
 use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use flotilla_runtime::{Command, LogIndex, Timestamp, codec};
 use futures::StreamExt;
@@ -49,26 +56,64 @@ impl AppliedRecord {
 pub struct StoreMachine {
     persistence: ActorRef<PersistenceMsg>,
     applied: AppliedRecord,
+    /// Set once the Raft node is built: until then openraft reads only a snapshot's meta, and
+    /// the store is not dumped for it.
+    serving: Arc<AtomicBool>,
 }
 
 impl StoreMachine {
     /// The machine over the persistence actor `persistence`, whose store holds `applied`.
     pub fn new(persistence: ActorRef<PersistenceMsg>, applied: AppliedRecord) -> Self {
-        StoreMachine { persistence, applied }
+        StoreMachine {
+            persistence,
+            applied,
+            serving: Arc::default(),
+        }
+    }
+
+    /// What to set once the Raft node over this machine is built.
+    pub fn serving(&self) -> Arc<AtomicBool> {
+        self.serving.clone()
+    }
+
+    /// Asks the persistence actor, and waits for its answer.
+    async fn ask<T>(
+        &self,
+        msg: impl FnOnce(crate::persistence::SnapshotReply<T>) -> PersistenceMsg,
+    ) -> Result<T, io::Error> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.persistence
+            .cast(msg(tx))
+            .map_err(|e| io::Error::other(format!("the persistence actor is gone: {e}")))?;
+        rx.await
+            .map_err(|_| io::Error::other("the persistence actor stopped"))?
+            .map_err(io::Error::other)
     }
 }
 
-/// Snapshots are not taken: the log is kept whole (see [`super::local::config`]'s policy), so
-/// a follower behind is always sent entries.
-fn no_snapshots() -> io::Error {
-    io::Error::other("this state machine takes no snapshots: its log is kept whole")
+/// The meta of a snapshot of the store as `record` says it was.
+fn meta_of(record: &AppliedRecord) -> SnapshotMetaOf<Control> {
+    SnapshotMetaOf::<Control> {
+        last_log_id: record.last,
+        last_membership: record.membership.clone(),
+    }
 }
 
 impl RaftSnapshotBuilder<Control> for StoreMachine {
     type SnapshotData = Vec<u8>;
 
+    /// A checkpoint: the store made durable through what it applied. Its data is empty (the
+    /// store is the snapshot; it is dumped when one is sent).
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<Control, Vec<u8>>, io::Error> {
-        Err(no_snapshots())
+        let record = self.ask(PersistenceMsg::Checkpoint).await?;
+        let record = AppliedRecord::decode(record.as_deref())?;
+        if record.last.is_none() {
+            return Err(io::Error::other("nothing applied yet to take a snapshot of"));
+        }
+        Ok(SnapshotOf::<Control, Vec<u8>> {
+            meta: meta_of(&record),
+            snapshot: Vec::new(),
+        })
     }
 }
 
@@ -129,14 +174,47 @@ impl RaftStateMachine<Control> for StoreMachine {
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMetaOf<Control>,
-        _data: Vec<u8>,
+        meta: &SnapshotMetaOf<Control>,
+        data: Vec<u8>,
     ) -> Result<(), io::Error> {
-        Err(no_snapshots())
+        let Some(last) = meta.last_log_id else {
+            return Err(io::Error::other(
+                "a snapshot of nothing applied cannot be installed",
+            ));
+        };
+        if data.is_empty() {
+            return Err(io::Error::other(format!(
+                "the snapshot through {last} has no data: a checkpoint's meta is never sent"
+            )));
+        }
+        let upto = LogIndex::new(last.index);
+        self.ask(|done| PersistenceMsg::Install { data, upto, done })
+            .await?;
+        self.applied = AppliedRecord {
+            last: Some(last),
+            membership: meta.last_membership.clone(),
+        };
+        Ok(())
     }
 
+    /// The store as of now. On start (the Raft node not built yet) only the meta is read: the
+    /// store applied through its record, which is durable.
     async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<Control, Vec<u8>>>, io::Error> {
-        Ok(None)
+        if self.applied.last.is_none() {
+            return Ok(None);
+        }
+        if !self.serving.load(Ordering::Acquire) {
+            return Ok(Some(SnapshotOf::<Control, Vec<u8>> {
+                meta: meta_of(&self.applied),
+                snapshot: Vec::new(),
+            }));
+        }
+        let (record, data) = self.ask(PersistenceMsg::Dump).await?;
+        let record = AppliedRecord::decode(record.as_deref())?;
+        Ok(Some(SnapshotOf::<Control, Vec<u8>> {
+            meta: meta_of(&record),
+            snapshot: data,
+        }))
     }
 }
 

@@ -2,7 +2,8 @@
 //! actor are committed, applied by every replica to its store, and answered with the rules'
 //! reply; a follower refuses them naming the leader; when the leader stops, the others elect
 //! one and every acknowledged run is there; a voter started again from its data directory
-//! comes back with its store and catches up.
+//! comes back with its store and catches up; a voter so far behind that the entries it lacks
+//! were purged is sent the leader's store (a snapshot) and installs it.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -14,7 +15,7 @@ use rand::SeedableRng;
 
 use super::Member;
 use super::local::{StoreVoter, start_store_voter};
-use super::voter::node_id;
+use super::voter::{Snapshots, node_id};
 use crate::persistence::{PersistError, RunFilter};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -86,13 +87,23 @@ async fn runs(v: &StoreVoter) -> Vec<FlowRunId> {
 
 /// Three voters n1-n3 over stores in `dir`, formed.
 async fn three_voters(dir: &std::path::Path) -> ([String; 3], BTreeMap<String, StoreVoter>) {
+    three_voters_with(dir, Snapshots::default()).await
+}
+
+/// Three voters n1-n3 over stores in `dir`, formed, taking snapshots as `snapshots` says.
+async fn three_voters_with(
+    dir: &std::path::Path,
+    snapshots: Snapshots,
+) -> ([String; 3], BTreeMap<String, StoreVoter>) {
     let names = ["n1", "n2", "n3"].map(String::from);
     certs::init(&dir.join("certs"), &names, &[]).unwrap();
     let mut voters = BTreeMap::new();
     for name in &names {
         voters.insert(
             name.clone(),
-            start_store_voter(dir, &dir.join("certs"), name).await.unwrap(),
+            start_store_voter(dir, &dir.join("certs"), name, snapshots)
+                .await
+                .unwrap(),
         );
     }
     let members: BTreeMap<u64, Member> = voters
@@ -145,18 +156,7 @@ async fn three_replicas_apply_the_same_commands_and_survive_their_leader() {
     }
 
     // The old leader, started again from its data directory, catches up.
-    let back = start_store_voter(tmp.path(), &tmp.path().join("certs"), &l)
-        .await
-        .unwrap();
-    // It listens elsewhere now: the others learn where (as greetings would tell them).
-    for v in voters.values() {
-        v.voter.peers.book.put(&back.member.name, &back.member.addr);
-    }
-    back.voter
-        .peers
-        .book
-        .put(&voters[&follower].member.name, &voters[&follower].member.addr);
-    voters.insert(l.clone(), back);
+    restart(tmp.path(), &mut voters, &l, Snapshots::default()).await;
     let id = FlowRunId::new(Timestamp::from(chrono::Utc::now()), &mut rng);
     create_through_leader(&voters, id).await;
     acknowledged.push(id);
@@ -167,6 +167,99 @@ async fn three_replicas_apply_the_same_commands_and_survive_their_leader() {
         acknowledged,
         "the voter started again caught up"
     );
+    for (_, v) in voters {
+        v.stop().await;
+    }
+}
+
+/// Starts the voter `name` again from its data directory in `dir`; it listens elsewhere now,
+/// so the others learn where (as greetings would tell them) and it learns where they are.
+async fn restart(
+    dir: &std::path::Path,
+    voters: &mut BTreeMap<String, StoreVoter>,
+    name: &str,
+    snapshots: Snapshots,
+) {
+    let back = start_store_voter(dir, &dir.join("certs"), name, snapshots)
+        .await
+        .unwrap();
+    for v in voters.values() {
+        v.voter.peers.book.put(&back.member.name, &back.member.addr);
+        back.voter.peers.book.put(&v.member.name, &v.member.addr);
+    }
+    voters.insert(name.to_owned(), back);
+}
+
+async fn create_many(
+    voters: &BTreeMap<String, StoreVoter>,
+    n: usize,
+    rng: &mut rand::rngs::SmallRng,
+    into: &mut Vec<FlowRunId>,
+) {
+    for _ in 0..n {
+        let id = FlowRunId::new(Timestamp::from(chrono::Utc::now()), rng);
+        create_through_leader(voters, id).await;
+        into.push(id);
+    }
+    into.sort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_behind_the_purged_log_installs_the_leaders_store() {
+    let tmp = tempfile::tempdir().unwrap();
+    let snapshots = Snapshots { every: 40, keep: 10 };
+    let (_, mut voters) = three_voters_with(tmp.path(), snapshots).await;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(18);
+    let mut acknowledged = Vec::new();
+    create_many(&voters, 20, &mut rng, &mut acknowledged).await;
+    applied_everywhere(&voters).await;
+
+    // A follower stops; the two others go on far past what it holds, and purge their logs.
+    let l = leader(&voters).await;
+    let behind = voters.keys().find(|n| **n != l).unwrap().clone();
+    let stopped = voters.remove(&behind).unwrap();
+    let held = stopped.voter.raft.metrics().borrow_watched().last_applied;
+    stopped.stop().await;
+    create_many(&voters, 300, &mut rng, &mut acknowledged).await;
+    let purged = voters[&leader(&voters).await]
+        .voter
+        .raft
+        .wait(Some(WAIT))
+        .metrics(
+            |m| m.purged > held,
+            "the leader purges past what the stopped voter holds",
+        )
+        .await
+        .unwrap()
+        .purged;
+
+    // Started again, it is sent the leader's store, installs it and holds every run.
+    restart(tmp.path(), &mut voters, &behind, snapshots).await;
+    create_many(&voters, 1, &mut rng, &mut acknowledged).await;
+    applied_everywhere(&voters).await;
+    let m = voters[&behind].voter.raft.metrics().borrow_watched().clone();
+    assert!(
+        m.snapshot.is_some_and(|s| Some(s) >= purged),
+        "{behind} installed a snapshot past the purge ({purged:?}): {:?}",
+        m.snapshot
+    );
+    assert_eq!(
+        runs(&voters[&behind]).await,
+        acknowledged,
+        "{behind} holds every run"
+    );
+
+    // Every voter, started again from its data directory (a store installed, logs purged),
+    // comes back with everything.
+    for name in voters.keys().cloned().collect::<Vec<_>>() {
+        voters.remove(&name).unwrap().stop().await;
+        restart(tmp.path(), &mut voters, &name, snapshots).await;
+    }
+    create_many(&voters, 1, &mut rng, &mut acknowledged).await;
+    applied_everywhere(&voters).await;
+    for v in voters.values() {
+        assert_eq!(runs(v).await, acknowledged, "{} holds every run", v.member.name);
+    }
     for (_, v) in voters {
         v.stop().await;
     }

@@ -27,7 +27,9 @@ use serde::Serialize;
 
 use crate::cluster_cmd::LocalCluster;
 use flotilla_actors::replication::local::start_store_voter;
+use flotilla_actors::replication::voter::Snapshots;
 use flotilla_actors::replication::voter::node_id;
+use openraft::async_runtime::WatchReceiver as _;
 
 #[derive(Debug, Args)]
 pub struct FailoverArgs {
@@ -73,8 +75,22 @@ struct Report {
     keys_with_two_runs: usize,
     writes_per_s_3_voters: f64,
     write_ack_p50_ms: f64,
+    raft_log_mb_max: f64,
     remote_flow_p50_ms: f64,
     nodes: u32,
+}
+
+/// Replicated writes through three voters in one process.
+#[derive(Debug, Default, serde::Serialize)]
+struct Writes {
+    writes_per_s_3_voters: f64,
+    write_ack_p50_ms: f64,
+    /// The largest Raft log directory of the three at the end (snapshots purge it).
+    raft_log_mb_max: f64,
+    /// The leader's log purged through this index at the end.
+    log_purged_through: u64,
+    /// The leader's last applied index.
+    applied: u64,
 }
 
 fn secs(d: Duration) -> f64 {
@@ -96,12 +112,19 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
         args.write_submitters >= 1,
         "--write-submitters must be at least 1"
     );
-    let (writes_per_s, write_ack_p50_ms) =
-        replicated_writes(args.write_seconds, args.write_submitters).await?;
+    let writes = replicated_writes(args.write_seconds, args.write_submitters).await?;
     say(&format!(
-        "  {writes_per_s:.0} commands/s, ack p50 {write_ack_p50_ms:.3} ms"
+        "  {:.0} commands/s, ack p50 {:.3} ms; {} applied, log purged through {}, largest Raft log {:.1} MB",
+        writes.writes_per_s_3_voters,
+        writes.write_ack_p50_ms,
+        writes.applied,
+        writes.log_purged_through,
+        writes.raft_log_mb_max
     ));
     if args.writes_only {
+        if args.json {
+            println!("{}", serde_json::to_string(&writes)?);
+        }
         return Ok(());
     }
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
@@ -112,8 +135,9 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
     let result = measure(&args, &mut cluster, &say).await;
     cluster.stop().await;
     let mut r = result?;
-    r.writes_per_s_3_voters = writes_per_s.round();
-    r.write_ack_p50_ms = write_ack_p50_ms;
+    r.writes_per_s_3_voters = writes.writes_per_s_3_voters;
+    r.write_ack_p50_ms = writes.write_ack_p50_ms;
+    r.raft_log_mb_max = writes.raft_log_mb_max;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
@@ -142,15 +166,29 @@ pub async fn run(args: FailoverArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Durable commands per second through three voters in this process, 1,024 submitters at the
-/// leader; and their acknowledgement's p50 in ms.
-async fn replicated_writes(seconds: f64, submitters: usize) -> anyhow::Result<(f64, f64)> {
+/// The size of the files in `dir` and below.
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.metadata() {
+                Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                Ok(m) => m.len(),
+                Err(_) => 0,
+            })
+            .sum()
+    })
+}
+
+/// Durable commands per second through three voters in this process, `submitters` at the
+/// leader; their acknowledgement's p50 in ms; and how far snapshots purged the logs.
+async fn replicated_writes(seconds: f64, submitters: usize) -> anyhow::Result<Writes> {
     let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let names = ["v1", "v2", "v3"].map(String::from);
     flotilla_cluster::certs::init(&dir.path().join("certs"), &names, &[])?;
     let mut voters = Vec::new();
     for n in &names {
-        voters.push(start_store_voter(dir.path(), &dir.path().join("certs"), n).await?);
+        voters.push(start_store_voter(dir.path(), &dir.path().join("certs"), n, Snapshots::default()).await?);
     }
     let members: BTreeMap<u64, flotilla_actors::replication::Member> = voters
         .iter()
@@ -185,7 +223,19 @@ async fn replicated_writes(seconds: f64, submitters: usize) -> anyhow::Result<(f
     let result = async {
         let cycles = super::persistence::create_runs(&handle, 10_000).await?;
         let (r, _) = super::persistence::run_case(&handle, cycles, submitters, seconds).await?;
-        anyhow::Ok((r.commands_per_s, r.ack_p50_ms))
+        let m = leading.voter.raft.metrics().borrow_watched().clone();
+        let raft_log_bytes = names
+            .iter()
+            .map(|n| dir_bytes(&dir.path().join(n).join("raft")))
+            .max()
+            .unwrap_or(0);
+        anyhow::Ok(Writes {
+            writes_per_s_3_voters: r.commands_per_s.round(),
+            write_ack_p50_ms: r.ack_p50_ms,
+            raft_log_mb_max: (raft_log_bytes as f64 / 1e5).round() / 10.0,
+            log_purged_through: m.purged.map_or(0, |p| p.index),
+            applied: m.last_applied.map_or(0, |p| p.index),
+        })
     }
     .await;
     for v in voters {
@@ -532,6 +582,7 @@ async fn measure(
         keys_with_two_runs: loss.keys_with_two_runs,
         writes_per_s_3_voters: 0.0,
         write_ack_p50_ms: 0.0,
+        raft_log_mb_max: 0.0,
         remote_flow_p50_ms: (remote_flow_p50_ms * 1000.0).round() / 1000.0,
         nodes: 5,
     })
