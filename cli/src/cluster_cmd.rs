@@ -238,6 +238,8 @@ pub fn status_json(status: &ClusterStatus) -> serde_json::Value {
                 .map(|m| m.name.as_str()),
         },
         term: r.map_or(0, |r| r.term),
+        snapshot: r.and_then(|r| r.snapshot),
+        log_purged: r.and_then(|r| r.purged),
         nodes: status
             .nodes
             .iter()
@@ -252,11 +254,13 @@ fn print_status(status: &ClusterStatus) {
     if let Some(r) = &status.replication {
         let _ = writeln!(
             out,
-            "leader {} (term {}), log at {}, applied {}",
+            "leader {} (term {}), log at {}, applied {}, snapshot {}, purged through {}",
             r.leader.as_deref().unwrap_or("none"),
             r.term,
             r.last_index.map_or_else(|| "-".to_owned(), |i| i.to_string()),
             r.applied.map_or_else(|| "-".to_owned(), |i| i.to_string()),
+            r.snapshot.map_or_else(|| "-".to_owned(), |i| i.to_string()),
+            r.purged.map_or_else(|| "-".to_owned(), |i| i.to_string()),
         );
     }
     let _ = writeln!(

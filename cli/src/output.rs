@@ -204,6 +204,12 @@ pub struct StatusOut<'a> {
     pub leader: Option<&'a str>,
     /// The leader's term (0 when not replicated).
     pub term: u64,
+    /// The last index of the leader's last snapshot, and through which its log is purged
+    /// (absent when not replicated or none yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_purged: Option<u64>,
     pub nodes: Vec<MemberOut<'a>>,
 }
 

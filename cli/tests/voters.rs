@@ -1,8 +1,10 @@
 //! The control state replicated on three voters, each a `flotilla node` process on 127.0.0.1:
 //! the leader SIGKILLed while clients write loses nothing acknowledged and a new leader takes
 //! writes within seconds; a voter whose data directory was wiped is refused until it is removed
-//! and added again, then catches up; every voter restarted in turn under load loses nothing and
-//! makes no fire time of a schedule run twice.
+//! and added again, then catches up from the leader's store (its log purged behind a snapshot);
+//! every voter restarted in turn under load loses nothing and makes no fire time of a schedule
+//! run twice. Voters take a snapshot every 64 entries here, so that each of these also crosses
+//! snapshots, purges and installs.
 
 mod common;
 
@@ -21,7 +23,42 @@ const VOTERS: &str = "n1,n2,n3";
 /// Starts voter `name` on `port`, greeting the other voters' `seeds`.
 fn start_voter(dir: &Path, name: &str, port: u16, seeds: &[u16]) -> Child {
     let join: Vec<String> = seeds.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    spawn_node(dir, name, port, &["--voters", VOTERS, "--join", &join.join(",")])
+    spawn_node(
+        dir,
+        name,
+        port,
+        &["--voters", VOTERS, "--join", &join.join(","), "--snapshot-every", "64"],
+    )
+}
+
+/// Waits until the replica of the voter on `port` (read stale, without the leader) holds every
+/// run of `ids`.
+async fn replica_holds(dir: &Path, port: u16, ids: &BTreeSet<FlowRunId>) {
+    let replica = Client::connect(&format!("127.0.0.1:{port}"), &dir.join("certs"))
+        .await
+        .expect("a client of one voter")
+        .stale_reads();
+    eventually(
+        "the replica holds every acknowledged run",
+        Duration::from_secs(30),
+        || async {
+            let mut held = BTreeSet::new();
+            let mut after = None;
+            loop {
+                let page = replica
+                    .flow_runs(flotilla::RunFilter::All, after, 1000)
+                    .await
+                    .ok()?;
+                let Some(last) = page.last().map(|r| r.id) else {
+                    break;
+                };
+                held.extend(page.iter().map(|r| r.id));
+                after = Some(last);
+            }
+            ids.is_subset(&held).then_some(())
+        },
+    )
+    .await;
 }
 
 /// Three voters n1-n3, each greeting the two others.
@@ -213,11 +250,14 @@ async fn a_wiped_voter_is_refused_until_removed_and_added_again() {
     let dir = tmp.path();
     let (mut nodes, ports) = three_voters(dir);
     let client = client(dir, &ports, 3).await;
-    for k in 0..20 {
-        client
-            .run_with_key(NOOP_FLOW, serde_json::Value::Null, &format!("before-{k}"))
-            .await
-            .expect("a run");
+    let mut ids = BTreeSet::new();
+    for k in 0..60 {
+        ids.insert(
+            client
+                .run_with_key(NOOP_FLOW, serde_json::Value::Null, &format!("before-{k}"))
+                .await
+                .expect("a run"),
+        );
     }
     // A voter that is not the leader loses its data directory.
     let l = leader(&client).await;
@@ -277,6 +317,10 @@ async fn a_wiped_voter_is_refused_until_removed_and_added_again() {
         v["leader"].is_string() && v["term"].as_u64().is_some_and(|t| t >= 1),
         "{json}"
     );
+    // The leader's log was purged behind a snapshot long before: the voter added again was
+    // sent the leader's store, and its own replica holds every run.
+    assert!(v["log_purged"].as_u64().is_some_and(|p| p > 0), "{json}");
+    replica_holds(dir, ports[i], &ids).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,31 +394,7 @@ async fn voters_restarted_one_by_one_under_load_lose_nothing_and_fire_each_time_
     // Each voter's own replica (stale reads, answered without the leader) holds them all too.
     let ids: BTreeSet<FlowRunId> = acked.iter().map(|(_, id)| *id).collect();
     for port in ports {
-        let replica = Client::connect(&format!("127.0.0.1:{port}"), &dir.join("certs"))
-            .await
-            .expect("a client of one voter")
-            .stale_reads();
-        eventually(
-            "the replica holds every acknowledged run",
-            Duration::from_secs(30),
-            || async {
-                let mut held = BTreeSet::new();
-                let mut after = None;
-                loop {
-                    let page = replica
-                        .flow_runs(flotilla::RunFilter::All, after, 1000)
-                        .await
-                        .ok()?;
-                    let Some(last) = page.last().map(|r| r.id) else {
-                        break;
-                    };
-                    held.extend(page.iter().map(|r| r.id));
-                    after = Some(last);
-                }
-                ids.is_subset(&held).then_some(())
-            },
-        )
-        .await;
+        replica_holds(dir, port, &ids).await;
     }
 
     // No fire time of the schedule made two runs.

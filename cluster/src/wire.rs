@@ -390,6 +390,12 @@ pub struct ReplicationStatus {
     pub last_index: Option<u64>,
     /// The last index the leader has applied.
     pub applied: Option<u64>,
+    /// The last index of the leader's last snapshot (a durable checkpoint of its store).
+    #[serde(default)]
+    pub snapshot: Option<u64>,
+    /// The leader's log is purged through this index.
+    #[serde(default)]
+    pub purged: Option<u64>,
     /// The voters and learners: name, whether a voter, and the last index it holds (the leader:
     /// has applied), when known.
     pub members: Vec<ReplicaStatus>,

@@ -329,6 +329,8 @@ impl Voter {
             term: m.current_term,
             last_index: m.last_log_index,
             applied: m.last_applied.map(|l| l.index),
+            snapshot: m.snapshot.map(|l| l.index),
+            purged: m.purged.map(|l| l.index),
             members,
         }
     }
