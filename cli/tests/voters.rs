@@ -27,7 +27,14 @@ fn start_voter(dir: &Path, name: &str, port: u16, seeds: &[u16]) -> Child {
         dir,
         name,
         port,
-        &["--voters", VOTERS, "--join", &join.join(","), "--snapshot-every", "64"],
+        &[
+            "--voters",
+            VOTERS,
+            "--join",
+            &join.join(","),
+            "--snapshot-every",
+            "64",
+        ],
     )
 }
 

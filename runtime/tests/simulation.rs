@@ -60,16 +60,19 @@ fn run_seed(seed: u64) -> machine::Sim {
 #[test]
 fn the_control_machine_keeps_its_invariants_under_faults() {
     let started = std::time::Instant::now();
-    let (mut runs, mut restarts) = (0, 0);
+    let (mut runs, mut restarts, mut moves, mut answers) = (0, 0, 0, 0);
     for seed in seeds() {
         let sim = run_seed(seed);
         runs += sim.runs();
         restarts += sim.control_restarts;
+        moves += sim.leader_changes;
+        answers += sim.deposed_answers;
     }
     eprintln!(
-        "{runs} runs, {restarts} control restarts, {:?}",
+        "{runs} runs, {restarts} control restarts, {moves} leader changes ({answers} slot answers from deposed leaders), {:?}",
         started.elapsed()
     );
+    assert!(moves > 0, "no seed moved the lead");
 }
 
 #[test]

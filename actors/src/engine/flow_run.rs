@@ -131,6 +131,8 @@ pub struct FlowRunArgs {
     pub worker: Option<ActorRef<WorkerMsg>>,
     /// Who waits for the outcome in-process.
     pub on_done: Option<oneshot::Sender<RunOutcome>>,
+    /// The run as the control node placed it, when it sent it.
+    pub known: Option<Box<flotilla_runtime::FlowRun>>,
 }
 
 /// The flow run's actor.
@@ -173,6 +175,7 @@ impl Actor for FlowRunActor {
             body: None,
             rng: SmallRng::seed_from_u64(seed),
             last_task_id: None,
+            known: a.known,
         })
     }
 
@@ -181,8 +184,8 @@ impl Actor for FlowRunActor {
         myself: ActorRef<Self::Msg>,
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        match s.claim(&myself).await? {
-            state::Claim::Claimed => {}
+        let started = match s.claim(&myself).await? {
+            state::Claim::Claimed(started) => started,
             // Not due yet: a RetryFlow is on its way.
             state::Claim::Later => return Ok(()),
             // Another node has it, or it ended: this actor leaves, and with it its slot (fix 2:
@@ -191,11 +194,20 @@ impl Actor for FlowRunActor {
                 myself.stop(Some("the claim was refused".into()));
                 return Ok(());
             }
-        }
-        let running = s.proposal(State::named(StateName::Running, now()));
-        let cmd = Command::ProposeFlowRunState {
-            run: s.id,
-            proposal: running,
+        };
+        let (cmd, answer) = match started {
+            Some(started) => {
+                let state::Started { running, answer } = *started;
+                (running, Some(answer))
+            }
+            None => {
+                let running = s.proposal(State::named(StateName::Running, now()));
+                let cmd = Command::ProposeFlowRunState {
+                    run: s.id,
+                    proposal: running,
+                };
+                (cmd, None)
+            }
         };
         match s.local(cmd.clone()).reply {
             Ok(Reply::FlowRunTransition {
@@ -209,7 +221,23 @@ impl Actor for FlowRunActor {
                 return Ok(());
             }
         }
-        s.outbox.push(cmd);
+        match answer {
+            // Sent with the claim: its answer came with the claim's.
+            Some(answer) => match answer.await {
+                Ok(Ok(Ok(Reply::FlowRunTransition {
+                    decision: Decision::Accept(_),
+                    ..
+                }))) => {}
+                other => {
+                    tracing::warn!(flow_run = %s.id, answer = ?other, "the claimed run cannot start");
+                    s.refresh_flow().await;
+                    let current = s.current_state();
+                    s.done(&myself, current, None);
+                    return Ok(());
+                }
+            },
+            None => s.outbox.push(cmd),
+        }
         s.start_body(&myself);
         s.flush(&myself, false);
         Ok(())

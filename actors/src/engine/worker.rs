@@ -57,8 +57,9 @@ pub const HELD_MAX: usize = 10_000;
 
 /// Messages of the worker.
 pub enum WorkerMsg {
-    /// Run this flow run (claim it, then run it) when a slot is free.
-    Run(FlowRunId),
+    /// Run this flow run (claim it, then run it) when a slot is free; the run as the control
+    /// node placed it, when it sent it.
+    Run(FlowRunId, Option<Box<flotilla_runtime::FlowRun>>),
     /// Run this flow run now, outside the slots (a subflow), and say how it ended.
     RunChild(FlowRunId, Arc<dyn FlowFn>, oneshot::Sender<RunOutcome>),
     /// Cancel this flow run if it runs here.
@@ -76,7 +77,7 @@ impl ractor::Message for WorkerMsg {}
 impl std::fmt::Debug for WorkerMsg {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            WorkerMsg::Run(id) => write!(f, "Run({id})"),
+            WorkerMsg::Run(id, _) => write!(f, "Run({id})"),
             WorkerMsg::RunChild(id, ..) => write!(f, "RunChild({id})"),
             WorkerMsg::Cancel(id) => write!(f, "Cancel({id})"),
             WorkerMsg::Ended(id, _) => write!(f, "Ended({id})"),
@@ -106,6 +107,8 @@ pub struct WorkerState {
     running: HashMap<FlowRunId, ActorRef<FlowRunMsg>>,
     actors: HashMap<ActorId, FlowRunId>,
     queue: VecDeque<FlowRunId>,
+    /// The runs queued as the control node placed them, when it sent them.
+    known: HashMap<FlowRunId, Box<flotilla_runtime::FlowRun>>,
     /// Runs asked to start again while their previous actor was still ending (a retry right
     /// after the end): started once it has ended, never dropped.
     again: std::collections::HashSet<FlowRunId>,
@@ -130,9 +133,17 @@ impl WorkerState {
         on_done: Option<oneshot::Sender<RunOutcome>>,
         counts: bool,
     ) {
-        let flow = match flow {
-            Some(f) => f,
-            None => match self.ctx.persistence.flow_run(id).await {
+        let known = self.known.remove(&id);
+        let flow = match (flow, &known) {
+            (Some(f), _) => f,
+            (None, Some(run)) => match self.flows.get(&run.flow_name) {
+                Some(f) => f.clone(),
+                None => {
+                    tracing::warn!(flow_run = %id, flow = %run.flow_name, "this node does not run that flow; leaving the run for another");
+                    return;
+                }
+            },
+            (None, None) => match self.ctx.persistence.flow_run(id).await {
                 Ok(Some(run)) => match self.flows.get(&run.flow_name) {
                     Some(f) => f.clone(),
                     None => {
@@ -158,6 +169,7 @@ impl WorkerState {
             engine: handle,
             worker: counts.then(|| myself.clone()),
             on_done,
+            known,
         };
         match Actor::spawn_linked(None, FlowRunActor, args, myself.get_cell()).await {
             Ok((actor, _)) => {
@@ -206,6 +218,7 @@ impl Actor for Worker {
             running: HashMap::new(),
             actors: HashMap::new(),
             queue: VecDeque::new(),
+            known: HashMap::new(),
             again: std::collections::HashSet::new(),
             handle: None,
         })
@@ -231,13 +244,16 @@ impl Actor for Worker {
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            WorkerMsg::Run(id) => {
+            WorkerMsg::Run(id, known) => {
                 if state.running.contains_key(&id) {
                     // Its actor may be ending (the run just finished, and this is its retry):
                     // start it again once it has ended. A start sent twice costs one claim
                     // refused.
                     state.again.insert(id);
                     return Ok(());
+                }
+                if let Some(run) = known {
+                    state.known.insert(id, run);
                 }
                 if state.queue.contains(&id) {
                     return Ok(());
@@ -440,8 +456,18 @@ impl EngineHandle {
 
     /// Has the worker run a flow run (claim it, run it) when a slot is free.
     pub fn run(&self, id: FlowRunId) -> Result<(), EngineError> {
+        self.run_known(id, None)
+    }
+
+    /// As [`EngineHandle::run`], with the run as the control node placed it (claimed without
+    /// reading it first).
+    pub fn run_known(
+        &self,
+        id: FlowRunId,
+        known: Option<Box<flotilla_runtime::FlowRun>>,
+    ) -> Result<(), EngineError> {
         self.worker
-            .cast(WorkerMsg::Run(id))
+            .cast(WorkerMsg::Run(id, known))
             .map_err(|_| EngineError::Stopped)
     }
 

@@ -32,8 +32,8 @@ pub fn agent_of(node: &NodeId) -> Option<ActorRef<AgentMsg>> {
 #[derive(RactorClusterMessage)]
 #[allow(missing_debug_implementations)]
 pub enum AgentMsg {
-    /// Run this flow run here.
-    Run(Wire<FlowRunId>),
+    /// Run this flow run here; the run as placed, when the control node had it at hand.
+    Run(Wire<(FlowRunId, Option<Box<flotilla_runtime::FlowRun>>)>),
     /// Cancel this flow run if it runs here.
     Cancel(Wire<FlowRunId>),
     /// Time to report to the control node.
@@ -93,8 +93,8 @@ impl Actor for Agent {
         s: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
         match msg {
-            AgentMsg::Run(id) => match id.get() {
-                Ok(id) => drop(s.engine.run(id)),
+            AgentMsg::Run(start) => match start.get() {
+                Ok((id, known)) => drop(s.engine.run_known(id, known)),
                 Err(e) => tracing::error!(error = %e, "an undecodable run to start"),
             },
             AgentMsg::Cancel(id) => match id.get() {

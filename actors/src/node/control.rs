@@ -197,6 +197,14 @@ impl Actor for Control {
             machine: ControlMachine::new(ControlConfig {
                 unreachable_after: args.settings.unreachable_after,
                 late_after: args.settings.late_after,
+                // A deposed leader answers renewals until it has heard no quorum for a
+                // second (then it answers none): leases restored here outlast that, with room
+                // for messages on the way.
+                lease_grace: if args.replication.is_some() {
+                    crate::replication::machine::QUORUM_LOST_AFTER * 2
+                } else {
+                    Duration::ZERO
+                },
             }),
             rng: SmallRng::seed_from_u64(now().as_micros() as u64),
             catalog: args.catalog,

@@ -29,6 +29,11 @@ pub struct Placement {
     pub queue: Option<String>,
     /// Its deployment and that deployment's limit, if any.
     pub deployment: Option<(DeploymentId, Option<(u32, CollisionStrategy)>)>,
+    /// The run as it was when placed, when it was at hand: handed to the node that takes it,
+    /// which then claims it without reading it first (a claim of a run changed since is
+    /// refused, and the node reads it then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known: Option<Box<crate::flow_run::FlowRun>>,
 }
 
 impl Placement {
@@ -40,7 +45,14 @@ impl Placement {
             due,
             queue: None,
             deployment: None,
+            known: None,
         }
+    }
+
+    /// The placement, with the run as it is now.
+    pub fn knowing(mut self, run: Box<crate::flow_run::FlowRun>) -> Self {
+        self.known = Some(run);
+        self
     }
 
     fn queue(&self) -> &str {

@@ -52,6 +52,12 @@ pub struct ControlConfig {
     pub unreachable_after: Duration,
     /// A run that starts (or still waits) this long after its scheduled time is marked Late.
     pub late_after: Duration,
+    /// How long a control node that was deposed (another took over) may still answer slot
+    /// renewals before it notices: zero for a control node of its own; with replication, how
+    /// long a leader goes on without a quorum before it stops answering. A machine that starts
+    /// counts restored leases this much longer, and keeps new holders waiting this much longer
+    /// after a restart, so that a holder a deposed one renewed never overlaps a new holder.
+    pub lease_grace: Duration,
 }
 
 /// By default, a run whose scheduled time passed this long ago without starting is marked Late.
@@ -62,6 +68,7 @@ impl Default for ControlConfig {
         ControlConfig {
             unreachable_after: Duration::from_secs(1),
             late_after: LATE_AFTER,
+            lease_grace: Duration::ZERO,
         }
     }
 }
@@ -352,7 +359,10 @@ impl<R> ControlMachine<R> {
             }
             Input::Holds(holds) => {
                 self.holds_known = holds.is_some();
-                self.slots.restore(&holds.unwrap_or_default(), now);
+                // Leases counted from the end of the grace: a deposed control node may have
+                // renewed them until then.
+                let from = now + self.config.lease_grace;
+                self.slots.restore(&holds.unwrap_or_default(), from);
             }
             Input::Acquire {
                 holder,
@@ -587,7 +597,7 @@ impl<R> ControlMachine<R> {
         // directory from before the record, or a restart soon after): new holders wait until
         // every lease that may be held was renewed or ran out.
         if !self.restored && !running.is_empty() && !self.holds_known {
-            self.slots.restarted(now);
+            self.slots.restarted(now + self.config.lease_grace);
         }
         self.restored = true;
         self.complete_holds(now, out);

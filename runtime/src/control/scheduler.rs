@@ -426,6 +426,7 @@ impl Scheduler {
                     due.deployment,
                     d.and_then(|d| d.concurrency_limit.map(|l| (l, d.collision))),
                 )),
+                known: None,
             }));
             self.counts.handed_out += 1;
             if due.scheduled

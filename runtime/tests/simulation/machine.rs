@@ -5,7 +5,9 @@
 //! deployments through a lossy link, sending each request again until it is answered (now and
 //! then its user runs the command again with the same `--idempotency-key`); a scheduler firing
 //! a deployment's schedule, which fires again what it fired last after a restart; a control node
-//! that restarts (losing what it had not logged); messages lost, repeated and delayed (now and
+//! that restarts (losing what it had not logged); the lead moving to another control node while
+//! the deposed one goes on for a while unaware (its appends refused, its starts and slot answers
+//! still reaching nodes, some of which still talk to it); messages lost, repeated and delayed (now and
 //! then by a slow link); the store's read-backs taking a while. Every command goes through the
 //! real `apply`.
 //!
@@ -45,6 +47,9 @@ const QUIET_MAX: Duration = Duration::from_secs(40);
 const BEAT_EVERY: Duration = Duration::from_millis(100);
 const TICK_EVERY: Duration = Duration::from_millis(50);
 const RESEND_AFTER: Duration = Duration::from_millis(400);
+/// The longest a deposed control node goes on answering before it notices it lost the lead
+/// (with replication: a leader refuses once it has heard no quorum for a second).
+const DEPOSED_MAX: Duration = Duration::from_millis(900);
 const TRACE_MAX: usize = 60;
 /// (tag, limit, lease TTL in ms)
 const LIMITS: [(&str, u32, u64); 2] = [("db", 2, 800), ("gpu", 1, 500)];
@@ -174,6 +179,12 @@ pub struct Sim {
     ended: BTreeSet<FlowRunId>,
     pub trace: Vec<String>,
     pub control_restarts: u32,
+    /// The control machine of a deposed leader, still answering until then, and the nodes
+    /// whose sessions still lead to it.
+    deposed: Option<(ControlMachine<Token>, Timestamp, BTreeSet<NodeId>)>,
+    pub leader_changes: u32,
+    /// Slot answers a deposed leader sent.
+    pub deposed_answers: u32,
     client: Client,
     scheduler: Scheduler,
     /// The run made under each idempotency key.
@@ -233,6 +244,9 @@ impl Sim {
             ended: BTreeSet::new(),
             trace: Vec::new(),
             control_restarts: 0,
+            deposed: None,
+            leader_changes: 0,
+            deposed_answers: 0,
             client: Client::default(),
             scheduler: Scheduler::new(),
             keyed: BTreeMap::new(),
@@ -272,6 +286,7 @@ impl Sim {
         ControlConfig {
             unreachable_after: Duration::from_secs(1),
             late_after: Duration::from_secs(2),
+            lease_grace: DEPOSED_MAX,
         }
     }
 
@@ -461,6 +476,7 @@ impl Sim {
             due: r.expected_start_time,
             queue: r.work_queue.clone(),
             deployment,
+            known: None,
         })
     }
 
@@ -568,6 +584,73 @@ impl Sim {
             self.note(format!("control restarts ({lost} commands not logged are lost)"));
             self.control_started();
         }
+        if self.deposed.is_none() && self.rng.chance(3) {
+            let lost = self.unlogged.len();
+            self.unlogged.clear();
+            let window = self.rng.ms(0, DEPOSED_MAX.as_millis() as u64);
+            let old = std::mem::replace(&mut self.coord, ControlMachine::new(Self::config()));
+            let stuck: BTreeSet<NodeId> = (0..self.nodes.len())
+                .filter(|_| self.rng.chance(500))
+                .map(|i| self.nodes[i].name.clone())
+                .collect();
+            self.note(format!("{stuck:?} still talk to the deposed leader"));
+            self.deposed = Some((old, self.now + window, stuck));
+            self.leader_changes += 1;
+            self.note(format!(
+                "the lead moves ({lost} commands not committed are lost); the deposed leader goes on for {window:?}"
+            ));
+            self.control_started();
+        }
+    }
+
+    /// An input from `node` to the control node: to the deposed leader instead while it goes
+    /// on, when the node's session still leads there.
+    fn send_control(&mut self, node: Option<NodeId>, input: Input<Token>) {
+        let deposed = self
+            .deposed
+            .as_ref()
+            .is_some_and(|(_, until, stuck)| self.now < *until && node.is_some_and(|n| stuck.contains(&n)));
+        if deposed {
+            self.drive_deposed(input);
+        } else {
+            self.drive(input);
+        }
+    }
+
+    /// The deposed leader's control machine handles an input: what it appends is refused (it
+    /// no longer leads), so a holding it records never reaches its holder; its starts and its
+    /// other slot answers still reach the nodes.
+    fn drive_deposed(&mut self, input: Input<Token>) {
+        let now = self.now;
+        let Some((machine, ..)) = self.deposed.as_mut() else {
+            return;
+        };
+        for e in machine.handle(now, input) {
+            match e {
+                Effect::Start { node, placement } => {
+                    let Some(inc) = self.nodes.iter().find(|n| n.name == node).map(|n| n.incarnation) else {
+                        continue;
+                    };
+                    self.note(format!(
+                        "the deposed leader starts {} on {node}",
+                        short(placement.run)
+                    ));
+                    self.send_faulty(Msg::Start(node, inc, placement.run));
+                }
+                Effect::Answer { reply, answer } => {
+                    if let Some(node) = self.node_of(reply.task) {
+                        self.deposed_answers += 1;
+                        self.note(format!("the deposed leader answers {node}: {answer:?}"));
+                        self.answer(node, reply, answer);
+                    }
+                }
+                Effect::Append(_)
+                | Effect::DeclareDead { .. }
+                | Effect::Hold { .. }
+                | Effect::Recheck { .. }
+                | Effect::Notice(_) => {}
+            }
+        }
     }
 
     /// Resumes the runs a node's crash left that resume, each placed by the control machine (as the
@@ -649,6 +732,14 @@ impl Sim {
             if self.next_tick <= self.now {
                 self.next_tick = self.now + TICK_EVERY;
                 self.drive(Input::Tick);
+                match &self.deposed {
+                    Some((_, until, _)) if self.now < *until => self.drive_deposed(Input::Tick),
+                    Some(_) => {
+                        self.deposed = None;
+                        self.note("the deposed leader notices and stops".into());
+                    }
+                    None => {}
+                }
             }
             self.nodes_act();
             self.check()?;

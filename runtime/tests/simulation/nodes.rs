@@ -92,20 +92,26 @@ impl Sim {
                     self.slot_answer(i, token, answer);
                 }
             }
-            Msg::Beat(status) => self.drive(Input::Heartbeat(status)),
-            Msg::Acquire(node, reply, tags) => self.drive(Input::Acquire {
-                holder: reply.task,
-                node,
-                tags,
-                reply,
-            }),
-            Msg::Renew(node, reply, tags) => self.drive(Input::Renew {
-                holder: reply.task,
-                node,
-                tags,
-                reply,
-            }),
-            Msg::Release(task) => self.drive(Input::Release(vec![task])),
+            Msg::Beat(status) => self.send_control(Some(status.name.clone()), Input::Heartbeat(status)),
+            Msg::Acquire(node, reply, tags) => self.send_control(
+                Some(node.clone()),
+                Input::Acquire {
+                    holder: reply.task,
+                    node,
+                    tags,
+                    reply,
+                },
+            ),
+            Msg::Renew(node, reply, tags) => self.send_control(
+                Some(node.clone()),
+                Input::Renew {
+                    holder: reply.task,
+                    node,
+                    tags,
+                    reply,
+                },
+            ),
+            Msg::Release(task) => self.send_control(self.node_of(task), Input::Release(vec![task])),
             Msg::Recheck(run) => {
                 if let Some(p) = self.waiting_placement(run) {
                     // Now and then the store is slow to answer.
@@ -136,7 +142,7 @@ impl Sim {
         let Some((_, task)) = self.nodes[i].runs.values_mut().find(|(_, t)| t.id == token.task) else {
             return;
         };
-        let work = ms(100 + (token.sent_at.as_micros() as u64 / 1000) % 600);
+        let work = ms(100 + (token.sent_at.as_micros() as u64 / 1000) % 1_400);
         match (&mut task.phase, answer) {
             (Phase::Acquiring(_), SlotAnswer::Grant(grant)) => {
                 let ttl = match grant {

@@ -74,6 +74,8 @@ pub struct FlowRunState {
     pub(super) body: Option<tokio::task::JoinHandle<()>>,
     pub(super) rng: SmallRng,
     pub(super) last_task_id: Option<TaskRunId>,
+    /// The run as the control node placed it, until it is claimed.
+    pub(super) known: Option<Box<flotilla_runtime::FlowRun>>,
 }
 
 impl std::fmt::Debug for FlowRunState {
@@ -460,11 +462,29 @@ impl FlowRunState {
         }
     }
 
+    /// Claims the run: as the control node placed it when it sent it (saving a read), and as
+    /// it is now when that claim is refused (the run changed since) or there was none.
     pub(super) async fn claim(&mut self, myself: &ActorRef<FlowRunMsg>) -> Result<Claim, ActorProcessingErr> {
-        let p = self.ctx.persistence.clone();
-        let Some(run) = p.flow_run(self.id).await? else {
+        if let Some(run) = self.known.take() {
+            match self.claim_as(myself, *run).await? {
+                Claim::Refused => {
+                    tracing::debug!(flow_run = %self.id, "the run as placed was refused; reading it")
+                }
+                claim => return Ok(claim),
+            }
+        }
+        let Some(run) = self.ctx.persistence.flow_run(self.id).await? else {
             return Ok(Claim::Refused);
         };
+        self.claim_as(myself, run).await
+    }
+
+    async fn claim_as(
+        &mut self,
+        myself: &ActorRef<FlowRunMsg>,
+        run: flotilla_runtime::FlowRun,
+    ) -> Result<Claim, ActorProcessingErr> {
+        let p = self.ctx.persistence.clone();
         self.epoch = run.epoch;
         // A run that never ran has no task runs to read back.
         let fresh = run.lifecycle.run_count == 0;
@@ -475,12 +495,24 @@ impl FlowRunState {
             self.epoch,
             self.node.clone(),
         );
-        let answer = p
-            .submit(Command::ProposeFlowRunState {
+        let claimed = p.enqueue(Command::ProposeFlowRunState {
+            run: self.id,
+            proposal: claim.clone(),
+        });
+        // A run that never ran starts at once: Running goes right behind its claim (one round
+        // trip, one commit). The rules accept it only once the claim is: from Pending, from
+        // this node, under this epoch.
+        let started = fresh.then(|| {
+            let running = Command::ProposeFlowRunState {
                 run: self.id,
-                proposal: claim.clone(),
-            })
-            .await;
+                proposal: self.proposal(State::named(StateName::Running, now())),
+            };
+            let answer = p.enqueue(running.clone());
+            Box::new(Started { running, answer })
+        });
+        let answer = claimed
+            .await
+            .unwrap_or(Err(crate::persistence::PersistError::Stopped));
         if matches!(
             answer,
             Ok(Ok(Reply::FlowRunTransition {
@@ -514,7 +546,7 @@ impl FlowRunState {
         }
         // The shadow: the run and every task run it has (a resumed run finds its results).
         if fresh {
-            return Ok(Claim::Claimed);
+            return Ok(Claim::Claimed(started));
         }
         let mut after = None;
         loop {
@@ -525,15 +557,25 @@ impl FlowRunState {
                 self.shadow.hot.put_task_run(t);
             }
         }
-        Ok(Claim::Claimed)
+        Ok(Claim::Claimed(None))
     }
 }
 
+/// Running, proposed right behind a claim, and its answer to come.
+#[allow(missing_debug_implementations)]
+pub(super) struct Started {
+    /// The proposal.
+    pub(super) running: Command,
+    /// Its answer.
+    pub(super) answer: tokio::sync::oneshot::Receiver<crate::persistence::SubmitResult>,
+}
+
 /// How a claim went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(missing_debug_implementations)]
 pub(super) enum Claim {
-    /// This node owns the run now.
-    Claimed,
+    /// This node owns the run now (and proposed Running with the claim, for a run that never
+    /// ran).
+    Claimed(Option<Box<Started>>),
     /// Not due yet: the claim is made again when it is.
     Later,
     /// Refused (another node has it, it ended, it is gone): the actor stops and gives its

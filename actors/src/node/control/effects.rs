@@ -13,8 +13,14 @@ impl ControlState {
             match effect {
                 Effect::Append(command) => drop(self.persistence.enqueue(command)),
                 Effect::DeclareDead { node, command } => self.declare_dead(node, command),
-                Effect::Start { node, placement } => {
-                    if !send_agent(&node, AgentMsg::Run(Wire::new(placement.run))) {
+                Effect::Start { node, mut placement } => {
+                    // The run travels with its start unless its parameters are large (the node
+                    // reads it then): a start stays far below a frame's limit.
+                    let known = placement.known.take().filter(|r| {
+                        serde_json::to_vec(&r.parameters).map_or(usize::MAX, |v| v.len()) <= 256 * 1024
+                    });
+                    let start = (placement.run, known);
+                    if !send_agent(&node, AgentMsg::Run(Wire::new(start))) {
                         // The node went away since its last heartbeat: the run waits again.
                         let input = Input::StartFailed { node, placement };
                         effects.extend(self.machine.handle(now(), input));
@@ -28,9 +34,13 @@ impl ControlState {
                     reply,
                     answer,
                 } => self.record_hold(holder, node, tags, reply, answer),
-                Effect::Answer { reply, answer } => {
+                // A leader that no longer leads (or has heard no quorum for a second) answers
+                // no slot request: a renewal it granted could outlast the lease its successor
+                // counts. The holder asks again, or stops at its lease's end.
+                Effect::Answer { reply, answer } if self.leads() => {
                     reply.send(answer);
                 }
+                Effect::Answer { .. } => tracing::debug!("a slot answer not sent: this node no longer leads"),
                 Effect::Notice(notice) => match notice {
                     Notice::Unreachable { node, silent } => {
                         tracing::warn!(%node, silent_ms = silent.as_millis() as u64, "member unreachable");
@@ -42,6 +52,15 @@ impl ControlState {
                 },
             }
         }
+    }
+
+    /// Whether this node still leads the control state (always, without replication).
+    fn leads(&self) -> bool {
+        self.replication.as_ref().is_none_or(|v| {
+            use openraft::async_runtime::WatchReceiver as _;
+            v.raft.metrics().borrow_watched().state.is_leader()
+                && !crate::replication::machine::quorum_lost(&v.raft)
+        })
     }
 
     /// Runs handed to `node` that it does not run: each is placed again if it still waits
@@ -311,6 +330,7 @@ pub(crate) async fn placement_of(
         due,
         queue: run.work_queue.clone(),
         deployment,
+        known: Some(Box::new(run.clone())),
     }
 }
 

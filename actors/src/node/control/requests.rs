@@ -97,10 +97,12 @@ impl ControlState {
                         Ok(Ok(Reply::FlowRunCreated { run, created })) => {
                             // Placed like every run, in the default work queue: it goes to a
                             // node that serves it. (A run that existed was placed when made.)
+                            let id = run.id;
                             if created {
-                                replace(Placement::plain(run.id, run.flow_name.clone(), now()));
+                                let flow = run.flow_name.clone();
+                                replace(Placement::plain(id, flow, now()).knowing(run));
                             }
-                            Response::Ran(run.id)
+                            Response::Ran(id)
                         }
                         Ok(Ok(other)) => {
                             refused(ErrorKind::Unavailable, format!("unexpected answer {other:?}"))
@@ -333,6 +335,7 @@ impl ControlState {
                                     due: now(),
                                     queue: d.work_queue.clone(),
                                     deployment: Some((d.id, d.concurrency_limit.map(|l| (l, d.collision)))),
+                                    known: Some(run.clone()),
                                 });
                             }
                             Response::Ran(run.id)

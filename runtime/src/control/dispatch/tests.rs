@@ -32,6 +32,7 @@ impl World {
             due: t(due),
             queue: queue.map(str::to_owned),
             deployment: dep,
+            known: None,
         };
         assert_eq!(self.d.add(p), None);
         id
@@ -179,6 +180,7 @@ fn restored_runs_count_against_limits_and_nothing_is_added_twice() {
         due: t(1),
         queue: Some("q".into()),
         deployment: None,
+        known: None,
     };
     assert_eq!(w.d.add(again), None);
     assert_eq!(w.d.waiting(), 1);

@@ -193,6 +193,54 @@ fn a_holding_is_recorded_before_its_holder_hears_of_it() {
     ));
 }
 
+/// Found by reasoning about a leader change: the deposed leader went on renewing a holder
+/// it knew of (answers it sends without logging) while its successor, which restored the
+/// holding from the log, counted the lease from its own start and gave the slot to another
+/// once it lapsed. A machine started with a grace counts restored leases that much longer.
+#[test]
+fn a_restored_lease_outlasts_the_grace_a_deposed_leader_may_renew_it_in() {
+    let holder = |n: u8| TaskRunId::from_bytes([n; 16]);
+    let limit = ConcurrencyLimit {
+        tag: "gpu".into(),
+        limit: 1,
+        lease_ttl: Duration::from_millis(500),
+        leases: Vec::new(),
+    };
+    // When the second holder gets the slot, after a start at T0 that restored the first.
+    let granted_after = |grace: Duration| {
+        let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig {
+            lease_grace: grace,
+            ..ControlConfig::default()
+        });
+        c.handle(T0, Input::Limits(vec![limit.clone()]));
+        c.handle(T0, Input::Holds(Some(vec![("gpu".into(), holder(1), node("a"))])));
+        c.handle(T0, Input::Restore(Vec::new()));
+        let waits = c.handle(
+            T0,
+            Input::Acquire {
+                holder: holder(2),
+                node: node("b"),
+                tags: vec!["gpu".into()],
+                reply: 2,
+            },
+        );
+        assert!(waits.is_empty(), "the slot is held: {waits:?}");
+        (1..=100u64)
+            .map(|i| i * 50)
+            .find(|ms| {
+                c.handle(at(*ms), Input::Tick)
+                    .iter()
+                    .any(|e| matches!(e, Effect::Hold { reply: 2, .. }))
+            })
+            .expect("granted within 5 s")
+    };
+    // Without a grace the slot goes to the other once the lease runs out from the start; the
+    // holder, renewed by the deposed leader until up to the grace after the start, would still
+    // believe it holds it.
+    assert_eq!(granted_after(Duration::ZERO), 500);
+    assert_eq!(granted_after(Duration::from_secs(2)), 2_500);
+}
+
 #[test]
 fn a_run_claimed_while_it_is_read_back_is_not_taken_back() {
     let (mut c, p) = placed_then_read_back();
