@@ -687,6 +687,7 @@ async fn leave_runs(dir: &std::path::Path) -> Vec<flotilla::FlowRunId> {
             flow_name: flow.into(),
             parameters: serde_json::json!({}),
             deployment_id: None,
+            deployment_name: None,
             parent_task_run: None,
             idempotency_key: None,
             tags: vec![],

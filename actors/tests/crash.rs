@@ -47,6 +47,7 @@ async fn child(dir: String, round: u64) {
                     flow_name: "crash".into(),
                     parameters: serde_json::Value::Null,
                     deployment_id: None,
+                    deployment_name: None,
                     parent_task_run: None,
                     idempotency_key: Some(key.clone()),
                     tags: vec![],

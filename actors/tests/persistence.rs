@@ -24,6 +24,7 @@ fn new_run(id: FlowRunId) -> Command {
         flow_name: "etl".into(),
         parameters: serde_json::json!({"day": "2026-11-25"}),
         deployment_id: None,
+        deployment_name: None,
         parent_task_run: None,
         idempotency_key: None,
         tags: vec!["t".into()],

@@ -41,8 +41,11 @@ pub enum FlowRunCmd {
     Ls {
         /// Only those in this state type (SCHEDULED, PENDING, RUNNING, COMPLETED, FAILED,
         /// CANCELLING, CANCELLED, CRASHED, PAUSED).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "deployment")]
         state: Option<String>,
+        /// Only the runs of this deployment (by name).
+        #[arg(long)]
+        deployment: Option<String>,
         /// At most this many (1 to 1,000; the next page's cursor is printed on stderr when
         /// more remain).
         #[arg(long, default_value_t = 100)]
@@ -159,8 +162,8 @@ fn run_id(s: &str) -> anyhow::Result<FlowRunId> {
 /// The most `--params-json @FILE` reads (the node refuses what is over its message limit).
 const PARAMS_FILE_BYTES_MAX: u64 = 256 * 1024 * 1024;
 
-/// The text of `--params-json`: as given, or read from `@FILE` (`@-`: standard input).
-fn params_text(arg: &str) -> anyhow::Result<std::borrow::Cow<'_, str>> {
+/// The text of a JSON flag (`flag`): as given, or read from `@FILE` (`@-`: standard input).
+pub(crate) fn json_text<'a>(flag: &str, arg: &'a str) -> anyhow::Result<std::borrow::Cow<'a, str>> {
     use std::io::Read;
     let Some(path) = arg.strip_prefix('@') else {
         return Ok(std::borrow::Cow::Borrowed(arg));
@@ -173,10 +176,10 @@ fn params_text(arg: &str) -> anyhow::Result<std::borrow::Cow<'_, str>> {
     } else {
         std::fs::File::open(path).and_then(|f| f.take(PARAMS_FILE_BYTES_MAX + 1).read_to_string(&mut text))
     };
-    read.map_err(|e| anyhow::anyhow!("--params-json {arg}: cannot read it: {e}"))?;
+    read.map_err(|e| anyhow::anyhow!("{flag} {arg}: cannot read it: {e}"))?;
     anyhow::ensure!(
         text.len() as u64 <= PARAMS_FILE_BYTES_MAX,
-        "--params-json {arg}: over {PARAMS_FILE_BYTES_MAX} bytes"
+        "{flag} {arg}: over {PARAMS_FILE_BYTES_MAX} bytes"
     );
     Ok(std::borrow::Cow::Owned(text))
 }
@@ -184,7 +187,7 @@ fn params_text(arg: &str) -> anyhow::Result<std::borrow::Cow<'_, str>> {
 /// The parameters from `--param k=v…` or `--params-json` (JSON, `@FILE` or `@-`).
 pub(crate) fn parameters(params: &[String], json: Option<&str>) -> anyhow::Result<serde_json::Value> {
     if let Some(j) = json {
-        let text = params_text(j)?;
+        let text = json_text("--params-json", j)?;
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("--params-json is not JSON: {e}"))?;
         anyhow::ensure!(
@@ -237,6 +240,7 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
         }
         FlowRunCmd::Ls {
             state,
+            deployment,
             limit,
             cursor,
             json,
@@ -257,6 +261,12 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
                 ),
             };
             let mut s = conn.connect().await?;
+            let filter = match deployment {
+                Some(name) => {
+                    RunFilter::Deployment(s.client.deployment(&name).await.map_err(|e| s.fail(e))?.id)
+                }
+                None => filter,
+            };
             if stale {
                 s.client = s.client.stale_reads();
             }

@@ -10,6 +10,7 @@ mod cluster_cmd;
 mod config;
 mod demo;
 mod deployment_cmd;
+mod events_cmd;
 mod flow_run;
 mod node_cmd;
 mod output;
@@ -57,7 +58,7 @@ enum Cmd {
     ConcurrencyLimit(queue_cmd::LimitCmd),
     /// The cluster's events: state changes, deployments, queues and limits.
     #[command(subcommand)]
-    Events(queue_cmd::EventsCmd),
+    Events(events_cmd::EventsCmd),
     /// Measure Flotilla on this machine (release builds).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -95,7 +96,7 @@ fn main() -> ExitCode {
             Cmd::Schedule(cmd) => schedule_cmd::run(cmd).map(|()| true),
             Cmd::WorkQueue(cmd) => queue_cmd::work_queue(cmd).await,
             Cmd::ConcurrencyLimit(cmd) => queue_cmd::limit(cmd).await,
-            Cmd::Events(cmd) => queue_cmd::events(cmd).await,
+            Cmd::Events(cmd) => events_cmd::events(cmd).await,
             Cmd::Bench(cmd) => bench::run(cmd).await.map(|()| true),
         }
     });

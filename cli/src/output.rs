@@ -41,6 +41,8 @@ pub struct RunOut<'a> {
     pub kind: String,
     pub message: Option<&'a str>,
     pub node: Option<&'a str>,
+    /// The deployment that made it, by name.
+    pub deployment: Option<&'a str>,
     pub created: String,
     pub start_time: Option<String>,
     pub end_time: Option<String>,
@@ -56,6 +58,7 @@ impl<'a> From<&'a FlowRun> for RunOut<'a> {
             kind: r.lifecycle.state.kind.to_string(),
             message: r.lifecycle.state.message.as_deref(),
             node: r.owner.as_ref().map(|n| n.as_str()),
+            deployment: r.deployment_name.as_deref(),
             created: r.created.to_string(),
             start_time: r.lifecycle.start_time.map(|t| t.to_string()),
             end_time: r.lifecycle.end_time.map(|t| t.to_string()),

@@ -1,11 +1,11 @@
-//! `flotilla work-queue …`, `flotilla concurrency-limit …` and `flotilla events tail`.
+//! `flotilla work-queue …` and `flotilla concurrency-limit …`.
 
 use std::io::Write;
 use std::time::Duration;
 
 use clap::Subcommand;
 use flotilla::{LimitChange, QueueChange, QueueInfo};
-use flotilla_runtime::{ConcurrencyLimit, Event, EventId, QueueEdit, Timestamp};
+use flotilla_runtime::{ConcurrencyLimit, QueueEdit};
 
 use crate::config::{Conn, duration};
 
@@ -141,54 +141,6 @@ pub enum LimitCmd {
         #[command(flatten)]
         conn: Conn,
     },
-}
-
-/// Event commands.
-#[derive(Debug, Subcommand)]
-pub enum EventsCmd {
-    /// Print the latest events, and with --follow every new one as it comes.
-    Tail {
-        /// Keep printing new events until interrupted.
-        #[arg(long, short = 'f')]
-        follow: bool,
-        /// Only events whose name starts with this (e.g. `flotilla.flow-run.`).
-        #[arg(long)]
-        prefix: Option<String>,
-        /// Start this far back.
-        #[arg(long, default_value = "10m")]
-        since: String,
-        /// Without --follow, print at most this many (the latest; with --cursor, the next page
-        /// of at most 1,000).
-        #[arg(long, default_value_t = 20)]
-        limit: usize,
-        /// Print the page of events after this cursor (oldest first) instead of the latest; the
-        /// next page's cursor is printed on stderr when more remain.
-        #[arg(long, conflicts_with_all = ["follow", "since"])]
-        cursor: Option<String>,
-        /// One JSON object per line.
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        conn: Conn,
-    },
-}
-
-/// An event page's cursor: opaque to users (`e` and the last event's id, without dashes).
-fn event_cursor(last: EventId) -> String {
-    format!("e{}", last.as_uuid().simple())
-}
-
-fn cursor_event(cursor: &str) -> anyhow::Result<Option<EventId>> {
-    if cursor == "start" {
-        return Ok(None);
-    }
-    cursor
-        .strip_prefix('e')
-        .and_then(|hex| uuid::Uuid::try_parse(hex).ok())
-        .map(|u| Some(EventId::from_uuid(u)))
-        .ok_or_else(|| {
-            anyhow::anyhow!("--cursor {cursor:?} is not a cursor this command printed (or `start`)")
-        })
 }
 
 fn queue_json(q: &QueueInfo) -> serde_json::Value {
@@ -388,98 +340,4 @@ pub async fn limit(cmd: LimitCmd) -> anyhow::Result<bool> {
         _ => println!("{verb} concurrency limit on tag {tag}"),
     }
     Ok(true)
-}
-
-fn print_event(e: &Event, json: bool) {
-    if json {
-        println!("{}", serde_json::to_string(e).unwrap_or_default());
-    } else {
-        let name = e.resource.name().map(|n| format!(" ({n})")).unwrap_or_default();
-        println!(
-            "{}  {:<36} {}{name}",
-            e.occurred,
-            e.event,
-            e.resource.id().unwrap_or("-")
-        );
-    }
-}
-
-pub async fn events(cmd: EventsCmd) -> anyhow::Result<bool> {
-    let EventsCmd::Tail {
-        follow,
-        prefix,
-        since,
-        limit,
-        cursor: from,
-        json,
-        conn,
-    } = cmd;
-    anyhow::ensure!(limit >= 1, "--limit is at least 1");
-    if let Some(from) = from {
-        anyhow::ensure!(
-            limit <= 1000,
-            "--limit {limit}: from 1 to 1000 (follow `next cursor:` for more)"
-        );
-        let after = cursor_event(&from)?;
-        let s = conn.connect().await?;
-        let page = s
-            .client
-            .events_page(
-                after,
-                prefix,
-                u32::try_from(limit).unwrap_or(1000),
-                Duration::ZERO,
-            )
-            .await
-            .map_err(|e| s.fail(e))?;
-        for e in &page {
-            print_event(e, json);
-        }
-        if page.len() == limit
-            && let Some(last) = page.last()
-        {
-            eprintln!("next cursor: {}", event_cursor(last.id));
-        }
-        return Ok(true);
-    }
-    let since = duration("--since", &since)?;
-    let s = conn.connect().await?;
-    let start = Timestamp::from(chrono::Utc::now()) - since;
-    let mut cursor = Some(EventId::first_at(start));
-    // What is there already: the latest `limit` of it (read at most 100 pages).
-    let mut latest = std::collections::VecDeque::with_capacity(limit);
-    for _ in 0..100 {
-        let page = s
-            .client
-            .events_page(cursor, prefix.clone(), 1000, Duration::ZERO)
-            .await
-            .map_err(|e| s.fail(e))?;
-        let Some(last) = page.last() else { break };
-        cursor = Some(last.id);
-        for e in page {
-            if latest.len() == limit {
-                latest.pop_front();
-            }
-            latest.push_back(e);
-        }
-    }
-    for e in &latest {
-        print_event(e, json);
-    }
-    if !follow {
-        return Ok(true);
-    }
-    loop {
-        let page = s
-            .client
-            .events_page(cursor, prefix.clone(), 1000, Duration::from_secs(5))
-            .await
-            .map_err(|e| s.fail(e))?;
-        if let Some(last) = page.last() {
-            cursor = Some(last.id);
-        }
-        for e in &page {
-            print_event(e, json);
-        }
-    }
 }

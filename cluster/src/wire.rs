@@ -153,6 +153,21 @@ pub enum Request {
         /// When there is none yet, wait up to this long for one (≤ [`WAIT_MS_MAX`]).
         wait_ms: u32,
     },
+    /// Events after a point that match a filter, oldest first; answered with a page and where
+    /// the scan stopped (to go on from there).
+    FindEvents {
+        /// After this event (None: from the filter's `since`, or the oldest kept).
+        after: Option<flotilla_runtime::EventId>,
+        /// Which events.
+        filter: Box<flotilla_runtime::EventFilter>,
+        /// At most this many (≤ 1,000).
+        limit: u32,
+        /// When there is none yet, wait up to this long for one (≤ [`WAIT_MS_MAX`]).
+        wait_ms: u32,
+    },
+    /// Record a user's event (durable before it is answered; the same event id again is the
+    /// same event).
+    EmitEvent(Box<flotilla_runtime::Event>),
     /// A node's heartbeat (its report), on a connection of its own; answered with the
     /// membership.
     Heartbeat(Box<MemberStatus>),
@@ -214,7 +229,8 @@ impl Request {
             | Request::SchedulerStats
             | Request::WorkQueues
             | Request::ConcurrencyLimits
-            | Request::Events { .. } => false,
+            | Request::Events { .. }
+            | Request::FindEvents { .. } => false,
             Request::WorkQueue { change, .. } => *change != QueueChange::Inspect,
             Request::ConcurrencyLimit { change, .. } => *change != LimitChange::Inspect,
             Request::RunFlow { .. }
@@ -226,6 +242,7 @@ impl Request {
             | Request::DeleteDeployment(_)
             | Request::RunDeployment { .. }
             | Request::PutResult { .. }
+            | Request::EmitEvent(_)
             | Request::Heartbeat(_) => true,
         }
     }
@@ -450,6 +467,16 @@ pub enum Response {
     ConcurrencyLimits(Vec<flotilla_runtime::ConcurrencyLimit>),
     /// Events, oldest first.
     Events(Vec<flotilla_runtime::Event>),
+    /// A page of events that matched, oldest first, and the last event scanned (None: the
+    /// scan reached the end of the filter's window).
+    EventPage {
+        /// The events.
+        events: Vec<flotilla_runtime::Event>,
+        /// Where to go on from.
+        next: Option<flotilla_runtime::EventId>,
+    },
+    /// The event recorded.
+    EventEmitted(flotilla_runtime::EventId),
     /// Done, nothing to say.
     Done,
     /// The request failed.

@@ -459,12 +459,44 @@ fn resource_id(prefix: &str, id: &uuid::Uuid) -> String {
     s
 }
 
+/// A related resource of `role`: its id (`flotilla.ROLE.NAME`) and name.
+fn related(role: &str, name: &str) -> Resource {
+    let mut id = String::with_capacity(9 + role.len() + 1 + name.len());
+    id.push_str("flotilla.");
+    id.push_str(role);
+    id.push('.');
+    id.push_str(name);
+    Resource::new(id, Some(name)).with(crate::event::RESOURCE_ROLE, role)
+}
+
+/// A flow run's resource, with its related resources as Prefect gives them: its flow, its
+/// deployment, its work queue, the node that runs it and each tag.
 fn flow_resource(run: &FlowRun) -> (Resource, Vec<Resource>) {
     let resource = Resource::new(
         resource_id("flotilla.flow-run.", run.id.as_uuid()),
         Some(&run.flow_name),
     );
-    (resource, Vec::new())
+    let mut rel = Vec::with_capacity(3 + run.tags.len());
+    rel.push(related("flow", &run.flow_name));
+    if let Some(d) = run.deployment_id {
+        let mut deployment = Resource::new(resource_id("flotilla.deployment.", d.as_uuid()), None)
+            .with(crate::event::RESOURCE_ROLE, "deployment");
+        if let Some(name) = &run.deployment_name {
+            deployment = deployment.with(crate::event::RESOURCE_NAME, name.clone());
+        }
+        rel.push(deployment);
+    }
+    rel.push(related(
+        "work-queue",
+        run.work_queue
+            .as_deref()
+            .unwrap_or(crate::work_queue::DEFAULT_QUEUE),
+    ));
+    if let Some(node) = &run.owner {
+        rel.push(related("node", node.as_str()));
+    }
+    rel.extend(run.tags.iter().map(|t| related("tag", t)));
+    (resource, rel)
 }
 
 fn flow_related(flow_run: &FlowRunId) -> Resource {
@@ -478,7 +510,10 @@ fn task_resource(run: &TaskRun) -> (Resource, Vec<Resource>) {
         resource_id("flotilla.task-run.", run.id.as_uuid()),
         Some(&run.key.task_key),
     );
-    (resource, vec![flow_related(&run.key.flow_run)])
+    let mut rel = Vec::with_capacity(1 + run.tags.len());
+    rel.push(flow_related(&run.key.flow_run));
+    rel.extend(run.tags.iter().map(|t| related("tag", t)));
+    (resource, rel)
 }
 
 fn state_event_name(kind: &str, state: StateType) -> String {

@@ -34,6 +34,9 @@ pub struct NewFlowRun {
     /// The deployment creating it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment_id: Option<DeploymentId>,
+    /// That deployment's name (for the run's events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_name: Option<String>,
     /// For a subflow: the calling task run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_task_run: Option<TaskRunId>,
@@ -71,6 +74,7 @@ impl NewFlowRun {
             flow_name: flow_name.into(),
             parameters,
             deployment_id: None,
+            deployment_name: None,
             parent_task_run: None,
             idempotency_key: None,
             tags: Vec::new(),
@@ -86,6 +90,7 @@ impl NewFlowRun {
     pub fn of_deployment(id: FlowRunId, d: &Deployment, overrides: &serde_json::Value) -> Self {
         NewFlowRun {
             deployment_id: Some(d.id),
+            deployment_name: Some(d.name.clone()),
             tags: d.tags.clone(),
             work_queue: d.work_queue.clone(),
             ..NewFlowRun::new(id, d.flow_name.clone(), merge_params(&d.parameters, overrides))

@@ -20,6 +20,9 @@ pub struct FlowRun {
     /// The deployment that created it, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deployment_id: Option<DeploymentId>,
+    /// That deployment's name when the run was made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deployment_name: Option<String>,
     /// For a subflow: the task run in the parent flow that called it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent_task_run: Option<TaskRunId>,

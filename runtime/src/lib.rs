@@ -10,6 +10,7 @@
 //! what they return.
 
 pub mod apply;
+pub mod automation;
 pub mod codec;
 pub mod command;
 pub mod concurrency;
@@ -17,6 +18,7 @@ pub mod control;
 pub mod cron;
 pub mod deployment;
 pub mod event;
+pub mod event_filter;
 pub mod flow_run;
 pub mod frame;
 pub mod hot_state;
@@ -38,6 +40,7 @@ pub use command::{
 pub use concurrency::ConcurrencyLimit;
 pub use deployment::{CollisionStrategy, Deployment, DeploymentSpec, Schedule, ScheduleKind};
 pub use event::{Event, EventPayload, Resource};
+pub use event_filter::{EventFilter, LabelSpec};
 pub use flow_run::FlowRun;
 pub use hot_state::{HotState, RememberedAnswer};
 pub use ids::{

@@ -269,6 +269,43 @@ impl Client {
         self.remote_only()?.events(after, prefix, limit, wait).await
     }
 
+    /// The cluster's events after `after` (None: from the filter's `since`, or the oldest
+    /// kept) that match `filter`, oldest first, at most `limit` (≤ 1,000); when there is none
+    /// yet, waits up to `wait` (at most 5 s) for one. Also answers where to go on from (None:
+    /// the filter's window is over): a filter that matches few of many events takes several
+    /// pages, some of them empty.
+    pub async fn find_events(
+        &self,
+        after: Option<flotilla_runtime::EventId>,
+        filter: flotilla_runtime::EventFilter,
+        limit: u32,
+        wait: std::time::Duration,
+    ) -> Result<(Vec<flotilla_runtime::Event>, Option<flotilla_runtime::EventId>), Error> {
+        self.remote_only()?.find_events(after, filter, limit, wait).await
+    }
+
+    /// Records an event named `name` about `resource` (which needs a `flotilla.resource.id`
+    /// label), with related resources and a JSON payload; answered once it is durable, with its
+    /// id. Bounded: a name of at most 1,024 bytes, 64 related resources of 64 labels, and the
+    /// protocol's frame limit.
+    pub async fn emit_event(
+        &self,
+        name: &str,
+        resource: flotilla_runtime::Resource,
+        related: Vec<flotilla_runtime::Resource>,
+        payload: serde_json::Value,
+    ) -> Result<flotilla_runtime::EventId, Error> {
+        let event = flotilla_runtime::Event {
+            id: flotilla_runtime::EventId::from_bytes([0; 16]),
+            occurred: now(),
+            event: name.to_owned(),
+            resource,
+            related,
+            payload: flotilla_runtime::EventPayload::Data(payload),
+        };
+        self.remote_only()?.emit_event(event).await
+    }
+
     fn remote_only(&self) -> Result<&crate::remote::Remote, Error> {
         match &self.inner {
             Inner::Remote(r) => Ok(r),

@@ -37,6 +37,33 @@ impl FlowContext {
         self.env.parameters()
     }
 
+    /// Records an event named `name` about `resource` (which needs a `flotilla.resource.id`
+    /// label), with related resources (this flow run among them) and a JSON payload; durable
+    /// once answered, with its id.
+    pub async fn emit_event(
+        &self,
+        name: &str,
+        resource: flotilla_runtime::Resource,
+        related: Vec<flotilla_runtime::Resource>,
+        payload: serde_json::Value,
+    ) -> Result<flotilla_runtime::EventId, crate::Error> {
+        let event = flotilla_runtime::Event {
+            id: flotilla_runtime::EventId::from_bytes([0; 16]),
+            occurred: crate::client::now(),
+            event: name.to_owned(),
+            resource,
+            related,
+            payload: flotilla_runtime::EventPayload::Data(payload),
+        };
+        match self.env.emit_event(event).await? {
+            Ok(flotilla_runtime::Reply::EventAppended { id }) => Ok(id),
+            Ok(other) => Err(crate::Error::Storage(
+                flotilla_actors::persistence::PersistError::Read(format!("unexpected answer {other:?}")),
+            )),
+            Err(refusal) => Err(crate::Error::Refused(refusal)),
+        }
+    }
+
     /// Runs `fut` with this context set.
     pub(crate) async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
         CONTEXT.scope(self, fut).await

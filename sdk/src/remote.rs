@@ -530,6 +530,35 @@ impl Remote {
         }
     }
 
+    pub(crate) async fn find_events(
+        &self,
+        after: Option<flotilla_runtime::EventId>,
+        filter: flotilla_runtime::EventFilter,
+        limit: u32,
+        wait: std::time::Duration,
+    ) -> Result<(Vec<flotilla_runtime::Event>, Option<flotilla_runtime::EventId>), Error> {
+        let request = Request::FindEvents {
+            after,
+            filter: Box::new(filter),
+            limit,
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
+        };
+        match self.ask(request, None).await? {
+            Response::EventPage { events, next } => Ok((events, next)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    pub(crate) async fn emit_event(
+        &self,
+        event: flotilla_runtime::Event,
+    ) -> Result<flotilla_runtime::EventId, Error> {
+        match self.ask(Request::EmitEvent(Box::new(event)), None).await? {
+            Response::EventEmitted(id) => Ok(id),
+            other => Err(unexpected(&other)),
+        }
+    }
+
     pub(crate) async fn scheduler_stats(&self) -> Result<SchedulerStats, Error> {
         match self.ask(Request::SchedulerStats, None).await? {
             Response::SchedulerStats(s) => Ok(s),

@@ -110,6 +110,24 @@ impl FlowEnv {
         &self.inner.params
     }
 
+    /// Records a user's event, with this flow run among its related resources (role
+    /// `flow-run`): durable once answered, with its id (given in log order), or refused.
+    pub async fn emit_event(&self, mut event: flotilla_runtime::Event) -> crate::persistence::SubmitResult {
+        event.id = flotilla_runtime::EventId::from_bytes([0; 16]);
+        event.related.push(
+            flotilla_runtime::Resource::new(
+                format!("flotilla.flow-run.{}", self.inner.flow_run),
+                Some(&self.inner.flow_name),
+            )
+            .with(flotilla_runtime::event::RESOURCE_ROLE, "flow-run"),
+        );
+        self.inner
+            .engine
+            .control()
+            .submit(flotilla_runtime::Command::AppendEvent(event))
+            .await
+    }
+
     /// The key of the next call of a task: its index is fixed now (for a call made later,
     /// with [`FlowEnv::call_with_key`]).
     pub fn reserve(&self, task: &str) -> TaskRunKey {

@@ -351,6 +351,13 @@ pub struct EngineHandle {
     flows: Arc<HashMap<String, Arc<dyn FlowFn>>>,
 }
 
+impl EngineHandle {
+    /// Where commands go: the control state.
+    pub(crate) fn control(&self) -> &ControlPlane {
+        &self.ctx.persistence
+    }
+}
+
 impl std::fmt::Debug for EngineHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EngineHandle")

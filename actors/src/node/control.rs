@@ -28,6 +28,7 @@ use rand::rngs::SmallRng;
 mod answers;
 mod args;
 mod effects;
+mod events;
 mod msg;
 mod requests;
 pub(crate) use requests::read_request;

@@ -153,7 +153,7 @@ impl SchedulerState {
                     generation,
                     runs,
                 } => self.create(deployment, generation, runs, myself),
-                Effect::Append(command) => drop(self.persistence.enqueue(command)),
+                Effect::Append(command) => drop(self.persistence.enqueue(*command)),
                 Effect::HandOut(p) => {
                     if let Some(c) =
                         ractor::registry::where_is(CONTROL_NAME).map(ActorRef::<ControlMsg>::from)

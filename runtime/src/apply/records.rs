@@ -205,7 +205,13 @@ impl Tx {
         self.done(Reply::DeploymentDeleted { existed: true })
     }
 
-    pub(super) fn append_event(self, view: &mut impl StateView, e: Event) -> Outcome {
+    /// Records an event. One whose id is nil is given the next id in log order (a user's
+    /// event emitted through the client protocol: it sorts after every event before it, so a
+    /// reader following the log never misses it).
+    pub(super) fn append_event(mut self, view: &mut impl StateView, mut e: Event) -> Outcome {
+        if e.id.as_uuid().is_nil() {
+            e.id = self.next_event_id();
+        }
         let id = e.id;
         if view.event_exists(&id) {
             return self.done(Reply::EventAppended { id });

@@ -36,6 +36,7 @@ impl Tx {
             flow_name: new.flow_name,
             parameters: new.parameters,
             deployment_id: new.deployment_id,
+            deployment_name: new.deployment_name,
             parent_task_run: new.parent_task_run,
             idempotency_key: new.idempotency_key,
             tags: new.tags,

@@ -41,6 +41,7 @@ fn new_run(id: FlowRunId) -> NewFlowRun {
         flow_name: "etl".into(),
         parameters: serde_json::json!({"n": 1}),
         deployment_id: None,
+        deployment_name: None,
         parent_task_run: None,
         idempotency_key: None,
         tags: vec![],

@@ -120,7 +120,7 @@ pub enum Effect {
         runs: Vec<(Timestamp, NewFlowRun)>,
     },
     /// Append a command (a run of an older version of its deployment cancelled).
-    Append(Command),
+    Append(Box<Command>),
     /// Hand a due run to placement.
     HandOut(Placement),
     /// Feed [`Input::Wake`] at this time.
@@ -498,11 +498,11 @@ fn cancel(now: Timestamp, d: &Deployment, runs: Vec<FlowRunId>, out: &mut Vec<Ef
 /// transition id is derived from both, so cancelling it again is one change.
 fn cancelled(now: Timestamp, run: FlowRunId, why: &str) -> Effect {
     let tid = TransitionId::from_uuid(derived_id(&format!("deployment-changed/{run}/{why}")));
-    Effect::Append(Command::ProposeFlowRunState {
+    Effect::Append(Box::new(Command::ProposeFlowRunState {
         run,
         proposal: Proposal::new(
             State::named(StateName::Cancelling, now).with_message("its deployment changed"),
             tid,
         ),
-    })
+    }))
 }

@@ -304,7 +304,7 @@ impl Sim {
                         self.scheduler.making.push((at, create));
                     }
                     scheduler::Effect::Append(command) => {
-                        let _ = self.log(command);
+                        let _ = self.log(*command);
                     }
                     scheduler::Effect::HandOut(p) => {
                         self.note(format!("the schedule's {} is due", short(p.run)));

@@ -262,8 +262,24 @@ impl ControlState {
                 wait_ms,
             } => {
                 tokio::spawn(async move {
-                    let r = events(&p, after, prefix, limit, wait_ms).await;
+                    let r = events::events(&p, after, prefix, limit, wait_ms).await;
                     answer(reply, r);
+                });
+            }
+            Request::FindEvents {
+                after,
+                filter,
+                limit,
+                wait_ms,
+            } => {
+                tokio::spawn(async move {
+                    let r = events::find_events(&p, after, *filter, limit, wait_ms).await;
+                    answer(reply, r);
+                });
+            }
+            Request::EmitEvent(event) => {
+                tokio::spawn(async move {
+                    answer(reply, events::emit(&p, *event).await);
                 });
             }
             Request::DeleteDeployment(name) => {
@@ -598,59 +614,6 @@ async fn delete_setting(p: &PersistenceHandle, key: String, missing: String) -> 
 
 fn control_ref() -> Option<ActorRef<ControlMsg>> {
     ractor::registry::where_is(CONTROL_NAME).map(ActorRef::from)
-}
-
-/// Events after a cursor whose names start with `prefix`; waits up to `wait_ms` for one when
-/// there is none yet. Reads at most 20 pages past events that do not match.
-async fn events(
-    p: &PersistenceHandle,
-    after: Option<flotilla_runtime::EventId>,
-    prefix: Option<String>,
-    limit: u32,
-    wait_ms: u32,
-) -> Response {
-    let limit = (limit as usize).clamp(1, PAGE_MAX);
-    let matches = |e: &flotilla_runtime::Event| prefix.as_deref().is_none_or(|x| e.event.starts_with(x));
-    // Subscribe before reading, so an event between the two is not missed.
-    let mut live = p.subscribe();
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(wait_ms.min(WAIT_MS_MAX)));
-    let mut cursor = after;
-    loop {
-        let mut out = Vec::new();
-        for _ in 0..20 {
-            let page = match p.events(cursor, PAGE_MAX).await {
-                Ok(page) => page,
-                Err(e) => return persist_err(e),
-            };
-            let Some(last) = page.last() else { break };
-            cursor = Some(last.id);
-            for e in page {
-                if matches(&e) {
-                    out.push(e);
-                    if out.len() == limit {
-                        return Response::Events(out);
-                    }
-                }
-            }
-        }
-        if !out.is_empty() {
-            return Response::Events(out);
-        }
-        // Nothing yet: wait for a matching event (or the deadline).
-        let waited = tokio::time::timeout_at(deadline, async {
-            loop {
-                match live.recv().await {
-                    Ok(e) if matches(&e) => return true,
-                    Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
-                }
-            }
-        })
-        .await;
-        if !matches!(waited, Ok(true)) {
-            return Response::Events(Vec::new());
-        }
-    }
 }
 
 /// The run once it ended (a run that resumes after a crash has not ended when Crashed), or as

@@ -232,6 +232,7 @@ fn commands(step: &Step, n: u64, now: Timestamp, epoch: Epoch) -> Vec<Command> {
             flow_name: "etl".into(),
             parameters: serde_json::json!({}),
             deployment_id: deployed.then(deployment),
+            deployment_name: None,
             parent_task_run: None,
             idempotency_key: keyed.then(|| format!("key-{run}")),
             tags: vec![],
