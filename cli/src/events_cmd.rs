@@ -221,7 +221,8 @@ pub async fn events(cmd: EventsCmd) -> anyhow::Result<bool> {
             let since = since.as_deref().map(|s| time_arg("--since", s)).transpose()?;
             let filter = filter.filter(since)?;
             let after = cursor.as_deref().map(cursor_event).transpose()?.flatten();
-            ls(filter, after, limit, json, conn).await
+            let out = if json { Out::Array } else { Out::Text };
+            ls(filter, after, limit, out, conn).await
         }
         EventsCmd::Tail {
             filter,
@@ -244,7 +245,8 @@ pub async fn events(cmd: EventsCmd) -> anyhow::Result<bool> {
                     "--limit {limit}: from 1 to 1000 (follow `next cursor:` for more)"
                 );
                 let after = cursor_event(&from)?;
-                return ls(args.filter(None)?, after, limit, json, conn).await;
+                let out = if json { Out::Lines } else { Out::Text };
+                return ls(args.filter(None)?, after, limit, out, conn).await;
             }
             let since = time_arg("--since", &since)?;
             tail(args.filter(Some(since))?, limit, follow, json, conn).await
@@ -260,13 +262,24 @@ pub async fn events(cmd: EventsCmd) -> anyhow::Result<bool> {
     }
 }
 
+/// How events are printed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Out {
+    /// A line each, for a person.
+    Text,
+    /// A JSON object per line (`tail --json`).
+    Lines,
+    /// One JSON array (`ls --json`).
+    Array,
+}
+
 /// Up to `limit` events that match, after `after`, oldest first; the next cursor on stderr when
 /// more may remain.
 async fn ls(
     filter: EventFilter,
     mut after: Option<EventId>,
     limit: usize,
-    json: bool,
+    out: Out,
     conn: Conn,
 ) -> anyhow::Result<bool> {
     let s = conn.connect().await?;
@@ -288,11 +301,11 @@ async fn ls(
             break None;
         }
     };
-    if json {
+    if out == Out::Array {
         println!("{}", serde_json::to_string(&found)?);
     } else {
         for e in &found {
-            print_event(e, false);
+            print_event(e, out == Out::Lines);
         }
     }
     if let Some(next) = more {
