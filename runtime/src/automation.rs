@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::event_filter::{EventFilter, LabelSpec};
 
+pub mod evaluator;
+pub use evaluator::{Evaluator, Firing};
+
 /// The most automations in one file.
 pub const AUTOMATIONS_PER_FILE_MAX: usize = 10_000;
 /// The most actions of one automation.
