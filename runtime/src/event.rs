@@ -97,6 +97,25 @@ pub struct Event {
 }
 
 impl Event {
+    /// A user's event named `name` about `resource`, with related resources and a JSON
+    /// payload; its id is nil, for the log to give it the next one in order.
+    pub fn user(
+        name: &str,
+        occurred: Timestamp,
+        resource: Resource,
+        related: Vec<Resource>,
+        payload: serde_json::Value,
+    ) -> Event {
+        Event {
+            id: EventId::from_bytes([0; 16]),
+            occurred,
+            event: name.to_owned(),
+            resource,
+            related,
+            payload: EventPayload::Data(payload),
+        }
+    }
+
     /// The state recorded by a state-change event.
     pub fn state(&self) -> Option<&State> {
         match &self.payload {

@@ -295,14 +295,7 @@ impl Client {
         related: Vec<flotilla_runtime::Resource>,
         payload: serde_json::Value,
     ) -> Result<flotilla_runtime::EventId, Error> {
-        let event = flotilla_runtime::Event {
-            id: flotilla_runtime::EventId::from_bytes([0; 16]),
-            occurred: now(),
-            event: name.to_owned(),
-            resource,
-            related,
-            payload: flotilla_runtime::EventPayload::Data(payload),
-        };
+        let event = flotilla_runtime::Event::user(name, now(), resource, related, payload);
         self.remote_only()?.emit_event(event).await
     }
 

@@ -47,14 +47,7 @@ impl FlowContext {
         related: Vec<flotilla_runtime::Resource>,
         payload: serde_json::Value,
     ) -> Result<flotilla_runtime::EventId, crate::Error> {
-        let event = flotilla_runtime::Event {
-            id: flotilla_runtime::EventId::from_bytes([0; 16]),
-            occurred: crate::client::now(),
-            event: name.to_owned(),
-            resource,
-            related,
-            payload: flotilla_runtime::EventPayload::Data(payload),
-        };
+        let event = flotilla_runtime::Event::user(name, crate::client::now(), resource, related, payload);
         match self.env.emit_event(event).await? {
             Ok(flotilla_runtime::Reply::EventAppended { id }) => Ok(id),
             Ok(other) => Err(crate::Error::Storage(
