@@ -15,10 +15,12 @@ impl ControlState {
                 Effect::DeclareDead { node, command } => self.declare_dead(node, command),
                 Effect::Start { node, mut placement } => {
                     // The run travels with its start unless its parameters are large (the node
-                    // reads it then): a start stays far below a frame's limit.
-                    let known = placement.known.take().filter(|r| {
-                        serde_json::to_vec(&r.parameters).map_or(usize::MAX, |v| v.len()) <= 256 * 1024
-                    });
+                    // reads it then): a start stays far below a frame's limit. The size is the
+                    // log's estimate, taken without encoding them.
+                    let known = placement
+                        .known
+                        .take()
+                        .filter(|r| flotilla_runtime::command::json_size(&r.parameters) <= 256 * 1024);
                     let start = (placement.run, known);
                     if !send_agent(&node, AgentMsg::Run(Wire::new(start))) {
                         // The node went away since its last heartbeat: the run waits again.
