@@ -4,6 +4,7 @@
 //! control state through the control actor.
 
 pub mod agent;
+pub mod automations;
 pub mod control;
 mod lead;
 pub mod link;
@@ -157,6 +158,9 @@ pub enum NodeError {
     /// The certificates could not be loaded.
     #[error(transparent)]
     Tls(#[from] flotilla_cluster::TlsError),
+    /// A node holding the control state has no secrets key.
+    #[error(transparent)]
+    Secrets(#[from] flotilla_cluster::secrets::SecretsError),
     /// The data directory could not be opened.
     #[error(transparent)]
     Storage(#[from] persistence::StartError),
@@ -550,6 +554,11 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
             host: s.host.clone(),
         })
         .collect();
+    // A node that holds the control state needs the key that seals blocks' secrets: refused
+    // now, naming the file, rather than when it first leads.
+    if (voting && is_voter) || (!voting && config.role == Role::Control) {
+        flotilla_cluster::secrets::SecretsKey::load(&config.certs_dir)?;
+    }
     let mut voter = None;
     let (plane, persistence) = match config.role {
         _ if voting && is_voter => {

@@ -207,6 +207,9 @@ struct FileDeployment {
 struct DeployFile {
     #[serde(default)]
     deployment: Vec<FileDeployment>,
+    /// Read on their own, after the deployments they may name are applied.
+    #[serde(default)]
+    automation: Vec<toml::Table>,
 }
 
 fn collision(s: &str) -> anyhow::Result<CollisionStrategy> {
@@ -310,10 +313,17 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
     let file: DeployFile =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{} is invalid: {e}", args.file.display()))?;
     anyhow::ensure!(
-        !file.deployment.is_empty(),
-        "{} has no [[deployment]] table",
+        !file.deployment.is_empty() || !file.automation.is_empty(),
+        "{} has no [[deployment]] or [[automation]] table",
         args.file.display()
     );
+    // Checked before anything is applied, like the deployments.
+    let automations = if file.automation.is_empty() {
+        Vec::new()
+    } else {
+        flotilla_runtime::automation::parse_file(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}; nothing was applied", args.file.display()))?
+    };
     // Every entry is checked before any is applied.
     let specs = file
         .deployment
@@ -347,6 +357,9 @@ pub async fn deploy(args: DeployArgs) -> anyhow::Result<()> {
             s.client.put_deployment(spec).await.map_err(|e| s.fail(e))?;
         }
         println!("{name}: {what}");
+    }
+    if !automations.is_empty() {
+        crate::automation_cmd::put(&args.conn, automations, false).await?;
     }
     Ok(())
 }

@@ -5,6 +5,7 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod automation_cmd;
 mod bench;
 mod cluster_cmd;
 mod config;
@@ -59,6 +60,12 @@ enum Cmd {
     /// The cluster's events: state changes, deployments, queues and limits.
     #[command(subcommand)]
     Events(events_cmd::EventsCmd),
+    /// Automations: triggers over the event stream, and actions.
+    #[command(subcommand)]
+    Automation(automation_cmd::AutomationCmd),
+    /// Blocks: typed configuration and credentials (secret fields sealed).
+    #[command(subcommand)]
+    Block(automation_cmd::BlockCmd),
     /// Measure Flotilla on this machine (release builds).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -97,6 +104,8 @@ fn main() -> ExitCode {
             Cmd::WorkQueue(cmd) => queue_cmd::work_queue(cmd).await,
             Cmd::ConcurrencyLimit(cmd) => queue_cmd::limit(cmd).await,
             Cmd::Events(cmd) => events_cmd::events(cmd).await,
+            Cmd::Automation(cmd) => automation_cmd::automation(cmd).await,
+            Cmd::Block(cmd) => automation_cmd::block(cmd).await,
             Cmd::Bench(cmd) => bench::run(cmd).await.map(|()| true),
         }
     });

@@ -69,7 +69,7 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
 }
 
 /// Writes a new file (never replacing one), with `mode` permissions.
-fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
+pub(crate) fn write_new(path: &Path, contents: &[u8], mode: u32) -> Result<(), CertError> {
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -164,6 +164,11 @@ pub fn init(dir: &Path, nodes: &[String], sans: &[String]) -> Result<(), CertErr
         (0..32).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
     };
     write_new(&dir.join(COOKIE), cookie.as_bytes(), 0o600)?;
+    write_new(
+        &dir.join(crate::secrets::KEY_FILE),
+        crate::secrets::SecretsKey::generate().encode().as_bytes(),
+        0o600,
+    )?;
     for n in nodes {
         issue(dir, n, sans, NODE_MARK, &ca_key)?;
     }

@@ -11,6 +11,7 @@ pub mod endpoint;
 pub mod frame;
 pub mod identity;
 pub mod role;
+pub mod secrets;
 pub mod tls;
 pub mod wire;
 

@@ -207,6 +207,89 @@ pub enum Request {
         /// At most this many (1 to 1,000).
         limit: u32,
     },
+    /// Create or replace automations, all of them or none (answered with
+    /// [`Response::SettingsPut`]).
+    PutAutomations(Vec<flotilla_runtime::automation::AutomationSpec>),
+    /// Every automation, in name order.
+    Automations,
+    /// Read, pause, resume or delete one automation.
+    Automation {
+        /// Its name.
+        name: String,
+        /// What to do.
+        change: AutomationChange,
+    },
+    /// Create or replace a block (its secret fields are sealed before they are stored).
+    PutBlock {
+        /// Its type.
+        kind: flotilla_runtime::block::BlockType,
+        /// Its name.
+        name: String,
+        /// Its fields (a JSON object).
+        fields: serde_json::Value,
+    },
+    /// Every block, masked, in type and name order.
+    Blocks,
+    /// Read (masked) or delete one block.
+    Block {
+        /// Its type.
+        kind: flotilla_runtime::block::BlockType,
+        /// Its name.
+        name: String,
+        /// Delete it (else read it).
+        delete: bool,
+    },
+    /// The blocks a run needs, unsealed, for the node that runs it under this epoch (nodes
+    /// only: a client's certificate may not ask it).
+    ResolveBlocks {
+        /// The run.
+        flow_run: FlowRunId,
+        /// Its epoch on the asking node.
+        epoch: flotilla_runtime::Epoch,
+        /// `TYPE/NAME` each.
+        refs: Vec<String>,
+    },
+}
+
+/// A change to an automation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AutomationChange {
+    /// Nothing: read it.
+    Inspect,
+    /// Stop evaluating it.
+    Pause,
+    /// Evaluate it again.
+    Resume,
+    /// Delete it.
+    Delete,
+}
+
+/// A block as it may be shown: secret fields masked.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockView {
+    /// Its type.
+    #[serde(rename = "type")]
+    pub kind: flotilla_runtime::block::BlockType,
+    /// Its name.
+    pub name: String,
+    /// Its fields, `********` for each secret one.
+    pub fields: serde_json::Map<String, serde_json::Value>,
+    /// When it was created.
+    pub created: flotilla_runtime::Timestamp,
+    /// When it was last changed.
+    pub updated: flotilla_runtime::Timestamp,
+}
+
+impl From<&flotilla_runtime::block::BlockRecord> for BlockView {
+    fn from(b: &flotilla_runtime::block::BlockRecord) -> Self {
+        BlockView {
+            kind: b.kind,
+            name: b.name.clone(),
+            fields: b.masked(),
+            created: b.created,
+            updated: b.updated,
+        }
+    }
 }
 
 impl Request {
@@ -230,7 +313,12 @@ impl Request {
             | Request::WorkQueues
             | Request::ConcurrencyLimits
             | Request::Events { .. }
-            | Request::FindEvents { .. } => false,
+            | Request::FindEvents { .. }
+            | Request::Automations
+            | Request::Blocks
+            | Request::ResolveBlocks { .. } => false,
+            Request::Automation { change, .. } => *change != AutomationChange::Inspect,
+            Request::Block { delete, .. } => *delete,
             Request::WorkQueue { change, .. } => *change != QueueChange::Inspect,
             Request::ConcurrencyLimit { change, .. } => *change != LimitChange::Inspect,
             Request::RunFlow { .. }
@@ -243,6 +331,8 @@ impl Request {
             | Request::RunDeployment { .. }
             | Request::PutResult { .. }
             | Request::EmitEvent(_)
+            | Request::PutAutomations(_)
+            | Request::PutBlock { .. }
             | Request::Heartbeat(_) => true,
         }
     }
@@ -261,6 +351,9 @@ impl Request {
             }
             CertRole::Client | CertRole::ReadOnlyClient if matches!(self, Request::Heartbeat(_)) => {
                 "only a node's certificate reports a node's heartbeat"
+            }
+            CertRole::Client | CertRole::ReadOnlyClient if matches!(self, Request::ResolveBlocks { .. }) => {
+                "secrets go only to the node that runs the flow run needing them"
             }
             CertRole::ReadOnlyClient if self.is_mutating() => "this client certificate is read-only",
             _ => return None,
@@ -310,9 +403,10 @@ impl ErrorKind {
     pub fn of_refusal(r: &flotilla_runtime::Refusal) -> ErrorKind {
         use flotilla_runtime::Refusal;
         match r {
-            Refusal::FlowRunNotFound(_) | Refusal::TaskRunNotFound(_) | Refusal::WorkQueueNotFound(_) => {
-                ErrorKind::NotFound
-            }
+            Refusal::FlowRunNotFound(_)
+            | Refusal::TaskRunNotFound(_)
+            | Refusal::WorkQueueNotFound(_)
+            | Refusal::AutomationNotFound(_) => ErrorKind::NotFound,
             Refusal::DeploymentNameTaken { .. }
             | Refusal::WorkQueueExists(_)
             | Refusal::StaleEpoch { .. }
@@ -477,6 +571,19 @@ pub enum Response {
     },
     /// The event recorded.
     EventEmitted(flotilla_runtime::EventId),
+    /// Settings stored, all of them.
+    SettingsPut {
+        /// How many were new.
+        created: u32,
+        /// How many replaced one.
+        updated: u32,
+    },
+    /// Automations, in name order.
+    Automations(Vec<flotilla_runtime::automation::AutomationRecord>),
+    /// Blocks, masked.
+    Blocks(Vec<BlockView>),
+    /// Blocks unsealed: `TYPE/NAME` and its fields, each.
+    Resolved(Vec<(String, serde_json::Value)>),
     /// Done, nothing to say.
     Done,
     /// The request failed.

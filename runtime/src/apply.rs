@@ -19,6 +19,7 @@ use crate::time::Timestamp;
 use crate::view::StateView;
 use crate::work_queue::Setting;
 
+mod automations;
 mod records;
 mod runs;
 #[cfg(test)]
@@ -201,6 +202,19 @@ pub enum Reply {
     },
     /// A record was kept (slot holders, a request's answer).
     Recorded,
+    /// Settings were stored, all of them.
+    SettingsPut {
+        /// How many were new.
+        created: u32,
+        /// How many replaced one (and differed from it).
+        updated: u32,
+    },
+    /// An automation was changed.
+    AutomationEdited {
+        /// False when the change was there already (a firing recorded before, an automation
+        /// already paused).
+        changed: bool,
+    },
     /// Old records were forgotten.
     Pruned {
         /// Flow runs forgotten.
@@ -260,6 +274,9 @@ pub enum Refusal {
     /// A work queue by that name exists already.
     #[error("a work queue named {0:?} exists already")]
     WorkQueueExists(String),
+    /// No such automation.
+    #[error("no automation named {0:?}")]
+    AutomationNotFound(String),
 }
 
 impl From<RetryRefusal> for Refusal {
@@ -344,6 +361,8 @@ fn apply_with(view: &mut impl StateView, command: Command, at: ApplyContext, rec
         Command::PutSetting { setting, .. } => tx.put_setting(view, setting),
         Command::DeleteSetting { key, .. } => tx.delete_setting(view, key),
         Command::EditWorkQueue { name, id, edit, .. } => tx.edit_work_queue(view, &name, id, edit),
+        Command::PutSettings { settings, .. } => tx.put_settings(view, settings),
+        Command::EditAutomation { name, edit, .. } => tx.edit_automation(view, &name, edit),
         Command::Prune(p) => tx.prune(view, p),
         Command::Remember(o) => {
             let writes = view

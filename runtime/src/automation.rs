@@ -11,7 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::event_filter::{EventFilter, LabelSpec};
 
 pub mod evaluator;
+pub mod record;
 pub use evaluator::{Evaluator, Firing};
+pub use record::{ActionOutcome, AutomationEdit, AutomationRecord, FiringMark, FiringRecord};
 
 /// The most automations in one file.
 pub const AUTOMATIONS_PER_FILE_MAX: usize = 10_000;
@@ -324,6 +326,58 @@ impl Trigger {
     }
 }
 
+/// Checks a template's syntax.
+fn check_template(text: &str) -> Result<(), String> {
+    let env = minijinja::Environment::new();
+    env.template_from_str(text)
+        .map(|_| ())
+        .map_err(|e| format!("not a template: {e}"))
+}
+
+/// Every string in a JSON value, each checked as a template.
+fn check_templates(v: &serde_json::Value) -> Result<(), String> {
+    match v {
+        serde_json::Value::String(s) => check_template(s),
+        serde_json::Value::Array(a) => a.iter().try_for_each(check_templates),
+        serde_json::Value::Object(o) => o.values().try_for_each(check_templates),
+        _ => Ok(()),
+    }
+}
+
+impl Action {
+    /// Its type's name (`run-deployment`, …).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::RunDeployment { .. } => "run-deployment",
+            Action::PauseDeployment { .. } => "pause-deployment",
+            Action::ResumeDeployment { .. } => "resume-deployment",
+            Action::PauseWorkQueue { .. } => "pause-work-queue",
+            Action::ResumeWorkQueue { .. } => "resume-work-queue",
+            Action::PauseAutomation { .. } => "pause-automation",
+            Action::ResumeAutomation { .. } => "resume-automation",
+            Action::CancelFlowRun { .. } => "cancel-flow-run",
+            Action::ChangeFlowRunState { .. } => "change-flow-run-state",
+            Action::SendWebhook { .. } => "send-webhook",
+            Action::DoNothing => "do-nothing",
+        }
+    }
+
+    /// Checks its templates (the key and the reason when one is bad).
+    fn check(&self) -> Result<(), String> {
+        match self {
+            Action::RunDeployment { parameters, .. } => parameters
+                .iter()
+                .try_for_each(|(k, v)| check_templates(v).map_err(|e| format!("parameters.{k}: {e}"))),
+            Action::SendWebhook { body, .. } => check_template(body).map_err(|e| format!("body: {e}")),
+            Action::ChangeFlowRunState { state, .. } => state
+                .parse::<crate::state::StateType>()
+                .map(|_| ())
+                .map_err(|_| format!("state: {state:?} is not a state name (Failed, Cancelled, …)")),
+            _ => Ok(()),
+        }
+    }
+}
+
 impl AutomationSpec {
     /// Checks what serde cannot: names, sizes, windows.
     pub fn check(&self) -> Result<(), String> {
@@ -332,6 +386,9 @@ impl AutomationSpec {
         }
         if self.actions.is_empty() || self.actions.len() > ACTIONS_MAX {
             return Err(format!("actions: 1 to {ACTIONS_MAX} actions"));
+        }
+        for (i, action) in self.actions.iter().enumerate() {
+            action.check().map_err(|e| format!("actions[{i}].{e}"))?;
         }
         self.trigger.check(0)
     }

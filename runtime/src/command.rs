@@ -294,6 +294,23 @@ pub enum Command {
         /// When the requester asked.
         at: Timestamp,
     },
+    /// Create or replace several settings at once, all or none (a file of automations).
+    PutSettings {
+        /// The settings.
+        settings: Vec<crate::work_queue::Setting>,
+        /// When the requester made the change.
+        at: Timestamp,
+    },
+    /// Change an automation as it is then: pause, resume, record a firing or its actions'
+    /// outcomes.
+    EditAutomation {
+        /// The automation.
+        name: String,
+        /// The change.
+        edit: crate::automation::AutomationEdit,
+        /// When.
+        at: Timestamp,
+    },
     /// Forget what is older than the retention windows (see [`Prune`]).
     Prune(Prune),
     /// Record who holds the slots of tag limits (see [`SlotChange`]).
@@ -451,6 +468,30 @@ impl Command {
                 format!("{}/{}", crate::work_queue::queue_key(name), edit.field()),
                 *at,
             ),
+            Command::PutSettings { settings, at } => IdempotencyKey::Setting(
+                format!(
+                    "{}+{}",
+                    settings
+                        .first()
+                        .map(crate::work_queue::Setting::key)
+                        .unwrap_or_default(),
+                    settings.len()
+                ),
+                *at,
+            ),
+            Command::EditAutomation { name, edit, at } => IdempotencyKey::Setting(
+                format!(
+                    "{}/{}",
+                    crate::work_queue::automation_key(name),
+                    match edit {
+                        crate::automation::AutomationEdit::Pause => "pause".to_owned(),
+                        crate::automation::AutomationEdit::Resume => "resume".to_owned(),
+                        crate::automation::AutomationEdit::Fired(f) => format!("fired/{}", f.key),
+                        crate::automation::AutomationEdit::Ran { key, .. } => format!("ran/{key}"),
+                    }
+                ),
+                *at,
+            ),
             Command::Prune(p) => IdempotencyKey::Prune(p.runs_before, p.events_before, p.logs_before),
             Command::Slots(SlotChange::Hold { holder, .. }) => {
                 IdempotencyKey::Slots(format!("hold/{holder}"))
@@ -506,6 +547,13 @@ impl Command {
             }
             Command::PutDeployment(d) => BASE * 4 + json_size(&d.parameters),
             Command::Remember(r) => BASE + r.answer.len(),
+            Command::PutSettings { settings, .. } => settings
+                .iter()
+                .map(|s| BASE + json_size(&serde_json::to_value(s).unwrap_or_default()))
+                .sum(),
+            Command::EditAutomation { edit, .. } => {
+                BASE * 2 + json_size(&serde_json::to_value(edit).unwrap_or_default())
+            }
             Command::AppendEvent(e) => {
                 BASE * 2 + json_size(&serde_json::to_value(&e.payload).unwrap_or_default())
             }
@@ -531,6 +579,8 @@ impl Command {
             Command::PutSetting { .. } => "put-setting",
             Command::DeleteSetting { .. } => "delete-setting",
             Command::EditWorkQueue { .. } => "edit-work-queue",
+            Command::PutSettings { .. } => "put-settings",
+            Command::EditAutomation { .. } => "edit-automation",
             Command::Prune(_) => "prune",
             Command::Slots(_) => "slots",
             Command::Remember(_) => "remember",

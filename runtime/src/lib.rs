@@ -11,6 +11,7 @@
 
 pub mod apply;
 pub mod automation;
+pub mod block;
 pub mod codec;
 pub mod command;
 pub mod concurrency;

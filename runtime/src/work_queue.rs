@@ -101,6 +101,10 @@ pub enum Setting {
     WorkQueue(WorkQueue),
     /// A cluster-wide tag limit (its leases are not stored: they live on the control node).
     ConcurrencyLimit(crate::concurrency::ConcurrencyLimit),
+    /// An automation.
+    Automation(Box<crate::automation::AutomationRecord>),
+    /// A block (its secret fields sealed).
+    Block(Box<crate::block::BlockRecord>),
 }
 
 impl Setting {
@@ -109,6 +113,8 @@ impl Setting {
         match self {
             Setting::WorkQueue(q) => queue_key(&q.name),
             Setting::ConcurrencyLimit(l) => limit_key(&l.tag),
+            Setting::Automation(a) => automation_key(&a.spec.name),
+            Setting::Block(b) => crate::block::block_key(b.kind, &b.name),
         }
     }
 
@@ -117,6 +123,8 @@ impl Setting {
         match self {
             Setting::WorkQueue(_) => "work-queue",
             Setting::ConcurrencyLimit(_) => "concurrency-limit",
+            Setting::Automation(_) => "automation",
+            Setting::Block(_) => "block",
         }
     }
 
@@ -125,6 +133,8 @@ impl Setting {
         match self {
             Setting::WorkQueue(q) => &q.name,
             Setting::ConcurrencyLimit(l) => &l.tag,
+            Setting::Automation(a) => &a.spec.name,
+            Setting::Block(b) => &b.name,
         }
     }
 }
@@ -132,6 +142,11 @@ impl Setting {
 /// The setting key of a work queue.
 pub fn queue_key(name: &str) -> String {
     format!("work-queue/{name}")
+}
+
+/// The setting key of an automation.
+pub fn automation_key(name: &str) -> String {
+    format!("automation/{name}")
 }
 
 /// The setting key of a tag limit.

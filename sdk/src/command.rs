@@ -58,6 +58,10 @@ struct CommandParams {
     steps: Vec<Program>,
     #[serde(default)]
     env: BTreeMap<String, String>,
+    /// Environment variables from blocks, resolved when the run starts: `env/NAME` (every
+    /// variable of an `env` block), `secret/NAME:VAR`, `TYPE/NAME#FIELD:VAR`.
+    #[serde(default)]
+    env_from_blocks: Vec<String>,
     #[serde(default)]
     cwd: Option<String>,
     #[serde(default)]
@@ -81,6 +85,7 @@ struct Checked {
     /// Whether they came as `steps` (each task run named `step-N`).
     named_steps: bool,
     env: BTreeMap<String, String>,
+    env_from_blocks: Vec<BlockEnv>,
     cwd: Option<String>,
     timeout: Option<Duration>,
     retry: RetryPolicy,
@@ -156,6 +161,14 @@ fn check(params: &serde_json::Value) -> Result<Checked, String> {
     if let Some(k) = p.env.keys().find(|k| k.is_empty() || k.contains(['=', '\0'])) {
         return Err(format!("flow command: {k:?} is not an environment variable name"));
     }
+    if p.env_from_blocks.len() > ENV_VARS_MAX {
+        return Err(format!("flow command: at most {ENV_VARS_MAX} env_from_blocks"));
+    }
+    let env_from_blocks = p
+        .env_from_blocks
+        .iter()
+        .map(|r| BlockEnv::parse(r).map_err(|e| format!("flow command: env_from_blocks: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
     let timeout = p.timeout.as_deref().map(|s| duration("timeout", s)).transpose()?;
     if timeout == Some(Duration::ZERO) {
         return Err("flow command: a timeout of zero would never let it run".to_owned());
@@ -176,11 +189,93 @@ fn check(params: &serde_json::Value) -> Result<Checked, String> {
         steps,
         named_steps,
         env: p.env,
+        env_from_blocks,
         cwd: p.cwd,
         timeout,
         retry,
         tags: p.tags,
     })
+}
+
+/// Environment variables taken from a block.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct BlockEnv {
+    /// `TYPE/NAME`.
+    block: String,
+    /// One field into one variable (none: every variable of an `env` block).
+    field: Option<(String, String)>,
+}
+
+impl BlockEnv {
+    /// `env/NAME`, `secret/NAME:VAR` or `TYPE/NAME#FIELD:VAR`.
+    fn parse(s: &str) -> Result<BlockEnv, String> {
+        let (reference, var) = match s.rsplit_once(':') {
+            Some((r, v)) => (r, Some(v)),
+            None => (s, None),
+        };
+        let (block, field) = match reference.split_once('#') {
+            Some((b, f)) => (b, Some(f)),
+            None => (reference, None),
+        };
+        let (kind, _) = flotilla_runtime::block::parse_reference(block)?;
+        if let Some(v) = var
+            && (v.is_empty() || v.contains(['=', '\0']))
+        {
+            return Err(format!("{v:?} is not an environment variable name"));
+        }
+        let field = match (kind, field, var) {
+            (flotilla_runtime::block::BlockType::Env, None, None) => None,
+            (flotilla_runtime::block::BlockType::Secret, None, Some(v)) => {
+                Some(("value".to_owned(), v.to_owned()))
+            }
+            (_, Some(f), Some(v)) => Some((f.to_owned(), v.to_owned())),
+            _ => {
+                return Err(format!(
+                    "{s:?}: use env/NAME, secret/NAME:VAR or TYPE/NAME#FIELD:VAR"
+                ));
+            }
+        };
+        Ok(BlockEnv {
+            block: block.to_owned(),
+            field,
+        })
+    }
+}
+
+/// The environment a run's blocks give, resolved from the control node.
+async fn block_env(env: &FlowEnv, wanted: &[BlockEnv]) -> Result<BTreeMap<String, String>, String> {
+    let mut refs: Vec<String> = wanted.iter().map(|w| w.block.clone()).collect();
+    refs.sort();
+    refs.dedup();
+    let blocks: BTreeMap<String, serde_json::Value> = env
+        .resolve_blocks(refs)
+        .await
+        .map_err(|e| format!("env_from_blocks: {e}"))?
+        .into_iter()
+        .collect();
+    let mut out = BTreeMap::new();
+    for w in wanted {
+        let doc = blocks
+            .get(&w.block)
+            .ok_or_else(|| format!("env_from_blocks: block {} was not given", w.block))?;
+        match &w.field {
+            None => {
+                for (k, v) in doc.as_object().into_iter().flatten() {
+                    out.insert(k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+                }
+            }
+            Some((field, var)) => {
+                let v = doc
+                    .get(field)
+                    .ok_or_else(|| format!("env_from_blocks: block {} has no field {field}", w.block))?;
+                out.insert(
+                    var.clone(),
+                    v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                );
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// The built-in `command` flow, to register on a node.
@@ -274,7 +369,13 @@ impl FlowFn for CommandFlow {
 
     fn run(&self, env: FlowEnv, params: serde_json::Value) -> BoxFuture<Result<Vec<u8>, String>> {
         Box::pin(async move {
-            let c = Arc::new(check(&params)?);
+            let mut c = check(&params)?;
+            if !c.env_from_blocks.is_empty() {
+                // In memory only, for the programs' environment.
+                let extra = block_env(&env, &c.env_from_blocks).await?;
+                c.env.extend(extra);
+            }
+            let c = Arc::new(c);
             if !c.named_steps {
                 return step(&env, &c, 0, COMMAND_FLOW.to_owned()).await;
             }

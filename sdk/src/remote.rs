@@ -559,6 +559,11 @@ impl Remote {
         }
     }
 
+    /// Any request, answered as sent (an error answer is an error).
+    pub(crate) async fn request(&self, request: Request) -> Result<Response, Error> {
+        self.ask(request, None).await
+    }
+
     pub(crate) async fn scheduler_stats(&self) -> Result<SchedulerStats, Error> {
         match self.ask(Request::SchedulerStats, None).await? {
             Response::SchedulerStats(s) => Ok(s),

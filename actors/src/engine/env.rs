@@ -128,6 +128,26 @@ impl FlowEnv {
             .await
     }
 
+    /// The blocks named (`TYPE/NAME` each), unsealed: the control node gives them only while
+    /// this run runs under this node's epoch, over the cluster's mutual TLS. Keep them in
+    /// memory only.
+    pub async fn resolve_blocks(
+        &self,
+        refs: Vec<String>,
+    ) -> Result<Vec<(String, serde_json::Value)>, String> {
+        use flotilla_cluster::wire::{Request, Response};
+        let request = Request::ResolveBlocks {
+            flow_run: self.inner.flow_run,
+            epoch: self.inner.epoch,
+            refs,
+        };
+        match crate::node::plane::request(request).await? {
+            Response::Resolved(blocks) => Ok(blocks),
+            Response::Error(e) => Err(e.message),
+            _ => Err("an unexpected answer to a request for blocks".into()),
+        }
+    }
+
     /// The key of the next call of a task: its index is fixed now (for a call made later,
     /// with [`FlowEnv::call_with_key`]).
     pub fn reserve(&self, task: &str) -> TaskRunKey {

@@ -31,7 +31,9 @@ mod effects;
 mod events;
 mod msg;
 mod requests;
+mod settings;
 pub(crate) use requests::read_request;
+pub(crate) use settings::unseal;
 
 pub use args::{ControlArgs, MembershipSettings};
 pub use msg::ControlMsg;
@@ -100,6 +102,8 @@ pub struct ControlState {
     asking: std::collections::HashMap<RequestId, Vec<RpcReplyPort<Wire<Response>>>>,
     /// This voter's replication, when the control state is replicated.
     replication: Option<crate::replication::voter::Voter>,
+    /// What seals and opens blocks' secret fields.
+    secrets: Option<Arc<flotilla_cluster::secrets::SecretsKey>>,
 }
 
 impl std::fmt::Debug for ControlState {
@@ -212,6 +216,7 @@ impl Actor for Control {
             flows: args.flows.into_iter().map(|f| (f.name().to_owned(), f)).collect(),
             answers: args.answers,
             replication: args.replication,
+            secrets: args.secrets,
             asking: Default::default(),
         })
     }

@@ -11,6 +11,10 @@ pub(super) struct Singletons {
         ActorRef<scheduler::SchedulerMsg>,
         ractor::concurrency::JoinHandle<()>,
     ),
+    automations: (
+        ActorRef<automations::AutomationsMsg>,
+        ractor::concurrency::JoinHandle<()>,
+    ),
 }
 
 impl Singletons {
@@ -22,6 +26,10 @@ impl Singletons {
         catalog: &crate::engine::FlowCatalog,
         replication: Option<Voter>,
     ) -> Result<Singletons, NodeError> {
+        let secrets = Arc::new(
+            flotilla_cluster::secrets::SecretsKey::load(&config.certs_dir)
+                .map_err(|e| NodeError::Spawn(e.to_string()))?,
+        );
         let settings = MembershipSettings {
             unreachable_after: config.unreachable_after,
             late_after: config.late_after,
@@ -38,6 +46,7 @@ impl Singletons {
                 catalog: catalog.clone(),
                 answers: config.answers,
                 replication,
+                secrets: Some(secrets.clone()),
             },
         )
         .await
@@ -60,13 +69,38 @@ impl Singletons {
                 return Err(NodeError::Spawn(e.to_string()));
             }
         };
-        Ok(Singletons { control, scheduler })
+        let automations = match Actor::spawn(
+            Some(automations::AUTOMATIONS_NAME.to_owned()),
+            automations::Automations,
+            automations::AutomationsArgs {
+                persistence: p.clone(),
+                secrets,
+            },
+        )
+        .await
+        {
+            Ok(a) => a,
+            Err(e) => {
+                scheduler.0.stop(None);
+                control.0.stop(None);
+                let _ = scheduler.1.await;
+                let _ = control.1.await;
+                return Err(NodeError::Spawn(e.to_string()));
+            }
+        };
+        Ok(Singletons {
+            control,
+            scheduler,
+            automations,
+        })
     }
 
     /// Stops them, and waits until they have stopped (their names are free again).
     async fn stop(self) {
+        self.automations.0.stop(None);
         self.scheduler.0.stop(None);
         self.control.0.stop(None);
+        let _ = self.automations.1.await;
         let _ = self.scheduler.1.await;
         let _ = self.control.1.await;
     }

@@ -135,6 +135,15 @@ async fn call<T: Send + 'static>(
     }
 }
 
+/// Asks the control actor a client's request (from this node, over the cluster's mutual TLS).
+pub async fn request(
+    request: flotilla_cluster::wire::Request,
+) -> Result<flotilla_cluster::wire::Response, String> {
+    call(|port| ControlMsg::Request(Wire::new(request), port))
+        .await
+        .map_err(|e| e.to_string())
+}
+
 impl RemoteControl {
     /// Starts forwarding commands to the control node, in order, in batches.
     pub fn start() -> Self {

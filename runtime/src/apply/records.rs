@@ -146,7 +146,13 @@ impl Tx {
         }
         let created = old.is_none();
         let id = self.next_event_id();
-        let payload = serde_json::to_value(&setting).unwrap_or(serde_json::Value::Null);
+        // A block's event shows its masked fields, never its sealed ones; an automation's, its
+        // declaration.
+        let payload = match &setting {
+            Setting::Block(b) => serde_json::json!({ "type": b.kind, "fields": b.masked() }),
+            Setting::Automation(a) => serde_json::to_value(&a.spec).unwrap_or(serde_json::Value::Null),
+            other => serde_json::to_value(other).unwrap_or(serde_json::Value::Null),
+        };
         self.writes.push(Write::Setting(key.clone()));
         self.writes.push(Write::Event(Event {
             id,

@@ -291,7 +291,12 @@ fn firing(
     at: Timestamp,
     events: Vec<EventId>,
 ) -> Firing {
-    let key = format!("{name}/{bucket}/{}", window_start.as_micros());
+    // The event that made it fire tells two firings of one window start apart (two events
+    // of one microsecond, each firing a reactive trigger on its own).
+    let key = match events.iter().max() {
+        Some(e) => format!("{name}/{bucket}/{}/{e}", window_start.as_micros()),
+        None => format!("{name}/{bucket}/{}", window_start.as_micros()),
+    };
     Firing {
         automation: name.to_owned(),
         bucket,

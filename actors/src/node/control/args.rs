@@ -40,4 +40,6 @@ pub struct ControlArgs {
     pub answers: crate::node::replies::AnswerBounds,
     /// This voter's replication, when the control state is replicated (this node leads it).
     pub replication: Option<crate::replication::voter::Voter>,
+    /// What seals and opens blocks' secret fields.
+    pub secrets: Option<Arc<flotilla_cluster::secrets::SecretsKey>>,
 }

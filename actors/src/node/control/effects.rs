@@ -232,6 +232,7 @@ pub(super) async fn reload_settings(p: &PersistenceHandle, me: &ActorRef<Control
                 match s {
                     flotilla_runtime::Setting::WorkQueue(q) => queues.push(q),
                     flotilla_runtime::Setting::ConcurrencyLimit(l) => limits.push(l),
+                    flotilla_runtime::Setting::Automation(_) | flotilla_runtime::Setting::Block(_) => {}
                 }
             }
             let _ = me.cast(ControlMsg::Queues(Wire::new(queues)));

@@ -392,6 +392,13 @@ impl ControlState {
                     answer(reply, wait_for_end(&p, run, limit).await);
                 });
             }
+            request @ (Request::PutAutomations(_)
+            | Request::Automations
+            | Request::Automation { .. }
+            | Request::PutBlock { .. }
+            | Request::Blocks
+            | Request::Block { .. }
+            | Request::ResolveBlocks { .. }) => self.settings_request(request, reply),
             other => {
                 let results = self.results.clone();
                 let voter = self.replication.clone();

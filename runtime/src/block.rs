@@ -1,0 +1,326 @@
+//! Blocks: typed documents of configuration and credentials that flows and automations name
+//! (`secret/api-token`, `webhook/ops`). Each type is a Rust type; its secret fields are kept
+//! sealed (encrypted) in the control state, and shown as `********`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::time::Timestamp;
+
+/// What a secret field shows instead of its value.
+pub const MASK: &str = "********";
+/// The largest block, encoded as JSON.
+pub const BLOCK_BYTES_MAX: usize = 64 * 1024;
+
+/// The types of block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockType {
+    /// One secret value.
+    Secret,
+    /// A URL to post to, with headers and a signing secret.
+    Webhook,
+    /// An S3-compatible bucket.
+    S3,
+    /// Environment variables, every value secret.
+    Env,
+    /// Any JSON.
+    Json,
+}
+
+/// A `secret` block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretBlock {
+    /// The value (secret).
+    pub value: String,
+}
+
+/// A `webhook` block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookBlock {
+    /// Where to post.
+    pub url: String,
+    /// Headers sent with each post.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// The key of the body's HMAC-SHA256 signature (secret).
+    #[serde(default)]
+    pub secret: Option<String>,
+}
+
+/// An `s3` block.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Block {
+    /// The endpoint (for S3-compatible servers).
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// The bucket.
+    pub bucket: String,
+    /// The region.
+    #[serde(default)]
+    pub region: Option<String>,
+    /// The access key's id.
+    pub access_key_id: String,
+    /// The secret access key (secret).
+    pub secret_access_key: String,
+    /// Path-style addressing.
+    #[serde(default)]
+    pub path_style: bool,
+}
+
+/// A field of a block type, for `block types`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldSchema {
+    /// Its name (`*` for any name).
+    pub name: String,
+    /// `string`, `bool`, `map` (of strings) or `json`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Whether it must be given.
+    pub required: bool,
+    /// Whether it is sealed and masked.
+    pub secret: bool,
+}
+
+fn field(name: &str, kind: &str, required: bool, secret: bool) -> FieldSchema {
+    FieldSchema {
+        name: name.to_owned(),
+        kind: kind.to_owned(),
+        required,
+        secret,
+    }
+}
+
+impl BlockType {
+    /// Every type.
+    pub const ALL: [BlockType; 5] = [
+        BlockType::Secret,
+        BlockType::Webhook,
+        BlockType::S3,
+        BlockType::Env,
+        BlockType::Json,
+    ];
+
+    /// Its name (`secret`, `webhook`, …).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BlockType::Secret => "secret",
+            BlockType::Webhook => "webhook",
+            BlockType::S3 => "s3",
+            BlockType::Env => "env",
+            BlockType::Json => "json",
+        }
+    }
+
+    /// The type named `s`.
+    pub fn parse(s: &str) -> Result<BlockType, String> {
+        BlockType::ALL
+            .into_iter()
+            .find(|t| t.as_str() == s)
+            .ok_or_else(|| format!("no block type {s:?} (the types: secret, webhook, s3, env, json)"))
+    }
+
+    /// Its fields.
+    pub fn schema(self) -> Vec<FieldSchema> {
+        match self {
+            BlockType::Secret => vec![field("value", "string", true, true)],
+            BlockType::Webhook => vec![
+                field("url", "string", true, false),
+                field("headers", "map", false, false),
+                field("secret", "string", false, true),
+            ],
+            BlockType::S3 => vec![
+                field("endpoint", "string", false, false),
+                field("bucket", "string", true, false),
+                field("region", "string", false, false),
+                field("access_key_id", "string", true, false),
+                field("secret_access_key", "string", true, true),
+                field("path_style", "bool", false, false),
+            ],
+            BlockType::Env => vec![field("*", "string", false, true)],
+            BlockType::Json => vec![field("*", "json", false, false)],
+        }
+    }
+
+    /// Whether field `name` is secret.
+    pub fn is_secret(self, name: &str) -> bool {
+        self.schema()
+            .iter()
+            .any(|f| f.secret && (f.name == name || f.name == "*"))
+    }
+
+    /// Checks a document of this type: an unknown field or a missing one is refused naming
+    /// it. Answers the document as the type reads it (defaults filled in), as a JSON object.
+    pub fn check(
+        self,
+        doc: &serde_json::Value,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        let size = serde_json::to_vec(doc).map_or(usize::MAX, |b| b.len());
+        if size > BLOCK_BYTES_MAX {
+            return Err(format!(
+                "a block is at most {BLOCK_BYTES_MAX} bytes of JSON, not {size}"
+            ));
+        }
+        fn typed<T: serde::de::DeserializeOwned + Serialize>(
+            doc: &serde_json::Value,
+        ) -> Result<serde_json::Value, String> {
+            // serde names unknown and missing fields, but shows a value of the wrong type: that
+            // value may be a secret, so the message is replaced.
+            let t: T = serde_json::from_value(doc.clone()).map_err(|e| {
+                let e = e.to_string();
+                if e.starts_with("invalid type") || e.starts_with("invalid value") {
+                    "a field has the wrong type (strings, `headers` a map of strings, `path_style` true or false)".to_owned()
+                } else {
+                    e
+                }
+            })?;
+            serde_json::to_value(t).map_err(|e| e.to_string())
+        }
+        let v = match self {
+            BlockType::Secret => typed::<SecretBlock>(doc)?,
+            BlockType::Webhook => {
+                let v = typed::<WebhookBlock>(doc)?;
+                let url = v.get("url").and_then(|u| u.as_str()).unwrap_or_default();
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(format!("url: {url:?} is not an http:// or https:// URL"));
+                }
+                v
+            }
+            BlockType::S3 => typed::<S3Block>(doc)?,
+            BlockType::Env => {
+                let m = typed::<BTreeMap<String, String>>(doc)?;
+                if let Some(k) = m.as_object().and_then(|o| {
+                    o.keys()
+                        .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+                        .cloned()
+                }) {
+                    return Err(format!("{k:?} is not an environment variable's name"));
+                }
+                m
+            }
+            BlockType::Json => doc.clone(),
+        };
+        match v {
+            serde_json::Value::Object(m) => Ok(m),
+            _ => Err("a block is a JSON object".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for BlockType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A value sealed with the cluster's secrets key (XChaCha20-Poly1305), its associated data the
+/// block's key and the field's name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sealed {
+    /// Which key sealed it (so that keys can be rotated).
+    pub key_id: String,
+    /// The 24-byte nonce.
+    #[serde(with = "serde_bytes")]
+    pub nonce: Vec<u8>,
+    /// The ciphertext with its tag.
+    #[serde(with = "serde_bytes")]
+    pub ciphertext: Vec<u8>,
+}
+
+/// A block in the control state: its plain fields, and its secret ones sealed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockRecord {
+    /// Its type.
+    pub kind: BlockType,
+    /// Its name (unique within its type).
+    pub name: String,
+    /// The fields that are not secret.
+    pub plain: serde_json::Map<String, serde_json::Value>,
+    /// The secret fields, sealed (each the JSON encoding of its value).
+    pub sealed: BTreeMap<String, Sealed>,
+    /// When it was created.
+    pub created: Timestamp,
+    /// When it was last changed.
+    pub updated: Timestamp,
+}
+
+impl BlockRecord {
+    /// `TYPE/NAME`.
+    pub fn reference(&self) -> String {
+        format!("{}/{}", self.kind, self.name)
+    }
+
+    /// What may be shown: plain fields, and `********` for each secret one.
+    pub fn masked(&self) -> serde_json::Map<String, serde_json::Value> {
+        let mut out = self.plain.clone();
+        for k in self.sealed.keys() {
+            out.insert(k.clone(), serde_json::Value::String(MASK.to_owned()));
+        }
+        out
+    }
+
+    /// What a sealed field is bound to: the block and the field.
+    pub fn associated_data(kind: BlockType, name: &str, field: &str) -> Vec<u8> {
+        format!("flotilla.block/{kind}/{name}#{field}").into_bytes()
+    }
+}
+
+/// The setting key of a block.
+pub fn block_key(kind: BlockType, name: &str) -> String {
+    format!("block/{kind}/{name}")
+}
+
+/// `TYPE/NAME` read as a block's type and name.
+pub fn parse_reference(s: &str) -> Result<(BlockType, String), String> {
+    let (t, n) = s
+        .split_once('/')
+        .ok_or_else(|| format!("{s:?} is not a block reference TYPE/NAME (such as secret/api-token)"))?;
+    if n.is_empty() {
+        return Err(format!("{s:?} names no block"));
+    }
+    Ok((BlockType::parse(t)?, n.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_and_missing_fields_are_named() {
+        let e = BlockType::Secret
+            .check(&serde_json::json!({"value": "x", "colour": "red"}))
+            .unwrap_err();
+        assert!(e.contains("colour"), "{e}");
+        let e = BlockType::S3
+            .check(&serde_json::json!({"bucket": "b"}))
+            .unwrap_err();
+        assert!(e.contains("access_key_id"), "{e}");
+        let e = BlockType::Webhook
+            .check(&serde_json::json!({"url": "ftp://x"}))
+            .unwrap_err();
+        assert!(e.contains("url"), "{e}");
+        let ok = BlockType::Webhook
+            .check(&serde_json::json!({"url": "http://127.0.0.1/h", "secret": "k"}))
+            .expect("a webhook");
+        assert_eq!(ok["headers"], serde_json::json!({}));
+        assert!(BlockType::Env.is_secret("ANYTHING"));
+        assert!(BlockType::Webhook.is_secret("secret"));
+        assert!(!BlockType::Webhook.is_secret("url"));
+        assert!(BlockType::Env.check(&serde_json::json!({"A=B": "x"})).is_err());
+    }
+
+    #[test]
+    fn references_read_as_type_and_name() {
+        assert_eq!(
+            parse_reference("secret/api-token").expect("ok"),
+            (BlockType::Secret, "api-token".to_owned())
+        );
+        assert!(parse_reference("nope/x").unwrap_err().contains("nope"));
+        assert!(parse_reference("secret/").is_err());
+        assert!(parse_reference("secret").is_err());
+    }
+}
