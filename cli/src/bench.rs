@@ -1,5 +1,6 @@
 //! `flotilla bench …`: benchmarks of this build on this machine.
 
+mod automations;
 mod cluster;
 mod failover;
 mod fsync;
@@ -24,6 +25,9 @@ pub enum BenchCmd {
     Failover(failover::FailoverArgs),
     /// Deployments on schedules: how late runs start, and the scheduler's cost.
     Schedule(schedule::ScheduleArgs),
+    /// Automations: 1,000 of them over a sustained stream of events; events/s, trigger to
+    /// action latency, firings lost or repeated.
+    Automations(automations::AutomationsArgs),
     /// Replication alone: voters in one process over QUIC, commands committed per second.
     Raft(raft::RaftArgs),
 }
@@ -36,5 +40,6 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<()> {
         BenchCmd::Schedule(args) => schedule::run(args).await,
         BenchCmd::Failover(args) => failover::run(args).await,
         BenchCmd::Raft(args) => raft::run(args).await,
+        BenchCmd::Automations(args) => automations::run(args).await,
     }
 }

@@ -375,6 +375,12 @@ impl Client {
         }
     }
 
+    /// Records an event as built (its time kept; its id given by the log): see
+    /// [`Client::emit_event`].
+    pub async fn emit(&self, event: flotilla_runtime::Event) -> Result<flotilla_runtime::EventId, Error> {
+        self.remote_only()?.emit_event(event).await
+    }
+
     fn remote_only(&self) -> Result<&crate::remote::Remote, Error> {
         match &self.inner {
             Inner::Remote(r) => Ok(r),

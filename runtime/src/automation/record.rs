@@ -14,13 +14,16 @@ use crate::time::Timestamp;
 /// The most recent firings an automation keeps (with their outcomes).
 pub const RECENT_MAX: usize = 20;
 
-/// Where a firing stands in its bucket: later firings have greater marks.
+/// Where a firing stands in its bucket: later firings have greater marks. The event that made
+/// it fire comes first: event ids grow in log order, while events' times need not (two
+/// clients' events reach the log in either order); a proactive firing has none, and its window
+/// starts (when it was armed) grow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FiringMark {
-    /// The start of the window that fired.
-    pub window_start: Timestamp,
     /// The event that made it fire (none for a proactive firing).
     pub event: Option<EventId>,
+    /// The start of the window that fired.
+    pub window_start: Timestamp,
 }
 
 impl Firing {
