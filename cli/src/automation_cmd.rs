@@ -86,6 +86,9 @@ pub enum BlockCmd {
         /// One JSON array.
         #[arg(long)]
         json: bool,
+        /// (Accepted like every command's; no node is asked.)
+        #[command(flatten)]
+        conn: Conn,
     },
     /// Create or replace a block: `--field KEY=VALUE` each (`headers.NAME=VALUE` for a map),
     /// or the whole document with `--json JSON|@FILE`.
@@ -377,7 +380,7 @@ fn reference(r: &str) -> anyhow::Result<(BlockType, String)> {
 
 pub async fn block(cmd: BlockCmd) -> anyhow::Result<bool> {
     match cmd {
-        BlockCmd::Types { json } => {
+        BlockCmd::Types { json, .. } => {
             let all: Vec<_> = BlockType::ALL
                 .iter()
                 .map(|t| serde_json::json!({ "type": t.as_str(), "fields": t.schema() }))

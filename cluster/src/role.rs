@@ -132,5 +132,23 @@ mod tests {
             beat.forbidden_for(CertRole::Client).is_some(),
             "a client reported a heartbeat"
         );
+        // Blocks' secrets go to nodes over the cluster's sessions, never over the client
+        // protocol, whatever the certificate.
+        let secrets = Request::ResolveBlocks {
+            flow_run: flotilla_runtime::FlowRunId::from_bytes([1; 16]),
+            epoch: flotilla_runtime::Epoch::FIRST,
+            refs: vec!["secret/a".into()],
+        };
+        for role in [
+            CertRole::Client,
+            CertRole::ReadOnlyClient,
+            CertRole::Unmarked,
+            CertRole::Node,
+        ] {
+            assert!(
+                secrets.forbidden_for(role).is_some(),
+                "{role:?} may ask for secrets"
+            );
+        }
     }
 }

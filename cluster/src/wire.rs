@@ -352,7 +352,7 @@ impl Request {
             CertRole::Client | CertRole::ReadOnlyClient if matches!(self, Request::Heartbeat(_)) => {
                 "only a node's certificate reports a node's heartbeat"
             }
-            CertRole::Client | CertRole::ReadOnlyClient if matches!(self, Request::ResolveBlocks { .. }) => {
+            _ if matches!(self, Request::ResolveBlocks { .. }) => {
                 "secrets go only to the node that runs the flow run needing them"
             }
             CertRole::ReadOnlyClient if self.is_mutating() => "this client certificate is read-only",

@@ -504,6 +504,28 @@ actions = [{ type = "launch-rockets" }]
         let e = refused(
             r#"
 [[automation]]
+name = "templ"
+trigger = { type = "event", expect = ["a"] }
+actions = [{ type = "send-webhook", block = "h", body = "{{ event.event " }]
+"#,
+        );
+        assert!(
+            e.contains("\"templ\"") && e.contains("actions[0].body") && e.contains("template"),
+            "{e}"
+        );
+        let e = refused(
+            r#"
+[[automation]]
+name = "state"
+trigger = { type = "event", expect = ["a"] }
+actions = [{ type = "do-nothing" }, { type = "change-flow-run-state", state = "Exploded" }]
+"#,
+        );
+        assert!(e.contains("actions[1].state") && e.contains("Exploded"), "{e}");
+
+        let e = refused(
+            r#"
+[[automation]]
 name = "typo"
 trigger = { type = "event", expect = ["a"], treshold = 2 }
 actions = [{ type = "do-nothing" }]
