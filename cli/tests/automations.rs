@@ -471,6 +471,27 @@ async fn a_secret_reaches_a_command_and_is_written_nowhere() {
             run.lifecycle.state
         );
     }
+    // A placeholder in the parameters is resolved on the worker, for the run, and stored as
+    // written.
+    let params = serde_json::json!({
+        "command": ["sh", "-c", format!("test \"$(printf %s \"$T\" | sha256sum | cut -c1-64)\" = {digest}")],
+        "env": { "T": "{{ flotilla.blocks.secret.api-token }}" },
+    });
+    let id = client.run("command", params).await.expect("a run");
+    let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+        .await
+        .expect("in time")
+        .expect("ends");
+    assert_eq!(
+        run.lifecycle.state.kind,
+        StateType::Completed,
+        "{:?}",
+        run.lifecycle.state
+    );
+    assert_eq!(
+        run.parameters["env"]["T"],
+        "{{ flotilla.blocks.secret.api-token }}"
+    );
     // A block that does not exist fails the run, naming it.
     let id = client
         .run(

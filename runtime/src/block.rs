@@ -72,6 +72,24 @@ pub struct S3Block {
     pub path_style: bool,
 }
 
+/// A block type a flow reads typed (`ctx.block::<S3Block>("lake")`).
+pub trait TypedBlock: serde::de::DeserializeOwned {
+    /// Its type.
+    const TYPE: BlockType;
+}
+
+impl TypedBlock for SecretBlock {
+    const TYPE: BlockType = BlockType::Secret;
+}
+
+impl TypedBlock for WebhookBlock {
+    const TYPE: BlockType = BlockType::Webhook;
+}
+
+impl TypedBlock for S3Block {
+    const TYPE: BlockType = BlockType::S3;
+}
+
 /// A field of a block type, for `block types`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FieldSchema {
@@ -285,9 +303,127 @@ pub fn parse_reference(s: &str) -> Result<(BlockType, String), String> {
     Ok((BlockType::parse(t)?, n.to_owned()))
 }
 
+/// A placeholder `{{ flotilla.blocks.TYPE.NAME }}` or `{{ flotilla.blocks.TYPE.NAME.FIELD }}`
+/// in a parameter: the block (`TYPE/NAME`) and the field (a `secret` block's `value` by
+/// default).
+fn placeholder(inner: &str) -> Option<(String, Option<String>)> {
+    let path = inner.trim().strip_prefix("flotilla.blocks.")?;
+    let mut parts = path.splitn(3, '.');
+    let (kind, name, field) = (parts.next()?, parts.next()?, parts.next());
+    let kind = BlockType::parse(kind).ok()?;
+    (!name.is_empty()).then(|| (format!("{kind}/{name}"), field.map(str::to_owned)))
+}
+
+/// Every `{{ … }}` span of `s`: (start, end past `}}`, inside).
+fn spans(s: &str) -> Vec<(usize, usize, &str)> {
+    let mut out = Vec::new();
+    let mut from = 0;
+    while let Some(open) = s[from..].find("{{").map(|i| from + i) {
+        let Some(close) = s[open + 2..].find("}}").map(|i| open + 2 + i) else {
+            break;
+        };
+        out.push((open, close + 2, &s[open + 2..close]));
+        from = close + 2;
+    }
+    out
+}
+
+/// The blocks a run's parameters name in placeholders (`TYPE/NAME` each, once).
+pub fn referenced(params: &serde_json::Value) -> Vec<String> {
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::String(s) => {
+                out.extend(
+                    spans(s)
+                        .into_iter()
+                        .filter_map(|(_, _, i)| placeholder(i))
+                        .map(|(b, _)| b),
+                );
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, out)),
+            serde_json::Value::Object(o) => o.values().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(params, &mut out);
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// The parameters with each placeholder replaced by its block's field (`blocks`: `TYPE/NAME`
+/// and its fields). A field that is missing is an error naming it.
+pub fn substitute(
+    params: &serde_json::Value,
+    blocks: &BTreeMap<String, serde_json::Value>,
+) -> Result<serde_json::Value, String> {
+    Ok(match params {
+        serde_json::Value::String(s) => {
+            let mut out = String::with_capacity(s.len());
+            let mut last = 0;
+            for (start, end, inner) in spans(s) {
+                let Some((block, field)) = placeholder(inner) else {
+                    continue;
+                };
+                let field = field.unwrap_or_else(|| "value".to_owned());
+                let v = blocks
+                    .get(&block)
+                    .and_then(|b| b.get(&field))
+                    .ok_or_else(|| format!("the parameters name {block}, which has no field {field}"))?;
+                out.push_str(&s[last..start]);
+                out.push_str(&v.as_str().map_or_else(|| v.to_string(), str::to_owned));
+                last = end;
+            }
+            out.push_str(&s[last..]);
+            serde_json::Value::String(out)
+        }
+        serde_json::Value::Array(a) => serde_json::Value::Array(
+            a.iter()
+                .map(|x| substitute(x, blocks))
+                .collect::<Result<_, _>>()?,
+        ),
+        serde_json::Value::Object(o) => serde_json::Value::Object(
+            o.iter()
+                .map(|(k, x)| Ok((k.clone(), substitute(x, blocks)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other.clone(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn placeholders_in_parameters_are_found_and_replaced() {
+        let params = serde_json::json!({
+            "token": "{{ flotilla.blocks.secret.api-token }}",
+            "url": "https://{{flotilla.blocks.s3.lake.bucket}}.example/{{ other }}",
+            "n": 3,
+            "list": ["{{ flotilla.blocks.secret.api-token }}"],
+        });
+        assert_eq!(referenced(&params), ["s3/lake", "secret/api-token"]);
+        let blocks: BTreeMap<String, serde_json::Value> = [
+            ("secret/api-token".to_owned(), serde_json::json!({"value": "t0k"})),
+            ("s3/lake".to_owned(), serde_json::json!({"bucket": "b1"})),
+        ]
+        .into_iter()
+        .collect();
+        let out = substitute(&params, &blocks).expect("substituted");
+        assert_eq!(
+            out,
+            serde_json::json!({"token": "t0k", "url": "https://b1.example/{{ other }}", "n": 3, "list": ["t0k"]})
+        );
+        let e = substitute(
+            &serde_json::json!("{{ flotilla.blocks.s3.lake.region }}"),
+            &blocks,
+        )
+        .unwrap_err();
+        assert!(e.contains("s3/lake") && e.contains("region"), "{e}");
+        assert!(referenced(&serde_json::json!("{{ flotilla.blocks.nope.x }} {{")).is_empty());
+    }
 
     #[test]
     fn unknown_and_missing_fields_are_named() {

@@ -57,6 +57,34 @@ impl FlowContext {
         }
     }
 
+    /// A block's fields, unsealed (`TYPE/NAME`, such as `env/prod`), as JSON: given by the
+    /// control node only while this run runs here under its epoch. Keep it in memory only.
+    pub async fn block_json(&self, reference: &str) -> Result<serde_json::Value, crate::Error> {
+        let mut got = self
+            .env
+            .resolve_blocks(vec![reference.to_owned()])
+            .await
+            .map_err(crate::Error::Unavailable)?;
+        got.pop()
+            .map(|(_, v)| v)
+            .ok_or_else(|| crate::Error::Unavailable(format!("block {reference} was not given")))
+    }
+
+    /// A block of a type the SDK knows, by name: `ctx.block::<flotilla::S3Block>("lake")`.
+    pub async fn block<T: flotilla_runtime::block::TypedBlock>(&self, name: &str) -> Result<T, crate::Error> {
+        let reference = format!("{}/{name}", T::TYPE);
+        let v = self.block_json(&reference).await?;
+        serde_json::from_value(v).map_err(|e| crate::Error::Unavailable(format!("block {reference}: {e}")))
+    }
+
+    /// The value of a `secret` block.
+    pub async fn secret(&self, name: &str) -> Result<String, crate::Error> {
+        Ok(self
+            .block::<flotilla_runtime::block::SecretBlock>(name)
+            .await?
+            .value)
+    }
+
     /// Runs `fut` with this context set.
     pub(crate) async fn scope<F: std::future::Future>(self, fut: F) -> F::Output {
         CONTEXT.scope(self, fut).await

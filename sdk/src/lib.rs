@@ -70,6 +70,7 @@ pub use flotilla_cluster::wire::{
     ClusterStatus, LimitChange, MemberStatus, QueueChange, QueueInfo, ReplicationStatus, VoterChange,
 };
 pub use flotilla_macros::{flow, task};
+pub use flotilla_runtime::block::{S3Block, SecretBlock, WebhookBlock};
 pub use flotilla_runtime::{
     Event, FlowRun, FlowRunId, LogLevel, LogLine, QueueEdit, State, StateName, StateType, TaskRun, TaskRunId,
     TaskRunKey,

@@ -495,6 +495,7 @@ impl Sim {
             match s {
                 Setting::WorkQueue(q) => queues.push(q.clone()),
                 Setting::ConcurrencyLimit(l) => limits.push(l.clone()),
+                Setting::Automation(_) | Setting::Block(_) => {}
             }
         }
         let mut running = Vec::new();

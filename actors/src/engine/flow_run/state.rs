@@ -284,7 +284,19 @@ impl FlowRunState {
             params.clone(),
             self.engine.clone(),
         );
-        let body = self.flow.run(env, params);
+        // Blocks named in the parameters (`{{ flotilla.blocks.secret.NAME }}`) are resolved
+        // here, for this attempt, never stored resolved.
+        let blocks = flotilla_runtime::block::referenced(&params);
+        let body = if blocks.is_empty() {
+            self.flow.run(env, params)
+        } else {
+            let flow = self.flow.clone();
+            Box::pin(async move {
+                let given = env.resolve_blocks(blocks).await?;
+                let params = flotilla_runtime::block::substitute(&params, &given.into_iter().collect())?;
+                flow.run(env, params).await
+            })
+        };
         let body = self.ctx.logs.instrument(body, self.id, None, self.flow.name());
         let me = myself.clone();
         self.body = Some(tokio::spawn(async move {
