@@ -39,6 +39,14 @@ pub enum ClusterCmd {
         #[arg(long, value_delimiter = ',')]
         san: Vec<String>,
     },
+    /// Write the key that seals blocks' secrets (secrets.key, mode 0600) into a certificates
+    /// directory made before `cluster init` wrote one; refuses to overwrite one. Copy it to
+    /// every node that holds the control state.
+    SecretsKey {
+        /// The cluster's certificates directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
     /// Issue a client certificate (NAME.pem, NAME.key) from the cluster's CA; use it with
     /// `--identity NAME`.
     AddClient {
@@ -126,6 +134,17 @@ pub async fn run(cmd: ClusterCmd) -> anyhow::Result<()> {
         ClusterCmd::AddNode { name, dir, san } => {
             certs::add_node(&dir, &name, &san)?;
             println!("wrote {name}.pem and {name}.key to {}", dir.display());
+            Ok(())
+        }
+        ClusterCmd::SecretsKey { dir } => {
+            let path = dir.join(flotilla_cluster::secrets::KEY_FILE);
+            anyhow::ensure!(
+                !path.exists(),
+                "{} exists already; refusing to overwrite it",
+                path.display()
+            );
+            let key = flotilla_cluster::secrets::SecretsKey::load_or_create(&dir)?;
+            println!("wrote {} (key {})", path.display(), key.id());
             Ok(())
         }
         ClusterCmd::AddClient { name, dir, read_only } => {

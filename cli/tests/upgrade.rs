@@ -32,7 +32,40 @@ async fn a_data_directory_of_the_previous_release_opens_and_takes_new_work() {
     );
     std::fs::rename(dir.join("data"), dir.join("n1")).expect("the data directory in place");
 
+    // Its certificates predate the secrets key: the node refuses to start, naming the file,
+    // until `cluster secrets-key` writes one.
     let port = free_udp_port();
+    let refused = tokio::time::timeout(Duration::from_secs(30), async {
+        tokio::process::Command::new(BIN)
+            .args(["node", "start", "--name", "n1", "--role", "control", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data")
+            .arg(dir.join("n1"))
+            .arg("--certs")
+            .arg(dir.join("certs"))
+            .env_remove("FLOTILLA_CONFIG")
+            .output()
+            .await
+            .expect("flotilla node runs")
+    })
+    .await
+    .expect("the node stops at once");
+    assert!(!refused.status.success());
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert!(why.contains("secrets.key"), "{why}");
+    let key = std::process::Command::new(BIN)
+        .args(["cluster", "secrets-key", "--dir"])
+        .arg(dir.join("certs"))
+        .output()
+        .expect("cluster secrets-key runs");
+    assert!(key.status.success(), "{}", String::from_utf8_lossy(&key.stderr));
+    let again = std::process::Command::new(BIN)
+        .args(["cluster", "secrets-key", "--dir"])
+        .arg(dir.join("certs"))
+        .output()
+        .expect("cluster secrets-key runs");
+    assert!(!again.status.success(), "a second key overwrote the first");
+
     let _nodes = Nodes {
         children: vec![("n1".into(), start_node(dir, "n1", port, None, &[]))],
         dir: dir.to_owned(),

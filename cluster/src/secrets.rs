@@ -19,7 +19,7 @@ const HEADER: &str = "flotilla-secrets-key-v1";
 pub enum SecretsError {
     /// The file is missing or unreadable.
     #[error(
-        "the cluster's secrets key {path}: {reason} (`cluster init` writes it beside the certificates; copy it to every node that holds the control state)"
+        "the cluster's secrets key {path}: {reason} (`cluster init` writes it beside the certificates, `cluster secrets-key --dir DIR` into a directory made before; copy it to every node that holds the control state)"
     )]
     Unreadable {
         /// The file.
