@@ -10,6 +10,7 @@ pub mod env;
 pub mod flow_run;
 pub mod limits;
 pub mod logs;
+pub mod object_results;
 pub mod results;
 pub mod task_run;
 pub mod worker;

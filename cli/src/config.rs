@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub message_limit: Option<usize>,
     /// A voter's snapshot interval, in log entries.
     pub snapshot_every: Option<u64>,
+    /// Where large results go (`file:///PATH`, `s3://BUCKET/PREFIX?block=s3/NAME`).
+    pub result_store: Option<String>,
     /// How long a worker tries its seeds (`"60s"`).
     pub join_timeout: Option<String>,
     /// Runs of each deployment the scheduler keeps created ahead.

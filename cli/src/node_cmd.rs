@@ -64,6 +64,12 @@ pub struct StartArgs {
     /// [default: 100000].
     #[arg(long, env = "FLOTILLA_SNAPSHOT_EVERY", value_name = "ENTRIES")]
     snapshot_every: Option<u64>,
+    /// Where large results go, every node reading them: `file:///PATH` (a directory every node
+    /// mounts) or `s3://BUCKET/PREFIX?block=s3/NAME` (an S3-compatible store, credentials from
+    /// the `s3` block; `&endpoint=URL&region=R` over the block's; without a block, from the
+    /// AWS_* environment) [default: the control node's result store].
+    #[arg(long, env = "FLOTILLA_RESULT_STORE", value_name = "URL")]
+    result_store: Option<String>,
     /// How long a worker tries its seeds before giving up [default: 60s].
     #[arg(long, env = "FLOTILLA_JOIN_TIMEOUT")]
     join_timeout: Option<String>,
@@ -223,6 +229,9 @@ impl StartArgs {
                 "--message-limit {n}: between 4096 and 16777216 bytes"
             );
             config.message_bytes_max = n;
+        }
+        if let Some(url) = self.result_store.or(file.result_store) {
+            config.result_store = Some(url.parse().map_err(|e: String| anyhow::anyhow!(e))?);
         }
         if let Some(n) = self.snapshot_every.or(file.snapshot_every) {
             anyhow::ensure!(

@@ -428,3 +428,124 @@ async fn voters_restarted_one_by_one_under_load_lose_nothing_and_fire_each_time_
     let twice: Vec<_> = fired.iter().filter(|(_, n)| **n > 1).collect();
     assert!(twice.is_empty(), "fire times with two runs: {twice:?}");
 }
+
+/// Waits until automation `name` has fired `n` times, every action reported.
+async fn automation_fired(dir: &Path, ports: &[u16], name: &str, n: u64) {
+    eventually(
+        &format!("{name} fired {n} times"),
+        Duration::from_secs(30),
+        || async {
+            let out = cli(dir, ports, &["automation", "inspect", name, "--json"]).ok()?;
+            let a: serde_json::Value = serde_json::from_str(&out).ok()?;
+            let done = a["recent"].as_array()?.iter().all(|r| r["done"] == true);
+            (a["firings"].as_u64()? >= n && done).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_automation_fires_once_across_a_leader_kill() {
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    let (mut nodes, ports) = three_voters(dir);
+    let client = client(dir, &ports, 3).await;
+    for (name, command) in [("fails", "exit 1"), ("on-fail", "true")] {
+        let spec = flotilla_runtime::DeploymentSpec {
+            name: name.into(),
+            flow_name: "command".into(),
+            parameters: serde_json::json!({ "command": command }),
+            schedules: vec![],
+            work_queue: None,
+            tags: vec![],
+            concurrency_limit: None,
+            collision: flotilla_runtime::CollisionStrategy::Enqueue,
+            paused: false,
+        };
+        client.put_deployment(spec).await.expect("a deployment");
+    }
+    let file = dir.join("auto.toml");
+    std::fs::write(
+        &file,
+        r#"
+[[automation]]
+name = "recover"
+trigger = { type = "event", expect = ["flotilla.flow-run.Failed"], match_related = { "flotilla.resource.role" = "deployment", "flotilla.resource.name" = "fails" } }
+actions = [{ type = "run-deployment", deployment = "on-fail" }]
+
+[[automation]]
+name = "barrier"
+trigger = { type = "event", expect = ["test.barrier"] }
+actions = [{ type = "do-nothing" }]
+"#,
+    )
+    .expect("a file");
+    cli(
+        dir,
+        &ports,
+        &["automation", "create", "-f", file.to_str().expect("utf-8")],
+    )
+    .expect("created");
+    client
+        .run_deployment("fails", serde_json::Value::Null)
+        .await
+        .expect("a run");
+    automation_fired(dir, &ports, "recover", 1).await;
+
+    // The leader dies; the next one replays the recent events and repeats nothing.
+    let old = leader(&client).await;
+    let i = nodes
+        .children
+        .iter()
+        .position(|(n, _)| *n == old)
+        .expect("the leader is a node");
+    nodes.children[i].1.kill().expect("the leader is killed");
+    let others = all_but(&ports, i);
+    let survivor = Client::connect(&addrs(&others), &dir.join("certs"))
+        .await
+        .expect("a client of the others");
+    eventually("a new leader", Duration::from_secs(10), || async {
+        survivor
+            .cluster_status()
+            .await
+            .ok()?
+            .replication?
+            .leader
+            .filter(|l| *l != old)
+    })
+    .await;
+    let id = eventually("a run of fails accepted", Duration::from_secs(10), || async {
+        survivor
+            .run_deployment("fails", serde_json::Value::Null)
+            .await
+            .ok()
+    })
+    .await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), survivor.wait(id))
+        .await
+        .expect("in time")
+        .expect("ends");
+    assert_eq!(ended.lifecycle.state.kind, flotilla::StateType::Failed);
+    automation_fired(dir, &others, "recover", 2).await;
+    survivor
+        .emit_event(
+            "test.barrier",
+            flotilla_runtime::Resource::new("t", None),
+            vec![],
+            serde_json::Value::Null,
+        )
+        .await
+        .expect("emit");
+    automation_fired(dir, &others, "barrier", 1).await;
+    let out = cli(dir, &others, &["automation", "inspect", "recover", "--json"]).expect("inspect");
+    let a: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(a["firings"], 2, "{a}");
+    let runs = survivor
+        .flow_runs(flotilla::RunFilter::All, None, 1000)
+        .await
+        .expect("runs")
+        .iter()
+        .filter(|r| r.deployment_name.as_deref() == Some("on-fail"))
+        .count();
+    assert_eq!(runs, 2, "one run of on-fail per Failed run of fails");
+}

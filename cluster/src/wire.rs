@@ -239,6 +239,9 @@ pub enum Request {
         /// Delete it (else read it).
         delete: bool,
     },
+    /// An `s3` block, unsealed, for a node's result store (nodes only: a client's
+    /// certificate may not ask it).
+    StoreBlock(String),
     /// The blocks a run needs, unsealed, for the node that runs it under this epoch (nodes
     /// only: a client's certificate may not ask it).
     ResolveBlocks {
@@ -316,7 +319,8 @@ impl Request {
             | Request::FindEvents { .. }
             | Request::Automations
             | Request::Blocks
-            | Request::ResolveBlocks { .. } => false,
+            | Request::ResolveBlocks { .. }
+            | Request::StoreBlock(_) => false,
             Request::Automation { change, .. } => *change != AutomationChange::Inspect,
             Request::Block { delete, .. } => *delete,
             Request::WorkQueue { change, .. } => *change != QueueChange::Inspect,
@@ -352,7 +356,7 @@ impl Request {
             CertRole::Client | CertRole::ReadOnlyClient if matches!(self, Request::Heartbeat(_)) => {
                 "only a node's certificate reports a node's heartbeat"
             }
-            _ if matches!(self, Request::ResolveBlocks { .. }) => {
+            _ if matches!(self, Request::ResolveBlocks { .. } | Request::StoreBlock(_)) => {
                 "secrets go only to the node that runs the flow run needing them"
             }
             CertRole::ReadOnlyClient if self.is_mutating() => "this client certificate is read-only",

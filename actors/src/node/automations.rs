@@ -48,6 +48,8 @@ pub struct AutomationsArgs {
     pub persistence: PersistenceHandle,
     /// What opens webhook blocks' secrets.
     pub secrets: Arc<SecretsKey>,
+    /// This node's control actor, which actions ask as a client would.
+    pub control: ActorRef<crate::node::control::ControlMsg>,
 }
 
 /// Its messages.
@@ -77,6 +79,7 @@ struct Known {
 pub struct AutomationsState {
     p: PersistenceHandle,
     secrets: Arc<SecretsKey>,
+    control: ActorRef<crate::node::control::ControlMsg>,
     evaluator: Evaluator,
     known: HashMap<String, Known>,
     /// The last event fed to the evaluator.
@@ -181,6 +184,15 @@ impl AutomationsState {
         if k.fired.get(&f.bucket).is_some_and(|m| *m >= mark) {
             return;
         }
+        if !k.fired.contains_key(&f.bucket)
+            && k.fired.len() >= flotilla_runtime::automation::evaluator::BUCKETS_MAX
+        {
+            // As the record does: the bucket marked longest ago is forgotten.
+            let oldest = k.fired.iter().min_by_key(|(_, m)| **m).map(|(b, _)| b.clone());
+            if let Some(b) = oldest {
+                k.fired.remove(&b);
+            }
+        }
         k.fired.insert(f.bucket.clone(), mark);
         let actions = k.spec.actions.clone();
         let recorded = self.p.enqueue(Command::EditAutomation {
@@ -191,11 +203,13 @@ impl AutomationsState {
         let ctx = actions::Context {
             p: self.p.clone(),
             secrets: self.secrets.clone(),
+            control: self.control.clone(),
         };
         let event = event.cloned();
         tokio::spawn(async move {
             match recorded.await {
                 Ok(Ok(Ok(Reply::AutomationEdited { changed: true }))) => {
+                    tracing::info!(automation = %f.automation, key = %f.key, "an automation fired");
                     actions::run(ctx, actions, f, event).await;
                 }
                 Ok(Ok(Ok(_))) => {}
@@ -261,6 +275,7 @@ impl Actor for Automations {
         let mut s = AutomationsState {
             p: args.persistence,
             secrets: args.secrets,
+            control: args.control,
             evaluator: Evaluator::new(),
             known: HashMap::new(),
             cursor: None,
@@ -293,6 +308,7 @@ impl Actor for Automations {
             let ctx = actions::Context {
                 p: s.p.clone(),
                 secrets: s.secrets.clone(),
+                control: s.control.clone(),
             };
             tracing::info!(automation = %f.automation, key = %f.key, "running the actions of a firing left unfinished");
             tokio::spawn(actions::run(ctx, actions, f, None));

@@ -42,7 +42,11 @@ impl Singletons {
                 persistence: p.clone(),
                 settings,
                 flows: flows.to_vec(),
-                results: ResultStore::new(config.data_dir.join("results"), usize::MAX),
+                results: match &config.result_store {
+                    Some(url) => ResultStore::new(config.data_dir.join("results"), usize::MAX)
+                        .with_shipper(super::object_shipper(url.clone())),
+                    None => ResultStore::new(config.data_dir.join("results"), usize::MAX),
+                },
                 catalog: catalog.clone(),
                 answers: config.answers,
                 replication,
@@ -75,6 +79,7 @@ impl Singletons {
             automations::AutomationsArgs {
                 persistence: p.clone(),
                 secrets,
+                control: control.0.clone(),
             },
         )
         .await

@@ -294,6 +294,21 @@ async fn measure(args: &AutomationsArgs, client: &flotilla::Client) -> anyhow::R
     }
     let ms = |us: u64| (us as f64 / 1000.0 * 1000.0).round() / 1000.0;
     let lost = expected.keys().filter(|k| !seen.contains_key(*k)).count() as u64;
+    for (k, trigger) in expected.iter().filter(|(k, _)| !seen.contains_key(*k)).take(10) {
+        let e = sent.iter().find(|(id, _)| id == trigger).map(|(_, e)| e);
+        eprintln!(
+            "lost: {k} (its action {}), triggered by {trigger} {:?}",
+            if executed.contains_key(k) {
+                "recorded"
+            } else {
+                "not recorded"
+            },
+            e.map(|e| (&e.event, e.occurred, &e.resource))
+        );
+    }
+    for k in seen.keys().filter(|k| !expected.contains_key(*k)).take(10) {
+        eprintln!("unexpected: {k}");
+    }
     Ok(Report {
         scenario: "automations",
         automations: args.automations,

@@ -13,7 +13,7 @@ use flotilla_runtime::{Command, Event, EventPayload, FlowRunId, Setting, Timesta
 use hmac::Mac;
 use ractor::ActorRef;
 
-use crate::node::control::{CONTROL_NAME, ControlMsg};
+use crate::node::control::ControlMsg;
 use crate::node::typed::Wire;
 use crate::persistence::PersistenceHandle;
 
@@ -29,6 +29,9 @@ const WEBHOOK_BODY_MAX: usize = 256 * 1024;
 pub(super) struct Context {
     pub p: PersistenceHandle,
     pub secrets: Arc<SecretsKey>,
+    /// This node's control actor (its singleton: a name looked up in the registry may be a
+    /// deposed leader's, or none, while the lead moves).
+    pub control: ActorRef<ControlMsg>,
 }
 
 /// Runs a firing's actions, then records their outcomes.
@@ -38,7 +41,7 @@ pub(super) async fn run(ctx: Context, actions: Vec<Action>, firing: Firing, even
     for (i, action) in actions.iter().enumerate() {
         let r = one(&ctx, action, i, &firing, event.as_ref(), &template).await;
         if let Err(e) = &r {
-            tracing::warn!(automation = %firing.automation, action = action.kind(), reason = %e, "an automation's action failed");
+            tracing::warn!(automation = %firing.automation, key = %firing.key, action = action.kind(), reason = %e, "an automation's action failed");
         }
         outcomes.push(ActionOutcome {
             action: action.kind().to_owned(),
@@ -111,10 +114,7 @@ fn render_value(v: &serde_json::Value, ctx: &serde_json::Value) -> Result<serde_
 }
 
 /// Asks the control actor, as a client would.
-async fn ask(request: Request) -> Result<Response, String> {
-    let control: ActorRef<ControlMsg> = ractor::registry::where_is(CONTROL_NAME.to_owned())
-        .ok_or("the control actor is not running here")?
-        .into();
+async fn ask(control: &ActorRef<ControlMsg>, request: Request) -> Result<Response, String> {
     match control
         .call(
             |port| ControlMsg::Request(Wire::new(request), port),
@@ -161,12 +161,15 @@ async fn one(
             parameters,
         } => {
             let params = render_value(&serde_json::to_value(parameters).unwrap_or_default(), template)?;
-            match ask(Request::RunDeployment {
-                name: deployment.clone(),
-                params,
-                id: None,
-                idempotency_key: Some(format!("automation/{}/{index}", firing.key)),
-            })
+            match ask(
+                &ctx.control,
+                Request::RunDeployment {
+                    name: deployment.clone(),
+                    params,
+                    id: None,
+                    idempotency_key: Some(format!("automation/{}/{index}", firing.key)),
+                },
+            )
             .await?
             {
                 Response::Ran(id) => Ok(format!("flow run {id} of {deployment}")),
@@ -175,12 +178,13 @@ async fn one(
         }
         Action::PauseDeployment { deployment } | Action::ResumeDeployment { deployment } => {
             let pause = matches!(action, Action::PauseDeployment { .. });
-            let Response::Deployment(d) = ask(Request::Deployment(deployment.clone())).await? else {
+            let Response::Deployment(d) = ask(&ctx.control, Request::Deployment(deployment.clone())).await?
+            else {
                 return Err("unexpected answer".into());
             };
             let mut spec = d.spec();
             spec.paused = pause;
-            ask(Request::PutDeployment(Box::new(spec))).await?;
+            ask(&ctx.control, Request::PutDeployment(Box::new(spec))).await?;
             Ok(format!(
                 "{} {deployment}",
                 if pause { "paused" } else { "resumed" }
@@ -193,10 +197,13 @@ async fn one(
             } else {
                 flotilla_runtime::QueueEdit::Resume
             };
-            ask(Request::WorkQueue {
-                name: work_queue.clone(),
-                change: QueueChange::Edit(edit),
-            })
+            ask(
+                &ctx.control,
+                Request::WorkQueue {
+                    name: work_queue.clone(),
+                    change: QueueChange::Edit(edit),
+                },
+            )
             .await?;
             Ok(format!(
                 "{} work queue {work_queue}",
@@ -230,7 +237,7 @@ async fn one(
         }
         Action::CancelFlowRun { flow_run } => {
             let id = flow_run_of(flow_run.as_ref(), event)?;
-            ask(Request::Cancel(id)).await?;
+            ask(&ctx.control, Request::Cancel(id)).await?;
             Ok(format!("cancelled flow run {id}"))
         }
         Action::ChangeFlowRunState {

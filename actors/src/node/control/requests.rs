@@ -398,7 +398,8 @@ impl ControlState {
             | Request::PutBlock { .. }
             | Request::Blocks
             | Request::Block { .. }
-            | Request::ResolveBlocks { .. }) => self.settings_request(request, reply),
+            | Request::ResolveBlocks { .. }
+            | Request::StoreBlock(_)) => self.settings_request(request, reply),
             other => {
                 let results = self.results.clone();
                 let voter = self.replication.clone();

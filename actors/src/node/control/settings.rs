@@ -267,6 +267,18 @@ async fn answer(p: &PersistenceHandle, secrets: Option<&SecretsKey>, request: Re
             epoch,
             refs,
         } => resolve(p, secrets, flow_run, epoch, refs).await,
+        Request::StoreBlock(name) => {
+            let Some(key) = secrets else {
+                return refused(ErrorKind::Unavailable, "this node has no secrets key");
+            };
+            match block(p, BlockType::S3, &name).await {
+                Ok(b) => match unseal(key, &b) {
+                    Ok(v) => Response::Resolved(vec![(b.reference(), v)]),
+                    Err(e) => refused(ErrorKind::Unavailable, e),
+                },
+                Err(r) => r,
+            }
+        }
         _ => refused(ErrorKind::Protocol, "not a request about automations or blocks"),
     }
 }
