@@ -275,7 +275,12 @@ async fn measure(args: &AutomationsArgs, client: &flotilla::Client) -> anyhow::R
             match e.event.as_str() {
                 "flotilla.automation.triggered" => *seen.entry(key.to_owned()).or_default() += 1,
                 "flotilla.automation.action.executed" | "flotilla.automation.action.failed" => {
-                    executed.entry(key.to_owned()).or_insert(e.occurred);
+                    // When the action was done (its outcome is recorded a commit later).
+                    let at = d
+                        .get("at")
+                        .and_then(|a| serde_json::from_value::<Timestamp>(a.clone()).ok())
+                        .unwrap_or(e.occurred);
+                    executed.entry(key.to_owned()).or_insert(at);
                 }
                 _ => {}
             }

@@ -129,6 +129,7 @@ impl Tx {
                                 "key": key,
                                 "action": i,
                                 "type": o.action,
+                                "at": o.at,
                                 if o.ok { "detail" } else { "reason" }: o.detail,
                             }),
                         ));

@@ -877,6 +877,7 @@ actions = [{ type = "do-nothing" }]
             action: "do-nothing".into(),
             ok: true,
             detail: "nothing".into(),
+            at: Some(at),
         }];
         let ran = |w: &mut World| {
             w.apply(Command::EditAutomation {

@@ -45,6 +45,9 @@ pub struct ActionOutcome {
     pub ok: bool,
     /// What it did, or why it failed.
     pub detail: String,
+    /// When it was done (its outcome is recorded after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub at: Option<Timestamp>,
 }
 
 /// A firing and, once its actions ran, their outcomes.

@@ -47,6 +47,7 @@ pub(super) async fn run(ctx: Context, actions: Vec<Action>, firing: Firing, even
             action: action.kind().to_owned(),
             ok: r.is_ok(),
             detail: r.unwrap_or_else(|e| e),
+            at: Some(now()),
         });
     }
     let cmd = Command::EditAutomation {
