@@ -172,14 +172,14 @@ fn check_setting(view: &impl StateView, s: &Setting, batch: &[Setting]) -> Resul
         .map_err(|e| Refusal::Invalid(format!("automation {name:?}: {e}")))?;
     let in_batch = |key: &str| batch.iter().any(|b| b.key() == key);
     for (i, action) in a.spec.actions.iter().enumerate() {
-        match action {
+        let missing = match action {
             Action::RunDeployment { deployment, .. }
             | Action::PauseDeployment { deployment }
-            | Action::ResumeDeployment { deployment } => {
-                if view.hot().deployment_by_name(deployment).is_none() {
-                    return Err(refuse(i, format!("no deployment named {deployment:?}")));
-                }
-            }
+            | Action::ResumeDeployment { deployment } => view
+                .hot()
+                .deployment_by_name(deployment)
+                .is_none()
+                .then(|| format!("no deployment named {deployment:?}")),
             Action::PauseAutomation {
                 automation: Some(other),
             }
@@ -187,17 +187,20 @@ fn check_setting(view: &impl StateView, s: &Setting, batch: &[Setting]) -> Resul
                 automation: Some(other),
             } => {
                 let key = crate::work_queue::automation_key(other);
-                if view.hot().setting(&key).is_none() && !in_batch(&key) {
-                    return Err(refuse(i, format!("no automation named {other:?}")));
-                }
+                (view.hot().setting(&key).is_none() && !in_batch(&key))
+                    .then(|| format!("no automation named {other:?}"))
             }
             Action::SendWebhook { block, .. } => {
                 let key = crate::block::block_key(crate::block::BlockType::Webhook, block);
-                if view.hot().setting(&key).is_none() {
-                    return Err(refuse(i, format!("no webhook block named {block:?}")));
-                }
+                view.hot()
+                    .setting(&key)
+                    .is_none()
+                    .then(|| format!("no webhook block named {block:?}"))
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some(why) = missing {
+            return Err(refuse(i, why));
         }
     }
     Ok(())
