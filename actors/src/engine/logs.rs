@@ -206,11 +206,7 @@ async fn ship(
 ) {
     // Per run: the lines waiting and about how many bytes they take.
     let mut pending: HashMap<FlowRunId, (Vec<LogLine>, usize)> = HashMap::new();
-    let mut rng = SmallRng::seed_from_u64(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64),
-    );
+    let mut rng = SmallRng::from_rng(&mut rand::rng());
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let send = |run: FlowRunId, (lines, _): (Vec<LogLine>, usize), rng: &mut SmallRng| {

@@ -314,7 +314,7 @@ impl Actor for Worker {
         if let Some(reason) = failure {
             // A bug in the engine, not in user code: the run crashes, the node goes on.
             tracing::error!(flow_run = %id, %reason, "the flow run's actor failed");
-            let mut rng = SmallRng::seed_from_u64(now().as_micros() as u64);
+            let mut rng = SmallRng::from_rng(&mut rand::rng());
             let crashed =
                 State::named(StateName::Crashed, now()).with_message(format!("the engine failed: {reason}"));
             let tid = TransitionId::new(now(), &mut rng);
@@ -520,8 +520,7 @@ impl EngineHandle {
         idempotency_key: String,
     ) -> Result<Vec<u8>, String> {
         let p = &self.ctx.persistence;
-        let mut rng =
-            SmallRng::seed_from_u64(now().as_micros() as u64 ^ u64::from_le_bytes([1, 2, 3, 4, 5, 6, 7, 8]));
+        let mut rng = SmallRng::from_rng(&mut rand::rng());
         let options = flow.options();
         let create = Command::CreateFlowRun(NewFlowRun {
             parent_task_run: Some(parent),
@@ -610,7 +609,7 @@ impl EngineHandle {
             Ok(Reply::NodeCrashed { crashed, .. }) => crashed,
             _ => Vec::new(),
         };
-        let mut rng = SmallRng::seed_from_u64(now().as_micros() as u64);
+        let mut rng = SmallRng::from_rng(&mut rand::rng());
         let mut resumed = Vec::new();
         for id in crashed {
             let Some(run) = p.flow_run(id).await? else {

@@ -211,7 +211,7 @@ impl Actor for Control {
                     Duration::ZERO
                 },
             }),
-            rng: SmallRng::seed_from_u64(now().as_micros() as u64),
+            rng: SmallRng::from_rng(&mut rand::rng()),
             catalog: args.catalog,
             flows: args.flows.into_iter().map(|f| (f.name().to_owned(), f)).collect(),
             answers: args.answers,

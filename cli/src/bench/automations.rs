@@ -172,6 +172,13 @@ pub async fn run(args: AutomationsArgs) -> anyhow::Result<()> {
     let r = measure(&args, &cluster.client).await;
     cluster.stop().await;
     let report = r?;
+    if report.firings_lost > 0 || report.firings_unexpected > 0 {
+        // Kept for a look at what the node did.
+        let kept = std::env::temp_dir().join("flotilla-bench-automations-n1.log");
+        if std::fs::copy(dir.path().join("n1.log"), &kept).is_ok() {
+            eprintln!("the node's log is kept in {}", kept.display());
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
