@@ -450,28 +450,26 @@ async fn an_automation_fires_once_across_a_leader_kill() {
     let dir = tmp.path();
     let (mut nodes, ports) = three_voters(dir);
     let client = client(dir, &ports, 3).await;
-    for (name, command) in [("fails", "exit 1"), ("on-fail", "true")] {
-        let spec = flotilla_runtime::DeploymentSpec {
-            name: name.into(),
-            flow_name: "command".into(),
-            parameters: serde_json::json!({ "command": command }),
-            schedules: vec![],
-            work_queue: None,
-            tags: vec![],
-            concurrency_limit: None,
-            collision: flotilla_runtime::CollisionStrategy::Enqueue,
-            paused: false,
-        };
-        client.put_deployment(spec).await.expect("a deployment");
-    }
+    let spec = flotilla_runtime::DeploymentSpec {
+        name: "on-ping".into(),
+        flow_name: "command".into(),
+        parameters: serde_json::json!({ "command": "true" }),
+        schedules: vec![],
+        work_queue: None,
+        tags: vec![],
+        concurrency_limit: None,
+        collision: flotilla_runtime::CollisionStrategy::Enqueue,
+        paused: false,
+    };
+    client.put_deployment(spec).await.expect("a deployment");
     let file = dir.join("auto.toml");
     std::fs::write(
         &file,
         r#"
 [[automation]]
-name = "recover"
-trigger = { type = "event", expect = ["flotilla.flow-run.Failed"], match_related = { "flotilla.resource.role" = "deployment", "flotilla.resource.name" = "fails" } }
-actions = [{ type = "run-deployment", deployment = "on-fail" }]
+name = "ping"
+trigger = { type = "event", expect = ["app.ping"] }
+actions = [{ type = "run-deployment", deployment = "on-ping" }]
 
 [[automation]]
 name = "barrier"
@@ -486,11 +484,20 @@ actions = [{ type = "do-nothing" }]
         &["automation", "create", "-f", file.to_str().expect("utf-8")],
     )
     .expect("created");
-    client
-        .run_deployment("fails", serde_json::Value::Null)
-        .await
-        .expect("a run");
-    automation_fired(dir, &ports, "recover", 1).await;
+    let emit = |c: &Client, name: &'static str| {
+        let c = c.clone();
+        async move {
+            c.emit_event(
+                name,
+                flotilla_runtime::Resource::new("app", None),
+                vec![],
+                serde_json::Value::Null,
+            )
+            .await
+        }
+    };
+    emit(&client, "app.ping").await.expect("emit");
+    automation_fired(dir, &ports, "ping", 1).await;
 
     // The leader dies; the next one replays the recent events and repeats nothing.
     let old = leader(&client).await;
@@ -504,40 +511,20 @@ actions = [{ type = "do-nothing" }]
     let survivor = Client::connect(&addrs(&others), &dir.join("certs"))
         .await
         .expect("a client of the others");
-    eventually("a new leader", Duration::from_secs(10), || async {
-        survivor
-            .cluster_status()
-            .await
-            .ok()?
-            .replication?
-            .leader
-            .filter(|l| *l != old)
-    })
+    eventually(
+        "a ping accepted by a new leader",
+        Duration::from_secs(10),
+        || async {
+            let s = survivor.cluster_status().await.ok()?;
+            s.replication?.leader.filter(|l| *l != old)?;
+            emit(&survivor, "app.ping").await.ok()
+        },
+    )
     .await;
-    let id = eventually("a run of fails accepted", Duration::from_secs(10), || async {
-        survivor
-            .run_deployment("fails", serde_json::Value::Null)
-            .await
-            .ok()
-    })
-    .await;
-    let ended = tokio::time::timeout(Duration::from_secs(30), survivor.wait(id))
-        .await
-        .expect("in time")
-        .expect("ends");
-    assert_eq!(ended.lifecycle.state.kind, flotilla::StateType::Failed);
-    automation_fired(dir, &others, "recover", 2).await;
-    survivor
-        .emit_event(
-            "test.barrier",
-            flotilla_runtime::Resource::new("t", None),
-            vec![],
-            serde_json::Value::Null,
-        )
-        .await
-        .expect("emit");
+    automation_fired(dir, &others, "ping", 2).await;
+    emit(&survivor, "test.barrier").await.expect("emit");
     automation_fired(dir, &others, "barrier", 1).await;
-    let out = cli(dir, &others, &["automation", "inspect", "recover", "--json"]).expect("inspect");
+    let out = cli(dir, &others, &["automation", "inspect", "ping", "--json"]).expect("inspect");
     let a: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(a["firings"], 2, "{a}");
     let runs = survivor
@@ -545,7 +532,7 @@ actions = [{ type = "do-nothing" }]
         .await
         .expect("runs")
         .iter()
-        .filter(|r| r.deployment_name.as_deref() == Some("on-fail"))
+        .filter(|r| r.deployment_name.as_deref() == Some("on-ping"))
         .count();
-    assert_eq!(runs, 2, "one run of on-fail per Failed run of fails");
+    assert_eq!(runs, 2, "one run of on-ping per ping");
 }
