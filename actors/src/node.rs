@@ -710,7 +710,10 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     }
 
     let mut ec = EngineConfig::new(config.name.clone(), &config.data_dir);
-    let object_results = config.result_store.clone().map(object_shipper);
+    let object_results = config
+        .result_store
+        .clone()
+        .map(crate::engine::object_results::for_node);
     ec.slots = config.slots.max(1);
     ec.log_to_stderr = config.log_to_stderr;
     let view = Arc::new(RwLock::new(ClusterStatus::default()));
@@ -786,29 +789,4 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
         engine_join,
         voter,
     })
-}
-
-/// Large results in object storage: the store reads an `s3` block from the control node, over
-/// the cluster's mutual TLS, when it is first used.
-pub(crate) fn object_shipper(
-    url: crate::engine::object_results::ResultStoreUrl,
-) -> Arc<dyn crate::engine::results::ResultShipper> {
-    let handle = tokio::runtime::Handle::current();
-    let h = handle.clone();
-    let blocks: crate::engine::object_results::BlockSource = Arc::new(move |name: &str| {
-        let request = flotilla_cluster::wire::Request::StoreBlock(name.to_owned());
-        match h.block_on(plane::request(request))? {
-            flotilla_cluster::wire::Response::Resolved(mut b) => b
-                .pop()
-                .map(|(_, v)| v)
-                .ok_or_else(|| format!("block s3/{name} was not given")),
-            flotilla_cluster::wire::Response::Error(e) => Err(e.message),
-            _ => Err("an unexpected answer to a request for a block".into()),
-        }
-    });
-    Arc::new(crate::engine::object_results::ObjectShipper::new(
-        url,
-        handle,
-        Some(blocks),
-    ))
 }

@@ -6,7 +6,6 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use flotilla::{Client, StateType};
@@ -15,24 +14,6 @@ use hmac::Mac;
 
 mod common;
 use common::*;
-
-/// Runs the CLI against the node on `port`: its stdout, or its stderr and stdout on failure.
-fn cli(dir: &Path, port: u16, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(BIN)
-        .args(args)
-        .args(["--addr", &format!("127.0.0.1:{port}")])
-        .arg("--certs")
-        .arg(dir.join("certs"))
-        .env_remove("FLOTILLA_CONFIG")
-        .output()
-        .expect("the CLI runs");
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    if out.status.success() {
-        Ok(stdout)
-    } else {
-        Err(format!("{}{stdout}", String::from_utf8_lossy(&out.stderr)))
-    }
-}
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
@@ -68,7 +49,7 @@ async fn fired(dir: &Path, port: u16, name: &str, n: u64) -> serde_json::Value {
         &format!("{name} fired {n} times"),
         Duration::from_secs(20),
         || async {
-            let a = json(&cli(dir, port, &["automation", "inspect", name, "--json"]).ok()?);
+            let a = json(&run_cli(dir, port, &["automation", "inspect", name, "--json"]).ok()?);
             let done = a["recent"].as_array()?.iter().all(|r| r["done"] == true);
             (a["firings"].as_u64()? >= n && done).then_some(a)
         },
@@ -131,7 +112,7 @@ async fn automations_act_on_events_once_across_a_restart_of_the_control_node() {
             .expect("a deployment");
     }
     let (hook_port, hooks) = webhook_server();
-    cli(
+    run_cli(
         dir,
         port,
         &[
@@ -164,7 +145,7 @@ actions = [{ type = "run-deployment", deployment = "no-such-deployment" }]
 "#,
     )
     .expect("a file");
-    let err = cli(
+    let err = run_cli(
         dir,
         port,
         &["automation", "create", "-f", bad.to_str().expect("utf-8")],
@@ -174,7 +155,7 @@ actions = [{ type = "run-deployment", deployment = "no-such-deployment" }]
         err.contains("nowhere") && err.contains("no-such-deployment"),
         "{err}"
     );
-    let all = json(&cli(dir, port, &["automation", "ls", "--json"]).expect("ls"));
+    let all = json(&run_cli(dir, port, &["automation", "ls", "--json"]).expect("ls"));
     assert_eq!(all.as_array().map(Vec::len), Some(0), "nothing created: {all}");
 
     let file = dir.join("auto.toml");
@@ -204,7 +185,7 @@ actions = [{ type = "do-nothing" }]
     )
     .expect("a file");
     let out = json(
-        &cli(
+        &run_cli(
             dir,
             port,
             &[
@@ -248,7 +229,7 @@ actions = [{ type = "do-nothing" }]
 
     // Compound: both events, in either order, within the window.
     for e in ["app.two", "app.one"] {
-        cli(
+        run_cli(
             dir,
             port,
             &["events", "emit", e, "--resource", "flotilla.resource.id=app.x"],
@@ -259,7 +240,7 @@ actions = [{ type = "do-nothing" }]
     // Sequence: second before first does not fire; first then second does, and posts the
     // webhook, signed.
     for e in ["seq.second", "seq.first", "seq.second"] {
-        cli(
+        run_cli(
             dir,
             port,
             &["events", "emit", e, "--resource", "flotilla.resource.id=app.seq"],
@@ -276,7 +257,7 @@ actions = [{ type = "do-nothing" }]
     );
     let sent = json(std::str::from_utf8(&body).expect("utf-8"));
     assert_eq!(sent, serde_json::json!({"what": "seq.second", "who": "app.seq"}));
-    cli(
+    run_cli(
         dir,
         port,
         &[
@@ -289,14 +270,14 @@ actions = [{ type = "do-nothing" }]
     )
     .expect("emit");
     fired(dir, port, "barrier", 1).await;
-    let seq = json(&cli(dir, port, &["automation", "inspect", "in-order", "--json"]).expect("inspect"));
+    let seq = json(&run_cli(dir, port, &["automation", "inspect", "in-order", "--json"]).expect("inspect"));
     assert_eq!(seq["firings"], 1, "second-before-first did not fire: {seq}");
 
     // SIGKILL the control node; it comes back with its automations, and one more Failed run
     // fires once: the firing before the kill is not repeated by the replay.
     nodes.restart(0, start_node(dir, "n1", port, None, &[]));
     let client = connect(dir, port, 1).await;
-    let names = json(&cli(dir, port, &["automation", "ls", "--json"]).expect("ls"));
+    let names = json(&run_cli(dir, port, &["automation", "ls", "--json"]).expect("ls"));
     let mut names: Vec<&str> = names
         .as_array()
         .expect("array")
@@ -311,7 +292,7 @@ actions = [{ type = "do-nothing" }]
         .expect("a run");
     fired(dir, port, "recover", 2).await;
     // Every event before the barrier's has been evaluated once its firing is recorded.
-    cli(
+    run_cli(
         dir,
         port,
         &[
@@ -324,10 +305,11 @@ actions = [{ type = "do-nothing" }]
     )
     .expect("emit");
     fired(dir, port, "barrier", 2).await;
-    let recover = json(&cli(dir, port, &["automation", "inspect", "recover", "--json"]).expect("inspect"));
+    let recover =
+        json(&run_cli(dir, port, &["automation", "inspect", "recover", "--json"]).expect("inspect"));
     assert_eq!(recover["firings"], 2, "{recover}");
     assert_eq!(runs_of(&client, "on-fail").await, 2);
-    let both = json(&cli(dir, port, &["automation", "inspect", "both", "--json"]).expect("inspect"));
+    let both = json(&run_cli(dir, port, &["automation", "inspect", "both", "--json"]).expect("inspect"));
     assert_eq!(both["firings"], 1, "{both}");
     assert_eq!(runs_of(&client, "on-both").await, 1);
 }
@@ -356,7 +338,7 @@ actions = [{ type = "run-deployment", deployment = "on-silence" }, { type = "pau
 "#,
     )
     .expect("a file");
-    cli(
+    run_cli(
         dir,
         port,
         &["automation", "create", "-f", file.to_str().expect("utf-8")],
@@ -378,7 +360,7 @@ actions = [{ type = "run-deployment", deployment = "on-silence" }, { type = "pau
             .await
             .expect("emit");
     }
-    let a = json(&cli(dir, port, &["automation", "inspect", "silence", "--json"]).expect("inspect"));
+    let a = json(&run_cli(dir, port, &["automation", "inspect", "silence", "--json"]).expect("inspect"));
     assert_eq!(a["firings"], 0, "fired while heartbeats came: {a}");
     // Then silence: it fires, a window after the last heartbeat, and pauses itself.
     let a = fired(dir, port, "silence", 1).await;
@@ -404,7 +386,7 @@ async fn a_secret_reaches_a_command_and_is_written_nowhere() {
     let client = connect(dir, port, 2).await;
     let secret = format!("s3cr3t-{}-value", std::process::id());
     let mut outputs = String::new();
-    outputs += &cli(
+    outputs += &run_cli(
         dir,
         port,
         &[
@@ -418,7 +400,7 @@ async fn a_secret_reaches_a_command_and_is_written_nowhere() {
         ],
     )
     .expect("a block");
-    outputs += &cli(
+    outputs += &run_cli(
         dir,
         port,
         &[
@@ -433,23 +415,24 @@ async fn a_secret_reaches_a_command_and_is_written_nowhere() {
         ],
     )
     .expect("a block");
-    outputs += &cli(dir, port, &["block", "ls", "--json"]).expect("ls");
-    let shown = cli(dir, port, &["block", "inspect", "secret/api-token", "--json"]).expect("inspect");
+    outputs += &run_cli(dir, port, &["block", "ls", "--json"]).expect("ls");
+    let shown = run_cli(dir, port, &["block", "inspect", "secret/api-token", "--json"]).expect("inspect");
     assert_eq!(json(&shown)["fields"]["value"], "********");
     outputs += &shown;
-    outputs += &cli(dir, port, &["block", "inspect", "env/prod"]).expect("inspect");
+    outputs += &run_cli(dir, port, &["block", "inspect", "env/prod"]).expect("inspect");
     // Unknown and missing fields are refused, naming them.
-    let err = cli(
+    let err = run_cli(
         dir,
         port,
         &["block", "create", "secret", "x", "--field", "valu=1"],
     )
     .expect_err("refused");
     assert!(err.contains("valu"), "{err}");
-    let err = cli(dir, port, &["block", "create", "s3", "x", "--field", "bucket=b"]).expect_err("refused");
+    let err =
+        run_cli(dir, port, &["block", "create", "s3", "x", "--field", "bucket=b"]).expect_err("refused");
     assert!(err.contains("access_key_id"), "{err}");
     outputs += &err;
-    let types = json(&cli(dir, port, &["block", "types", "--json"]).expect("types"));
+    let types = json(&run_cli(dir, port, &["block", "types", "--json"]).expect("types"));
     assert_eq!(types.as_array().map(Vec::len), Some(5));
 
     // Runs on each node get the secret in their environment (checked by its hash).
@@ -515,7 +498,7 @@ async fn a_secret_reaches_a_command_and_is_written_nowhere() {
         "{:?}",
         run.lifecycle.state
     );
-    outputs += &cli(dir, port, &["events", "ls", "--json", "--limit", "1000"]).expect("events");
+    outputs += &run_cli(dir, port, &["events", "ls", "--json", "--limit", "1000"]).expect("events");
 
     assert!(!outputs.contains(&secret), "the secret appears in CLI output");
     drop(nodes);

@@ -45,22 +45,6 @@ async fn s3_server(root: &Path) -> std::net::SocketAddr {
     addr
 }
 
-fn cli(dir: &Path, port: u16, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(BIN)
-        .args(args)
-        .args(["--addr", &format!("127.0.0.1:{port}")])
-        .arg("--certs")
-        .arg(dir.join("certs"))
-        .env_remove("FLOTILLA_CONFIG")
-        .output()
-        .expect("the CLI runs");
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
 /// Every file under `dir` whose name ends with `suffix`.
 fn files(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
@@ -137,7 +121,7 @@ async fn large_results_live_in_an_s3_bucket_every_node_reads() {
     let endpoint = format!("http://{addr}");
     let (tmp, _) =
         large_result_outlives_every_nodes_copy(&format!("s3://{BUCKET}/runs?block=s3/lake"), |dir, port| {
-            cli(
+            run_cli(
                 dir,
                 port,
                 &[

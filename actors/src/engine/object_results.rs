@@ -212,6 +212,25 @@ impl ResultShipper for ObjectShipper {
     }
 }
 
+/// Large results in object storage: the store reads an `s3` block from the control node, over
+/// the cluster's mutual TLS, when it is first used.
+pub(crate) fn for_node(url: ResultStoreUrl) -> Arc<dyn ResultShipper> {
+    let handle = tokio::runtime::Handle::current();
+    let h = handle.clone();
+    let blocks: BlockSource = Arc::new(move |name: &str| {
+        let request = flotilla_cluster::wire::Request::StoreBlock(name.to_owned());
+        match h.block_on(crate::node::plane::request(request))? {
+            flotilla_cluster::wire::Response::Resolved(mut b) => b
+                .pop()
+                .map(|(_, v)| v)
+                .ok_or_else(|| format!("block s3/{name} was not given")),
+            flotilla_cluster::wire::Response::Error(e) => Err(e.message),
+            _ => Err("an unexpected answer to a request for a block".into()),
+        }
+    });
+    Arc::new(ObjectShipper::new(url, handle, Some(blocks)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

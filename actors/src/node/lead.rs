@@ -44,7 +44,7 @@ impl Singletons {
                 flows: flows.to_vec(),
                 results: match &config.result_store {
                     Some(url) => ResultStore::new(config.data_dir.join("results"), usize::MAX)
-                        .with_shipper(super::object_shipper(url.clone())),
+                        .with_shipper(crate::engine::object_results::for_node(url.clone())),
                     None => ResultStore::new(config.data_dir.join("results"), usize::MAX),
                 },
                 catalog: catalog.clone(),

@@ -156,3 +156,22 @@ pub async fn connect(dir: &Path, port: u16, n: usize) -> Client {
     .await;
     client
 }
+
+/// Runs the CLI against the node on `port` with the certificates in `dir/certs`: its stdout, or
+/// its stderr and stdout when it failed.
+pub fn run_cli(dir: &Path, port: u16, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--addr", &format!("127.0.0.1:{port}")])
+        .arg("--certs")
+        .arg(dir.join("certs"))
+        .env_remove("FLOTILLA_CONFIG")
+        .output()
+        .expect("the CLI runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    if out.status.success() {
+        Ok(stdout)
+    } else {
+        Err(format!("{}{stdout}", String::from_utf8_lossy(&out.stderr)))
+    }
+}
