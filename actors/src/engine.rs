@@ -98,8 +98,8 @@ impl EngineConfig {
     }
 }
 
-/// How a flow runs.
-#[derive(Clone, Debug, Default)]
+/// How a flow runs. By default a run whose node died resumes, as with `#[flow]`.
+#[derive(Clone, Debug)]
 pub struct FlowOptions {
     /// Flow-level retries: the flow function runs again as a resume.
     pub retry: RetryPolicy,
@@ -112,6 +112,18 @@ pub struct FlowOptions {
     /// Whether a boolean `resume` parameter of a run decides that for the run (the built-in
     /// `command` flow's `"resume": false`).
     pub resume_param: bool,
+}
+
+impl Default for FlowOptions {
+    fn default() -> Self {
+        FlowOptions {
+            retry: RetryPolicy::default(),
+            timeout: None,
+            version: None,
+            resume: true,
+            resume_param: false,
+        }
+    }
 }
 
 impl FlowOptions {

@@ -202,6 +202,36 @@ async fn every_acknowledged_run_is_there(client: &Client, acked: &[(String, Flow
     }
 }
 
+/// Waits until every run of `ids` has Completed; fails naming those that have not, and their
+/// states.
+async fn every_run_completes(client: &Client, ids: &BTreeSet<FlowRunId>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let mut left = BTreeMap::new();
+        for id in ids {
+            match client.flow_run(*id).await {
+                Ok(r) if r.lifecycle.state.kind == flotilla::StateType::Completed => {}
+                Ok(r) => {
+                    left.insert(*id, format!("{:?} on {:?}", r.lifecycle.state.name, r.owner));
+                }
+                Err(e) => {
+                    left.insert(*id, e.to_string());
+                }
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {} runs not Completed within {within:?}: {left:?}",
+            left.len(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_killed_under_writes_loses_nothing_acknowledged() {
     let tmp = tempfile::tempdir().expect("a temporary directory");
@@ -245,6 +275,25 @@ async fn the_leader_killed_under_writes_loses_nothing_acknowledged() {
     }
     assert!(acked.len() >= 20, "only {} writes acknowledged", acked.len());
     every_acknowledged_run_is_there(&survivor, &acked).await;
+    // Each runs to its end: those the dead leader held resume elsewhere, and none made around
+    // the change of leader is left waiting unplaced.
+    let ids: BTreeSet<FlowRunId> = acked.iter().map(|(_, id)| *id).collect();
+    every_run_completes(&survivor, &ids, Duration::from_secs(60)).await;
+    // The new leader lists the dead one unreachable (it never heard from it), and it can be
+    // removed.
+    eventually(
+        "the dead leader listed unreachable",
+        Duration::from_secs(20),
+        || async {
+            let s = survivor.cluster_status().await.ok()?;
+            s.nodes
+                .iter()
+                .any(|m| m.name.to_string() == old && !m.reachable)
+                .then_some(())
+        },
+    )
+    .await;
+    cli(dir, &others, &["cluster", "remove-node", &old]).expect("the dead leader is removed");
     eprintln!(
         "{new} leads {failover:?} after {old} was killed; {} writes acknowledged",
         acked.len()

@@ -357,7 +357,6 @@ impl FlowFn for CommandFlow {
 
     fn options(&self) -> FlowOptions {
         FlowOptions {
-            resume: true,
             resume_param: true,
             ..FlowOptions::default()
         }

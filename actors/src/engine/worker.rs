@@ -245,6 +245,7 @@ impl Actor for Worker {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             WorkerMsg::Run(id, known) => {
+                tracing::debug!(flow_run = %id, "a run handed to this node");
                 if state.running.contains_key(&id) {
                     // Its actor may be ending (the run just finished, and this is its retry):
                     // start it again once it has ended. A start sent twice costs one claim

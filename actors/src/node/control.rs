@@ -180,8 +180,19 @@ impl ControlState {
     }
 }
 
-/// The registered name of the control actor (local lookups).
+/// The registered name of the control actor.
 pub const CONTROL_NAME: &str = "flotilla.control";
+
+/// This node's control actor, while it leads: the local member of the control group. Never
+/// looked up by its registered name: when a remote actor goes, ractor drops its name from
+/// this process's registry whichever actor holds it there, so a new leader's control actor
+/// lost its name once the old leader's session closed.
+pub(crate) fn local_control() -> Option<ActorRef<ControlMsg>> {
+    ractor::pg::get_local_members(&CONTROL_GROUP.to_owned())
+        .into_iter()
+        .next()
+        .map(ActorRef::from)
+}
 
 impl Actor for Control {
     type Msg = ControlMsg;
@@ -196,7 +207,20 @@ impl Actor for Control {
         ractor::pg::join(CONTROL_GROUP.to_owned(), vec![myself.get_cell()]);
         myself.send_interval(args.settings.check_every, || ControlMsg::Tick);
         effects::follow_ends(args.persistence.clone(), myself.clone());
-        Ok(ControlState {
+        // A new leader has heard from nobody yet: every replica is expected to speak, and one
+        // that never does (the leader it replaces, often) is declared dead like any node.
+        let expected: Vec<NodeId> = args
+            .replication
+            .as_ref()
+            .map(|v| {
+                v.status()
+                    .members
+                    .into_iter()
+                    .filter_map(|m| m.name.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut state = ControlState {
             persistence: args.persistence,
             results: args.results,
             machine: ControlMachine::new(ControlConfig {
@@ -218,7 +242,9 @@ impl Actor for Control {
             replication: args.replication,
             secrets: args.secrets,
             asking: Default::default(),
-        })
+        };
+        state.drive(Input::Expect(expected));
+        Ok(state)
     }
 
     async fn handle(
@@ -250,7 +276,10 @@ impl Actor for Control {
             },
             ControlMsg::Asked(asked, reply) => s.asked(asked, reply, &myself),
             ControlMsg::Answered(answer) => s.answered(answer),
-            ControlMsg::Place(p) => s.feed(p, "a placement", Input::Due),
+            ControlMsg::Place(p) => s.feed(p, "a placement", |p| {
+                tracing::debug!(flow_run = %p.run, "a run to place");
+                Input::Due(p)
+            }),
             ControlMsg::Ended(run) => s.feed(run, "a run that ended", Input::Ended),
             ControlMsg::TakeBack(p) => s.feed(p, "a placement", Input::TakeBack),
             ControlMsg::Restore(running) => s.feed(running, "the runs under way", Input::Restore),

@@ -92,12 +92,14 @@ pub struct RemoteControl {
 }
 
 /// The control actor, found through its process group (ractor_cluster gives remote actors new
-/// ids after a reconnect, so it is looked up afresh each time).
+/// ids after a reconnect, so it is looked up afresh each time): this node's own when it leads.
 pub fn control_actor() -> Option<ActorRef<ControlMsg>> {
-    ractor::pg::get_members(&CONTROL_GROUP.to_owned())
-        .into_iter()
-        .next()
-        .map(ActorRef::from)
+    super::control::local_control().or_else(|| {
+        ractor::pg::get_members(&CONTROL_GROUP.to_owned())
+            .into_iter()
+            .next()
+            .map(ActorRef::from)
+    })
 }
 
 /// Why a call to the control actor brought no answer.

@@ -13,7 +13,7 @@ use flotilla_runtime::control::scheduler::{Ahead, Effect, Input, KnownRun, Sched
 use flotilla_runtime::{DeploymentId, FlowRunId, Reply, StateType, Timestamp};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
-use super::control::{CONTROL_NAME, ControlMsg};
+use super::control::ControlMsg;
 use crate::persistence::{PAGE_MAX, PersistenceHandle, RunFilter};
 
 /// The scheduler's registered name.
@@ -154,13 +154,12 @@ impl SchedulerState {
                     runs,
                 } => self.create(deployment, generation, runs, myself),
                 Effect::Append(command) => drop(self.persistence.enqueue(*command)),
-                Effect::HandOut(p) => {
-                    if let Some(c) =
-                        ractor::registry::where_is(CONTROL_NAME).map(ActorRef::<ControlMsg>::from)
-                    {
+                Effect::HandOut(p) => match super::control::local_control() {
+                    Some(c) => {
                         let _ = c.cast(ControlMsg::Place(super::typed::Wire::new(p)));
                     }
-                }
+                    None => tracing::warn!(flow_run = %p.run, "no control actor to hand a run to"),
+                },
                 Effect::WakeAt(at) => {
                     myself.send_after(at.saturating_since(now()), || SchedulerMsg::Wake);
                 }

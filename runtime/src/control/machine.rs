@@ -86,6 +86,10 @@ pub struct Running {
     pub node: Option<NodeId>,
 }
 
+/// How long, beyond the unreachable window, a node is given to reconnect to a control node
+/// that just started (its redial backs off up to 2 s).
+const RECONNECT_GRACE: Duration = Duration::from_secs(4);
+
 /// One input of [`ControlMachine::handle`].
 #[derive(Debug)]
 pub enum Input<R> {
@@ -108,6 +112,10 @@ pub enum Input<R> {
     TakeBack(Placement),
     /// The runs running now, read back after a start or a missed event.
     Restore(Vec<Running>),
+    /// The nodes the cluster's membership names (a new leader's start): each not heard from
+    /// yet gets time to speak and is declared dead like a silent member if it never does (the
+    /// leader it replaces among them).
+    Expect(Vec<NodeId>),
     /// Runs of deployments waiting, read back after a start: the scheduler hands them out when
     /// due; until then a claim of one (a start sent before the restart) is refused.
     Held(Vec<FlowRunId>),
@@ -348,6 +356,12 @@ impl<R> ControlMachine<R> {
                 self.pump(now, &mut out);
             }
             Input::Restore(running) => self.restore(now, running, &mut out),
+            Input::Expect(nodes) => {
+                for node in &nodes {
+                    self.roster
+                        .expect(now + RECONNECT_GRACE, node, Self::unknown_incarnation(now));
+                }
+            }
             Input::Held(runs) => self.dispatch.hold(runs),
             Input::Queues(queues) => {
                 self.dispatch.set_queues(queues);
@@ -589,10 +603,12 @@ impl<R> ControlMachine<R> {
         }
     }
 
+    /// The incarnation that stands for a node's unknown one: a value this start alone uses.
+    fn unknown_incarnation(now: Timestamp) -> u64 {
+        u64::try_from(now.as_micros()).unwrap_or(0) | (1 << 63)
+    }
+
     fn restore(&mut self, now: Timestamp, running: Vec<Running>, out: &mut Vec<Effect<R>>) {
-        /// How long, beyond the unreachable window, a node is given to reconnect to a control
-        /// node that just started (its redial backs off up to 2 s).
-        const RECONNECT_GRACE: Duration = Duration::from_secs(4);
         // Started with runs under way and no complete record of who holds slots (a data
         // directory from before the record, or a restart soon after): new holders wait until
         // every lease that may be held was renewed or ran out.
@@ -605,7 +621,7 @@ impl<R> ControlMachine<R> {
         // A node holding runs that this start has not heard from gets time to reconnect and
         // speak (its runs are crashed and resumed elsewhere if it never does: it may have died
         // while no control node was watching).
-        let unknown = u64::try_from(now.as_micros()).unwrap_or(0) | (1 << 63);
+        let unknown = Self::unknown_incarnation(now);
         for node in running.iter().filter_map(|r| r.node.as_ref()) {
             self.roster.expect(now + RECONNECT_GRACE, node, unknown);
         }

@@ -600,6 +600,9 @@ impl Sim {
             self.note(format!(
                 "the lead moves ({lost} commands not committed are lost); the deposed leader goes on for {window:?}"
             ));
+            // The new leader expects every replica (here, every node) to speak.
+            let names = self.nodes.iter().map(|n| n.name.clone()).collect();
+            self.drive(Input::Expect(names));
             self.control_started();
         }
     }

@@ -21,6 +21,7 @@ impl ControlState {
                         .known
                         .take()
                         .filter(|r| flotilla_runtime::command::json_size(&r.parameters) <= 256 * 1024);
+                    tracing::debug!(%node, flow_run = %placement.run, "handing a run to a node");
                     let start = (placement.run, known);
                     if !send_agent(&node, AgentMsg::Run(Wire::new(start))) {
                         // The node went away since its last heartbeat: the run waits again.
@@ -75,8 +76,7 @@ impl ControlState {
                 if let Ok(Some(r)) = p.flow_run(run).await
                     && r.lifecycle.state.kind == StateType::Scheduled
                     && r.owner.is_none()
-                    && let Some(me) =
-                        ractor::registry::where_is(CONTROL_NAME).map(ActorRef::<ControlMsg>::from)
+                    && let Some(me) = local_control()
                 {
                     tracing::warn!(%node, flow_run = %run, "a run handed to the node is not running there; placing it again");
                     let placement = placement_of(&p, &r, r.expected_start_time).await;
@@ -117,8 +117,11 @@ impl ControlState {
                 match p.submit(resume).await {
                     Ok(Ok(Reply::Retried { epoch, .. })) => {
                         tracing::info!(%node, flow_run = %id, epoch = epoch.get(), "resuming a run of a lost node elsewhere");
-                        if let Ok(Some(r)) = p.flow_run(id).await {
-                            replace(placement_of(&p, &r, now()).await);
+                        match p.flow_run(id).await {
+                            Ok(Some(r)) => replace(placement_of(&p, &r, now()).await),
+                            other => {
+                                tracing::warn!(flow_run = %id, answer = ?other, "a resumed run could not be read back")
+                            }
                         }
                     }
                     other => {
@@ -157,9 +160,11 @@ impl ControlState {
 
 /// Gives slots back through the control actor (a grant that could not be delivered).
 pub(super) fn give_back(holders: Vec<TaskRunId>) {
-    if let Some(cell) = ractor::registry::where_is(CONTROL_NAME) {
-        let _ = ActorRef::<ControlMsg>::from(cell)
-            .cast(ControlMsg::Slots(Wire::new(SlotRequest::Release(holders))));
+    match local_control() {
+        Some(me) => {
+            let _ = me.cast(ControlMsg::Slots(Wire::new(SlotRequest::Release(holders))));
+        }
+        None => tracing::warn!(?holders, "no control actor to give slots back to"),
     }
 }
 
@@ -304,8 +309,13 @@ pub(super) async fn restore_running(p: &PersistenceHandle, me: &ActorRef<Control
 
 /// Hands a run back to the control actor's placement (it waits until a node can take it).
 pub(super) fn replace(p: Placement) {
-    if let Some(cell) = ractor::registry::where_is(CONTROL_NAME) {
-        let _ = ActorRef::<ControlMsg>::from(cell).cast(ControlMsg::Place(Wire::new(p)));
+    match local_control() {
+        Some(me) => {
+            if let Err(e) = me.cast(ControlMsg::Place(Wire::new(p))) {
+                tracing::warn!(error = %e, "a run to place could not be handed to the control actor");
+            }
+        }
+        None => tracing::warn!(flow_run = %p.run, "no control actor to place a run"),
     }
 }
 

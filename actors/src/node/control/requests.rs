@@ -577,7 +577,7 @@ async fn queue_change(
     };
     match p.submit(cmd).await {
         Ok(Ok(Reply::WorkQueueEdited { queue })) => {
-            if let Some(me) = control_ref() {
+            if let Some(me) = local_control() {
                 reload_settings(p, &me).await;
             }
             info(queue)
@@ -595,7 +595,7 @@ async fn queue_change(
 async fn put_setting(p: &PersistenceHandle, setting: flotilla_runtime::Setting) -> Response {
     match p.submit(Command::PutSetting { setting, at: now() }).await {
         Ok(Ok(_)) => {
-            if let Some(me) = control_ref() {
+            if let Some(me) = local_control() {
                 reload_settings(p, &me).await;
             }
             Response::Done
@@ -610,7 +610,7 @@ async fn delete_setting(p: &PersistenceHandle, key: String, missing: String) -> 
     match p.submit(Command::DeleteSetting { key, at: now() }).await {
         Ok(Ok(Reply::SettingDeleted { existed: false })) => refused(ErrorKind::NotFound, missing),
         Ok(Ok(_)) => {
-            if let Some(me) = control_ref() {
+            if let Some(me) = local_control() {
                 reload_settings(p, &me).await;
             }
             Response::Done
@@ -618,10 +618,6 @@ async fn delete_setting(p: &PersistenceHandle, key: String, missing: String) -> 
         Ok(Err(refusal)) => refused(ErrorKind::of_refusal(&refusal), refusal.to_string()),
         Err(e) => persist_err(e),
     }
-}
-
-fn control_ref() -> Option<ActorRef<ControlMsg>> {
-    ractor::registry::where_is(CONTROL_NAME).map(ActorRef::from)
 }
 
 /// The run once it ended (a run that resumes after a crash has not ended when Crashed), or as

@@ -403,3 +403,39 @@ fn a_node_holding_runs_that_reconnects_after_a_start_is_not_declared_dead() {
     }
     assert!(dead.is_empty(), "declared dead: {dead:?}");
 }
+
+#[test]
+fn a_new_leader_declares_dead_a_replica_it_never_hears_from_and_keeps_one_that_speaks() {
+    // Found by killing the leader of three voters: its successor had never heard from it, so
+    // it was not listed at all (not unreachable, not removable) and never declared dead.
+    let mut c: ControlMachine<u32> = ControlMachine::new(ControlConfig::default());
+    c.handle(T0, Input::Expect(vec![node("a"), node("b")]));
+    c.handle(T0, Input::Restore(Vec::new()));
+    let listed = |c: &ControlMachine<u32>, n: &str| c.members().into_iter().find(|m| m.name == node(n));
+    assert!(listed(&c, "a").is_some_and(|m| m.reachable && m.slots_total == 0));
+    // "b" speaks; "a" never does.
+    c.handle(at(3_000), Input::Heartbeat(member("b", 2, 1)));
+    assert!(
+        starts(&c.handle(
+            at(3_000),
+            Input::Due(Placement::plain(run(1), "f".into(), at(3_000)))
+        )) == vec![(node("b"), run(1))],
+        "an expected member that never spoke takes no run"
+    );
+    // Within the grace, nobody is declared dead.
+    c.handle(at(4_000), Input::Heartbeat(member("b", 2, 1)));
+    assert!(appended(&c.handle(at(4_500), Input::Tick)).is_empty());
+    c.handle(at(4_800), Input::Heartbeat(member("b", 2, 1)));
+    let effects = c.handle(at(5_200), Input::Tick);
+    let dead: Vec<_> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::DeclareDead { node, .. } => Some(node.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dead, vec![node("a")], "{effects:?}");
+    assert!(listed(&c, "a").is_some_and(|m| !m.reachable));
+    assert!(listed(&c, "b").is_some_and(|m| m.reachable));
+    assert_eq!(c.remove_member(&node("a")), Ok(()));
+}
