@@ -576,12 +576,15 @@ actions = [{ type = "do-nothing" }]
     let out = cli(dir, &others, &["automation", "inspect", "ping", "--json"]).expect("inspect");
     let a: serde_json::Value = serde_json::from_str(&out).expect("json");
     assert_eq!(a["firings"], 2, "{a}");
-    let runs = survivor
+    let runs: BTreeSet<FlowRunId> = survivor
         .flow_runs(flotilla::RunFilter::All, None, 1000)
         .await
         .expect("runs")
         .iter()
         .filter(|r| r.deployment_name.as_deref() == Some("on-ping"))
-        .count();
-    assert_eq!(runs, 2, "one run of on-ping per ping");
+        .map(|r| r.id)
+        .collect();
+    assert_eq!(runs.len(), 2, "one run of on-ping per ping");
+    // Both run to their end, the one the new leader placed included.
+    every_run_completes(&survivor, &runs, Duration::from_secs(30)).await;
 }
