@@ -409,6 +409,35 @@ async fn large_results_go_to_files_and_one_that_cannot_be_read_is_made_again() {
     node.shutdown().await;
 }
 
+#[flow(result_storage = "s3/missing")]
+async fn stored_elsewhere(n: usize) -> Result<usize, TaskError> {
+    Ok(make_big(n).await?.data.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_sends_its_large_results_to_the_s3_block_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = node(dir.path(), |b| {
+        b.flow(stored_elsewhere).result_inline_bytes_max(1024)
+    })
+    .await;
+    let client = node.client();
+    // Small results stay inline: the flow completes without the block.
+    let r = run(&node, "stored_elsewhere", serde_json::json!({"n": 10})).await;
+    assert_eq!(r.lifecycle.state.kind, StateType::Completed);
+    // A large one goes to the block's object store: with no such block, the task fails
+    // saying so, never falling back to the node's own store.
+    let r = run(&node, "stored_elsewhere", serde_json::json!({"n": 100_000})).await;
+    assert_eq!(r.lifecycle.state.kind, StateType::Failed, "{}", r.lifecycle.state);
+    let t = &client.task_runs(r.id).await.unwrap()[0];
+    let message = t.lifecycle.state.message.clone().unwrap_or_default();
+    assert!(
+        message.contains("s3/missing") || message.contains("\"missing\""),
+        "{message}"
+    );
+    node.shutdown().await;
+}
+
 // --- logs
 
 #[task]
@@ -682,20 +711,9 @@ async fn leave_runs(dir: &std::path::Path) -> Vec<flotilla::FlowRunId> {
     {
         let id = flotilla::FlowRunId::from_bytes([i as u8 + 1; 16]);
         let resume = flow == "resumed";
-        p.submit(Command::CreateFlowRun(NewFlowRun {
-            id,
-            flow_name: flow.into(),
-            parameters: serde_json::json!({}),
-            deployment_id: None,
-            deployment_name: None,
-            parent_task_run: None,
-            idempotency_key: None,
-            tags: vec![],
-            work_queue: None,
-            retry_policy: Default::default(),
-            resume,
-            scheduled_time: None,
-        }))
+        p.submit(Command::CreateFlowRun(
+            NewFlowRun::new(id, flow, serde_json::json!({})).with_options(Default::default(), resume),
+        ))
         .await
         .unwrap()
         .unwrap();

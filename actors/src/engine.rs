@@ -74,6 +74,8 @@ pub struct EngineConfig {
     pub log_to_stderr: bool,
     /// Large results are also shipped with this (a worker: to the control node).
     pub result_shipper: Option<Arc<dyn results::ResultShipper>>,
+    /// The object stores of `s3` blocks, for runs whose flow or deployment names one.
+    pub result_blocks: Option<Arc<dyn results::BlockStores>>,
     /// Cluster-wide tag limits (a node of a cluster: the control node's).
     pub cluster_slots: Option<Arc<dyn limits::SlotService>>,
 }
@@ -93,6 +95,7 @@ impl EngineConfig {
             log_flush_interval: Duration::from_millis(50),
             log_to_stderr: true,
             result_shipper: None,
+            result_blocks: None,
             cluster_slots: None,
         }
     }
@@ -112,6 +115,9 @@ pub struct FlowOptions {
     /// Whether a boolean `resume` parameter of a run decides that for the run (the built-in
     /// `command` flow's `"resume": false`).
     pub resume_param: bool,
+    /// Where its large results go: `s3/NAME`, an `s3` block's object store (a deployment's
+    /// choice wins); the node's result store when absent.
+    pub result_storage: Option<String>,
 }
 
 impl Default for FlowOptions {
@@ -122,6 +128,7 @@ impl Default for FlowOptions {
             version: None,
             resume: true,
             resume_param: false,
+            result_storage: None,
         }
     }
 }

@@ -732,6 +732,7 @@ pub async fn start(config: NodeConfig, flows: Vec<Arc<dyn FlowFn>>) -> Result<Cl
     if let Some(shipper) = &object_results {
         ec.result_shipper = Some(shipper.clone());
     }
+    ec.result_blocks = Some(crate::engine::object_results::block_stores());
     let (engine, engine_join) = worker::start(ec, plane.clone(), flows).await?;
     // Which start of this node this is: a new one on every start.
     let incarnation = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);

@@ -55,6 +55,7 @@ async fn child(dir: String, round: u64) {
                     retry_policy: RetryPolicy::none(),
                     resume: true,
                     scheduled_time: None,
+                    result_storage: None,
                 });
                 let Ok(Ok(Reply::FlowRunCreated { .. })) = h.submit(create).await else {
                     panic!("child: create")

@@ -32,6 +32,7 @@ fn new_run(id: FlowRunId) -> Command {
         retry_policy: RetryPolicy::none(),
         resume: true,
         scheduled_time: None,
+        result_storage: None,
     })
 }
 

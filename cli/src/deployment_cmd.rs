@@ -90,6 +90,9 @@ pub enum DeploymentCmd {
         /// Create it paused.
         #[arg(long)]
         paused: bool,
+        /// Large results of its runs go to this s3 block's object store (s3/NAME).
+        #[arg(long, value_name = "s3/NAME")]
+        result_storage: Option<String>,
         /// Print it as JSON.
         #[arg(long)]
         json: bool,
@@ -200,6 +203,8 @@ struct FileDeployment {
     collision: Option<String>,
     #[serde(default)]
     paused: bool,
+    /// `s3/NAME`: large results go to that block's object store.
+    result_storage: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -252,6 +257,7 @@ impl FileDeployment {
             concurrency_limit: self.concurrency_limit,
             collision: collision(self.collision.as_deref().unwrap_or("enqueue"))?,
             paused: self.paused,
+            result_storage: self.result_storage,
         };
         spec.check()
             .map_err(|e| anyhow::anyhow!("deployment {}: {e}", self.name))?;
@@ -377,6 +383,7 @@ pub async fn run(cmd: DeploymentCmd) -> anyhow::Result<bool> {
             concurrency_limit,
             collision: strategy,
             paused,
+            result_storage,
             json,
             conn,
         } => {
@@ -390,6 +397,7 @@ pub async fn run(cmd: DeploymentCmd) -> anyhow::Result<bool> {
                 concurrency_limit,
                 collision: collision(&strategy)?,
                 paused,
+                result_storage,
             };
             spec.check().map_err(|e| anyhow::anyhow!(e))?;
             let s = conn.connect().await?;
@@ -475,6 +483,9 @@ pub async fn run(cmd: DeploymentCmd) -> anyhow::Result<bool> {
                     )?;
                 }
                 writeln!(out, "paused      {}", if d.paused { "yes" } else { "no" })?;
+                if let Some(storage) = &d.result_storage {
+                    writeln!(out, "results     {storage}")?;
+                }
                 writeln!(out, "next runs")?;
                 for t in v["next"].as_array().into_iter().flatten() {
                     writeln!(out, "  {}", t.as_str().unwrap_or(""))?;

@@ -321,6 +321,9 @@ pub async fn run(cmd: FlowRunCmd) -> anyhow::Result<bool> {
                     run.owner.as_ref().map_or("-", |n| n.as_str())
                 )?;
                 writeln!(out, "params    {}", run.parameters)?;
+                if let Some(storage) = &run.result_storage {
+                    writeln!(out, "results   {storage}")?;
+                }
                 writeln!(out, "created   {}", run.created)?;
                 if run.lifecycle.state.kind == StateType::Completed {
                     match s.client.result::<serde_json::Value>(id).await {

@@ -47,6 +47,9 @@ pub struct RunOut<'a> {
     pub start_time: Option<String>,
     pub end_time: Option<String>,
     pub run_count: u32,
+    /// Where its large results go (`s3/NAME`), when its deployment names a store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_storage: Option<&'a str>,
 }
 
 impl<'a> From<&'a FlowRun> for RunOut<'a> {
@@ -63,6 +66,7 @@ impl<'a> From<&'a FlowRun> for RunOut<'a> {
             start_time: r.lifecycle.start_time.map(|t| t.to_string()),
             end_time: r.lifecycle.end_time.map(|t| t.to_string()),
             run_count: r.lifecycle.run_count,
+            result_storage: r.result_storage.as_deref(),
         }
     }
 }
@@ -229,6 +233,9 @@ pub struct DeploymentOut<'a> {
     pub concurrency_limit: Option<u32>,
     pub collision: &'static str,
     pub paused: bool,
+    /// Where its runs' large results go (`s3/NAME`), when it names a store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result_storage: Option<&'a str>,
     pub created: String,
     pub updated: String,
     pub next: Vec<String>,
@@ -251,6 +258,7 @@ impl<'a> DeploymentOut<'a> {
                 flotilla_runtime::CollisionStrategy::CancelNew => "cancel-new",
             },
             paused: d.paused,
+            result_storage: d.result_storage.as_deref(),
             created: d.created.to_string(),
             updated: d.updated.to_string(),
             next,

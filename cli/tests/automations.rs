@@ -30,6 +30,7 @@ fn deployment(name: &str, command: &str) -> DeploymentSpec {
         concurrency_limit: None,
         collision: CollisionStrategy::Enqueue,
         paused: false,
+        result_storage: None,
     }
 }
 

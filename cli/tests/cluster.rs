@@ -512,6 +512,7 @@ fn true_deployment(name: &str) -> flotilla_runtime::DeploymentSpec {
         concurrency_limit: None,
         collision: flotilla_runtime::CollisionStrategy::Enqueue,
         paused: false,
+        result_storage: None,
     }
 }
 

@@ -46,6 +46,7 @@ fn command_deployment(name: &str, command: &str) -> DeploymentSpec {
         concurrency_limit: None,
         collision: CollisionStrategy::Enqueue,
         paused: false,
+        result_storage: None,
     }
 }
 

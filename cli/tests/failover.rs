@@ -41,6 +41,7 @@ async fn a_pipeline_whose_worker_is_killed_finishes_on_another_node() {
         concurrency_limit: None,
         collision: CollisionStrategy::Enqueue,
         paused: false,
+        result_storage: None,
     };
     client.put_deployment(spec).await.expect("a deployment");
     let id: FlowRunId = client

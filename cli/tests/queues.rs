@@ -22,6 +22,7 @@ fn deployment(name: &str, flow: &str, params: serde_json::Value) -> DeploymentSp
         concurrency_limit: None,
         collision: CollisionStrategy::Enqueue,
         paused: false,
+        result_storage: None,
     }
 }
 

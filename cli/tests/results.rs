@@ -121,29 +121,7 @@ async fn large_results_live_in_an_s3_bucket_every_node_reads() {
     let endpoint = format!("http://{addr}");
     let (tmp, _) =
         large_result_outlives_every_nodes_copy(&format!("s3://{BUCKET}/runs?block=s3/lake"), |dir, port| {
-            run_cli(
-                dir,
-                port,
-                &[
-                    "block",
-                    "create",
-                    "s3",
-                    "lake",
-                    "--field",
-                    &format!("endpoint={endpoint}"),
-                    "--field",
-                    &format!("bucket={BUCKET}"),
-                    "--field",
-                    "region=us-east-1",
-                    "--field",
-                    "access_key_id=AKTEST",
-                    "--field",
-                    "secret_access_key=SKTEST-not-a-real-secret",
-                    "--field",
-                    "path_style=true",
-                ],
-            )
-            .expect("an s3 block");
+            create_lake(dir, port, &endpoint)
         })
         .await;
     let stored = files(&root.path().join(BUCKET).join("runs"), ".bin");
@@ -158,6 +136,116 @@ async fn large_results_live_in_an_s3_bucket_every_node_reads() {
             f.display()
         );
     }
+}
+
+/// `s3` block `lake` on the server at `endpoint`, made through the CLI.
+fn create_lake(dir: &Path, port: u16, endpoint: &str) {
+    run_cli(
+        dir,
+        port,
+        &[
+            "block",
+            "create",
+            "s3",
+            "lake",
+            "--field",
+            &format!("endpoint={endpoint}"),
+            "--field",
+            &format!("bucket={BUCKET}"),
+            "--field",
+            "region=us-east-1",
+            "--field",
+            "access_key_id=AKTEST",
+            "--field",
+            "secret_access_key=SKTEST-not-a-real-secret",
+            "--field",
+            "path_style=true",
+        ],
+    )
+    .expect("an s3 block");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deployment_sends_its_large_results_to_the_s3_block_it_names() {
+    let root = tempfile::tempdir().expect("a bucket root");
+    let endpoint = format!("http://{}", s3_server(root.path()).await);
+    let tmp = tempfile::tempdir().expect("a temporary directory");
+    let dir = tmp.path();
+    init_certs(dir, "n1,n2");
+    let (port, port2) = (free_udp_port(), free_udp_port());
+    // No node-wide result store: only the deployment names one.
+    let mut nodes = Nodes::new(dir);
+    nodes.start("n1", port, None, &[]);
+    nodes.start("n2", port2, Some(port), &[]);
+    let client = connect(dir, port, 2).await;
+    let file = dir.join("deploy.toml");
+    let deploy = |storage: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "[[deployment]]\nname = \"big\"\nflow = \"noop\"\nparams = {{ result_bytes = 300000 }}\nresult_storage = \"{storage}\"\n"
+            ),
+        )
+        .expect("a deploy file");
+        run_cli(dir, port, &["deploy", "-f", file.to_str().expect("utf-8")])
+    };
+    // A block that does not exist, or one that is not s3, is refused naming it.
+    let why = deploy("s3/lake").expect_err("no block named lake yet");
+    assert!(why.contains("no s3 block named \"lake\""), "{why}");
+    let why = deploy("secret/lake").expect_err("not an s3 block");
+    assert!(why.contains("result_storage") && why.contains("s3/NAME"), "{why}");
+    create_lake(dir, port, &endpoint);
+    deploy("s3/lake").expect("deployed");
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let id = client
+            .run_deployment("big", serde_json::Value::Null)
+            .await
+            .expect("a run of big");
+        let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+            .await
+            .expect("in time")
+            .expect("ends");
+        assert_eq!(
+            run.lifecycle.state.kind,
+            StateType::Completed,
+            "{:?}",
+            run.lifecycle.state
+        );
+        assert_eq!(run.result_storage.as_deref(), Some("s3/lake"));
+        ids.push(id);
+    }
+    let inspect =
+        run_cli(dir, port, &["flow-run", "inspect", &ids[0].to_string(), "--json"]).expect("inspect");
+    assert!(inspect.contains("\"result_storage\":\"s3/lake\""), "{inspect}");
+    // In the bucket, under the run's key; no node keeps a copy that is read instead.
+    let stored = files(&root.path().join(BUCKET).join("flow-runs"), ".bin");
+    assert_eq!(stored.len(), 3, "one object per run: {stored:?}");
+    for f in files(&dir.join("n1"), ".bin")
+        .into_iter()
+        .chain(files(&dir.join("n2"), ".bin"))
+    {
+        std::fs::remove_file(&f).expect("a node's copy removed");
+    }
+    for id in &ids {
+        let bytes: serde_bytes::ByteBuf = client.result(*id).await.expect("the result, from the bucket");
+        assert_eq!(bytes.len(), 300_000);
+        assert!(bytes.iter().enumerate().all(|(i, b)| usize::from(*b) == i % 251));
+    }
+    // A run of a flow not stored there keeps using the node's store.
+    let plain = client
+        .run("noop", serde_json::json!({"result_bytes": 300_000}))
+        .await
+        .expect("a plain run");
+    let run = tokio::time::timeout(Duration::from_secs(30), client.wait(plain))
+        .await
+        .expect("in time")
+        .expect("ends");
+    assert_eq!(run.lifecycle.state.kind, StateType::Completed);
+    assert_eq!(
+        files(&root.path().join(BUCKET).join("flow-runs"), ".bin").len(),
+        3
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -30,6 +30,7 @@ fn every_second(name: &str) -> DeploymentSpec {
         concurrency_limit: None,
         collision: Default::default(),
         paused: false,
+        result_storage: None,
     }
 }
 

@@ -509,6 +509,7 @@ async fn an_automation_fires_once_across_a_leader_kill() {
         concurrency_limit: None,
         collision: flotilla_runtime::CollisionStrategy::Enqueue,
         paused: false,
+        result_storage: None,
     };
     client.put_deployment(spec).await.expect("a deployment");
     let file = dir.join("auto.toml");

@@ -292,6 +292,16 @@ pub fn block_key(kind: BlockType, name: &str) -> String {
     format!("block/{kind}/{name}")
 }
 
+/// A flow's or deployment's `result_storage`: `s3/NAME`, an `s3` block.
+pub fn check_result_storage(s: &str) -> Result<(), String> {
+    match parse_reference(s) {
+        Ok((BlockType::S3, name)) if name.len() <= 256 && !name.contains('/') => Ok(()),
+        _ => Err(format!(
+            "result_storage {s:?}: expected s3/NAME, the name of an s3 block"
+        )),
+    }
+}
+
 /// `TYPE/NAME` read as a block's type and name.
 pub fn parse_reference(s: &str) -> Result<(BlockType, String), String> {
     let (t, n) = s

@@ -59,6 +59,9 @@ pub struct NewFlowRun {
     /// When it is due (now when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduled_time: Option<Timestamp>,
+    /// Where its large results go (`s3/NAME`): its deployment's choice, over its flow's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_storage: Option<String>,
 }
 
 fn yes() -> bool {
@@ -82,6 +85,7 @@ impl NewFlowRun {
             retry_policy: RetryPolicy::default(),
             resume: true,
             scheduled_time: None,
+            result_storage: None,
         }
     }
 
@@ -93,6 +97,7 @@ impl NewFlowRun {
             deployment_name: Some(d.name.clone()),
             tags: d.tags.clone(),
             work_queue: d.work_queue.clone(),
+            result_storage: d.result_storage.clone(),
             ..NewFlowRun::new(id, d.flow_name.clone(), merge_params(&d.parameters, overrides))
         }
     }

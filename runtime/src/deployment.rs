@@ -87,6 +87,10 @@ pub struct Deployment {
     /// A paused deployment's schedules create no runs.
     #[serde(default)]
     pub paused: bool,
+    /// Where its large results go: `s3/NAME`, an `s3` block (the node's result store when
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_storage: Option<String>,
     /// When it was created.
     pub created: Timestamp,
     /// When it last changed.
@@ -122,6 +126,10 @@ pub struct DeploymentSpec {
     /// Paused: its schedules create no runs.
     #[serde(default)]
     pub paused: bool,
+    /// Where its large results go: `s3/NAME`, an `s3` block (the node's result store when
+    /// absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_storage: Option<String>,
 }
 
 impl DeploymentSpec {
@@ -148,6 +156,9 @@ impl DeploymentSpec {
         if self.concurrency_limit == Some(0) {
             return Err("a concurrency limit must be at least 1".into());
         }
+        if let Some(s) = &self.result_storage {
+            crate::block::check_result_storage(s)?;
+        }
         Ok(())
     }
 
@@ -168,6 +179,7 @@ impl DeploymentSpec {
             concurrency_limit: self.concurrency_limit,
             collision: self.collision,
             paused: self.paused,
+            result_storage: self.result_storage,
             created: old.map_or(now, |o| o.created),
             updated: now,
         }
@@ -187,6 +199,7 @@ impl Deployment {
             concurrency_limit: self.concurrency_limit,
             collision: self.collision,
             paused: self.paused,
+            result_storage: self.result_storage.clone(),
         }
     }
 }

@@ -52,6 +52,10 @@ pub struct FlowRun {
     pub owner: Option<NodeId>,
     /// State, history, run count and timing.
     pub lifecycle: Lifecycle,
+    /// Where its large results go (`s3/NAME`, an `s3` block): its deployment's choice; when
+    /// absent, its flow's, and else the node's result store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_storage: Option<String>,
 }
 
 fn yes() -> bool {

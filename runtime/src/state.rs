@@ -211,6 +211,10 @@ pub enum ResultRef {
         size: u64,
         /// CRC-32 of its bytes, checked when it is read back.
         crc32: u32,
+        /// The `s3` block of the object store it went to (`s3/NAME`), when its flow or
+        /// deployment names one; else the node's result store.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        store: Option<String>,
     },
 }
 

@@ -155,6 +155,7 @@ impl Actor for FlowRunActor {
             id: a.id,
             flow: a.flow,
             node: a.ctx.config.node.clone(),
+            results: a.ctx.results.clone(),
             ctx: a.ctx,
             engine: a.engine,
             worker: a.worker,

@@ -12,7 +12,7 @@ use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{ClientOptions, ObjectStore, ObjectStoreExt, PutPayload};
 
-use super::results::{ResultShipper, valid_key};
+use super::results::{BlockStores, ResultShipper, valid_key};
 
 /// Where results go, as `node start --result-store` names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,7 +142,8 @@ impl ObjectShipper {
                 // reqwest's rustls needs a process-wide provider: ring, as everywhere here
                 // (an error only says one is installed already).
                 let _ = rustls::crypto::ring::default_provider().install_default();
-                let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket);
+                let mut b = AmazonS3Builder::from_env();
+                let mut bucket = bucket.clone();
                 let mut endpoint = endpoint.clone();
                 let mut region = region.clone();
                 let mut path_style = true;
@@ -160,7 +161,11 @@ impl ObjectShipper {
                     endpoint = endpoint.or(s3.endpoint);
                     region = region.or(s3.region);
                     path_style = s3.path_style;
+                    if bucket.is_empty() {
+                        bucket = s3.bucket;
+                    }
                 }
+                b = b.with_bucket_name(bucket);
                 let http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
                 b = b
                     .with_client_options(
@@ -216,8 +221,70 @@ impl ResultShipper for ObjectShipper {
 /// the cluster's mutual TLS, when it is first used.
 pub(crate) fn for_node(url: ResultStoreUrl) -> Arc<dyn ResultShipper> {
     let handle = tokio::runtime::Handle::current();
-    let h = handle.clone();
-    let blocks: BlockSource = Arc::new(move |name: &str| {
+    Arc::new(ObjectShipper::new(
+        url,
+        handle.clone(),
+        Some(block_source(handle)),
+    ))
+}
+
+/// The object stores of `s3` blocks, each built at its first use and kept (the block is read
+/// from the control node then).
+pub struct NamedStores {
+    blocks: BlockSource,
+    handle: tokio::runtime::Handle,
+    built: std::sync::Mutex<std::collections::HashMap<String, Arc<ObjectShipper>>>,
+}
+
+impl std::fmt::Debug for NamedStores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NamedStores").finish_non_exhaustive()
+    }
+}
+
+impl NamedStores {
+    /// Stores whose blocks `blocks` reads, their I/O run on `handle`'s runtime.
+    pub fn new(blocks: BlockSource, handle: tokio::runtime::Handle) -> Self {
+        NamedStores {
+            blocks,
+            handle,
+            built: Default::default(),
+        }
+    }
+}
+
+impl BlockStores for NamedStores {
+    fn store(&self, storage: &str) -> Result<Arc<dyn ResultShipper>, String> {
+        flotilla_runtime::block::check_result_storage(storage)?;
+        let name = storage.strip_prefix("s3/").unwrap_or(storage);
+        let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
+        let shipper = built.entry(name.to_owned()).or_insert_with(|| {
+            let url = ResultStoreUrl::S3 {
+                bucket: String::new(),
+                prefix: String::new(),
+                block: Some(name.to_owned()),
+                endpoint: None,
+                region: None,
+            };
+            Arc::new(ObjectShipper::new(
+                url,
+                self.handle.clone(),
+                Some(self.blocks.clone()),
+            ))
+        });
+        Ok(shipper.clone())
+    }
+}
+
+/// The object stores of `s3` blocks for a node: each block read from the control node.
+pub(crate) fn block_stores() -> Arc<dyn BlockStores> {
+    let handle = tokio::runtime::Handle::current();
+    Arc::new(NamedStores::new(block_source(handle.clone()), handle))
+}
+
+/// Reads an `s3` block's fields from the control node (over the cluster's sessions).
+fn block_source(h: tokio::runtime::Handle) -> BlockSource {
+    Arc::new(move |name: &str| {
         let request = flotilla_cluster::wire::Request::StoreBlock(name.to_owned());
         match h.block_on(crate::node::plane::request(request))? {
             flotilla_cluster::wire::Response::Resolved(mut b) => b
@@ -227,8 +294,7 @@ pub(crate) fn for_node(url: ResultStoreUrl) -> Arc<dyn ResultShipper> {
             flotilla_cluster::wire::Response::Error(e) => Err(e.message),
             _ => Err("an unexpected answer to a request for a block".into()),
         }
-    });
-    Arc::new(ObjectShipper::new(url, handle, Some(blocks)))
+    })
 }
 
 #[cfg(test)]

@@ -57,6 +57,13 @@ pub trait ResultShipper: Send + Sync + std::fmt::Debug + 'static {
     fn fetch(&self, key: &str) -> Result<Vec<u8>, String>;
 }
 
+/// The object stores `s3` blocks name, for the runs whose flow or deployment sets
+/// `result_storage = "s3/NAME"`.
+pub trait BlockStores: Send + Sync + std::fmt::Debug + 'static {
+    /// The store of `storage` (`s3/NAME`).
+    fn store(&self, storage: &str) -> Result<std::sync::Arc<dyn ResultShipper>, String>;
+}
+
 /// Whether `key` is one this store makes: `flow-runs/ID-N.bin` or `task-runs/ID-N.bin`.
 pub fn valid_key(key: &str) -> bool {
     let Some((dir, file)) = key.split_once('/') else {
@@ -82,6 +89,10 @@ pub struct ResultStore {
     dir: PathBuf,
     inline_max: usize,
     shipper: Option<std::sync::Arc<dyn ResultShipper>>,
+    /// The object stores of `s3` blocks.
+    blocks: Option<std::sync::Arc<dyn BlockStores>>,
+    /// The block whose store this store's large results go to (`s3/NAME`).
+    route: Option<String>,
 }
 
 impl ResultStore {
@@ -91,6 +102,30 @@ impl ResultStore {
             dir,
             inline_max,
             shipper: None,
+            blocks: None,
+            route: None,
+        }
+    }
+
+    /// Results of runs whose flow or deployment names an `s3` block go to its store.
+    pub fn with_blocks(mut self, blocks: std::sync::Arc<dyn BlockStores>) -> Self {
+        self.blocks = Some(blocks);
+        self
+    }
+
+    /// The same store, its large results going to `storage`'s object store (`s3/NAME`) when
+    /// given.
+    pub fn routed(&self, storage: Option<String>) -> Self {
+        ResultStore {
+            route: storage,
+            ..self.clone()
+        }
+    }
+
+    fn block_store(&self, storage: &str) -> Result<std::sync::Arc<dyn ResultShipper>, String> {
+        match &self.blocks {
+            Some(b) => b.store(storage),
+            None => Err(format!("this node has no object stores for blocks ({storage})")),
         }
     }
 
@@ -117,7 +152,14 @@ impl ResultStore {
             RunId::Task(id) => format!("task-runs/{id}-{attempt}.bin"),
         };
         self.put(&key, &bytes)?;
-        if let Some(shipper) = &self.shipper {
+        let shipper = match &self.route {
+            Some(storage) => Some(self.block_store(storage).map_err(|reason| ResultError::Ship {
+                key: key.clone(),
+                reason,
+            })?),
+            None => self.shipper.clone(),
+        };
+        if let Some(shipper) = shipper {
             shipper.ship(&key, &bytes).map_err(|reason| ResultError::Ship {
                 key: key.clone(),
                 reason,
@@ -127,6 +169,7 @@ impl ResultStore {
             crc32: crc32fast::hash(&bytes),
             size: bytes.len() as u64,
             key,
+            store: self.route.clone(),
         })
     }
 
@@ -193,11 +236,21 @@ impl ResultStore {
     pub fn load(&self, r: &ResultRef) -> Result<Vec<u8>, ResultError> {
         match self.load_local(r) {
             Err(ResultError::Io { key, source }) if source.kind() == std::io::ErrorKind::NotFound => {
-                let Some(shipper) = &self.shipper else {
+                let ResultRef::Stored {
+                    size, crc32, store, ..
+                } = r
+                else {
                     return Err(ResultError::Io { key, source });
                 };
-                let ResultRef::Stored { size, crc32, .. } = r else {
-                    return Err(ResultError::Io { key, source });
+                let shipper = match store {
+                    Some(storage) => self.block_store(storage).map_err(|reason| ResultError::Fetch {
+                        key: key.clone(),
+                        reason,
+                    })?,
+                    None => match &self.shipper {
+                        Some(s) => s.clone(),
+                        None => return Err(ResultError::Io { key, source }),
+                    },
                 };
                 let bytes = shipper.fetch(&key).map_err(|reason| ResultError::Fetch {
                     key: key.clone(),
@@ -216,7 +269,7 @@ impl ResultStore {
     fn load_local(&self, r: &ResultRef) -> Result<Vec<u8>, ResultError> {
         match r {
             ResultRef::Inline(b) => Ok(b.clone()),
-            ResultRef::Stored { key, size, crc32 } => {
+            ResultRef::Stored { key, size, crc32, .. } => {
                 let damaged = |reason: String| ResultError::Damaged {
                     key: key.clone(),
                     reason,
@@ -357,6 +410,7 @@ mod tests {
             key: "../etc/passwd".into(),
             size: 1,
             crc32: 0,
+            store: None,
         };
         assert!(matches!(store.load(&evil), Err(ResultError::Damaged { .. })));
     }

@@ -394,12 +394,15 @@ pub async fn start(
         config.log_flush_interval,
         config.log_to_stderr,
     );
+    let mut results = ResultStore::new(config.results_dir.clone(), config.result_inline_bytes_max);
+    if let Some(shipper) = &config.result_shipper {
+        results = results.with_shipper(shipper.clone());
+    }
+    if let Some(blocks) = &config.result_blocks {
+        results = results.with_blocks(blocks.clone());
+    }
     let ctx = Arc::new(EngineCtx {
-        results: match &config.result_shipper {
-            Some(shipper) => ResultStore::new(config.results_dir.clone(), config.result_inline_bytes_max)
-                .with_shipper(shipper.clone()),
-            None => ResultStore::new(config.results_dir.clone(), config.result_inline_bytes_max),
-        },
+        results,
         limits: match &config.cluster_slots {
             Some(service) => TagLimits::new(&config.tag_limits).with_cluster(service.clone()),
             None => TagLimits::new(&config.tag_limits),

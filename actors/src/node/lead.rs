@@ -42,10 +42,13 @@ impl Singletons {
                 persistence: p.clone(),
                 settings,
                 flows: flows.to_vec(),
-                results: match &config.result_store {
-                    Some(url) => ResultStore::new(config.data_dir.join("results"), usize::MAX)
-                        .with_shipper(crate::engine::object_results::for_node(url.clone())),
-                    None => ResultStore::new(config.data_dir.join("results"), usize::MAX),
+                results: {
+                    let store = ResultStore::new(config.data_dir.join("results"), usize::MAX)
+                        .with_blocks(crate::engine::object_results::block_stores());
+                    match &config.result_store {
+                        Some(url) => store.with_shipper(crate::engine::object_results::for_node(url.clone())),
+                        None => store,
+                    }
                 },
                 catalog: catalog.clone(),
                 answers: config.answers,

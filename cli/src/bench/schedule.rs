@@ -147,6 +147,7 @@ async fn case(
                 concurrency_limit: None,
                 collision: Default::default(),
                 paused: false,
+                result_storage: None,
             }
         })
         .collect();

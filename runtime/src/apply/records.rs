@@ -55,6 +55,19 @@ impl Tx {
         {
             return Outcome::refused(r);
         }
+        if let Some(storage) = &d.result_storage {
+            let missing = crate::block::check_result_storage(storage).err().or_else(|| {
+                let name = storage.strip_prefix("s3/").unwrap_or(storage);
+                let key = crate::block::block_key(crate::block::BlockType::S3, name);
+                view.hot()
+                    .setting(&key)
+                    .is_none()
+                    .then(|| format!("result_storage {storage:?}: no s3 block named {name:?}"))
+            });
+            if let Some(why) = missing {
+                return Outcome::refused(Refusal::Invalid(why));
+            }
+        }
         if let Some(other) = view.hot().deployment_by_name(&d.name)
             && other.id != d.id
         {

@@ -48,6 +48,7 @@ impl Tx {
             epoch: Epoch::FIRST,
             owner: None,
             lifecycle: Lifecycle::new(state.clone()),
+            result_storage: new.result_storage,
         };
         let ev = self.first_state_event(self.flow_subject(&run), "flow-run", &state, run.epoch);
         let _ = run.lifecycle.record(ev);

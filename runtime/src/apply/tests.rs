@@ -49,6 +49,7 @@ fn new_run(id: FlowRunId) -> NewFlowRun {
         retry_policy: RetryPolicy::none(),
         resume: true,
         scheduled_time: None,
+        result_storage: None,
     }
 }
 
@@ -469,6 +470,7 @@ fn deployments_are_put_and_deleted_with_events() {
         concurrency_limit: None,
         collision: Default::default(),
         paused: false,
+        result_storage: None,
         created: w.now,
         updated: w.now,
     };
@@ -708,6 +710,7 @@ fn the_one_constructor_takes_a_deployments_parameters_tags_and_queue() {
         concurrency_limit: None,
         collision: Default::default(),
         paused: false,
+        result_storage: None,
     }
     .into_deployment(
         crate::ids::DeploymentId::from_bytes([3; 16]),

@@ -113,6 +113,7 @@ fn scheduled(start: Timestamp, version: Timestamp) -> Deployment {
         concurrency_limit: None,
         collision: CollisionStrategy::Enqueue,
         paused: false,
+        result_storage: None,
         created: start,
         updated: version,
     }

@@ -48,6 +48,7 @@ impl Kind {
                 "timeout",
                 "version",
                 "resume",
+                "result_storage",
             ],
         }
     }
@@ -71,6 +72,8 @@ pub struct Options {
     pub tags: Vec<String>,
     pub version: Option<String>,
     pub resume: Option<bool>,
+    /// `s3/NAME`.
+    pub result_storage: Option<String>,
 }
 
 fn err(span: Span, msg: impl std::fmt::Display) -> syn::Error {
@@ -279,6 +282,17 @@ pub fn parse(kind: Kind, attr: TokenStream) -> syn::Result<Options> {
             "tags" => o.tags = strings(&value, "tags")?,
             "version" => o.version = Some(lit_str(&value, "version")?),
             "resume" => o.resume = Some(boolean(&value, "resume")?),
+            "result_storage" => {
+                let s = lit_str(&value, "result_storage")?;
+                let name = s.strip_prefix("s3/").unwrap_or_default();
+                if name.is_empty() || name.contains('/') {
+                    return Err(err(
+                        value.span(),
+                        "`result_storage` names an s3 block: result_storage = \"s3/NAME\"",
+                    ));
+                }
+                o.result_storage = Some(s);
+            }
             _ => unreachable!("checked against the known options"),
         }
     }

@@ -294,6 +294,10 @@ pub fn flow(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
         None => quote!(None),
     };
     let resume = o.resume.unwrap_or(true);
+    let result_storage = match &o.result_storage {
+        Some(s) => quote!(Some(::std::string::String::from(#s))),
+        None => quote!(None),
+    };
     let arg_checks = types
         .iter()
         .map(|t| quote::quote_spanned!(t.span()=> __flotilla_is_arg::<#t>();));
@@ -341,6 +345,7 @@ pub fn flow(attr: TokenStream, item: TokenStream) -> syn::Result<TokenStream> {
                     version: #version,
                     resume: #resume,
                     resume_param: false,
+                    result_storage: #result_storage,
                 }
             }
             fn run(params: Self::Params) -> ::flotilla::__private::BoxFuture<::std::result::Result<#ok, ::std::string::String>> {

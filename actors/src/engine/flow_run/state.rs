@@ -52,6 +52,9 @@ pub struct FlowRunState {
     pub(super) id: FlowRunId,
     pub(super) flow: Arc<dyn FlowFn>,
     pub(super) ctx: Arc<EngineCtx>,
+    /// Where its large results go: the node's store, or the object store its flow or
+    /// deployment names.
+    pub(super) results: super::super::results::ResultStore,
     pub(super) engine: EngineHandle,
     pub(super) worker: Option<ActorRef<WorkerMsg>>,
     pub(super) on_done: Option<oneshot::Sender<RunOutcome>>,
@@ -270,12 +273,17 @@ impl FlowRunState {
     pub(super) fn start_body(&mut self, myself: &ActorRef<FlowRunMsg>) {
         self.attempt += 1;
         let attempt = self.attempt;
-        let params = self
+        let (params, storage) = self
             .shadow
             .hot
             .flow_run(&self.id)
-            .map(|r| r.parameters.clone())
+            .map(|r| (r.parameters.clone(), r.result_storage.clone()))
             .unwrap_or_default();
+        // The deployment's result storage, else the flow's, else the node's store.
+        self.results = self
+            .ctx
+            .results
+            .routed(storage.or_else(|| self.flow.options().result_storage));
         let env = FlowEnv::new(
             self.id,
             self.flow.name().to_owned(),
@@ -340,7 +348,7 @@ impl FlowRunState {
         self.ctx.logs.flush(self.id).await;
         let (state, result) = match end {
             End::Completed(bytes) => {
-                let store = self.ctx.results.clone();
+                let store = self.results.clone();
                 let owner = RunId::Flow(self.id);
                 let attempt = self.attempt;
                 let copy = bytes.clone();

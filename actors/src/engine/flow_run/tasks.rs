@@ -47,7 +47,7 @@ impl FlowRunState {
                     // that cannot be read (lost with its node and its copy, or damaged) is
                     // never taken as done: the task runs again.
                     let loaded = match state.result.as_ref() {
-                        Some(r) => self.ctx.results.load_async(r).await.map_err(|e| e.to_string()),
+                        Some(r) => self.results.load_async(r).await.map_err(|e| e.to_string()),
                         None => Err("no result was recorded".into()),
                     };
                     match loaded {
@@ -174,7 +174,7 @@ impl FlowRunState {
                     name: rec.spec.name.clone(),
                     body: rec.body.clone(),
                     timeout: rec.spec.timeout,
-                    results: self.ctx.results.clone(),
+                    results: self.results.clone(),
                     logs: self.ctx.logs.clone(),
                     lease_lost: slots.as_ref().and_then(Slots::lost),
                 };
@@ -183,7 +183,7 @@ impl FlowRunState {
             }
             Decision::Reject(s) if s.name == StateName::Cached => {
                 let loaded = match s.result.as_ref() {
-                    Some(r) => Some(self.ctx.results.load_async(r).await),
+                    Some(r) => Some(self.results.load_async(r).await),
                     None => None,
                 };
                 let result = match loaded {

@@ -70,6 +70,7 @@ fn a_file_is_put_whole_or_not_at_all() {
         concurrency_limit: None,
         collision: Default::default(),
         paused: false,
+        result_storage: None,
         created: at,
         updated: at,
     };

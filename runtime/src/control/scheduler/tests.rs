@@ -26,6 +26,7 @@ fn every_10s(updated: i64, catchup: bool) -> Deployment {
         concurrency_limit: Some(1),
         collision: CollisionStrategy::Enqueue,
         paused: false,
+        result_storage: None,
         created: t(0),
         updated: t(updated),
     }

@@ -240,6 +240,7 @@ fn commands(step: &Step, n: u64, now: Timestamp, epoch: Epoch) -> Vec<Command> {
             retry_policy: RetryPolicy::none(),
             resume: true,
             scheduled_time: None,
+            result_storage: None,
         })],
         Step::Flow { run, name } => vec![Command::ProposeFlowRunState {
             run: fid(run),
