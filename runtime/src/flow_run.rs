@@ -74,6 +74,31 @@ pub const PARAMETERS_BYTES_MAX: usize = 1024 * 1024;
 pub const RESUME_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl FlowRun {
+    /// The run `new` makes at `now`: Scheduled (due when it says, else now), under the first
+    /// epoch, owned by nobody, its history not yet recorded.
+    pub fn scheduled(new: crate::command::NewFlowRun, now: Timestamp) -> FlowRun {
+        let due = new.scheduled_time.unwrap_or(now);
+        FlowRun {
+            id: new.id,
+            flow_name: new.flow_name,
+            parameters: new.parameters,
+            deployment_id: new.deployment_id,
+            deployment_name: new.deployment_name,
+            parent_task_run: new.parent_task_run,
+            idempotency_key: new.idempotency_key,
+            tags: new.tags,
+            work_queue: new.work_queue,
+            retry_policy: new.retry_policy,
+            resume: new.resume,
+            created: now,
+            expected_start_time: due,
+            epoch: crate::ids::Epoch::FIRST,
+            owner: None,
+            lifecycle: crate::Lifecycle::new(crate::state::State::scheduled(due, now)),
+            result_storage: new.result_storage,
+        }
+    }
+
     /// Whether a waiter is done with the run at `at`: None when it ended; Some(d) when it may
     /// still change, within `d` at the latest (`Duration::MAX`: not ended at all). The Crashed
     /// state of a run that resumes is not its end until it stayed so for [`RESUME_GRACE`].

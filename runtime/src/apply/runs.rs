@@ -29,27 +29,8 @@ impl Tx {
         {
             return Outcome::refused(r);
         }
-        let due = new.scheduled_time.unwrap_or(self.now());
-        let state = State::scheduled(due, self.now());
-        let mut run = FlowRun {
-            id: new.id,
-            flow_name: new.flow_name,
-            parameters: new.parameters,
-            deployment_id: new.deployment_id,
-            deployment_name: new.deployment_name,
-            parent_task_run: new.parent_task_run,
-            idempotency_key: new.idempotency_key,
-            tags: new.tags,
-            work_queue: new.work_queue,
-            retry_policy: new.retry_policy,
-            resume: new.resume,
-            created: self.now(),
-            expected_start_time: due,
-            epoch: Epoch::FIRST,
-            owner: None,
-            lifecycle: Lifecycle::new(state.clone()),
-            result_storage: new.result_storage,
-        };
+        let mut run = FlowRun::scheduled(new, self.now());
+        let state = run.lifecycle.state.clone();
         let ev = self.first_state_event(self.flow_subject(&run), "flow-run", &state, run.epoch);
         let _ = run.lifecycle.record(ev);
         self.writes.insert(0, Write::FlowRun(run.id));

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// The largest parameters (as the log estimates them) a run's start carries to its node; a
+/// node reads a run with larger ones.
+pub(super) const START_PARAMS_MAX: usize = 256 * 1024;
+
 impl ControlState {
     /// Feeds the control machine one input and carries out what it decides.
     pub(super) fn drive(&mut self, input: Input<SlotReply>) {
@@ -20,7 +24,7 @@ impl ControlState {
                     let known = placement
                         .known
                         .take()
-                        .filter(|r| flotilla_runtime::command::json_size(&r.parameters) <= 256 * 1024);
+                        .filter(|r| flotilla_runtime::command::json_size(&r.parameters) <= START_PARAMS_MAX);
                     tracing::debug!(%node, flow_run = %placement.run, "handing a run to a node");
                     let start = (placement.run, known);
                     if !send_agent(&node, AgentMsg::Run(Wire::new(start))) {

@@ -87,20 +87,38 @@ impl ControlState {
                     };
                     return answer(reply, refused(ErrorKind::Unavailable, msg));
                 }
-                let cmd = Command::CreateFlowRun(
-                    self.catalog
-                        .apply(NewFlowRun::new(id, flow, params))
-                        .with_key(idempotency_key),
-                );
+                let new = self
+                    .catalog
+                    .apply(NewFlowRun::new(id, flow, params))
+                    .with_key(idempotency_key);
+                // A run without a key is placed at once, beside its creation rather than after
+                // it: a node's claim of it is queued after the creation, and the log keeps that
+                // order, so the claim is refused if the creation is (and the node never runs
+                // it). A keyed one may turn out to be an older run: placed once it is known.
+                // (Large parameters are read by the node rather than sent: placed after.)
+                let early = (new.idempotency_key.is_none()
+                    && flotilla_runtime::command::json_size(&new.parameters) <= effects::START_PARAMS_MAX)
+                    .then(|| flotilla_runtime::FlowRun::scheduled(new.clone(), now()));
+                let created = p.enqueue(Command::CreateFlowRun(new));
+                if let Some(run) = early.clone() {
+                    let flow = run.flow_name.clone();
+                    replace(Placement::plain(run.id, flow, now()).knowing(Box::new(run)));
+                }
                 tokio::spawn(async move {
-                    let r = match p.submit(cmd).await {
+                    let r = match created.await.unwrap_or(Err(PersistError::Stopped)) {
                         Ok(Ok(Reply::FlowRunCreated { run, created })) => {
                             // Placed like every run, in the default work queue: it goes to a
                             // node that serves it. (A run that existed was placed when made.)
                             let id = run.id;
-                            if created {
+                            if created && early.is_none() {
                                 let flow = run.flow_name.clone();
                                 replace(Placement::plain(id, flow, now()).knowing(run));
+                            } else if !created && early.is_some() && run.lifecycle.state.is_terminal() {
+                                // A resend of a run that has ended: placed again above, its
+                                // start refused by the log; dispatch forgets it.
+                                if let Some(me) = local_control() {
+                                    let _ = me.cast(ControlMsg::Ended(Wire::new(id)));
+                                }
                             }
                             Response::Ran(id)
                         }
