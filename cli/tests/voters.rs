@@ -279,8 +279,8 @@ async fn the_leader_killed_under_writes_loses_nothing_acknowledged() {
     // the change of leader is left waiting unplaced.
     let ids: BTreeSet<FlowRunId> = acked.iter().map(|(_, id)| *id).collect();
     every_run_completes(&survivor, &ids, Duration::from_secs(60)).await;
-    // The new leader lists the dead one unreachable (it never heard from it), and it can be
-    // removed.
+    // The new leader lists the dead one unreachable (it never heard from it), declares it
+    // dead once it stays silent, and then it can be removed.
     eventually(
         "the dead leader listed unreachable",
         Duration::from_secs(20),
@@ -293,7 +293,17 @@ async fn the_leader_killed_under_writes_loses_nothing_acknowledged() {
         },
     )
     .await;
-    cli(dir, &others, &["cluster", "remove-node", &old]).expect("the dead leader is removed");
+    eventually(
+        "the dead leader declared dead and removed",
+        Duration::from_secs(20),
+        || async { cli(dir, &others, &["cluster", "remove-node", &old]).ok() },
+    )
+    .await;
+    let s = survivor.cluster_status().await.expect("status");
+    assert!(
+        s.nodes.iter().all(|m| m.name.to_string() != old),
+        "the removed leader is still listed"
+    );
     eprintln!(
         "{new} leads {failover:?} after {old} was killed; {} writes acknowledged",
         acked.len()

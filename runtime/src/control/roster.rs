@@ -80,9 +80,16 @@ impl std::fmt::Debug for Roster {
 }
 
 impl Roster {
-    /// Every member's status.
+    /// Every member's status. One expected but never heard from (a new leader's start) is
+    /// shown unreachable: it runs nothing yet, and may be gone.
     pub fn statuses(&self) -> Vec<MemberStatus> {
-        self.members.values().map(|m| m.status.clone()).collect()
+        self.members
+            .values()
+            .map(|m| MemberStatus {
+                reachable: m.status.reachable && m.status.last_heartbeat.is_some(),
+                ..m.status.clone()
+            })
+            .collect()
     }
 
     /// A member's status.

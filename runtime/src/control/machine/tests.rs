@@ -412,7 +412,9 @@ fn a_new_leader_declares_dead_a_replica_it_never_hears_from_and_keeps_one_that_s
     c.handle(T0, Input::Expect(vec![node("a"), node("b")]));
     c.handle(T0, Input::Restore(Vec::new()));
     let listed = |c: &ControlMachine<u32>, n: &str| c.members().into_iter().find(|m| m.name == node(n));
-    assert!(listed(&c, "a").is_some_and(|m| m.reachable && m.slots_total == 0));
+    // Listed, shown unreachable (never heard from), not yet declared dead: not removable.
+    assert!(listed(&c, "a").is_some_and(|m| !m.reachable && m.last_heartbeat.is_none()));
+    assert_eq!(c.remove_member(&node("a")), Err(RemoveRefused::Reachable));
     // "b" speaks; "a" never does.
     c.handle(at(3_000), Input::Heartbeat(member("b", 2, 1)));
     assert!(
