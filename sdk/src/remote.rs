@@ -73,6 +73,9 @@ fn unexpected(r: &Response) -> Error {
     ))
 }
 
+/// How long a client waits on a node's handshake before dialling the next one as well.
+const DIAL_STAGGER: Duration = Duration::from_millis(300);
+
 impl Remote {
     /// Connects to the first node of `addr` (`host:port`, or several separated by commas) that
     /// answers; later, a connection lost is made again to the next that answers.
@@ -116,25 +119,53 @@ impl Remote {
     }
 
     /// The connection in use, or a new one: to the node of the last one first, then to each
-    /// other in turn.
+    /// other in turn, the next dialled when the one before failed or has not answered within
+    /// [`DIAL_STAGGER`] (a dead node costs that much, not its whole handshake timeout); the
+    /// first that answers is kept.
     async fn connection(&self) -> Result<quinn::Connection, Error> {
+        use futures::StreamExt as _;
         let mut slot = self.conn.lock().await;
         if let Some(c) = slot.0.as_ref().filter(|c| c.close_reason().is_none()) {
             return Ok(c.clone());
         }
+        let n = self.addrs.len();
+        let dial = |k: usize| {
+            let i = (slot.1 + k) % n;
+            let (sock, name) = self.addrs[i].clone();
+            let endpoint = self.endpoint.clone();
+            async move {
+                endpoint
+                    .connect(sock, &name, ALPN_CLIENT)
+                    .await
+                    .map(|c| (i, c))
+                    .map_err(|e| format!("{sock}: {e}"))
+            }
+        };
+        let mut dialling = futures::stream::FuturesUnordered::new();
+        dialling.push(dial(0));
+        let mut next = 1;
         let mut failures = Vec::new();
-        for k in 0..self.addrs.len() {
-            let i = (slot.1 + k) % self.addrs.len();
-            let (sock, name) = &self.addrs[i];
-            match self.endpoint.connect(*sock, name, ALPN_CLIENT).await {
-                Ok(c) => {
+        loop {
+            let answer = tokio::select! {
+                a = dialling.next() => a,
+                () = tokio::time::sleep(DIAL_STAGGER), if next < n => None,
+            };
+            let waited = answer.is_none();
+            match answer {
+                Some(Ok((i, c))) => {
                     *slot = (Some(c.clone()), i);
                     return Ok(c);
                 }
-                Err(e) => failures.push(format!("{sock}: {e}")),
+                Some(Err(e)) => failures.push(e),
+                None => {}
+            }
+            if next < n && (waited || dialling.is_empty()) {
+                dialling.push(dial(next));
+                next += 1;
+            } else if dialling.is_empty() {
+                return Err(Error::Unreachable(failures.join("; ")));
             }
         }
-        Err(Error::Unreachable(failures.join("; ")))
     }
 
     /// The address of the node in use.
