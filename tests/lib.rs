@@ -21,3 +21,11 @@ pub async fn node(
         .expect("start timed out")
         .expect("start failed")
 }
+
+/// Runs `flow` on `node` and waits for its end (within [`WAIT`]).
+pub async fn run(node: &Node, flow: &str, params: serde_json::Value) -> flotilla::FlowRun {
+    tokio::time::timeout(WAIT, node.client().run_and_wait(flow, params))
+        .await
+        .expect("run timed out")
+        .expect("run failed")
+}

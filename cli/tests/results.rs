@@ -62,6 +62,21 @@ fn files(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// Waits (30 s at most) for run `id` to end, and checks it Completed.
+async fn completed(client: &flotilla::Client, id: flotilla::FlowRunId) -> flotilla::FlowRun {
+    let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+        .await
+        .expect("in time")
+        .expect("ends");
+    assert_eq!(
+        run.lifecycle.state.kind,
+        StateType::Completed,
+        "{:?}",
+        run.lifecycle.state
+    );
+    run
+}
+
 /// Two nodes sharing `store`; a run with a 300 KB result; every node's own copy removed; the
 /// result read back (from the store) whole.
 async fn large_result_outlives_every_nodes_copy(
@@ -83,16 +98,7 @@ async fn large_result_outlives_every_nodes_copy(
             .run("noop", serde_json::json!({"result_bytes": 300_000}))
             .await
             .expect("a run");
-        let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
-            .await
-            .expect("in time")
-            .expect("ends");
-        assert_eq!(
-            run.lifecycle.state.kind,
-            StateType::Completed,
-            "{:?}",
-            run.lifecycle.state
-        );
+        completed(&client, id).await;
         ids.push(id);
     }
     // No node keeps a copy: the result comes from the store.
@@ -202,16 +208,7 @@ async fn a_deployment_sends_its_large_results_to_the_s3_block_it_names() {
             .run_deployment("big", serde_json::Value::Null)
             .await
             .expect("a run of big");
-        let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
-            .await
-            .expect("in time")
-            .expect("ends");
-        assert_eq!(
-            run.lifecycle.state.kind,
-            StateType::Completed,
-            "{:?}",
-            run.lifecycle.state
-        );
+        let run = completed(&client, id).await;
         assert_eq!(run.result_storage.as_deref(), Some("s3/lake"));
         ids.push(id);
     }
@@ -237,11 +234,7 @@ async fn a_deployment_sends_its_large_results_to_the_s3_block_it_names() {
         .run("noop", serde_json::json!({"result_bytes": 300_000}))
         .await
         .expect("a plain run");
-    let run = tokio::time::timeout(Duration::from_secs(30), client.wait(plain))
-        .await
-        .expect("in time")
-        .expect("ends");
-    assert_eq!(run.lifecycle.state.kind, StateType::Completed);
+    completed(&client, plain).await;
     assert_eq!(
         files(&root.path().join(BUCKET).join("flow-runs"), ".bin").len(),
         3
