@@ -101,6 +101,7 @@ pub(crate) fn spawn_store_thread(
     let handle = std::thread::Builder::new()
         .name("flotilla-store".into())
         .spawn(move || {
+            yield_to_the_node();
             let mut since_checkpoint = 0u64;
             let mut last_checkpoint = Instant::now();
             let mut stored = applied;
@@ -221,4 +222,25 @@ pub(crate) fn spawn_store_thread(
             }
         })?;
     Ok((tx, handle))
+}
+
+/// The store thread only has to keep up on average: it runs at a lower priority (nice 10) than
+/// the node's runtime threads, so that on a busy machine it takes the time they leave idle
+/// instead of preempting an actor in the middle of its work.
+fn yield_to_the_node() {
+    use thread_priority::{
+        NormalThreadSchedulePolicy, ThreadPriority, ThreadPriorityValue, ThreadSchedulePolicy,
+        set_thread_priority_and_policy, thread_native_id,
+    };
+    // thread-priority maps 0..=99 onto niceness 19..=-20: 22 is nice 10.
+    let Ok(value) = ThreadPriorityValue::try_from(22u8) else {
+        return;
+    };
+    if let Err(e) = set_thread_priority_and_policy(
+        thread_native_id(),
+        ThreadPriority::Crossplatform(value),
+        ThreadSchedulePolicy::Normal(NormalThreadSchedulePolicy::Other),
+    ) {
+        tracing::debug!(error = ?e, "the store thread's priority could not be lowered");
+    }
 }

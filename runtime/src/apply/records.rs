@@ -226,15 +226,17 @@ impl Tx {
 
     /// Records an event. One whose id is nil is given the next id in log order (a user's
     /// event emitted through the client protocol: it sorts after every event before it, so a
-    /// reader following the log never misses it).
+    /// reader following the log never misses it). One with an id of its own is recorded once:
+    /// sent again, it is acknowledged and not recorded twice.
     pub(super) fn append_event(mut self, view: &mut impl StateView, mut e: Event) -> Outcome {
         if e.id.as_uuid().is_nil() {
+            // An id of this command's own (its log index is in it): no event can have it yet,
+            // so the store is not searched for one.
             e.id = self.next_event_id();
+        } else if view.event_exists(&e.id) {
+            return self.done(Reply::EventAppended { id: e.id });
         }
         let id = e.id;
-        if view.event_exists(&id) {
-            return self.done(Reply::EventAppended { id });
-        }
         if e.event.is_empty() || e.event.len() > crate::event::EVENT_NAME_LEN_MAX {
             return Outcome::refused(Refusal::Invalid(format!(
                 "an event name must be 1 to {} bytes long",

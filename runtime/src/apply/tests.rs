@@ -457,6 +457,40 @@ fn logs_and_events_are_stored_once_and_bounded() {
 }
 
 #[test]
+fn an_event_with_an_id_of_its_own_is_recorded_once_and_one_without_is_given_a_new_one() {
+    let mut w = World::new();
+    let now = w.now;
+    let user = |id: [u8; 16]| {
+        let mut e = Event::user(
+            "app.deployed",
+            now,
+            crate::event::Resource::new("app", None),
+            Vec::new(),
+            serde_json::Value::Null,
+        );
+        e.id = EventId::from_bytes(id);
+        e
+    };
+    let own = user([7; 16]);
+    let first = w.apply(Command::AppendEvent(own.clone()));
+    assert_eq!(first.reply, Ok(Reply::EventAppended { id: own.id }));
+    assert_eq!(first.writes.len(), 1);
+    let again = w.apply(Command::AppendEvent(own.clone()));
+    assert_eq!(again.reply, Ok(Reply::EventAppended { id: own.id }));
+    assert!(again.writes.is_empty(), "sent again, it is not recorded twice");
+    let (a, b) = (
+        w.apply(Command::AppendEvent(user([0; 16]))),
+        w.apply(Command::AppendEvent(user([0; 16]))),
+    );
+    let (Ok(Reply::EventAppended { id: a_id }), Ok(Reply::EventAppended { id: b_id })) = (a.reply, b.reply)
+    else {
+        panic!("both are recorded");
+    };
+    assert!(a_id != b_id && !a_id.as_uuid().is_nil() && a_id < b_id);
+    assert_eq!((a.writes.len(), b.writes.len()), (1, 1));
+}
+
+#[test]
 fn deployments_are_put_and_deleted_with_events() {
     let mut w = World::new();
     let d = Deployment {

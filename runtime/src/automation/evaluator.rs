@@ -4,7 +4,7 @@
 //! in turn. A firing carries a deterministic key (automation, bucket, window start), so that the
 //! driver recording it can tell one firing from the same one decided again.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -104,6 +104,12 @@ struct Held {
 pub struct Evaluator {
     automations: BTreeMap<String, Held>,
     index: Index,
+    /// The automations whose trigger is proactive (the only ones a tick concerns).
+    proactive: BTreeSet<String>,
+    /// Each armed proactive automation's next deadline, in time order, and by name: kept as
+    /// their states change, so that the next deadline is known without a look at every one.
+    deadlines: BTreeSet<(Timestamp, String)>,
+    deadline_of: HashMap<String, Timestamp>,
 }
 
 /// Which automations an event name may concern.
@@ -208,14 +214,41 @@ impl Evaluator {
         }
         let state = TriggerState::new(&spec.trigger, now);
         let paused = spec.paused;
+        let name = spec.name.clone();
+        if matches!(&spec.trigger, Trigger::Event(e) if e.posture == Posture::Proactive) {
+            self.proactive.insert(name.clone());
+        }
         self.automations
-            .insert(spec.name.clone(), Held { spec, paused, state });
+            .insert(name.clone(), Held { spec, paused, state });
+        self.refresh_deadline(&name);
+    }
+
+    /// Keeps the deadline index in step with one automation's state.
+    fn refresh_deadline(&mut self, name: &str) {
+        if !self.proactive.contains(name) {
+            return;
+        }
+        if let Some(old) = self.deadline_of.remove(name) {
+            self.deadlines.remove(&(old, name.to_owned()));
+        }
+        let next = self
+            .automations
+            .get(name)
+            .filter(|h| !h.paused)
+            .and_then(|h| deadline(&h.spec.trigger, &h.state));
+        if let Some(d) = next {
+            self.deadline_of.insert(name.to_owned(), d);
+            self.deadlines.insert((d, name.to_owned()));
+        }
     }
 
     /// Removes an automation; whether there was one.
     pub fn remove(&mut self, name: &str) -> bool {
         self.index.remove(name);
-        self.automations.remove(name).is_some()
+        let had = self.automations.remove(name).is_some();
+        self.refresh_deadline(name);
+        self.proactive.remove(name);
+        had
     }
 
     /// Pauses (`true`) or resumes an automation; a resumed one is armed afresh at `now`.
@@ -228,6 +261,7 @@ impl Evaluator {
             h.state = TriggerState::new(&h.spec.trigger, now);
         }
         h.paused = paused;
+        self.refresh_deadline(name);
         true
     }
 
@@ -256,6 +290,7 @@ impl Evaluator {
             {
                 out.push(firing(&name, bucket, window_start, now, events));
             }
+            self.refresh_deadline(&name);
         }
         out
     }
@@ -263,24 +298,25 @@ impl Evaluator {
     /// Time passes: the proactive triggers whose silence lasted their window fire.
     pub fn tick(&mut self, now: Timestamp) -> Vec<Firing> {
         let mut out = Vec::new();
-        for (name, h) in &mut self.automations {
+        let names: Vec<String> = self.proactive.iter().cloned().collect();
+        for name in names {
+            let Some(h) = self.automations.get_mut(&name) else {
+                continue;
+            };
             if h.paused {
                 continue;
             }
             for (bucket, window_start) in on_tick(&h.spec.trigger, &mut h.state, now) {
-                out.push(firing(name, bucket, window_start, now, Vec::new()));
+                out.push(firing(&name, bucket, window_start, now, Vec::new()));
             }
+            self.refresh_deadline(&name);
         }
         out
     }
 
     /// The next time a tick may fire something (None: no proactive trigger is armed).
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        self.automations
-            .values()
-            .filter(|h| !h.paused)
-            .filter_map(|h| deadline(&h.spec.trigger, &h.state))
-            .min()
+        self.deadlines.first().map(|(d, _)| *d)
     }
 }
 

@@ -278,4 +278,52 @@ actions = [{ type = "do-nothing" }]
         }
         proptest::prop_assert_eq!(each, hits);
     }
+
+    /// Whatever happens (events, ticks, pauses, resumes, removals, replacements), the next
+    /// deadline kept in the index is the earliest of every automation's own, as a look at each
+    /// would find it.
+    #[test]
+    fn the_deadline_index_agrees_with_every_automation(
+        steps in proptest::collection::vec((0u8..7, 0u8..3, 1u64..3_000), 1..80),
+    ) {
+        let toml = |i: u8| format!(r#"
+[[automation]]
+name = "quiet-{i}"
+trigger = {{ type = "event", posture = "proactive", expect = ["x.{i}"], for_each = ["flotilla.resource.id"], threshold = {t}, within = "{w}ms" }}
+actions = [{{ type = "do-nothing" }}]
+[[automation]]
+name = "loud-{i}"
+trigger = {{ type = "event", expect = ["x.{i}"], within = "0s" }}
+actions = [{{ type = "do-nothing" }}]
+"#, t = 1 + u32::from(i), w = 500 + 700 * u32::from(i));
+        let mut e = Evaluator::new();
+        for i in 0..3 {
+            for spec in parse_file(&toml(i)).expect("automations") {
+                e.put(spec, T0);
+            }
+        }
+        let mut now = 0u64;
+        for (kind, i, gap) in steps {
+            now += gap;
+            match kind {
+                0 | 1 => { e.event(&event(&format!("x.{i}"), &format!("r{}", gap % 3), now), at(now)); }
+                2 => { e.tick(at(now)); }
+                3 => { e.set_paused(&format!("quiet-{i}"), true, at(now)); }
+                4 => { e.set_paused(&format!("quiet-{i}"), false, at(now)); }
+                5 => { e.remove(&format!("quiet-{i}")); }
+                _ => {
+                    for spec in parse_file(&toml(i)).expect("automations") {
+                        e.put(spec, at(now));
+                    }
+                }
+            }
+            let brute = e
+                .automations
+                .values()
+                .filter(|h| !h.paused)
+                .filter_map(|h| deadline(&h.spec.trigger, &h.state))
+                .min();
+            proptest::prop_assert_eq!(e.next_deadline(), brute);
+        }
+    }
 }
