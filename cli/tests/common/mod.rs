@@ -57,7 +57,23 @@ impl Nodes {
     }
 }
 
+/// A UDP port free now for a node to listen on. Taken below Linux's ephemeral range (32768 and
+/// up), where a port the system handed out could be handed out again, to another test's client
+/// socket, before the node binds it (seen as "Address already in use"): a counter keeps this
+/// process's ports apart and its process id spreads test processes over the range.
 pub fn free_udp_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = (std::process::id() % 400) * 30;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = u16::try_from(LOW + (start + n) % SPAN).expect("below 65536");
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let s = std::net::UdpSocket::bind("127.0.0.1:0").expect("a free port");
     s.local_addr().expect("its address").port()
 }
