@@ -376,7 +376,12 @@ async fn a_wiped_voter_is_refused_until_removed_and_added_again() {
             .then_some(())
     })
     .await;
-    let json = cli(dir, &ports, &["cluster", "status", "--json"]).expect("status");
+    // The voter added again may still be settling its links to the others for a moment, and
+    // answer `unavailable` when asked first.
+    let json = eventually("cluster status --json", Duration::from_secs(30), || async {
+        cli(dir, &ports, &["cluster", "status", "--json"]).ok()
+    })
+    .await;
     let v: serde_json::Value = serde_json::from_str(&json).expect("status JSON");
     let node = v["nodes"]
         .as_array()

@@ -206,19 +206,6 @@ impl Remote {
                 }
             };
             match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
-                Ok(Ok(Response::Error(e)))
-                    if e.kind == ErrorKind::Unavailable && tries < self.addrs.len() =>
-                {
-                    // This node cannot serve it now (it has lost the leader, say): the next one
-                    // is asked, with the same request id, so that a request carried out before
-                    // its answer was lost is answered and not carried out again.
-                    let mut slot = self.conn.lock().await;
-                    let addr = self.addrs[slot.1].0;
-                    tracing::debug!(%addr, reason = %e.message, "unavailable; asking the next node");
-                    slot.0 = None;
-                    slot.1 = (slot.1 + 1) % self.addrs.len();
-                    continue;
-                }
                 Ok(Ok(Response::Error(e))) => return Err(wire_error(e, run)),
                 Ok(Ok(r)) => return Ok(r),
                 Ok(Err(e)) if tries > self.addrs.len() || conn.close_reason().is_none() => {
