@@ -5,9 +5,7 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
-use flotilla::StateType;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
 mod common;
@@ -60,21 +58,6 @@ fn files(dir: &Path, suffix: &str) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-/// Waits (30 s at most) for run `id` to end, and checks it Completed.
-async fn completed(client: &flotilla::Client, id: flotilla::FlowRunId) -> flotilla::FlowRun {
-    let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
-        .await
-        .expect("in time")
-        .expect("ends");
-    assert_eq!(
-        run.lifecycle.state.kind,
-        StateType::Completed,
-        "{:?}",
-        run.lifecycle.state
-    );
-    run
 }
 
 /// Two nodes sharing `store`; a run with a 300 KB result; every node's own copy removed; the

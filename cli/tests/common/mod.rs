@@ -191,3 +191,18 @@ pub fn run_cli(dir: &Path, port: u16, args: &[&str]) -> Result<String, String> {
         Err(format!("{}{stdout}", String::from_utf8_lossy(&out.stderr)))
     }
 }
+
+/// Waits (30 s at most) for run `id` to end, and checks it Completed.
+pub async fn completed(client: &flotilla::Client, id: flotilla::FlowRunId) -> flotilla::FlowRun {
+    let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+        .await
+        .expect("in time")
+        .expect("ends");
+    assert_eq!(
+        run.lifecycle.state.kind,
+        flotilla::StateType::Completed,
+        "{:?}",
+        run.lifecycle.state
+    );
+    run
+}
