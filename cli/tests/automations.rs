@@ -276,7 +276,7 @@ actions = [{ type = "do-nothing" }]
 
     // SIGKILL the control node; it comes back with its automations, and one more Failed run
     // fires once: the firing before the kill is not repeated by the replay.
-    nodes.restart(0, start_node(dir, "n1", port, None, &[]));
+    nodes.restart(0, || start_node(dir, "n1", port, None, &[]));
     let client = connect(dir, port, 1).await;
     let names = json(&run_cli(dir, port, &["automation", "ls", "--json"]).expect("ls"));
     let mut names: Vec<&str> = names

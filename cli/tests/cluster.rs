@@ -283,11 +283,7 @@ async fn a_killed_worker_is_detected_its_runs_crash_and_the_cluster_goes_on() {
     }
 
     // n3 comes back on its data directory: it redials, is reachable again and takes runs.
-    let mut dead = std::mem::replace(
-        &mut nodes.children[2].1,
-        start_node(dir, "n3", ports[2], Some(ports[0]), &[]),
-    );
-    let _ = dead.wait();
+    nodes.restart(2, || start_node(dir, "n3", ports[2], Some(ports[0]), &[]));
     eventually("n3 reachable again", Duration::from_secs(30), || async {
         let s = client.cluster_status().await.ok()?;
         s.nodes
@@ -540,10 +536,7 @@ async fn a_resent_request_gets_its_first_answer_across_a_control_restart() {
     let first = ask_with_id(dir, port, delete(), id(1)).await;
     assert!(matches!(first, Response::Done), "{first:?}");
 
-    let old = &mut nodes.children[0].1;
-    old.kill().expect("SIGKILL n1");
-    old.wait().expect("n1 exits");
-    nodes.restart(0, start_node(dir, "n1", port, None, &[]));
+    nodes.restart(0, || start_node(dir, "n1", port, None, &[]));
     let _client = connect(dir, port, 1).await;
     let again = ask_with_id(dir, port, delete(), id(1)).await;
     assert_eq!(again, first, "the resent request got another answer");

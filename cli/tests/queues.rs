@@ -272,10 +272,7 @@ async fn a_restarted_control_node_knows_who_holds_slots() {
     .await;
 
     // SIGKILL and restart the control node: it knows the holder at once, from its record.
-    let old = &mut n.children[0].1;
-    old.kill().expect("SIGKILL n1");
-    old.wait().expect("n1 exits");
-    n.restart(0, start_node(dir, "n1", ports[0], None, &n1_flags));
+    n.restart(0, || start_node(dir, "n1", ports[0], None, &n1_flags));
     let client = connect(dir, ports[0], 2).await;
     let l = client
         .concurrency_limit("db", LimitChange::Inspect)

@@ -94,10 +94,7 @@ async fn finished_runs_are_forgotten_after_the_retention_window() {
     );
 
     // Forgotten for good: a restart replays nothing back.
-    let old = &mut nodes.children[0].1;
-    old.kill().expect("the node is killed");
-    old.wait().expect("the node exits");
-    nodes.restart(0, start_node(dir, "n1", port, None, &retention));
+    nodes.restart(0, || start_node(dir, "n1", port, None, &retention));
     let client = connect(dir, port, 1).await;
     assert!(matches!(client.flow_run(done).await, Err(e) if gone(e.code())));
     assert!(client.flow_run(waiting).await.is_ok());

@@ -99,7 +99,7 @@ async fn a_deployment_every_second_survives_a_control_node_restart() {
     let _ = nodes.children[0].1.wait();
     std::thread::sleep(Duration::from_millis(2500)); // the downtime itself, not a synchronisation
     let restart_at = now();
-    nodes.restart(0, start_node(dir, "n1", ports[0], None, LATE));
+    nodes.restart(0, || start_node(dir, "n1", ports[0], None, LATE));
     let client = connect(dir, ports[0], 2).await;
     let back_at = now();
 

@@ -363,7 +363,7 @@ async fn a_wiped_voter_is_refused_until_removed_and_added_again() {
         !removed.contains(&format!("\"{name}\"")),
         "{name} is no longer a voter: {removed}"
     );
-    nodes.restart(i, start_voter(dir, &name, ports[i], &seeds));
+    nodes.restart(i, || start_voter(dir, &name, ports[i], &seeds));
     eventually("the voter added again", Duration::from_secs(30), || async {
         cli(dir, &ports, &["cluster", "add-voter", &name]).ok()
     })
@@ -438,7 +438,7 @@ async fn voters_restarted_one_by_one_under_load_lose_nothing_and_fire_each_time_
         assert!(terminated.success());
         let _ = nodes.children[i].1.wait();
         let seeds = all_but(&ports, i);
-        nodes.restart(i, start_voter(dir, &name, ports[i], &seeds));
+        nodes.restart(i, || start_voter(dir, &name, ports[i], &seeds));
         // Back, and caught up with what was written meanwhile, before the next goes.
         let before = written(client.clone()).await;
         eventually("more runs written", Duration::from_secs(30), || async {

@@ -49,11 +49,14 @@ impl Nodes {
         self.children.push((name.to_owned(), child));
     }
 
-    /// Replaces node `i`'s process (after it died), reaping the old one.
-    pub fn restart(&mut self, i: usize, child: Child) {
-        let mut dead = std::mem::replace(&mut self.children[i].1, child);
-        let _ = dead.kill();
-        let _ = dead.wait();
+    /// Replaces node `i`'s process: SIGKILLs and reaps the old one (a no-op when it already
+    /// exited), and only then calls `start`, so that the new process never finds its port or
+    /// its data directory still held by the old one.
+    pub fn restart(&mut self, i: usize, start: impl FnOnce() -> Child) {
+        let old = &mut self.children[i].1;
+        let _ = old.kill();
+        let _ = old.wait();
+        self.children[i].1 = start();
     }
 }
 
