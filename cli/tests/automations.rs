@@ -453,16 +453,7 @@ async fn a_secret_reaches_a_command_and_is_written_nowhere() {
         "env": { "T": "{{ flotilla.blocks.secret.api-token }}" },
     });
     let id = client.run("command", params).await.expect("a run");
-    let run = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
-        .await
-        .expect("in time")
-        .expect("ends");
-    assert_eq!(
-        run.lifecycle.state.kind,
-        StateType::Completed,
-        "{:?}",
-        run.lifecycle.state
-    );
+    let run = completed(&client, id).await;
     assert_eq!(
         run.parameters["env"]["T"],
         "{{ flotilla.blocks.secret.api-token }}"
